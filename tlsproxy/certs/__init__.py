@@ -1,0 +1,1 @@
+"""Certificates: the value type, and the directory store that keeps them."""

@@ -1,0 +1,651 @@
+"""Configuration: TOML file plus environment -> a frozen, validated :class:`Config`.
+
+Everything here is a plain function over plain values.  Every problem found
+is reported at once, each naming where it came from (the file or the
+environment variable), the key, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from tlsproxy.tls.policy import MOZILLA_INTERMEDIATE_CIPHERS, PolicyError, cipher_names, load_dhparams
+
+DEFAULT_DEV_UPSTREAM = "http://127.0.0.1:8000"
+DEFAULT_DEV_HTTPS = ("tcp:8443:interface=127.0.0.1", r"tcp:8443:interface=\:\:1")
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1", "*.localhost")
+ACME_DIRECTORIES = {
+    "letsencrypt": "https://acme-v02.api.letsencrypt.org/directory",
+    "letsencrypt-staging": "https://acme-staging-v02.api.letsencrypt.org/directory",
+}
+CHALLENGES = ("http-01", "tls-alpn-01")
+KEY_TYPES = ("ec256", "rsa2048", "rsa3072")
+TLS_SOURCES = ("acme", "files", "local")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the configuration."""
+
+    where: str
+    key: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.key}: {self.reason}"
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; ``problems`` says every reason."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class HSTS:
+    max_age: int = 63072000
+    include_subdomains: bool = False
+    preload: bool = False
+
+    def header_value(self) -> bytes | None:
+        if self.max_age <= 0:
+            return None
+        value = f"max-age={self.max_age}"
+        if self.include_subdomains:
+            value += "; includeSubDomains"
+        if self.preload:
+            value += "; preload"
+        return value.encode("ascii")
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Where a site's app listens: TCP host and port, or a unix socket path."""
+
+    url: str
+    host: str = ""
+    port: int = 0
+    unix_path: str = ""
+
+    @property
+    def is_unix(self) -> bool:
+        return bool(self.unix_path)
+
+
+@dataclass(frozen=True)
+class Site:
+    hosts: tuple[str, ...]
+    upstream: Upstream
+    tls: str = "acme"
+    cert: str = ""
+    key: str = ""
+    hsts: HSTS = field(default_factory=HSTS)
+    secure_cookies: bool = True
+    max_body_size: int = 100 * 1024 * 1024
+
+    @property
+    def name(self) -> str:
+        """A site is named by its first host (what ``tlsproxy renew NAME`` takes)."""
+        return self.hosts[0]
+
+
+@dataclass(frozen=True)
+class Server:
+    https: tuple[str, ...] = ("tcp:443",)
+    http: tuple[str, ...] = ("tcp:80",)
+    state_dir: str = "/var/lib/tlsproxy"
+    admin: str = ""
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    access_log: bool = True
+    log_format: str = "text"
+    connect_timeout: float = 5.0
+    upstream_timeout: float = 60.0
+    idle_timeout: float = 60.0
+    handshake_timeout: float = 10.0
+    header_timeout: float = 10.0
+    shutdown_grace: float = 30.0
+    max_request_line: int = 8192
+    max_header_size: int = 32768
+    max_header_count: int = 100
+
+
+@dataclass(frozen=True)
+class TLS:
+    min_version: str = "1.2"
+    ciphers: str = MOZILLA_INTERMEDIATE_CIPHERS
+    dhparams: str = ""
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+
+
+@dataclass(frozen=True)
+class ACME:
+    directory: str = "letsencrypt"
+    email: str = ""
+    agree_tos: bool = False
+    ca_bundle: str = ""
+    challenges: tuple[str, ...] = CHALLENGES
+    eab_kid: str = ""
+    eab_hmac_key: str = ""
+    profile: str = ""
+    key_type: str = "ec256"
+
+    @property
+    def directory_url(self) -> str:
+        return ACME_DIRECTORIES.get(self.directory, self.directory)
+
+
+@dataclass(frozen=True)
+class Config:
+    server: Server = field(default_factory=Server)
+    tls: TLS = field(default_factory=TLS)
+    acme: ACME = field(default_factory=ACME)
+    sites: tuple[Site, ...] = ()
+    source: str = "<defaults>"
+    dev: bool = False
+
+    def site_named(self, name: str) -> Site | None:
+        """The site that has ``name`` among its hosts."""
+        name = name.lower().rstrip(".")
+        for site in self.sites:
+            if name in site.hosts:
+                return site
+        return None
+
+
+# ---------------------------------------------------------------------------
+# Reading raw values
+
+
+class _Reader:
+    """Pulls typed values out of a raw table, recording problems as it goes."""
+
+    def __init__(self, where: Callable[[str], str], problems: list[Problem]) -> None:
+        self._where = where
+        self.problems = problems
+
+    def fail(self, key: str, reason: str) -> None:
+        self.problems.append(Problem(self._where(key), key, reason))
+
+    def table(self, raw: Mapping[str, Any], section: str, known: Mapping[str, Any]) -> dict[str, Any]:
+        """Check ``raw`` has only known keys; return the known values present."""
+        values = {}
+        for key, value in raw.items():
+            full = f"{section}.{key}" if section else key
+            if key not in known:
+                self.fail(full, f"unknown key (known keys: {', '.join(sorted(known))})")
+            else:
+                values[key] = value
+        return values
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _coerce(reader: _Reader, key: str, value: Any, default: Any) -> Any:
+    """Check ``value`` has the type of ``default``; return it or the default."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        reader.fail(key, f"expected true or false, found {_describe(value)}")
+    elif isinstance(default, float):
+        if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        reader.fail(key, f"expected a number of seconds above 0, found {_describe(value)}")
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+        reader.fail(key, f"expected a whole number of 0 or more, found {_describe(value)}")
+    elif isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        reader.fail(key, f"expected a string, found {_describe(value)}")
+    elif isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        reader.fail(key, f"expected a list of strings, found {_describe(value)}")
+    return default
+
+
+_SIZE = re.compile(r"\A\s*(\d+)\s*([kmg]?)i?b?\s*\Z", re.IGNORECASE)
+
+
+def parse_size(value: Any) -> int | None:
+    """Bytes from ``1048576``, ``"512k"``, ``"100M"`` or ``"1G"`` (binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        m = _SIZE.match(value)
+        if m:
+            return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2).lower()]
+    return None
+
+
+_HOST_LABEL = re.compile(r"\A(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
+
+
+def check_host(host: str) -> str | None:
+    """Why ``host`` is not a usable site host, or None if it is."""
+    if host.startswith("*."):
+        rest = host[2:]
+        if "*" in rest:
+            return "only one leading '*.' label is allowed in a wildcard"
+        host = rest
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
+        return "not a DNS name (letters, digits and '-' in dot-separated labels; IDNs in punycode)"
+    return None
+
+
+def parse_upstream(url: str) -> Upstream | str:
+    """An :class:`Upstream`, or the reason ``url`` is not one."""
+    if url.startswith("unix:"):
+        path = url[len("unix:") :]
+        if path.startswith("//"):
+            path = path[2:]
+        if not path.startswith("/"):
+            return "a unix socket upstream needs an absolute path: unix:/run/gunicorn.sock"
+        return Upstream(url=url, unix_path=path)
+    parts = urlsplit(url)
+    if parts.scheme != "http":
+        return "expected http://HOST:PORT or unix:/PATH (the upstream speaks plain HTTP/1.1)"
+    if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
+        return "an upstream URL has only a host and a port"
+    try:
+        port = parts.port or 80
+    except ValueError:
+        return "the port is not a number from 1 to 65535"
+    if not parts.hostname:
+        return "the host is missing"
+    return Upstream(url=url, host=parts.hostname, port=port)
+
+
+def check_endpoint(description: str) -> str | None:
+    """Why ``description`` is not a Twisted server endpoint string, or None."""
+    from twisted.internet.endpoints import _parseServer
+
+    try:
+        kind, args, kwargs = _parseServer(description, None)
+    except Exception as e:  # Twisted raises assorted types for bad strings
+        return f"not a server endpoint string ({e})"
+    kind = kind if isinstance(kind, str) else description.split(":", 1)[0]
+    if kind.lower() == "tcp":
+        try:
+            port = int(args[0] if args else kwargs.get("port", ""))
+        except (ValueError, IndexError):
+            return "tcp endpoints need a port: tcp:443 or tcp:443:interface=127.0.0.1"
+        if not 0 <= port <= 65535:
+            return "the port must be from 0 to 65535"
+    elif kind.lower() not in ("unix", "systemd", "ssl"):
+        return f"unknown endpoint type {kind!r} (tcp:PORT, unix:PATH or systemd:domain=INET:index=N)"
+    return None
+
+
+# ---------------------------------------------------------------------------
+# Building the Config
+
+
+def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
+    defaults = Server()
+    known = {f: getattr(defaults, f) for f in Server.__dataclass_fields__}
+    values = reader.table(raw, "server", known)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "trusted_proxies":
+            nets = []
+            for item in _coerce(reader, f"server.{key}", value, ()):
+                try:
+                    nets.append(ipaddress.ip_network(item, strict=False))
+                except ValueError:
+                    reader.fail(f"server.{key}", f"expected CIDR ranges like 10.0.0.0/8, found {item!r}")
+            out[key] = tuple(nets)
+        else:
+            out[key] = _coerce(reader, f"server.{key}", value, known[key])
+    for key in ("https", "http"):
+        for description in out.get(key, ()):
+            why = check_endpoint(description)
+            if why:
+                reader.fail(f"server.{key}", f"{description!r}: {why}")
+    if out.get("admin"):
+        why = check_endpoint(out["admin"])
+        if why:
+            reader.fail("server.admin", f"{out['admin']!r}: {why}")
+    if out.get("log_format", "text") not in ("text", "json"):
+        reader.fail("server.log_format", f"expected \"text\" or \"json\", found {out['log_format']!r}")
+    return Server(**out)
+
+
+def _tls(reader: _Reader, raw: Mapping[str, Any]) -> TLS:
+    defaults = TLS()
+    known = {f: getattr(defaults, f) for f in TLS.__dataclass_fields__}
+    values = reader.table(raw, "tls", known)
+    out = {k: _coerce(reader, f"tls.{k}", v, known[k]) for k, v in values.items()}
+    if "min_version" in out and out["min_version"] not in ("1.2", "1.3"):
+        reader.fail(
+            "tls.min_version",
+            f"expected \"1.2\" or \"1.3\", found {out['min_version']!r}"
+            " (TLS 1.0 and 1.1 are broken and not offered)",
+        )
+        del out["min_version"]
+    if "ciphers" in out:
+        try:
+            cipher_names(out["ciphers"])
+        except PolicyError as e:
+            reader.fail("tls.ciphers", str(e))
+    if out.get("dhparams"):
+        try:
+            load_dhparams(out["dhparams"])
+        except PolicyError as e:
+            reader.fail("tls.dhparams", str(e))
+    for proto in out.get("alpn", ()):
+        if proto not in ("h2", "http/1.1"):
+            reader.fail("tls.alpn", f"expected \"h2\" and/or \"http/1.1\", found {proto!r}")
+    return TLS(**out)
+
+
+def _acme(reader: _Reader, raw: Mapping[str, Any]) -> ACME:
+    defaults = ACME()
+    known = {f: getattr(defaults, f) for f in ACME.__dataclass_fields__}
+    values = reader.table(raw, "acme", known)
+    out = {k: _coerce(reader, f"acme.{k}", v, known[k]) for k, v in values.items()}
+    directory = out.get("directory", defaults.directory)
+    if directory not in ACME_DIRECTORIES and not directory.startswith("https://"):
+        reader.fail(
+            "acme.directory",
+            f"expected \"letsencrypt\", \"letsencrypt-staging\" or an https:// URL, found {directory!r}",
+        )
+    for challenge in out.get("challenges", ()):
+        if challenge not in CHALLENGES:
+            reader.fail("acme.challenges", f"expected some of {list(CHALLENGES)}, found {challenge!r}")
+    if "challenges" in out and not out["challenges"]:
+        reader.fail("acme.challenges", "at least one challenge type is needed")
+    if out.get("key_type", "ec256") not in KEY_TYPES:
+        reader.fail("acme.key_type", f"expected one of {list(KEY_TYPES)}, found {out['key_type']!r}")
+    if out.get("ca_bundle") and not os.path.isfile(out["ca_bundle"]):
+        reader.fail("acme.ca_bundle", f"no such file: {out['ca_bundle']}")
+    if bool(out.get("eab_kid")) != bool(out.get("eab_hmac_key")):
+        reader.fail("acme.eab_kid", "eab_kid and eab_hmac_key go together")
+    return ACME(**out)
+
+
+def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
+    prefix = f"site[{index}]"
+    if not isinstance(raw, Mapping):
+        reader.fail(prefix, f"expected a table ([[site]]), found {_describe(raw)}")
+        return None
+    known = {
+        "hosts": (),
+        "upstream": "",
+        "tls": "acme",
+        "cert": "",
+        "key": "",
+        "hsts": {},
+        "secure_cookies": True,
+        "max_body_size": 0,
+    }
+    values = reader.table(raw, prefix, known)
+    hosts = tuple(h.lower().rstrip(".") for h in _coerce(reader, f"{prefix}.hosts", values.get("hosts", ()), ()))
+    if not hosts:
+        reader.fail(f"{prefix}.hosts", "a site needs at least one host name")
+    for host in hosts:
+        why = check_host(host)
+        if why:
+            reader.fail(f"{prefix}.hosts", f"{host!r}: {why}")
+    upstream_url = _coerce(reader, f"{prefix}.upstream", values.get("upstream", ""), "")
+    upstream = parse_upstream(upstream_url) if upstream_url else "missing (http://HOST:PORT or unix:/PATH)"
+    if isinstance(upstream, str):
+        reader.fail(f"{prefix}.upstream", upstream if not upstream_url else f"{upstream_url!r}: {upstream}")
+        upstream = Upstream(url="")
+    tls = _coerce(reader, f"{prefix}.tls", values.get("tls", "acme"), "")
+    if tls not in TLS_SOURCES:
+        reader.fail(f"{prefix}.tls", f"expected one of {list(TLS_SOURCES)}, found {tls!r}")
+    cert = _coerce(reader, f"{prefix}.cert", values.get("cert", ""), "")
+    key = _coerce(reader, f"{prefix}.key", values.get("key", ""), "")
+    if tls == "files":
+        _check_files(reader, prefix, cert, key, hosts)
+    elif cert or key:
+        reader.fail(f"{prefix}.cert", f"cert and key are used only with tls = \"files\", not {tls!r}")
+    hsts_raw = values.get("hsts", {})
+    hsts = HSTS()
+    if isinstance(hsts_raw, Mapping):
+        hsts_known = {f: getattr(hsts, f) for f in HSTS.__dataclass_fields__}
+        hsts_values = reader.table(hsts_raw, f"{prefix}.hsts", hsts_known)
+        hsts = HSTS(**{k: _coerce(reader, f"{prefix}.hsts.{k}", v, hsts_known[k]) for k, v in hsts_values.items()})
+    else:
+        reader.fail(f"{prefix}.hsts", f"expected a table like {{ max_age = 63072000 }}, found {_describe(hsts_raw)}")
+    secure_cookies = _coerce(reader, f"{prefix}.secure_cookies", values.get("secure_cookies", True), True)
+    max_body_size = Site.__dataclass_fields__["max_body_size"].default
+    if "max_body_size" in values:
+        size = parse_size(values["max_body_size"])
+        if size is None:
+            reader.fail(
+                f"{prefix}.max_body_size",
+                f"expected bytes as a number or like \"100M\", found {_describe(values['max_body_size'])}",
+            )
+        else:
+            max_body_size = size
+    return Site(
+        hosts=hosts,
+        upstream=upstream,
+        tls=tls,
+        cert=cert,
+        key=key,
+        hsts=hsts,
+        secure_cookies=secure_cookies,
+        max_body_size=max_body_size,
+    )
+
+
+def _check_files(reader: _Reader, prefix: str, cert: str, key: str, hosts: tuple[str, ...]) -> None:
+    from tlsproxy.certs.model import CertificateError, CertifiedKey
+
+    for name, path in (("cert", cert), ("key", key)):
+        if not path:
+            reader.fail(f"{prefix}.{name}", f"tls = \"files\" needs {name} = \"/path/to/{name}.pem\"")
+        elif not os.path.isfile(path):
+            reader.fail(f"{prefix}.{name}", f"no such file: {path}")
+    if not (cert and key and os.path.isfile(cert) and os.path.isfile(key)):
+        return
+    try:
+        certified = CertifiedKey.from_pem(Path(cert).read_bytes(), Path(key).read_bytes(), source=cert)
+    except CertificateError as e:
+        reader.fail(f"{prefix}.cert", f"{cert} with {key}: {e.reason}")
+        return
+    except OSError as e:
+        reader.fail(f"{prefix}.cert", f"cannot read: {e.strerror}")
+        return
+    uncovered = certified.uncovered(hosts)
+    if uncovered:
+        reader.fail(
+            f"{prefix}.cert",
+            f"{cert} does not cover {', '.join(uncovered)} (it names {', '.join(certified.dns_names)})",
+        )
+
+
+# ---------------------------------------------------------------------------
+# Environment
+
+ENV_PREFIX = "TLSPROXY_"
+_SECTIONS = ("server", "tls", "acme")
+_SITE_ENV = {"TLSPROXY_HOSTS": "hosts", "TLSPROXY_UPSTREAM": "upstream"}
+
+
+def _env_value(text: str) -> Any:
+    """A TOML value if ``text`` parses as one (true, 30, ["a"]), else the text."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems: list[Problem]) -> dict[str, Any]:
+    """Overlay ``TLSPROXY_<SECTION>_<KEY>`` and the one-site variables on ``raw``."""
+    raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
+    env_site: dict[str, Any] = {}
+    for name, text in sorted(environ.items()):
+        if not name.startswith(ENV_PREFIX) or name == "TLSPROXY_CONFIG" or name == "TLSPROXY_CAROOT":
+            continue
+        if name in _SITE_ENV:
+            env_site[_SITE_ENV[name]] = _env_value(text) if text.startswith("[") else text
+            continue
+        if name == "TLSPROXY_STATE_DIR":
+            raw.setdefault("server", {})["state_dir"] = text
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        if section == "site" and key:
+            env_site[key] = _env_value(text)
+        elif section in _SECTIONS and key:
+            table = raw.setdefault(section, {})
+            if not isinstance(table, dict):
+                problems.append(Problem(f"environment {name}", section, "the file's value is not a table"))
+                continue
+            table[key] = _env_value(text)
+        else:
+            problems.append(
+                Problem(
+                    f"environment {name}",
+                    rest,
+                    "unknown variable (TLSPROXY_<SECTION>_<KEY> with section server, tls or acme;"
+                    " TLSPROXY_HOSTS, TLSPROXY_UPSTREAM, TLSPROXY_SITE_<KEY>, TLSPROXY_STATE_DIR)",
+                )
+            )
+    if env_site:
+        if raw.get("site"):
+            problems.append(
+                Problem(
+                    "environment TLSPROXY_HOSTS",
+                    "site",
+                    "the configuration file already has [[site]] tables; use one or the other",
+                )
+            )
+        else:
+            raw["site"] = [env_site]
+    return raw
+
+
+def _env_names(environ: Mapping[str, str]) -> dict[str, str]:
+    """Map config keys to the environment variable that set them, for messages."""
+    names: dict[str, str] = {}
+    for name in environ:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        if name in _SITE_ENV:
+            names[f"site[0].{_SITE_ENV[name]}"] = name
+        elif name == "TLSPROXY_STATE_DIR":
+            names["server.state_dir"] = name
+        else:
+            section, _, key = rest.partition("_")
+            names[f"{'site[0]' if section == 'site' else section}.{key}"] = name
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Entry points
+
+
+def dev_config(upstream: str = DEFAULT_DEV_UPSTREAM, listen: tuple[str, ...] = DEFAULT_DEV_HTTPS) -> Config:
+    """The embedded default: HTTPS on localhost:8443 in front of a local app."""
+    parsed = parse_upstream(upstream)
+    if isinstance(parsed, str):
+        raise ConfigError([Problem("--upstream", "upstream", f"{upstream!r}: {parsed}")])
+    for description in listen:
+        why = check_endpoint(description)
+        if why:
+            raise ConfigError([Problem("--listen", "listen", f"{description!r}: {why}")])
+    site = Site(hosts=LOCAL_HOSTS, upstream=parsed, tls="local", hsts=HSTS(max_age=0), secure_cookies=False)
+    return Config(server=Server(https=listen, http=()), sites=(site,), source="<dev default>", dev=True)
+
+
+def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a raw TOML table (plus environment overrides) into a Config."""
+    environ = {} if environ is None else environ
+    problems: list[Problem] = []
+    merged = apply_environment(dict(raw), environ, problems)
+    from_env = _env_names(environ)
+
+    def where(key: str) -> str:
+        if key in from_env:
+            return f"environment {from_env[key]}"
+        return source
+
+    reader = _Reader(where, problems)
+    reader.table(merged, "", {"server": 0, "tls": 0, "acme": 0, "site": 0})
+
+    def section(name: str) -> Mapping[str, Any]:
+        value = merged.get(name, {})
+        if not isinstance(value, Mapping):
+            reader.fail(name, f"expected a table [{name}], found {_describe(value)}")
+            return {}
+        return value
+
+    server = _server(reader, section("server"))
+    tls = _tls(reader, section("tls"))
+    acme = _acme(reader, section("acme"))
+    raw_sites = merged.get("site", [])
+    if not isinstance(raw_sites, list):
+        reader.fail("site", "expected [[site]] tables")
+        raw_sites = []
+    sites = [s for i, raw_site in enumerate(raw_sites) if (s := _site(reader, raw_site, i))]
+    if not raw_sites:
+        reader.fail("site", "no [[site]] configured (or set TLSPROXY_HOSTS and TLSPROXY_UPSTREAM)")
+    seen: dict[str, int] = {}
+    for i, site in enumerate(sites):
+        for host in site.hosts:
+            if host in seen:
+                reader.fail(f"site[{i}].hosts", f"{host!r} is already a host of site[{seen[host]}]")
+            seen.setdefault(host, i)
+    if any(s.tls == "acme" for s in sites):
+        if not acme.agree_tos:
+            reader.fail(
+                "acme.agree_tos",
+                f"a site uses tls = \"acme\": set agree_tos = true to accept the terms of service of {acme.directory_url}",
+            )
+        for i, site in enumerate(sites):
+            wild = [h for h in site.hosts if h.startswith("*.")]
+            if site.tls == "acme" and wild:
+                reader.fail(f"site[{i}].hosts", f"{wild[0]!r}: wildcard names need DNS-01, which tlsproxy does not do")
+    if problems:
+        raise ConfigError(problems)
+    return Config(server=server, tls=tls, acme=acme, sites=tuple(sites), source=source)
+
+
+def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read ``path`` (or TLSPROXY_CONFIG), apply the environment, validate.
+
+    With neither a file nor any TLSPROXY_ variable, this is the dev default.
+    """
+    environ = dict(os.environ if environ is None else environ)
+    path = path or environ.get("TLSPROXY_CONFIG") or None
+    if path is None:
+        if not any(k.startswith(ENV_PREFIX) and k != "TLSPROXY_CAROOT" for k in environ):
+            return dev_config()
+        return parse({}, "<environment>", environ)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError([Problem(path, "-", f"cannot read the configuration file: {e.strerror}")]) from None
+    except UnicodeDecodeError:
+        raise ConfigError([Problem(path, "-", "the file is not UTF-8 text")]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError([Problem(path, "-", f"not valid TOML: {e}")]) from None
+    return parse(raw, path, environ)

@@ -1,0 +1,1 @@
+"""TLS: the policy every context is built from, and the SNI map that picks one."""

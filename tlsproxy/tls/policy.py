@@ -1,0 +1,119 @@
+"""Turn the ``[tls]`` policy into pyOpenSSL contexts.
+
+pyOpenSSL freezes a context once a connection has used it, so each context is
+built whole here, before it is handed to anything that accepts connections.
+Every context gets the same policy: OpenSSL copies the protocol floor, options
+and cipher list from the context a connection starts on (the SNI front
+context), and the certificate, DH parameters and ALPN callback from the one the
+SNI callback switches to; building both from one policy keeps them in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from OpenSSL import SSL, crypto
+from OpenSSL._util import lib as _lib  # SSL_CTX_set1_curves_list has no public wrapper
+
+from tlsproxy.certs.model import CertifiedKey
+
+# Mozilla's "intermediate" TLS 1.2 suites, ECDHE with AEAD only.
+MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+    ]
+)
+# Key exchange groups of the same profile; nothing else is offered.
+GROUPS = "X25519:P-256:P-384"
+ACME_TLS_ALPN = b"acme-tls/1"
+
+_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
+_OPTIONS = (
+    SSL.OP_NO_COMPRESSION
+    | SSL.OP_CIPHER_SERVER_PREFERENCE
+    | SSL.OP_NO_RENEGOTIATION
+    | SSL.OP_SINGLE_ECDH_USE
+    | SSL.OP_SINGLE_DH_USE
+)
+
+
+class PolicyError(ValueError):
+    """A TLS setting that OpenSSL will not take."""
+
+
+def cipher_names(ciphers: str) -> list[str]:
+    """The TLS 1.2 suites an OpenSSL cipher string selects (raises PolicyError)."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    try:
+        ctx.set_cipher_list(ciphers.encode("ascii"))
+    except (SSL.Error, UnicodeEncodeError):
+        raise PolicyError(f"the cipher string {ciphers!r} selects no cipher") from None
+    conn = SSL.Connection(ctx, None)
+    names = [n for n in conn.get_cipher_list() if not n.startswith("TLS_")]
+    if not names:
+        raise PolicyError(f"the cipher string {ciphers!r} selects no TLS 1.2 cipher")
+    return names
+
+
+def load_dhparams(path: str) -> None:
+    """Check that ``path`` holds PEM DH parameters OpenSSL can load."""
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    try:
+        ctx.load_tmp_dh(path.encode())
+    except SSL.Error:
+        raise PolicyError(f"{path} holds no PEM DH parameters") from None
+
+
+AlpnChooser = Callable[[SSL.Connection, list[bytes]], bytes]
+
+
+@dataclass(frozen=True)
+class TLSPolicy:
+    """What every TLS context of the server is built with."""
+
+    min_version: str = "1.2"
+    ciphers: str = MOZILLA_INTERMEDIATE_CIPHERS
+    dhparams: str = ""
+    alpn: tuple[str, ...] = ("h2", "http/1.1")
+    groups: str = field(default=GROUPS)
+
+    def new_context(self, alpn_chooser: AlpnChooser | None = None) -> SSL.Context:
+        """A server context with the policy applied and no certificate yet."""
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.set_min_proto_version(_VERSIONS[self.min_version])
+        ctx.set_options(_OPTIONS)
+        ctx.set_cipher_list(self.ciphers.encode("ascii"))
+        if _lib.SSL_CTX_set1_curves_list(ctx._context, self.groups.encode("ascii")) != 1:
+            raise PolicyError(f"OpenSSL refused the key exchange groups {self.groups!r}")
+        if self.dhparams:
+            ctx.load_tmp_dh(self.dhparams.encode())
+        # Twisted turns both of these off; a proxy in front of browsers wants them.
+        ctx.set_session_id(b"tlsproxy")
+        ctx.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
+        if alpn_chooser is not None and self.alpn:
+            ctx.set_alpn_select_callback(alpn_chooser)
+        return ctx
+
+    def context_for(self, certified: CertifiedKey, alpn_chooser: AlpnChooser | None = None) -> SSL.Context:
+        """A ready context serving ``certified`` (leaf plus its intermediates)."""
+        ctx = self.new_context(alpn_chooser)
+        ctx.use_certificate(crypto.X509.from_cryptography(certified.leaf))
+        for extra in certified.chain[1:]:
+            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+        ctx.use_privatekey(crypto.PKey.from_cryptography_key(certified.key))
+        ctx.check_privatekey()
+        return ctx
+
+    def choose_protocol(self, offered: Sequence[bytes]) -> bytes | object:
+        """Our first ALPN protocol the client also offers (server preference)."""
+        for name in self.alpn:
+            wire = name.encode("ascii")
+            if wire in offered:
+                return wire
+        return SSL.NO_OVERLAPPING_PROTOCOLS
