@@ -1,0 +1,126 @@
+"""The ``tlsproxy`` command: check a configuration, run the dev proxy, manage certificates."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import TextIO
+
+from tlsproxy import config as configuration
+from tlsproxy.certs.model import CertificateError
+from tlsproxy.config import Config, ConfigError
+from tlsproxy.tls.policy import cipher_names
+
+
+def _load(path: str | None, err: TextIO) -> Config | None:
+    try:
+        return configuration.load(path)
+    except (ConfigError, CertificateError) as e:
+        problems = e.problems if isinstance(e, ConfigError) else [e]
+        for problem in problems:
+            print(f"tlsproxy: {problem}", file=err)
+        return None
+
+
+def describe(config: Config) -> str:
+    """The effective configuration as a person reads it; no secrets."""
+    server, tls, acme = config.server, config.tls, config.acme
+    lines = [
+        f"configuration: {config.source}{' (local dev default)' if config.dev else ''}",
+        "[server]",
+        f"  https = {list(server.https)}",
+        f"  http = {list(server.http)}",
+        f"  state_dir = {server.state_dir}",
+        f"  admin = {server.admin or '(off)'}",
+        f"  trusted_proxies = {[str(n) for n in server.trusted_proxies]}",
+        f"  timeouts: connect {server.connect_timeout:g}s, upstream {server.upstream_timeout:g}s, "
+        f"idle {server.idle_timeout:g}s, handshake {server.handshake_timeout:g}s, header {server.header_timeout:g}s",
+        f"  limits: request line {server.max_request_line} B, headers {server.max_header_size} B "
+        f"/ {server.max_header_count} fields",
+        "[tls]",
+        f"  min_version = {tls.min_version}",
+        f"  ciphers = {tls.ciphers}",
+        f"    selects: {', '.join(cipher_names(tls.ciphers))}",
+        f"  dhparams = {tls.dhparams or '(none: DHE suites off)'}",
+        f"  alpn = {list(tls.alpn)}",
+    ]
+    if any(site.tls == "acme" for site in config.sites):
+        lines += [
+            "[acme]",
+            f"  directory = {acme.directory_url}",
+            f"  email = {acme.email or '(none)'}",
+            f"  agree_tos = {str(acme.agree_tos).lower()}",
+            f"  challenges = {list(acme.challenges)}",
+            f"  key_type = {acme.key_type}",
+            f"  external account binding = {'yes (kid ' + acme.eab_kid + ')' if acme.eab_kid else 'no'}",
+        ]
+        if acme.ca_bundle:
+            lines.append(f"  ca_bundle = {acme.ca_bundle}")
+        if acme.profile:
+            lines.append(f"  profile = {acme.profile}")
+    for site in config.sites:
+        hsts = site.hsts.header_value()
+        lines += [
+            f"[[site]] {site.name}",
+            f"  hosts = {list(site.hosts)}",
+            f"  upstream = {site.upstream.url}",
+            f"  tls = {site.tls}" + (f" (cert {site.cert}, key {site.key})" if site.tls == "files" else ""),
+            f"  hsts = {hsts.decode() if hsts else 'off'}",
+            f"  secure_cookies = {str(site.secure_cookies).lower()}",
+            f"  max_body_size = {site.max_body_size}",
+        ]
+    return "\n".join(lines)
+
+
+def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    config = _load(args.config, err)
+    if config is None:
+        return 1
+    print(describe(config), file=out)
+    print("configuration OK", file=out)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    argv = ["twist", "tlsproxy"]
+    env = dict(os.environ)
+    for name in [k for k in env if k.startswith("TLSPROXY_") and k != "TLSPROXY_CAROOT"]:
+        del env[name]
+    if args.upstream or args.listen:
+        env["TLSPROXY_DEV_UPSTREAM"] = args.upstream or configuration.DEFAULT_DEV_UPSTREAM
+        if args.listen:
+            env["TLSPROXY_DEV_LISTEN"] = ",".join(args.listen)
+    twist = os.path.join(os.path.dirname(sys.executable), "twist")
+    os.execve(twist, argv, env)
+    return 1  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tlsproxy", description="TLS front door for Python web apps.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", "-c", default=None, help="TOML configuration file (default: $TLSPROXY_CONFIG)")
+        return p
+
+    p = with_config(sub.add_parser("check", help="validate a configuration and print what would run"))
+    p.set_defaults(func=cmd_check)
+    p = sub.add_parser("dev", help="run the local HTTPS dev proxy (https://localhost:8443)")
+    p.add_argument("--upstream", help=f"your app's URL (default {configuration.DEFAULT_DEV_UPSTREAM})")
+    p.add_argument("--listen", action="append", help="server endpoint string, repeatable (default tcp:8443 on localhost)")
+    p.set_defaults(func=cmd_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None, err: TextIO | None = None) -> int:
+    out = out or sys.stdout
+    err = err or sys.stderr
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args, out, err))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

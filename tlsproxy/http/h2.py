@@ -1,0 +1,408 @@
+"""HTTP/2 server protocol on the ``h2`` state machine, feeding the same handlers.
+
+Each stream becomes an :class:`H2Exchange`, which looks to a handler exactly
+like an HTTP/1.1 exchange.  Flow control is the back-pressure: a request
+body's bytes are acknowledged only while the handler is taking them, and a
+response waits for window updates (pausing the app's connection) when the
+client's window is spent.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    RequestReceived,
+    StreamEnded,
+    StreamReset,
+    WindowUpdated,
+)
+from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+from h2.settings import SettingCodes
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tlsproxy.http import pages
+from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead
+from tlsproxy.http.server import Limits
+
+# Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2).
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"content-length"}
+)
+
+
+class H2Exchange:
+    """One HTTP/2 stream as a handler sees it."""
+
+    def __init__(self, proto: H2ServerProtocol, stream_id: int, head: RequestHead, ended: bool) -> None:
+        self._proto = proto
+        self.stream_id = stream_id
+        self.head = head
+        self.client_address = proto.client_address
+        self.secure = True
+        self.server_port = proto.server_port
+        self._consumer: BodyConsumer | None = None
+        self._observer: ExchangeObserver | None = None
+        self._body: list[bytes] = []
+        self._body_done = ended
+        self._paused = False
+        self._unacked = 0
+        self._started = False
+        self._finished = False
+        self._end_pending = False
+        self._outbound: deque[bytes] = deque()
+        self._producer: IPushProducer | None = None
+        self._producer_paused = False
+        self.no_body = head.method == b"HEAD"
+
+    # -- request body --------------------------------------------------------
+
+    def set_body_consumer(self, consumer: BodyConsumer) -> None:
+        self._consumer = consumer
+        body, self._body = self._body, []
+        for chunk in body:
+            consumer.body_data(chunk)
+        self._ack()
+        if self._body_done:
+            consumer.body_end()
+
+    def _body_data(self, data: bytes, flow_length: int) -> None:
+        self._unacked += flow_length
+        if self._consumer is not None:
+            self._consumer.body_data(data)
+            self._ack()
+        else:
+            self._body.append(data)
+
+    def _body_end(self) -> None:
+        self._body_done = True
+        if self._consumer is not None:
+            self._consumer.body_end()
+
+    def _ack(self) -> None:
+        if self._unacked and not self._paused:
+            unacked, self._unacked = self._unacked, 0
+            self._proto.acknowledge(self.stream_id, unacked)
+
+    def pause_body(self) -> None:
+        self._paused = True
+
+    def resume_body(self) -> None:
+        self._paused = False
+        self._ack()
+
+    def set_observer(self, observer: ExchangeObserver) -> None:
+        self._observer = observer
+
+    # -- response ------------------------------------------------------------
+
+    @property
+    def response_started(self) -> bool:
+        return self._started
+
+    def start_response(self, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None:
+        self._started = True
+        fields: Headers = [(b":status", b"%d" % status)]
+        for name, value in headers:
+            name = name.lower()
+            if name not in _CONNECTION_SPECIFIC:
+                fields.append((name, value))
+        if content_length is not None and status not in (204, 304):
+            fields.append((b"content-length", b"%d" % content_length))
+        end = self.no_body or status in (204, 304)
+        self._proto.send_headers(self.stream_id, fields, end)
+        if end:
+            self._finished = True
+            self._proto.stream_done(self)
+
+    def write(self, data: bytes) -> None:
+        if self._finished or not data or self.no_body:
+            return
+        self._outbound.append(data)
+        self._flush()
+
+    def finish(self) -> None:
+        if self._finished:
+            return
+        self._end_pending = True
+        self._flush()
+
+    def _flush(self) -> None:
+        proto = self._proto
+        while self._outbound:
+            window = proto.window(self.stream_id)
+            if window <= 0:
+                if self._producer is not None and not self._producer_paused:
+                    self._producer_paused = True
+                    self._producer.pauseProducing()
+                return
+            chunk = self._outbound.popleft()
+            if len(chunk) > window:
+                self._outbound.appendleft(chunk[window:])
+                chunk = chunk[:window]
+            proto.send_data(self.stream_id, chunk)
+        if self._producer is not None and self._producer_paused and not proto.transport_paused:
+            self._producer_paused = False
+            self._producer.resumeProducing()
+        if self._end_pending and not self._finished:
+            self._finished = True
+            proto.end_stream(self.stream_id)
+            proto.stream_done(self)
+
+    def abort(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._proto.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
+            self._proto.stream_done(self)
+
+    def register_producer(self, producer: IPushProducer) -> None:
+        self._producer = producer
+        if self._proto.transport_paused:
+            self._producer_paused = True
+            producer.pauseProducing()
+
+    def unregister_producer(self) -> None:
+        self._producer = None
+
+    def start_tunnel(self, peer: Any) -> None:  # pragma: no cover - no Upgrade in HTTP/2
+        raise RuntimeError("HTTP/2 has no Upgrade")
+
+    def _client_gone(self) -> None:
+        if not self._finished:
+            self._finished = True
+            if self._observer is not None:
+                self._observer.client_gone()
+
+
+class H2ServerProtocol(Protocol):
+    """Serve HTTP/2 streams to the handler, one :class:`H2Exchange` each."""
+
+    log = Logger()
+
+    def __init__(self, handler: Handler, clock: IReactorTime, limits: Limits) -> None:
+        self.handler = handler
+        self.clock = clock
+        self.limits = limits
+        self.client_address = ""
+        self.server_port = 0
+        self.transport_paused = False
+        self.streams: dict[int, H2Exchange] = {}
+        self.conn = H2Connection(
+            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
+        )
+        self._timer: Any = None
+        self._closed = False
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        self.client_address = getattr(peer, "host", "") or "unix"
+        self.server_port = getattr(self.transport.getHost(), "port", 0)
+        self.conn.update_settings(
+            {
+                SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+                SettingCodes.MAX_HEADER_LIST_SIZE: self.limits.max_header_size,
+                SettingCodes.INITIAL_WINDOW_SIZE: 1024 * 1024,
+            }
+        )
+        self.conn.initiate_connection()
+        self.conn.increment_flow_control_window(4 * 1024 * 1024)
+        self.transport.registerProducer(self, True)
+        self._flush()
+        self._idle()
+
+    def handshakeCompleted(self) -> None:
+        pass
+
+    def _idle(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if not self.streams:
+            self._timer = self.clock.callLater(self.limits.idle_timeout, self._idle_timeout)
+
+    def _idle_timeout(self) -> None:
+        self._timer = None
+        self.conn.close_connection()
+        self._flush()
+        self.transport.loseConnection()
+
+    # -- inbound ---------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        try:
+            events = self.conn.receive_data(data)
+        except ProtocolError as e:
+            self.log.info("HTTP/2 protocol error from {client}: {error}", client=self.client_address, error=e)
+            self._flush()
+            self._closed = True
+            self.transport.loseConnection()
+            return
+        for event in events:
+            if isinstance(event, RequestReceived):
+                self._request(event.stream_id, event.headers, event.stream_ended is not None)
+            elif isinstance(event, DataReceived):
+                exchange = self.streams.get(event.stream_id)
+                if exchange is not None:
+                    exchange._body_data(event.data, event.flow_controlled_length)
+                else:
+                    self.conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+            elif isinstance(event, StreamEnded):
+                exchange = self.streams.get(event.stream_id)
+                if exchange is not None:
+                    exchange._body_end()
+            elif isinstance(event, StreamReset):
+                exchange = self.streams.pop(event.stream_id, None)
+                if exchange is not None:
+                    exchange._client_gone()
+            elif isinstance(event, WindowUpdated):
+                targets = list(self.streams.values()) if event.stream_id == 0 else [self.streams.get(event.stream_id)]
+                for exchange in targets:
+                    if exchange is not None:
+                        exchange._flush()
+            elif isinstance(event, ConnectionTerminated):
+                self._closed = True
+                self._flush()
+                self.transport.loseConnection()
+                return
+        self._flush()
+
+    def _request(self, stream_id: int, fields: Headers, ended: bool) -> None:
+        method = path = authority = b""
+        headers: Headers = []
+        hosts = []
+        content_length = None
+        for name, value in fields:
+            if name == b":method":
+                method = value
+            elif name == b":path":
+                path = value
+            elif name == b":authority":
+                authority = value
+            elif name[:1] == b":":
+                continue
+            else:
+                if name == b"host":
+                    hosts.append(value)
+                elif name == b"content-length":
+                    content_length = int(value)
+                headers.append((name, value))
+        host = authority or (hosts[0] if hosts else b"")
+        if authority:
+            headers = [(n, v) for n, v in headers if n != b"host"]
+        head = RequestHead(
+            method=method,
+            target=path,
+            version=b"2",
+            host=host.lower(),
+            headers=[(b"host", host), *headers],
+            content_length=content_length if not ended else (content_length or None),
+            chunked=not ended and content_length is None,
+        )
+        exchange = H2Exchange(self, stream_id, head, ended)
+        self.streams[stream_id] = exchange
+        self._idle()
+        if len(self.streams) > 100 or method == b"CONNECT" or not host or len(path) > self.limits.max_request_line:
+            status = 431 if len(path) > self.limits.max_request_line else (405 if method == b"CONNECT" else 400)
+            pages.send(exchange, status)
+            return
+        try:
+            self.handler.handle(exchange)
+        except Exception:
+            self.log.failure("handler failed for {method} {target}", method=method, target=path)
+            if not exchange.response_started:
+                pages.send(exchange, 500)
+            else:
+                exchange.abort()
+
+    # -- outbound (called by exchanges) ---------------------------------------
+
+    def window(self, stream_id: int) -> int:
+        try:
+            return min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
+        except (StreamClosedError, ProtocolError, KeyError):
+            return 0
+
+    def send_headers(self, stream_id: int, fields: Headers, end: bool) -> None:
+        try:
+            self.conn.send_headers(stream_id, fields, end_stream=end)
+        except (StreamClosedError, ProtocolError):
+            return
+        self._flush()
+
+    def send_data(self, stream_id: int, data: bytes) -> None:
+        try:
+            self.conn.send_data(stream_id, data)
+        except (StreamClosedError, ProtocolError, FlowControlError):
+            return
+        self._flush()
+
+    def end_stream(self, stream_id: int) -> None:
+        try:
+            self.conn.end_stream(stream_id)
+        except (StreamClosedError, ProtocolError):
+            return
+        self._flush()
+
+    def reset_stream(self, stream_id: int, code: ErrorCodes) -> None:
+        try:
+            self.conn.reset_stream(stream_id, code)
+        except (StreamClosedError, ProtocolError):
+            return
+        self._flush()
+
+    def acknowledge(self, stream_id: int, length: int) -> None:
+        try:
+            self.conn.acknowledge_received_data(length, stream_id)
+        except (StreamClosedError, ProtocolError):
+            return
+        self._flush()
+
+    def stream_done(self, exchange: H2Exchange) -> None:
+        self.streams.pop(exchange.stream_id, None)
+        if not exchange._body_done:
+            # We answered before the body ended: tell the client to stop sending.
+            try:
+                self.conn.reset_stream(exchange.stream_id, ErrorCodes.NO_ERROR)
+            except (StreamClosedError, ProtocolError):
+                pass
+        self._idle()
+
+    def _flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            self.transport.write(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._closed = True
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        streams, self.streams = self.streams, {}
+        for exchange in streams.values():
+            exchange._client_gone()
+
+    # IPushProducer on our transport.
+    def pauseProducing(self) -> None:
+        self.transport_paused = True
+        for exchange in self.streams.values():
+            if exchange._producer is not None and not exchange._producer_paused:
+                exchange._producer_paused = True
+                exchange._producer.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport_paused = False
+        for exchange in list(self.streams.values()):
+            exchange._flush()
+
+    def stopProducing(self) -> None:
+        pass

@@ -1,0 +1,71 @@
+"""The port-80 side: ACME HTTP-01 answers, and a redirect to HTTPS for our hosts.
+
+Only a host that a site lists is ever redirected, so the HTTP port cannot be
+used as an open redirect; anything else gets 404.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.logger import Logger
+
+from tlsproxy.acme.challenges import HTTP01Answers, is_valid_token
+from tlsproxy.http import pages
+from tlsproxy.http.exchange import Exchange
+
+CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
+
+
+def split_host_port(host: bytes) -> tuple[str, int | None]:
+    """``example.com:8080`` -> (``example.com``, 8080); IPv6 in brackets."""
+    text = host.decode("ascii", "replace").lower()
+    if text.startswith("["):
+        addr, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        return addr, int(port) if port.isdigit() else None
+    name, sep, port = text.rpartition(":")
+    if sep and port.isdigit():
+        return name, int(port)
+    return text, None
+
+
+def redirect_location(host: str, https_port: int, target: bytes) -> bytes:
+    """The https:// URL for ``target`` on ``host`` (port left out when 443)."""
+    authority = f"[{host}]" if ":" in host else host
+    if https_port != 443:
+        authority += f":{https_port}"
+    return b"https://" + authority.encode("ascii") + target
+
+
+class PlainHTTPHandler:
+    """Answer HTTP-01 tokens; send every other request for a known host to HTTPS."""
+
+    log = Logger()
+
+    def __init__(self, answers: HTTP01Answers, is_our_host: Callable[[str], bool], https_port: int) -> None:
+        self.answers = answers
+        self.is_our_host = is_our_host
+        self.https_port = https_port
+
+    def handle(self, exchange: Exchange) -> None:
+        head = exchange.head
+        if head.target.startswith(CHALLENGE_PREFIX) and head.method in (b"GET", b"HEAD"):
+            token = head.target[len(CHALLENGE_PREFIX) :].decode("ascii", "replace")
+            answer = self.answers.get(token) if is_valid_token(token) else None
+            if answer is None:
+                pages.send(exchange, 404, "No such ACME challenge.")
+                return
+            body = answer.encode("ascii")
+            self.log.info("answered HTTP-01 challenge for {host}", host=head.host.decode("ascii", "replace"))
+            exchange.start_response(200, b"OK", [(b"Content-Type", b"text/plain")], len(body))
+            exchange.write(body)
+            exchange.finish()
+            return
+        host, _port = split_host_port(head.host)
+        if not host or not self.is_our_host(host) or not head.target.startswith(b"/"):
+            pages.send(exchange, 404)
+            return
+        location = redirect_location(host, self.https_port, head.target)
+        status = 301 if head.method in (b"GET", b"HEAD") else 308
+        pages.send(exchange, status, "This site is served over HTTPS.", [(b"Location", location)])

@@ -1,0 +1,1 @@
+"""The reverse proxy: header policy, the upstream pool, and the per-request relay."""

@@ -1,0 +1,427 @@
+"""The reverse proxy proper: route by Host, relay request and response, stream both.
+
+Request bodies up to ``BUFFER_LIMIT`` are read whole before the app is dialled,
+so a slow client never ties up a gunicorn sync worker while it trickles a form
+in; larger bodies stream with back-pressure (the app then reads at the
+client's pace, as it must for a large upload).  Responses stream back with
+back-pressure: the app is paused while the client is not reading.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from tlsproxy.config import Server, Site
+from tlsproxy.http import pages
+from tlsproxy.http.exchange import Exchange, Headers
+from tlsproxy.http.plain import split_host_port
+from tlsproxy.proxy.accesslog import AccessLog
+from tlsproxy.proxy.headers import is_trusted, response_headers, serialize_request, upstream_request_headers
+from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
+
+BUFFER_LIMIT = 1024 * 1024
+IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
+
+
+@dataclass
+class Route:
+    """A site as the proxy uses it at run time."""
+
+    site: Site
+    pool: UpstreamPool
+    hsts: bytes | None
+    dev: bool = False
+
+
+class ProxyHandler:
+    """Send each request to its site's app and relay the answer."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        sites: Sequence[Site],
+        server: Server,
+        access_log: AccessLog | None = None,
+        dev: bool = False,
+    ) -> None:
+        self.reactor = reactor
+        self.server = server
+        self.access_log = access_log
+        self.dev = dev
+        pools: dict[str, UpstreamPool] = {}
+        self._exact: dict[str, Route] = {}
+        self._wild: dict[str, Route] = {}
+        self.routes: list[Route] = []
+        for site in sites:
+            pool = pools.get(site.upstream.url)
+            if pool is None:
+                pool = pools[site.upstream.url] = UpstreamPool(reactor, site.upstream, server.connect_timeout)
+            route = Route(site=site, pool=pool, hsts=site.hsts.header_value(), dev=dev)
+            self.routes.append(route)
+            for host in site.hosts:
+                if host.startswith("*."):
+                    self._wild[host[2:]] = route
+                else:
+                    self._exact[host] = route
+        self.pools = list(pools.values())
+
+    def route_for(self, host: str) -> Route | None:
+        route = self._exact.get(host)
+        if route is None and "." in host:
+            route = self._wild.get(host.split(".", 1)[1])
+        return route
+
+    def is_our_host(self, host: str) -> bool:
+        return self.route_for(host) is not None
+
+    def handle(self, exchange: Exchange) -> None:
+        host, _port = split_host_port(exchange.head.host)
+        route = self.route_for(host)
+        if route is None:
+            if self.access_log is not None:
+                self.access_log.log(exchange, 404, 0)
+            pages.send(exchange, 404)
+            return
+        length = exchange.head.content_length
+        if length is not None and length > route.site.max_body_size:
+            if self.access_log is not None:
+                self.access_log.log(exchange, 413, 0)
+            pages.send(exchange, 413)
+            return
+        ProxiedRequest(self, route, exchange).start()
+
+    def close(self) -> None:
+        for pool in self.pools:
+            pool.close()
+
+
+class ProxiedRequest:
+    """One request on its way to the app and its response on the way back."""
+
+    log = Logger()
+
+    def __init__(self, handler: ProxyHandler, route: Route, exchange: Exchange) -> None:
+        self.handler = handler
+        self.route = route
+        self.exchange = exchange
+        self.clock = handler.reactor
+        head = exchange.head
+        self.method = head.method
+        self.upgrade = bool(head.upgrade)
+        self.conn: UpstreamConnection | None = None
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+        self.body_complete = not head.has_body
+        self.streaming = False
+        self.chunk_upstream = False
+        self.received = 0
+        self.sent_bytes = 0
+        self.status = 0
+        self.retried = False
+        self.finished = False
+        self.pending_101: tuple[int, bytes, Headers] | None = None
+        self.timer: Any = None
+        self.last_activity = 0.0
+        self.paused = False
+        trusted = is_trusted(exchange.client_address, handler.server.trusted_proxies)
+        self.headers = upstream_request_headers(
+            head.headers,
+            client_address=exchange.client_address,
+            host=head.host,
+            scheme=b"https" if exchange.secure else b"http",
+            server_port=exchange.server_port,
+            trusted=trusted,
+        )
+        if self.upgrade:
+            self.headers += [(b"connection", b"upgrade"), (b"upgrade", head.upgrade)]
+
+    # -- request side ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.exchange.set_observer(self)
+        head = self.exchange.head
+        if self.body_complete:
+            self.dial()
+        elif head.content_length is not None and head.content_length > BUFFER_LIMIT:
+            self.streaming = True
+            self.dial()
+        else:
+            self.exchange.set_body_consumer(self)
+
+    def body_data(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.route.site.max_body_size:
+            self.fail_request(413)
+            return
+        if self.streaming and self.conn is not None:
+            self.last_activity = self.clock.seconds()
+            if self.chunk_upstream:
+                self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+            else:
+                self.conn.write(data)
+            return
+        self.buffer.append(data)
+        self.buffered += len(data)
+        if not self.streaming and self.buffered > BUFFER_LIMIT:
+            # A chunked body larger than we buffer: stream it after all.
+            self.streaming = True
+            self.exchange.pause_body()
+            self.dial()
+
+    def body_end(self) -> None:
+        self.body_complete = True
+        if self.streaming:
+            if self.conn is not None and self.chunk_upstream:
+                self.conn.write(b"0\r\n\r\n")
+            return
+        self.dial()
+
+    def framing(self) -> bytes | None:
+        head = self.exchange.head
+        if self.streaming:
+            if head.content_length is not None:
+                return b"content-length: %d" % head.content_length
+            self.chunk_upstream = True
+            return b"transfer-encoding: chunked"
+        if head.has_body or self.buffered:
+            return b"content-length: %d" % self.buffered
+        if self.method in (b"POST", b"PUT", b"PATCH"):
+            return b"content-length: 0"
+        return None
+
+    def dial(self, fresh: bool = False) -> None:
+        pool = self.route.pool
+        got = pool.acquire(fresh=fresh or self.upgrade)
+        if isinstance(got, Deferred):
+            self.set_timer(self.handler.server.connect_timeout + 1)
+            got.addCallbacks(self.connected, self.connect_failed)
+        else:
+            self.connected(got)
+
+    def connect_failed(self, failure: Failure) -> None:
+        if self.finished:
+            return
+        self.fail(describe_connect_failure(failure, self.route.site.upstream))
+
+    def connected(self, conn: UpstreamConnection) -> None:
+        if self.finished:
+            self.route.pool.release(conn)
+            return
+        self.conn = conn
+        head = self.exchange.head
+        conn.send(
+            serialize_request(head.method, head.target, head.host, self.headers, self.framing()),
+            self,
+            head_only=self.method == b"HEAD",
+        )
+        for chunk in self.buffer:
+            if self.chunk_upstream:
+                conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            else:
+                conn.write(chunk)
+        if not self.retried:
+            self.buffer_for_retry = self.buffer if not self.streaming else None
+        self.buffer = []
+        self.set_timer(self.handler.server.upstream_timeout)
+        if self.streaming:
+            conn.set_request_producer(_BodyPauser(self.exchange))
+            if self.body_complete:
+                if self.chunk_upstream:
+                    conn.write(b"0\r\n\r\n")
+            else:
+                self.exchange.set_body_consumer(self)
+                self.exchange.resume_body()
+
+    buffer_for_retry: list[bytes] | None = None
+
+    # -- response side (ResponseSink) ---------------------------------------
+
+    def response_head(self, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None:
+        self.touch()
+        if status == 101:
+            self.pending_101 = (status, reason, headers)
+            return
+        self.status = status
+        site = self.route.site
+        out = response_headers(
+            headers,
+            hsts=self.route.hsts if self.exchange.secure else None,
+            secure_cookies=site.secure_cookies and self.exchange.secure,
+        )
+        self.exchange.start_response(status, reason, out, content_length)
+        if self.conn is not None:
+            self.exchange.register_producer(_ResponsePauser(self, self.conn))
+
+    def response_data(self, data: bytes) -> None:
+        self.last_activity = self.clock.seconds()
+        self.sent_bytes += len(data)
+        self.exchange.write(data)
+
+    def response_end(self) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.cancel_timer()
+        self.exchange.unregister_producer()
+        self.exchange.finish()
+        self.conn = None
+        self.logged(self.status)
+
+    def response_failed(self, error: UpstreamError) -> None:
+        if self.finished:
+            return
+        if (
+            error.before_response
+            and error.reused
+            and not self.retried
+            and self.method in IDEMPOTENT
+            and not self.streaming
+            and self.body_complete
+        ):
+            # The app closed an idle keep-alive connection as we reused it.
+            self.retried = True
+            self.buffer = self.buffer_for_retry or []
+            self.conn = None
+            self.dial(fresh=True)
+            return
+        self.fail(error)
+
+    def response_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        self.cancel_timer()
+        status, reason, headers = self.pending_101 or (101, b"Switching Protocols", [])
+        out = response_headers(headers, hsts=None, secure_cookies=False, keep_upgrade=True)
+        self.status = 101
+        self.exchange.start_response(101, reason, out, None)
+        self.exchange.start_tunnel(conn)
+        if rest:
+            self.exchange.write(rest)
+        self.logged(101)
+
+    # The tunnel's upstream side writes here after a 101.
+    def write(self, data: bytes) -> None:
+        self.exchange.write(data)
+
+    def finish(self) -> None:
+        self.finished = True
+        self.exchange.finish()
+
+    # -- failures --------------------------------------------------------------
+
+    def fail(self, error: UpstreamError) -> None:
+        self.finished = True
+        self.cancel_timer()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        if self.exchange.response_started:
+            self.log.warn("{upstream}: {detail}; response cut short", upstream=self.route.site.upstream.url, detail=error.detail)
+            self.exchange.abort()
+            return
+        self.log.warn("{upstream}: {detail}", upstream=self.route.site.upstream.url, detail=error.detail)
+        message = None
+        if self.route.dev and error.status == 502 and error.detail.startswith("cannot connect"):
+            message = (
+                f"Nothing is listening on {self.route.site.upstream.url}: "
+                "start your app (for Django: python manage.py runserver) and reload this page."
+            )
+        self.logged(error.status)
+        pages.send(self.exchange, error.status, message)
+
+    def fail_request(self, status: int) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.cancel_timer()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+        self.logged(status)
+        if self.exchange.response_started:
+            self.exchange.abort()
+        else:
+            pages.send(self.exchange, status)
+
+    def client_gone(self) -> None:
+        self.finished = True
+        self.cancel_timer()
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    # -- timers ----------------------------------------------------------------
+
+    def touch(self) -> None:
+        self.last_activity = self.clock.seconds()
+
+    def set_timer(self, seconds: float) -> None:
+        self.cancel_timer()
+        self.touch()
+        self.timer = self.clock.callLater(seconds, self.timed_out, seconds)
+
+    def cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def timed_out(self, seconds: float) -> None:
+        idle = self.clock.seconds() - self.last_activity
+        if idle < seconds or self.paused:
+            # Waiting on a slow client is not the app's fault.
+            if self.paused:
+                idle = 0
+            self.timer = self.clock.callLater(seconds - idle, self.timed_out, seconds)
+            return
+        self.timer = None
+        if self.finished:
+            return
+        self.fail(UpstreamError(504, f"no answer from the app within {seconds:g}s", before_response=not self.status))
+
+    def logged(self, status: int) -> None:
+        log = self.handler.access_log
+        if log is not None:
+            log.log(self.exchange, status, self.sent_bytes)
+
+
+class _BodyPauser:
+    """Pauses reading the client's body while the app's socket is full."""
+
+    def __init__(self, exchange: Exchange) -> None:
+        self.exchange = exchange
+
+    def pauseProducing(self) -> None:
+        self.exchange.pause_body()
+
+    def resumeProducing(self) -> None:
+        self.exchange.resume_body()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class _ResponsePauser:
+    """Pauses reading the app's response while the client's socket is full."""
+
+    def __init__(self, request: ProxiedRequest, conn: UpstreamConnection) -> None:
+        self.request = request
+        self.conn = conn
+
+    def pauseProducing(self) -> None:
+        self.request.paused = True
+        self.conn.pause_response()
+
+    def resumeProducing(self) -> None:
+        self.request.paused = False
+        self.request.touch()
+        self.conn.resume_response()
+
+    def stopProducing(self) -> None:
+        self.conn.close()
+
