@@ -114,6 +114,8 @@ class HTTP11Exchange:
                 self._proto.pause_reading()
 
     def _body_end(self) -> None:
+        if self._body_done:
+            return
         self._body_done = True
         if self._consumer is not None:
             self._consumer.body_end()
@@ -301,11 +303,10 @@ class HTTP11ServerProtocol(Protocol):
             return
         if self._closing:
             return  # lingering: read and drop what a refused client still sends
-        if self._in_head:
-            self._head_bytes += len(data)
         try:
             self._parser.feed_data(data)
             if self._in_head:
+                self._head_bytes += len(data)
                 self._check_head_size()
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0]

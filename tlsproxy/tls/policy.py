@@ -103,10 +103,10 @@ class TLSPolicy:
     def context_for(self, certified: CertifiedKey, alpn_chooser: AlpnChooser | None = None) -> SSL.Context:
         """A ready context serving ``certified`` (leaf plus its intermediates)."""
         ctx = self.new_context(alpn_chooser)
-        ctx.use_certificate(crypto.X509.from_cryptography(certified.leaf))
+        ctx.use_certificate(certified.leaf)
         for extra in certified.chain[1:]:
             ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
-        ctx.use_privatekey(crypto.PKey.from_cryptography_key(certified.key))
+        ctx.use_privatekey(certified.key)
         ctx.check_privatekey()
         return ctx
 

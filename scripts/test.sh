@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Set up everything the tests need on a fresh Debian machine, then run them all.
+# Safe to run again: it installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(pebble nginx-light wrk nghttp2-client openssl curl chromium libnss3-tools ca-certificates procps)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [ "$(id -u)" = 0 ]; then sudo=""; else sudo="sudo"; fi
+  echo "installing Debian packages: ${missing[*]}"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+venv=${TLSPROXY_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+  python3 -m venv "$venv"
+fi
+"$venv/bin/pip" install -q --upgrade pip >/dev/null
+# A plain (not editable) install: the integration tests run the installed `twist tlsproxy`.
+"$venv/bin/pip" install -q --force-reinstall --no-deps . >/dev/null
+"$venv/bin/pip" install -q '.[test]' >/dev/null
+
+# The Mozilla compliance scanner pins its own cryptography: it gets a venv of its own.
+if [ ! -x .venv-sslyze/bin/sslyze ]; then
+  python3 -m venv .venv-sslyze
+  .venv-sslyze/bin/pip install -q sslyze >/dev/null
+fi
+export TLSPROXY_SSLYZE="$PWD/.venv-sslyze/bin/sslyze"
+
+"$venv/bin/ruff" check tlsproxy twisted tests bench
+"$venv/bin/python" -m pytest -p no:cacheprovider "$@"

@@ -1,0 +1,189 @@
+"""Configuration: every problem named with its place, key and reason; env overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tlsproxy import config
+from tlsproxy.config import ConfigError, load, parse
+
+SITE = {"hosts": ["example.com"], "upstream": "http://127.0.0.1:8000", "tls": "acme"}
+ACME = {"agree_tos": True, "email": "ops@example.com"}
+
+
+def problems(raw: dict, environ: dict | None = None) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(raw, "site.toml", environ or {})
+    return [str(p) for p in info.value.problems]
+
+
+def test_minimal_site_defaults() -> None:
+    """One site and agreed terms is a whole config; the rest takes documented defaults."""
+    cfg = parse({"acme": ACME, "site": [SITE]}, "site.toml", {})
+    assert cfg.server.https == ("tcp:443",)
+    assert cfg.server.http == ("tcp:80",)
+    assert cfg.tls.min_version == "1.2"
+    assert cfg.tls.alpn == ("h2", "http/1.1")
+    assert cfg.sites[0].name == "example.com"
+    assert cfg.sites[0].hsts.header_value() == b"max-age=63072000"
+    assert cfg.acme.directory_url.startswith("https://acme-v02.api.letsencrypt.org/")
+
+
+def test_unknown_key_named() -> None:
+    """An unknown key is reported with the file, the section and the known keys."""
+    (message,) = problems({"acme": ACME, "site": [SITE], "server": {"htps": ["tcp:443"]}})
+    assert message.startswith("site.toml: server.htps: unknown key")
+    assert "https" in message
+
+
+def test_tls_10_refused() -> None:
+    """min_version 1.0 is refused at load."""
+    (message,) = problems({"acme": ACME, "site": [SITE], "tls": {"min_version": "1.0"}})
+    assert "tls.min_version" in message and "'1.0'" in message
+
+
+def test_cipher_string_selecting_nothing() -> None:
+    """A cipher string that selects no cipher is an error naming the string."""
+    (message,) = problems({"acme": ACME, "site": [SITE], "tls": {"ciphers": "NOPE-NOTHING"}})
+    assert "tls.ciphers" in message and "NOPE-NOTHING" in message
+
+
+def test_missing_cert_file(tmp_path: Path) -> None:
+    """tls = files with a missing file names the path."""
+    site = {**SITE, "tls": "files", "cert": str(tmp_path / "nope.pem"), "key": str(tmp_path / "nokey.pem")}
+    found = problems({"site": [site]})
+    assert any("site[0].cert: no such file" in m and "nope.pem" in m for m in found)
+    assert any("site[0].key: no such file" in m for m in found)
+
+
+def test_mismatched_key_and_cert(tmp_path: Path) -> None:
+    """A key that does not belong to the certificate is a config error."""
+    ca = trustme.CA()
+    one, two = ca.issue_cert("example.com"), ca.issue_cert("example.com")
+    one.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    two.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    site = {**SITE, "tls": "files", "cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
+    (message,) = problems({"site": [site]})
+    assert "does not match" in message
+
+
+def test_cert_not_covering_host(tmp_path: Path) -> None:
+    """A certificate that does not name a site's host is refused."""
+    ca = trustme.CA()
+    leaf = ca.issue_cert("other.com")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    site = {**SITE, "tls": "files", "cert": str(tmp_path / "cert.pem"), "key": str(tmp_path / "key.pem")}
+    (message,) = problems({"site": [site]})
+    assert "does not cover example.com" in message
+
+
+def test_host_in_two_sites() -> None:
+    """A host listed by two sites is refused."""
+    (message,) = problems({"acme": ACME, "site": [SITE, {**SITE, "upstream": "unix:/run/app.sock"}]})
+    assert "site[1].hosts" in message and "already a host of site[0]" in message
+
+
+def test_bad_endpoint() -> None:
+    """A bad endpoint string is named with the reason."""
+    (message,) = problems({"acme": ACME, "site": [SITE], "server": {"https": ["tcp:http"]}})
+    assert "server.https" in message and "tcp:http" in message
+
+
+def test_bad_upstream() -> None:
+    """An upstream that is neither http:// nor unix: is refused."""
+    (message,) = problems({"acme": ACME, "site": [{**SITE, "upstream": "https://app:8000"}]})
+    assert "site[0].upstream" in message
+
+
+def test_acme_needs_agreement() -> None:
+    """tls = acme without agree_tos names the CA whose terms are meant."""
+    (message,) = problems({"site": [SITE]})
+    assert "acme.agree_tos" in message and "letsencrypt" in message
+
+
+def test_several_problems_reported_together() -> None:
+    """All problems come at once, not one per run."""
+    found = problems({"site": [{"hosts": [], "upstream": "ftp://x", "tls": "maybe"}]})
+    assert len(found) >= 3
+
+
+def test_environment_override_named() -> None:
+    """TLSPROXY_<SECTION>_<KEY> overrides the file, and errors name the variable."""
+    cfg = parse({"acme": ACME, "site": [SITE]}, "site.toml", {"TLSPROXY_SERVER_HTTPS": "tcp:8443,tcp:9443"})
+    assert cfg.server.https == ("tcp:8443", "tcp:9443")
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_TLS_MIN_VERSION": "1.1"})
+    assert message.startswith("environment TLSPROXY_TLS_MIN_VERSION: tls.min_version")
+
+
+def test_environment_only_site() -> None:
+    """A one-site sidecar needs no file at all."""
+    cfg = load(
+        None,
+        {
+            "TLSPROXY_HOSTS": "example.com,www.example.com",
+            "TLSPROXY_UPSTREAM": "unix:/run/gunicorn.sock",
+            "TLSPROXY_ACME_EMAIL": "ops@example.com",
+            "TLSPROXY_ACME_AGREE_TOS": "true",
+            "TLSPROXY_STATE_DIR": "/data",
+        },
+    )
+    (site,) = cfg.sites
+    assert site.hosts == ("example.com", "www.example.com")
+    assert site.upstream.unix_path == "/run/gunicorn.sock"
+    assert cfg.server.state_dir == "/data"
+    assert cfg.acme.email == "ops@example.com"
+
+
+def test_no_file_no_env_is_dev_default() -> None:
+    """Nothing configured means the local dev proxy on 8443 in front of port 8000."""
+    cfg = load(None, {})
+    assert cfg.dev
+    assert cfg.sites[0].tls == "local"
+    assert cfg.sites[0].upstream.port == 8000
+    assert cfg.sites[0].hsts.header_value() is None
+    assert all(":8443" in e or "8443:" in e for e in cfg.server.https)
+
+
+def test_file_errors_name_the_file(tmp_path: Path) -> None:
+    """Unreadable or non-TOML files are named."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(bad), {})
+    assert str(bad) in str(info.value) and "TOML" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load(str(tmp_path / "missing.toml"), {})
+    assert "missing.toml" in str(info.value)
+
+
+def test_example_config_is_valid(tmp_path: Path) -> None:
+    """config.example.toml documents every key and loads once the CA's terms are agreed to."""
+    example = Path(__file__).parents[2] / "config.example.toml"
+    with pytest.raises(ConfigError, match="agree_tos"):
+        load(str(example), {})
+    cfg = load(str(example), {"TLSPROXY_ACME_AGREE_TOS": "true"})
+    assert cfg.sites
+    text = example.read_text()
+    for section, cls in (("server", config.Server), ("tls", config.TLS), ("acme", config.ACME)):
+        for key in cls.__dataclass_fields__:
+            assert f"{key} =" in text, f"[{section}] {key} is not documented in config.example.toml"
+    for key in ("hosts", "upstream", "tls", "cert", "key", "hsts", "secure_cookies", "max_body_size"):
+        assert f"{key} =" in text
+
+
+@pytest.mark.parametrize(
+    ("text", "size"), [("1048576", 1048576), ("512k", 524288), ("100M", 104857600), ("1G", 1073741824), ("2MiB", 2097152)]
+)
+def test_sizes(text: str, size: int) -> None:
+    """Body sizes read as bytes or with binary units."""
+    assert config.parse_size(text) == size
+
+
+def test_wildcard_acme_refused() -> None:
+    """A wildcard host with tls = acme is refused (no DNS-01)."""
+    (message,) = problems({"acme": ACME, "site": [{**SITE, "hosts": ["*.example.com"]}]})
+    assert "DNS-01" in message

@@ -1,0 +1,208 @@
+"""The HTTP/1.1 server protocol against a StringTransport: limits, smuggling, order."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from tlsproxy.http import pages
+from tlsproxy.http.server import HTTP11ServerProtocol, Limits
+
+
+class Recorder:
+    """A handler that remembers requests and answers 200 with the body it read."""
+
+    def __init__(self, answer: bool = True) -> None:
+        self.exchanges: list = []
+        self.answer = answer
+
+    def handle(self, exchange) -> None:  # type: ignore[no-untyped-def]
+        self.exchanges.append(exchange)
+        if self.answer:
+            exchange.set_body_consumer(BodyCollector(exchange))
+
+
+class BodyCollector:
+    def __init__(self, exchange) -> None:  # type: ignore[no-untyped-def]
+        self.exchange = exchange
+        self.body = b""
+
+    def body_data(self, data: bytes) -> None:
+        self.body += data
+
+    def body_end(self) -> None:
+        self.exchange.start_response(200, b"OK", [(b"X-Body", b"%d" % len(self.body))], len(self.body))
+        self.exchange.write(self.body)
+        self.exchange.finish()
+
+
+class ServerTestCase(SynchronousTestCase):
+    limits = Limits(max_request_line=200, max_header_size=1000, max_header_count=10, header_timeout=5, idle_timeout=30)
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.handler = Recorder()
+        self.proto = HTTP11ServerProtocol(self.handler, self.clock, self.limits, secure=False)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def feed(self, data: bytes) -> bytes:
+        self.proto.dataReceived(data)
+        out = self.transport.value()
+        self.transport.clear()
+        return out
+
+    def assertRefused(self, data: bytes, status: int) -> None:
+        out = self.feed(data)
+        self.assertTrue(out.startswith(b"HTTP/1.1 %d " % status), out[:80])
+        self.assertIn(b"Connection: close", out)
+        self.assertEqual(self.handler.exchanges, [])
+        # It lingers briefly so the client can read the answer, then closes.
+        self.clock.advance(self.limits.linger)
+        self.assertTrue(self.transport.disconnecting or self.transport.disconnected)
+
+
+class RequestTests(ServerTestCase):
+    def test_simple_get(self) -> None:
+        """A GET reaches the handler with its method, target, host and headers."""
+        out = self.feed(b"GET /a?b=1 HTTP/1.1\r\nHost: Example.COM\r\nX-Thing: yes\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK\r\n"))
+        (exchange,) = self.handler.exchanges
+        self.assertEqual(exchange.head.method, b"GET")
+        self.assertEqual(exchange.head.target, b"/a?b=1")
+        self.assertEqual(exchange.head.host, b"example.com")
+        self.assertIn((b"x-thing", b"yes"), exchange.head.headers)
+
+    def test_pipelined_requests_answered_in_order(self) -> None:
+        """Two pipelined requests get two responses, in order."""
+        out = self.feed(
+            b"POST /1 HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc"
+            b"POST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nz"
+        )
+        self.assertEqual(out.count(b"HTTP/1.1 200 OK"), 2)
+        self.assertLess(out.index(b"X-Body: 3"), out.index(b"X-Body: 1"))
+
+    def test_chunked_body(self) -> None:
+        """A chunked request body is de-chunked for the handler."""
+        out = self.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        self.assertIn(b"X-Body: 5", out)
+        self.assertTrue(out.endswith(b"abcde"))
+
+    def test_http10_closes(self) -> None:
+        """An HTTP/1.0 request without keep-alive is answered and the connection closed."""
+        out = self.feed(b"GET / HTTP/1.0\r\n\r\n")
+        self.assertIn(b"Connection: close", out)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_chunked_response_for_unknown_length(self) -> None:
+        """A response of unknown length is chunked on HTTP/1.1."""
+        self.handler.answer = False
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        exchange = self.handler.exchanges[0]
+        exchange.start_response(200, b"OK", [], None)
+        exchange.write(b"hello")
+        exchange.finish()
+        out = self.transport.value()
+        self.assertIn(b"Transfer-Encoding: chunked", out)
+        self.assertTrue(out.endswith(b"5\r\nhello\r\n0\r\n\r\n"))
+
+    def test_absolute_form_target(self) -> None:
+        """An absolute-form target becomes origin-form, and its authority the host."""
+        self.feed(b"GET http://other.test/x HTTP/1.1\r\nHost: ignored.test\r\n\r\n")
+        head = self.handler.exchanges[0].head
+        self.assertEqual((head.host, head.target), (b"other.test", b"/x"))
+
+
+class SmugglingTests(ServerTestCase):
+    def test_content_length_and_chunked(self) -> None:
+        """Content-Length with Transfer-Encoding is refused."""
+        self.assertRefused(
+            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400
+        )
+
+    def test_duplicate_content_length(self) -> None:
+        """Two Content-Length headers are refused, even when equal."""
+        self.assertRefused(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx", 400)
+
+    def test_signed_content_length(self) -> None:
+        """A signed Content-Length is refused."""
+        self.assertRefused(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +1\r\n\r\nx", 400)
+
+    def test_transfer_encoding_on_http10(self) -> None:
+        """Transfer-Encoding on HTTP/1.0 is refused."""
+        self.assertRefused(b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 400)
+
+    def test_unknown_transfer_coding(self) -> None:
+        """A coding other than chunked is not implemented."""
+        self.assertRefused(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", 501)
+
+    def test_missing_host(self) -> None:
+        """HTTP/1.1 without Host is refused."""
+        self.assertRefused(b"GET / HTTP/1.1\r\nX: y\r\n\r\n", 400)
+
+    def test_double_host(self) -> None:
+        """Two Host headers are refused."""
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400)
+
+    def test_obs_fold(self) -> None:
+        """A folded header line is refused."""
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n", 400)
+
+    def test_bare_lf(self) -> None:
+        """A bare LF line ending in the head is refused."""
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n\r\n", 400)
+
+    def test_host_with_path_characters(self) -> None:
+        """A Host with a slash or @ in it is refused."""
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: a/b@c\r\n\r\n", 400)
+
+    def test_connect_refused(self) -> None:
+        """CONNECT is not a reverse proxy's method."""
+        self.assertRefused(b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", 405)
+
+    def test_http2_version_line(self) -> None:
+        """An HTTP/2.0 request line over HTTP/1 is refused."""
+        self.assertRefused(b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", 505)
+
+
+class LimitTests(ServerTestCase):
+    def test_long_request_line(self) -> None:
+        """A request line over the limit gets 414 at once."""
+        self.assertRefused(b"GET /" + b"a" * 300, 414)
+
+    def test_huge_header_line_answered_at_once(self) -> None:
+        """A header line over the head limit gets 431 before it even ends."""
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 1500, 431)
+
+    def test_too_many_headers(self) -> None:
+        """More header fields than allowed gets 431."""
+        self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(11)) + b"\r\n", 431)
+
+    def test_slowloris_deadline_does_not_restart(self) -> None:
+        """Trickling a head byte by byte does not extend the head deadline."""
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        for _ in range(4):
+            self.clock.advance(1)
+            self.feed(b"a")
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 408 "))
+
+    def test_idle_connection_closed(self) -> None:
+        """A connection that never sends anything is closed after the idle timeout."""
+        self.clock.advance(self.limits.idle_timeout)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_next_request_after_refusal_is_not_read(self) -> None:
+        """After a refusal, bytes already sent for a next request are dropped, not answered."""
+        out = self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.assertEqual(out.count(b"HTTP/1.1 "), 1)
+        self.assertEqual(self.handler.exchanges, [])
+
+
+class PagesTests(SynchronousTestCase):
+    def test_page_escapes_message(self) -> None:
+        """Error pages escape what they show."""
+        self.assertIn(b"&lt;script&gt;", pages.render(502, "<script>"))
+        self.assertNotIn(b"Traceback", pages.render(500))

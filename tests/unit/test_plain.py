@@ -1,0 +1,66 @@
+"""The port-80 side: ACME tokens answered, known hosts redirected, nothing else."""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from tlsproxy.acme.challenges import HTTP01Answers
+from tlsproxy.http.plain import PlainHTTPHandler, redirect_location, split_host_port
+from tlsproxy.http.server import HTTP11ServerProtocol, Limits
+
+
+class PlainTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.answers = HTTP01Answers()
+        self.handler = PlainHTTPHandler(self.answers, lambda host: host in ("example.com", "www.example.com"), 443)
+
+    def request(self, raw: bytes) -> bytes:
+        proto = HTTP11ServerProtocol(self.handler, Clock(), Limits(), secure=False)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(raw)
+        return transport.value()
+
+    def test_token_answered(self) -> None:
+        """A pending HTTP-01 token is answered with its key authorization."""
+        self.answers.put("tok_EN-1", "tok_EN-1.thumbprint")
+        out = self.request(b"GET /.well-known/acme-challenge/tok_EN-1 HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 200 OK"))
+        self.assertTrue(out.endswith(b"\r\n\r\ntok_EN-1.thumbprint"))
+
+    def test_unknown_token_404(self) -> None:
+        """An unknown or removed token is 404, never a redirect."""
+        self.answers.put("abc", "abc.x")
+        self.answers.remove("abc")
+        out = self.request(b"GET /.well-known/acme-challenge/abc HTTP/1.1\r\nHost: example.com\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 404"))
+
+    def test_redirect_keeps_path_and_query(self) -> None:
+        """A known host is sent to https with path and query intact."""
+        out = self.request(b"GET /a/b?c=d&e HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 301"))
+        self.assertIn(b"Location: https://www.example.com/a/b?c=d&e\r\n", out)
+
+    def test_post_redirect_keeps_method(self) -> None:
+        """Non-GET requests get 308 so the method survives."""
+        out = self.request(b"POST /f HTTP/1.1\r\nHost: example.com\r\nContent-Length: 0\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 308"))
+
+    def test_unknown_host_404(self) -> None:
+        """Any other Host gets 404: the HTTP port is no open redirect."""
+        for host in (b"evil.test", b"example.com.evil.test", b"", b"example.com@evil.test"):
+            out = self.request(b"GET //evil.test/ HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+            self.assertNotIn(b"Location", out)
+
+    def test_https_port_in_location(self) -> None:
+        """A non-default HTTPS port is kept in the Location."""
+        self.assertEqual(redirect_location("example.com", 8443, b"/x"), b"https://example.com:8443/x")
+        self.assertEqual(redirect_location("::1", 443, b"/"), b"https://[::1]/")
+
+    def test_split_host_port(self) -> None:
+        """Host headers split into name and port, IPv6 included."""
+        self.assertEqual(split_host_port(b"Example.com:80"), ("example.com", 80))
+        self.assertEqual(split_host_port(b"[::1]:8080"), ("::1", 8080))
+        self.assertEqual(split_host_port(b"example.com"), ("example.com", None))

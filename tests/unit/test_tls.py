@@ -1,0 +1,178 @@
+"""The TLS policy and SNI map, exercised with real handshakes in memory."""
+
+from __future__ import annotations
+
+import trustme
+from OpenSSL import SSL
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.tlsutil import certified, client_context, handshake
+from tlsproxy.acme.challenges import TLSALPN01Answers
+from tlsproxy.tls.policy import TLSPolicy, cipher_names
+from tlsproxy.tls.sni import SniMap, SniServer
+
+
+class SniTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.ca = trustme.CA()
+        self.policy = TLSPolicy()
+        self.sni_map = SniMap([("a.test", ["a.test", "www.a.test"]), ("b.test", ["b.test", "*.b.test"])])
+        self.server = SniServer(self.policy, self.sni_map)
+        self.a = certified(self.ca, "a.test", "www.a.test")
+        self.b = certified(self.ca, "b.test", "*.b.test")
+        self.sni_map.set_context("a.test", self.server.context_for(self.a))
+        self.sni_map.set_context("b.test", self.server.context_for(self.b))
+
+    def connect(self, name: str | None, **kw: object):  # type: ignore[no-untyped-def]
+        return handshake(self.server.serverConnectionForTLS(None), client_context(**kw), name)  # type: ignore[arg-type]
+
+    def test_server_name_picks_certificate(self) -> None:
+        """Each server name gets its own site's certificate."""
+        self.assertEqual(self.connect("www.a.test").cert.serial_number, self.a.serial)
+        self.assertEqual(self.connect("b.test").cert.serial_number, self.b.serial)
+
+    def test_wildcard_host(self) -> None:
+        """A name under a wildcard host gets that site's certificate."""
+        self.assertEqual(self.connect("api.b.test").cert.serial_number, self.b.serial)
+
+    def test_unknown_and_missing_name_get_first_site(self) -> None:
+        """No SNI, or an unknown name, gets the first site's certificate."""
+        self.assertEqual(self.connect(None).cert.serial_number, self.a.serial)
+        self.assertEqual(self.connect("elsewhere.test").cert.serial_number, self.a.serial)
+
+    def test_site_without_certificate_fails_handshake(self) -> None:
+        """A site with no certificate yet gets an alert, never another site's certificate."""
+        sni_map = SniMap([("a.test", ["a.test"]), ("c.test", ["c.test"])])
+        server = SniServer(self.policy, sni_map)
+        sni_map.set_context("a.test", server.context_for(self.a))
+        outcome = handshake(server.serverConnectionForTLS(None), client_context(), "c.test")
+        self.assertFalse(outcome.ok)
+
+    def test_swap_changes_next_handshake_only(self) -> None:
+        """After set_context, new handshakes see the new certificate."""
+        before = self.connect("a.test")
+        renewed = certified(self.ca, "a.test", "www.a.test")
+        self.sni_map.set_context("a.test", self.server.context_for(renewed))
+        after = self.connect("a.test")
+        self.assertEqual(before.cert.serial_number, self.a.serial)
+        self.assertEqual(after.cert.serial_number, renewed.serial)
+
+    def test_full_chain_served(self) -> None:
+        """Intermediates are sent with the leaf."""
+        ca = trustme.CA()
+        intermediate = ca.create_child_ca()
+        leaf = certified(intermediate, "a.test")
+        self.assertEqual(len(leaf.chain), 2)
+        sni_map = SniMap([("a.test", ["a.test"])])
+        server = SniServer(self.policy, sni_map)
+        sni_map.set_context("a.test", server.context_for(leaf))
+        outcome = handshake(server.serverConnectionForTLS(None), client_context(), "a.test")
+        self.assertTrue(outcome.ok, outcome.error)
+        self.assertEqual(outcome.chain_serials, [leaf.serial, leaf.chain[1].serial_number])
+
+    def test_tls11_refused(self) -> None:
+        """A client that speaks at most TLS 1.1 cannot connect."""
+        outcome = self.connect("a.test", max_version=SSL.TLS1_1_VERSION, ciphers="DEFAULT@SECLEVEL=0")
+        self.assertFalse(outcome.ok)
+
+    def test_tls12_with_listed_cipher(self) -> None:
+        """TLS 1.2 with a cipher from the list is accepted."""
+        outcome = self.connect("a.test", max_version=SSL.TLS1_2_VERSION, ciphers="ECDHE-ECDSA-AES128-GCM-SHA256")
+        self.assertTrue(outcome.ok, outcome.error)
+        self.assertEqual(outcome.version, "TLSv1.2")
+        self.assertEqual(outcome.cipher, "ECDHE-ECDSA-AES128-GCM-SHA256")
+
+    def test_unlisted_cipher_refused(self) -> None:
+        """A TLS 1.2 client offering only CBC suites is refused."""
+        outcome = self.connect(
+            "a.test", max_version=SSL.TLS1_2_VERSION, ciphers="ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA384"
+        )
+        self.assertFalse(outcome.ok)
+
+    def test_server_preference(self) -> None:
+        """The server's order wins: AES-128-GCM before CHACHA20 when both are offered."""
+        outcome = self.connect(
+            "a.test",
+            max_version=SSL.TLS1_2_VERSION,
+            ciphers="ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-ECDSA-AES128-GCM-SHA256",
+        )
+        self.assertEqual(outcome.cipher, "ECDHE-ECDSA-AES128-GCM-SHA256")
+
+    def test_min_version_13(self) -> None:
+        """With min_version 1.3, TLS 1.2 clients are refused."""
+        server = SniServer(TLSPolicy(min_version="1.3"), self.sni_map)
+        outcome = handshake(server.serverConnectionForTLS(None), client_context(max_version=SSL.TLS1_2_VERSION), "a.test")
+        self.assertFalse(outcome.ok)
+
+    def test_alpn_prefers_h2(self) -> None:
+        """ALPN picks h2 when offered, http/1.1 otherwise."""
+        self.assertEqual(self.connect("a.test", alpn=[b"http/1.1", b"h2"]).alpn, b"h2")
+        self.assertEqual(self.connect("a.test", alpn=[b"http/1.1"]).alpn, b"http/1.1")
+
+    def test_alpn_without_overlap_still_connects(self) -> None:
+        """A client offering only unknown protocols still gets a handshake (no ALPN)."""
+        outcome = self.connect("a.test", alpn=[b"spdy/3"])
+        self.assertTrue(outcome.ok, outcome.error)
+        self.assertIsNone(outcome.alpn)
+
+    def test_only_intermediate_groups(self) -> None:
+        """A client offering only ffdhe or secp521r1 groups gets no handshake."""
+        ctx = client_context(max_version=SSL.TLS1_3_VERSION)
+        from OpenSSL._util import lib
+
+        lib.SSL_CTX_set1_curves_list(ctx._context, b"P-521")
+        outcome = handshake(self.server.serverConnectionForTLS(None), ctx, "a.test")
+        self.assertFalse(outcome.ok)
+
+
+class AcmeTlsAlpnTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.ca = trustme.CA()
+        self.policy = TLSPolicy()
+        self.sni_map = SniMap([("a.test", ["a.test"])])
+        self.answers = TLSALPN01Answers()
+        self.server = SniServer(self.policy, self.sni_map, self.answers)
+        self.site = certified(self.ca, "a.test")
+        self.sni_map.set_context("a.test", self.server.context_for(self.site))
+
+    def test_challenge_certificate_for_acme_alpn(self) -> None:
+        """A hello offering acme-tls/1 gets the challenge certificate and acme-tls/1."""
+        challenge = certified(trustme.CA(), "a.test")
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.use_certificate(challenge.leaf)
+        ctx.use_privatekey(challenge.key)
+        self.answers.put("a.test", ctx)
+        outcome = handshake(self.server.serverConnectionForTLS(None), client_context(alpn=[b"acme-tls/1"]), "a.test")
+        self.assertTrue(outcome.ok, outcome.error)
+        self.assertEqual(outcome.alpn, b"acme-tls/1")
+        self.assertEqual(outcome.cert.serial_number, challenge.serial)
+        normal = handshake(self.server.serverConnectionForTLS(None), client_context(alpn=[b"h2"]), "a.test")
+        self.assertEqual(normal.cert.serial_number, self.site.serial)
+
+    def test_acme_alpn_without_challenge_fails(self) -> None:
+        """acme-tls/1 with nothing pending ends the handshake: no normal certificate is shown."""
+        outcome = handshake(self.server.serverConnectionForTLS(None), client_context(alpn=[b"acme-tls/1"]), "a.test")
+        self.assertFalse(outcome.ok)
+
+    def test_challenge_for_site_without_certificate(self) -> None:
+        """A site still waiting for its first certificate can answer TLS-ALPN-01."""
+        sni_map = SniMap([("new.test", ["new.test"])])
+        server = SniServer(self.policy, sni_map, self.answers)
+        challenge = certified(trustme.CA(), "new.test")
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        ctx.use_certificate(challenge.leaf)
+        ctx.use_privatekey(challenge.key)
+        self.answers.put("new.test", ctx)
+        outcome = handshake(server.serverConnectionForTLS(None), client_context(alpn=[b"acme-tls/1"]), "new.test")
+        self.assertTrue(outcome.ok, outcome.error)
+        self.assertEqual(outcome.cert.serial_number, challenge.serial)
+
+
+class CipherNamesTests(SynchronousTestCase):
+    def test_default_is_ecdhe_aead_only(self) -> None:
+        """The default list has only ECDHE key exchange with GCM or ChaCha20."""
+        names = cipher_names(TLSPolicy().ciphers)
+        self.assertEqual(len(names), 6)
+        for name in names:
+            self.assertTrue(name.startswith("ECDHE-"), name)
+            self.assertTrue("GCM" in name or "CHACHA20" in name, name)
