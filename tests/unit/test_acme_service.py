@@ -1,0 +1,292 @@
+"""CertificateService with a Clock, a synchronous "thread", the fake CA and a real store on disk."""
+
+from __future__ import annotations
+
+import datetime
+import random
+from pathlib import Path
+
+import pytest
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.task import Clock
+
+from tlsproxy.acme.ari import cert_id
+from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
+from tlsproxy.acme.client import AcmeError
+from tlsproxy.acme.scheduler import Window
+from tlsproxy.acme.service import CertificateService
+from tlsproxy.acme.testing import FakeCA
+from tlsproxy.certs.store import CertificateStore
+from tlsproxy.config import ACME, Config, Server, Site, Upstream
+from tlsproxy.tls.policy import TLSPolicy
+from tlsproxy.tls.sni import SniMap, SniServer
+
+START = 1_750_000_000.0
+DAY = 86400.0
+
+
+def at(clock: Clock) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(clock.seconds(), datetime.UTC)
+
+
+class Harness:
+    def __init__(self, tmp_path: Path, sites: tuple[Site, ...] | None = None, ari: bool = False) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.http01, self.alpn01 = HTTP01Answers(), TLSALPN01Answers()
+        self.ca = FakeCA(http01=self.http01, alpn01=self.alpn01, now=lambda: at(self.clock), ari=ari)
+        up = Upstream(url="http://127.0.0.1:8000", host="127.0.0.1", port=8000)
+        self.sites = sites or (Site(hosts=("example.com", "www.example.com"), upstream=up),)
+        self.config = Config(
+            server=Server(state_dir=str(tmp_path / "state")),
+            acme=ACME(agree_tos=True),
+            sites=self.sites,
+        )
+        self.store = CertificateStore(self.config.server.state_dir)
+
+    def service(self) -> CertificateService:
+        self.sni = SniServer(TLSPolicy(), SniMap([(s.name, s.hosts) for s in self.sites]), self.alpn01)
+        return CertificateService(
+            self.clock,
+            self.config,
+            self.sni,
+            self.http01,
+            self.alpn01,
+            run_in_thread=lambda f, *a, **kw: maybeDeferred(f, *a, **kw),
+            ca_factory=lambda config, store: self.ca,
+            rng=random.Random(7),
+        )
+
+    def serial(self, name: str = "example.com") -> int | None:
+        ctx = self.sni.sni_map.context_of(name)
+        if ctx is None:
+            return None
+        return ctx.get_certificate().get_serial_number() if hasattr(ctx, "get_certificate") else 0
+
+    def stored_serial(self, name: str = "example.com") -> int:
+        certified = self.store.load_certificate(name)
+        assert certified is not None
+        return certified.leaf.serial_number
+
+
+@pytest.fixture
+def h(tmp_path: Path) -> Harness:
+    return Harness(tmp_path)
+
+
+def test_first_start_orders_and_serves(h: Harness) -> None:
+    """With an empty store the service orders one certificate for both names and serves it."""
+    svc = h.service()
+    svc.startService()
+    assert len(h.ca.orders) == 1
+    assert h.ca.orders[0].hosts == ("example.com", "www.example.com")
+    assert h.sni.sni_map.context_of("example.com") is not None
+    assert h.store.load_meta("example.com").serial
+    svc.stopService()
+
+
+def test_restart_reuses_stored_certificate(h: Harness) -> None:
+    """A second start with a good stored certificate serves it without a new order."""
+    svc = h.service()
+    svc.startService()
+    svc.stopService()
+    h.service().startService()
+    assert len(h.ca.orders) == 1
+    assert h.sni.sni_map.context_of("example.com") is not None
+
+
+def test_stop_cancels_timers(h: Harness) -> None:
+    """After stopService nothing is left scheduled on the clock."""
+    svc = h.service()
+    svc.startService()
+    svc.stopService()
+    assert h.clock.getDelayedCalls() == []
+
+
+def test_renews_when_a_third_of_lifetime_is_left(h: Harness) -> None:
+    """A 90-day certificate is renewed after 60 days (plus at most a check interval), and the new one is served."""
+    svc = h.service()
+    svc.startService()
+    first = h.stored_serial()
+    h.clock.pump([DAY] * 59)
+    assert len(h.ca.orders) == 1
+    h.clock.pump([3600.0] * 30)
+    assert len(h.ca.orders) == 2
+    assert h.stored_serial() != first
+    assert svc._acme["example.com"].serial == h.stored_serial()
+    svc.stopService()
+
+
+def test_ca_down_keeps_old_cert_and_backs_off(h: Harness) -> None:
+    """When the CA is down at renewal time the old certificate keeps serving and retries back off 1m, 10m, 100m."""
+    svc = h.service()
+    svc.startService()
+    first = h.stored_serial()
+    h.ca.down = True
+    h.clock.pump([DAY] * 59 + [3600.0] * 48)
+    meta = h.store.load_meta("example.com")
+    assert meta.failures >= 1 and "connection refused" in meta.last_error
+    assert svc._acme["example.com"].serial == first
+    failures = meta.failures
+    gap = (meta.next_attempt - meta.last_attempt).total_seconds()
+    assert gap > 0
+    h.ca.down = False
+    h.clock.pump([60.0] * 60 * 5)
+    assert h.stored_serial() != first
+    assert h.store.load_meta("example.com").failures == 0
+    assert failures >= 3
+    svc.stopService()
+
+
+def test_backoff_sequence(h: Harness) -> None:
+    """Consecutive failures are retried after about 60 s, 600 s and 6000 s."""
+    h.ca.down = True
+    svc = h.service()
+    svc.startService()
+    gaps = []
+    for _ in range(3):
+        meta = h.store.load_meta("example.com")
+        gaps.append((meta.next_attempt - meta.last_attempt).total_seconds())
+        h.clock.advance(gaps[-1] + 2.0)
+    assert 54 <= gaps[0] <= 66 and 540 <= gaps[1] <= 660 and 5400 <= gaps[2] <= 6600
+    assert h.sni.sni_map.context_of("example.com") is None
+    svc.stopService()
+
+
+def test_retry_after_is_honoured(h: Harness) -> None:
+    """A CA error with Retry-After of an hour delays the next attempt by at least an hour."""
+    h.ca.failures.append(AcmeError("ordering", "rate limited", "rateLimited", retry_after=3600))
+    svc = h.service()
+    svc.startService()
+    meta = h.store.load_meta("example.com")
+    assert (meta.next_attempt - meta.last_attempt).total_seconds() >= 3600
+    assert "rate limited" in meta.last_error
+    h.clock.pump([60.0] * 59)
+    assert len(h.ca.orders) == 0
+    h.clock.pump([60.0] * 3)
+    assert len(h.ca.orders) == 1
+    svc.stopService()
+
+
+def test_ari_window_triggers_renewal_with_replaces(tmp_path: Path) -> None:
+    """A CA-suggested window that has opened causes a renewal whose order names the old certificate in replaces."""
+    h = Harness(tmp_path, ari=True)
+    svc = h.service()
+    svc.startService()
+    old = h.store.load_certificate("example.com")
+    assert old is not None
+    now = at(h.clock)
+    h.ca.windows[cert_id(old.leaf)] = Window(now + datetime.timedelta(days=1), now + datetime.timedelta(days=2))
+    # the stored ARI answer is fresh for 6 hours; the next checks pick up the new window
+    h.clock.pump([3600.0] * 24 * 3)
+    assert len(h.ca.orders) == 2
+    assert h.ca.orders[1].replaces == cert_id(old.leaf)
+    svc.stopService()
+
+
+def test_store_change_by_another_writer_is_swapped_in(h: Harness) -> None:
+    """A certificate written into the store by another process is served after the next poll."""
+    svc = h.service()
+    svc.startService()
+    from tlsproxy.acme.issuer import TableResponder, issue
+
+    other = issue(h.ca, ("example.com", "www.example.com"), responder=TableResponder(h.http01, h.alpn01))
+    h.store.save_certificate("example.com", other, h.store.load_meta("example.com"))
+    h.clock.advance(2.0)
+    assert svc._acme["example.com"].serial == other.leaf.serial_number
+    svc.stopService()
+
+
+def test_bad_store_file_is_ignored(h: Harness) -> None:
+    """Garbage written over the stored chain is logged and ignored; the last good certificate keeps serving."""
+    svc = h.service()
+    svc.startService()
+    good = svc._acme["example.com"].serial
+    context = h.sni.sni_map.context_of("example.com")
+    h.store.chain_path("example.com").write_bytes(b"not a certificate")
+    h.clock.advance(2.0)
+    assert h.sni.sni_map.context_of("example.com") is context
+    assert svc._acme["example.com"].serial == good
+    svc.stopService()
+
+
+def test_store_cert_for_other_names_is_ignored(h: Harness) -> None:
+    """A stored certificate that does not cover the site's hosts is not served."""
+    svc = h.service()
+    svc.startService()
+    context = h.sni.sni_map.context_of("example.com")
+    from tlsproxy.acme.issuer import TableResponder, issue
+
+    wrong = issue(h.ca, ("other.example",), responder=TableResponder(h.http01, h.alpn01))
+    h.store.save_certificate("example.com", wrong, h.store.load_meta("example.com"))
+    h.clock.advance(2.0)
+    assert h.sni.sni_map.context_of("example.com") is context
+    svc.stopService()
+
+
+def test_files_site_is_watched(tmp_path: Path) -> None:
+    """A tls = "files" site's new cert/key pair is swapped in; a broken one is ignored."""
+    import trustme
+
+    ca = trustme.CA()
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "key.pem"
+    first = ca.issue_cert("files.example")
+    first.cert_chain_pems[0].write_to_path(str(cert))
+    first.private_key_pem.write_to_path(str(key))
+    up = Upstream(url="http://127.0.0.1:8000", host="127.0.0.1", port=8000)
+    site = Site(hosts=("files.example",), upstream=up, tls="files", cert=str(cert), key=str(key))
+    h = Harness(tmp_path, sites=(site,))
+    svc = h.service()
+    svc.startService()
+    watch = svc._files["files.example"]
+    s1 = watch.serial
+    assert s1 is not None
+    second = ca.issue_cert("files.example")
+    second.private_key_pem.write_to_path(str(key))
+    second.cert_chain_pems[0].write_to_path(str(cert))
+    h.clock.advance(2.0)
+    assert watch.serial not in (None, s1)
+    s2 = watch.serial
+    context = h.sni.sni_map.context_of("files.example")
+    cert.write_bytes(b"garbage")
+    h.clock.advance(2.0)
+    assert watch.serial == s2 and h.sni.sni_map.context_of("files.example") is context
+    assert h.ca.orders == []
+    svc.stopService()
+
+
+def test_published_challenges_are_served(h: Harness) -> None:
+    """Challenge answers the tlsproxy command publishes in the store appear in (and leave) the tables."""
+    svc = h.service()
+    svc.startService()
+    h.store.publish_challenge("http-01", "tok_123", "tok_123.thumb")
+    h.store.publish_challenge("tls-alpn-01", "example.com", "abc.thumb")
+    h.clock.advance(2.0)
+    assert h.http01.get("tok_123") == "tok_123.thumb"
+    assert h.alpn01.get("example.com") is not None
+    h.store.withdraw_challenge("http-01", "tok_123")
+    h.store.withdraw_challenge("tls-alpn-01", "example.com")
+    h.clock.advance(2.0)
+    assert h.http01.get("tok_123") is None and h.alpn01.get("example.com") is None
+    svc.stopService()
+
+
+def test_checks_at_least_twice_a_day(h: Harness) -> None:
+    """Even far from renewal, a site is checked again within 12 hours plus jitter."""
+    svc = h.service()
+    svc.startService()
+    first = svc._acme["example.com"].next_check
+    assert first is not None
+    delta = (first - at(h.clock)).total_seconds()
+    assert 0 < delta <= 12 * 3600 * 1.1
+    svc.stopService()
+
+
+def test_local_sites_are_ignored(tmp_path: Path) -> None:
+    """tls = "local" sites are neither ordered nor watched."""
+    up = Upstream(url="http://127.0.0.1:8000", host="127.0.0.1", port=8000)
+    h = Harness(tmp_path, sites=(Site(hosts=("localhost",), upstream=up, tls="local"),))
+    svc = h.service()
+    svc.startService()
+    assert h.ca.orders == [] and svc._acme == {} and svc._files == {}
+    svc.stopService()

@@ -1,0 +1,389 @@
+"""Getting a certificate: one order for all of a site's hosts, challenges answered, stored.
+
+Everything here blocks and is meant for a thread (the service) or the command
+line.  :func:`renew_site` is the one job both run: under the store lock it
+re-reads the store (another process may have just renewed), refreshes ARI,
+asks the scheduler whether to act, orders if so, and records the outcome
+(success or the CA's error plus the next retry time) in the site's meta.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Protocol
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import NameOID
+from twisted.logger import Logger
+
+from tlsproxy.acme.alpn01 import challenge_context
+from tlsproxy.acme.ari import AriError, cert_id
+from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
+from tlsproxy.acme.client import AcmeError, Authorization, CertificateAuthority, Challenge
+from tlsproxy.acme.scheduler import CertificateState, RenewalPolicy, Window, backoff_delay, decide, renewal_time
+from tlsproxy.certs.model import CertificateError, CertifiedKey, PrivateKey
+from tlsproxy.certs.store import CertificateStore, SiteMeta
+
+log = Logger()
+
+
+class ChallengeResponder(Protocol):
+    """Where challenge answers go so that the CA can find them."""
+
+    def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None: ...
+
+    def withdraw(self, kind: str, host: str, token: str) -> None: ...
+
+    def ready(self) -> None:
+        """Called once everything is published, before the CA is told to look."""
+
+
+class TableResponder:
+    """Answers served by this process's own listeners, through the shared tables."""
+
+    def __init__(self, http01: HTTP01Answers, alpn01: TLSALPN01Answers) -> None:
+        self.http01 = http01
+        self.alpn01 = alpn01
+
+    def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
+        if kind == "http-01":
+            self.http01.put(token, key_authorization)
+        elif kind == "tls-alpn-01":
+            self.alpn01.put(host, challenge_context(host, key_authorization))
+
+    def withdraw(self, kind: str, host: str, token: str) -> None:
+        if kind == "http-01":
+            self.http01.remove(token)
+        elif kind == "tls-alpn-01":
+            self.alpn01.remove(host)
+
+    def ready(self) -> None:
+        pass
+
+
+class StoreResponder:
+    """Answers written to the store for a running proxy to serve (the command line's way).
+
+    ``settle`` is how long to give a running proxy to notice them (it polls
+    the store every couple of seconds).
+    """
+
+    def __init__(
+        self, store: CertificateStore, settle: float = 3.0, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self.store = store
+        self.settle = settle
+        self._sleep = sleep
+
+    def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
+        self.store.publish_challenge(kind, token if kind == "http-01" else host, key_authorization)
+
+    def withdraw(self, kind: str, host: str, token: str) -> None:
+        self.store.withdraw_challenge(kind, token if kind == "http-01" else host)
+
+    def ready(self) -> None:
+        if self.settle > 0:
+            self._sleep(self.settle)
+
+
+class MultiResponder:
+    """Publish through several responders at once (in-process tables and the store)."""
+
+    def __init__(self, *responders: ChallengeResponder) -> None:
+        self.responders = responders
+
+    def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
+        for r in self.responders:
+            r.publish(kind, host, token, key_authorization)
+
+    def withdraw(self, kind: str, host: str, token: str) -> None:
+        for r in self.responders:
+            r.withdraw(kind, host, token)
+
+    def ready(self) -> None:
+        for r in self.responders:
+            r.ready()
+
+
+class ValidationFailed(AcmeError):
+    """The CA could not validate ``kind`` for a name."""
+
+    def __init__(self, kind: str, host: str, detail: str) -> None:
+        super().__init__(f"validating {host} with {kind}", detail or "the authorization is invalid", "unauthorized")
+        self.kind = kind
+        self.host = host
+
+
+def new_private_key(key_type: str) -> PrivateKey:
+    """A fresh certificate key: "ec256" (ECDSA P-256), "rsa2048" or "rsa3072"."""
+    if key_type == "ec256":
+        return ec.generate_private_key(ec.SECP256R1())
+    if key_type in ("rsa2048", "rsa3072"):
+        return rsa.generate_private_key(public_exponent=65537, key_size=int(key_type[3:]))
+    raise ValueError(f"unknown key type {key_type!r}")
+
+
+def make_csr(hosts: Sequence[str], key: PrivateKey) -> bytes:
+    """DER CSR naming every host in subjectAltName (the first also as CN)."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(h) for h in hosts]), critical=False)
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    return csr.public_bytes(serialization.Encoding.DER)
+
+
+def _choose(authz: Authorization, kinds: Sequence[str]) -> Challenge:
+    for kind in kinds:
+        challenge = authz.challenge(kind)
+        if challenge is not None:
+            return challenge
+    offered = ", ".join(c.type for c in authz.challenges) or "none"
+    raise AcmeError(
+        f"validating {authz.identifier}",
+        f"the CA offers {offered}; enabled: {', '.join(kinds)}",
+        "unsupportedChallenge",
+    )
+
+
+def _issue_once(
+    ca: CertificateAuthority,
+    hosts: tuple[str, ...],
+    key: PrivateKey,
+    kinds: Sequence[str],
+    responder: ChallengeResponder,
+    profile: str,
+    replaces: str,
+) -> CertifiedKey:
+    order = ca.new_order(hosts, profile=profile, replaces=replaces)
+    authzs = [ca.authorization(url) for url in order.authorizations]
+    chosen: list[tuple[Authorization, Challenge]] = []
+    for authz in authzs:
+        if authz.status == "valid":
+            continue
+        if authz.status != "pending":
+            raise AcmeError(f"validating {authz.identifier}", f"authorization is {authz.status}", "unauthorized")
+        chosen.append((authz, _choose(authz, kinds)))
+    published: list[tuple[str, str, str]] = []
+    try:
+        for authz, challenge in chosen:
+            responder.publish(challenge.type, authz.identifier, challenge.token, ca.key_authorization(challenge.token))
+            published.append((challenge.type, authz.identifier, challenge.token))
+        if chosen:
+            responder.ready()
+        for _authz, challenge in chosen:
+            ca.answer(challenge)
+        for authz, challenge in chosen:
+            result = ca.wait_authorization(authz.url)
+            if result.status != "valid":
+                raise ValidationFailed(challenge.type, authz.identifier, result.error)
+    finally:
+        for kind, host, token in published:
+            responder.withdraw(kind, host, token)
+    chain_pem = ca.finalize(order, make_csr(hosts, key))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    try:
+        certified = CertifiedKey.from_pem(chain_pem, key_pem, source=order.url or ca.directory_url)
+    except CertificateError as e:
+        raise AcmeError("checking the issued certificate", e.reason, "badCertificate") from None
+    missing = certified.uncovered(hosts)
+    if missing:
+        raise AcmeError("checking the issued certificate", f"it does not cover {', '.join(missing)}", "badCertificate")
+    return certified
+
+
+def issue(
+    ca: CertificateAuthority,
+    hosts: tuple[str, ...],
+    *,
+    key_type: str = "ec256",
+    challenges: Sequence[str] = ("http-01", "tls-alpn-01"),
+    responder: ChallengeResponder,
+    profile: str = "",
+    replaces: str = "",
+) -> CertifiedKey:
+    """Order one certificate for all ``hosts``; if validation with one challenge type fails, try the next."""
+    kinds = list(challenges)
+    key = new_private_key(key_type)
+    while True:
+        try:
+            return _issue_once(ca, hosts, key, kinds, responder, profile, replaces)
+        except ValidationFailed as e:
+            kinds.remove(e.kind)
+            if not kinds:
+                raise
+            log.warn(
+                "{kind} failed for {host} ({detail}); trying {next}",
+                kind=e.kind,
+                host=e.host,
+                detail=e.detail,
+                next=kinds[0],
+            )
+
+
+# ---------------------------------------------------------------------------
+# One renewal check of one site
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """What to get a certificate for, and how."""
+
+    name: str
+    hosts: tuple[str, ...]
+    key_type: str = "ec256"
+    challenges: tuple[str, ...] = ("http-01", "tls-alpn-01")
+    profile: str = ""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What :func:`renew_site` found or did."""
+
+    certified: CertifiedKey | None
+    meta: SiteMeta
+    renewed: bool = False
+    error: AcmeError | None = None
+    next_check: datetime.datetime | None = None
+
+
+def window_of(meta: SiteMeta, certified: CertifiedKey | None) -> Window | None:
+    """The stored ARI window, if it is for this certificate."""
+    if certified is None or meta.ari_start is None or meta.ari_end is None:
+        return None
+    try:
+        if meta.ari_cert_id != cert_id(certified.leaf):
+            return None
+    except AriError:
+        return None
+    return Window(meta.ari_start, meta.ari_end)
+
+
+def state_of(meta: SiteMeta, certified: CertifiedKey | None) -> CertificateState:
+    return CertificateState(
+        not_before=certified.not_before if certified else None,
+        not_after=certified.not_after if certified else None,
+        window=window_of(meta, certified),
+        next_attempt=meta.next_attempt,
+        failures=meta.failures,
+    )
+
+
+def load_usable(
+    store: CertificateStore, name: str, hosts: Sequence[str], now: datetime.datetime
+) -> CertifiedKey | None:
+    """The stored certificate if it parses, matches its key, covers ``hosts`` and has not expired."""
+    try:
+        certified = store.load_certificate(name)
+    except CertificateError as e:
+        log.warn("stored certificate for {site} is unusable: {reason}", site=name, reason=e.reason)
+        return None
+    if certified is None or certified.uncovered(hosts) or certified.not_after <= now:
+        return None
+    return certified
+
+
+def _refresh_ari(ca: CertificateAuthority, meta: SiteMeta, certified: CertifiedKey, now: datetime.datetime) -> SiteMeta:
+    try:
+        ident = cert_id(certified.leaf)
+    except AriError:
+        return meta
+    fresh = meta.ari_cert_id == ident and meta.ari_retry_after is not None and now < meta.ari_retry_after
+    if fresh:
+        return meta
+    try:
+        info = ca.renewal_info(certified.leaf)
+    except AcmeError as e:
+        log.warn("renewal information for {serial} unavailable: {error}", serial=ident, error=str(e))
+        return meta
+    if info is None:
+        return meta
+    return replace(
+        meta, ari_cert_id=ident, ari_start=info.window.start, ari_end=info.window.end, ari_retry_after=info.retry_after
+    )
+
+
+def renew_site(
+    store: CertificateStore,
+    ca: CertificateAuthority,
+    request: SiteRequest,
+    responder: ChallengeResponder,
+    now: Callable[[], datetime.datetime],
+    *,
+    force: bool = False,
+    policy: RenewalPolicy = RenewalPolicy(),
+    rand: float = 0.5,
+    lock_timeout: float = 600.0,
+) -> Outcome:
+    """Check one site under the store lock and order a certificate if it is due (or ``force``)."""
+    with store.locked(timeout=lock_timeout):
+        at = now()
+        meta = store.load_meta(request.name)
+        current = load_usable(store, request.name, request.hosts, at)
+        try:
+            ari = current is not None and ca.supports_ari()
+        except AcmeError as e:  # the CA is unreachable: decide without ARI; ordering will record the error
+            log.warn("cannot reach the CA for renewal information: {error}", error=str(e))
+            ari = False
+        if ari and current is not None:
+            meta = _refresh_ari(ca, meta, current, at)
+        decision = decide(at, state_of(meta, current), policy, rand)
+        if not (force or meta.renew_requested or decision.renew):
+            meta = replace(meta, next_attempt=decision.at)
+            store.save_meta(request.name, meta)
+            return Outcome(current, meta, next_check=decision.at)
+        replaces = ""
+        if ari and current is not None:
+            try:
+                replaces = cert_id(current.leaf)
+            except AriError:
+                pass
+        log.info(
+            "ordering a certificate for {hosts} ({reason})",
+            hosts=", ".join(request.hosts),
+            reason="forced" if force or meta.renew_requested else decision.reason,
+        )
+        try:
+            certified = issue(
+                ca,
+                request.hosts,
+                key_type=request.key_type,
+                challenges=request.challenges,
+                responder=responder,
+                profile=request.profile,
+                replaces=replaces,
+            )
+        except AcmeError as e:
+            failures = meta.failures + 1
+            at = now()
+            delay = backoff_delay(failures, policy, rand, e.retry_after)
+            retry = at + datetime.timedelta(seconds=delay)
+            meta = replace(meta, last_error=str(e), failures=failures, last_attempt=at, next_attempt=retry)
+            store.save_meta(request.name, meta)
+            log.error(
+                "ordering a certificate for {hosts} failed: {error}; next attempt at {retry}",
+                hosts=", ".join(request.hosts),
+                error=str(e),
+                retry=retry.isoformat(),
+            )
+            return Outcome(current, meta, error=e, next_check=retry)
+        at = now()
+        meta = SiteMeta(hosts=request.hosts, last_attempt=at).describe_certificate(certified)
+        due = renewal_time(certified.not_before, certified.not_after, None, rand)
+        meta = replace(meta, next_attempt=due)
+        meta = store.save_certificate(request.name, certified, meta)
+        log.info(
+            "certificate for {hosts} stored: serial {serial}, not after {not_after}",
+            hosts=", ".join(request.hosts),
+            serial=meta.serial,
+            not_after=certified.not_after.isoformat(),
+        )
+        return Outcome(certified, meta, renewed=True, next_check=due)

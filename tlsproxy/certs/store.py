@@ -1,0 +1,440 @@
+"""The certificate store: one directory (``[server] state_dir``) shared by every writer.
+
+The running proxy, the ``tlsproxy`` command and a second proxy on the same
+state directory all read and write here; each reader notices others' writes by
+``stat`` (see :func:`FileSignature`).  Layout::
+
+    state_dir/                          0700
+      lock                              flock(2) held while ordering or changing the account
+      account/                          0700
+        key.pem                         0600  account key, ECDSA P-256, PKCS#8
+        registrations.json              0600  {directory URL: account URL}
+      certs/<site name>/                0700  site name = the site's first host
+        key.pem                         0600  the certificate's private key
+        fullchain.pem                   0644  leaf first, then intermediates
+        meta.json                       0644  see :class:`SiteMeta`
+      challenges/                       0700  answers published by the ``tlsproxy``
+        http-01/<token>                       command for a running proxy to serve
+        tls-alpn-01/<host>                    (content: the key authorization)
+
+Every file is written atomically: a temporary file in the same directory,
+``fsync``, ``rename`` over the old name, ``fsync`` of the directory.  The key is
+renamed into place before the chain, so a reader may briefly see a new key
+with an old chain; readers validate the pair (key matches leaf) and simply
+look again on the next poll.
+
+Nothing here imports ``twisted.internet``: the blocking calls are made from
+threads (the service) or directly (the command line).
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import fcntl
+import json
+import os
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from tlsproxy.certs.model import CertificateError, CertifiedKey
+
+_SAFE_NAME = re.compile(r"\A[a-z0-9*][a-z0-9.*-]{0,252}\Z")
+
+
+class StoreError(Exception):
+    """The store cannot be used: ``path`` and ``reason`` say what and why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+class LockTimeout(StoreError):
+    """Another process held the store lock for longer than we would wait."""
+
+
+def _iso(when: datetime.datetime | None) -> str | None:
+    return when.astimezone(datetime.UTC).isoformat() if when is not None else None
+
+
+def _from_iso(text: Any) -> datetime.datetime | None:
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        value = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=datetime.UTC)
+    return value
+
+
+@dataclass(frozen=True)
+class SiteMeta:
+    """What the store knows about a site's certificate beyond the PEM files.
+
+    ``ari_start``/``ari_end`` are the CA's suggested renewal window (RFC 9773),
+    ``ari_retry_after`` when to ask again; ``failures`` counts consecutive failed
+    attempts (for backoff), ``next_attempt`` is when the next one is due,
+    ``last_error`` the CA's words about the last failure.
+    """
+
+    hosts: tuple[str, ...] = ()
+    issuer: str = ""
+    serial: str = ""
+    not_before: datetime.datetime | None = None
+    not_after: datetime.datetime | None = None
+    ari_start: datetime.datetime | None = None
+    ari_end: datetime.datetime | None = None
+    ari_retry_after: datetime.datetime | None = None
+    ari_cert_id: str = ""
+    last_error: str = ""
+    last_attempt: datetime.datetime | None = None
+    next_attempt: datetime.datetime | None = None
+    failures: int = 0
+    renew_requested: bool = False
+
+    _TIMES = (
+        "not_before",
+        "not_after",
+        "ari_start",
+        "ari_end",
+        "ari_retry_after",
+        "last_attempt",
+        "next_attempt",
+    )
+
+    def to_json(self) -> str:
+        raw = asdict(self)
+        raw["hosts"] = list(self.hosts)
+        for name in self._TIMES:
+            raw[name] = _iso(getattr(self, name))
+        return json.dumps(raw, indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> SiteMeta:
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            return cls()
+        if not isinstance(raw, dict):
+            return cls()
+        values: dict[str, Any] = {}
+        for name, default in cls.__dataclass_fields__.items():
+            if name.startswith("_") or name not in raw:
+                continue
+            value = raw[name]
+            if name in cls._TIMES:
+                values[name] = _from_iso(value)
+            elif name == "hosts":
+                values[name] = tuple(str(h) for h in value) if isinstance(value, list) else ()
+            elif name == "failures":
+                values[name] = value if isinstance(value, int) and value >= 0 else 0
+            elif name == "renew_requested":
+                values[name] = bool(value)
+            elif isinstance(value, str):
+                values[name] = value
+        return cls(**values)
+
+    def describe_certificate(self, certified: CertifiedKey) -> SiteMeta:
+        """This meta with the certificate facts of ``certified`` filled in."""
+        return replace(
+            self,
+            issuer=certified.leaf.issuer.rfc4514_string(),
+            serial=format(certified.leaf.serial_number, "x"),
+            not_before=certified.not_before,
+            not_after=certified.not_after,
+        )
+
+
+@dataclass(frozen=True)
+class FileSignature:
+    """What ``stat`` says about a set of files; a change means "read again"."""
+
+    parts: tuple[tuple[int, int, int] | None, ...] = field(default=())
+
+    @classmethod
+    def of(cls, *paths: str | Path) -> FileSignature:
+        parts: list[tuple[int, int, int] | None] = []
+        for path in paths:
+            try:
+                st = os.stat(path)
+            except OSError:
+                parts.append(None)
+            else:
+                parts.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return cls(tuple(parts))
+
+    @property
+    def complete(self) -> bool:
+        return all(p is not None for p in self.parts)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``data`` so a reader sees the old or the new file, never half."""
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class CertificateStore:
+    """The state directory, read and written by path; see the module docstring."""
+
+    def __init__(self, state_dir: str | Path) -> None:
+        self.root = Path(state_dir)
+
+    # -- layout (pure) ---------------------------------------------------------
+
+    @property
+    def lock_path(self) -> Path:
+        return self.root / "lock"
+
+    @property
+    def account_dir(self) -> Path:
+        return self.root / "account"
+
+    @property
+    def account_key_path(self) -> Path:
+        return self.account_dir / "key.pem"
+
+    @property
+    def registrations_path(self) -> Path:
+        return self.account_dir / "registrations.json"
+
+    def site_dir(self, name: str) -> Path:
+        name = name.lower().rstrip(".")
+        if not _SAFE_NAME.match(name) or ".." in name:
+            raise StoreError(name, "not a usable site name")
+        return self.root / "certs" / name
+
+    def key_path(self, name: str) -> Path:
+        return self.site_dir(name) / "key.pem"
+
+    def chain_path(self, name: str) -> Path:
+        return self.site_dir(name) / "fullchain.pem"
+
+    def meta_path(self, name: str) -> Path:
+        return self.site_dir(name) / "meta.json"
+
+    def challenge_dir(self, kind: str) -> Path:
+        if kind not in ("http-01", "tls-alpn-01"):
+            raise StoreError(kind, "not a challenge type")
+        return self.root / "challenges" / kind
+
+    def signature(self, name: str) -> FileSignature:
+        """Changes when any writer replaces this site's key, chain or meta."""
+        return FileSignature.of(self.key_path(name), self.chain_path(name), self.meta_path(name))
+
+    # -- directories and locking -------------------------------------------------
+
+    def _ensure_dir(self, path: Path) -> None:
+        """Create ``path`` and any missing directories up to it, each 0700."""
+        missing = []
+        for p in (path, *path.parents):
+            if p.is_dir():
+                break
+            missing.append(p)
+        for p in reversed(missing):
+            try:
+                p.mkdir(mode=0o700, exist_ok=True)
+                os.chmod(p, 0o700)
+            except OSError as e:
+                raise StoreError(str(p), f"cannot create directory: {e.strerror}") from None
+
+    def ensure(self) -> None:
+        """Create the state directory (0700) if it is missing."""
+        self._ensure_dir(self.root)
+        try:
+            os.chmod(self.root, 0o700)
+        except OSError:
+            pass
+
+    @contextmanager
+    def locked(self, timeout: float = 600.0, poll: float = 0.1) -> Iterator[None]:
+        """Hold the store lock; another process that holds it is waited for."""
+        self.ensure()
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            end = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as e:
+                    if e.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() >= end:
+                        raise LockTimeout(
+                            str(self.lock_path), f"still held by another process after {timeout:.0f}s"
+                        ) from None
+                    time.sleep(poll)
+            try:
+                yield
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+    # -- account -----------------------------------------------------------------
+
+    def load_account_key(self) -> ec.EllipticCurvePrivateKey | None:
+        try:
+            data = self.account_key_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        key = serialization.load_pem_private_key(data, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise StoreError(str(self.account_key_path), "the account key is not an ECDSA key")
+        return key
+
+    def save_account_key(self, key: ec.EllipticCurvePrivateKey) -> None:
+        self._ensure_dir(self.account_dir)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        atomic_write(self.account_key_path, pem, 0o600)
+
+    def account_key(self) -> ec.EllipticCurvePrivateKey:
+        """The account key, made (ECDSA P-256) and saved the first time it is asked for."""
+        key = self.load_account_key()
+        if key is None:
+            key = ec.generate_private_key(ec.SECP256R1())
+            self.save_account_key(key)
+        return key
+
+    def registrations(self) -> dict[str, str]:
+        try:
+            raw = json.loads(self.registrations_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+        return {str(k): str(v) for k, v in raw.items()} if isinstance(raw, dict) else {}
+
+    def registration(self, directory_url: str) -> str | None:
+        """The account URL registered at ``directory_url`` with the current key."""
+        return self.registrations().get(directory_url)
+
+    def save_registration(self, directory_url: str, account_url: str | None) -> None:
+        self._ensure_dir(self.account_dir)
+        regs = self.registrations()
+        if account_url is None:
+            regs.pop(directory_url, None)
+        else:
+            regs[directory_url] = account_url
+        atomic_write(self.registrations_path, (json.dumps(regs, indent=2, sort_keys=True) + "\n").encode(), 0o600)
+
+    # -- certificates --------------------------------------------------------------
+
+    def load_meta(self, name: str) -> SiteMeta:
+        try:
+            return SiteMeta.from_json(self.meta_path(name).read_text())
+        except FileNotFoundError:
+            return SiteMeta()
+
+    def save_meta(self, name: str, meta: SiteMeta) -> None:
+        self._ensure_dir(self.site_dir(name))
+        atomic_write(self.meta_path(name), meta.to_json().encode())
+
+    def load_certificate(self, name: str) -> CertifiedKey | None:
+        """The stored certificate, or None if there is none; raises CertificateError if it is bad."""
+        chain_path, key_path = self.chain_path(name), self.key_path(name)
+        try:
+            chain_pem = chain_path.read_bytes()
+            key_pem = key_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return CertifiedKey.from_pem(chain_pem, key_pem, source=str(chain_path))
+
+    def save_certificate(self, name: str, certified: CertifiedKey, meta: SiteMeta) -> SiteMeta:
+        """Store key, chain and meta (in that order); returns the meta as stored."""
+        self._ensure_dir(self.site_dir(name))
+        meta = meta.describe_certificate(certified)
+        atomic_write(self.key_path(name), certified.key_pem(), 0o600)
+        atomic_write(self.chain_path(name), certified.chain_pem())
+        atomic_write(self.meta_path(name), meta.to_json().encode())
+        return meta
+
+    def site_names(self) -> list[str]:
+        try:
+            return sorted(p.name for p in (self.root / "certs").iterdir() if p.is_dir())
+        except FileNotFoundError:
+            return []
+
+    # -- challenges published for a running proxy -----------------------------------
+
+    def publish_challenge(self, kind: str, name: str, key_authorization: str) -> None:
+        directory = self.challenge_dir(kind)
+        self._ensure_dir(directory)
+        if "/" in name or name.startswith("."):
+            raise StoreError(name, "not a usable challenge name")
+        atomic_write(directory / name, key_authorization.encode("ascii"), 0o644)
+
+    def withdraw_challenge(self, kind: str, name: str) -> None:
+        try:
+            (self.challenge_dir(kind) / name).unlink()
+        except FileNotFoundError:
+            pass
+
+    def challenges(self, kind: str) -> dict[str, str]:
+        """Published answers of one kind: token (http-01) or host (tls-alpn-01) -> key authorization."""
+        directory = self.challenge_dir(kind)
+        out: dict[str, str] = {}
+        try:
+            entries = list(directory.iterdir())
+        except FileNotFoundError:
+            return out
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                out[entry.name] = entry.read_text("ascii").strip()
+            except (OSError, UnicodeDecodeError):
+                continue
+        return out
+
+    def challenges_signature(self) -> FileSignature:
+        return FileSignature.of(self.challenge_dir("http-01"), self.challenge_dir("tls-alpn-01"))
+
+
+def read_certificate_files(cert: str, key: str) -> CertifiedKey:
+    """A ``tls = "files"`` pair, validated (raises CertificateError or OSError)."""
+    return CertifiedKey.from_pem(Path(cert).read_bytes(), Path(key).read_bytes(), source=cert)
+
+
+__all__ = [
+    "CertificateError",
+    "CertificateStore",
+    "FileSignature",
+    "LockTimeout",
+    "SiteMeta",
+    "StoreError",
+    "atomic_write",
+    "read_certificate_files",
+]
