@@ -30,7 +30,7 @@ if [ ! -x .venv-sslyze/bin/sslyze ]; then
   python3 -m venv .venv-sslyze
   .venv-sslyze/bin/pip install -q sslyze >/dev/null
 fi
-export TLSPROXY_SSLYZE="$PWD/.venv-sslyze/bin/sslyze"
+export SSLYZE_BIN="$PWD/.venv-sslyze/bin/sslyze"
 
 "$venv/bin/ruff" check tlsproxy twisted tests bench
 "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

@@ -84,17 +84,67 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 
 def cmd_dev(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    argv = ["twist", "tlsproxy"]
-    env = dict(os.environ)
-    for name in [k for k in env if k.startswith("TLSPROXY_") and k != "TLSPROXY_CAROOT"]:
-        del env[name]
-    if args.upstream or args.listen:
-        env["TLSPROXY_DEV_UPSTREAM"] = args.upstream or configuration.DEFAULT_DEV_UPSTREAM
-        if args.listen:
-            env["TLSPROXY_DEV_LISTEN"] = ",".join(args.listen)
-    twist = os.path.join(os.path.dirname(sys.executable), "twist")
-    os.execve(twist, argv, env)
-    return 1  # not reached
+    """Run the dev proxy in this process (what ``twist tlsproxy`` does with no config)."""
+    try:
+        config = configuration.dev_config(
+            upstream=args.upstream or configuration.DEFAULT_DEV_UPSTREAM,
+            listen=tuple(args.listen) if args.listen else configuration.DEFAULT_DEV_HTTPS,
+        )
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"tlsproxy: {problem}", file=err)
+        return 1
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner
+
+    from tlsproxy.logs import observer_factory
+    from tlsproxy.tap import build_service
+
+    globalLogBeginner.beginLoggingTo([observer_factory("text")(out)], redirectStandardIO=False)
+    service = build_service(reactor, config)
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return 0
+
+
+def _load_or_fail(args: argparse.Namespace, err: TextIO) -> Config | None:
+    return _load(args.config, err)
+
+
+def cmd_certs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from tlsproxy.acme import commands
+
+    config = _load_or_fail(args, err)
+    return 2 if config is None else commands.certs(config, out)
+
+
+def cmd_renew(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from tlsproxy.acme import commands
+
+    config = _load_or_fail(args, err)
+    return 2 if config is None else commands.renew(config, args.name, args.force, out)
+
+
+def cmd_revoke(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from tlsproxy.acme import commands
+
+    config = _load_or_fail(args, err)
+    return 2 if config is None else commands.revoke(config, args.name, args.reason, out)
+
+
+def cmd_account(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from tlsproxy.acme import commands
+
+    config = _load_or_fail(args, err)
+    return 2 if config is None else commands.account_rollover(config, out)
+
+
+def cmd_ca(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from tlsproxy import devca
+
+    action = {"path": devca.ca_path, "install": devca.ca_install, "uninstall": devca.ca_uninstall}[args.action]
+    return int(action(os.environ, out))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +161,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream", help=f"your app's URL (default {configuration.DEFAULT_DEV_UPSTREAM})")
     p.add_argument("--listen", action="append", help="server endpoint string, repeatable (default tcp:8443 on localhost)")
     p.set_defaults(func=cmd_dev)
+    p = sub.add_parser("ca", help="the local development CA: where it is, trust it, untrust it")
+    p.add_argument("action", choices=["path", "install", "uninstall"])
+    p.set_defaults(func=cmd_ca)
+    p = with_config(sub.add_parser("certs", help="list certificates: hosts, source, not-after, next renewal"))
+    p.set_defaults(func=cmd_certs)
+    p = with_config(sub.add_parser("renew", help="renew a site's certificate now if due (or --force)"))
+    p.add_argument("name", help="any host of the site")
+    p.add_argument("--force", action="store_true", help="renew even if not due")
+    p.set_defaults(func=cmd_renew)
+    p = with_config(sub.add_parser("revoke", help="revoke a site's certificate, then obtain a fresh one"))
+    p.add_argument("name", help="any host of the site")
+    p.add_argument(
+        "--reason",
+        default="unspecified",
+        choices=["unspecified", "keyCompromise", "superseded", "cessationOfOperation"],
+    )
+    p.set_defaults(func=cmd_revoke)
+    p = with_config(sub.add_parser("account", help="ACME account: rollover (RFC 8555 key change)"))
+    p.add_argument("action", choices=["rollover"])
+    p.set_defaults(func=cmd_account)
     return parser
 
 

@@ -213,18 +213,27 @@ def _add_certificate_services(
 ) -> None:
     """Certificates that change while we run: ACME, watched files, the dev CA."""
     if any(site.tls in ("acme", "files") for site in config.sites):
-        try:
-            from tlsproxy.acme.service import CertificateService
-        except ImportError:
-            CertificateService = None  # noqa: N806
-        if CertificateService is not None:
-            CertificateService(reactor, config, sni, http01, alpn01).setServiceParent(top)
+        from tlsproxy.acme.service import CertificateService
+
+        CertificateService(reactor, config, sni, http01, alpn01).setServiceParent(top)
     local = [site for site in config.sites if site.tls == "local"]
     if local:
         from tlsproxy import devca
 
         ca = devca.LocalCA.load_or_create(devca.default_caroot())
-        Logger(namespace="tlsproxy").info("local development CA: {root}", root=str(ca.root_pem_path))
+        log = Logger(namespace="tlsproxy")
+        if config.dev:
+            log.info(
+                "tlsproxy dev: https://localhost:{port}/ -> {upstream}",
+                port=https_port_of(config),
+                upstream=local[0].upstream.url,
+            )
+            log.info(
+                "tlsproxy dev: certificates from the local CA in {root} (trust it once: tlsproxy ca install)",
+                root=str(ca.root_pem_path.parent),
+            )
+        else:
+            log.info("local development CA: {root}", root=str(ca.root_pem_path))
         devca.LocalCertificateService(reactor, ca, sni, local).setServiceParent(top)
 
 
