@@ -1,32 +1,49 @@
-"""``twist tlsproxy``: the composition root, the one place the service graph is built."""
+"""``twist tlsproxy``: the composition root, the one place the service graph is built.
+
+The listeners live as long as the process.  Everything the configuration
+decides (TLS policy, SNI map, sites, certificate services) is one
+:class:`Generation`; SIGHUP builds a new one from the re-read configuration and
+swaps it in, so new connections get the new settings while open ones finish
+on the old.  A configuration that does not load is refused and the running
+one stays.
+"""
 
 from __future__ import annotations
 
+import signal
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import DeferredList
+from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from zope.interface import implementer
 
 from tlsproxy import config as configuration
 from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
+from tlsproxy.admin import AdminHandler
 from tlsproxy.certs.model import CertificateError, CertifiedKey
 from tlsproxy.config import Config, ConfigError
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.plain import PlainHTTPHandler
 from tlsproxy.http.server import HTTP11Factory, Limits
+from tlsproxy.http.tracker import ConnectionTracker
 from tlsproxy.logs import observer_factory
+from tlsproxy.metrics import Metrics
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.handler import ProxyHandler
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
 
 READY = "tlsproxy: ready"
+log = Logger(namespace="tlsproxy")
 
 
 class Options(usage.Options):
@@ -35,86 +52,12 @@ class Options(usage.Options):
         "Terminate TLS and proxy to your app (gunicorn, runserver, uvicorn).\n"
         "With --config (or TLSPROXY_CONFIG) it runs the sites of that TOML file; "
         "with neither and no TLSPROXY_* variables it is the local HTTPS dev proxy: "
-        "https://localhost:8443 in front of http://127.0.0.1:8000."
+        "https://localhost:8443 in front of http://127.0.0.1:8000. "
+        "SIGHUP reloads the configuration; SIGTERM drains and exits."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: $TLSPROXY_CONFIG)."],
     ]
-
-
-class Listener(Service):
-    """Listen on one endpoint string; remember the port once bound."""
-
-    log = Logger()
-
-    def __init__(self, reactor: Any, description: str, factory: Any, label: str) -> None:
-        self.reactor = reactor
-        self.description = description
-        self.factory = factory
-        self.label = label
-        self.port: Any = None
-        self.listening: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
-        self.listening = endpoint.listen(self.factory)
-        self.listening.addCallback(self._listening)
-
-    def _listening(self, port: Any) -> Any:
-        self.port = port
-        host = port.getHost()
-        where = f"{getattr(host, 'host', '')}:{getattr(host, 'port', '')}" if hasattr(host, "port") else str(host)
-        self.log.info("{label} listening on {where} ({description})", label=self.label, where=where, description=self.description)
-        return port
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self.port is not None:
-            return self.port.stopListening()
-        return None
-
-
-class ProxyService(MultiService):
-    """Everything one tlsproxy process runs; says "ready" once all listeners are up."""
-
-    log = Logger()
-
-    def __init__(self, reactor: Any, config: Config) -> None:
-        super().__init__()
-        self.reactor = reactor
-        self.config = config
-        self.listeners: list[Listener] = []
-        self.handler: ProxyHandler | None = None
-        self.plain_handler: PlainHTTPHandler | None = None
-
-    def startService(self) -> None:
-        super().startService()
-        waiting = [listener.listening for listener in self.listeners]
-        DeferredList(waiting, fireOnOneErrback=True, consumeErrors=True).addCallbacks(self._ready, self._failed)
-
-    def _ready(self, _: Any) -> None:
-        if self.plain_handler is not None:
-            for listener in self.listeners:
-                if listener.label == "https" and hasattr(listener.port.getHost(), "port"):
-                    self.plain_handler.https_port = listener.port.getHost().port
-                    break
-        self.log.info(READY)
-
-    def _failed(self, failure: Any) -> None:
-        error = failure.value.subFailure if hasattr(failure.value, "subFailure") else failure
-        self.log.critical("tlsproxy: cannot listen: {error}", error=error.getErrorMessage())
-        self.reactor.callWhenRunning(self._exit)
-
-    def _exit(self) -> None:
-        self.reactor.stop()
-        sys.exitcode = 1  # type: ignore[attr-defined]
-
-    def stopService(self) -> Any:
-        result = super().stopService()
-        if self.handler is not None:
-            self.handler.close()
-        return result
 
 
 def limits_of(config: Config) -> Limits:
@@ -145,17 +88,26 @@ def https_port_of(config: Config) -> int:
     return 443
 
 
-def build_service(reactor: Any, config: Config) -> ProxyService:
-    """Wire config -> TLS, SNI, certificates, handlers and listeners."""
-    log = Logger(namespace="tlsproxy")
-    top = ProxyService(reactor, config)
+@dataclass
+class Generation:
+    """What one version of the configuration builds."""
+
+    config: Config
+    policy: TLSPolicy
+    limits: Limits
+    sni_map: SniMap
+    sni: SniServer
+    handler: ProxyHandler
+    certificates: MultiService
+
+
+def build_generation(
+    reactor: Any, config: Config, http01: HTTP01Answers, alpn01: TLSALPN01Answers, metrics: Metrics | None
+) -> Generation:
+    """Everything a configuration decides, ready to serve; raises on bad certificate files."""
     policy = policy_of(config)
     sni_map = SniMap((site.name, site.hosts) for site in config.sites)
-    http01 = HTTP01Answers()
-    alpn01 = TLSALPN01Answers()
     sni = SniServer(policy, sni_map, alpn01)
-    limits = limits_of(config)
-
     for site in config.sites:
         if site.tls == "files":
             certified = CertifiedKey.from_pem(Path(site.cert).read_bytes(), Path(site.key).read_bytes(), source=site.cert)
@@ -168,11 +120,10 @@ def build_service(reactor: Any, config: Config) -> ProxyService:
                 issuer=certified.issuer,
                 not_after=certified.not_after.isoformat(),
             )
-    _add_certificate_services(top, reactor, config, sni, http01, alpn01)
-
+    certificates = MultiService()
+    _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics)
     access_log = AccessLog(reactor) if config.server.access_log else None
-    handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev)
-    top.handler = handler
+    handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev, metrics=metrics)
     for site in config.sites:
         log.info(
             "site {site}: {hosts} -> {upstream} (certificate: {source}, HSTS: {hsts})",
@@ -182,13 +133,6 @@ def build_service(reactor: Any, config: Config) -> ProxyService:
             source=site.tls,
             hsts=(site.hsts.header_value() or b"off").decode(),
         )
-
-    https_factory = TLSMemoryBIOFactory(sni, False, NegotiatingFactory(handler, reactor, limits))
-    https_factory.noisy = False
-    for description in config.server.https:
-        listener = Listener(reactor, description, https_factory, "https")
-        listener.setServiceParent(top)
-        top.listeners.append(listener)
     log.info(
         "TLS {floor}+, ALPN {alpn}, TLS 1.2 ciphers {ciphers}{dh}",
         floor=policy.min_version,
@@ -196,32 +140,28 @@ def build_service(reactor: Any, config: Config) -> ProxyService:
         ciphers=policy.ciphers,
         dh=", DH parameters from " + policy.dhparams if policy.dhparams else "",
     )
-
-    if config.server.http:
-        plain = PlainHTTPHandler(http01, handler.is_our_host, https_port_of(config))
-        top.plain_handler = plain
-        plain_factory = HTTP11Factory(plain, reactor, limits, secure=False)
-        for description in config.server.http:
-            listener = Listener(reactor, description, plain_factory, "http (ACME HTTP-01, redirect to https)")
-            listener.setServiceParent(top)
-            top.listeners.append(listener)
-    return top
+    return Generation(config, policy, limits_of(config), sni_map, sni, handler, certificates)
 
 
 def _add_certificate_services(
-    top: MultiService, reactor: Any, config: Config, sni: SniServer, http01: HTTP01Answers, alpn01: TLSALPN01Answers
+    parent: MultiService,
+    reactor: Any,
+    config: Config,
+    sni: SniServer,
+    http01: HTTP01Answers,
+    alpn01: TLSALPN01Answers,
+    metrics: Metrics | None,
 ) -> None:
     """Certificates that change while we run: ACME, watched files, the dev CA."""
     if any(site.tls in ("acme", "files") for site in config.sites):
         from tlsproxy.acme.service import CertificateService
 
-        CertificateService(reactor, config, sni, http01, alpn01).setServiceParent(top)
+        CertificateService(reactor, config, sni, http01, alpn01, metrics=metrics).setServiceParent(parent)
     local = [site for site in config.sites if site.tls == "local"]
     if local:
         from tlsproxy import devca
 
         ca = devca.LocalCA.load_or_create(devca.default_caroot())
-        log = Logger(namespace="tlsproxy")
         if config.dev:
             log.info(
                 "tlsproxy dev: https://localhost:{port}/ -> {upstream}",
@@ -234,7 +174,196 @@ def _add_certificate_services(
             )
         else:
             log.info("local development CA: {root}", root=str(ca.root_pem_path))
-        devca.LocalCertificateService(reactor, ca, sni, local).setServiceParent(top)
+        devca.LocalCertificateService(reactor, ca, sni, local).setServiceParent(parent)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class CurrentSni:
+    """Hands each new TLS connection to the SNI server of the current generation."""
+
+    def __init__(self, sni: SniServer) -> None:
+        self.sni = sni
+
+    def serverConnectionForTLS(self, protocol: Any) -> SSL.Connection:
+        return self.sni.serverConnectionForTLS(protocol)
+
+
+class Listener(Service):
+    """Listen on one endpoint string; remember the port once bound."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, description: str, factory: Any, label: str) -> None:
+        self.reactor = reactor
+        self.description = description
+        self.factory = factory
+        self.label = label
+        self.port: Any = None
+        self.listening: Deferred[Any] | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        endpoint = serverFromString(self.reactor, self.description)
+        self.listening = endpoint.listen(self.factory)
+        self.listening.addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        host = port.getHost()
+        where = f"{getattr(host, 'host', '')}:{host.port}" if hasattr(host, "port") else str(host)
+        self.log.info("{label} listening on {where} ({description})", label=self.label, where=where, description=self.description)
+        return port
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is not None:
+            return self.port.stopListening()
+        return None
+
+
+class ProxyService(MultiService):
+    """Everything one tlsproxy process runs."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: Config, config_path: str | None = None) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.config_path = config_path
+        self.ready = False
+        self.metrics = Metrics()
+        self.http01 = HTTP01Answers()
+        self.alpn01 = TLSALPN01Answers()
+        self.generation = build_generation(reactor, config, self.http01, self.alpn01, self.metrics)
+        generation = self.generation
+        self.metrics.watch_certificates(lambda: {s: self.generation.sni_map.context_of(s) for s in self.generation.sni_map.sites})
+
+        self.https_trackers = ConnectionTracker(self.metrics.open_connections.labels("https"))
+        self.http_trackers = ConnectionTracker(self.metrics.open_connections.labels("http"))
+        self.creator = CurrentSni(generation.sni)
+        self.https_app = NegotiatingFactory(generation.handler, reactor, generation.limits, self.https_trackers, self.metrics)
+        self.https_factory = TLSMemoryBIOFactory(self.creator, False, self.https_app)
+        self.https_factory.noisy = False
+        self.plain = PlainHTTPHandler(self.http01, self._is_our_host, https_port_of(config))
+        self.plain_factory = HTTP11Factory(self.plain, reactor, generation.limits, secure=False, tracker=self.http_trackers)
+        self.admin_factory = HTTP11Factory(
+            AdminHandler(self, self.metrics.render), reactor, Limits(), secure=False, tracker=ConnectionTracker()
+        )
+        self.listeners: dict[tuple[str, str], Listener] = {}
+        self._sync_listeners(config)
+        generation.certificates.setServiceParent(self)
+
+    def _is_our_host(self, host: str) -> bool:
+        return self.generation.handler.is_our_host(host)
+
+    # -- listeners -------------------------------------------------------------
+
+    def _wanted(self, config: Config) -> dict[tuple[str, str], Any]:
+        wanted: dict[tuple[str, str], Any] = {}
+        for description in config.server.https:
+            wanted[("https", description)] = self.https_factory
+        for description in config.server.http:
+            wanted[("http (ACME HTTP-01, redirect to https)", description)] = self.plain_factory
+        if config.server.admin:
+            wanted[("admin (/healthz /readyz /metrics)", config.server.admin)] = self.admin_factory
+        return wanted
+
+    def _sync_listeners(self, config: Config) -> list[Deferred[Any]]:
+        """Start listeners the config names and stop the ones it no longer does."""
+        wanted = self._wanted(config)
+        started = []
+        for key in list(self.listeners):
+            if key not in wanted:
+                listener = self.listeners.pop(key)
+                listener.disownServiceParent()
+        for key, factory in wanted.items():
+            if key not in self.listeners:
+                listener = Listener(self.reactor, key[1], factory, key[0])
+                self.listeners[key] = listener
+                listener.setServiceParent(self)
+                if listener.listening is not None:
+                    started.append(listener.listening)
+        return started
+
+    # -- life cycle ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        waiting = [listener.listening for listener in self.listeners.values() if listener.listening is not None]
+        DeferredList(waiting, fireOnOneErrback=True, consumeErrors=True).addCallbacks(self._ready, self._failed)
+        if hasattr(signal, "SIGHUP"):
+            signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+
+    def _ready(self, _: Any) -> None:
+        self._update_https_port()
+        self.ready = True
+        self.log.info(READY)
+
+    def _update_https_port(self) -> None:
+        for (label, _), listener in self.listeners.items():
+            if label == "https" and listener.port is not None and hasattr(listener.port.getHost(), "port"):
+                if https_port_of(self.generation.config) == 443 and self.generation.config.server.https[0].startswith("tcp"):
+                    self.plain.https_port = listener.port.getHost().port
+                break
+
+    def _failed(self, failure: Any) -> None:
+        error = failure.value.subFailure if hasattr(failure.value, "subFailure") else failure
+        self.log.critical("tlsproxy: cannot listen: {error}", error=error.getErrorMessage())
+        self.reactor.callWhenRunning(self.reactor.stop)
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration; swap it in, or keep the old one."""
+        self.log.info("SIGHUP: reloading the configuration")
+        try:
+            config = configuration.load(self.config_path)
+            generation = build_generation(self.reactor, config, self.http01, self.alpn01, self.metrics)
+        except ConfigError as e:
+            for problem in e.problems:
+                self.log.error("reload refused, the running configuration stays: {problem}", problem=str(problem))
+            return
+        except (CertificateError, OSError) as e:
+            self.log.error("reload refused, the running configuration stays: {problem}", problem=str(e))
+            return
+        old = self.generation
+        self.generation = generation
+        self.creator.sni = generation.sni
+        self.https_app.handler = generation.handler
+        self.https_app.limits = generation.limits
+        self.plain_factory.limits = generation.limits
+        self.plain.https_port = https_port_of(config)
+        old.certificates.disownServiceParent()
+        generation.certificates.setServiceParent(self)
+        started = self._sync_listeners(config)
+        # Idle keep-alive connections to the old apps are closed; requests in
+        # flight keep theirs until they finish.
+        old.handler.close()
+        gatherResults(started).addCallbacks(
+            lambda _: self.log.info("configuration reloaded from {source}", source=config.source),
+            lambda f: self.log.error("reloaded, but a new listener failed: {error}", error=f.getErrorMessage()),
+        )
+
+    def stopService(self) -> Deferred[Any]:
+        """Stop accepting, let requests in flight finish (up to shutdown_grace), then stop."""
+        self.running = False
+        grace = self.generation.config.server.shutdown_grace
+        self.log.info("stopping: no new connections; waiting up to {grace:g}s for requests in flight", grace=grace)
+        stopping = [maybeDeferred(listener.stopService) for listener in self.listeners.values()]
+        draining = [
+            self.https_trackers.drain(self.reactor, grace),
+            self.http_trackers.drain(self.reactor, grace),
+        ]
+        done = gatherResults(stopping + draining, consumeErrors=True)
+
+        def finish(_: Any) -> Any:
+            self.generation.handler.close()
+            self.log.info("stopped")
+            return maybeDeferred(self.generation.certificates.stopService)
+
+        return done.addBoth(finish)
+
+
+def build_service(reactor: Any, config: Config, config_path: str | None = None) -> ProxyService:
+    return ProxyService(reactor, config, config_path)
 
 
 def makeService(options: Options) -> ProxyService:
@@ -242,15 +371,14 @@ def makeService(options: Options) -> ProxyService:
 
     try:
         config = configuration.load(options["config"])
+        twist_options = getattr(options, "parent", None)
+        if twist_options is not None and not any(a.startswith("--log-format") for a in sys.argv):
+            twist_options["fileLogObserverFactory"] = observer_factory(config.server.log_format)
+            twist_options["logFormat"] = config.server.log_format
+        return build_service(reactor, config, options["config"])
     except ConfigError as e:
         for problem in e.problems:
             print(f"tlsproxy: {problem}", file=sys.stderr)
-        raise SystemExit(1) from None
-    except CertificateError as e:
+    except (CertificateError, OSError) as e:
         print(f"tlsproxy: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
-    twist_options = getattr(options, "parent", None)
-    if twist_options is not None and not any(a.startswith("--log-format") for a in sys.argv):
-        twist_options["fileLogObserverFactory"] = observer_factory(config.server.log_format)
-        twist_options["logFormat"] = config.server.log_format
-    return build_service(reactor, config)
+    raise SystemExit(1)

@@ -112,8 +112,10 @@ class CertificateService(Service):
         policy: RenewalPolicy = RenewalPolicy(),
         poll_interval: float = 2.0,
         rng: random.Random | None = None,
+        metrics: Any = None,
     ) -> None:
         self.reactor = reactor
+        self.metrics = metrics
         self.config = config
         self.sni = sni
         self.http01 = http01
@@ -283,6 +285,10 @@ class CertificateService(Service):
 
         def done(outcome: Outcome) -> None:
             now = self.now()
+            if self.metrics is not None and (outcome.renewed or outcome.error is not None):
+                self.metrics.renewal_attempts.labels(watch.site.name).inc()
+                if outcome.error is not None:
+                    self.metrics.renewal_failures.labels(watch.site.name).inc()
             if outcome.certified is not None and check_usable(outcome.certified, watch.site.hosts, now) is None:
                 self._install(watch, outcome.certified, "a renewal" if outcome.renewed else "the store")
             if outcome.error is not None:

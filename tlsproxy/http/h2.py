@@ -201,6 +201,8 @@ class H2ServerProtocol(Protocol):
         )
         self._timer: Any = None
         self._closed = False
+        self._draining = False
+        self.tracker: Any = None
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -368,8 +370,19 @@ class H2ServerProtocol(Protocol):
             return
         self._flush()
 
+    def drain(self) -> None:
+        """Shutting down: GOAWAY, let open streams finish, then close."""
+        self._draining = True
+        if not self._closed:
+            self.conn.close_connection()
+            self._flush()
+        if not self.streams:
+            self.transport.loseConnection()
+
     def stream_done(self, exchange: H2Exchange) -> None:
         self.streams.pop(exchange.stream_id, None)
+        if self._draining and not self.streams:
+            self.transport.loseConnection()
         if not exchange._body_done:
             # We answered before the body ended: tell the client to stop sending.
             try:
@@ -385,6 +398,8 @@ class H2ServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closed = True
+        if self.tracker is not None:
+            self.tracker.remove(self)
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         streams, self.streams = self.streams, {}

@@ -148,6 +148,8 @@ class HTTP11Exchange:
             lines.append(b"\r\n")
             proto.transport.writeSequence(lines)
             return
+        if proto._draining:
+            self.keep_alive = False
         if not self._body_done:
             # A response before the whole request body arrived: we cannot
             # reuse the connection without reading (and discarding) the rest.
@@ -243,6 +245,8 @@ class HTTP11ServerProtocol(Protocol):
         self._url = b""
         self._headers: Headers = []
         self._header_bytes = 0
+        self._draining = False
+        self.tracker: Any = None
 
     # -- connection ----------------------------------------------------------
 
@@ -261,6 +265,8 @@ class HTTP11ServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._cancel_timer()
+        if self.tracker is not None:
+            self.tracker.remove(self)
         if self._tunnel is not None:
             self._tunnel.loseConnection()
             self._tunnel = None
@@ -466,7 +472,7 @@ class HTTP11ServerProtocol(Protocol):
             return
         self._active = None
         self.response_producer = None
-        if not exchange.keep_alive or self._closing:
+        if not exchange.keep_alive or self._closing or self._draining:
             self._closing = True
             self.transport.loseConnection()
             return
@@ -505,6 +511,12 @@ class HTTP11ServerProtocol(Protocol):
         # Linger a little so the client reads our answer before the close.
         self.resume_reading()
         self._set_timer(self.limits.linger, self.transport.abortConnection)
+
+    def drain(self) -> None:
+        """Shutting down: finish the response in flight, then close."""
+        self._draining = True
+        if self._active is None and self._tunnel is None:
+            self.transport.loseConnection()
 
     def abort_connection(self) -> None:
         self._closing = True
@@ -564,11 +576,16 @@ class HTTP11Factory(Factory):
 
     noisy = False
 
-    def __init__(self, handler: Handler, clock: IReactorTime, limits: Limits, secure: bool) -> None:
+    def __init__(self, handler: Handler, clock: IReactorTime, limits: Limits, secure: bool, tracker: Any = None) -> None:
         self.handler = handler
         self.clock = clock
         self.limits = limits
         self.secure = secure
+        self.tracker = tracker
 
     def buildProtocol(self, addr: Any) -> HTTP11ServerProtocol:
-        return HTTP11ServerProtocol(self.handler, self.clock, self.limits, self.secure)
+        proto = HTTP11ServerProtocol(self.handler, self.clock, self.limits, self.secure)
+        if self.tracker is not None:
+            proto.tracker = self.tracker
+            self.tracker.add(proto)
+        return proto

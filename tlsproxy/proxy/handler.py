@@ -51,11 +51,13 @@ class ProxyHandler:
         server: Server,
         access_log: AccessLog | None = None,
         dev: bool = False,
+        metrics: Any = None,
     ) -> None:
         self.reactor = reactor
         self.server = server
         self.access_log = access_log
         self.dev = dev
+        self.metrics = metrics
         pools: dict[str, UpstreamPool] = {}
         self._exact: dict[str, Route] = {}
         self._wild: dict[str, Route] = {}
@@ -86,17 +88,22 @@ class ProxyHandler:
         host, _port = split_host_port(exchange.head.host)
         route = self.route_for(host)
         if route is None:
-            if self.access_log is not None:
-                self.access_log.log(exchange, 404, 0)
+            self.record(exchange, "-", 404, 0)
             pages.send(exchange, 404)
             return
         length = exchange.head.content_length
         if length is not None and length > route.site.max_body_size:
-            if self.access_log is not None:
-                self.access_log.log(exchange, 413, 0)
+            self.record(exchange, route.site.name, 413, 0)
             pages.send(exchange, 413)
             return
         ProxiedRequest(self, route, exchange).start()
+
+    def record(self, exchange: Exchange, site: str, status: int, size: int) -> None:
+        """One finished request: the access log line and the request counter."""
+        if self.access_log is not None:
+            self.access_log.log(exchange, status, size)
+        if self.metrics is not None:
+            self.metrics.requests.labels(site, str(status)).inc()
 
     def close(self) -> None:
         for pool in self.pools:
@@ -217,6 +224,7 @@ class ProxiedRequest:
             return
         self.conn = conn
         head = self.exchange.head
+        self.sent_at = self.clock.seconds()
         conn.send(
             serialize_request(head.method, head.target, head.host, self.headers, self.framing()),
             self,
@@ -241,11 +249,15 @@ class ProxiedRequest:
                 self.exchange.resume_body()
 
     buffer_for_retry: list[bytes] | None = None
+    sent_at = 0.0
 
     # -- response side (ResponseSink) ---------------------------------------
 
     def response_head(self, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None:
         self.touch()
+        metrics = self.handler.metrics
+        if metrics is not None:
+            metrics.upstream_latency.labels(self.route.site.name).observe(self.last_activity - self.sent_at)
         if status == 101:
             self.pending_101 = (status, reason, headers)
             return
@@ -385,9 +397,7 @@ class ProxiedRequest:
         self.fail(UpstreamError(504, f"no answer from the app within {seconds:g}s", before_response=not self.status))
 
     def logged(self, status: int) -> None:
-        log = self.handler.access_log
-        if log is not None:
-            log.log(self.exchange, status, self.sent_bytes)
+        self.handler.record(self.exchange, self.route.site.name, status, self.sent_bytes)
 
 
 class _BodyPauser:
