@@ -291,8 +291,21 @@ class ProxyService(MultiService):
         super().startService()
         waiting = [listener.listening for listener in self.listeners.values() if listener.listening is not None]
         DeferredList(waiting, fireOnOneErrback=True, consumeErrors=True).addCallbacks(self._ready, self._failed)
+        self.reactor.callWhenRunning(self._install_signal_handlers)
+
+    def _install_signal_handlers(self) -> None:
+        # After the reactor's own (installed while it starts): ours replace them.
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+        # Twisted would re-raise SIGTERM after shutdown (exit status 143); a
+        # drained, orderly stop is a success, so stop the reactor ourselves.
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: self.reactor.callFromThread(self._terminate, signum))
+
+    def _terminate(self, signum: int) -> None:
+        self.log.info("{signal}: shutting down", signal=signal.Signals(signum).name)
+        if self.reactor.running:
+            self.reactor.stop()
 
     def _ready(self, _: Any) -> None:
         self._update_https_port()
