@@ -313,10 +313,10 @@ class ProxyService(MultiService):
         self.log.info(READY)
 
     def _update_https_port(self) -> None:
+        """Redirect to the port the first HTTPS listener really has (systemd sockets, tcp:0)."""
         for (label, _), listener in self.listeners.items():
             if label == "https" and listener.port is not None and hasattr(listener.port.getHost(), "port"):
-                if https_port_of(self.generation.config) == 443 and self.generation.config.server.https[0].startswith("tcp"):
-                    self.plain.https_port = listener.port.getHost().port
+                self.plain.https_port = listener.port.getHost().port
                 break
 
     def _failed(self, failure: Any) -> None:
@@ -344,6 +344,7 @@ class ProxyService(MultiService):
         self.https_app.limits = generation.limits
         self.plain_factory.limits = generation.limits
         self.plain.https_port = https_port_of(config)
+        self._update_https_port()
         old.certificates.disownServiceParent()
         generation.certificates.setServiceParent(self)
         started = self._sync_listeners(config)

@@ -175,6 +175,24 @@ class LimitTests(ServerTestCase):
         """A header line over the head limit gets 431 before it even ends."""
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 1500, 431)
 
+    def test_complete_long_header_line_with_head_unfinished(self) -> None:
+        """A whole header line over the line limit gets 431 even before the head ends."""
+        proto = HTTP11ServerProtocol(self.handler, self.clock, Limits(max_header_line=100), secure=False)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 120 + b"\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
+
+    def test_long_body_then_pipelined_head_is_not_a_long_line(self) -> None:
+        """Body bytes before a pipelined head in one read do not count as a header line."""
+        self.handler.answer = False
+        proto = HTTP11ServerProtocol(self.handler, self.clock, Limits(max_header_line=100), secure=False)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 300\r\n\r\n" + b"b" * 200)
+        proto.dataReceived(b"b" * 100 + b"GET /next HTTP/1.1\r\nHost: a\r\n")
+        self.assertEqual(transport.value(), b"")
+
     def test_too_many_headers(self) -> None:
         """More header fields than allowed gets 431."""
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(11)) + b"\r\n", 431)

@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead
-from tlsproxy.http.server import Limits
+from tlsproxy.http.server import Limits, client_address_of
 
 # Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2).
 _CONNECTION_SPECIFIC = frozenset(
@@ -206,7 +206,7 @@ class H2ServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self.client_address = getattr(peer, "host", "") or "unix"
+        self.client_address = client_address_of(peer)
         self.server_port = getattr(self.transport.getHost(), "port", 0)
         self.conn.update_settings(
             {
@@ -235,7 +235,7 @@ class H2ServerProtocol(Protocol):
         self._timer = None
         self.conn.close_connection()
         self._flush()
-        self.transport.loseConnection()
+        self._close()
 
     # -- inbound ---------------------------------------------------------------
 
@@ -248,7 +248,7 @@ class H2ServerProtocol(Protocol):
             self.log.info("HTTP/2 protocol error from {client}: {error}", client=self.client_address, error=e)
             self._flush()
             self._closed = True
-            self.transport.loseConnection()
+            self._close()
             return
         for event in events:
             if isinstance(event, RequestReceived):
@@ -275,7 +275,7 @@ class H2ServerProtocol(Protocol):
             elif isinstance(event, ConnectionTerminated):
                 self._closed = True
                 self._flush()
-                self.transport.loseConnection()
+                self._close()
                 return
         self._flush()
 
@@ -377,12 +377,12 @@ class H2ServerProtocol(Protocol):
             self.conn.close_connection()
             self._flush()
         if not self.streams:
-            self.transport.loseConnection()
+            self._close()
 
     def stream_done(self, exchange: H2Exchange) -> None:
         self.streams.pop(exchange.stream_id, None)
         if self._draining and not self.streams:
-            self.transport.loseConnection()
+            self._close()
         if not exchange._body_done:
             # We answered before the body ended: tell the client to stop sending.
             try:
@@ -405,6 +405,12 @@ class H2ServerProtocol(Protocol):
         streams, self.streams = self.streams, {}
         for exchange in streams.values():
             exchange._client_gone()
+
+    def _close(self) -> None:
+        # A transport waits for its producer to unregister before it closes
+        # (TLS would never send close_notify): unregister first.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     # IPushProducer on our transport.
     def pauseProducing(self) -> None:

@@ -40,6 +40,7 @@ class Limits:
     max_request_line: int = 8192
     max_header_size: int = 32768
     max_header_count: int = 100
+    max_header_line: int = 16384
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     handshake_timeout: float = 10.0
@@ -247,12 +248,14 @@ class HTTP11ServerProtocol(Protocol):
         self._header_bytes = 0
         self._draining = False
         self.tracker: Any = None
+        self._line_bytes = 0
+        self._head_lines = 0
 
     # -- connection ----------------------------------------------------------
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self.client_address = getattr(peer, "host", "") or "unix"
+        self.client_address = client_address_of(peer)
         self.server_port = getattr(self.transport.getHost(), "port", 0)
         self.transport.registerProducer(self, True)
         if self.secure:
@@ -295,7 +298,7 @@ class HTTP11ServerProtocol(Protocol):
 
     def _idle_timeout(self) -> None:
         self._timer = None
-        self.transport.loseConnection()
+        self._close()
 
     def _head_timeout(self) -> None:
         self._timer = None
@@ -309,11 +312,12 @@ class HTTP11ServerProtocol(Protocol):
             return
         if self._closing:
             return  # lingering: read and drop what a refused client still sends
+        whole = self._in_head or self._current is None
         try:
             self._parser.feed_data(data)
             if self._in_head:
                 self._head_bytes += len(data)
-                self._check_head_size()
+                self._check_head_size(data, whole)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0]
             self._upgrade_rest = data[offset:]
@@ -332,22 +336,41 @@ class HTTP11ServerProtocol(Protocol):
             else:
                 self._refuse(RequestError(400, str(e) or "malformed request"))
 
-    def _check_head_size(self) -> None:
+    def _check_head_size(self, data: bytes, whole: bool) -> None:
+        """Refuse an over-long line or head while it is still arriving.
+
+        httptools reports a header only when the next one starts, so lines are
+        measured here on the raw bytes.  ``whole`` says ``data`` holds nothing
+        but head bytes (the read began at a message boundary or inside the head).
+        """
         limits = self.limits
-        if not self._headers and self._header_bytes == 0 and self._head_bytes > limits.max_request_line + 2048:
-            # Still no header line complete: a request line or first header this long.
-            if len(self._url) > limits.max_request_line:
-                raise RequestError(414, "request line too long")
+        if whole:
+            lines = data.split(b"\n")
+            for line in lines[:-1]:
+                self._check_line(self._line_bytes + len(line))
+                self._line_bytes = 0
+                self._head_lines += 1
+            self._line_bytes += len(lines[-1])
+            self._check_line(self._line_bytes)
         if self._head_bytes > limits.max_request_line + limits.max_header_size:
             if len(self._url) > limits.max_request_line:
                 raise RequestError(414, "request line too long")
             raise RequestError(431, "request head too large")
+
+    def _check_line(self, length: int) -> None:
+        if self._head_lines == 0:
+            if length > self.limits.max_request_line + 1:
+                raise RequestError(414, "request line too long")
+        elif length > self.limits.max_header_line + 1:
+            raise RequestError(431, "header line too long")
 
     # httptools callbacks
 
     def on_message_begin(self) -> None:
         self._in_head = True
         self._head_bytes = 0
+        self._line_bytes = 0
+        self._head_lines = 0
         self._url = b""
         self._headers = []
         self._header_bytes = 0
@@ -362,6 +385,8 @@ class HTTP11ServerProtocol(Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.append((name.lower(), value))
         self._header_bytes += len(name) + len(value) + 4
+        if len(name) + len(value) > self.limits.max_header_line:
+            raise RequestError(431, "header line too long")
         if len(self._headers) > self.limits.max_header_count:
             raise RequestError(431, "too many header fields")
         if self._header_bytes > self.limits.max_header_size:
@@ -474,7 +499,7 @@ class HTTP11ServerProtocol(Protocol):
         self.response_producer = None
         if not exchange.keep_alive or self._closing or self._draining:
             self._closing = True
-            self.transport.loseConnection()
+            self._close()
             return
         if self._queue:
             self._dispatch(self._queue.popleft())
@@ -516,7 +541,7 @@ class HTTP11ServerProtocol(Protocol):
         """Shutting down: finish the response in flight, then close."""
         self._draining = True
         if self._active is None and self._tunnel is None:
-            self.transport.loseConnection()
+            self._close()
 
     def abort_connection(self) -> None:
         self._closing = True
@@ -533,6 +558,12 @@ class HTTP11ServerProtocol(Protocol):
         if rest:
             peer.write(rest)
         self.resume_reading()
+
+    def _close(self) -> None:
+        # A transport waits for its producer to unregister before it closes
+        # (TLS would never send close_notify): unregister first.
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
 
     # -- flow control --------------------------------------------------------
 
@@ -560,6 +591,14 @@ class HTTP11ServerProtocol(Protocol):
     def stopProducing(self) -> None:
         if self.response_producer is not None:
             self.response_producer.stopProducing()
+
+
+def client_address_of(peer: Any) -> str:
+    """The client's IP as the app should see it: IPv4-mapped IPv6 shown as IPv4."""
+    host = getattr(peer, "host", "") or "unix"
+    if host.startswith("::ffff:") and "." in host:
+        return host[7:]
+    return host
 
 
 def _valid_host(host: bytes) -> bool:

@@ -313,6 +313,9 @@ class ProxiedRequest:
         self.status = 101
         self.exchange.start_response(101, reason, out, None)
         self.exchange.start_tunnel(conn)
+        # Back-pressure both ways: a slow side pauses reading from the other.
+        self.exchange.register_producer(_ResponsePauser(self, conn))
+        conn.set_request_producer(_BodyPauser(self.exchange))
         if rest:
             self.exchange.write(rest)
         self.logged(101)

@@ -189,7 +189,8 @@ class UpstreamConnection(Protocol):
             self.sink.response_data(body)
 
     def on_message_complete(self) -> None:
-        if self._status and not self._done:
+        # A 101 ends the HTTP part; the parser then raises HttpParserUpgrade.
+        if self._status and self._status != 101 and not self._done:
             self._complete()
 
     def _complete(self) -> None:
