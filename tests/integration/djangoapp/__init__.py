@@ -1,0 +1,1 @@
+"""A tiny real Django project that the proxy integration tests talk to (no database)."""

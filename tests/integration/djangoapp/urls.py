@@ -1,0 +1,13 @@
+from django.urls import path
+from djangoapp import views
+
+urlpatterns = [
+    path("whoami", views.whoami),
+    path("form", views.form),
+    path("upload", views.upload),
+    path("download", views.download),
+    path("download-fixed", views.download_fixed),
+    path("slow", views.slow),
+    path("own-hsts", views.own_hsts),
+    path("cookie", views.cookie),
+]

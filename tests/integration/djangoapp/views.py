@@ -1,0 +1,113 @@
+"""Views that report what Django saw, so the tests can check what the proxy sent."""
+
+import hashlib
+import os
+import time
+
+from django.conf import settings
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.middleware.csrf import get_token
+from django.utils.html import escape
+from django.views.decorators.csrf import csrf_exempt
+from djangoapp.pattern import blocks
+
+
+class RecordHits:
+    """Append every request Django sees to HITS_LOG before anything else runs (body not yet read)."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        if settings.HITS_LOG:
+            line = f"{os.getpid()} {request.method} {request.get_full_path()}\n"
+            fd = os.open(settings.HITS_LOG, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            try:
+                os.write(fd, line.encode("utf-8", "backslashreplace"))
+            finally:
+                os.close(fd)
+        return self.get_response(request)
+
+
+def whoami(request):
+    return JsonResponse(
+        {
+            "is_secure": request.is_secure(),
+            "scheme": request.scheme,
+            "host": request.get_host(),
+            "remote_addr": request.META.get("REMOTE_ADDR"),
+            "x_forwarded_for": request.META.get("HTTP_X_FORWARDED_FOR"),
+            "method": request.method,
+            "path": request.get_full_path(),
+            "meta": {k: v for k, v in request.META.items() if k.startswith("HTTP_")},
+        }
+    )
+
+
+def form(request):
+    if request.method == "POST":
+        return HttpResponse(f"echo:{request.POST.get('field', '')}", content_type="text/plain")
+    token = get_token(request)
+    return HttpResponse(
+        '<form method="post" action="/form">'
+        f'<input type="hidden" name="csrfmiddlewaretoken" value="{escape(token)}">'
+        '<input name="field"><button>send</button></form>'
+    )
+
+
+@csrf_exempt
+def upload(request):
+    # Django reads nothing from a body without Content-Length; gunicorn's wsgi.input de-chunks a
+    # chunked body and ends it itself, so read that directly when there is no length.
+    if request.META.get("CONTENT_LENGTH"):
+        stream = request
+    else:
+        stream = request.META["wsgi.input"]
+    h = hashlib.sha256()
+    length = 0
+    while True:
+        chunk = stream.read(65536)
+        if not chunk:
+            break
+        h.update(chunk)
+        length += len(chunk)
+    return JsonResponse(
+        {
+            "sha256": h.hexdigest(),
+            "length": length,
+            "content_length": request.META.get("CONTENT_LENGTH"),
+            "transfer_encoding": request.META.get("HTTP_TRANSFER_ENCODING"),
+        }
+    )
+
+
+def _size(request):
+    return int(request.GET.get("size", "0"))
+
+
+def download(request):
+    return StreamingHttpResponse(blocks(_size(request)), content_type="application/octet-stream")
+
+
+def download_fixed(request):
+    size = _size(request)
+    response = StreamingHttpResponse(blocks(size), content_type="application/octet-stream")
+    response["Content-Length"] = str(size)
+    return response
+
+
+def slow(request):
+    time.sleep(float(request.GET.get("seconds", "1")))
+    return HttpResponse("slept", content_type="text/plain")
+
+
+def own_hsts(request):
+    response = HttpResponse("own hsts", content_type="text/plain")
+    response["Strict-Transport-Security"] = "max-age=60"
+    return response
+
+
+def cookie(request):
+    response = HttpResponse("cookie", content_type="text/plain")
+    response.set_cookie("flavour", "oat", httponly=True, samesite="Lax")
+    return response

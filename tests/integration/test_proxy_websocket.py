@@ -1,0 +1,59 @@
+"""WebSocket over wss through tlsproxy to an ASGI app under uvicorn."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import pytest
+from websockets.sync.client import connect
+
+from tests.integration.conftest import PKI, App, Proxy, start_proxy, uvicorn
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def asgi_app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
+    """The ASGI app (WebSocket echo, Django for HTTP) under uvicorn on TCP."""
+    with uvicorn(tmp_path_factory.mktemp("asgi")) as app:
+        yield app
+
+
+@pytest.fixture(scope="module")
+def ws_proxy(asgi_app: App, pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    with start_proxy(tmp_path_factory.mktemp("ws-proxy"), asgi_app.url, pki) as proxy:
+        yield proxy
+
+
+def test_websocket_echo_over_wss(ws_proxy: Proxy) -> None:
+    """A wss client's text and binary messages come back echoed through the proxy."""
+    uri = f"wss://localhost:{ws_proxy.port}/echo"
+    with connect(uri, ssl=ws_proxy.pki.client_context(), open_timeout=10, close_timeout=5, proxy=None) as ws:
+        ws.send("hello through tlsproxy")
+        assert ws.recv(timeout=10) == "hello through tlsproxy"
+        ws.send(b"\x00\x01binary\xff")
+        assert ws.recv(timeout=10) == b"\x00\x01binary\xff"
+        big = "x" * 300_000
+        ws.send(big)
+        assert ws.recv(timeout=10) == big
+
+
+def test_websocket_handshake_is_forwarded_as_https(ws_proxy: Proxy) -> None:
+    """The app sees the WebSocket handshake with the client's Host and X-Forwarded-Proto https."""
+    uri = f"wss://localhost:{ws_proxy.port}/echo"
+    extra = {"X-Forwarded-Proto": "http", "X-Forwarded-For": "6.6.6.6"}
+    with connect(uri, ssl=ws_proxy.pki.client_context(), open_timeout=10, additional_headers=extra, proxy=None) as ws:
+        ws.send("headers")
+        headers = json.loads(ws.recv(timeout=10))
+    assert headers["host"] == f"localhost:{ws_proxy.port}"
+    assert headers["x-forwarded-proto"] == "https"
+    assert headers["x-forwarded-for"] == "127.0.0.1"
+
+
+def test_plain_http_still_works_beside_websocket(ws_proxy: Proxy) -> None:
+    """Ordinary HTTP requests through the same proxy reach Django under uvicorn, seen as secure."""
+    with ws_proxy.client() as client:
+        response = client.get("/whoami")
+    assert response.status_code == 200
+    assert response.json()["is_secure"] is True
