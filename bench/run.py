@@ -1,0 +1,754 @@
+"""Side-by-side benchmark: tlsproxy vs nginx vs twisted.web's ReverseProxyResource.
+
+    python bench/run.py [--quick] [--out FILE]
+
+Starts, in a temporary directory on 127.0.0.1 with free ports:
+  * a backend nginx (plain HTTP, 1 worker, core 1) serving /small (100 bytes), /big (100 MiB)
+    and /upload (reads the whole request body, then answers 200);
+  * one TLS proxy at a time, pinned to core 0, each with the same ECDSA P-256 certificate:
+    nginx (1 worker, upstream keep-alive), tlsproxy (`twist tlsproxy --config ...`) and
+    twisted.web.proxy.ReverseProxyResource on an ssl: endpoint (bench/twisted_reverse_proxy.py);
+and drives each with the same load generators (wrk, h2load, curl, bench/idle_conns.py), all
+pinned to core 1. Prints one markdown table and writes it to bench/results-latest.md.
+See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import http.client
+import json
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROXY_CPU = "0"  # the proxy under test
+LOAD_CPU = "1"  # load generators and the backend
+SMALL_BODY = b"x" * 100
+BIG_SIZE = 100 * 1024 * 1024
+MiB = 1024 * 1024
+# Mozilla intermediate TLS 1.2 suites: the same list as tlsproxy's default (tlsproxy/tls/policy.py).
+CIPHERS = (
+    "ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:"
+    "ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305"
+)
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Plan:
+    keepalive_s: int
+    keepalive_repeats: int
+    warmup_s: int
+    handshakes: int
+    handshake_rounds: int
+    latency_s: int
+    latency_rate: int
+    latency_conns: int
+    transfer_repeats: int
+    idle_conns: int
+
+
+FULL = Plan(keepalive_s=10, keepalive_repeats=3, warmup_s=2, handshakes=1000, handshake_rounds=3,
+            latency_s=10, latency_rate=200, latency_conns=16, transfer_repeats=3, idle_conns=1000)
+QUICK = Plan(keepalive_s=3, keepalive_repeats=1, warmup_s=1, handshakes=500, handshake_rounds=1,
+             latency_s=4, latency_rate=200, latency_conns=16, transfer_repeats=1, idle_conns=1000)
+
+
+class NA(Exception):
+    """A figure that could not be measured; the message says why."""
+
+
+# ---------------------------------------------------------------- processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A child in its own process group, pinned to a core, output to a log file."""
+
+    def __init__(self, name: str, argv: list[str], cpu: str, logdir: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.logpath = logdir / f"{name}.log"
+        self._log = open(self.logpath, "w")
+        # taskset execs the command, so the pid we get is the server's own.
+        self.p = subprocess.Popen(
+            ["taskset", "-c", cpu, *argv], stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})},
+        )
+        self.pid = self.p.pid
+
+    def output(self) -> str:
+        try:
+            return self.logpath.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def tail(self, n: int = 3) -> str:
+        lines = [ln for ln in self.output().splitlines() if ln.strip()]
+        return " | ".join(lines[-n:])[-300:]
+
+    def wait_ready(self, line: str | None, port: int, deadline: float) -> None:
+        """Wait for ``line`` in the output (or, with None, for the port to accept)."""
+        end = time.monotonic() + deadline
+        while time.monotonic() < end:
+            if self.p.poll() is not None:
+                raise NA(f"{self.name} exited with {self.p.returncode}: {self.tail()}")
+            if line is not None and line in self.output():
+                return
+            if line is None:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    return
+            time.sleep(0.05)
+        raise NA(f"{self.name} not ready within {deadline:.0f}s: {self.tail()}")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.pid, signal.SIGTERM)
+            try:
+                self.p.wait(5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                self.p.wait(5)
+        self._log.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time of a process, all its live threads, in seconds.
+
+    The scheduler's own nanosecond count (/proc/PID/task/*/schedstat) where the kernel has
+    it; otherwise utime + stime from /proc/PID/stat, which is sampled at clock ticks.
+    """
+    total = 0
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                total += int((task / "schedstat").read_text().split()[0])
+    except (FileNotFoundError, ValueError, IndexError):
+        total = 0
+    if total:
+        return total / 1e9
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise NA("no VmRSS")
+
+
+def run_tool(argv: list[str], timeout: float) -> str:
+    """Run a load generator pinned to the load core; its stdout (stderr folded in)."""
+    try:
+        r = subprocess.run(["taskset", "-c", LOAD_CPU, *argv], capture_output=True, text=True,
+                           timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise NA(f"{Path(argv[0]).name} timed out after {timeout:.0f}s") from None
+    out = r.stdout + r.stderr
+    if r.returncode != 0:
+        raise NA(f"{Path(argv[0]).name} exit {r.returncode}: {out.strip()[-200:]}")
+    return out
+
+
+# ---------------------------------------------------------------- setup files
+
+
+def make_cert(d: Path) -> tuple[Path, Path, Path]:
+    import trustme
+
+    ca = trustme.CA(key_type=trustme.KeyType.ECDSA)
+    leaf = ca.issue_cert("localhost", "127.0.0.1", key_type=trustme.KeyType.ECDSA)
+    cert, key, cafile = d / "cert.pem", d / "key.pem", d / "ca.pem"
+    cert.write_bytes(b"".join(b.bytes() for b in leaf.cert_chain_pems))
+    key.write_bytes(leaf.private_key_pem.bytes())
+    os.chmod(key, 0o600)
+    cafile.write_bytes(ca.cert_pem.bytes())
+    return cert, key, cafile
+
+
+NGINX_COMMON = """\
+worker_processes 1;
+master_process off;
+daemon off;
+worker_rlimit_nofile 16384;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off;
+  client_body_temp_path {d}/body;
+  proxy_temp_path {d}/proxy;
+  fastcgi_temp_path {d}/fastcgi;
+  uwsgi_temp_path {d}/uwsgi;
+  scgi_temp_path {d}/scgi;
+  keepalive_requests 1000000;
+{body}
+}}
+"""
+
+
+def backend_conf(d: Path, port: int, big: Path) -> str:
+    # /upload buffers the whole body in memory, then hands it to /sink over a loopback
+    # connection, so the answer comes only after the last byte was read.
+    body = f"""\
+  upstream self {{ server 127.0.0.1:{port}; keepalive 4; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    location = /small {{ default_type text/plain; return 200 "{SMALL_BODY.decode()}"; }}
+    location = /big {{ default_type application/octet-stream; alias {big}; }}
+    location = /upload {{
+      client_max_body_size 0;
+      client_body_buffer_size 128m;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_pass http://self/sink;
+    }}
+    location = /sink {{ client_max_body_size 0; return 200 "ok\\n"; }}
+  }}"""
+    return NGINX_COMMON.format(d=d, body=body)
+
+
+def nginx_proxy_conf(d: Path, port: int, backend: int, cert: Path, key: Path) -> str:
+    body = f"""\
+  upstream backend {{ server 127.0.0.1:{backend}; keepalive 32; keepalive_requests 1000000; }}
+  server {{
+    listen 127.0.0.1:{port} ssl backlog=1024;
+    server_name localhost;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    ssl_protocols TLSv1.2 TLSv1.3;
+    ssl_ciphers {CIPHERS};
+    ssl_prefer_server_ciphers on;
+    ssl_ecdh_curve X25519:prime256v1:secp384r1;
+    ssl_session_cache shared:SSL:10m;
+    client_max_body_size 200m;
+    location / {{
+      proxy_pass http://backend;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-Proto https;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+      proxy_set_header X-Forwarded-Host $host;
+      # Stream bodies instead of spooling them to temp files, as the Python proxies do:
+      # the 100 MiB figures then measure proxying, not this machine's disk.
+      proxy_request_buffering off;
+      proxy_max_temp_file_size 0;
+    }}
+  }}"""
+    return NGINX_COMMON.format(d=d, body=body)
+
+
+def tlsproxy_conf(port: int, backend: int, cert: Path, key: Path, backlog: bool) -> str:
+    ep = f"tcp:{port}:interface=127.0.0.1" + (":backlog=1024" if backlog else "")
+    return f"""\
+[server]
+https = ["{ep}"]
+http = []
+access_log = false
+
+[[site]]
+hosts = ["localhost"]
+upstream = "http://127.0.0.1:{backend}"
+tls = "files"
+cert = "{cert}"
+key = "{key}"
+max_body_size = "200M"
+hsts = {{ max_age = 0 }}
+"""
+
+
+def start_nginx(name: str, d: Path, conf: str, port: int, cpu: str, logdir: Path) -> Proc:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "nginx.conf").write_text(conf)
+    p = Proc(name, [NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")], cpu, logdir)
+    try:
+        p.wait_ready(None, port, 10)
+    except NA:
+        p.stop()
+        raise
+    return p
+
+
+def twist_path() -> str:
+    near = Path(sys.executable).parent / "twist"
+    return str(near) if near.exists() else (shutil.which("twist") or "twist")
+
+
+def start_tlsproxy(d: Path, port: int, backend: int, cert: Path, key: Path, logdir: Path) -> tuple[Proc, str]:
+    """Start tlsproxy; the note says if the endpoint backlog had to be left at its default."""
+    errors = []
+    for backlog in (True, False):
+        conf = d / "tlsproxy.toml"
+        conf.write_text(tlsproxy_conf(port, backend, cert, key, backlog))
+        p = Proc("tlsproxy", [twist_path(), "tlsproxy", "--config", str(conf)], PROXY_CPU, logdir,
+                 env={"PYTHONUNBUFFERED": "1"})
+        try:
+            p.wait_ready("tlsproxy: ready", port, 30)
+            return p, "" if backlog else "listen backlog left at Twisted's default 50"
+        except NA as e:
+            errors.append(str(e))
+            p.stop()
+    raise NA(errors[-1])
+
+
+def start_reverse_proxy(port: int, backend: int, cert: Path, key: Path, logdir: Path) -> Proc:
+    p = Proc("reverseproxy", [sys.executable, str(HERE / "twisted_reverse_proxy.py"), str(port), str(backend),
+                              str(cert), str(key)], PROXY_CPU, logdir, env={"PYTHONUNBUFFERED": "1"})
+    try:
+        p.wait_ready("reverse proxy: ready", port, 30)
+    except NA:
+        p.stop()
+        raise
+    return p
+
+
+# ---------------------------------------------------------------- measurements
+
+
+@dataclass
+class Ctx:
+    port: int
+    pid: int
+    cafile: Path
+    big: Path
+    plan: Plan
+    tmp: Path
+    backend_pid: int
+
+    @property
+    def url(self) -> str:
+        return f"https://localhost:{self.port}"
+
+
+def check_proxies(c: Ctx) -> None:
+    """One real request through the proxy: 200 and the backend's exact body, or NA."""
+    sc = ssl.create_default_context(cafile=str(c.cafile))
+    try:
+        conn = http.client.HTTPSConnection("localhost", c.port, context=sc, timeout=10)
+        conn.request("GET", "/small")
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+    except (OSError, http.client.HTTPException) as e:
+        raise NA(f"GET /small failed: {e}") from None
+    if r.status != 200 or body != SMALL_BODY:
+        raise NA(f"GET /small gave {r.status} with {len(body)} bytes, not the backend's body")
+
+
+def wrk(url: str, seconds: int, conns: int = 32) -> dict[str, float]:
+    out = run_tool(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", url], timeout=seconds + 30)
+    m = re.search(r"Requests/sec:\s*([\d.]+)", out)
+    if not m:
+        raise NA(f"no Requests/sec in wrk output: {out[-200:]}")
+    res = {"rps": float(m.group(1)), "errors": 0.0}
+    m = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
+    if m:
+        res["errors"] += int(m.group(1))
+    m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    if m:
+        res["errors"] += sum(int(x) for x in m.groups())
+    return res
+
+
+def m_keepalive(c: Ctx) -> dict[str, object]:
+    url = c.url + "/small"
+    wrk(url, c.plan.warmup_s)  # connections, caches and the upstream pool warm
+    runs = []
+    for _ in range(c.plan.keepalive_repeats):
+        cpu0, bcpu0, t0 = cpu_seconds(c.pid), cpu_seconds(c.backend_pid), time.monotonic()
+        r = wrk(url, c.plan.keepalive_s)
+        cpu1, bcpu1, t1 = cpu_seconds(c.pid), cpu_seconds(c.backend_pid), time.monotonic()
+        runs.append((r["rps"], r, t1 - t0, cpu1 - cpu0, bcpu1 - bcpu0))
+    runs.sort(key=lambda x: x[0])
+    _rps, r, wall, busy, bbusy = runs[len(runs) // 2]  # the median run
+    out: dict[str, object] = {
+        "ka_rps": r["rps"],
+        "ka_cpu": 100 * busy / wall,
+        "ka_backend_cpu": 100 * bbusy / wall,
+        "ka_per_cpu_s": r["rps"] * wall / busy if busy > 0 else NA("no CPU time recorded"),
+    }
+    if r["errors"]:
+        out["ka_note"] = f"{int(r['errors'])} errors/non-2xx"
+    return out
+
+
+def m_handshakes(c: Ctx) -> dict[str, object]:
+    n, rounds = c.plan.handshakes, c.plan.handshake_rounds
+    ok = 0
+    secs = cpu = 0.0
+    for _ in range(rounds):
+        cpu0 = cpu_seconds(c.pid)
+        out = run_tool(["h2load", "--h1", "-n", str(n), "-c", str(n), c.url + "/small"], timeout=120)
+        cpu += cpu_seconds(c.pid) - cpu0
+        m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored",
+                      out)
+        t = re.search(r"finished in ([\d.]+)(ms|s),", out)
+        if not m or not t:
+            raise NA(f"unexpected h2load output: {out[-200:]}")
+        ok += int(m.group(1))
+        secs += float(t.group(1)) / (1000 if t.group(2) == "ms" else 1)
+    if ok == 0:
+        raise NA(f"no request succeeded: {out[-200:]}")
+    n *= rounds
+    proto = re.search(r"TLS Protocol: (\S+)\s+Cipher: (\S+)", out)
+    key = re.search(r"Server Temp Key: (\S+)", out)
+    res: dict[str, object] = {
+        "hs_cpu_ms": 1000 * cpu / ok,
+        "hs_per_s": ok / secs,
+        "hs_tls": f"{proto.group(1)} {proto.group(2)} {key.group(1) if key else ''}".strip() if proto else "?",
+    }
+    if ok != n:
+        res["hs_note"] = f"{n - ok} of {n} failed"
+    return res
+
+
+def m_latency(c: Ctx) -> dict[str, object]:
+    p = c.plan
+    out = run_tool([sys.executable, str(HERE / "fixed_rate.py"), str(c.port), str(p.latency_rate), str(p.latency_s),
+                    str(p.latency_conns), str(c.cafile), "/small"], timeout=p.latency_s + 60)
+    r = json.loads(out.strip().splitlines()[-1])
+    if "p99" not in r:
+        raise NA(f"only {r['ok']} of {r['sent']} requests answered ({r.get('first_error', '')})")
+    res: dict[str, object] = {"lat_p50": r["p50"], "lat_p99": r["p99"], "lat_max": r["max"],
+                              "lat_rate": r["fire_rate"]}
+    bits = []
+    if r["errors"]:
+        bits.append(f"{r['errors']} of {r['sent']} failed ({r.get('first_error', '')})")
+    if r["late_starts"]:
+        bits.append(f"{r['late_starts']} requests fired >10 ms late (client busy)")
+    if r["reconnects"]:
+        bits.append(f"{r['reconnects']} reconnects (server closed kept-alive connections)")
+    if bits:
+        res["lat_note"] = "; ".join(bits)
+    return res
+
+
+def curl(c: Ctx, extra: list[str], path: str) -> tuple[int, int, int, float]:
+    out = run_tool(["curl", "-sS", "--resolve", f"localhost:{c.port}:127.0.0.1", "--cacert", str(c.cafile),
+                    "--http1.1", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{size_upload} %{time_total}",
+                    *extra, c.url + path], timeout=180)
+    code, down, up, total = out.split()[-4:]
+    return int(code), int(down), int(up), float(total)
+
+
+def m_transfers(c: Ctx) -> dict[str, object]:
+    res: dict[str, object] = {}
+    for key, extra, path in (
+        ("download", [], "/big"),
+        ("upload", ["--data-binary", f"@{c.big}", "-H", "Content-Type: application/octet-stream",
+                    "-H", "Expect:"], "/upload"),
+    ):
+        speeds = []
+        try:
+            for _ in range(c.plan.transfer_repeats):
+                code, down, up, secs = curl(c, extra, path)
+                size = down if key == "download" else up
+                if code != 200 or size != BIG_SIZE:
+                    raise NA(f"HTTP {code}, {size} bytes moved")
+                speeds.append(BIG_SIZE / MiB / secs)
+            res[key] = statistics.median(speeds)
+        except NA as e:
+            res[key] = e
+    return res
+
+
+def m_idle_memory(c: Ctx) -> dict[str, object]:
+    n = c.plan.idle_conns
+    time.sleep(1)
+    before = rss_kib(c.pid)
+    h = subprocess.Popen(["taskset", "-c", LOAD_CPU, sys.executable, str(HERE / "idle_conns.py"), str(c.port), str(n),
+                          str(c.cafile)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                         start_new_session=True)
+    try:
+        assert h.stdin and h.stdout
+        line = h.stdout.readline().split()
+        if not line or line[0] != "opened":
+            raise NA("idle_conns.py did not report")
+        opened, failed = int(line[1]), int(line[2])
+        time.sleep(2)
+        after = rss_kib(c.pid)
+        h.stdin.write("check\n")
+        h.stdin.flush()
+        alive = int(h.stdout.readline().split()[1])
+        h.stdin.write("close\n")
+        h.stdin.flush()
+        h.wait(30)
+    finally:
+        if h.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(h.pid, signal.SIGKILL)
+            h.wait()
+    if opened == 0:
+        raise NA(f"no connection opened ({failed} failed)")
+    res: dict[str, object] = {
+        "rss_base": before / 1024, "rss_idle": (after - before) / 1024, "rss_per_conn": (after - before) / opened,
+    }
+    if failed or alive != opened:
+        res["rss_note"] = f"{opened} opened, {failed} failed, {alive} still open at measurement"
+    return res
+
+
+# Idle memory first, on a process that has served one request only: after the 100 MiB
+# transfers, allocator high-water marks would hide what 1,000 connections cost.
+MEASURES: list[tuple[str, Callable[[Ctx], dict[str, object]]]] = [
+    ("idle memory", m_idle_memory), ("keep-alive", m_keepalive), ("handshakes", m_handshakes),
+    ("latency", m_latency), ("transfers", m_transfers),
+]
+ALL_KEYS = {
+    "keep-alive": ["ka_rps", "ka_cpu", "ka_per_cpu_s"],
+    "handshakes": ["hs_cpu_ms", "hs_per_s"],
+    "latency": ["lat_p50", "lat_p99", "lat_max"],
+    "transfers": ["download", "upload"],
+    "idle memory": ["rss_base", "rss_idle", "rss_per_conn"],
+}
+
+
+def measure(name: str, start: Callable[[], Proc], common: dict, say: Callable[[str], None]) -> dict[str, object]:
+    res: dict[str, object] = {}
+    try:
+        proc = start()
+    except NA as e:
+        say(f"  {name}: n/a ({e})")
+        return {k: NA(str(e)) for ks in ALL_KEYS.values() for k in ks}
+    try:
+        c = Ctx(pid=proc.pid, **common)
+        try:
+            check_proxies(c)
+        except NA as e:
+            say(f"  {name}: n/a ({e})")
+            return {k: NA(str(e)) for ks in ALL_KEYS.values() for k in ks}
+        for label, fn in MEASURES:
+            t0 = time.monotonic()
+            try:
+                res.update(fn(c))
+            except NA as e:
+                res.update({k: e for k in ALL_KEYS[label]})
+            except Exception as e:  # a bug in one measurement must not lose the others
+                res.update({k: NA(f"{type(e).__name__}: {e}") for k in ALL_KEYS[label]})
+            if proc.p.poll() is not None:
+                say(f"  {name}: process exited during {label}: {proc.tail()}")
+                err = NA(f"{name} exited during {label}")
+                for lb, _fn in MEASURES[[m[0] for m in MEASURES].index(label) + 1:]:
+                    res.update({k: err for k in ALL_KEYS[lb]})
+                break
+            say(f"  {name}: {label} done in {time.monotonic() - t0:.1f}s")
+    finally:
+        proc.stop()
+    return res
+
+
+# ---------------------------------------------------------------- report
+
+ROWS = [
+    # key, label, unit format, higher is better
+    ("ka_rps", "Keep-alive requests/s (wrk, 32 conns, 100 B body; median run)", "{:,.0f}", True),
+    ("ka_cpu", "  proxy CPU during that run (% of one core)", "{:.0f}%", None),
+    ("ka_per_cpu_s", "  keep-alive requests per proxy CPU-second", "{:,.0f}", True),
+    ("hs_cpu_ms", "Proxy CPU per full TLS handshake (ms; h2load --h1 -n N -c N)", "{:.3f}", False),
+    ("hs_per_s", "  full handshakes/s (each with one request)", "{:,.0f}", True),
+    ("lat_p50", "p50 latency at fixed rate (ms)", "{:.2f}", False),
+    ("lat_p99", "p99 latency at fixed rate (ms)", "{:.2f}", False),
+    ("lat_max", "  max latency at fixed rate (ms)", "{:.1f}", False),
+    ("download", "100 MiB download (MiB/s, curl)", "{:,.0f}", True),
+    ("upload", "100 MiB upload (MiB/s, curl)", "{:,.0f}", True),
+    ("rss_base", "Proxy RSS after one request, before idle connections (MiB)", "{:.1f}", False),
+    ("rss_idle", "Proxy RSS added by 1,000 idle TLS connections (MiB)", "{:.1f}", False),
+    ("rss_per_conn", "  per idle connection (KiB)", "{:.1f}", False),
+]
+
+
+def cell(v: object, fmt: str) -> str:
+    if isinstance(v, NA):
+        return f"n/a ({v})"
+    if v is None:
+        return "n/a"
+    return fmt.format(v)
+
+
+def ratio(a: object, b: object) -> str:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b:
+        return f"{a / b:.2f}"
+    return "n/a"
+
+
+def num(v: object) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
+
+
+def render(results: dict[str, dict[str, object]], header: list[str], plan: Plan) -> str:
+    ng, tp, rp = results["nginx"], results["tlsproxy"], results["ReverseProxyResource"]
+    lines = [*header, "",
+             "| metric | nginx | tlsproxy | ReverseProxyResource | tlsproxy / nginx | ReverseProxyResource / nginx |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for key, label, fmt, _better in ROWS:
+        if key.startswith("lat_"):
+            label = label.replace("fixed rate", f"{plan.latency_rate} req/s")
+        lines.append(f"| {label} | {cell(ng.get(key), fmt)} | {cell(tp.get(key), fmt)} | {cell(rp.get(key), fmt)} "
+                     f"| {ratio(tp.get(key), ng.get(key))} | {ratio(rp.get(key), ng.get(key))} |")
+    lines += ["", "Targets (one tlsproxy process against one nginx worker):", ""]
+
+    def target(label: str, value: float | None, ok: Callable[[float], bool], shown: str) -> str:
+        if value is None:
+            return f"- {label}: n/a"
+        return f"- {label}: {shown.format(value)} -> {'MET' if ok(value) else 'NOT MET'}"
+
+    a, b = num(tp.get("ka_rps")), num(ng.get("ka_rps"))
+    lines.append(target("keep-alive requests/s >= 40% of nginx's", a / b if a is not None and b else None,
+                        lambda x: x >= 0.40, "{:.0%} of nginx"))
+    a, b = num(tp.get("hs_cpu_ms")), num(ng.get("hs_cpu_ms"))
+    lines.append(target("CPU per full handshake <= 1/0.7 (1.43x) of nginx's", a / b if a is not None and b else None,
+                        lambda x: x <= 1 / 0.7, "{:.2f}x nginx"))
+    a, b = num(tp.get("ka_rps")), num(rp.get("ka_rps"))
+    lines.append(target("keep-alive requests/s >= 10x ReverseProxyResource's", a / b if a is not None and b else None,
+                        lambda x: x >= 10, "{:.1f}x ReverseProxyResource"))
+    notes = []
+    for name, r in results.items():
+        for k in ("ka_note", "hs_note", "lat_note", "rss_note", "start_note"):
+            if r.get(k):
+                notes.append(f"- {name}: {r[k]}")
+        if r.get("hs_tls"):
+            notes.append(f"- {name}: handshakes negotiated {r['hs_tls']}")
+        if isinstance(r.get("ka_backend_cpu"), float):
+            notes.append(f"- {name}: backend nginx CPU during the keep-alive run: {r['ka_backend_cpu']:.0f}% of core 1")
+        if isinstance(r.get("lat_rate"), float):
+            notes.append(f"- {name}: fixed-rate run achieved {r['lat_rate']:.0f} req/s")
+    if notes:
+        lines += ["", "Notes:", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def machine() -> str:
+    model = "?"
+    with contextlib.suppress(Exception):
+        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
+            if line.startswith("Model name"):
+                model = line.split(":", 1)[1].strip()
+    return f"{os.cpu_count()} CPUs, {model}, Linux {platform.release()}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="short smoke run (about 2 minutes)")
+    ap.add_argument("--out", default=str(HERE / "results-latest.md"), help="where to write the table")
+    ap.add_argument("--only", action="append", choices=["nginx", "tlsproxy", "ReverseProxyResource"],
+                    help="measure only these proxies (repeatable); the others show n/a")
+    args = ap.parse_args()
+    try:
+        import trustme  # noqa: F401
+        import twisted.web.proxy  # noqa: F401
+    except ImportError as e:
+        venv = os.environ.get("BENCH_PYTHON", "/tmp/venv/bin/python")
+        if Path(venv).exists() and Path(venv).resolve() != Path(sys.executable).resolve():
+            os.execv(venv, [venv, *sys.argv])
+        print(f"bench: {e}; run with the project's virtualenv python", file=sys.stderr)
+        return 2
+    plan = QUICK if args.quick else FULL
+    for tool in ("taskset", "wrk", "h2load", "curl", NGINX):
+        if not shutil.which(tool):
+            print(f"bench: {tool} not found", file=sys.stderr)
+            return 2
+    if (os.cpu_count() or 1) < 2:
+        print("bench: needs at least 2 CPUs (proxy on core 0, load on core 1)", file=sys.stderr)
+        return 2
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+    def say(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    stamp = datetime.datetime.now().astimezone()
+    with tempfile.TemporaryDirectory(prefix="tlsproxy-bench-") as tmpname:
+        tmp = Path(tmpname)
+        logs = tmp / "logs"
+        logs.mkdir()
+        cert, key, cafile = make_cert(tmp)
+        big = tmp / "big.bin"
+        with open(big, "wb") as f:
+            for _ in range(BIG_SIZE // MiB):
+                f.write(os.urandom(MiB))
+        backend_port = free_port()
+        say(f"bench: temp dir {tmp}, backend on :{backend_port}")
+        backend = start_nginx("backend", tmp / "backend", backend_conf(tmp / "backend", backend_port, big),
+                              backend_port, LOAD_CPU, logs)
+        results: dict[str, dict[str, object]] = {}
+        b = {"rps": float("nan")}
+        try:
+            b = wrk(f"http://127.0.0.1:{backend_port}/small", plan.warmup_s + 2)
+            say(f"bench: backend alone (plain HTTP, keep-alive, 32 conns): {b['rps']:,.0f} req/s")
+
+            def common() -> dict[str, object]:
+                return {"port": free_port(), "cafile": cafile, "big": big, "plan": plan, "tmp": tmp,
+                        "backend_pid": backend.pid}
+
+            # nginx
+            cm = common()
+            results["nginx"] = (measure("nginx", lambda: start_nginx(
+                "nginx", tmp / "nginx", nginx_proxy_conf(tmp / "nginx", cm["port"], backend_port, cert, key),
+                cm["port"], PROXY_CPU, logs), cm, say) if not args.only or "nginx" in args.only else {})
+            # tlsproxy
+            cm = common()
+            note: list[str] = []
+
+            def start_tp() -> Proc:
+                p, n = start_tlsproxy(tmp, cm["port"], backend_port, cert, key, logs)
+                if n:
+                    note.append(n)
+                return p
+
+            results["tlsproxy"] = (measure("tlsproxy", start_tp, cm, say)
+                                   if not args.only or "tlsproxy" in args.only else {})
+            if note:
+                results["tlsproxy"]["start_note"] = note[0]
+            # ReverseProxyResource
+            cm = common()
+            results["ReverseProxyResource"] = (measure("ReverseProxyResource", lambda: start_reverse_proxy(
+                cm["port"], backend_port, cert, key, logs), cm, say)
+                if not args.only or "ReverseProxyResource" in args.only else {})
+        finally:
+            backend.stop()
+    header = [
+        f"Run: {stamp:%Y-%m-%d %H:%M %Z} on {machine()}; "
+        f"{'--quick' if args.quick else 'full'} run, {time.monotonic() - started:.0f}s.",
+        f"Proxy pinned to core {PROXY_CPU}; load generators and the backend nginx pinned to core {LOAD_CPU}. "
+        f"Backend alone (plain HTTP keep-alive, 32 conns): {b['rps']:,.0f} req/s. "
+        f"Load average before the run: {loadavg}.",
+    ]
+    table = render(results, header, plan)
+    print(table)
+    Path(args.out).write_text(table)
+    say(f"bench: table written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
