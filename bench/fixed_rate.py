@@ -99,9 +99,14 @@ async def main(port: int, rate: float, seconds: float, nconns: int, cafile: str,
     elapsed = loop.time() - (start + warm / rate)
     await asyncio.wait(tasks, timeout=30)
     lat.sort()
-    out: dict[str, object] = {"sent": total - warm, "ok": len(lat), "errors": len(errors),
-                              "late_starts": late, "reconnects": reconnects,
-                              "fire_rate": (total - warm) / elapsed if elapsed > 0 else 0.0}
+    out: dict[str, object] = {
+        "sent": total - warm,
+        "ok": len(lat),
+        "errors": len(errors),
+        "late_starts": late,
+        "reconnects": reconnects,
+        "fire_rate": (total - warm) / elapsed if elapsed > 0 else 0.0,
+    }
     if errors:
         out["first_error"] = errors[0]
     if len(lat) >= 100:

@@ -66,10 +66,30 @@ class Plan:
     idle_conns: int
 
 
-FULL = Plan(keepalive_s=10, keepalive_repeats=3, warmup_s=2, handshakes=1000, handshake_rounds=3,
-            latency_s=10, latency_rate=200, latency_conns=16, transfer_repeats=3, idle_conns=1000)
-QUICK = Plan(keepalive_s=3, keepalive_repeats=1, warmup_s=1, handshakes=500, handshake_rounds=1,
-             latency_s=4, latency_rate=200, latency_conns=16, transfer_repeats=1, idle_conns=1000)
+FULL = Plan(
+    keepalive_s=10,
+    keepalive_repeats=3,
+    warmup_s=2,
+    handshakes=1000,
+    handshake_rounds=3,
+    latency_s=10,
+    latency_rate=200,
+    latency_conns=16,
+    transfer_repeats=3,
+    idle_conns=1000,
+)
+QUICK = Plan(
+    keepalive_s=3,
+    keepalive_repeats=1,
+    warmup_s=1,
+    handshakes=500,
+    handshake_rounds=1,
+    latency_s=4,
+    latency_rate=200,
+    latency_conns=16,
+    transfer_repeats=1,
+    idle_conns=1000,
+)
 
 
 class NA(Exception):
@@ -94,8 +114,12 @@ class Proc:
         self._log = open(self.logpath, "w")
         # taskset execs the command, so the pid we get is the server's own.
         self.p = subprocess.Popen(
-            ["taskset", "-c", cpu, *argv], stdout=self._log, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **(env or {})},
+            ["taskset", "-c", cpu, *argv],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env={**os.environ, **(env or {})},
         )
         self.pid = self.p.pid
 
@@ -152,7 +176,7 @@ def cpu_seconds(pid: int) -> float:
     if total:
         return total / 1e9
     stat = Path(f"/proc/{pid}/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
+    fields = stat[stat.rindex(")") + 2 :].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
@@ -166,8 +190,13 @@ def rss_kib(pid: int) -> int:
 def run_tool(argv: list[str], timeout: float) -> str:
     """Run a load generator pinned to the load core; its stdout (stderr folded in)."""
     try:
-        r = subprocess.run(["taskset", "-c", LOAD_CPU, *argv], capture_output=True, text=True,
-                           timeout=timeout, stdin=subprocess.DEVNULL)
+        r = subprocess.run(
+            ["taskset", "-c", LOAD_CPU, *argv],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired:
         raise NA(f"{Path(argv[0]).name} timed out after {timeout:.0f}s") from None
     out = r.stdout + r.stderr
@@ -307,8 +336,13 @@ def start_tlsproxy(d: Path, port: int, backend: int, cert: Path, key: Path, logd
     for backlog in (True, False):
         conf = d / "tlsproxy.toml"
         conf.write_text(tlsproxy_conf(port, backend, cert, key, backlog))
-        p = Proc("tlsproxy", [twist_path(), "tlsproxy", "--config", str(conf)], PROXY_CPU, logdir,
-                 env={"PYTHONUNBUFFERED": "1"})
+        p = Proc(
+            "tlsproxy",
+            [twist_path(), "tlsproxy", "--config", str(conf)],
+            PROXY_CPU,
+            logdir,
+            env={"PYTHONUNBUFFERED": "1"},
+        )
         try:
             p.wait_ready("tlsproxy: ready", port, 30)
             return p, "" if backlog else "listen backlog left at Twisted's default 50"
@@ -319,8 +353,13 @@ def start_tlsproxy(d: Path, port: int, backend: int, cert: Path, key: Path, logd
 
 
 def start_reverse_proxy(port: int, backend: int, cert: Path, key: Path, logdir: Path) -> Proc:
-    p = Proc("reverseproxy", [sys.executable, str(HERE / "twisted_reverse_proxy.py"), str(port), str(backend),
-                              str(cert), str(key)], PROXY_CPU, logdir, env={"PYTHONUNBUFFERED": "1"})
+    p = Proc(
+        "reverseproxy",
+        [sys.executable, str(HERE / "twisted_reverse_proxy.py"), str(port), str(backend), str(cert), str(key)],
+        PROXY_CPU,
+        logdir,
+        env={"PYTHONUNBUFFERED": "1"},
+    )
     try:
         p.wait_ready("reverse proxy: ready", port, 30)
     except NA:
@@ -407,8 +446,7 @@ def m_handshakes(c: Ctx) -> dict[str, object]:
         cpu0 = cpu_seconds(c.pid)
         out = run_tool(["h2load", "--h1", "-n", str(n), "-c", str(n), c.url + "/small"], timeout=120)
         cpu += cpu_seconds(c.pid) - cpu0
-        m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored",
-                      out)
+        m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
         t = re.search(r"finished in ([\d.]+)(ms|s),", out)
         if not m or not t:
             raise NA(f"unexpected h2load output: {out[-200:]}")
@@ -431,13 +469,23 @@ def m_handshakes(c: Ctx) -> dict[str, object]:
 
 def m_latency(c: Ctx) -> dict[str, object]:
     p = c.plan
-    out = run_tool([sys.executable, str(HERE / "fixed_rate.py"), str(c.port), str(p.latency_rate), str(p.latency_s),
-                    str(p.latency_conns), str(c.cafile), "/small"], timeout=p.latency_s + 60)
+    out = run_tool(
+        [
+            sys.executable,
+            str(HERE / "fixed_rate.py"),
+            str(c.port),
+            str(p.latency_rate),
+            str(p.latency_s),
+            str(p.latency_conns),
+            str(c.cafile),
+            "/small",
+        ],
+        timeout=p.latency_s + 60,
+    )
     r = json.loads(out.strip().splitlines()[-1])
     if "p99" not in r:
         raise NA(f"only {r['ok']} of {r['sent']} requests answered ({r.get('first_error', '')})")
-    res: dict[str, object] = {"lat_p50": r["p50"], "lat_p99": r["p99"], "lat_max": r["max"],
-                              "lat_rate": r["fire_rate"]}
+    res: dict[str, object] = {"lat_p50": r["p50"], "lat_p99": r["p99"], "lat_max": r["max"], "lat_rate": r["fire_rate"]}
     bits = []
     if r["errors"]:
         bits.append(f"{r['errors']} of {r['sent']} failed ({r.get('first_error', '')})")
@@ -451,9 +499,24 @@ def m_latency(c: Ctx) -> dict[str, object]:
 
 
 def curl(c: Ctx, extra: list[str], path: str) -> tuple[int, int, int, float]:
-    out = run_tool(["curl", "-sS", "--resolve", f"localhost:{c.port}:127.0.0.1", "--cacert", str(c.cafile),
-                    "--http1.1", "-o", "/dev/null", "-w", "%{http_code} %{size_download} %{size_upload} %{time_total}",
-                    *extra, c.url + path], timeout=180)
+    out = run_tool(
+        [
+            "curl",
+            "-sS",
+            "--resolve",
+            f"localhost:{c.port}:127.0.0.1",
+            "--cacert",
+            str(c.cafile),
+            "--http1.1",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{size_download} %{size_upload} %{time_total}",
+            *extra,
+            c.url + path,
+        ],
+        timeout=180,
+    )
     code, down, up, total = out.split()[-4:]
     return int(code), int(down), int(up), float(total)
 
@@ -462,8 +525,11 @@ def m_transfers(c: Ctx) -> dict[str, object]:
     res: dict[str, object] = {}
     for key, extra, path in (
         ("download", [], "/big"),
-        ("upload", ["--data-binary", f"@{c.big}", "-H", "Content-Type: application/octet-stream",
-                    "-H", "Expect:"], "/upload"),
+        (
+            "upload",
+            ["--data-binary", f"@{c.big}", "-H", "Content-Type: application/octet-stream", "-H", "Expect:"],
+            "/upload",
+        ),
     ):
         speeds = []
         try:
@@ -483,9 +549,13 @@ def m_idle_memory(c: Ctx) -> dict[str, object]:
     n = c.plan.idle_conns
     time.sleep(1)
     before = rss_kib(c.pid)
-    h = subprocess.Popen(["taskset", "-c", LOAD_CPU, sys.executable, str(HERE / "idle_conns.py"), str(c.port), str(n),
-                          str(c.cafile)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                         start_new_session=True)
+    h = subprocess.Popen(
+        ["taskset", "-c", LOAD_CPU, sys.executable, str(HERE / "idle_conns.py"), str(c.port), str(n), str(c.cafile)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         assert h.stdin and h.stdout
         line = h.stdout.readline().split()
@@ -508,7 +578,9 @@ def m_idle_memory(c: Ctx) -> dict[str, object]:
     if opened == 0:
         raise NA(f"no connection opened ({failed} failed)")
     res: dict[str, object] = {
-        "rss_base": before / 1024, "rss_idle": (after - before) / 1024, "rss_per_conn": (after - before) / opened,
+        "rss_base": before / 1024,
+        "rss_idle": (after - before) / 1024,
+        "rss_per_conn": (after - before) / opened,
     }
     if failed or alive != opened:
         res["rss_note"] = f"{opened} opened, {failed} failed, {alive} still open at measurement"
@@ -518,8 +590,11 @@ def m_idle_memory(c: Ctx) -> dict[str, object]:
 # Idle memory first, on a process that has served one request only: after the 100 MiB
 # transfers, allocator high-water marks would hide what 1,000 connections cost.
 MEASURES: list[tuple[str, Callable[[Ctx], dict[str, object]]]] = [
-    ("idle memory", m_idle_memory), ("keep-alive", m_keepalive), ("handshakes", m_handshakes),
-    ("latency", m_latency), ("transfers", m_transfers),
+    ("idle memory", m_idle_memory),
+    ("keep-alive", m_keepalive),
+    ("handshakes", m_handshakes),
+    ("latency", m_latency),
+    ("transfers", m_transfers),
 ]
 ALL_KEYS = {
     "keep-alive": ["ka_rps", "ka_cpu", "ka_per_cpu_s"],
@@ -555,7 +630,7 @@ def measure(name: str, start: Callable[[], Proc], common: dict, say: Callable[[s
             if proc.p.poll() is not None:
                 say(f"  {name}: process exited during {label}: {proc.tail()}")
                 err = NA(f"{name} exited during {label}")
-                for lb, _fn in MEASURES[[m[0] for m in MEASURES].index(label) + 1:]:
+                for lb, _fn in MEASURES[[m[0] for m in MEASURES].index(label) + 1 :]:
                     res.update({k: err for k in ALL_KEYS[lb]})
                 break
             say(f"  {name}: {label} done in {time.monotonic() - t0:.1f}s")
@@ -604,14 +679,19 @@ def num(v: object) -> float | None:
 
 def render(results: dict[str, dict[str, object]], header: list[str], plan: Plan) -> str:
     ng, tp, rp = results["nginx"], results["tlsproxy"], results["ReverseProxyResource"]
-    lines = [*header, "",
-             "| metric | nginx | tlsproxy | ReverseProxyResource | tlsproxy / nginx | ReverseProxyResource / nginx |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        *header,
+        "",
+        "| metric | nginx | tlsproxy | ReverseProxyResource | tlsproxy / nginx | ReverseProxyResource / nginx |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for key, label, fmt, _better in ROWS:
         if key.startswith("lat_"):
             label = label.replace("fixed rate", f"{plan.latency_rate} req/s")
-        lines.append(f"| {label} | {cell(ng.get(key), fmt)} | {cell(tp.get(key), fmt)} | {cell(rp.get(key), fmt)} "
-                     f"| {ratio(tp.get(key), ng.get(key))} | {ratio(rp.get(key), ng.get(key))} |")
+        lines.append(
+            f"| {label} | {cell(ng.get(key), fmt)} | {cell(tp.get(key), fmt)} | {cell(rp.get(key), fmt)} "
+            f"| {ratio(tp.get(key), ng.get(key))} | {ratio(rp.get(key), ng.get(key))} |"
+        )
     lines += ["", "Targets (one tlsproxy process against one nginx worker):", ""]
 
     def target(label: str, value: float | None, ok: Callable[[float], bool], shown: str) -> str:
@@ -620,14 +700,32 @@ def render(results: dict[str, dict[str, object]], header: list[str], plan: Plan)
         return f"- {label}: {shown.format(value)} -> {'MET' if ok(value) else 'NOT MET'}"
 
     a, b = num(tp.get("ka_rps")), num(ng.get("ka_rps"))
-    lines.append(target("keep-alive requests/s >= 40% of nginx's", a / b if a is not None and b else None,
-                        lambda x: x >= 0.40, "{:.0%} of nginx"))
+    lines.append(
+        target(
+            "keep-alive requests/s >= 40% of nginx's",
+            a / b if a is not None and b else None,
+            lambda x: x >= 0.40,
+            "{:.0%} of nginx",
+        )
+    )
     a, b = num(tp.get("hs_cpu_ms")), num(ng.get("hs_cpu_ms"))
-    lines.append(target("CPU per full handshake <= 1/0.7 (1.43x) of nginx's", a / b if a is not None and b else None,
-                        lambda x: x <= 1 / 0.7, "{:.2f}x nginx"))
+    lines.append(
+        target(
+            "CPU per full handshake <= 1/0.7 (1.43x) of nginx's",
+            a / b if a is not None and b else None,
+            lambda x: x <= 1 / 0.7,
+            "{:.2f}x nginx",
+        )
+    )
     a, b = num(tp.get("ka_rps")), num(rp.get("ka_rps"))
-    lines.append(target("keep-alive requests/s >= 10x ReverseProxyResource's", a / b if a is not None and b else None,
-                        lambda x: x >= 10, "{:.1f}x ReverseProxyResource"))
+    lines.append(
+        target(
+            "keep-alive requests/s >= 10x ReverseProxyResource's",
+            a / b if a is not None and b else None,
+            lambda x: x >= 10,
+            "{:.1f}x ReverseProxyResource",
+        )
+    )
     notes = []
     for name, r in results.items():
         for k in ("ka_note", "hs_note", "lat_note", "rss_note", "start_note"):
@@ -657,8 +755,12 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short smoke run (about 2 minutes)")
     ap.add_argument("--out", default=str(HERE / "results-latest.md"), help="where to write the table")
-    ap.add_argument("--only", action="append", choices=["nginx", "tlsproxy", "ReverseProxyResource"],
-                    help="measure only these proxies (repeatable); the others show n/a")
+    ap.add_argument(
+        "--only",
+        action="append",
+        choices=["nginx", "tlsproxy", "ReverseProxyResource"],
+        help="measure only these proxies (repeatable); the others show n/a",
+    )
     args = ap.parse_args()
     try:
         import trustme  # noqa: F401
@@ -698,8 +800,9 @@ def main() -> int:
                 f.write(os.urandom(MiB))
         backend_port = free_port()
         say(f"bench: temp dir {tmp}, backend on :{backend_port}")
-        backend = start_nginx("backend", tmp / "backend", backend_conf(tmp / "backend", backend_port, big),
-                              backend_port, LOAD_CPU, logs)
+        backend = start_nginx(
+            "backend", tmp / "backend", backend_conf(tmp / "backend", backend_port, big), backend_port, LOAD_CPU, logs
+        )
         results: dict[str, dict[str, object]] = {}
         b = {"rps": float("nan")}
         try:
@@ -707,14 +810,34 @@ def main() -> int:
             say(f"bench: backend alone (plain HTTP, keep-alive, 32 conns): {b['rps']:,.0f} req/s")
 
             def common() -> dict[str, object]:
-                return {"port": free_port(), "cafile": cafile, "big": big, "plan": plan, "tmp": tmp,
-                        "backend_pid": backend.pid}
+                return {
+                    "port": free_port(),
+                    "cafile": cafile,
+                    "big": big,
+                    "plan": plan,
+                    "tmp": tmp,
+                    "backend_pid": backend.pid,
+                }
 
             # nginx
             cm = common()
-            results["nginx"] = (measure("nginx", lambda: start_nginx(
-                "nginx", tmp / "nginx", nginx_proxy_conf(tmp / "nginx", cm["port"], backend_port, cert, key),
-                cm["port"], PROXY_CPU, logs), cm, say) if not args.only or "nginx" in args.only else {})
+            results["nginx"] = (
+                measure(
+                    "nginx",
+                    lambda: start_nginx(
+                        "nginx",
+                        tmp / "nginx",
+                        nginx_proxy_conf(tmp / "nginx", cm["port"], backend_port, cert, key),
+                        cm["port"],
+                        PROXY_CPU,
+                        logs,
+                    ),
+                    cm,
+                    say,
+                )
+                if not args.only or "nginx" in args.only
+                else {}
+            )
             # tlsproxy
             cm = common()
             note: list[str] = []
@@ -725,15 +848,23 @@ def main() -> int:
                     note.append(n)
                 return p
 
-            results["tlsproxy"] = (measure("tlsproxy", start_tp, cm, say)
-                                   if not args.only or "tlsproxy" in args.only else {})
+            results["tlsproxy"] = (
+                measure("tlsproxy", start_tp, cm, say) if not args.only or "tlsproxy" in args.only else {}
+            )
             if note:
                 results["tlsproxy"]["start_note"] = note[0]
             # ReverseProxyResource
             cm = common()
-            results["ReverseProxyResource"] = (measure("ReverseProxyResource", lambda: start_reverse_proxy(
-                cm["port"], backend_port, cert, key, logs), cm, say)
-                if not args.only or "ReverseProxyResource" in args.only else {})
+            results["ReverseProxyResource"] = (
+                measure(
+                    "ReverseProxyResource",
+                    lambda: start_reverse_proxy(cm["port"], backend_port, cert, key, logs),
+                    cm,
+                    say,
+                )
+                if not args.only or "ReverseProxyResource" in args.only
+                else {}
+            )
         finally:
             backend.stop()
     header = [

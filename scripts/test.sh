@@ -33,4 +33,5 @@ fi
 export SSLYZE_BIN="$PWD/.venv-sslyze/bin/sslyze"
 
 "$venv/bin/ruff" check tlsproxy twisted tests bench
+"$venv/bin/ruff" format --check tlsproxy twisted tests bench
 "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

@@ -75,7 +75,9 @@ class AdminHandler:
         else:
             self._send(exchange, 200, b"ready\n")
 
-    def _send(self, exchange: Exchange, status: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8") -> None:
+    def _send(
+        self, exchange: Exchange, status: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8"
+    ) -> None:
         exchange.start_response(status, pages.REASONS.get(status, b""), [(b"Content-Type", content_type)], len(body))
         exchange.write(body)
         exchange.finish()

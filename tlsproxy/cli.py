@@ -159,7 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check)
     p = sub.add_parser("dev", help="run the local HTTPS dev proxy (https://localhost:8443)")
     p.add_argument("--upstream", help=f"your app's URL (default {configuration.DEFAULT_DEV_UPSTREAM})")
-    p.add_argument("--listen", action="append", help="server endpoint string, repeatable (default tcp:8443 on localhost)")
+    p.add_argument(
+        "--listen", action="append", help="server endpoint string, repeatable (default tcp:8443 on localhost)"
+    )
     p.set_defaults(func=cmd_dev)
     p = sub.add_parser("ca", help="the local development CA: where it is, trust it, untrust it")
     p.add_argument("action", choices=["path", "install", "uninstall"])

@@ -327,7 +327,7 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
         if why:
             reader.fail("server.admin", f"{out['admin']!r}: {why}")
     if out.get("log_format", "text") not in ("text", "json"):
-        reader.fail("server.log_format", f"expected \"text\" or \"json\", found {out['log_format']!r}")
+        reader.fail("server.log_format", f'expected "text" or "json", found {out["log_format"]!r}')
     return Server(**out)
 
 
@@ -339,8 +339,7 @@ def _tls(reader: _Reader, raw: Mapping[str, Any]) -> TLS:
     if "min_version" in out and out["min_version"] not in ("1.2", "1.3"):
         reader.fail(
             "tls.min_version",
-            f"expected \"1.2\" or \"1.3\", found {out['min_version']!r}"
-            " (TLS 1.0 and 1.1 are broken and not offered)",
+            f'expected "1.2" or "1.3", found {out["min_version"]!r} (TLS 1.0 and 1.1 are broken and not offered)',
         )
         del out["min_version"]
     if "ciphers" in out:
@@ -355,7 +354,7 @@ def _tls(reader: _Reader, raw: Mapping[str, Any]) -> TLS:
             reader.fail("tls.dhparams", str(e))
     for proto in out.get("alpn", ()):
         if proto not in ("h2", "http/1.1"):
-            reader.fail("tls.alpn", f"expected \"h2\" and/or \"http/1.1\", found {proto!r}")
+            reader.fail("tls.alpn", f'expected "h2" and/or "http/1.1", found {proto!r}')
     return TLS(**out)
 
 
@@ -368,7 +367,7 @@ def _acme(reader: _Reader, raw: Mapping[str, Any]) -> ACME:
     if directory not in ACME_DIRECTORIES and not directory.startswith("https://"):
         reader.fail(
             "acme.directory",
-            f"expected \"letsencrypt\", \"letsencrypt-staging\" or an https:// URL, found {directory!r}",
+            f'expected "letsencrypt", "letsencrypt-staging" or an https:// URL, found {directory!r}',
         )
     for challenge in out.get("challenges", ()):
         if challenge not in CHALLENGES:
@@ -420,7 +419,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
     if tls == "files":
         _check_files(reader, prefix, cert, key, hosts)
     elif cert or key:
-        reader.fail(f"{prefix}.cert", f"cert and key are used only with tls = \"files\", not {tls!r}")
+        reader.fail(f"{prefix}.cert", f'cert and key are used only with tls = "files", not {tls!r}')
     hsts_raw = values.get("hsts", {})
     hsts = HSTS()
     if isinstance(hsts_raw, Mapping):
@@ -436,7 +435,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         if size is None:
             reader.fail(
                 f"{prefix}.max_body_size",
-                f"expected bytes as a number or like \"100M\", found {_describe(values['max_body_size'])}",
+                f'expected bytes as a number or like "100M", found {_describe(values["max_body_size"])}',
             )
         else:
             max_body_size = size
@@ -457,7 +456,7 @@ def _check_files(reader: _Reader, prefix: str, cert: str, key: str, hosts: tuple
 
     for name, path in (("cert", cert), ("key", key)):
         if not path:
-            reader.fail(f"{prefix}.{name}", f"tls = \"files\" needs {name} = \"/path/to/{name}.pem\"")
+            reader.fail(f"{prefix}.{name}", f'tls = "files" needs {name} = "/path/to/{name}.pem"')
         elif not os.path.isfile(path):
             reader.fail(f"{prefix}.{name}", f"no such file: {path}")
     if not (cert and key and os.path.isfile(cert) and os.path.isfile(key)):
@@ -616,7 +615,8 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
         if not acme.agree_tos:
             reader.fail(
                 "acme.agree_tos",
-                f"a site uses tls = \"acme\": set agree_tos = true to accept the terms of service of {acme.directory_url}",
+                'a site uses tls = "acme": set agree_tos = true to accept the terms of service of '
+                + acme.directory_url,
             )
         for i, site in enumerate(sites):
             wild = [h for h in site.hosts if h.startswith("*.")]

@@ -14,9 +14,29 @@ from typing import IO, Any
 
 from twisted.logger import FileLogObserver, formatEvent
 
-_SKIP = frozenset({"log_logger", "log_source", "log_format", "log_flattened", "log_io", "log_system", "log_time",
-                   "log_level", "log_namespace", "log_failure", "log_text", "log_trace", "message", "system",
-                   "isError", "time", "format", "failure", "why"})
+_SKIP = frozenset(
+    {
+        "log_logger",
+        "log_source",
+        "log_format",
+        "log_flattened",
+        "log_io",
+        "log_system",
+        "log_time",
+        "log_level",
+        "log_namespace",
+        "log_failure",
+        "log_text",
+        "log_trace",
+        "message",
+        "system",
+        "isError",
+        "time",
+        "format",
+        "failure",
+        "why",
+    }
+)
 
 
 def _when(event: dict[str, Any]) -> str:

@@ -22,7 +22,6 @@ from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeD
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from zope.interface import implementer
 
@@ -41,6 +40,7 @@ from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.handler import ProxyHandler
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
+from tlsproxy.tls.transport import LeanTLSFactory
 
 READY = "tlsproxy: ready"
 log = Logger(namespace="tlsproxy")
@@ -110,7 +110,9 @@ def build_generation(
     sni = SniServer(policy, sni_map, alpn01)
     for site in config.sites:
         if site.tls == "files":
-            certified = CertifiedKey.from_pem(Path(site.cert).read_bytes(), Path(site.key).read_bytes(), source=site.cert)
+            certified = CertifiedKey.from_pem(
+                Path(site.cert).read_bytes(), Path(site.key).read_bytes(), source=site.cert
+            )
             sni_map.set_context(site.name, sni.context_for(certified))
             log.info(
                 "site {site}: certificate from {cert} for {names}, issuer {issuer}, not after {not_after}",
@@ -211,7 +213,9 @@ class Listener(Service):
         self.port = port
         host = port.getHost()
         where = f"{getattr(host, 'host', '')}:{host.port}" if hasattr(host, "port") else str(host)
-        self.log.info("{label} listening on {where} ({description})", label=self.label, where=where, description=self.description)
+        self.log.info(
+            "{label} listening on {where} ({description})", label=self.label, where=where, description=self.description
+        )
         return port
 
     def stopService(self) -> Any:
@@ -236,16 +240,21 @@ class ProxyService(MultiService):
         self.alpn01 = TLSALPN01Answers()
         self.generation = build_generation(reactor, config, self.http01, self.alpn01, self.metrics)
         generation = self.generation
-        self.metrics.watch_certificates(lambda: {s: self.generation.sni_map.context_of(s) for s in self.generation.sni_map.sites})
+        self.metrics.watch_certificates(
+            lambda: {s: self.generation.sni_map.context_of(s) for s in self.generation.sni_map.sites}
+        )
 
         self.https_trackers = ConnectionTracker(self.metrics.open_connections.labels("https"))
         self.http_trackers = ConnectionTracker(self.metrics.open_connections.labels("http"))
         self.creator = CurrentSni(generation.sni)
-        self.https_app = NegotiatingFactory(generation.handler, reactor, generation.limits, self.https_trackers, self.metrics)
-        self.https_factory = TLSMemoryBIOFactory(self.creator, False, self.https_app)
-        self.https_factory.noisy = False
+        self.https_app = NegotiatingFactory(
+            generation.handler, reactor, generation.limits, self.https_trackers, self.metrics
+        )
+        self.https_factory = LeanTLSFactory(self.creator, False, self.https_app)
         self.plain = PlainHTTPHandler(self.http01, self._is_our_host, https_port_of(config))
-        self.plain_factory = HTTP11Factory(self.plain, reactor, generation.limits, secure=False, tracker=self.http_trackers)
+        self.plain_factory = HTTP11Factory(
+            self.plain, reactor, generation.limits, secure=False, tracker=self.http_trackers
+        )
         self.admin_factory = HTTP11Factory(
             AdminHandler(self, self.metrics.render), reactor, Limits(), secure=False, tracker=ConnectionTracker()
         )

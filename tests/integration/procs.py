@@ -82,7 +82,9 @@ class Process:
                     if needle in line:
                         return line
                 if self.proc.poll() is not None and not self._reader.is_alive():
-                    raise RuntimeError(f"{self.argv[0]} exited {self.proc.returncode} before {needle!r}:\n{self.output}")
+                    raise RuntimeError(
+                        f"{self.argv[0]} exited {self.proc.returncode} before {needle!r}:\n{self.output}"
+                    )
                 left = end - time.monotonic()
                 if left <= 0:
                     raise TimeoutError(f"no line with {needle!r} within {deadline}s:\n{self.output}")

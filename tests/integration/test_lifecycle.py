@@ -94,7 +94,10 @@ key = "{self.where}/{cert}.key"
 
     def served_serial(self) -> int:
         ctx = self.client()
-        with socket.create_connection(("127.0.0.1", self.https)) as raw, ctx.wrap_socket(raw, server_hostname="app.test") as tls:
+        with (
+            socket.create_connection(("127.0.0.1", self.https)) as raw,
+            ctx.wrap_socket(raw, server_hostname="app.test") as tls,
+        ):
             return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
 
     def admin_get(self, path: str) -> tuple[int, str]:

@@ -120,7 +120,14 @@ def test_unlisted_cipher_refused(proxy: Proxy) -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "site"), [("one.test", "one"), ("www.one.test", "one"), ("two.test", "two"), ("api.two.test", "two"), ("nobody.test", "one")]
+    ("name", "site"),
+    [
+        ("one.test", "one"),
+        ("www.one.test", "one"),
+        ("two.test", "two"),
+        ("api.two.test", "two"),
+        ("nobody.test", "one"),
+    ],
 )
 def test_servername_picks_certificate(proxy: Proxy, name: str, site: str) -> None:
     """-servername selects the site's certificate; unknown names get the first site's."""
@@ -139,7 +146,8 @@ def test_session_resumption(proxy: Proxy, version: str, tmp_path: Path) -> None:
     """A second connection resumes the first one's session."""
     session = tmp_path / "session.pem"
     first = subprocess.run(
-        f"sleep 0.5 | openssl s_client -connect 127.0.0.1:{proxy.https} {version} -servername one.test -sess_out {session}",
+        f"sleep 0.5 | openssl s_client -connect 127.0.0.1:{proxy.https} {version}"
+        f" -servername one.test -sess_out {session}",
         shell=True,
         capture_output=True,
         text=True,
@@ -153,9 +161,21 @@ def test_session_resumption(proxy: Proxy, version: str, tmp_path: Path) -> None:
 def test_h2_end_to_end(proxy: Proxy) -> None:
     """curl negotiates h2 by ALPN and gets the backend's page through the proxy."""
     result = subprocess.run(
-        ["curl", "-sS", "--http2", "--cacert", str(proxy.ca), "--resolve", f"one.test:{proxy.https}:127.0.0.1",
-         "-w", "\n%{http_version} %{http_code}", f"https://one.test:{proxy.https}/index.html"],
-        capture_output=True, text=True, timeout=20,
+        [
+            "curl",
+            "-sS",
+            "--http2",
+            "--cacert",
+            str(proxy.ca),
+            "--resolve",
+            f"one.test:{proxy.https}:127.0.0.1",
+            "-w",
+            "\n%{http_version} %{http_code}",
+            f"https://one.test:{proxy.https}/index.html",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.endswith("\n2 200")
@@ -165,9 +185,22 @@ def test_h2_end_to_end(proxy: Proxy) -> None:
 def test_http11_when_asked(proxy: Proxy) -> None:
     """A client that offers only http/1.1 gets HTTP/1.1 with HSTS."""
     result = subprocess.run(
-        ["curl", "-sS", "--http1.1", "-D-", "-o", "/dev/null", "--cacert", str(proxy.ca),
-         "--resolve", f"www.one.test:{proxy.https}:127.0.0.1", f"https://www.one.test:{proxy.https}/index.html"],
-        capture_output=True, text=True, timeout=20,
+        [
+            "curl",
+            "-sS",
+            "--http1.1",
+            "-D-",
+            "-o",
+            "/dev/null",
+            "--cacert",
+            str(proxy.ca),
+            "--resolve",
+            f"www.one.test:{proxy.https}:127.0.0.1",
+            f"https://www.one.test:{proxy.https}/index.html",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert result.stdout.startswith("HTTP/1.1 200")
     assert "strict-transport-security: max-age=63072000" in result.stdout.lower()
@@ -177,7 +210,9 @@ def test_port80_redirects_known_hosts(proxy: Proxy) -> None:
     """Plain HTTP for a configured host is a 301 to the same path on HTTPS."""
     result = subprocess.run(
         ["curl", "-sS", "-D-", "-o", "/dev/null", "-H", "Host: www.one.test", f"http://127.0.0.1:{proxy.http}/a/b?c=1"],
-        capture_output=True, text=True, timeout=20,
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert result.stdout.startswith("HTTP/1.1 301")
     assert f"Location: https://www.one.test:{proxy.https}/a/b?c=1" in result.stdout
@@ -186,8 +221,19 @@ def test_port80_redirects_known_hosts(proxy: Proxy) -> None:
 def test_port80_no_open_redirect(proxy: Proxy) -> None:
     """Plain HTTP for any other host is 404 with no Location."""
     result = subprocess.run(
-        ["curl", "-sS", "-D-", "-o", "/dev/null", "-H", "Host: evil.test", f"http://127.0.0.1:{proxy.http}//evil.test/"],
-        capture_output=True, text=True, timeout=20,
+        [
+            "curl",
+            "-sS",
+            "-D-",
+            "-o",
+            "/dev/null",
+            "-H",
+            "Host: evil.test",
+            f"http://127.0.0.1:{proxy.http}//evil.test/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert result.stdout.startswith("HTTP/1.1 404")
     assert "Location" not in result.stdout
@@ -196,9 +242,20 @@ def test_port80_no_open_redirect(proxy: Proxy) -> None:
 def test_port80_unknown_token(proxy: Proxy) -> None:
     """An ACME token nobody put in is 404 (the issuer fills the table; see the Pebble tests)."""
     result = subprocess.run(
-        ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "Host: one.test",
-         f"http://127.0.0.1:{proxy.http}/.well-known/acme-challenge/abcDEF123"],
-        capture_output=True, text=True, timeout=20,
+        [
+            "curl",
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Host: one.test",
+            f"http://127.0.0.1:{proxy.http}/.well-known/acme-challenge/abcDEF123",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=20,
     )
     assert result.stdout == "404"
 
@@ -211,7 +268,9 @@ def test_mozilla_intermediate_compliance(proxy: Proxy) -> None:
     """The default policy passes sslyze's Mozilla-intermediate check, but for certificate trust."""
     result = subprocess.run(
         [SSLYZE, "--mozilla_config=intermediate", "--sni", "one.test", f"127.0.0.1:{proxy.https}"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert "COMPLIANCE AGAINST TLS CONFIGURATION" in result.stdout, result.stdout + result.stderr
     section = result.stdout.split("COMPLIANCE AGAINST TLS CONFIGURATION", 1)[1]
@@ -225,7 +284,11 @@ def test_dhparams_enable_dhe(tmp_path: Path) -> None:
     ca = trustme.CA()
     _write_leaf(ca, tmp_path, "rsa", "rsa.test", rsa=True)
     dh = tmp_path / "dh.pem"
-    subprocess.run(["openssl", "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048", "-out", str(dh)], check=True, capture_output=True)
+    subprocess.run(
+        ["openssl", "genpkey", "-genparam", "-algorithm", "DH", "-pkeyopt", "group:ffdhe2048", "-out", str(dh)],
+        check=True,
+        capture_output=True,
+    )
     results = {}
     for with_dh in (True, False):
         port = free_port()
@@ -237,7 +300,7 @@ https = ["tcp:{port}:interface=127.0.0.1"]
 http = []
 [tls]
 ciphers = "ECDHE-RSA-AES128-GCM-SHA256:DHE-RSA-AES128-GCM-SHA256"
-dhparams = "{dh if with_dh else ''}"
+dhparams = "{dh if with_dh else ""}"
 [[site]]
 hosts = ["rsa.test"]
 upstream = "http://127.0.0.1:9"
@@ -247,7 +310,9 @@ key = "{tmp_path}/rsa.key"
 """
         )
         with tlsproxy(config):
-            results[with_dh] = s_client(port, "-tls1_2", "-cipher", "DHE-RSA-AES128-GCM-SHA256", "-servername", "rsa.test")
+            results[with_dh] = s_client(
+                port, "-tls1_2", "-cipher", "DHE-RSA-AES128-GCM-SHA256", "-servername", "rsa.test"
+            )
     assert "Cipher is DHE-RSA-AES128-GCM-SHA256" in results[True].stdout
     assert "Cipher is DHE-RSA-AES128-GCM-SHA256" not in results[False].stdout
 
@@ -255,10 +320,14 @@ key = "{tmp_path}/rsa.key"
 def test_bad_config_exits_with_message(tmp_path: Path) -> None:
     """A bad config stops `twist tlsproxy` with the file, key and reason, and exit status 1."""
     config = tmp_path / "bad.toml"
-    config.write_text('[tls]\nmin_version = "1.0"\n[[site]]\nhosts = ["a.test"]\nupstream = "http://127.0.0.1:9"\ntls = "local"\n')
+    config.write_text(
+        '[tls]\nmin_version = "1.0"\n[[site]]\nhosts = ["a.test"]\nupstream = "http://127.0.0.1:9"\ntls = "local"\n'
+    )
     from tests.integration.procs import BIN
 
-    result = subprocess.run([str(BIN / "twist"), "tlsproxy", "--config", str(config)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(BIN / "twist"), "tlsproxy", "--config", str(config)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert f"{config}: tls.min_version" in result.stderr
 
@@ -269,11 +338,15 @@ def test_check_command(tmp_path: Path) -> None:
 
     good = tmp_path / "good.toml"
     good.write_text('[[site]]\nhosts = ["a.test"]\nupstream = "unix:/run/app.sock"\ntls = "local"\n')
-    result = subprocess.run([str(BIN / "tlsproxy"), "check", "--config", str(good)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(BIN / "tlsproxy"), "check", "--config", str(good)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr
     assert "upstream = unix:/run/app.sock" in result.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('[[site]]\nhosts = ["a.test"]\nupstream = "unix:/run/app.sock"\ntls = "local"\nwat = 1\n')
-    result = subprocess.run([str(BIN / "tlsproxy"), "check", "--config", str(bad)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [str(BIN / "tlsproxy"), "check", "--config", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 1
     assert "site[0].wat: unknown key" in result.stderr

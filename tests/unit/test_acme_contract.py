@@ -45,7 +45,7 @@ def fresh_names(n: int = 2) -> tuple[str, ...]:
 def chains_to(chain: tuple[x509.Certificate, ...], roots_pem: bytes) -> bool:
     """Whether the last certificate of ``chain`` was signed by one of ``roots_pem``."""
     roots = x509.load_pem_x509_certificates(roots_pem)
-    for child, parent in zip(chain, chain[1:]):
+    for child, parent in itertools.pairwise(chain):
         child.verify_directly_issued_by(parent)
     last = chain[-1]
     for root in roots:

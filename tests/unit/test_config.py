@@ -176,7 +176,8 @@ def test_example_config_is_valid(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("text", "size"), [("1048576", 1048576), ("512k", 524288), ("100M", 104857600), ("1G", 1073741824), ("2MiB", 2097152)]
+    ("text", "size"),
+    [("1048576", 1048576), ("512k", 524288), ("100M", 104857600), ("1G", 1073741824), ("2MiB", 2097152)],
 )
 def test_sizes(text: str, size: int) -> None:
     """Body sizes read as bytes or with binary units."""

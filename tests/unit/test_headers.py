@@ -60,7 +60,17 @@ def test_trusted_peer_forwarding_kept() -> None:
 
 def test_hop_by_hop_and_connection_named_removed() -> None:
     """Hop-by-hop headers and those the Connection header names are removed."""
-    out = dict(upstream([(b"connection", b"keep-alive, x-secret"), (b"x-secret", b"1"), (b"te", b"trailers"), (b"transfer-encoding", b"chunked"), (b"content-length", b"5")]))
+    out = dict(
+        upstream(
+            [
+                (b"connection", b"keep-alive, x-secret"),
+                (b"x-secret", b"1"),
+                (b"te", b"trailers"),
+                (b"transfer-encoding", b"chunked"),
+                (b"content-length", b"5"),
+            ]
+        )
+    )
     assert b"x-secret" not in out and b"te" not in out and b"connection" not in out
     assert b"transfer-encoding" not in out and b"content-length" not in out
 
@@ -99,7 +109,9 @@ def test_trusted_ranges() -> None:
     assert not is_trusted("unix", nets)
 
 
-header_names = st.sampled_from(sorted(FORWARDING) + [b"x_forwarded_for", b"x_forwarded_proto", b"x-other", b"connection"])
+header_names = st.sampled_from(
+    [*sorted(FORWARDING), b"x_forwarded_for", b"x_forwarded_proto", b"x-other", b"connection"]
+)
 
 
 @given(st.lists(st.tuples(header_names, st.binary(min_size=0, max_size=20)), max_size=12))

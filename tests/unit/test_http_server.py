@@ -85,7 +85,9 @@ class RequestTests(ServerTestCase):
 
     def test_chunked_body(self) -> None:
         """A chunked request body is de-chunked for the handler."""
-        out = self.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n")
+        out = self.feed(
+            b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        )
         self.assertIn(b"X-Body: 5", out)
         self.assertTrue(out.endswith(b"abcde"))
 
@@ -195,7 +197,9 @@ class LimitTests(ServerTestCase):
 
     def test_too_many_headers(self) -> None:
         """More header fields than allowed gets 431."""
-        self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(11)) + b"\r\n", 431)
+        self.assertRefused(
+            b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(11)) + b"\r\n", 431
+        )
 
     def test_slowloris_deadline_does_not_restart(self) -> None:
         """Trickling a head byte by byte does not extend the head deadline."""

@@ -101,7 +101,9 @@ class SniTests(SynchronousTestCase):
     def test_min_version_13(self) -> None:
         """With min_version 1.3, TLS 1.2 clients are refused."""
         server = SniServer(TLSPolicy(min_version="1.3"), self.sni_map)
-        outcome = handshake(server.serverConnectionForTLS(None), client_context(max_version=SSL.TLS1_2_VERSION), "a.test")
+        outcome = handshake(
+            server.serverConnectionForTLS(None), client_context(max_version=SSL.TLS1_2_VERSION), "a.test"
+        )
         self.assertFalse(outcome.ok)
 
     def test_alpn_prefers_h2(self) -> None:

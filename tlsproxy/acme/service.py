@@ -123,7 +123,7 @@ class CertificateService(Service):
         self.store = CertificateStore(config.server.state_dir)
         self.policy = policy
         self.poll_interval = poll_interval
-        self._rng = rng or random.Random()
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
         self._run = run_in_thread or (
             lambda f, *a, **kw: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a, **kw)
         )

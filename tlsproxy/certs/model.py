@@ -42,8 +42,10 @@ class CertifiedKey:
     def __post_init__(self) -> None:
         if not self.chain:
             raise CertificateError(self.source, "no certificate found")
-        leaf_public = self.chain[0].public_key().public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        leaf_public = (
+            self.chain[0]
+            .public_key()
+            .public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
         )
         key_public = self.key.public_key().public_bytes(
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

@@ -131,7 +131,7 @@ class SiteMeta:
         if not isinstance(raw, dict):
             return cls()
         values: dict[str, Any] = {}
-        for name, default in cls.__dataclass_fields__.items():
+        for name in cls.__dataclass_fields__:
             if name.startswith("_") or name not in raw:
                 continue
             value = raw[name]

@@ -81,6 +81,9 @@ class Exchange(Protocol):
     @property
     def response_started(self) -> bool: ...
 
+    @property
+    def transport(self) -> object: ...
+
 
 class Handler(Protocol):
     def handle(self, exchange: Exchange) -> None: ...

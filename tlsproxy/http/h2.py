@@ -64,6 +64,10 @@ class H2Exchange:
         self._producer_paused = False
         self.no_body = head.method == b"HEAD"
 
+    @property
+    def transport(self) -> Any:
+        return self._proto.transport
+
     # -- request body --------------------------------------------------------
 
     def set_body_consumer(self, consumer: BodyConsumer) -> None:

@@ -62,7 +62,9 @@ def render(status: int, message: str | None = None) -> bytes:
     ).encode()
 
 
-def send(exchange: Exchange, status: int, message: str | None = None, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+def send(
+    exchange: Exchange, status: int, message: str | None = None, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     """Answer ``exchange`` with a short page and finish it."""
     body = render(status, message)
     exchange.start_response(

@@ -94,6 +94,11 @@ class HTTP11Exchange:
         self._chunked_out = False
         self.tunnel: Any = None
 
+    @property
+    def transport(self) -> Any:
+        """The client's transport (for corking a burst of writes)."""
+        return self._proto.transport
+
     # -- request body --------------------------------------------------------
 
     def set_body_consumer(self, consumer: BodyConsumer) -> None:
@@ -486,7 +491,9 @@ class HTTP11ServerProtocol(Protocol):
         try:
             self.handler.handle(exchange)
         except Exception:
-            self.log.failure("handler failed for {method} {target}", method=exchange.head.method, target=exchange.head.target)
+            self.log.failure(
+                "handler failed for {method} {target}", method=exchange.head.method, target=exchange.head.target
+            )
             if not exchange.response_started:
                 pages.send(exchange, 500)
             else:
@@ -605,7 +612,7 @@ def _valid_host(host: bytes) -> bool:
     if not host:
         return True
     for byte in host:
-        if byte <= 0x20 or byte >= 0x7F or byte in b"/\\?#@\"<>{}|^`":
+        if byte <= 0x20 or byte >= 0x7F or byte in b'/\\?#@"<>{}|^`':
             return False
     return True
 
@@ -615,7 +622,9 @@ class HTTP11Factory(Factory):
 
     noisy = False
 
-    def __init__(self, handler: Handler, clock: IReactorTime, limits: Limits, secure: bool, tracker: Any = None) -> None:
+    def __init__(
+        self, handler: Handler, clock: IReactorTime, limits: Limits, secure: bool, tracker: Any = None
+    ) -> None:
         self.handler = handler
         self.clock = clock
         self.limits = limits

@@ -308,7 +308,7 @@ class ProxiedRequest:
 
     def response_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         self.cancel_timer()
-        status, reason, headers = self.pending_101 or (101, b"Switching Protocols", [])
+        _, reason, headers = self.pending_101 or (101, b"Switching Protocols", [])
         out = response_headers(headers, hsts=None, secure_cookies=False, keep_upgrade=True)
         self.status = 101
         self.exchange.start_response(101, reason, out, None)
@@ -319,6 +319,9 @@ class ProxiedRequest:
         if rest:
             self.exchange.write(rest)
         self.logged(101)
+
+    def client_transport(self) -> Any:
+        return self.exchange.transport
 
     # The tunnel's upstream side writes here after a 101.
     def write(self, data: bytes) -> None:
@@ -337,7 +340,9 @@ class ProxiedRequest:
             self.conn.close()
             self.conn = None
         if self.exchange.response_started:
-            self.log.warn("{upstream}: {detail}; response cut short", upstream=self.route.site.upstream.url, detail=error.detail)
+            self.log.warn(
+                "{upstream}: {detail}; response cut short", upstream=self.route.site.upstream.url, detail=error.detail
+            )
             self.exchange.abort()
             return
         self.log.warn("{upstream}: {detail}", upstream=self.route.site.upstream.url, detail=error.detail)
@@ -437,4 +442,3 @@ class _ResponsePauser:
 
     def stopProducing(self) -> None:
         self.conn.close()
-

@@ -8,7 +8,8 @@ pool only when both messages ended cleanly and the app did not ask to close.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 import httptools
 from twisted.internet import error
@@ -21,6 +22,7 @@ from zope.interface import implementer
 
 from tlsproxy.config import Upstream
 from tlsproxy.http.exchange import Headers
+from tlsproxy.tls.transport import send_now
 
 
 class UpstreamError(Exception):
@@ -44,6 +46,8 @@ class ResponseSink(TypingProtocol):
     def response_failed(self, error: UpstreamError) -> None: ...
 
     def response_upgraded(self, connection: UpstreamConnection, rest: bytes) -> None: ...
+
+    def client_transport(self) -> Any: ...
 
 
 @implementer(IPushProducer)
@@ -95,9 +99,7 @@ class UpstreamConnection(Protocol):
                 if self._status and self._headers_sent:
                     sink.response_end()
                     return
-            sink.response_failed(
-                UpstreamError(502, detail, before_response=not self._got_bytes, reused=self.reused)
-            )
+            sink.response_failed(UpstreamError(502, detail, before_response=not self._got_bytes, reused=self.reused))
 
     _headers_sent = False
 
@@ -110,6 +112,18 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self._got_bytes = True
+        # Everything this read produces for the client leaves in one write.
+        client = self.sink.client_transport()
+        cork = getattr(client, "cork", None)
+        if cork is not None:
+            cork()
+        try:
+            self._feed(data)
+        finally:
+            if cork is not None:
+                client.uncork()
+
+    def _feed(self, data: bytes) -> None:
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -128,7 +142,9 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             if sink is not None:
                 sink.response_failed(
-                    UpstreamError(502, f"the app sent a malformed response ({e})", before_response=not self._headers_sent)
+                    UpstreamError(
+                        502, f"the app sent a malformed response ({e})", before_response=not self._headers_sent
+                    )
                 )
 
     # -- requests --------------------------------------------------------------
@@ -143,10 +159,10 @@ class UpstreamConnection(Protocol):
         self._got_bytes = False
         self._head_only = head_only
         self._done = False
-        self.transport.write(head)
+        send_now(self.transport, head)
 
     def write(self, data: bytes) -> None:
-        self.transport.write(data)
+        send_now(self.transport, data)
 
     def set_request_producer(self, producer: IPushProducer | None) -> None:
         """Who to pause when the app reads the request body slower than it comes."""
