@@ -20,7 +20,7 @@ venv=${TLSPROXY_VENV:-.venv}
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
-"$venv/bin/pip" install -q --upgrade pip >/dev/null
+"$venv/bin/pip" install -q --upgrade pip "setuptools>=77" >/dev/null
 # A plain (not editable) install: the integration tests run the installed `twist tlsproxy`.
 "$venv/bin/pip" install -q --force-reinstall --no-deps . >/dev/null
 "$venv/bin/pip" install -q '.[test]' >/dev/null

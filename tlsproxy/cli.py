@@ -143,8 +143,16 @@ def cmd_account(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_ca(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy import devca
 
-    action = {"path": devca.ca_path, "install": devca.ca_install, "uninstall": devca.ca_uninstall}[args.action]
-    return int(action(os.environ, out))
+    if args.action == "path":
+        return devca.ca_path(os.environ, out)
+    wanted = {s.strip() for s in args.stores.split(",") if s.strip()}
+    unknown = wanted - {"nss", "system"}
+    if unknown:
+        print(f"tlsproxy: --stores: unknown store {', '.join(sorted(unknown))} (nss, system)", file=err)
+        return 2
+    stores = devca.TrustStores(nss="nss" in wanted, system="system" in wanted)
+    action = devca.ca_install if args.action == "install" else devca.ca_uninstall
+    return int(action(os.environ, out, stores=stores))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -165,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_dev)
     p = sub.add_parser("ca", help="the local development CA: where it is, trust it, untrust it")
     p.add_argument("action", choices=["path", "install", "uninstall"])
+    p.add_argument(
+        "--stores",
+        default="nss,system",
+        help="trust stores to change: nss (Chromium, Firefox) and/or system (default: nss,system)",
+    )
     p.set_defaults(func=cmd_ca)
     p = with_config(sub.add_parser("certs", help="list certificates: hosts, source, not-after, next renewal"))
     p.set_defaults(func=cmd_certs)

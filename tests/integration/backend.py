@@ -16,9 +16,51 @@ class Handler(BaseHTTPRequestHandler):
         query = parse_qs(url.query)
         if url.path == "/slow":
             time.sleep(float(query.get("s", ["1"])[0]))
+        if url.path == "/stream":
+            self.stream(int(query["size"][0]))
+            return
         body = f"hello {url.path}\n".encode()
         self.send_response(200)
         self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def stream(self, size: int) -> None:
+        """``size`` bytes of zeros, with a Content-Length, written as fast as the socket takes them."""
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        chunk = bytes(256 * 1024)
+        while size > 0:
+            self.wfile.write(chunk[: min(size, len(chunk))])
+            size -= len(chunk)
+
+    def do_POST(self) -> None:
+        """Read the whole body (Content-Length or chunked) and answer with its length."""
+        total = 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0], 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                while size:
+                    got = self.rfile.read(min(size, 1 << 20))
+                    total += len(got)
+                    size -= len(got)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("Content-Length", "0"))
+            while left:
+                got = self.rfile.read(min(left, 1 << 20))
+                if not got:
+                    break
+                total += len(got)
+                left -= len(got)
+        body = f"{total}\n".encode()
+        self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

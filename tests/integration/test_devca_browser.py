@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import io
+import os
 import shutil
 import socket
 import subprocess
@@ -169,11 +170,28 @@ def test_chromium_through_twist_tlsproxy_dev_default(
     for port in (8000, 8443):
         if not port_is_free(port):
             pytest.skip(f"127.0.0.1:{port} is busy; the dev default needs it (upstream :8000, https :8443)")
-    home, caroot = installed_home
-    env = {"HOME": str(home), "TLSPROXY_CAROOT": str(caroot), "PYTHONPATH": str(REPO)}
-    with upstream(tmp_path / "www", marker, 8000), procs.tlsproxy(None, env=env) as proxy:
-        result = chromium_dom("https://localhost:8443/", home, tmp_path / "profile")
+    home, caroot = tmp_path / "dev-home", tmp_path / "dev-caroot"
+    home.mkdir()
+    env = {"HOME": str(home), "TLSPROXY_CAROOT": str(caroot)}
+    # The real command, as a developer runs it (the system store is left alone here).
+    installed = subprocess.run(
+        [str(procs.BIN / "tlsproxy"), "ca", "install", "--stores", "nss"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert installed.returncode == 0, installed.stdout + installed.stderr
+    with procs.tlsproxy(None, env=env) as proxy:
+        first_lines = "\n".join(proxy.lines[:3])
+        # Nothing on :8000 yet: the browser gets a page that says what to do.
+        waiting = chromium_dom("https://localhost:8443/", home, tmp_path / "profile-0")
+        with upstream(tmp_path / "www", marker, 8000):
+            result = chromium_dom("https://localhost:8443/", home, tmp_path / "profile")
         log = proxy.output
+    assert "https://localhost:8443/" in first_lines and str(caroot) in first_lines, first_lines
+    assert "Nothing is listening on http://127.0.0.1:8000" in waiting.stdout, waiting.stdout[-2000:]
+    assert "manage.py runserver" in waiting.stdout
     assert marker in result.stdout, f"{result.stderr[-2000:]}\n--- tlsproxy ---\n{log[-3000:]}"
     assert "ERR_CERT" not in result.stderr
     assert "BEGIN" not in log and "PRIVATE KEY" not in log, "no key material in the proxy's log"
