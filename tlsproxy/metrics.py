@@ -1,77 +1,152 @@
-"""Prometheus metrics of one tlsproxy process, in a registry of its own."""
+"""Prometheus metrics of one tlsproxy process.
+
+Every update happens on the reactor thread, so the hot-path counters here are
+plain integers (prometheus_client's own take a lock per update, which showed
+up in the per-request profile); they are turned into Prometheus families only
+when /metrics is scraped.
+"""
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from OpenSSL import SSL
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
-class _CertificateCollector:
-    """Reads not-after from the contexts being served right now, at scrape time."""
+class Count:
+    """A counter or gauge value."""
 
-    def __init__(self, contexts: Callable[[], dict[str, SSL.Context | None]]) -> None:
-        self.contexts = contexts
+    __slots__ = ("value",)
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        family = GaugeMetricFamily(
-            "tlsproxy_certificate_not_after_seconds",
-            "Expiry (Unix time) of the certificate served for each site",
-            labels=["site"],
-        )
-        for site, context in self.contexts().items():
-            if context is None:
-                continue
-            cert = SSL.Connection(context, None).get_certificate()
-            if cert is not None:
-                family.add_metric([site], cert.to_cryptography().not_valid_after_utc.timestamp())
-        yield family
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1) -> None:
+        self.value += amount
+
+    def dec(self, amount: float = 1) -> None:
+        self.value -= amount
+
+
+class Histogram:
+    """Counts per bucket (not cumulative until scraped), their sum and number."""
+
+    __slots__ = ("count", "counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
+        self.sum += value
+        self.count += 1
+
+
+class Family:
+    """One metric name with its labelled children."""
+
+    def __init__(self, kind: str, name: str, documentation: str, labels: tuple[str, ...] = ()) -> None:
+        self.kind = kind
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = labels
+        self.children: dict[tuple[str, ...], Any] = {}
+
+    def labels(self, *values: str) -> Any:
+        child = self.children.get(values)
+        if child is None:
+            child = self.children[values] = Histogram() if self.kind == "histogram" else Count()
+        return child
+
+    # Unlabelled families act as their single child.
+    def inc(self, amount: float = 1) -> None:
+        self.labels().inc(amount)
+
+    def collect(self) -> Any:
+        if self.kind == "histogram":
+            family = HistogramMetricFamily(self.name, self.documentation, labels=list(self.labelnames))
+            for values, hist in self.children.items():
+                running, buckets = 0, []
+                for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), hist.counts, strict=True):
+                    running += count
+                    buckets.append((bound, running))
+                family.add_metric(list(values), buckets, hist.sum)
+            return family
+        cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
+        family = cls(self.name, self.documentation, labels=list(self.labelnames))
+        for values, child in self.children.items():
+            family.add_metric(list(values), child.value)
+        return family
 
 
 class Metrics:
     """Counters the proxy, the listeners and the certificate services update."""
 
     def __init__(self) -> None:
-        disable_created_metrics()
-        self.registry = CollectorRegistry(auto_describe=True)
-        self.requests = Counter(
-            "tlsproxy_requests", "Requests answered, by site and status", ["site", "status"], registry=self.registry
+        self.requests = Family(
+            "counter", "tlsproxy_requests", "Requests answered, by site and status", ("site", "status")
         )
-        self.upstream_latency = Histogram(
+        self.upstream_latency = Family(
+            "histogram",
             "tlsproxy_upstream_latency_seconds",
             "Time from sending a request to the app until its response head",
-            ["site"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.registry,
+            ("site",),
         )
-        self.open_connections = Gauge(
-            "tlsproxy_open_connections", "Client connections open now", ["listener"], registry=self.registry
+        self.open_connections = Family(
+            "gauge", "tlsproxy_open_connections", "Client connections open now", ("listener",)
         )
-        self.handshakes = Counter("tlsproxy_tls_handshakes", "Completed TLS handshakes", registry=self.registry)
-        self.handshake_failures = Counter(
-            "tlsproxy_tls_handshake_failures",
-            "TLS connections that closed before completing a handshake",
-            registry=self.registry,
+        self.handshakes = Family("counter", "tlsproxy_tls_handshakes", "Completed TLS handshakes")
+        self.handshake_failures = Family(
+            "counter", "tlsproxy_tls_handshake_failures", "TLS connections that closed before completing a handshake"
         )
-        self.renewal_attempts = Counter(
-            "tlsproxy_certificate_renewal_attempts", "Certificate orders attempted", ["site"], registry=self.registry
+        self.renewal_attempts = Family(
+            "counter", "tlsproxy_certificate_renewal_attempts", "Certificate orders attempted", ("site",)
         )
-        self.renewal_failures = Counter(
-            "tlsproxy_certificate_renewal_failures", "Certificate orders that failed", ["site"], registry=self.registry
+        self.renewal_failures = Family(
+            "counter", "tlsproxy_certificate_renewal_failures", "Certificate orders that failed", ("site",)
         )
-        self._certificates: _CertificateCollector | None = None
+        self.handshakes.labels()
+        self.handshake_failures.labels()
+        self._families = [
+            self.requests,
+            self.upstream_latency,
+            self.open_connections,
+            self.handshakes,
+            self.handshake_failures,
+            self.renewal_attempts,
+            self.renewal_failures,
+        ]
+        self._contexts: Callable[[], dict[str, Any]] = dict
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)  # type: ignore[arg-type]
 
-    def watch_certificates(self, contexts: Callable[[], dict[str, Any]]) -> None:
-        if self._certificates is None:
-            self._certificates = _CertificateCollector(contexts)
-            self.registry.register(self._certificates)  # type: ignore[arg-type]
-        else:
-            self._certificates.contexts = contexts
+    def watch_certificates(self, contexts: Callable[[], dict[str, SSL.Context | None]]) -> None:
+        """Where to read the served certificates' expiry from at scrape time."""
+        self._contexts = contexts
+
+    def collect(self) -> Iterator[Any]:
+        for family in self._families:
+            yield family.collect()
+        expiry = GaugeMetricFamily(
+            "tlsproxy_certificate_not_after_seconds",
+            "Expiry (Unix time) of the certificate served for each site",
+            labels=["site"],
+        )
+        for site, context in self._contexts().items():
+            if context is None:
+                continue
+            cert = SSL.Connection(context, None).get_certificate()
+            if cert is not None:
+                expiry.add_metric([site], cert.to_cryptography().not_valid_after_utc.timestamp())
+        yield expiry
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -84,6 +84,9 @@ class Exchange(Protocol):
     @property
     def transport(self) -> object: ...
 
+    @property
+    def connection(self) -> object: ...
+
 
 class Handler(Protocol):
     def handle(self, exchange: Exchange) -> None: ...

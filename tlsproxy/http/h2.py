@@ -68,6 +68,11 @@ class H2Exchange:
     def transport(self) -> Any:
         return self._proto.transport
 
+    @property
+    def connection(self) -> Any:
+        # Streams run side by side: each is its own one-request "connection".
+        return self
+
     # -- request body --------------------------------------------------------
 
     def set_body_consumer(self, consumer: BodyConsumer) -> None:

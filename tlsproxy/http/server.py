@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tlsproxy.http import pages
+from tlsproxy.http.deadline import Deadline
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead
 
 _REASONS = pages.REASONS
@@ -98,6 +99,11 @@ class HTTP11Exchange:
     def transport(self) -> Any:
         """The client's transport (for corking a burst of writes)."""
         return self._proto.transport
+
+    @property
+    def connection(self) -> Any:
+        """What lives as long as the client connection and serves one request at a time."""
+        return self._proto
 
     # -- request body --------------------------------------------------------
 
@@ -245,7 +251,7 @@ class HTTP11ServerProtocol(Protocol):
         self._reading_paused = False
         self._closing = False
         self._tunnel: Any = None
-        self._timer: Any = None
+        self._timer = Deadline(clock)
         self._in_head = False
         self._head_bytes = 0
         self._url = b""
@@ -271,8 +277,12 @@ class HTTP11ServerProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self._set_timer(self.limits.idle_timeout, self._idle_timeout)
 
+    upstream_deadline: Deadline | None = None
+
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
-        self._cancel_timer()
+        self._timer.stop()
+        if self.upstream_deadline is not None:
+            self.upstream_deadline.stop()
         if self.tracker is not None:
             self.tracker.remove(self)
         if self._tunnel is not None:
@@ -287,26 +297,19 @@ class HTTP11ServerProtocol(Protocol):
     # -- timers --------------------------------------------------------------
 
     def _set_timer(self, seconds: float, action: Any) -> None:
-        self._cancel_timer()
-        self._timer = self.clock.callLater(seconds, action)
+        self._timer.set(seconds, action)
 
     def _cancel_timer(self) -> None:
-        if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
-            self._timer = None
+        self._timer.clear()
 
     def _handshake_timeout(self) -> None:
-        self._timer = None
         self.log.debug("TLS handshake from {client} timed out", client=self.client_address)
         self.transport.abortConnection()
 
     def _idle_timeout(self) -> None:
-        self._timer = None
         self._close()
 
     def _head_timeout(self) -> None:
-        self._timer = None
         self._refuse(RequestError(408, "the request head did not arrive in time"))
 
     # -- parsing -------------------------------------------------------------

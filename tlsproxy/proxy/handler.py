@@ -19,6 +19,7 @@ from twisted.python.failure import Failure
 
 from tlsproxy.config import Server, Site
 from tlsproxy.http import pages
+from tlsproxy.http.deadline import Deadline
 from tlsproxy.http.exchange import Exchange, Headers
 from tlsproxy.http.plain import split_host_port
 from tlsproxy.proxy.accesslog import AccessLog
@@ -37,6 +38,7 @@ class Route:
     pool: UpstreamPool
     hsts: bytes | None
     dev: bool = False
+    latency: Any = None
 
 
 class ProxyHandler:
@@ -58,6 +60,7 @@ class ProxyHandler:
         self.access_log = access_log
         self.dev = dev
         self.metrics = metrics
+        self._counters: dict[tuple[str, int], Any] = {}
         pools: dict[str, UpstreamPool] = {}
         self._exact: dict[str, Route] = {}
         self._wild: dict[str, Route] = {}
@@ -67,6 +70,8 @@ class ProxyHandler:
             if pool is None:
                 pool = pools[site.upstream.url] = UpstreamPool(reactor, site.upstream, server.connect_timeout)
             route = Route(site=site, pool=pool, hsts=site.hsts.header_value(), dev=dev)
+            if metrics is not None:
+                route.latency = metrics.upstream_latency.labels(site.name)
             self.routes.append(route)
             for host in site.hosts:
                 if host.startswith("*."):
@@ -98,12 +103,25 @@ class ProxyHandler:
             return
         ProxiedRequest(self, route, exchange).start()
 
+    def deadline_for(self, exchange: Exchange) -> Deadline:
+        """The upstream timeout of a request (one reusable deadline per client connection)."""
+        owner = exchange.connection
+        deadline = getattr(owner, "upstream_deadline", None)
+        if deadline is None:
+            deadline = Deadline(self.reactor)
+            owner.upstream_deadline = deadline
+        return deadline
+
     def record(self, exchange: Exchange, site: str, status: int, size: int) -> None:
         """One finished request: the access log line and the request counter."""
         if self.access_log is not None:
             self.access_log.log(exchange, status, size)
         if self.metrics is not None:
-            self.metrics.requests.labels(site, str(status)).inc()
+            key = (site, status)
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = self._counters[key] = self.metrics.requests.labels(site, str(status))
+            counter.inc()
 
     def close(self) -> None:
         for pool in self.pools:
@@ -135,7 +153,8 @@ class ProxiedRequest:
         self.retried = False
         self.finished = False
         self.pending_101: tuple[int, bytes, Headers] | None = None
-        self.timer: Any = None
+        self.timer = handler.deadline_for(exchange)
+        self.timeout = 0.0
         self.last_activity = 0.0
         self.paused = False
         trusted = is_trusted(exchange.client_address, handler.server.trusted_proxies)
@@ -255,9 +274,9 @@ class ProxiedRequest:
 
     def response_head(self, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None:
         self.touch()
-        metrics = self.handler.metrics
-        if metrics is not None:
-            metrics.upstream_latency.labels(self.route.site.name).observe(self.last_activity - self.sent_at)
+        latency = self.route.latency
+        if latency is not None:
+            latency.observe(self.last_activity - self.sent_at)
         if status == 101:
             self.pending_101 = (status, reason, headers)
             return
@@ -382,24 +401,22 @@ class ProxiedRequest:
         self.last_activity = self.clock.seconds()
 
     def set_timer(self, seconds: float) -> None:
-        self.cancel_timer()
         self.touch()
-        self.timer = self.clock.callLater(seconds, self.timed_out, seconds)
+        self.timeout = seconds
+        self.timer.set(seconds, self.timed_out)
 
     def cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
-            self.timer.cancel()
-        self.timer = None
+        self.timer.clear()
 
-    def timed_out(self, seconds: float) -> None:
+    def timed_out(self) -> None:
+        seconds = self.timeout
         idle = self.clock.seconds() - self.last_activity
         if idle < seconds or self.paused:
             # Waiting on a slow client is not the app's fault.
             if self.paused:
                 idle = 0
-            self.timer = self.clock.callLater(seconds - idle, self.timed_out, seconds)
+            self.timer.set(seconds - idle, self.timed_out)
             return
-        self.timer = None
         if self.finished:
             return
         self.fail(UpstreamError(504, f"no answer from the app within {seconds:g}s", before_response=not self.status))

@@ -12,8 +12,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL.SSL import WantReadError
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
+from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.internet.protocol import Protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
+from zope.interface import directlyProvides, providedBy
+
+
+def _mem_pending(bio: Any) -> int:
+    """Bytes waiting in a memory BIO (BIO_get_mem_data with no pointer)."""
+    return int(_lib.BIO_get_mem_data(bio, _ffi.NULL))
 
 
 def send_now(transport: Any, data: bytes) -> None:
@@ -47,6 +58,19 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
 
     _corked: list[bytes] | None = None
 
+    def makeConnection(self, transport: Any) -> None:
+        # As TLSMemoryBIOProtocol.makeConnection, but the transport's
+        # interfaces are declared in one call rather than one per interface
+        # (zope's directlyProvides was a measurable part of each handshake).
+        self._tlsConnection = self.factory._creatorCallable(self)
+        self._appSendBuffer = []
+        directlyProvides(self, providedBy(transport))
+        Protocol.makeConnection(self, transport)
+        self.factory.registerProtocol(self)
+        if self._connectWrapped:
+            ProtocolWrapper.makeConnection(self, transport)
+        self._checkHandshakeStatus()
+
     def cork(self) -> None:
         if self._corked is None:
             self._corked = []
@@ -72,11 +96,35 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         super().loseConnection()
 
     def _flushSendBIO(self) -> None:
+        # Ask the memory BIO how much it holds instead of catching WantReadError.
+        if _mem_pending(self._tlsConnection._from_ssl) == 0:
+            return
         try:
             data = self._tlsConnection.bio_read(2**17)
         except WantReadError:
             return
         send_now(self.transport, data)
+
+    def _flushReceiveBIO(self) -> None:
+        connection = self._tlsConnection
+        while not self._lostTLSConnection:
+            try:
+                data = connection.recv(2**15)
+            except WantReadError:
+                break
+            except ZeroReturnError:
+                self._shutdownTLS()
+                self._tlsShutdownFinished(None)
+            except Error:
+                self._tlsShutdownFinished(Failure())
+            else:
+                if not self._aborted:
+                    ProtocolWrapper.dataReceived(self, data)
+                # Another record (or the rest of this one) to read?  Asking
+                # is cheaper than the WantReadError a blind recv would raise.
+                if not self._lostTLSConnection and not connection.pending() and _mem_pending(connection._into_ssl) == 0:
+                    break
+        self._flushSendBIO()
 
 
 class LeanTLSFactory(TLSMemoryBIOFactory):
