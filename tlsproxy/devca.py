@@ -36,6 +36,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
@@ -428,6 +429,7 @@ class LocalCertificateService(Service):
         self.sites = tuple(s for s in sites if s.tls == "local")
         self.lifetime = lifetime
         self._current: dict[str, CertifiedKey] = {}
+        self._by_name: dict[str, tuple[CertifiedKey, SSL.Context]] = {}
         self._call: IDelayedCall | None = None
 
     @property
@@ -440,9 +442,12 @@ class LocalCertificateService(Service):
         for site in self.sites:
             wild = ignored_wildcards(site.hosts)
             if wild:
+                # Browsers ignore a wildcard right above a one-label name such
+                # as *.localhost, so each such name gets a leaf of its own on
+                # its first handshake.
+                self.sni.sni_map.set_on_demand(site.name, self.context_for_name)
                 self.log.info(
-                    "{site}: {wildcards} stays in the certificate but is not honoured by browsers"
-                    " (a wildcard needs two labels after it); list such hosts one by one",
+                    "{site}: names under {wildcards} get a certificate of their own on first use",
                     site=site.name,
                     wildcards=", ".join(wild),
                 )
@@ -473,6 +478,26 @@ class LocalCertificateService(Service):
         if next_at is not None and self.running:
             delay = max(0.0, (next_at - now).total_seconds())
             self._call = self.clock.callLater(delay, self._issue_due)
+
+    def context_for_name(self, host: str) -> SSL.Context | None:
+        """A context for ``host`` alone (issued now, or cached until renewal time)."""
+        now = utc_from_seconds(self.clock.seconds())
+        cached = self._by_name.get(host)
+        if cached is not None and renewal_time(cached[0]) > now:
+            return cached[1]
+        try:
+            certified = self.ca.issue([host], now, self.lifetime)
+        except Exception:
+            self.log.failure("could not issue a local certificate for {host}", host=host)
+            return None
+        context = self.sni.context_for(certified)
+        self._by_name[host] = (certified, context)
+        self.log.info(
+            "local CA certificate issued for {host}, valid until {not_after}",
+            host=host,
+            not_after=certified.not_after.isoformat(),
+        )
+        return context
 
     def _install(self, site: Site, now: datetime.datetime) -> CertifiedKey:
         certified = self.ca.issue(site.hosts, now, self.lifetime)

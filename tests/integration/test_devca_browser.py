@@ -188,9 +188,13 @@ def test_chromium_through_twist_tlsproxy_dev_default(
         waiting = chromium_dom("https://localhost:8443/", home, tmp_path / "profile-0")
         with upstream(tmp_path / "www", marker, 8000):
             result = chromium_dom("https://localhost:8443/", home, tmp_path / "profile")
+            # Names under *.localhost work too (each gets a leaf of its own).
+            named = chromium_dom("https://app.localhost:8443/", home, tmp_path / "profile-app")
         log = proxy.output
     assert "https://localhost:8443/" in first_lines and str(caroot) in first_lines, first_lines
     assert "Nothing is listening on http://127.0.0.1:8000" in waiting.stdout, waiting.stdout[-2000:]
+    assert marker in named.stdout, named.stderr[-2000:]
+    assert "ERR_CERT" not in named.stderr
     assert "manage.py runserver" in waiting.stdout
     assert marker in result.stdout, f"{result.stderr[-2000:]}\n--- tlsproxy ---\n{log[-3000:]}"
     assert "ERR_CERT" not in result.stderr

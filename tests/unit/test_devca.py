@@ -415,7 +415,7 @@ def test_log_names_hosts_and_expiry_never_the_key(shared_ca: LocalCA) -> None:
     certified = service.current[local.name]
     text = " ".join(str(e) for e in events)
     assert "localhost" in text and certified.not_after.isoformat() in text
-    assert "*.localhost" in text and "not honoured" in text
+    assert "*.localhost" in text and "certificate of their own" in text
     for secret in (certified.key_pem().decode().splitlines()[1], shared_ca.root_key_path.read_text().splitlines()[1]):
         assert secret not in text
     service.stopService()
@@ -517,3 +517,17 @@ def test_uninstall_without_ca_is_a_no_op(tmp_path: Path) -> None:
     assert ca_uninstall(env, out, stores=TrustStores(system=False)) == 0
     assert "nothing to uninstall" in out.getvalue()
     assert not (tmp_path / "ca").exists()
+
+
+def test_names_under_localhost_get_their_own_leaf(shared_ca: LocalCA) -> None:
+    """app.localhost gets a leaf naming it alone (browsers ignore *.localhost), cached until renewal."""
+    clock, sni, local, service = make_service(shared_ca)
+    service.startService()
+    context = sni.sni_map.lookup("app.localhost")
+    assert context is not None and context is not sni.sni_map.context_of(local.name)
+    leaf = SSL.Connection(context, None).get_certificate().to_cryptography()
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    assert names == ["app.localhost"]
+    assert sni.sni_map.lookup("app.localhost") is context
+    assert sni.sni_map.lookup("localhost") is sni.sni_map.context_of(local.name)
+    service.stopService()

@@ -40,6 +40,20 @@ class SniTests(SynchronousTestCase):
         self.assertEqual(self.connect(None).cert.serial_number, self.a.serial)
         self.assertEqual(self.connect("elsewhere.test").cert.serial_number, self.a.serial)
 
+    def test_on_demand_for_wildcard_names(self) -> None:
+        """A name matched only by a wildcard can get a context issued for it alone."""
+        issued: list[str] = []
+        own = certified(self.ca, "api.b.test")
+
+        def issue(host: str):  # type: ignore[no-untyped-def]
+            issued.append(host)
+            return self.server.context_for(own)
+
+        self.sni_map.set_on_demand("b.test", issue)
+        self.assertEqual(self.connect("api.b.test").cert.serial_number, own.serial)
+        self.assertEqual(self.connect("b.test").cert.serial_number, self.b.serial)
+        self.assertEqual(issued, ["api.b.test"])
+
     def test_site_without_certificate_fails_handshake(self) -> None:
         """A site with no certificate yet gets an alert, never another site's certificate."""
         sni_map = SniMap([("a.test", ["a.test"]), ("c.test", ["c.test"])])

@@ -9,7 +9,7 @@ their handshake keep the context they were given.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -43,6 +43,7 @@ class SniMap:
         self._order: list[str] = []
         self._site_of: dict[str, str] = {}
         self._contexts: dict[str, SSL.Context] = {}
+        self._on_demand: dict[str, Callable[[str], SSL.Context | None]] = {}
         for name, hosts in sites:
             self.add_site(name, hosts)
 
@@ -64,6 +65,10 @@ class SniMap:
             raise KeyError(site)
         self._contexts[site] = context
 
+    def set_on_demand(self, site: str, issue: Callable[[str], SSL.Context | None]) -> None:
+        """For names a site matches only by wildcard: ask ``issue(name)`` for a context."""
+        self._on_demand[site] = issue
+
     def context_of(self, site: str) -> SSL.Context | None:
         return self._contexts.get(site)
 
@@ -84,6 +89,13 @@ class SniMap:
     def lookup(self, server_name: str | bytes | None) -> SSL.Context | None:
         site = self.site_for(server_name)
         if site is not None:
+            issue = self._on_demand.get(site)
+            if issue is not None:
+                host = normalise_host(server_name)
+                if host is not None and self._site_of.get(host) != site:
+                    context = issue(host)
+                    if context is not None:
+                        return context
             return self._contexts.get(site)
         if self._order:
             return self._contexts.get(self._order[0])
