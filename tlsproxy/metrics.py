@@ -81,10 +81,10 @@ class Family:
                 family.add_metric(list(values), buckets, hist.sum)
             return family
         cls = CounterMetricFamily if self.kind == "counter" else GaugeMetricFamily
-        family = cls(self.name, self.documentation, labels=list(self.labelnames))
+        plain = cls(self.name, self.documentation, labels=list(self.labelnames))
         for values, child in self.children.items():
-            family.add_metric(list(values), child.value)
-        return family
+            plain.add_metric(list(values), child.value)
+        return plain
 
 
 class Metrics:
