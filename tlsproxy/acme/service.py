@@ -133,9 +133,8 @@ class CertificateService(Service):
         self._jobs = DeferredLock()
         self._acme = {s.name: _Watch(s, rand=self._rng.random()) for s in config.sites if s.tls == "acme"}
         self._files = {s.name: _Watch(s) for s in config.sites if s.tls == "files"}
-        self._challenge_sig = FileSignature()
-        self._store_http: set[str] = set()
-        self._store_alpn: set[str] = set()
+        self._store_http: dict[str, str] = {}
+        self._store_alpn: dict[str, str] = {}
         self._loop: LoopingCall | None = None
         self._running_jobs: set[Deferred[Any]] = set()
 
@@ -241,23 +240,26 @@ class CertificateService(Service):
         self._install(watch, certified, site.cert)
 
     def _poll_challenges(self) -> None:
-        signature = self.store.challenges_signature()
-        if signature == self._challenge_sig:
-            return
-        self._challenge_sig = signature
+        """Serve the answers a `tlsproxy renew`/`revoke` command published in the store.
+
+        The two directories are read on every poll (they hold a handful of
+        files at most): a directory's stat can miss a rewrite within one tick.
+        """
         http = {t: k for t, k in self.store.challenges("http-01").items() if is_valid_token(t)}
-        for token in self._store_http - http.keys():
+        for token in self._store_http.keys() - http.keys():
             self.http01.remove(token)
         for token, keyauth in http.items():
-            self.http01.put(token, keyauth)
-        self._store_http = set(http)
+            if self._store_http.get(token) != keyauth:
+                self.http01.put(token, keyauth)
+        self._store_http = http
         alpn = self.store.challenges("tls-alpn-01")
-        for host in self._store_alpn - alpn.keys():
+        for host in self._store_alpn.keys() - alpn.keys():
             self.alpn01.remove(host)
         for host, keyauth in alpn.items():
-            if host not in self._store_alpn:
+            if self._store_alpn.get(host) != keyauth:
+                # A new answer for the same host (a retry) replaces the old one.
                 self.alpn01.put(host, challenge_context(host, keyauth))
-        self._store_alpn = set(alpn)
+        self._store_alpn = alpn
 
     # -- renewal checks --------------------------------------------------------
 

@@ -419,9 +419,6 @@ class CertificateStore:
                 continue
         return out
 
-    def challenges_signature(self) -> FileSignature:
-        return FileSignature.of(self.challenge_dir("http-01"), self.challenge_dir("tls-alpn-01"))
-
 
 def read_certificate_files(cert: str, key: str) -> CertifiedKey:
     """A ``tls = "files"`` pair, validated (raises CertificateError or OSError)."""
