@@ -80,6 +80,7 @@ def run_pebble(
     env: dict[str, str] | None = None,
     http_port: int | None = None,
     tls_port: int | None = None,
+    eab_keys: dict[str, str] | None = None,
 ) -> Iterator[Pebble]:
     """Start challtestsrv + pebble on free ports; stop both on exit."""
     with tempfile.TemporaryDirectory(prefix="pebble-") as tmp:
@@ -106,6 +107,9 @@ def run_pebble(
         }
         if validity is not None:
             config["pebble"]["certificateValidityPeriod"] = validity
+        if eab_keys:
+            config["pebble"]["externalAccountBindingRequired"] = True
+            config["pebble"]["externalAccountMACKeys"] = eab_keys
         config_path = Path(tmp, "pebble.json")
         config_path.write_text(json.dumps(config))
         dns = Process(

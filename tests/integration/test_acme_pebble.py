@@ -87,3 +87,32 @@ def _tables():  # type: ignore[no-untyped-def]
     from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 
     return HTTP01Answers(), TLSALPN01Answers()
+
+
+EAB_KID = "kid-tlsproxy"
+EAB_KEY = "zWNDZM6eQGHWpSRTPal5eIUYFTu7EajVIoguysqZ9wG44nMEtx3MUAsUDkMTQ12W"
+
+
+def test_external_account_binding() -> None:
+    """A CA that requires EAB: without it a clear error, with eab_kid/eab_hmac_key an account."""
+    from tests.integration.pebble import run_pebble
+    from tlsproxy.acme.client import AcmeError
+
+    with run_pebble(eab_keys={EAB_KID: EAB_KEY}) as strict:
+
+        def client(**eab: str) -> AcmeClient:
+            return AcmeClient(
+                strict.directory_url,
+                ec.generate_private_key(ec.SECP256R1()),
+                email="ops@example.test",
+                agree_tos=True,
+                ca_bundle=strict.ca_bundle,
+                **eab,
+            )
+
+        with pytest.raises(AcmeError, match="external account binding"):
+            client().account()
+        with pytest.raises(AcmeError):
+            client(eab_kid=EAB_KID, eab_hmac_key=EAB_KEY[::-1]).account()
+        url = client(eab_kid=EAB_KID, eab_hmac_key=EAB_KEY).account()
+        assert url.startswith("https://")

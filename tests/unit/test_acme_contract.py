@@ -164,3 +164,20 @@ class TestFakeCA(CAContract):
             is_revoked=lambda cert: cert.serial_number in ca.revoked,
             make_ca=make_ca,
         )
+
+
+def test_ca_bundle_adds_trust(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """[acme] ca_bundle adds a root to the public ones instead of replacing them."""
+    import certifi
+    import trustme
+
+    from tlsproxy.acme.client import trust_bundle
+
+    private = trustme.CA()
+    extra = tmp_path / "private-root.pem"
+    private.cert_pem.write_to_path(str(extra))
+    combined = x509.load_pem_x509_certificates(open(trust_bundle(str(extra)), "rb").read())
+    public = x509.load_pem_x509_certificates(open(certifi.where(), "rb").read())
+    subjects = {c.subject for c in combined}
+    assert x509.load_pem_x509_certificate(private.cert_pem.bytes()).subject in subjects
+    assert {c.subject for c in public} <= subjects

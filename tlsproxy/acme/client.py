@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import base64
 import datetime
+import hashlib
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
+import certifi
 import josepy as jose
 import requests
 from acme import client as acme_client
@@ -174,6 +179,25 @@ def _jwk(key: ec.EllipticCurvePrivateKey) -> jose.JWKEC:
     return jose.JWKEC(key=key)
 
 
+def trust_bundle(extra: str) -> str:
+    """A PEM file trusting the usual public roots plus ``extra`` (``[acme] ca_bundle``).
+
+    requests' ``verify=`` takes one file that replaces the default roots, and
+    ``ca_bundle`` is meant to add trust: a private CA's root must not make the
+    public ones stop working.  The combined file holds certificates only.
+    """
+    combined = Path(certifi.where()).read_bytes() + b"\n" + Path(extra).read_bytes()
+    digest = hashlib.sha256(combined).hexdigest()[:16]
+    path = Path(tempfile.gettempdir()) / f"tlsproxy-trust-{digest}.pem"
+    if not path.exists():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tlsproxy-trust-")
+        with os.fdopen(fd, "wb") as f:
+            f.write(combined)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    return str(path)
+
+
 class AcmeClient:
     """:class:`CertificateAuthority` against a real ACME server.
 
@@ -210,7 +234,7 @@ class AcmeClient:
         self._net = _Network(
             key=_jwk(account_key),
             alg=jose.ES256,
-            verify_ssl=ca_bundle or True,  # type: ignore[arg-type]  # requests takes a path
+            verify_ssl=trust_bundle(ca_bundle) if ca_bundle else True,  # type: ignore[arg-type]
             user_agent=USER_AGENT,
             timeout=timeout,
         )
