@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from OpenSSL._util import lib as _lib  # SSL_CTX_set1_curves_list has no public wrapper
 
 from tlsproxy.certs.model import CertifiedKey
@@ -105,7 +105,7 @@ class TLSPolicy:
         ctx = self.new_context(alpn_chooser)
         ctx.use_certificate(certified.leaf)
         for extra in certified.chain[1:]:
-            ctx.add_extra_chain_cert(crypto.X509.from_cryptography(extra))
+            ctx.add_extra_chain_cert(extra)
         ctx.use_privatekey(certified.key)
         ctx.check_privatekey()
         return ctx
