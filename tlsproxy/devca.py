@@ -25,7 +25,6 @@ import os
 import shutil
 import socket
 import subprocess
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from tlsproxy.certs.model import CertifiedKey
+from tlsproxy.certs.store import atomic_write
 from tlsproxy.config import Site
 from tlsproxy.tls.sni import SniServer
 
@@ -247,26 +247,6 @@ def utc_from_seconds(seconds: float) -> datetime.datetime:
 # The CA on disk
 
 
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Replace ``path`` with ``data`` so readers see the old file or the whole new one."""
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 @contextmanager
 def _locked(directory: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``directory``, so two processes make one root."""
@@ -338,11 +318,11 @@ class LocalCA:
                     )
                 os.chmod(caroot, 0o700)  # the key is about to live here
                 key = ec.generate_private_key(ec.SECP256R1())
-                write_atomic(key_path, _key_pem(key), 0o600)
+                atomic_write(key_path, _key_pem(key), 0o600)
             key = _read_key(key_path)
             if not cert_path.exists():
                 # A crash between the two writes: the key was never trusted anywhere.
-                write_atomic(cert_path, build_root(key, owner_label(environ), now).public_bytes(_PEM), 0o644)
+                atomic_write(cert_path, build_root(key, owner_label(environ), now).public_bytes(_PEM), 0o644)
             root = _read_root(cert_path)
         if root.public_key().public_bytes(_DER, _SPKI) != key.public_key().public_bytes(_DER, _SPKI):
             raise CAError(key_path, f"does not match {cert_path}")
@@ -667,7 +647,7 @@ def _install_system(
         print(f"already in the system store as {target}", file=out)
         return True
     try:
-        write_atomic(target, ca.root_pem_path.read_bytes(), 0o644)
+        atomic_write(target, ca.root_pem_path.read_bytes(), 0o644)
     except OSError as e:
         print(f"could not write {target}: {e.strerror}", file=out)
         return False

@@ -182,15 +182,17 @@ def test_mismatched_key_and_root_is_an_error(tmp_path: Path) -> None:
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A write that fails before the rename leaves the old content and no temporary file."""
+    from tlsproxy.certs import store
+
     target = tmp_path / "f.pem"
-    devca.write_atomic(target, b"old", 0o600)
+    store.atomic_write(target, b"old", 0o600)
 
     def broken_fsync(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(devca.os, "fsync", broken_fsync)
+    monkeypatch.setattr(store.os, "fsync", broken_fsync)
     with pytest.raises(OSError):
-        devca.write_atomic(target, b"new", 0o600)
+        store.atomic_write(target, b"new", 0o600)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.pem"]
 

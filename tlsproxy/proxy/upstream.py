@@ -7,7 +7,6 @@ pool only when both messages ended cleanly and the app did not ask to close.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -66,6 +65,7 @@ class UpstreamConnection(Protocol):
         self._headers: Headers = []
         self._got_bytes = False
         self._head_only = False
+        self._headers_sent = False
         self._keep_alive = False
         self._done = True
         self._tunnel: Any = None
@@ -73,9 +73,14 @@ class UpstreamConnection(Protocol):
 
     # -- Protocol --------------------------------------------------------------
 
+    ready: Deferred[UpstreamConnection] | None = None
+
     def connectionMade(self) -> None:
         self.connected = True
         self.transport.registerProducer(self, True)
+        ready, self.ready = self.ready, None
+        if ready is not None and not ready.called:
+            ready.callback(self)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
@@ -100,8 +105,6 @@ class UpstreamConnection(Protocol):
                     sink.response_end()
                     return
             sink.response_failed(UpstreamError(502, detail, before_response=not self._got_bytes, reused=self.reused))
-
-    _headers_sent = False
 
     def dataReceived(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -213,19 +216,13 @@ class UpstreamConnection(Protocol):
         self._done = True
         sink, self.sink = self.sink, None
         self._parser = None
-        keep = self._keep_alive and not self._head_only_with_body()
+        keep = self._keep_alive
         if sink is not None:
             sink.response_end()
         if keep and self.connected and self.sink is None:
             self.pool.release(self)
         elif self.connected:
             self.transport.loseConnection()
-
-    def _head_only_with_body(self) -> bool:
-        return False
-
-    def finish_request(self) -> None:
-        """The request body is complete (nothing to do for HTTP/1.1 framing)."""
 
     def close(self) -> None:
         self._done = True
@@ -259,7 +256,9 @@ class UpstreamConnection(Protocol):
             self.transport.loseConnection()
 
 
-class _Factory(ClientFactory):
+class _Dialer(ClientFactory):
+    """Builds one connection and fires ``ready`` with it once it is connected."""
+
     noisy = False
 
     def __init__(self, pool: UpstreamPool, ready: Deferred[UpstreamConnection]) -> None:
@@ -267,25 +266,13 @@ class _Factory(ClientFactory):
         self.ready = ready
 
     def buildProtocol(self, addr: Any) -> UpstreamConnection:
-        return UpstreamConnection(self.pool)
+        connection = UpstreamConnection(self.pool)
+        connection.ready = self.ready
+        return connection
 
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         if not self.ready.called:
             self.ready.errback(reason)
-
-
-class _ConnectedFactory(_Factory):
-    def buildProtocol(self, addr: Any) -> UpstreamConnection:
-        proto = UpstreamConnection(self.pool)
-        original = proto.connectionMade
-
-        def made() -> None:
-            original()
-            if not self.ready.called:
-                self.ready.callback(proto)
-
-        proto.connectionMade = made  # type: ignore[method-assign]
-        return proto
 
 
 class UpstreamPool:
@@ -315,7 +302,7 @@ class UpstreamPool:
 
     def connect(self) -> Deferred[UpstreamConnection]:
         ready: Deferred[UpstreamConnection] = Deferred()
-        factory = _ConnectedFactory(self, ready)
+        factory = _Dialer(self, ready)
         if self.upstream.is_unix:
             self.reactor.connectUNIX(self.upstream.unix_path, factory, timeout=self.connect_timeout)
         else:
@@ -343,9 +330,6 @@ class UpstreamPool:
 
 def describe_connect_failure(failure: Failure, upstream: Upstream) -> UpstreamError:
     """502 for refused or unreachable, 504 when dialling timed out."""
-    if failure.check(error.TimeoutError, error.UserError) and failure.check(error.TimeoutError):
+    if failure.check(error.TimeoutError):
         return UpstreamError(504, f"connecting to {upstream.url} timed out", before_response=True)
     return UpstreamError(502, f"cannot connect to {upstream.url}: {failure.getErrorMessage()}", before_response=True)
-
-
-OnDone = Callable[[], None]

@@ -1,0 +1,181 @@
+"""The proxy relay against a MemoryReactorClock: dialling, failures, retries, timeouts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import error
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from tlsproxy.config import HSTS, Server, Site, parse_upstream
+from tlsproxy.http.exchange import RequestHead
+from tlsproxy.proxy.handler import ProxyHandler
+
+
+class FakeExchange:
+    """Records what the handler answers; the request body is given up front."""
+
+    def __init__(self, head: RequestHead, body: bytes = b"") -> None:
+        self.head = head
+        self.client_address = "203.0.113.7"
+        self.secure = True
+        self.server_port = 443
+        self.status: int | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body = b""
+        self.finished = False
+        self.aborted = False
+        self.connection = self
+        self.transport = None
+        self._request_body = body
+
+    def set_body_consumer(self, consumer: Any) -> None:
+        if self._request_body:
+            consumer.body_data(self._request_body)
+        consumer.body_end()
+
+    def pause_body(self) -> None: ...
+
+    def resume_body(self) -> None: ...
+
+    def set_observer(self, observer: Any) -> None:
+        self.observer = observer
+
+    @property
+    def response_started(self) -> bool:
+        return self.status is not None
+
+    def start_response(self, status: int, reason: bytes, headers: list, content_length: int | None) -> None:
+        self.status = status
+        self.headers = headers
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def finish(self) -> None:
+        self.finished = True
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def register_producer(self, producer: Any) -> None: ...
+
+    def unregister_producer(self) -> None: ...
+
+
+def head(method: bytes = b"GET", body: bytes = b"") -> RequestHead:
+    headers = [(b"host", b"app.test")]
+    if body:
+        headers.append((b"content-length", b"%d" % len(body)))
+    return RequestHead(method, b"/x", b"1.1", b"app.test", headers, len(body) if body else None)
+
+
+class HandlerTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        upstream = parse_upstream("http://127.0.0.1:8000")
+        site = Site(hosts=("app.test",), upstream=upstream, tls="files", hsts=HSTS(max_age=60))
+        self.server = Server(connect_timeout=5, upstream_timeout=30)
+        self.handler = ProxyHandler(self.reactor, [site], self.server)
+
+    def request(self, method: bytes = b"GET", body: bytes = b"") -> FakeExchange:
+        exchange = FakeExchange(head(method, body), body)
+        self.handler.handle(exchange)
+        return exchange
+
+    def connect(self, index: int = -1) -> tuple[Any, StringTransport]:
+        """Complete the dial recorded at ``index``; the app's side of it."""
+        factory = self.reactor.tcpClients[index][2]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_relays_request_and_response(self) -> None:
+        """The app gets our framing and forwarding headers; the client gets the answer plus HSTS."""
+        exchange = self.request()
+        app, wire = self.connect()
+        sent = wire.value()
+        self.assertTrue(sent.startswith(b"GET /x HTTP/1.1\r\nhost: app.test\r\n"))
+        self.assertIn(b"x-forwarded-proto: https\r\n", sent)
+        self.assertIn(b"x-forwarded-for: 203.0.113.7\r\n", sent)
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertEqual((exchange.status, exchange.body, exchange.finished), (200, b"hi", True))
+        self.assertIn((b"strict-transport-security", b"max-age=60"), exchange.headers)
+
+    def test_connection_refused_is_502(self) -> None:
+        """An app that refuses the connection gets a short 502 page."""
+        exchange = self.request()
+        factory = self.reactor.tcpClients[-1][2]
+        factory.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+        self.assertEqual(exchange.status, 502)
+        self.assertNotIn(b"Traceback", exchange.body)
+
+    def test_connect_timeout_is_504(self) -> None:
+        """Dialling that times out is a 504, and the dial used connect_timeout."""
+        exchange = self.request()
+        self.assertEqual(self.reactor.tcpClients[-1][3], self.server.connect_timeout)
+        self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(error.TimeoutError()))
+        self.assertEqual(exchange.status, 504)
+
+    def test_silent_app_is_504(self) -> None:
+        """An app that never answers gets a 504 after upstream_timeout, and its connection is cut."""
+        exchange = self.request()
+        _, wire = self.connect()
+        self.reactor.advance(self.server.upstream_timeout - 1)
+        self.assertIsNone(exchange.status)
+        self.reactor.advance(1)
+        self.assertEqual(exchange.status, 504)
+        self.assertTrue(wire.disconnecting or wire.disconnected)
+
+    def test_reused_connection_closed_by_app_is_retried(self) -> None:
+        """A GET that meets a keep-alive connection the app just closed is sent again on a fresh one."""
+        first = self.request()
+        app, _ = self.connect()
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        self.assertEqual(first.status, 200)
+        second = self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 1, "the pooled connection is reused")
+        app.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.reactor.tcpClients), 2, "a fresh connection is dialled")
+        fresh, wire = self.connect()
+        self.assertTrue(wire.value().startswith(b"GET /x HTTP/1.1"))
+        fresh.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nb")
+        self.assertEqual((second.status, second.body), (200, b"b"))
+
+    def test_post_on_closed_connection_is_not_retried(self) -> None:
+        """A POST is never sent twice: the same race gives a 502 instead."""
+        first = self.request()
+        app, _ = self.connect()
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\na")
+        self.assertEqual(first.status, 200)
+        post = self.request(b"POST", b"form=1")
+        app.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertEqual(post.status, 502)
+
+    def test_body_over_limit_is_413_before_dialling(self) -> None:
+        """A declared body over max_body_size gets 413 and the app is never dialled."""
+        upstream = parse_upstream("http://127.0.0.1:8000")
+        site = Site(hosts=("app.test",), upstream=upstream, tls="files", max_body_size=4)
+        handler = ProxyHandler(self.reactor, [site], self.server)
+        exchange = FakeExchange(head(b"POST", b"too long"), b"too long")
+        handler.handle(exchange)
+        self.assertEqual(exchange.status, 413)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_unknown_host_is_404(self) -> None:
+        """A Host no site lists is 404, and nothing is dialled."""
+        exchange = FakeExchange(RequestHead(b"GET", b"/", b"1.1", b"other.test", [(b"host", b"other.test")]))
+        self.handler.handle(exchange)
+        self.assertEqual(exchange.status, 404)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_client_gone_cuts_upstream(self) -> None:
+        """When the client leaves mid-request, the app's connection is closed, not pooled."""
+        exchange = self.request()
+        _, wire = self.connect()
+        exchange.observer.client_gone()
+        self.assertTrue(wire.disconnecting or wire.disconnected)
