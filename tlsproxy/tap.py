@@ -30,6 +30,7 @@ from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.admin import AdminHandler
 from tlsproxy.certs.model import CertificateError, CertifiedKey
 from tlsproxy.config import Config, ConfigError
+from tlsproxy.eventloop import streamline
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.plain import PlainHTTPHandler
 from tlsproxy.http.server import HTTP11Factory, Limits
@@ -391,6 +392,8 @@ def build_service(reactor: Any, config: Config, config_path: str | None = None) 
 
 def makeService(options: Options) -> ProxyService:
     from twisted.internet import reactor
+
+    streamline(reactor)
 
     try:
         config = configuration.load(options["config"])

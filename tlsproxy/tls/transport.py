@@ -27,6 +27,12 @@ def _mem_pending(bio: Any) -> int:
     return int(_lib.BIO_get_mem_data(bio, _ffi.NULL))
 
 
+# One scratch buffer for every connection: all TLS I/O runs on the reactor
+# thread, and each read is copied out before the next one starts.
+_SCRATCH_SIZE = 1 << 17
+_scratch = _ffi.new("char[]", _SCRATCH_SIZE)
+
+
 def send_now(transport: Any, data: bytes) -> None:
     """Write ``data`` to a TCP or unix transport, on the socket at once if idle.
 
@@ -95,21 +101,67 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         self.uncork()
         super().loseConnection()
 
+    # The hot calls below go to OpenSSL through pyOpenSSL's own cffi binding
+    # with one shared buffer, and fall back on pyOpenSSL to raise its usual
+    # exceptions whenever OpenSSL reports anything but success.
+
+    def dataReceived(self, data: bytes) -> None:
+        connection = self._tlsConnection
+        if self._handshakeDone and not self._appSendBuffer and not self._lostTLSConnection:
+            if _lib.BIO_write(connection._into_ssl, data, len(data)) <= 0:
+                connection.bio_write(data)  # raises the appropriate error
+            self._flushReceiveBIO()
+            return
+        super().dataReceived(data)
+
+    def _write(self, data: bytes) -> None:
+        if self._lostTLSConnection:
+            return
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        total = len(data)
+        # pyOpenSSL turns on partial writes: each SSL_write may take only one
+        # record's worth, so write until all is taken, then flush once.
+        with _ffi.from_buffer(data) as buffer:
+            sent = 0
+            while sent < total:
+                result = _lib.SSL_write(ssl, buffer + sent, total - sent)
+                if result <= 0:
+                    try:
+                        connection._raise_ssl_error(ssl, result)
+                    except WantReadError:
+                        self._bufferedWrite(data[sent:])
+                        break
+                    except Error:
+                        self._tlsShutdownFinished(Failure())
+                        return
+                sent += result
+        self._flushSendBIO()
+
     def _flushSendBIO(self) -> None:
         # Ask the memory BIO how much it holds instead of catching WantReadError.
-        if _mem_pending(self._tlsConnection._from_ssl) == 0:
+        bio = self._tlsConnection._from_ssl
+        pending = _mem_pending(bio)
+        if pending == 0:
             return
-        try:
-            data = self._tlsConnection.bio_read(2**17)
-        except WantReadError:
+        buffer = _scratch if pending <= _SCRATCH_SIZE else _ffi.new("char[]", pending)
+        got = _lib.BIO_read(bio, buffer, pending)
+        if got <= 0:
             return
-        send_now(self.transport, data)
+        send_now(self.transport, _ffi.buffer(buffer, got)[:])
+
+    def _recv(self, connection: Any) -> bytes:
+        result = _lib.SSL_read(connection._ssl, _scratch, 1 << 15)
+        if result > 0:
+            return _ffi.buffer(_scratch, result)[:]
+        connection._raise_ssl_error(connection._ssl, result)
+        raise WantReadError()  # not reached: the line above always raises
 
     def _flushReceiveBIO(self) -> None:
         connection = self._tlsConnection
         while not self._lostTLSConnection:
             try:
-                data = connection.recv(2**15)
+                data = self._recv(connection)
             except WantReadError:
                 break
             except ZeroReturnError:

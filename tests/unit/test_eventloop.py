@@ -1,0 +1,50 @@
+"""The streamlined epoll dispatch still delivers reads, writes and disconnects."""
+
+from __future__ import annotations
+
+import socket
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.internet.protocol import Protocol
+from twisted.internet.tcp import Connection
+from twisted.trial.unittest import SynchronousTestCase
+
+from tlsproxy.eventloop import streamline
+
+
+class Collect(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.lost = True
+
+
+class StreamlineTests(SynchronousTestCase):
+    def test_reads_and_disconnects_dispatched(self) -> None:
+        """Bytes and the peer's close reach the protocol through the direct dispatch."""
+        reactor = EPollReactor()
+        self.assertTrue(streamline(reactor))
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        protocol = Collect()
+        transport = Connection(ours, protocol, reactor)
+        protocol.makeConnection(transport)
+        transport.startReading()
+        theirs.sendall(b"hello")
+        reactor.doIteration(1)
+        self.assertEqual(protocol.data, b"hello")
+        theirs.close()
+        reactor.doIteration(1)
+        self.assertTrue(protocol.lost)
+        reactor.removeAll()
+
+    def test_other_reactors_untouched(self) -> None:
+        """A reactor that is not epoll is left as it is."""
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.assertFalse(streamline(MemoryReactorClock()))
