@@ -611,13 +611,12 @@ def client_address_of(peer: Any) -> str:
     return host
 
 
+# Bytes a Host header may hold: visible ASCII except the delimiters of a URL.
+_HOST_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in b'/\\?#@"<>{}|^`')
+
+
 def _valid_host(host: bytes) -> bool:
-    if not host:
-        return True
-    for byte in host:
-        if byte <= 0x20 or byte >= 0x7F or byte in b'/\\?#@"<>{}|^`':
-            return False
-    return True
+    return not host.translate(None, _HOST_BYTES)
 
 
 class HTTP11Factory(Factory):

@@ -61,6 +61,8 @@ class ProxyHandler:
         self.dev = dev
         self.metrics = metrics
         self._counters: dict[tuple[str, int], Any] = {}
+        # Host header (as sent, port included) -> route: a cache, bounded below.
+        self._by_raw_host: dict[bytes, Route] = {}
         pools: dict[str, UpstreamPool] = {}
         self._exact: dict[str, Route] = {}
         self._wild: dict[str, Route] = {}
@@ -90,8 +92,14 @@ class ProxyHandler:
         return self.route_for(host) is not None
 
     def handle(self, exchange: Exchange) -> None:
-        host, _port = split_host_port(exchange.head.host)
-        route = self.route_for(host)
+        raw_host = exchange.head.host
+        route = self._by_raw_host.get(raw_host)
+        if route is None:
+            route = self.route_for(split_host_port(raw_host)[0])
+            if route is not None:
+                if len(self._by_raw_host) > 1024:
+                    self._by_raw_host.clear()
+                self._by_raw_host[raw_host] = route
         if route is None:
             self.record(exchange, "-", 404, 0)
             pages.send(exchange, 404)

@@ -47,10 +47,11 @@ PROTECTED = frozenset({b"host", b"content-type", b"cookie", b"authorization"}) |
 
 
 def connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
+    """The header names a Connection header lists (lower case)."""
+    values = [value for name, value in headers if name == b"connection"]
+    if not values:
+        return set()
+    tokens = {t.strip().lower() for value in values for t in value.split(b",")}
     tokens.discard(b"")
     return tokens
 
