@@ -261,6 +261,7 @@ class HTTP11ServerProtocol(Protocol):
         self.tracker: Any = None
         self._line_bytes = 0
         self._head_lines = 0
+        self._head_armed = False
 
     # -- connection ----------------------------------------------------------
 
@@ -326,6 +327,9 @@ class HTTP11ServerProtocol(Protocol):
             if self._in_head:
                 self._head_bytes += len(data)
                 self._check_head_size(data, whole)
+                if not self._head_armed and self._active is None and not self._queue:
+                    self._head_armed = True
+                    self._set_timer(self.limits.header_timeout, self._head_timeout)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0]
             self._upgrade_rest = data[offset:]
@@ -382,8 +386,9 @@ class HTTP11ServerProtocol(Protocol):
         self._url = b""
         self._headers = []
         self._header_bytes = 0
-        if self._active is None and not self._queue:
-            self._set_timer(self.limits.header_timeout, self._head_timeout)
+        # The head deadline is armed only if the head does not arrive whole
+        # in this read (see dataReceived): most never need it.
+        self._head_armed = False
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -518,6 +523,7 @@ class HTTP11ServerProtocol(Protocol):
             return
         self.resume_reading()
         if self._in_head:
+            self._head_armed = True
             self._set_timer(self.limits.header_timeout, self._head_timeout)
         else:
             self._set_timer(self.limits.idle_timeout, self._idle_timeout)

@@ -141,6 +141,22 @@ class ProxiedRequest:
 
     log = Logger()
 
+    # State every request starts with; instances only store what changes
+    # (one of these is made per request, so fewer assignments count).
+    conn: UpstreamConnection | None = None
+    buffered = 0
+    streaming = False
+    chunk_upstream = False
+    received = 0
+    sent_bytes = 0
+    status = 0
+    retried = False
+    finished = False
+    pending_101: tuple[int, bytes, Headers] | None = None
+    timeout = 0.0
+    last_activity = 0.0
+    paused = False
+
     def __init__(self, handler: ProxyHandler, route: Route, exchange: Exchange) -> None:
         self.handler = handler
         self.route = route
@@ -149,22 +165,9 @@ class ProxiedRequest:
         head = exchange.head
         self.method = head.method
         self.upgrade = bool(head.upgrade)
-        self.conn: UpstreamConnection | None = None
         self.buffer: list[bytes] = []
-        self.buffered = 0
         self.body_complete = not head.has_body
-        self.streaming = False
-        self.chunk_upstream = False
-        self.received = 0
-        self.sent_bytes = 0
-        self.status = 0
-        self.retried = False
-        self.finished = False
-        self.pending_101: tuple[int, bytes, Headers] | None = None
         self.timer = handler.deadline_for(exchange)
-        self.timeout = 0.0
-        self.last_activity = 0.0
-        self.paused = False
         trusted = is_trusted(exchange.client_address, handler.server.trusted_proxies)
         self.headers = upstream_request_headers(
             head.headers,
