@@ -116,6 +116,34 @@ class RequestTests(ServerTestCase):
         self.assertEqual((head.host, head.target), (b"other.test", b"/x"))
 
 
+class UpgradeAndPipelineTests(ServerTestCase):
+    def test_bytes_before_101_reach_the_tunnel(self) -> None:
+        """What a client sends after an Upgrade head, before the 101, is kept for the tunnel."""
+        self.handler.answer = False
+        self.feed(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nFIRST")
+        self.assertEqual(self.feed(b"SECOND"), b"")
+        exchange = self.handler.exchanges[0]
+        exchange.start_response(101, b"Switching Protocols", [(b"upgrade", b"websocket")], None)
+        peer = StringTransport()
+        exchange.start_tunnel(peer)
+        self.proto.dataReceived(b"THIRD")
+        self.assertEqual(peer.value(), b"FIRSTSECONDTHIRD")
+
+    def test_bad_pipelined_request_does_not_cut_response_in_flight(self) -> None:
+        """A malformed request behind one being answered lets that answer finish, then closes."""
+        self.handler.answer = False
+        self.feed(b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.feed(b"BROKEN \x00\r\n\r\n")
+        exchange = self.handler.exchanges[0]
+        exchange.start_response(200, b"OK", [], 4)
+        self.clock.advance(10)
+        self.assertFalse(self.transport.disconnecting)
+        exchange.write(b"done")
+        exchange.finish()
+        self.assertTrue(self.transport.value().endswith(b"done"))
+        self.assertTrue(self.transport.disconnecting)
+
+
 class SmugglingTests(ServerTestCase):
     def test_content_length_and_chunked(self) -> None:
         """Content-Length with Transfer-Encoding is refused."""

@@ -30,11 +30,13 @@ class FakeExchange:
         self.connection = self
         self.transport = None
         self._request_body = body
+        self.body_ends = True
 
     def set_body_consumer(self, consumer: Any) -> None:
         if self._request_body:
             consumer.body_data(self._request_body)
-        consumer.body_end()
+        if self.body_ends:
+            consumer.body_end()
 
     def pause_body(self) -> None: ...
 
@@ -179,3 +181,36 @@ class HandlerTests(SynchronousTestCase):
         _, wire = self.connect()
         exchange.observer.client_gone()
         self.assertTrue(wire.disconnecting or wire.disconnected)
+
+    def test_cut_off_response_is_not_passed_as_complete(self) -> None:
+        """An app that closes before its declared Content-Length is done: the client is cut, not misled."""
+        exchange = self.request()
+        app, _ = self.connect()
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 10\r\n\r\n12345")
+        app.connectionLost(Failure(error.ConnectionDone()))
+        self.assertTrue(exchange.aborted)
+        self.assertFalse(exchange.finished)
+
+    def test_close_delimited_response_ends_at_close(self) -> None:
+        """A response with neither length nor chunking ends when the app closes."""
+        exchange = self.request()
+        app, _ = self.connect()
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nabc")
+        app.connectionLost(Failure(error.ConnectionDone()))
+        self.assertEqual((exchange.body, exchange.finished, exchange.aborted), (b"abc", True, False))
+
+    def test_early_answer_to_upload_does_not_pool_the_connection(self) -> None:
+        """An app answering before the whole body arrived (401 to an upload) never gets its connection reused."""
+        big = b"a" * (2 * 1024 * 1024)
+        exchange = FakeExchange(head(b"POST", big), big[: 64 * 1024])
+        exchange.head.content_length = len(big)
+        exchange.body_ends = False
+        self.handler.handle(exchange)
+        app, wire = self.connect()
+        app.dataReceived(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+        self.assertEqual(exchange.status, 401)
+        self.assertEqual(self.handler.pools[0]._idle, [])
+        self.assertTrue(wire.disconnecting or wire.disconnected)
+        second = self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 2, "the next request dials a fresh connection")
+        self.assertIsNone(second.status)

@@ -321,6 +321,11 @@ class HTTP11ServerProtocol(Protocol):
             return
         if self._closing:
             return  # lingering: read and drop what a refused client still sends
+        if self._upgrading:
+            # Bytes after an Upgrade head belong to the tunnel (if the app
+            # agrees to it); keep them until it starts.
+            self._upgrade_rest += data
+            return
         whole = self._in_head or self._current is None
         try:
             self._parser.feed_data(data)
@@ -332,6 +337,7 @@ class HTTP11ServerProtocol(Protocol):
                     self._set_timer(self.limits.header_timeout, self._head_timeout)
         except httptools.HttpParserUpgrade as upgrade:
             offset = upgrade.args[0]
+            self._upgrading = True
             self._upgrade_rest = data[offset:]
         except RequestError as e:
             self._refuse(e)
@@ -538,17 +544,18 @@ class HTTP11ServerProtocol(Protocol):
             status=error.status,
             detail=error.detail,
         )
-        self._cancel_timer()
-        if self._active is None:
-            head = RequestHead(method=b"GET", target=b"/", version=b"1.1", host=b"")
-            exchange = HTTP11Exchange(self, head, keep_alive=False)
-            self._active = exchange
-            self._closing = True
-            pages.send(exchange, error.status)
-        else:
-            # A response is in flight: finish it, then close.
-            self._closing = True
         self._queue.clear()
+        if self._active is not None:
+            # A response is in flight: let it finish (exchange_finished then
+            # closes); what the client sent after the bad request is dropped.
+            self._closing = True
+            return
+        self._cancel_timer()
+        head = RequestHead(method=b"GET", target=b"/", version=b"1.1", host=b"")
+        exchange = HTTP11Exchange(self, head, keep_alive=False)
+        self._active = exchange
+        self._closing = True
+        pages.send(exchange, error.status)
         # Linger a little so the client reads our answer before the close.
         self.resume_reading()
         self._set_timer(self.limits.linger, self.transport.abortConnection)
@@ -566,10 +573,12 @@ class HTTP11ServerProtocol(Protocol):
     # -- upgrade tunnel ------------------------------------------------------
 
     _upgrade_rest = b""
+    _upgrading = False
 
     def start_tunnel(self, exchange: HTTP11Exchange, peer: Any) -> None:
         self._cancel_timer()
         self._tunnel = peer
+        self._upgrading = False
         rest, self._upgrade_rest = self._upgrade_rest, b""
         if rest:
             peer.write(rest)

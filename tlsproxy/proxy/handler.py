@@ -194,6 +194,8 @@ class ProxiedRequest:
             self.exchange.set_body_consumer(self)
 
     def body_data(self, data: bytes) -> None:
+        if self.finished:
+            return  # answered already (say a 401 to an upload): the rest is dropped
         self.received += len(data)
         if self.received > self.route.site.max_body_size:
             self.fail_request(413)
@@ -215,9 +217,13 @@ class ProxiedRequest:
 
     def body_end(self) -> None:
         self.body_complete = True
+        if self.finished:
+            return
         if self.streaming:
-            if self.conn is not None and self.chunk_upstream:
-                self.conn.write(b"0\r\n\r\n")
+            if self.conn is not None:
+                if self.chunk_upstream:
+                    self.conn.write(b"0\r\n\r\n")
+                self.conn.request_complete = True
             return
         self.dial()
 
@@ -274,9 +280,12 @@ class ProxiedRequest:
             if self.body_complete:
                 if self.chunk_upstream:
                     conn.write(b"0\r\n\r\n")
+                conn.request_complete = True
             else:
                 self.exchange.set_body_consumer(self)
                 self.exchange.resume_body()
+        else:
+            conn.request_complete = True
 
     buffer_for_retry: list[bytes] | None = None
     sent_at = 0.0

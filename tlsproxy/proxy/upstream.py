@@ -66,6 +66,8 @@ class UpstreamConnection(Protocol):
         self._got_bytes = False
         self._head_only = False
         self._headers_sent = False
+        self._until_close = False
+        self.request_complete = False
         self._keep_alive = False
         self._done = True
         self._tunnel: Any = None
@@ -95,15 +97,12 @@ class UpstreamConnection(Protocol):
                 detail = "the app closed the connection in the middle of its response"
             else:
                 detail = "the app closed the connection without answering"
-            if self._got_bytes and self._status and self._parser is not None and not self._parser.should_keep_alive():
-                # A response delimited by the close itself: that close is its end.
-                try:
-                    self._parser.feed_data(b"")
-                except httptools.HttpParserError:
-                    pass
-                if self._status and self._headers_sent:
-                    sink.response_end()
-                    return
+            if self._headers_sent and self._until_close:
+                # A response with neither Content-Length nor chunked coding
+                # ends when the app closes: that close is its end.
+                self._done = True
+                sink.response_end()
+                return
             sink.response_failed(UpstreamError(502, detail, before_response=not self._got_bytes, reused=self.reused))
 
     def dataReceived(self, data: bytes) -> None:
@@ -159,9 +158,11 @@ class UpstreamConnection(Protocol):
         self._status = 0
         self._headers = []
         self._headers_sent = False
+        self._until_close = False
         self._got_bytes = False
         self._head_only = head_only
         self._done = False
+        self.request_complete = False
         send_now(self.transport, head)
 
     def write(self, data: bytes) -> None:
@@ -191,12 +192,16 @@ class UpstreamConnection(Protocol):
         self._status = status
         self._keep_alive = parser.should_keep_alive()
         content_length = None
+        chunked = False
         for name, value in self._headers:
             if name == b"content-length":
                 content_length = int(value)
             elif name == b"transfer-encoding":
+                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
                 content_length = None
-                break
+        self._until_close = (
+            content_length is None and not chunked and not self._head_only and status not in (101, 204, 304)
+        )
         if self.sink is not None:
             self._headers_sent = True
             self.sink.response_head(status, self._reason, self._headers, content_length)
@@ -216,7 +221,9 @@ class UpstreamConnection(Protocol):
         self._done = True
         sink, self.sink = self.sink, None
         self._parser = None
-        keep = self._keep_alive
+        # Back to the pool only if both messages ended: a request body the
+        # app answered early (a 401 to an upload) is still half on the wire.
+        keep = self._keep_alive and self.request_complete
         if sink is not None:
             sink.response_end()
         if keep and self.connected and self.sink is None:

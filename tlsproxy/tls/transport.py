@@ -101,6 +101,10 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         self.uncork()
         super().loseConnection()
 
+    def abortConnection(self) -> None:
+        self._corked = None  # nothing more is to be sent
+        super().abortConnection()
+
     # The hot calls below go to OpenSSL through pyOpenSSL's own cffi binding
     # with one shared buffer, and fall back on pyOpenSSL to raise its usual
     # exceptions whenever OpenSSL reports anything but success.
