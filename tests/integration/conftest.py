@@ -355,38 +355,18 @@ class RawTLS:
 
     def read_until_closed(self, timeout: float | None = None) -> Reply:
         """Everything the server sends until it closes the connection or ``timeout`` passes."""
-        start = time.monotonic()
-        end = start + (timeout if timeout is not None else self.timeout)
-        out = bytearray()
-        closed = reset = False
-        while True:
-            left = end - time.monotonic()
-            if left <= 0:
-                break
-            self.sock.settimeout(left)
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                closed = True
-                break
-            except (ConnectionResetError, BrokenPipeError, ssl.SSLError):
-                closed = reset = True
-                break
-            if not data:
-                closed = True
-                break
-            out += data
-        return Reply(bytes(out), closed, reset, time.monotonic() - start)
+        return self._read(timeout, lambda data: False)
 
     def read_response(self, timeout: float | None = None) -> Reply:
         """One complete response (by Content-Length or chunked end), leaving the connection open."""
+        return self._read(timeout, _complete)
+
+    def _read(self, timeout: float | None, enough: Any) -> Reply:
         start = time.monotonic()
         end = start + (timeout if timeout is not None else self.timeout)
         out = bytearray()
         closed = reset = False
-        while not _complete(bytes(out)):
+        while not enough(bytes(out)):
             left = end - time.monotonic()
             if left <= 0:
                 break

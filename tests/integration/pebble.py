@@ -264,7 +264,7 @@ class ChallengeListeners:
         blockingCallFromThread(reactor, lambda: gatherResults([p.stopListening() for p in ports]))
 
 
-def served_certificate(port: int, server_name: str, roots_pem: bytes | None = None):  # type: ignore[no-untyped-def]
+def served_certificate(port: int, server_name: str | None, roots_pem: bytes | None = None):  # type: ignore[no-untyped-def]
     """The leaf certificate a TLS handshake to 127.0.0.1:port for ``server_name`` shows.
 
     With ``roots_pem`` the chain and the name are verified against those roots.

@@ -25,7 +25,7 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tests.integration.pebble import HAVE_PEBBLE, Pebble, requires_pebble, run_pebble
+from tests.integration.pebble import HAVE_PEBBLE, Pebble, requires_pebble, run_pebble, served_certificate
 from tests.integration.procs import BIN, free_port, running, tlsproxy, wait_for_port
 
 pytestmark = [pytest.mark.integration, requires_pebble]
@@ -139,17 +139,7 @@ def wait_until(predicate: Callable[[], object], deadline: float, what: str) -> N
 
 def handshake(port: int, server_name: str | None, cadata: bytes | None = None) -> x509.Certificate:
     """The leaf a TLS handshake to 127.0.0.1:port shows (verified against ``cadata`` when given)."""
-    if cadata is not None:
-        context = ssl.create_default_context(cadata=cadata.decode())
-    else:
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        with context.wrap_socket(raw, server_hostname=server_name) as tls:
-            der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return x509.load_der_x509_certificate(der)
+    return served_certificate(port, server_name, cadata)
 
 
 def serial_or_none(port: int, server_name: str) -> int | None:
