@@ -202,3 +202,29 @@ def test_upstream_down_page(setup: Setup) -> None:
         assert status == 502
         assert b"Traceback" not in body and len(body) < 1000
         assert setup.get("/")[0] == 502
+
+
+def test_h2_upload_and_drain(setup: Setup) -> None:
+    """Over HTTP/2 a 5 MiB upload arrives whole, and SIGTERM still lets a slow h2 answer finish."""
+    import subprocess
+
+    ca = setup.where / "ca.pem"
+    setup.ca.cert_pem.write_to_path(str(ca))
+    base = ["curl", "-sS", "--http2", "--cacert", str(ca), "--resolve", f"app.test:{setup.https}:127.0.0.1"]
+    url = f"https://app.test:{setup.https}"
+    with tlsproxy(setup.config()) as proxy:
+        body = setup.where / "body"
+        body.write_bytes(b"a" * (5 * 1024 * 1024))
+        upload = subprocess.run(
+            [*base, "-w", " %{http_version}", "--data-binary", f"@{body}", f"{url}/upload"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert upload.stdout == f"{5 * 1024 * 1024}\n 2", upload.stderr
+        # curl (nghttp2) handles a graceful GOAWAY as browsers do; the h2
+        # library's client treats any GOAWAY as the end of every stream.
+        slow = subprocess.Popen([*base, "-w", " %{http_version}", f"{url}/slow?s=2"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        proxy.signal(signal.SIGTERM)
+        out, _ = slow.communicate(timeout=20)
+        assert out == "hello /slow\n 2"
+        assert proxy.proc.wait(10) == 0

@@ -9,6 +9,7 @@ client's window is spent.
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from typing import Any
 
@@ -24,7 +25,8 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
-from h2.settings import SettingCodes
+from h2.settings import SettingCodes, Settings
+from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
@@ -32,7 +34,11 @@ from twisted.python.failure import Failure
 
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead
-from tlsproxy.http.server import Limits, client_address_of
+from tlsproxy.http.server import Limits, client_address_of, valid_host
+
+MAX_STREAMS = 100
+STREAM_WINDOW = 1024 * 1024
+_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
 # Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2).
 _CONNECTION_SPECIFIC = frozenset(
@@ -217,12 +223,16 @@ class H2ServerProtocol(Protocol):
         peer = self.transport.getPeer()
         self.client_address = client_address_of(peer)
         self.server_port = getattr(self.transport.getHost(), "port", 0)
-        self.conn.update_settings(
-            {
-                SettingCodes.MAX_CONCURRENT_STREAMS: 100,
+        # Our settings must be in place before initiate_connection sends
+        # them: a later update_settings would send a second SETTINGS frame
+        # that the peer applies after (and over) the first.
+        self.conn.local_settings = Settings(
+            client=False,
+            initial_values={
+                SettingCodes.MAX_CONCURRENT_STREAMS: MAX_STREAMS,
                 SettingCodes.MAX_HEADER_LIST_SIZE: self.limits.max_header_size,
-                SettingCodes.INITIAL_WINDOW_SIZE: 1024 * 1024,
-            }
+                SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+            },
         )
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(4 * 1024 * 1024)
@@ -273,9 +283,10 @@ class H2ServerProtocol(Protocol):
                 if exchange is not None:
                     exchange._body_end()
             elif isinstance(event, StreamReset):
-                exchange = self.streams.pop(event.stream_id, None)
+                exchange = self.streams.get(event.stream_id)
                 if exchange is not None:
                     exchange._client_gone()
+                    self._forget(exchange)
             elif isinstance(event, WindowUpdated):
                 targets = list(self.streams.values()) if event.stream_id == 0 else [self.streams.get(event.stream_id)]
                 for exchange in targets:
@@ -289,7 +300,7 @@ class H2ServerProtocol(Protocol):
         self._flush()
 
     def _request(self, stream_id: int, fields: Headers, ended: bool) -> None:
-        method = path = authority = b""
+        method = path = authority = scheme = b""
         headers: Headers = []
         hosts = []
         content_length = None
@@ -300,6 +311,8 @@ class H2ServerProtocol(Protocol):
                 path = value
             elif name == b":authority":
                 authority = value
+            elif name == b":scheme":
+                scheme = value
             elif name[:1] == b":":
                 continue
             else:
@@ -311,6 +324,7 @@ class H2ServerProtocol(Protocol):
         host = authority or (hosts[0] if hosts else b"")
         if authority:
             headers = [(n, v) for n, v in headers if n != b"host"]
+        problem = self._check(method, path, scheme, host, hosts, authority, len(headers))
         head = RequestHead(
             method=method,
             target=path,
@@ -323,9 +337,15 @@ class H2ServerProtocol(Protocol):
         exchange = H2Exchange(self, stream_id, head, ended)
         self.streams[stream_id] = exchange
         self._idle()
-        if len(self.streams) > 100 or method == b"CONNECT" or not host or len(path) > self.limits.max_request_line:
-            status = 431 if len(path) > self.limits.max_request_line else (405 if method == b"CONNECT" else 400)
-            pages.send(exchange, status)
+        if self._draining:
+            try:
+                self.conn.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            except (StreamClosedError, ProtocolError):
+                pass
+            self._forget(exchange)
+            return
+        if problem:
+            pages.send(exchange, problem)
             return
         try:
             self.handler.handle(exchange)
@@ -335,6 +355,24 @@ class H2ServerProtocol(Protocol):
                 pages.send(exchange, 500)
             else:
                 exchange.abort()
+
+    def _check(
+        self, method: bytes, path: bytes, scheme: bytes, host: bytes, hosts: list[bytes], authority: bytes, count: int
+    ) -> int:
+        """The status refusing a request the HTTP/1.1 side would refuse too (0: fine)."""
+        if method == b"CONNECT":
+            return 405
+        if not _TOKEN.match(method) or scheme not in (b"https", b"http"):
+            return 400
+        if not (path.startswith(b"/") or (path == b"*" and method == b"OPTIONS")):
+            return 400
+        if len(path) > self.limits.max_request_line:
+            return 414
+        if count > self.limits.max_header_count:
+            return 431
+        if not host or (not authority and len(hosts) > 1) or not valid_host(host):
+            return 400
+        return 0
 
     # -- outbound (called by exchanges) ---------------------------------------
 
@@ -380,25 +418,54 @@ class H2ServerProtocol(Protocol):
         self._flush()
 
     def drain(self) -> None:
-        """Shutting down: GOAWAY, let open streams finish, then close."""
+        """Shutting down: GOAWAY, let open streams finish, then close.
+
+        The GOAWAY is written by hand: h2's close_connection would put its
+        state machine in CLOSED, and the streams still open could no longer
+        send their answers.
+        """
         self._draining = True
-        if not self._closed:
+        if self._closed:
+            return
+        goaway = GoAwayFrame(0)
+        goaway.last_stream_id = self.conn.highest_inbound_stream_id
+        goaway.error_code = ErrorCodes.NO_ERROR
+        self.transport.write(goaway.serialize())
+        self._close_if_drained()
+
+    def _close_if_drained(self) -> None:
+        if self._draining and not self.streams and not self._closed:
+            self._closed = True
             self.conn.close_connection()
             self._flush()
-        if not self.streams:
             self._close()
 
     def stream_done(self, exchange: H2Exchange) -> None:
-        self.streams.pop(exchange.stream_id, None)
-        if self._draining and not self.streams:
-            self._close()
         if not exchange._body_done:
             # We answered before the body ended: tell the client to stop sending.
             try:
                 self.conn.reset_stream(exchange.stream_id, ErrorCodes.NO_ERROR)
             except (StreamClosedError, ProtocolError):
                 pass
+        self._forget(exchange)
+
+    def _forget(self, exchange: H2Exchange) -> None:
+        """A stream is over: give back its unread window, re-arm idle, maybe close."""
+        if self.streams.pop(exchange.stream_id, None) is None:
+            return
+        # Body bytes the handler never took (or took while paused) still count
+        # against the connection's window until acknowledged.
+        held = exchange._unacked
+        exchange._unacked = 0
+        exchange._body = []
+        if held:
+            try:
+                self.conn.acknowledge_received_data(held, exchange.stream_id)
+            except (StreamClosedError, ProtocolError):
+                pass
+        self._flush()
         self._idle()
+        self._close_if_drained()
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()

@@ -477,7 +477,7 @@ class HTTP11ServerProtocol(Protocol):
                 raise RequestError(400, "HTTP/1.1 requests need a Host header")
             hosts = [b""]
         host = hosts[0].strip()
-        if not _valid_host(host):
+        if not valid_host(host):
             raise RequestError(400, "malformed Host header")
         if chunked:
             content_length = None
@@ -630,7 +630,7 @@ def client_address_of(peer: Any) -> str:
 _HOST_BYTES = bytes(b for b in range(0x21, 0x7F) if b not in b'/\\?#@"<>{}|^`')
 
 
-def _valid_host(host: bytes) -> bool:
+def valid_host(host: bytes) -> bool:
     return not host.translate(None, _HOST_BYTES)
 
 

@@ -1,0 +1,150 @@
+"""The HTTP/2 server protocol driven by the h2 library's own client, in memory."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.events import ResponseReceived
+from hyperframe.frame import Frame
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from tlsproxy.http import pages
+from tlsproxy.http.h2 import STREAM_WINDOW, H2ServerProtocol
+from tlsproxy.http.server import Limits
+
+
+def frames(data: bytes) -> list[Any]:
+    """The HTTP/2 frames in ``data``."""
+    out = []
+    while data:
+        frame, length = Frame.parse_frame_header(memoryview(data[:9]))
+        frame.parse_body(memoryview(data[9 : 9 + length]))
+        out.append(frame)
+        data = data[9 + length :]
+    return out
+
+
+class Holding:
+    """A handler that keeps every exchange and never reads bodies on its own."""
+
+    def __init__(self) -> None:
+        self.exchanges: list[Any] = []
+
+    def handle(self, exchange: Any) -> None:
+        self.exchanges.append(exchange)
+
+
+class H2Tests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.handler = Holding()
+        self.limits = Limits(idle_timeout=30)
+        self.server = H2ServerProtocol(self.handler, self.clock, self.limits)
+        self.transport = StringTransport()
+        self.server.makeConnection(self.transport)
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.client.initiate_connection()
+        self.events: list[Any] = []
+        self.pump()
+
+    def pump(self) -> None:
+        """Move bytes both ways until neither side has anything to say."""
+        for _ in range(10):
+            to_server = self.client.data_to_send()
+            if to_server:
+                self.server.dataReceived(to_server)
+            to_client = self.transport.value()
+            self.transport.clear()
+            if to_client:
+                self.events += self.client.receive_data(to_client)
+            if not to_server and not to_client:
+                return
+
+    def request(self, method: bytes = b"GET", extra: list | None = None, end: bool = True) -> int:
+        stream = self.client.get_next_available_stream_id()
+        headers = [(b":method", method), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+        self.client.send_headers(stream, headers + (extra or []), end_stream=end)
+        self.pump()
+        return stream
+
+    def test_settings_reach_the_client(self) -> None:
+        """The client learns our stream window from the one SETTINGS frame we send."""
+        self.assertEqual(self.client.remote_settings.initial_window_size, STREAM_WINDOW)
+        self.assertEqual(self.client.remote_settings.max_header_list_size, self.limits.max_header_size)
+
+    def test_body_over_64k_flows(self) -> None:
+        """A request body larger than the default 64 KiB window is taken whole."""
+        stream = self.request(b"POST", [(b"content-length", b"300000")], end=False)
+        exchange = self.handler.exchanges[0]
+        received = bytearray()
+
+        class Sink:
+            def body_data(self, data: bytes) -> None:
+                received.extend(data)
+
+            def body_end(self) -> None:
+                pages.send(exchange, 200)
+
+        exchange.set_body_consumer(Sink())
+        sent = 0
+        while sent < 300000:
+            window = min(self.client.local_flow_control_window(stream), 300000 - sent, 16384)
+            self.assertGreater(window, 0, f"stuck after {sent} bytes")
+            self.client.send_data(stream, b"a" * window, end_stream=sent + window == 300000)
+            sent += window
+            self.pump()
+        self.assertEqual(len(received), 300000)
+        self.assertTrue(any(isinstance(e, ResponseReceived) for e in self.events))
+
+    def test_reset_uploads_give_window_back(self) -> None:
+        """Body bytes held for streams the client resets are acknowledged: the connection window never runs dry."""
+        start = self.client.outbound_flow_control_window
+        for _ in range(120):  # 120 x 48 KB: more than the whole connection window
+            stream = self.request(b"POST", [(b"content-length", b"3000000")], end=False)
+            for _ in range(3):
+                self.client.send_data(stream, b"a" * 16000)
+            self.client.reset_stream(stream)
+            self.pump()
+        self.assertGreater(self.client.outbound_flow_control_window, start // 2)
+
+    def test_idle_timeout_after_reset(self) -> None:
+        """A connection whose last stream was reset still closes after the idle timeout."""
+        stream = self.request()
+        self.client.reset_stream(stream)
+        self.pump()
+        self.clock.advance(self.limits.idle_timeout)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_drain_lets_open_streams_answer(self) -> None:
+        """On shutdown: GOAWAY first, the open stream still gets its answer, then the close."""
+        stream = self.request()
+        self.server.drain()
+        first = frames(self.transport.value())
+        self.transport.clear()
+        self.assertEqual([type(f).__name__ for f in first], ["GoAwayFrame"])
+        self.assertEqual(first[0].last_stream_id, stream)
+        self.assertFalse(self.transport.disconnecting)
+        pages.send(self.handler.exchanges[0], 200)
+        after = frames(self.transport.value())
+        self.assertIn(("HeadersFrame", stream), [(type(f).__name__, f.stream_id) for f in after])
+        self.assertTrue(any("END_STREAM" in f.flags and f.stream_id == stream for f in after))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_malformed_pseudo_headers_refused(self) -> None:
+        """A :path that is not origin-form, or a foreign :scheme, gets 400 and never reaches the app."""
+        for path, scheme in ((b"http://evil.test/admin", b"https"), (b"*", b"https"), (b"/x", b"gopher")):
+            stream = self.client.get_next_available_stream_id()
+            fields = [(b":method", b"GET"), (b":path", path), (b":scheme", scheme), (b":authority", b"app.test")]
+            self.client.send_headers(stream, fields, end_stream=True)
+            self.pump()
+            (status,) = [
+                dict(e.headers)[b":status"]
+                for e in self.events
+                if isinstance(e, ResponseReceived) and e.stream_id == stream
+            ]
+            self.assertEqual(status, b"400")
+        self.assertEqual(self.handler.exchanges, [])
