@@ -143,6 +143,20 @@ class UpgradeAndPipelineTests(ServerTestCase):
         self.assertTrue(self.transport.value().endswith(b"done"))
         self.assertTrue(self.transport.disconnecting)
 
+    def test_app_resume_does_not_lift_the_pipeline_pause(self) -> None:
+        """Reading stays paused while a pipelined request waits, whatever the app's back-pressure does."""
+        self.handler.answer = False
+        self.feed(b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nGET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
+        first = self.handler.exchanges[0]
+        self.assertEqual(self.transport.producerState, "paused")
+        first.pause_body()
+        first.resume_body()
+        self.assertEqual(self.transport.producerState, "paused")
+        first.start_response(200, b"OK", [], 0)
+        first.finish()
+        self.assertEqual(len(self.handler.exchanges), 2)
+        self.assertEqual(self.transport.producerState, "producing")
+
 
 class SmugglingTests(ServerTestCase):
     def test_content_length_and_chunked(self) -> None:

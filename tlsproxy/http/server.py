@@ -66,6 +66,7 @@ class HTTP11Exchange:
         "_chunked_out",
         "_consumer",
         "_finished",
+        "_held",
         "_observer",
         "_proto",
         "_started",
@@ -89,6 +90,7 @@ class HTTP11Exchange:
         self._consumer: BodyConsumer | None = None
         self._observer: ExchangeObserver | None = None
         self._body: list[bytes] = []
+        self._held = 0
         self._body_done = not head.has_body
         self._started = False
         self._finished = False
@@ -115,15 +117,17 @@ class HTTP11Exchange:
         if self._body_done:
             consumer.body_end()
         else:
-            self._proto.resume_reading()
+            self._proto.resume_reading("buffer")
 
     def _body_data(self, data: bytes) -> None:
         if self._consumer is not None:
             self._consumer.body_data(data)
         else:
+            # Until the handler takes the body, at most ~64 KiB is held.
             self._body.append(data)
-            if sum(map(len, self._body)) > 65536:
-                self._proto.pause_reading()
+            self._held += len(data)
+            if self._held > 65536:
+                self._proto.pause_reading("buffer")
 
     def _body_end(self) -> None:
         if self._body_done:
@@ -133,10 +137,10 @@ class HTTP11Exchange:
             self._consumer.body_end()
 
     def pause_body(self) -> None:
-        self._proto.pause_reading()
+        self._proto.pause_reading("app")
 
     def resume_body(self) -> None:
-        self._proto.resume_reading()
+        self._proto.resume_reading("app")
 
     def set_observer(self, observer: ExchangeObserver) -> None:
         self._observer = observer
@@ -248,7 +252,7 @@ class HTTP11ServerProtocol(Protocol):
         self._queue: deque[HTTP11Exchange] = deque()
         self._current: HTTP11Exchange | None = None  # being parsed
         self._active: HTTP11Exchange | None = None  # being answered
-        self._reading_paused = False
+        self._paused_for: set[str] = set()
         self._closing = False
         self._tunnel: Any = None
         self._timer = Deadline(clock)
@@ -426,7 +430,7 @@ class HTTP11ServerProtocol(Protocol):
             self._dispatch(exchange)
         else:
             self._queue.append(exchange)
-            self.pause_reading()
+            self.pause_reading("queue")
 
     def on_body(self, body: bytes) -> None:
         if self._current is not None:
@@ -518,16 +522,19 @@ class HTTP11ServerProtocol(Protocol):
             return
         self._active = None
         self.response_producer = None
+        # Whatever that exchange paused reading for is over with it.
+        self.resume_reading("app")
+        self.resume_reading("buffer")
         if not exchange.keep_alive or self._closing or self._draining:
             self._closing = True
             self._close()
             return
         if self._queue:
             self._dispatch(self._queue.popleft())
-            if self._active is None and not self._queue:
-                self.resume_reading()
+            if not self._queue:
+                self.resume_reading("queue")
             return
-        self.resume_reading()
+        self.resume_reading("queue")
         if self._in_head:
             self._head_armed = True
             self._set_timer(self.limits.header_timeout, self._head_timeout)
@@ -557,7 +564,7 @@ class HTTP11ServerProtocol(Protocol):
         self._closing = True
         pages.send(exchange, error.status)
         # Linger a little so the client reads our answer before the close.
-        self.resume_reading()
+        self.resume_reading_fully()
         self._set_timer(self.limits.linger, self.transport.abortConnection)
 
     def drain(self) -> None:
@@ -582,7 +589,7 @@ class HTTP11ServerProtocol(Protocol):
         rest, self._upgrade_rest = self._upgrade_rest, b""
         if rest:
             peer.write(rest)
-        self.resume_reading()
+        self.resume_reading_fully()
 
     def _close(self) -> None:
         # A transport waits for its producer to unregister before it closes
@@ -592,14 +599,24 @@ class HTTP11ServerProtocol(Protocol):
 
     # -- flow control --------------------------------------------------------
 
-    def pause_reading(self) -> None:
-        if not self._reading_paused:
-            self._reading_paused = True
-            self.transport.pauseProducing()
+    # Reading from the client stops for any of three reasons, each lifted on
+    # its own: "queue" (pipelined requests wait for their turn), "buffer" (a
+    # body the handler has not taken yet) and "app" (the app reads slower).
 
-    def resume_reading(self) -> None:
-        if self._reading_paused:
-            self._reading_paused = False
+    def pause_reading(self, reason: str) -> None:
+        if not self._paused_for:
+            self.transport.pauseProducing()
+        self._paused_for.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason in self._paused_for:
+            self._paused_for.discard(reason)
+            if not self._paused_for:
+                self.transport.resumeProducing()
+
+    def resume_reading_fully(self) -> None:
+        if self._paused_for:
+            self._paused_for.clear()
             self.transport.resumeProducing()
 
     # IPushProducer, registered on our transport: the client cannot keep up.
