@@ -34,4 +34,5 @@ export SSLYZE_BIN="$PWD/.venv-sslyze/bin/sslyze"
 
 "$venv/bin/ruff" check tlsproxy twisted tests bench
 "$venv/bin/ruff" format --check tlsproxy twisted tests bench
+"$venv/bin/mypy" tlsproxy
 "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

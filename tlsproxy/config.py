@@ -29,6 +29,7 @@ ACME_DIRECTORIES = {
 CHALLENGES = ("http-01", "tls-alpn-01")
 KEY_TYPES = ("ec256", "rsa2048", "rsa3072")
 TLS_SOURCES = ("acme", "files", "local")
+DEFAULT_MAX_BODY_SIZE = 100 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,7 @@ class Site:
     key: str = ""
     hsts: HSTS = field(default_factory=HSTS)
     secure_cookies: bool = True
-    max_body_size: int = 100 * 1024 * 1024
+    max_body_size: int = DEFAULT_MAX_BODY_SIZE
 
     @property
     def name(self) -> str:
@@ -429,7 +430,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
     else:
         reader.fail(f"{prefix}.hsts", f"expected a table like {{ max_age = 63072000 }}, found {_describe(hsts_raw)}")
     secure_cookies = _coerce(reader, f"{prefix}.secure_cookies", values.get("secure_cookies", True), True)
-    max_body_size = Site.__dataclass_fields__["max_body_size"].default
+    max_body_size = DEFAULT_MAX_BODY_SIZE
     if "max_body_size" in values:
         size = parse_size(values["max_body_size"])
         if size is None:

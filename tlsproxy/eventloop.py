@@ -47,5 +47,5 @@ def streamline(reactor: Any) -> bool:
     """Use the direct dispatch on an epoll reactor; other reactors are left alone."""
     if not isinstance(reactor, EPollReactor):
         return False
-    reactor.doIteration = reactor.doPoll = types.MethodType(_poll, reactor)
+    reactor.doIteration = reactor.doPoll = types.MethodType(_poll, reactor)  # type: ignore[method-assign]
     return True

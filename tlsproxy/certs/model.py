@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -100,7 +101,7 @@ class CertifiedKey:
     def covers(self, host: str) -> bool:
         return any(host_matches(name, host) for name in self.dns_names)
 
-    def uncovered(self, hosts: tuple[str, ...] | list[str]) -> list[str]:
+    def uncovered(self, hosts: Sequence[str]) -> list[str]:
         return [h for h in hosts if not self.covers(h)]
 
     def chain_pem(self) -> bytes:

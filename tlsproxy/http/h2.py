@@ -202,6 +202,7 @@ class H2ServerProtocol(Protocol):
     """Serve HTTP/2 streams to the handler, one :class:`H2Exchange` each."""
 
     log = Logger()
+    transport: Any
 
     def __init__(self, handler: Handler, clock: IReactorTime, limits: Limits) -> None:
         self.handler = handler

@@ -23,6 +23,8 @@ from tlsproxy.tls.policy import ACME_TLS_ALPN
 class ProtocolChooser(Protocol):
     """Stands in until the handshake ends, then puts the real protocol in place."""
 
+    transport: Any  # the TLS transport
+
     def __init__(self, factory: NegotiatingFactory) -> None:
         self.factory = factory
         self._timer: Any = None

@@ -238,6 +238,7 @@ class HTTP11ServerProtocol(Protocol):
     """Parse requests, enforce the limits, hand each request to the handler."""
 
     log = Logger()
+    transport: Any  # a TCP or TLS transport (Protocol types it as ITransport | None)
 
     def __init__(self, handler: Handler, clock: IReactorTime, limits: Limits, secure: bool) -> None:
         self.handler = handler

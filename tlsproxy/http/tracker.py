@@ -60,5 +60,11 @@ class ConnectionTracker:
                 protocol.transport.abortConnection()
 
         timer = clock.callLater(grace, cut)
-        done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+
+        def stop_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        done.addBoth(stop_timer)
         return done

@@ -14,8 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from tlsproxy.config import Server, Site
 from tlsproxy.http import pages
@@ -114,10 +116,10 @@ class ProxyHandler:
     def deadline_for(self, exchange: Exchange) -> Deadline:
         """The upstream timeout of a request (one reusable deadline per client connection)."""
         owner = exchange.connection
-        deadline = getattr(owner, "upstream_deadline", None)
+        deadline: Deadline | None = getattr(owner, "upstream_deadline", None)
         if deadline is None:
             deadline = Deadline(self.reactor)
-            owner.upstream_deadline = deadline
+            setattr(owner, "upstream_deadline", deadline)  # noqa: B010 - owner is typed as object
         return deadline
 
     def record(self, exchange: Exchange, site: str, status: int, size: int) -> None:
@@ -445,6 +447,7 @@ class ProxiedRequest:
         self.handler.record(self.exchange, self.route.site.name, status, self.sent_bytes)
 
 
+@implementer(IPushProducer)
 class _BodyPauser:
     """Pauses reading the client's body while the app's socket is full."""
 
@@ -461,6 +464,7 @@ class _BodyPauser:
         pass
 
 
+@implementer(IPushProducer)
 class _ResponsePauser:
     """Pauses reading the app's response while the client's socket is full."""
 

@@ -54,6 +54,7 @@ class UpstreamConnection(Protocol):
     """One HTTP/1.1 connection to the app."""
 
     log = Logger()
+    transport: Any
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib  # SSL_CTX_set1_curves_list has no public wrapper
@@ -70,7 +71,7 @@ def load_dhparams(path: str) -> None:
         raise PolicyError(f"{path} holds no PEM DH parameters") from None
 
 
-AlpnChooser = Callable[[SSL.Connection, list[bytes]], bytes]
+AlpnChooser = Callable[[SSL.Connection, list[bytes]], Any]  # bytes, or SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 @dataclass(frozen=True)
