@@ -110,35 +110,31 @@ def cmd_dev(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return 0
 
 
-def _load_or_fail(args: argparse.Namespace, err: TextIO) -> Config | None:
-    return _load(args.config, err)
-
-
 def cmd_certs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
-    config = _load_or_fail(args, err)
+    config = _load(args.config, err)
     return 2 if config is None else commands.certs(config, out)
 
 
 def cmd_renew(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
-    config = _load_or_fail(args, err)
+    config = _load(args.config, err)
     return 2 if config is None else commands.renew(config, args.name, args.force, out)
 
 
 def cmd_revoke(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
-    config = _load_or_fail(args, err)
+    config = _load(args.config, err)
     return 2 if config is None else commands.revoke(config, args.name, args.reason, out)
 
 
 def cmd_account(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
-    config = _load_or_fail(args, err)
+    config = _load(args.config, err)
     return 2 if config is None else commands.account_rollover(config, out)
 
 
