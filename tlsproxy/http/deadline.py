@@ -31,7 +31,7 @@ class Deadline:
         call = self._call
         if call is None:
             self._call = self._clock.callLater(seconds, self._fire)
-        elif call.getTime() > when:
+        elif call.time + call.delayed_time > when:  # call.getTime(), without the call
             call.reset(seconds)
 
     def clear(self) -> None:

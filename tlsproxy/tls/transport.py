@@ -22,11 +22,6 @@ from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
 
-def _mem_pending(bio: Any) -> int:
-    """Bytes waiting in a memory BIO (BIO_get_mem_data with no pointer)."""
-    return int(_lib.BIO_get_mem_data(bio, _ffi.NULL))
-
-
 # One scratch buffer for every connection: all TLS I/O runs on the reactor
 # thread, and each read is copied out before the next one starts.
 _SCRATCH_SIZE = 1 << 17
@@ -110,13 +105,13 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
     # exceptions whenever OpenSSL reports anything but success.
 
     def dataReceived(self, data: bytes) -> None:
-        connection = self._tlsConnection
-        if self._handshakeDone and not self._appSendBuffer and not self._lostTLSConnection:
-            if _lib.BIO_write(connection._into_ssl, data, len(data)) <= 0:
-                connection.bio_write(data)  # raises the appropriate error
-            self._flushReceiveBIO()
+        if not self._handshakeDone or self._appSendBuffer or self._lostTLSConnection:
+            super().dataReceived(data)
             return
-        super().dataReceived(data)
+        connection = self._tlsConnection
+        if _lib.BIO_write(connection._into_ssl, data, len(data)) <= 0:
+            connection.bio_write(data)  # raises the appropriate error
+        self._flushReceiveBIO()
 
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
@@ -145,27 +140,33 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
     def _flushSendBIO(self) -> None:
         # Ask the memory BIO how much it holds instead of catching WantReadError.
         bio = self._tlsConnection._from_ssl
-        pending = _mem_pending(bio)
-        if pending == 0:
+        pending = _lib.BIO_get_mem_data(bio, _ffi.NULL)
+        if pending <= 0:
             return
         buffer = _scratch if pending <= _SCRATCH_SIZE else _ffi.new("char[]", pending)
         got = _lib.BIO_read(bio, buffer, pending)
-        if got <= 0:
-            return
-        send_now(self.transport, _ffi.buffer(buffer, got)[:])
-
-    def _recv(self, connection: Any) -> bytes:
-        result = _lib.SSL_read(connection._ssl, _scratch, 1 << 15)
-        if result > 0:
-            return _ffi.buffer(_scratch, result)[:]
-        connection._raise_ssl_error(connection._ssl, result)
-        raise WantReadError()  # not reached: the line above always raises
+        if got > 0:
+            send_now(self.transport, _ffi.buffer(buffer, got)[:])
 
     def _flushReceiveBIO(self) -> None:
         connection = self._tlsConnection
+        ssl = connection._ssl
         while not self._lostTLSConnection:
+            result = _lib.SSL_read(ssl, _scratch, 1 << 15)
+            if result > 0:
+                if not self._aborted:
+                    self.wrappedProtocol.dataReceived(_ffi.buffer(_scratch, result)[:])
+                # Another record (or the rest of this one) to read?  Asking
+                # is cheaper than the WantReadError a blind read would raise.
+                if (
+                    self._lostTLSConnection
+                    or not _lib.SSL_pending(ssl)
+                    and not _lib.BIO_get_mem_data(connection._into_ssl, _ffi.NULL)
+                ):
+                    break
+                continue
             try:
-                data = self._recv(connection)
+                connection._raise_ssl_error(ssl, result)
             except WantReadError:
                 break
             except ZeroReturnError:
@@ -174,12 +175,7 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
             except Error:
                 self._tlsShutdownFinished(Failure())
             else:
-                if not self._aborted:
-                    ProtocolWrapper.dataReceived(self, data)
-                # Another record (or the rest of this one) to read?  Asking
-                # is cheaper than the WantReadError a blind recv would raise.
-                if not self._lostTLSConnection and not connection.pending() and _mem_pending(connection._into_ssl) == 0:
-                    break
+                break  # not reached: OpenSSL reports every failed read
         self._flushSendBIO()
 
 
