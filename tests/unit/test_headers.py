@@ -127,3 +127,51 @@ def test_untrusted_forwarding_always_ours(headers: list[tuple[bytes, bytes]]) ->
             (b"x-forwarded-port", b"443"),
         ]
     )
+
+
+# Header names the strategies draw from: hop-by-hop, forwarding (in both
+# spellings), protected and ordinary ones, so Connection values can name any.
+_NAMES = sorted(
+    {
+        b"connection",
+        b"keep-alive",
+        b"upgrade",
+        b"te",
+        b"x-forwarded-for",
+        b"x_forwarded_proto",
+        b"x-forwarded-host",
+        b"host",
+        b"cookie",
+        b"set-cookie",
+        b"strict-transport-security",
+        b"accept",
+        b"x-thing",
+        b"close",
+    }
+)
+_name = st.sampled_from(_NAMES)
+_value = st.binary(max_size=8)
+_connection = st.lists(st.sampled_from([*_NAMES, b"", b" Close ", b"Keep-Alive"]), min_size=1, max_size=3).map(
+    lambda names: (b"connection", b", ".join(names))
+)
+_header_lists = st.tuples(st.lists(st.tuples(_name, _value), max_size=8), st.lists(_connection, max_size=2)).map(
+    lambda parts: parts[0][: len(parts[0]) // 2] + parts[1] + parts[0][len(parts[0]) // 2 :]
+)
+
+
+@given(_header_lists, st.booleans())
+def test_request_fast_path_matches_general_rules(headers, trusted) -> None:  # type: ignore[no-untyped-def]
+    """The common-case loop gives what the general rules give, for any header list."""
+    from tlsproxy.proxy.headers import _upstream_request_headers_named
+
+    kwargs = dict(client_address="203.0.113.9", host=b"example.com", scheme=b"https", server_port=443, trusted=trusted)
+    assert upstream_request_headers(headers, **kwargs) == _upstream_request_headers_named(headers, **kwargs)
+
+
+@given(_header_lists, st.booleans(), st.booleans(), st.one_of(st.none(), st.just(b"max-age=60")))
+def test_response_fast_path_matches_general_rules(headers, secure_cookies, keep_upgrade, hsts) -> None:  # type: ignore[no-untyped-def]
+    """The same for the response side, HSTS, cookies and upgrades included."""
+    from tlsproxy.proxy.headers import _response_headers_named
+
+    kwargs = dict(hsts=hsts, secure_cookies=secure_cookies, keep_upgrade=keep_upgrade)
+    assert response_headers(headers, **kwargs) == _response_headers_named(headers, **kwargs)
