@@ -71,6 +71,7 @@ class HTTP11Exchange:
         "_proto",
         "_started",
         "client_address",
+        "connection",
         "head",
         "keep_alive",
         "no_body",
@@ -81,6 +82,7 @@ class HTTP11Exchange:
 
     def __init__(self, proto: HTTP11ServerProtocol, head: RequestHead, keep_alive: bool) -> None:
         self._proto = proto
+        self.connection = proto  # lives as long as the client connection, one request at a time
         self.head = head
         self.client_address = proto.client_address
         self.secure = proto.secure
@@ -91,7 +93,7 @@ class HTTP11Exchange:
         self._observer: ExchangeObserver | None = None
         self._body: list[bytes] = []
         self._held = 0
-        self._body_done = not head.has_body
+        self._body_done = not (head.chunked or head.content_length)
         self._started = False
         self._finished = False
         self._chunked_out = False
@@ -101,11 +103,6 @@ class HTTP11Exchange:
     def transport(self) -> Any:
         """The client's transport (for corking a burst of writes)."""
         return self._proto.transport
-
-    @property
-    def connection(self) -> Any:
-        """What lives as long as the client connection and serves one request at a time."""
-        return self._proto
 
     # -- request body --------------------------------------------------------
 
@@ -159,7 +156,7 @@ class HTTP11Exchange:
         version = self.head.version
         lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason or _REASONS.get(status, b"Unknown"))]
         for name, value in headers:
-            lines.append(b"%s: %s\r\n" % (name, value))
+            lines += (name, b": ", value, b"\r\n")
         if status == 101:
             lines.append(b"\r\n")
             proto.transport.writeSequence(lines)
@@ -488,16 +485,7 @@ class HTTP11ServerProtocol(Protocol):
             content_length = None
         if not self._parser.should_upgrade():
             upgrade = b""
-        return RequestHead(
-            method=method,
-            target=target,
-            version=version,
-            host=host.lower(),
-            headers=headers,
-            content_length=content_length,
-            chunked=chunked,
-            upgrade=upgrade,
-        )
+        return RequestHead(method, target, version, host.lower(), headers, content_length, chunked, upgrade)
 
     # -- answering -----------------------------------------------------------
 
@@ -523,9 +511,11 @@ class HTTP11ServerProtocol(Protocol):
             return
         self._active = None
         self.response_producer = None
-        # Whatever that exchange paused reading for is over with it.
-        self.resume_reading("app")
-        self.resume_reading("buffer")
+        paused = self._paused_for
+        if paused:
+            # Whatever that exchange paused reading for is over with it.
+            self.resume_reading("app")
+            self.resume_reading("buffer")
         if not exchange.keep_alive or self._closing or self._draining:
             self._closing = True
             self._close()
@@ -535,7 +525,8 @@ class HTTP11ServerProtocol(Protocol):
             if not self._queue:
                 self.resume_reading("queue")
             return
-        self.resume_reading("queue")
+        if paused:
+            self.resume_reading("queue")
         if self._in_head:
             self._head_armed = True
             self._set_timer(self.limits.header_timeout, self._head_timeout)

@@ -13,7 +13,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -41,6 +40,10 @@ class Route:
     hsts: bytes | None
     dev: bool = False
     latency: Any = None
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.site.name
 
 
 class ProxyHandler:
@@ -62,6 +65,7 @@ class ProxyHandler:
         self.access_log = access_log
         self.dev = dev
         self.metrics = metrics
+        self.trusted_proxies = server.trusted_proxies
         self._counters: dict[tuple[str, int], Any] = {}
         # Host header (as sent, port included) -> route: a cache, bounded below.
         self._by_raw_host: dict[bytes, Route] = {}
@@ -138,6 +142,7 @@ class ProxyHandler:
             pool.close()
 
 
+@implementer(IPushProducer)
 class ProxiedRequest:
     """One request on its way to the app and its response on the way back."""
 
@@ -168,16 +173,16 @@ class ProxiedRequest:
         self.method = head.method
         self.upgrade = bool(head.upgrade)
         self.buffer: list[bytes] = []
-        self.body_complete = not head.has_body
+        self.body_complete = not (head.chunked or head.content_length)
         self.timer = handler.deadline_for(exchange)
-        trusted = is_trusted(exchange.client_address, handler.server.trusted_proxies)
+        trusted = bool(handler.trusted_proxies) and is_trusted(exchange.client_address, handler.trusted_proxies)
         self.headers = upstream_request_headers(
             head.headers,
-            client_address=exchange.client_address,
-            host=head.host,
-            scheme=b"https" if exchange.secure else b"http",
-            server_port=exchange.server_port,
-            trusted=trusted,
+            exchange.client_address,
+            head.host,
+            b"https" if exchange.secure else b"http",
+            exchange.server_port,
+            trusted,
         )
         if self.upgrade:
             self.headers += [(b"connection", b"upgrade"), (b"upgrade", head.upgrade)]
@@ -236,7 +241,7 @@ class ProxiedRequest:
                 return b"content-length: %d" % head.content_length
             self.chunk_upstream = True
             return b"transfer-encoding: chunked"
-        if head.has_body or self.buffered:
+        if head.chunked or head.content_length or self.buffered:
             return b"content-length: %d" % self.buffered
         if self.method in (b"POST", b"PUT", b"PATCH"):
             return b"content-length: 0"
@@ -245,11 +250,11 @@ class ProxiedRequest:
     def dial(self, fresh: bool = False) -> None:
         pool = self.route.pool
         got = pool.acquire(fresh=fresh or self.upgrade)
-        if isinstance(got, Deferred):
+        if isinstance(got, UpstreamConnection):
+            self.connected(got)
+        else:
             self.set_timer(self.handler.server.connect_timeout + 1)
             got.addCallbacks(self.connected, self.connect_failed)
-        else:
-            self.connected(got)
 
     def connect_failed(self, failure: Failure) -> None:
         if self.finished:
@@ -262,7 +267,6 @@ class ProxiedRequest:
             return
         self.conn = conn
         head = self.exchange.head
-        self.sent_at = self.clock.seconds()
         conn.send(
             serialize_request(head.method, head.target, head.host, self.headers, self.framing()),
             self,
@@ -276,7 +280,7 @@ class ProxiedRequest:
         if not self.retried:
             self.buffer_for_retry = self.buffer if not self.streaming else None
         self.buffer = []
-        self.set_timer(self.handler.server.upstream_timeout)
+        self.sent_at = self.set_timer(self.handler.server.upstream_timeout)
         if self.streaming:
             conn.set_request_producer(_BodyPauser(self.exchange))
             if self.body_complete:
@@ -295,23 +299,22 @@ class ProxiedRequest:
     # -- response side (ResponseSink) ---------------------------------------
 
     def response_head(self, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None:
-        self.touch()
-        latency = self.route.latency
-        if latency is not None:
-            latency.observe(self.last_activity - self.sent_at)
+        self.last_activity = now = self.clock.seconds()
+        route = self.route
+        if route.latency is not None:
+            route.latency.observe(now - self.sent_at)
         if status == 101:
             self.pending_101 = (status, reason, headers)
             return
         self.status = status
-        site = self.route.site
-        out = response_headers(
-            headers,
-            hsts=self.route.hsts if self.exchange.secure else None,
-            secure_cookies=site.secure_cookies and self.exchange.secure,
-        )
-        self.exchange.start_response(status, reason, out, content_length)
+        exchange = self.exchange
+        if exchange.secure:
+            out = response_headers(headers, route.hsts, route.site.secure_cookies)
+        else:
+            out = response_headers(headers, None, False)
+        exchange.start_response(status, reason, out, content_length)
         if self.conn is not None:
-            self.exchange.register_producer(_ResponsePauser(self, self.conn))
+            exchange.register_producer(self)
 
     def response_data(self, data: bytes) -> None:
         self.last_activity = self.clock.seconds()
@@ -323,10 +326,11 @@ class ProxiedRequest:
             return
         self.finished = True
         self.cancel_timer()
-        self.exchange.unregister_producer()
-        self.exchange.finish()
+        exchange = self.exchange
+        exchange.unregister_producer()
+        exchange.finish()
         self.conn = None
-        self.logged(self.status)
+        self.handler.record(exchange, self.route.name, self.status, self.sent_bytes)
 
     def response_failed(self, error: UpstreamError) -> None:
         if self.finished:
@@ -349,13 +353,14 @@ class ProxiedRequest:
 
     def response_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
         self.cancel_timer()
+        self.conn = conn
         _, reason, headers = self.pending_101 or (101, b"Switching Protocols", [])
         out = response_headers(headers, hsts=None, secure_cookies=False, keep_upgrade=True)
         self.status = 101
         self.exchange.start_response(101, reason, out, None)
         self.exchange.start_tunnel(conn)
         # Back-pressure both ways: a slow side pauses reading from the other.
-        self.exchange.register_producer(_ResponsePauser(self, conn))
+        self.exchange.register_producer(self)
         conn.set_request_producer(_BodyPauser(self.exchange))
         if rest:
             self.exchange.write(rest)
@@ -422,10 +427,12 @@ class ProxiedRequest:
     def touch(self) -> None:
         self.last_activity = self.clock.seconds()
 
-    def set_timer(self, seconds: float) -> None:
-        self.touch()
+    def set_timer(self, seconds: float) -> float:
+        """Time out after ``seconds`` without a byte from the app; returns now."""
+        self.last_activity = now = self.clock.seconds()
         self.timeout = seconds
         self.timer.set(seconds, self.timed_out)
+        return now
 
     def cancel_timer(self) -> None:
         self.timer.clear()
@@ -444,7 +451,25 @@ class ProxiedRequest:
         self.fail(UpstreamError(504, f"no answer from the app within {seconds:g}s", before_response=not self.status))
 
     def logged(self, status: int) -> None:
-        self.handler.record(self.exchange, self.route.site.name, status, self.sent_bytes)
+        self.handler.record(self.exchange, self.route.name, status, self.sent_bytes)
+
+    # IPushProducer for the client's side: the client reads slower than the
+    # app writes, so reading from the app pauses.
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        if self.conn is not None:
+            self.conn.pause_response()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.touch()
+        if self.conn is not None:
+            self.conn.resume_response()
+
+    def stopProducing(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
 
 
 @implementer(IPushProducer)
@@ -462,24 +487,3 @@ class _BodyPauser:
 
     def stopProducing(self) -> None:
         pass
-
-
-@implementer(IPushProducer)
-class _ResponsePauser:
-    """Pauses reading the app's response while the client's socket is full."""
-
-    def __init__(self, request: ProxiedRequest, conn: UpstreamConnection) -> None:
-        self.request = request
-        self.conn = conn
-
-    def pauseProducing(self) -> None:
-        self.request.paused = True
-        self.conn.pause_response()
-
-    def resumeProducing(self) -> None:
-        self.request.paused = False
-        self.request.touch()
-        self.conn.resume_response()
-
-    def stopProducing(self) -> None:
-        self.conn.close()

@@ -35,6 +35,10 @@ class UpstreamError(Exception):
         self.reused = reused
 
 
+class _Unsolicited(Exception):
+    """The app sent a response after the one that was asked for."""
+
+
 class ResponseSink(TypingProtocol):
     def response_head(self, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None: ...
 
@@ -72,6 +76,7 @@ class UpstreamConnection(Protocol):
         self._keep_alive = False
         self._done = True
         self._tunnel: Any = None
+        self._corkable: Any = None
         self._request_producer: IPushProducer | None = None
 
     # -- Protocol --------------------------------------------------------------
@@ -110,21 +115,21 @@ class UpstreamConnection(Protocol):
         if self._tunnel is not None:
             self._tunnel.write(data)
             return
-        if self.sink is None or self._parser is None:
+        if self.sink is None:
             # Bytes nobody asked for: this connection is no longer trustworthy.
             self.transport.abortConnection()
             return
         self._got_bytes = True
         # Everything this read produces for the client leaves in one write.
-        client = self.sink.client_transport()
-        cork = getattr(client, "cork", None)
-        if cork is not None:
-            cork()
+        client = self._corkable
+        if client is None:
+            self._feed(data)
+            return
+        client.cork()
         try:
             self._feed(data)
         finally:
-            if cork is not None:
-                client.uncork()
+            client.uncork()
 
     def _feed(self, data: bytes) -> None:
         try:
@@ -138,7 +143,7 @@ class UpstreamConnection(Protocol):
                 sink.response_upgraded(self, data[offset:])
         except httptools.HttpParserError as e:
             cause = e.__context__
-            if cause is not None and not isinstance(cause, httptools.HttpParserError):
+            if cause is not None and not isinstance(cause, (httptools.HttpParserError, _Unsolicited)):
                 self.log.failure("relaying the response failed", Failure(cause))
             sink, self.sink = self.sink, None
             self._done = True
@@ -155,7 +160,12 @@ class UpstreamConnection(Protocol):
     def send(self, head: bytes, sink: ResponseSink, head_only: bool) -> None:
         """Write a request head; the body (if any) follows through ``write``."""
         self.sink = sink
-        self._parser = httptools.HttpResponseParser(self)
+        client = sink.client_transport()
+        self._corkable = client if hasattr(client, "cork") else None
+        if self._parser is None:
+            # One parser serves every response on the connection, except that
+            # the answer to a HEAD ends after its head: a new one follows it.
+            self._parser = httptools.HttpResponseParser(self)
         self._status = 0
         self._headers = []
         self._headers_sent = False
@@ -184,6 +194,9 @@ class UpstreamConnection(Protocol):
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
+        if self._done:
+            # More after the answer, in the same read: nobody asked for it.
+            raise _Unsolicited()
         parser = self._parser
         status = parser.get_status_code()
         if 100 <= status < 200 and status != 101:
@@ -221,7 +234,8 @@ class UpstreamConnection(Protocol):
     def _complete(self) -> None:
         self._done = True
         sink, self.sink = self.sink, None
-        self._parser = None
+        if self._head_only:
+            self._parser = None
         # Back to the pool only if both messages ended: a request body the
         # app answered early (a 401 to an upload) is still half on the wire.
         keep = self._keep_alive and self.request_complete
@@ -251,12 +265,16 @@ class UpstreamConnection(Protocol):
         pass
 
     # Our side of the back-pressure: the client is slower than the app.
+    response_paused = False
+
     def pause_response(self) -> None:
         if self.connected:
+            self.response_paused = True
             self.transport.pauseProducing()
 
     def resume_response(self) -> None:
         if self.connected:
+            self.response_paused = False
             self.transport.resumeProducing()
 
     def loseConnection(self) -> None:
@@ -304,7 +322,8 @@ class UpstreamPool:
             conn = self._idle.pop()
             if conn.connected:
                 conn.reused = True
-                conn.transport.resumeProducing()
+                if conn.response_paused:
+                    conn.resume_response()
                 return conn
         return self.connect()
 
