@@ -35,4 +35,8 @@ export SSLYZE_BIN="$PWD/.venv-sslyze/bin/sslyze"
 "$venv/bin/ruff" check tlsproxy twisted tests bench
 "$venv/bin/ruff" format --check tlsproxy twisted tests bench
 "$venv/bin/mypy" tlsproxy
+# The C accelerator must have been built here (a fresh Debian machine has gcc);
+# its pure Python fallback gets the unit tests on its own.
+"$venv/bin/python" -c "import tlsproxy._speedups"
+TLSPROXY_PURE_PYTHON=1 "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/unit
 "$venv/bin/python" -m pytest -p no:cacheprovider "$@"

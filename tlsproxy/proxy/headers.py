@@ -10,6 +10,9 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
+from tlsproxy.http.wire import split_fields
+from tlsproxy.speedups import speedups
+
 Headers = list[tuple[bytes, bytes]]
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -66,14 +69,6 @@ def is_trusted(address: str, trusted: Sequence[Network]) -> bool:
     return any(ip in net for net in trusted)
 
 
-# What to do with a request header, by name: drop it (hop-by-hop), or treat
-# it as a forwarding header.  Any other name passes, unless the client's
-# Connection header lists it.
-_DROP = 1
-_FORWARDING = 2
-_REQUEST_RULES = {name: _DROP for name in HOP_BY_HOP} | {name: _FORWARDING for name in FORWARDING}
-
-
 def upstream_request_headers(
     headers: Headers,
     client_address: str,
@@ -83,92 +78,6 @@ def upstream_request_headers(
     trusted: bool,
 ) -> Headers:
     """The client's headers as the app should see them, without framing."""
-    rules = _REQUEST_RULES
-    out: Headers = []
-    prior_for: list[bytes] = []
-    kept_forwarding: dict[bytes, bytes] = {}
-    for name, value in headers:
-        rule = rules.get(name)
-        if rule is None:
-            if b"_" in name and name.replace(b"_", b"-") in FORWARDING:
-                # X_Forwarded_Proto reaches Django as HTTP_X_FORWARDED_PROTO too.
-                continue
-            out.append((name, value))
-        elif rule == _FORWARDING:
-            if trusted:
-                if name == b"x-forwarded-for":
-                    prior_for.append(value)
-                else:
-                    kept_forwarding.setdefault(name, value)
-        elif name == b"connection" and _names_others(value):
-            return _upstream_request_headers_named(
-                headers,
-                client_address=client_address,
-                host=host,
-                scheme=scheme,
-                server_port=server_port,
-                trusted=trusted,
-            )
-    client = client_address.encode("ascii", "replace")
-    out.append((b"x-forwarded-for", b", ".join([*prior_for, client]) if prior_for else client))
-    out.append((b"x-forwarded-proto", kept_forwarding.get(b"x-forwarded-proto", scheme)))
-    out.append((b"x-forwarded-host", kept_forwarding.get(b"x-forwarded-host", host)))
-    out.append((b"x-forwarded-port", kept_forwarding.get(b"x-forwarded-port", b"%d" % server_port)))
-    return out
-
-
-def response_headers(
-    headers: Headers,
-    hsts: bytes | None,
-    secure_cookies: bool,
-    keep_upgrade: bool = False,
-) -> Headers:
-    """The app's response headers as the client should see them."""
-    out: Headers = []
-    has_hsts = False
-    for name, value in headers:
-        if name in HOP_BY_HOP:
-            if name == b"connection" and _names_others(value):
-                return _response_headers_named(
-                    headers, hsts=hsts, secure_cookies=secure_cookies, keep_upgrade=keep_upgrade
-                )
-            if keep_upgrade and name in (b"upgrade", b"connection"):
-                out.append((name, value))
-            continue
-        if name == b"strict-transport-security":
-            has_hsts = True
-        elif name == b"set-cookie" and secure_cookies and not cookie_is_secure(value):
-            value = value + b"; Secure"
-        out.append((name, value))
-    if hsts is not None and not has_hsts:
-        out.append((b"strict-transport-security", hsts))
-    return out
-
-
-def _names_others(connection: bytes) -> bool:
-    """Whether a Connection value lists anything beyond the hop-by-hop names.
-
-    Most Connection headers say only ``keep-alive`` or ``upgrade``, names
-    that are dropped anyway; any other name (``close`` too, in case a header
-    is called that) needs the general rules.
-    """
-    for token in connection.split(b","):
-        token = token.strip().lower()
-        if token and token not in HOP_BY_HOP:
-            return True
-    return False
-
-
-def _upstream_request_headers_named(
-    headers: Headers,
-    *,
-    client_address: str,
-    host: bytes,
-    scheme: bytes,
-    server_port: int,
-    trusted: bool,
-) -> Headers:
-    """:func:`upstream_request_headers` when Connection names other headers."""
     named = connection_tokens(headers) - PROTECTED
     out: Headers = []
     prior_for: list[bytes] = []
@@ -196,14 +105,13 @@ def _upstream_request_headers_named(
     return out
 
 
-def _response_headers_named(
+def response_headers(
     headers: Headers,
-    *,
     hsts: bytes | None,
     secure_cookies: bool,
     keep_upgrade: bool = False,
 ) -> Headers:
-    """:func:`response_headers` when Connection names other headers."""
+    """The app's response headers as the client should see them."""
     named = connection_tokens(headers)
     out: Headers = []
     has_hsts = False
@@ -240,3 +148,47 @@ def serialize_request(method: bytes, target: bytes, host: bytes, headers: Header
         parts += [framing, b"\r\n"]
     parts.append(b"\r\n")
     return b"".join(parts)
+
+
+def serialize_fields(headers: Headers) -> bytes:
+    """Field lines, each ending in CRLF (the block between a start line and the blank line)."""
+    return b"".join([name + b": " + value + b"\r\n" for name, value in headers])
+
+
+# -- the byte-level entry points the relay calls ------------------------------
+#
+# Each is the list-based rules above, from bytes to bytes; tlsproxy._speedups
+# holds a C version of each that gives the same result for every input (the
+# tests compare them), used unless TLSPROXY_PURE_PYTHON is set.
+
+
+def upstream_request_head(
+    method: bytes,
+    target: bytes,
+    host: bytes,
+    headers: Headers,
+    client_address: str,
+    scheme: bytes,
+    server_port: int,
+    trusted: bool,
+    upgrade: bytes,
+    framing: bytes | None,
+) -> bytes:
+    """The request head to send to the app: our forwarding headers, our framing."""
+    out = upstream_request_headers(headers, client_address, host, scheme, server_port, trusted)
+    if upgrade:
+        out += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+    return serialize_request(method, target, host, out, framing)
+
+
+def response_block(block: bytes, hsts: bytes | None, secure_cookies: bool, keep_upgrade: bool = False) -> bytes:
+    """The app's field lines (as :func:`tlsproxy.http.wire.parse_response_head` gave them) for the client."""
+    return serialize_fields(response_headers(split_fields(block), hsts, secure_cookies, keep_upgrade))
+
+
+# The pure versions stay reachable under these names (the tests compare).
+py_upstream_request_head = upstream_request_head
+py_response_block = response_block
+if speedups is not None:
+    upstream_request_head = speedups.upstream_request_head  # type: ignore[assignment]
+    response_block = speedups.response_block  # type: ignore[assignment]

@@ -1,0 +1,233 @@
+"""The C accelerator gives what the pure Python functions give, for any input.
+
+The Python versions are the specification; each C function is compared with
+its Python version on generated heads and on the same heads with bytes
+inserted, removed or repeated, so that the rare paths (every error, every
+odd spelling) are exercised as well as the common one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from tlsproxy.http import wire
+from tlsproxy.proxy import headers
+from tlsproxy.speedups import speedups
+
+pytestmark = pytest.mark.skipif(speedups is None, reason="tlsproxy._speedups is not built (or turned off)")
+
+SETTINGS = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# Bytes that matter to the grammar, and names that matter to the rules.
+_SPECIAL_BYTES = b'\r\n \t:,;"\\/*@?#\x00\x0b\x7f\x80\xff_-=Aa0'
+_NAMES = [
+    b"Host",
+    b"host",
+    b"Content-Length",
+    b"content-length",
+    b"Transfer-Encoding",
+    b"Connection",
+    b"Upgrade",
+    b"Keep-Alive",
+    b"TE",
+    b"Set-Cookie",
+    b"Strict-Transport-Security",
+    b"X-Forwarded-For",
+    b"X_Forwarded_Proto",
+    b"x-forwarded-host",
+    b"X-Forwarded-Port",
+    b"Forwarded",
+    b"X-Real-IP",
+    b"Cookie",
+    b"Authorization",
+    b"Content-Type",
+    b"Expect",
+    b"Accept",
+    b"X-Thing",
+    b"x-forwarded-ssl",
+]
+_VALUES = [
+    b"",
+    b"a",
+    b"example.com",
+    b"Example.COM:8443",
+    b"5",
+    b"+5",
+    b"05",
+    b"5, 5",
+    b"5,6",
+    b"12345678901234567890",
+    b"chunked",
+    b"Chunked",
+    b"gzip, chunked",
+    b"close",
+    b"keep-alive",
+    b"Upgrade",
+    b"upgrade, x-thing",
+    b"keep-alive, X-Forwarded-For, host, te",
+    b"websocket",
+    b"a=1; Path=/",
+    b"b=2; Secure",
+    b"c=3; secure=1",
+    b"max-age=5",
+    b"198.51.100.1",
+    b"  padded\t ",
+    b"caf\xc3\xa9",
+    b"a/b@c",
+]
+
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_FIELD_BYTES = bytes(range(0x20, 0x7F)) + b"\t\x80\xc3\xa9\xff"
+
+
+def _from(alphabet: bytes, min_size: int, max_size: int) -> st.SearchStrategy[bytes]:
+    return st.lists(st.sampled_from(alphabet), min_size=min_size, max_size=max_size).map(bytes)
+
+
+# Mostly well-formed fields, so that the rules past the grammar get their
+# share; the mutations below and the odd value take care of the grammar.
+name = st.one_of(st.sampled_from(_NAMES), st.sampled_from(_NAMES), _from(_TOKEN_BYTES, 1, 6))
+value = st.one_of(st.sampled_from(_VALUES), st.sampled_from(_VALUES), _from(_FIELD_BYTES, 0, 10), st.binary(max_size=4))
+fields = st.lists(st.tuples(name, value), max_size=8)
+
+
+def _block(pairs: list[tuple[bytes, bytes]]) -> bytes:
+    return b"".join(n + b": " + v + b"\r\n" for n, v in pairs)
+
+
+@st.composite
+def mutated(draw: Any, head: bytes) -> bytes:
+    """``head`` with a few bytes inserted, deleted or repeated."""
+    data = bytearray(head)
+    for _ in range(draw(st.integers(0, 3))):
+        if not data:
+            break
+        at = draw(st.integers(0, len(data) - 1))
+        op = draw(st.sampled_from(["insert", "delete", "repeat"]))
+        if op == "insert":
+            data[at:at] = bytes([draw(st.sampled_from(_SPECIAL_BYTES))])
+        elif op == "delete":
+            del data[at]
+        else:
+            end = draw(st.integers(at, min(len(data), at + 12)))
+            data[at:at] = data[at:end]
+    return bytes(data)
+
+
+@st.composite
+def request_heads(draw: Any) -> bytes:
+    method = draw(st.sampled_from([b"GET", b"GET", b"POST", b"HEAD", b"OPTIONS", b"CONNECT", b"get", b"PUT"]))
+    target = draw(
+        st.sampled_from(
+            [b"/", b"/", b"/a?b=1", b"*", b"http://other.test/x", b"https://h:1", b"ftp://x/", b"http:///x", b"x"]
+        )
+    )
+    version = draw(st.sampled_from([b"1.1", b"1.1", b"1.1", b"1.0", b"2.0", b"0.9"]))
+    head = method + b" " + target + b" HTTP/" + version + b"\r\n" + _block(draw(fields))
+    if draw(st.integers(0, 3)) == 0:
+        head = draw(mutated(head))
+    return head
+
+
+@st.composite
+def response_heads(draw: Any) -> bytes:
+    status = draw(
+        st.sampled_from([b"200 OK", b"200 OK", b"204 No Content", b"101 Switching", b"304", b"502 ", b"20 x"])
+    )
+    version = draw(st.sampled_from([b"1.1", b"1.1", b"1.0", b"1.2"]))
+    head = b"HTTP/" + version + b" " + status + b"\r\n" + _block(draw(fields))
+    if draw(st.integers(0, 3)) == 0:
+        head = draw(mutated(head))
+    return head
+
+
+def outcome(fn: Any, *args: Any) -> Any:
+    """What a call gives: its result, or the error it raised (as comparable values)."""
+    try:
+        return ("ok", fn(*args))
+    except wire.RequestError as e:
+        return ("RequestError", e.status, e.detail)
+    except wire.ResponseError as e:
+        return ("ResponseError", str(e))
+
+
+@SETTINGS
+@given(request_heads(), st.integers(0, 10))
+@example(b"GET / HTTP/1.1\r\nHost: a\nX: y\r\n", 100)
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n", 100)
+@example(b"GET http://h/ HTTP/1.1\r\nHost: ignored\r\nhost: twice\r\n", 100)
+@example(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 1\r\n", 100)
+@example(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n", 100)
+@example(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n", 100)
+@example(b"GET / HTTP/1.1\r\nHost: a b\r\n", 100)
+@example(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n", 100)
+@example(b"GET /ws HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", 100)
+@example(b"GET / HTTP/1.0\r\nConnection: \r\nConnection: Keep-Alive\r\n", 100)
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n", 100)
+def test_parse_request_head_same(head: bytes, max_count: int) -> None:
+    """The C request parser accepts, rejects and reports exactly as the Python one."""
+    assert outcome(speedups.parse_request_head, head, max_count) == outcome(wire.py_parse_request_head, head, max_count)
+
+
+@SETTINGS
+@given(response_heads())
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n")
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 5, 5\r\n")
+@example(b"HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n")
+@example(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nTransfer-Encoding: gzip\r\n")
+@example(b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\n")
+@example(b"HTTP/1.1 200\r\n")
+def test_parse_response_head_same(head: bytes) -> None:
+    """The C response parser accepts, rejects and reports exactly as the Python one."""
+    assert outcome(speedups.parse_response_head, head) == outcome(wire.py_parse_response_head, head)
+
+
+@SETTINGS
+@given(response_heads(), st.one_of(st.none(), st.just(b"max-age=60")), st.booleans(), st.booleans())
+def test_response_block_same(head: bytes, hsts: bytes | None, secure_cookies: bool, keep_upgrade: bool) -> None:
+    """The response header policy gives the same bytes in C as in Python."""
+    try:
+        block = wire.py_parse_response_head(head)[2]
+    except wire.ResponseError:
+        return
+    c = speedups.response_block(block, hsts, secure_cookies, keep_upgrade)
+    assert c == headers.py_response_block(block, hsts, secure_cookies, keep_upgrade)
+
+
+lower_name = st.one_of(st.sampled_from([n.lower() for n in _NAMES]), st.binary(min_size=1, max_size=6))
+
+
+@SETTINGS
+@given(
+    st.lists(st.tuples(lower_name, value), max_size=10),
+    st.sampled_from(["203.0.113.9", "2001:db8::1", "unix", "caf\u00e9"]),
+    st.booleans(),
+    st.sampled_from([b"", b"websocket"]),
+    st.sampled_from([None, b"", b"content-length: 5", b"transfer-encoding: chunked"]),
+)
+def test_upstream_request_head_same(
+    pairs: list[tuple[bytes, bytes]], client: str, trusted: bool, upgrade: bytes, framing: bytes | None
+) -> None:
+    """The request the app gets is byte for byte the same from C and from Python."""
+    args = (b"POST", b"/p?q", b"example.com", pairs, client, b"https", 8443, trusted, upgrade, framing)
+    assert speedups.upstream_request_head(*args) == headers.py_upstream_request_head(*args)
+
+
+def test_wrong_types_are_refused() -> None:
+    """Bad arguments raise TypeError rather than being read as something else."""
+    with pytest.raises(TypeError):
+        speedups.parse_request_head("GET / HTTP/1.1\r\n", 10)
+    with pytest.raises(TypeError):
+        speedups.upstream_request_head(b"GET", b"/", b"h", [(b"a", "b")], "1.2.3.4", b"https", 443, False, b"", None)
+    with pytest.raises(ValueError):
+        speedups.response_block(b"not a field line", None, False)
+
+
+def test_in_use() -> None:
+    """With the accelerator built, the hot path calls the C versions."""
+    assert wire.parse_request_head is speedups.parse_request_head
+    assert headers.response_block is speedups.response_block

@@ -1,0 +1,1173 @@
+/*
+ * C versions of tlsproxy's per-request pure functions.
+ *
+ * Each function here is a line-for-line port of a pure Python function,
+ * which stays the specification:
+ *
+ *   parse_request_head     tlsproxy.http.wire.py_parse_request_head
+ *   parse_response_head    tlsproxy.http.wire.py_parse_response_head
+ *   response_block         tlsproxy.proxy.headers.py_response_block
+ *   upstream_request_head  tlsproxy.proxy.headers.py_upstream_request_head
+ *
+ * and tests/unit/test_speedups.py checks that both give the same result, or
+ * raise the same error, for generated and mutated inputs.  Nothing here keeps
+ * state between calls but the three types handed over by configure().
+ *
+ * Every scan is bounded by the length of the Python bytes object it reads;
+ * output sizes are computed before anything is written.
+ */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <string.h>
+
+static PyObject *RequestHead = NULL;
+static PyObject *RequestError = NULL;
+static PyObject *ResponseError = NULL;
+
+/* ------------------------------------------------------------ byte classes */
+
+static unsigned char TCHAR[256];   /* token characters (RFC 9110 5.6.2) */
+static unsigned char FIELDCH[256]; /* field content: VCHAR, obs-text, SP, HTAB */
+static unsigned char TARGETCH[256]; /* request-target: VCHAR, obs-text */
+static unsigned char HOSTCH[256];  /* what a Host value may hold */
+
+static void
+init_tables(void)
+{
+    const char *tspecial = "!#$%&'*+-.^_`|~";
+    const char *host_delims = "/\\?#@\"<>{}|^`";
+    for (int c = 0; c < 256; c++) {
+        TCHAR[c] = (c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                   (c != 0 && strchr(tspecial, c) != NULL);
+        FIELDCH[c] = (c >= 0x21 && c <= 0x7e) || c >= 0x80 || c == ' ' || c == '\t';
+        TARGETCH[c] = (c >= 0x21 && c <= 0x7e) || c >= 0x80;
+        HOSTCH[c] = (c >= 0x21 && c <= 0x7e) && strchr(host_delims, c) == NULL;
+    }
+}
+
+static inline int
+is_ows(char c)
+{
+    return c == ' ' || c == '\t';
+}
+
+/* bytes.strip() for the bytes a field value can hold (no CR, LF, VT or FF). */
+static void
+strip_ows(const char **start, const char **end)
+{
+    while (*start < *end && is_ows(**start))
+        (*start)++;
+    while (*end > *start && is_ows((*end)[-1]))
+        (*end)--;
+}
+
+static inline char
+lower(char c)
+{
+    return (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+}
+
+/* Case-insensitive comparison of [s, s+n) with a lower-case literal. */
+static int
+eq_lower_n(const char *s, Py_ssize_t n, const char *lit, Py_ssize_t m)
+{
+    if (n != m)
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (lower(s[i]) != lit[i])
+            return 0;
+    return 1;
+}
+#define eq_lower(s, n, lit) eq_lower_n((s), (n), (lit), (Py_ssize_t)sizeof(lit) - 1)
+
+/* Exact comparison with a literal. */
+#define eq(s, n, lit) ((n) == (Py_ssize_t)sizeof(lit) - 1 && memcmp((s), (lit), sizeof(lit) - 1) == 0)
+
+typedef struct {
+    const char *name;
+    Py_ssize_t len;
+} name_t;
+#define NAME_T(lit) {lit, (Py_ssize_t)sizeof(lit) - 1}
+
+static int
+in_list(const char *s, Py_ssize_t n, const name_t *names)
+{
+    for (; names->name != NULL; names++)
+        if (names->len == n && memcmp(s, names->name, (size_t)n) == 0)
+            return 1;
+    return 0;
+}
+
+static const name_t HOP_BY_HOP[] = {
+    NAME_T("connection"), NAME_T("keep-alive"), NAME_T("proxy-connection"),
+    NAME_T("te"), NAME_T("trailer"), NAME_T("transfer-encoding"),
+    NAME_T("upgrade"), NAME_T("content-length"), NAME_T("expect"), {NULL, 0},
+};
+static const name_t FORWARDING[] = {
+    NAME_T("x-forwarded-for"), NAME_T("x-forwarded-proto"), NAME_T("x-forwarded-host"),
+    NAME_T("x-forwarded-port"), NAME_T("x-forwarded-protocol"), NAME_T("x-forwarded-ssl"),
+    NAME_T("x-forwarded-scheme"), NAME_T("x-url-scheme"), NAME_T("x-real-ip"),
+    NAME_T("front-end-https"), NAME_T("forwarded"), {NULL, 0},
+};
+static const name_t PROTECTED_EXTRA[] = {
+    NAME_T("host"), NAME_T("content-type"), NAME_T("cookie"), NAME_T("authorization"), {NULL, 0},
+};
+
+/* name.replace(b"_", b"-") in FORWARDING, for a name holding an underscore. */
+static int
+underscore_forwarding(const char *s, Py_ssize_t n)
+{
+    int has = 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (s[i] == '_')
+            has = 1;
+    if (!has)
+        return 0;
+    for (const name_t *f = FORWARDING; f->name != NULL; f++) {
+        if (f->len != n)
+            continue;
+        Py_ssize_t i = 0;
+        for (; i < n; i++) {
+            char c = s[i] == '_' ? '-' : s[i];
+            if (c != f->name[i])
+                break;
+        }
+        if (i == n)
+            return 1;
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ field lines */
+
+typedef struct {
+    const char *name;
+    Py_ssize_t name_len;
+    const char *value; /* without the OWS around it */
+    Py_ssize_t value_len;
+} field_t;
+
+/* One field line at p: token ":" field content CRLF.  Returns the position
+   after its CRLF, or NULL if the line does not match the grammar. */
+static const char *
+parse_field(const char *p, const char *end, field_t *f)
+{
+    const char *s = p;
+    while (p < end && TCHAR[(unsigned char)*p])
+        p++;
+    if (p == s || p >= end || *p != ':')
+        return NULL;
+    f->name = s;
+    f->name_len = p - s;
+    p++;
+    while (p < end && is_ows(*p))
+        p++;
+    const char *v = p;
+    while (p < end && FIELDCH[(unsigned char)*p])
+        p++;
+    const char *ve = p;
+    while (ve > v && is_ows(ve[-1]))
+        ve--;
+    if (end - p < 2 || p[0] != '\r' || p[1] != '\n')
+        return NULL;
+    f->value = v;
+    f->value_len = ve - v;
+    return p + 2;
+}
+
+/* The field lines of a block, parsed once.  Up to SMALL_FIELDS live in the
+   struct; more move to the heap. */
+#define SMALL_FIELDS 48
+typedef struct {
+    field_t *items;
+    Py_ssize_t count, cap;
+    field_t small[SMALL_FIELDS];
+} fields_t;
+
+static void
+fields_free(fields_t *fs)
+{
+    if (fs->items != fs->small)
+        PyMem_Free(fs->items);
+}
+
+/* Parse [p, end) into fs.  Returns 1, 0 if a line does not match the
+   grammar, or -1 with an exception set (no memory).  fs is always left in
+   a state fields_free() accepts. */
+static int
+parse_fields(const char *p, const char *end, fields_t *fs)
+{
+    fs->items = fs->small;
+    fs->count = 0;
+    fs->cap = SMALL_FIELDS;
+    while (p < end) {
+        if (fs->count == fs->cap) {
+            Py_ssize_t cap = fs->cap * 4;
+            field_t *bigger = PyMem_Malloc(sizeof(field_t) * (size_t)cap);
+            if (bigger == NULL) {
+                PyErr_NoMemory();
+                return -1;
+            }
+            memcpy(bigger, fs->items, sizeof(field_t) * (size_t)fs->count);
+            fields_free(fs);
+            fs->items = bigger;
+            fs->cap = cap;
+        }
+        p = parse_field(p, end, &fs->items[fs->count]);
+        if (p == NULL)
+            return 0;
+        fs->count++;
+    }
+    return 1;
+}
+
+/* A list of (lower-case name, value) tuples for the fields. */
+static PyObject *
+fields_list(const fields_t *fs)
+{
+    PyObject *list = PyList_New(fs->count);
+    if (list == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < fs->count; i++) {
+        const field_t *f = &fs->items[i];
+        PyObject *name = PyBytes_FromStringAndSize(NULL, f->name_len);
+        if (name == NULL)
+            goto fail;
+        char *out = PyBytes_AS_STRING(name);
+        for (Py_ssize_t k = 0; k < f->name_len; k++)
+            out[k] = lower(f->name[k]);
+        PyObject *value = PyBytes_FromStringAndSize(f->value, f->value_len);
+        if (value == NULL) {
+            Py_DECREF(name);
+            goto fail;
+        }
+        PyObject *pair = PyTuple_New(2);
+        if (pair == NULL) {
+            Py_DECREF(name);
+            Py_DECREF(value);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(pair, 0, name);
+        PyTuple_SET_ITEM(pair, 1, value);
+        PyList_SET_ITEM(list, i, pair);
+    }
+    return list;
+fail:
+    Py_DECREF(list);
+    return NULL;
+}
+
+/* Calls fn(token start, token length, arg) for each comma-separated token
+   of a Connection value, OWS stripped (empty tokens included, as Python's
+   split does). */
+typedef void (*token_fn)(const char *, Py_ssize_t, void *);
+
+static void
+each_token(const char *v, Py_ssize_t n, token_fn fn, void *arg)
+{
+    const char *end = v + n;
+    const char *s = v;
+    for (const char *p = v;; p++) {
+        if (p == end || *p == ',') {
+            const char *a = s, *b = p;
+            strip_ows(&a, &b);
+            fn(a, b - a, arg);
+            if (p == end)
+                break;
+            s = p + 1;
+        }
+    }
+}
+
+typedef struct {
+    int close, keep_alive, upgrade;
+} conn_flags;
+
+static void
+flag_token(const char *t, Py_ssize_t n, void *arg)
+{
+    conn_flags *flags = (conn_flags *)arg;
+    if (eq_lower(t, n, "close"))
+        flags->close = 1;
+    else if (eq_lower(t, n, "keep-alive"))
+        flags->keep_alive = 1;
+    else if (eq_lower(t, n, "upgrade"))
+        flags->upgrade = 1;
+}
+
+/* ------------------------------------------------------------ errors */
+
+static PyObject *
+request_error(int status, const char *detail)
+{
+    PyObject *exc = PyObject_CallFunction(RequestError, "is", status, detail);
+    if (exc != NULL) {
+        PyErr_SetObject(RequestError, exc);
+        Py_DECREF(exc);
+    }
+    return NULL;
+}
+
+static PyObject *
+response_error(const char *detail)
+{
+    PyErr_SetString(ResponseError, detail);
+    return NULL;
+}
+
+static int
+configured(void)
+{
+    if (RequestHead == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "tlsproxy._speedups.configure() was not called");
+        return 0;
+    }
+    return 1;
+}
+
+/* The reason wire._why_malformed gives for a head that fails the grammar. */
+static const char *
+why_malformed(const char *h, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (h[i] == '\n' && (i == 0 || h[i - 1] != '\r'))
+            return "bare LF in the request head";
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (h[i] == '\r' && (i + 1 == n || h[i + 1] != '\n'))
+            return "bare CR in the request head";
+    for (Py_ssize_t i = 0; i + 1 < n; i++)
+        if (h[i] == '\n' && is_ows(h[i + 1]))
+            return "obs-fold (a folded header line)";
+    /* The request line must look like \S+ \S+ HTTP/\S+ */
+    Py_ssize_t end = 0;
+    while (end + 1 < n && !(h[end] == '\r' && h[end + 1] == '\n'))
+        end++;
+    if (end + 1 >= n)
+        end = n;
+#define NOT_SPACE(c) (!((c) == ' ' || (c) == '\t' || (c) == '\n' || (c) == '\r' || (c) == '\f' || (c) == '\v'))
+    Py_ssize_t i = 0, s;
+    s = i;
+    while (i < end && NOT_SPACE(h[i]))
+        i++;
+    if (i == s || i >= end || h[i] != ' ')
+        return "malformed request line";
+    i++;
+    s = i;
+    while (i < end && NOT_SPACE(h[i]))
+        i++;
+    if (i == s || i >= end || h[i] != ' ')
+        return "malformed request line";
+    i++;
+    if (end - i < 6 || memcmp(h + i, "HTTP/", 5) != 0)
+        return "malformed request line";
+    for (i += 5; i < end; i++)
+        if (!NOT_SPACE(h[i]))
+            return "malformed request line";
+#undef NOT_SPACE
+    return "malformed header field";
+}
+
+/* ------------------------------------------------------------ request head */
+
+static PyObject *
+request_head(const char *h, Py_ssize_t n, Py_ssize_t max_count, fields_t *fs)
+{
+    const char *end = h + n, *p = h;
+
+    /* request-line = method SP request-target SP HTTP-version CRLF */
+    const char *method = p;
+    while (p < end && TCHAR[(unsigned char)*p])
+        p++;
+    Py_ssize_t method_len = p - method;
+    if (method_len == 0 || p >= end || *p != ' ')
+        return request_error(400, why_malformed(h, n));
+    p++;
+    const char *target = p;
+    while (p < end && TARGETCH[(unsigned char)*p])
+        p++;
+    Py_ssize_t target_len = p - target;
+    if (target_len == 0 || end - p < 11 || memcmp(p, " HTTP/", 6) != 0)
+        return request_error(400, why_malformed(h, n));
+    p += 6;
+    char major = p[0], minor = p[2];
+    if (!(major >= '0' && major <= '9') || p[1] != '.' || !(minor >= '0' && minor <= '9') || p[3] != '\r' ||
+        p[4] != '\n')
+        return request_error(400, why_malformed(h, n));
+    p += 5;
+    const char *block = p;
+    int parsed = parse_fields(block, end, fs);
+    if (parsed < 0)
+        return NULL;
+    if (parsed == 0)
+        return request_error(400, why_malformed(h, n));
+    Py_ssize_t count = fs->count;
+    if (major != '1' || (minor != '0' && minor != '1'))
+        return request_error(505, "only HTTP/1.0 and HTTP/1.1 are spoken here");
+    int v11 = minor == '1';
+    if (count > max_count)
+        return request_error(431, "too many header fields");
+
+    /* The fields the parser itself looks at, in order. */
+    const char *host = NULL;
+    Py_ssize_t host_len = 0;
+    long long content_length = -1;
+    int chunked = 0;
+    conn_flags flags = {0, 0, 0};
+    const char *upgrade = NULL;
+    Py_ssize_t upgrade_len = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        field_t f = fs->items[i];
+        if (eq_lower(f.name, f.name_len, "host")) {
+            if (host != NULL)
+                return request_error(400, "more than one Host header");
+            host = f.value;
+            host_len = f.value_len;
+        }
+        else if (eq_lower(f.name, f.name_len, "content-length")) {
+            if (content_length >= 0)
+                return request_error(400, "more than one Content-Length");
+            if (f.value_len == 0 || f.value_len > 18)
+                return request_error(400, "malformed Content-Length");
+            long long v = 0;
+            for (Py_ssize_t i = 0; i < f.value_len; i++) {
+                char c = f.value[i];
+                if (c < '0' || c > '9')
+                    return request_error(400, "malformed Content-Length");
+                v = v * 10 + (c - '0');
+            }
+            content_length = v;
+        }
+        else if (eq_lower(f.name, f.name_len, "transfer-encoding")) {
+            if (!v11)
+                return request_error(400, "Transfer-Encoding is not allowed in HTTP/1.0");
+            if (chunked)
+                return request_error(400, "more than one Transfer-Encoding");
+            if (!eq_lower(f.value, f.value_len, "chunked"))
+                return request_error(501, "only the chunked transfer coding is supported");
+            chunked = 1;
+        }
+        else if (eq_lower(f.name, f.name_len, "connection")) {
+            each_token(f.value, f.value_len, flag_token, &flags);
+        }
+        else if (eq_lower(f.name, f.name_len, "upgrade")) {
+            upgrade = f.value;
+            upgrade_len = f.value_len;
+        }
+    }
+    if (chunked && content_length >= 0)
+        return request_error(400, "both Content-Length and Transfer-Encoding");
+    if (eq(method, method_len, "CONNECT"))
+        return request_error(405, "CONNECT is not supported: this is a reverse proxy");
+
+    /* origin-form, asterisk-form (OPTIONS only) or absolute-form */
+    const char *path = target;
+    Py_ssize_t path_len = target_len;
+    const char *authority = NULL;
+    Py_ssize_t authority_len = 0;
+    if (target[0] != '/') {
+        if (target_len == 1 && target[0] == '*') {
+            if (!eq(method, method_len, "OPTIONS"))
+                return request_error(400, "the * target is only for OPTIONS");
+        }
+        else {
+            const char *sep = NULL;
+            for (Py_ssize_t i = 0; i + 3 <= target_len; i++)
+                if (memcmp(target + i, "://", 3) == 0) {
+                    sep = target + i;
+                    break;
+                }
+            if (sep == NULL || !(eq_lower(target, sep - target, "http") || eq_lower(target, sep - target, "https")))
+                return request_error(400, "malformed request target");
+            const char *a = sep + 3, *t_end = target + target_len;
+            const char *slash = a;
+            while (slash < t_end && *slash != '/')
+                slash++;
+            if (slash == a)
+                return request_error(400, "malformed request target");
+            authority = a;
+            authority_len = slash - a;
+            if (slash < t_end) {
+                path = slash;
+                path_len = t_end - slash;
+            }
+            else {
+                path = "/";
+                path_len = 1;
+            }
+            host = authority;
+            host_len = authority_len;
+        }
+    }
+    if (host == NULL) {
+        if (v11)
+            return request_error(400, "HTTP/1.1 requests need a Host header");
+        host = "";
+        host_len = 0;
+    }
+    else {
+        for (Py_ssize_t i = 0; i < host_len; i++)
+            if (!HOSTCH[(unsigned char)host[i]])
+                return request_error(400, "malformed Host header");
+    }
+    int keep_alive = !flags.close && (v11 || flags.keep_alive);
+    if (upgrade != NULL && (upgrade_len == 0 || !v11 || !flags.upgrade))
+        upgrade = NULL;
+    if (upgrade != NULL)
+        keep_alive = 0;
+
+    /* The RequestHead */
+    PyObject *headers = fields_list(fs);
+    if (headers == NULL)
+        return NULL;
+    if (authority != NULL) {
+        for (Py_ssize_t i = 0; i < count; i++) {
+            PyObject *pair = PyList_GET_ITEM(headers, i);
+            PyObject *name = PyTuple_GET_ITEM(pair, 0);
+            if (eq(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), "host")) {
+                PyObject *value = PyBytes_FromStringAndSize(authority, authority_len);
+                if (value == NULL)
+                    goto fail_headers;
+                PyObject *fresh = PyTuple_Pack(2, name, value);
+                Py_DECREF(value);
+                if (fresh == NULL)
+                    goto fail_headers;
+                PyList_SET_ITEM(headers, i, fresh);
+                Py_DECREF(pair);
+            }
+        }
+    }
+    PyObject *items[8] = {NULL};
+    items[0] = PyBytes_FromStringAndSize(method, method_len);
+    items[1] = PyBytes_FromStringAndSize(path, path_len);
+    items[2] = PyBytes_FromString(v11 ? "1.1" : "1.0");
+    items[3] = PyBytes_FromStringAndSize(NULL, host_len);
+    if (items[3] != NULL) {
+        char *out = PyBytes_AS_STRING(items[3]);
+        for (Py_ssize_t i = 0; i < host_len; i++)
+            out[i] = lower(host[i]);
+    }
+    items[4] = headers; /* the reference moves into items */
+    headers = NULL;
+    if (content_length >= 0)
+        items[5] = PyLong_FromLongLong(content_length);
+    else
+        items[5] = Py_NewRef(Py_None);
+    items[6] = Py_NewRef(chunked ? Py_True : Py_False);
+    items[7] = upgrade != NULL ? PyBytes_FromStringAndSize(upgrade, upgrade_len) : PyBytes_FromString("");
+    PyObject *result = NULL;
+    int ok = 1;
+    for (int i = 0; i < 8; i++)
+        if (items[i] == NULL)
+            ok = 0;
+    if (ok) {
+        PyObject *head = PyObject_Vectorcall(RequestHead, items, 8, NULL);
+        if (head != NULL) {
+            result = PyTuple_Pack(2, head, keep_alive ? Py_True : Py_False);
+            Py_DECREF(head);
+        }
+    }
+    for (int i = 0; i < 8; i++)
+        Py_XDECREF(items[i]);
+    return result;
+fail_headers:
+    Py_DECREF(headers);
+    return NULL;
+}
+
+static PyObject *
+parse_request_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyBytes_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError, "parse_request_head(head: bytes, max_header_count: int)");
+        return NULL;
+    }
+    if (!configured())
+        return NULL;
+    Py_ssize_t max_count = PyLong_AsSsize_t(args[1]);
+    if (max_count == -1 && PyErr_Occurred())
+        return NULL;
+    fields_t fs;
+    fs.items = fs.small;
+    PyObject *result = request_head(PyBytes_AS_STRING(args[0]), PyBytes_GET_SIZE(args[0]), max_count, &fs);
+    fields_free(&fs);
+    return result;
+}
+
+/* ------------------------------------------------------------ response head */
+
+static PyObject *
+response_head(const char *h, Py_ssize_t n, fields_t *fs)
+{
+    const char *end = h + n, *p = h;
+    static const char *malformed = "the app sent a malformed response head";
+
+    /* HTTP/1.[01] SP 3DIGIT [SP reason] CRLF */
+    if (n < 14 || memcmp(p, "HTTP/1.", 7) != 0 || (p[7] != '0' && p[7] != '1') || p[8] != ' ')
+        return response_error(malformed);
+    int v11 = p[7] == '1';
+    p += 9;
+    for (int i = 0; i < 3; i++)
+        if (p[i] < '0' || p[i] > '9')
+            return response_error(malformed);
+    int status = (p[0] - '0') * 100 + (p[1] - '0') * 10 + (p[2] - '0');
+    p += 3;
+    const char *reason = "";
+    Py_ssize_t reason_len = 0;
+    if (p < end && *p == ' ') {
+        p++;
+        reason = p;
+        while (p < end && FIELDCH[(unsigned char)*p])
+            p++;
+        reason_len = p - reason;
+    }
+    if (end - p < 2 || p[0] != '\r' || p[1] != '\n')
+        return response_error(malformed);
+    p += 2;
+    const char *block = p;
+    int parsed = parse_fields(block, end, fs);
+    if (parsed < 0)
+        return NULL;
+    if (parsed == 0)
+        return response_error(malformed);
+
+    long long content_length = -1;
+    int chunked = 0, coded = 0;
+    conn_flags flags = {0, 0, 0};
+    for (Py_ssize_t i = 0; i < fs->count; i++) {
+        field_t f = fs->items[i];
+        if (eq_lower(f.name, f.name_len, "content-length")) {
+            /* Repeats are allowed only when they agree (RFC 9110 8.6). */
+            const char *s = f.value, *v_end = f.value + f.value_len;
+            for (const char *c = s;; c++) {
+                if (c == v_end || *c == ',') {
+                    const char *a = s, *b = c;
+                    strip_ows(&a, &b);
+                    if (b == a || b - a > 18)
+                        return response_error("the app sent a malformed Content-Length");
+                    long long v = 0;
+                    for (const char *d = a; d < b; d++) {
+                        if (*d < '0' || *d > '9')
+                            return response_error("the app sent a malformed Content-Length");
+                        v = v * 10 + (*d - '0');
+                    }
+                    if (content_length >= 0 && v != content_length)
+                        return response_error("the app sent conflicting Content-Length values");
+                    content_length = v;
+                    if (c == v_end)
+                        break;
+                    s = c + 1;
+                }
+            }
+        }
+        else if (eq_lower(f.name, f.name_len, "transfer-encoding")) {
+            coded = 1;
+            const char *a = f.value, *b = f.value + f.value_len;
+            const char *last = a;
+            for (const char *c = a; c < b; c++)
+                if (*c == ',')
+                    last = c + 1;
+            strip_ows(&last, &b);
+            chunked = eq_lower(last, b - last, "chunked");
+        }
+        else if (eq_lower(f.name, f.name_len, "connection")) {
+            each_token(f.value, f.value_len, flag_token, &flags);
+        }
+    }
+    if (coded && content_length >= 0)
+        return response_error("the app sent both Content-Length and Transfer-Encoding");
+    int keep_alive = !flags.close && (v11 || flags.keep_alive);
+    PyObject *length = content_length >= 0 ? PyLong_FromLongLong(content_length) : Py_NewRef(Py_None);
+    if (length == NULL)
+        return NULL;
+    return Py_BuildValue("(iy#y#NOO)", status, reason, reason_len, block, (Py_ssize_t)(end - block), length,
+                         chunked ? Py_True : Py_False, keep_alive ? Py_True : Py_False);
+}
+
+static PyObject *
+parse_response_head(PyObject *self, PyObject *arg)
+{
+    if (!PyBytes_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "parse_response_head(head: bytes)");
+        return NULL;
+    }
+    if (!configured())
+        return NULL;
+    fields_t fs;
+    fs.items = fs.small;
+    PyObject *result = response_head(PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg), &fs);
+    fields_free(&fs);
+    return result;
+}
+
+/* ------------------------------------------------------------ header policy */
+
+/* Connection tokens (lower case, OWS stripped, empty ones left out), kept
+   as slices of a lower-cased copy of the Connection values.  Small sets
+   live in the struct itself; larger ones on the heap. */
+#define SMALL_TOKENS 32
+typedef struct {
+    char *text;      /* the lower-cased values, one after another */
+    Py_ssize_t used; /* bytes of text in use */
+    const char **start;
+    Py_ssize_t *len;
+    Py_ssize_t count, cap;
+    char small_text[256];
+    const char *small_start[SMALL_TOKENS];
+    Py_ssize_t small_len[SMALL_TOKENS];
+} tokens_t;
+
+static void
+tokens_free(tokens_t *t)
+{
+    if (t->text != t->small_text)
+        PyMem_Free(t->text);
+    if (t->start != t->small_start)
+        PyMem_Free(t->start);
+    if (t->len != t->small_len)
+        PyMem_Free(t->len);
+}
+
+/* Room for the tokens of values whose lengths add up to total. */
+static int
+tokens_init(tokens_t *t, Py_ssize_t total)
+{
+    t->cap = total + 1; /* a token that is kept has at least one byte */
+    t->used = t->count = 0;
+    t->text = total < (Py_ssize_t)sizeof t->small_text ? t->small_text : PyMem_Malloc((size_t)total + 1);
+    t->start = t->cap <= SMALL_TOKENS ? t->small_start : PyMem_Malloc(sizeof(char *) * (size_t)t->cap);
+    t->len = t->cap <= SMALL_TOKENS ? t->small_len : PyMem_Malloc(sizeof(Py_ssize_t) * (size_t)t->cap);
+    if (t->text == NULL || t->start == NULL || t->len == NULL) {
+        tokens_free(t);
+        PyErr_NoMemory();
+        return 0;
+    }
+    return 1;
+}
+
+static void
+add_token(const char *s, Py_ssize_t n, void *arg)
+{
+    tokens_t *t = (tokens_t *)arg;
+    if (n == 0 || t->count >= t->cap)
+        return;
+    t->start[t->count] = s;
+    t->len[t->count] = n;
+    t->count++;
+}
+
+static void
+tokens_add_value(tokens_t *t, const char *v, Py_ssize_t n)
+{
+    char *copy = t->text + t->used;
+    for (Py_ssize_t i = 0; i < n; i++)
+        copy[i] = lower(v[i]);
+    t->used += n;
+    each_token(copy, n, add_token, t);
+}
+
+static int
+tokens_has(const tokens_t *t, const char *s, Py_ssize_t n)
+{
+    for (Py_ssize_t i = 0; i < t->count; i++)
+        if (t->len[i] == n && memcmp(t->start[i], s, (size_t)n) == 0)
+            return 1;
+    return 0;
+}
+
+/* cookie_is_secure: an attribute after the first ";" that is "secure". */
+static int
+cookie_is_secure(const char *v, Py_ssize_t n)
+{
+    const char *end = v + n, *p = v;
+    while (p < end && *p != ';')
+        p++;
+    while (p < end) {
+        const char *s = ++p;
+        while (p < end && *p != ';')
+            p++;
+        const char *a = s, *b = p;
+        strip_ows(&a, &b);
+        if (eq_lower(a, b - a, "secure"))
+            return 1;
+    }
+    return 0;
+}
+
+static PyObject *
+response_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 3 || nargs > 4 || !PyBytes_Check(args[0]) || !(args[1] == Py_None || PyBytes_Check(args[1]))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "response_block(block: bytes, hsts: bytes | None, secure_cookies: bool, keep_upgrade=False)");
+        return NULL;
+    }
+    int secure_cookies = PyObject_IsTrue(args[2]);
+    if (secure_cookies < 0)
+        return NULL;
+    int keep_upgrade = 0;
+    if (nargs == 4 && (keep_upgrade = PyObject_IsTrue(args[3])) < 0)
+        return NULL;
+    const char *block = PyBytes_AS_STRING(args[0]);
+    Py_ssize_t n = PyBytes_GET_SIZE(args[0]);
+    const char *end = block + n;
+    const char *hsts = args[1] == Py_None ? NULL : PyBytes_AS_STRING(args[1]);
+    Py_ssize_t hsts_len = hsts == NULL ? 0 : PyBytes_GET_SIZE(args[1]);
+
+    /* Names are compared in lower case: in a lower-cased copy of the block,
+       the same offsets hold each name lowered. */
+    char small_lowered[2048];
+    char *lowered = n < (Py_ssize_t)sizeof small_lowered ? small_lowered : PyMem_Malloc((size_t)n + 1);
+    if (lowered == NULL)
+        return PyErr_NoMemory();
+    for (Py_ssize_t i = 0; i < n; i++)
+        lowered[i] = lower(block[i]);
+#define LNAME(f) (lowered + ((f).name - block))
+
+    fields_t fs;
+    int parsed = parse_fields(block, end, &fs);
+    if (parsed <= 0) {
+        fields_free(&fs);
+        if (lowered != small_lowered)
+            PyMem_Free(lowered);
+        if (parsed == 0)
+            PyErr_SetString(PyExc_ValueError, "response_block: the block is not field lines");
+        return NULL;
+    }
+    Py_ssize_t conn_total = 0;
+    for (Py_ssize_t i = 0; i < fs.count; i++)
+        if (eq(LNAME(fs.items[i]), fs.items[i].name_len, "connection"))
+            conn_total += fs.items[i].value_len;
+    tokens_t named;
+    if (!tokens_init(&named, conn_total)) {
+        fields_free(&fs);
+        if (lowered != small_lowered)
+            PyMem_Free(lowered);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < fs.count; i++)
+        if (eq(LNAME(fs.items[i]), fs.items[i].name_len, "connection"))
+            tokens_add_value(&named, fs.items[i].value, fs.items[i].value_len);
+
+    /* Two passes over the fields: the first sizes the output, the second writes it. */
+    PyObject *result = NULL;
+    char *out = NULL;
+    Py_ssize_t size = 0;
+    int has_hsts = 0;
+    for (int pass = 0; pass < 2; pass++) {
+        if (pass == 1) {
+            if (hsts != NULL && !has_hsts)
+                size += 27 + hsts_len + 2; /* "strict-transport-security: " value CRLF */
+            result = PyBytes_FromStringAndSize(NULL, size);
+            if (result == NULL)
+                break;
+            out = PyBytes_AS_STRING(result);
+        }
+        for (Py_ssize_t i = 0; i < fs.count; i++) {
+            field_t f = fs.items[i];
+            const char *name = LNAME(f);
+            Py_ssize_t name_len = f.name_len;
+            int secure_add = 0;
+            if (in_list(name, name_len, HOP_BY_HOP) || tokens_has(&named, name, name_len)) {
+                if (!(keep_upgrade && (eq(name, name_len, "upgrade") || eq(name, name_len, "connection"))))
+                    continue;
+            }
+            else if (eq(name, name_len, "strict-transport-security")) {
+                has_hsts = 1;
+            }
+            else if (secure_cookies && eq(name, name_len, "set-cookie") && !cookie_is_secure(f.value, f.value_len)) {
+                secure_add = 1;
+            }
+            if (pass == 0) {
+                size += name_len + 2 + f.value_len + (secure_add ? 8 : 0) + 2;
+                continue;
+            }
+            memcpy(out, name, (size_t)name_len);
+            out += name_len;
+            memcpy(out, ": ", 2);
+            out += 2;
+            memcpy(out, f.value, (size_t)f.value_len);
+            out += f.value_len;
+            if (secure_add) {
+                memcpy(out, "; Secure", 8);
+                out += 8;
+            }
+            memcpy(out, "\r\n", 2);
+            out += 2;
+        }
+    }
+    if (result != NULL && hsts != NULL && !has_hsts) {
+        memcpy(out, "strict-transport-security: ", 27);
+        out += 27;
+        memcpy(out, hsts, (size_t)hsts_len);
+        out += hsts_len;
+        memcpy(out, "\r\n", 2);
+        out += 2;
+    }
+    if (result != NULL && out != PyBytes_AS_STRING(result) + size) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_SystemError, "response_block: size mismatch");
+    }
+#undef LNAME
+    fields_free(&fs);
+    tokens_free(&named);
+    if (lowered != small_lowered)
+        PyMem_Free(lowered);
+    return result;
+}
+
+/* ------------------------------------------------------------ upstream request */
+
+typedef struct {
+    const char *p;
+    Py_ssize_t n;
+} slice_t;
+
+static int
+as_slice(PyObject *o, slice_t *s, const char *what)
+{
+    if (!PyBytes_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "upstream_request_head: %s must be bytes", what);
+        return 0;
+    }
+    s->p = PyBytes_AS_STRING(o);
+    s->n = PyBytes_GET_SIZE(o);
+    return 1;
+}
+
+static PyObject *
+upstream_request_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 10) {
+        PyErr_SetString(PyExc_TypeError,
+                        "upstream_request_head(method, target, host, headers, client_address, scheme, "
+                        "server_port, trusted, upgrade, framing)");
+        return NULL;
+    }
+    slice_t method, target, host, scheme, upgrade, framing = {"", 0};
+    if (!as_slice(args[0], &method, "method") || !as_slice(args[1], &target, "target") ||
+        !as_slice(args[2], &host, "host") || !as_slice(args[5], &scheme, "scheme") ||
+        !as_slice(args[8], &upgrade, "upgrade"))
+        return NULL;
+    if (args[9] != Py_None && !as_slice(args[9], &framing, "framing"))
+        return NULL;
+    PyObject *headers = args[3];
+    if (!PyList_Check(headers) || !PyUnicode_Check(args[4])) {
+        PyErr_SetString(PyExc_TypeError, "upstream_request_head: headers must be a list, client_address a str");
+        return NULL;
+    }
+    long port = PyLong_AsLong(args[6]);
+    if (port == -1 && PyErr_Occurred())
+        return NULL;
+    int trusted = PyObject_IsTrue(args[7]);
+    if (trusted < 0)
+        return NULL;
+    Py_ssize_t count = PyList_GET_SIZE(headers);
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *pair = PyList_GET_ITEM(headers, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 || !PyBytes_Check(PyTuple_GET_ITEM(pair, 0)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            PyErr_SetString(PyExc_TypeError, "upstream_request_head: headers must be (bytes, bytes) pairs");
+            return NULL;
+        }
+    }
+    PyObject *client = PyUnicode_AsEncodedString(args[4], "ascii", "replace");
+    if (client == NULL)
+        return NULL;
+    char port_text[24];
+    int port_len = snprintf(port_text, sizeof port_text, "%ld", port);
+
+#define NAME(i) PyTuple_GET_ITEM(PyList_GET_ITEM(headers, (i)), 0)
+#define VALUE(i) PyTuple_GET_ITEM(PyList_GET_ITEM(headers, (i)), 1)
+    /* Connection-named headers, minus the protected ones. */
+    Py_ssize_t conn_total = 0;
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (eq(PyBytes_AS_STRING(NAME(i)), PyBytes_GET_SIZE(NAME(i)), "connection"))
+            conn_total += PyBytes_GET_SIZE(VALUE(i));
+    tokens_t named;
+    if (!tokens_init(&named, conn_total)) {
+        Py_DECREF(client);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < count; i++)
+        if (eq(PyBytes_AS_STRING(NAME(i)), PyBytes_GET_SIZE(NAME(i)), "connection"))
+            tokens_add_value(&named, PyBytes_AS_STRING(VALUE(i)), PyBytes_GET_SIZE(VALUE(i)));
+    /* drop the protected names from the tokens */
+    Py_ssize_t kept_tokens = 0;
+    for (Py_ssize_t i = 0; i < named.count; i++) {
+        if (in_list(named.start[i], named.len[i], FORWARDING) ||
+            in_list(named.start[i], named.len[i], PROTECTED_EXTRA))
+            continue;
+        named.start[kept_tokens] = named.start[i];
+        named.len[kept_tokens] = named.len[i];
+        kept_tokens++;
+    }
+    named.count = kept_tokens;
+
+    /* Which headers pass, and the trusted forwarding values. */
+    Py_ssize_t size = method.n + 1 + target.n + 17 + host.n + 2; /* "M T HTTP/1.1\r\nhost: H\r\n" */
+    Py_ssize_t prior_for_total = 0, prior_for_count = 0;
+    slice_t kept_proto = {NULL, 0}, kept_host = {NULL, 0}, kept_port = {NULL, 0};
+    char small[128];
+    char *pass = count <= (Py_ssize_t)sizeof small ? small : PyMem_Malloc((size_t)count);
+    if (pass == NULL) {
+        tokens_free(&named);
+        Py_DECREF(client);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        const char *name = PyBytes_AS_STRING(NAME(i));
+        Py_ssize_t name_len = PyBytes_GET_SIZE(NAME(i));
+        pass[i] = 0;
+        if (in_list(name, name_len, HOP_BY_HOP) || tokens_has(&named, name, name_len))
+            continue;
+        if (underscore_forwarding(name, name_len))
+            continue;
+        if (in_list(name, name_len, FORWARDING)) {
+            if (trusted) {
+                slice_t v = {PyBytes_AS_STRING(VALUE(i)), PyBytes_GET_SIZE(VALUE(i))};
+                if (eq(name, name_len, "x-forwarded-for")) {
+                    prior_for_total += v.n;
+                    prior_for_count++;
+                }
+                else if (eq(name, name_len, "x-forwarded-proto") && kept_proto.p == NULL)
+                    kept_proto = v;
+                else if (eq(name, name_len, "x-forwarded-host") && kept_host.p == NULL)
+                    kept_host = v;
+                else if (eq(name, name_len, "x-forwarded-port") && kept_port.p == NULL)
+                    kept_port = v;
+            }
+            continue;
+        }
+        pass[i] = 1;
+        if (!eq(name, name_len, "host"))
+            size += name_len + 2 + PyBytes_GET_SIZE(VALUE(i)) + 2;
+    }
+    slice_t proto = kept_proto.p ? kept_proto : scheme;
+    slice_t fhost = kept_host.p ? kept_host : host;
+    slice_t fport = kept_port.p ? kept_port : (slice_t){port_text, port_len};
+    Py_ssize_t client_len = PyBytes_GET_SIZE(client);
+    Py_ssize_t for_len = prior_for_total + 2 * prior_for_count + client_len;
+    size += 17 + for_len + 2 + 19 + proto.n + 2 + 18 + fhost.n + 2 + 18 + fport.n + 2;
+    if (upgrade.n)
+        size += 21 + 9 + upgrade.n + 2; /* "connection: upgrade\r\n" "upgrade: U\r\n" */
+    if (framing.n)
+        size += framing.n + 2;
+    size += 2;
+
+    PyObject *result = PyBytes_FromStringAndSize(NULL, size);
+    if (result == NULL)
+        goto done;
+    char *out = PyBytes_AS_STRING(result);
+#define PUT(ptr, len)                           \
+    do {                                        \
+        memcpy(out, (ptr), (size_t)(len));      \
+        out += (len);                           \
+    } while (0)
+#define PUTS(lit) PUT(lit, sizeof(lit) - 1)
+    PUT(method.p, method.n);
+    PUTS(" ");
+    PUT(target.p, target.n);
+    PUTS(" HTTP/1.1\r\nhost: ");
+    PUT(host.p, host.n);
+    PUTS("\r\n");
+    for (Py_ssize_t i = 0; i < count; i++) {
+        if (!pass[i])
+            continue;
+        const char *name = PyBytes_AS_STRING(NAME(i));
+        Py_ssize_t name_len = PyBytes_GET_SIZE(NAME(i));
+        if (eq(name, name_len, "host"))
+            continue;
+        PUT(name, name_len);
+        PUTS(": ");
+        PUT(PyBytes_AS_STRING(VALUE(i)), PyBytes_GET_SIZE(VALUE(i)));
+        PUTS("\r\n");
+    }
+    PUTS("x-forwarded-for: ");
+    if (trusted && prior_for_count) {
+        for (Py_ssize_t i = 0; i < count; i++) {
+            const char *name = PyBytes_AS_STRING(NAME(i));
+            Py_ssize_t name_len = PyBytes_GET_SIZE(NAME(i));
+            if (!eq(name, name_len, "x-forwarded-for") || in_list(name, name_len, HOP_BY_HOP) ||
+                tokens_has(&named, name, name_len))
+                continue;
+            PUT(PyBytes_AS_STRING(VALUE(i)), PyBytes_GET_SIZE(VALUE(i)));
+            PUTS(", ");
+        }
+    }
+    PUT(PyBytes_AS_STRING(client), client_len);
+    PUTS("\r\nx-forwarded-proto: ");
+    PUT(proto.p, proto.n);
+    PUTS("\r\nx-forwarded-host: ");
+    PUT(fhost.p, fhost.n);
+    PUTS("\r\nx-forwarded-port: ");
+    PUT(fport.p, fport.n);
+    PUTS("\r\n");
+    if (upgrade.n) {
+        PUTS("connection: upgrade\r\nupgrade: ");
+        PUT(upgrade.p, upgrade.n);
+        PUTS("\r\n");
+    }
+    if (framing.n) {
+        PUT(framing.p, framing.n);
+        PUTS("\r\n");
+    }
+    PUTS("\r\n");
+    if (out != PyBytes_AS_STRING(result) + size) {
+        Py_CLEAR(result);
+        PyErr_SetString(PyExc_SystemError, "upstream_request_head: size mismatch");
+    }
+#undef PUT
+#undef PUTS
+#undef NAME
+#undef VALUE
+done:
+    if (pass != small)
+        PyMem_Free(pass);
+    tokens_free(&named);
+    Py_DECREF(client);
+    return result;
+}
+
+/* ------------------------------------------------------------ module */
+
+static PyObject *
+configure(PyObject *self, PyObject *args)
+{
+    PyObject *head, *req_err, *resp_err;
+    if (!PyArg_ParseTuple(args, "OOO:configure", &head, &req_err, &resp_err))
+        return NULL;
+    Py_XSETREF(RequestHead, Py_NewRef(head));
+    Py_XSETREF(RequestError, Py_NewRef(req_err));
+    Py_XSETREF(ResponseError, Py_NewRef(resp_err));
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"configure", configure, METH_VARARGS, "configure(RequestHead, RequestError, ResponseError)"},
+    {"parse_request_head", (PyCFunction)(void (*)(void))parse_request_head, METH_FASTCALL,
+     "parse_request_head(head, max_header_count) -> (RequestHead, keep_alive)"},
+    {"parse_response_head", parse_response_head, METH_O,
+     "parse_response_head(head) -> (status, reason, fields, content_length, chunked, keep_alive)"},
+    {"response_block", (PyCFunction)(void (*)(void))response_block, METH_FASTCALL,
+     "response_block(block, hsts, secure_cookies, keep_upgrade=False) -> bytes"},
+    {"upstream_request_head", (PyCFunction)(void (*)(void))upstream_request_head, METH_FASTCALL,
+     "upstream_request_head(method, target, host, headers, client_address, scheme, server_port, trusted, "
+     "upgrade, framing) -> bytes"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "tlsproxy._speedups",
+    .m_doc = "C versions of tlsproxy's per-request pure functions.",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    init_tables();
+    return PyModule_Create(&module);
+}
