@@ -35,8 +35,11 @@ export SSLYZE_BIN="$PWD/.venv-sslyze/bin/sslyze"
 "$venv/bin/ruff" check tlsproxy twisted tests bench
 "$venv/bin/ruff" format --check tlsproxy twisted tests bench
 "$venv/bin/mypy" tlsproxy
-# The C accelerator must have been built here (a fresh Debian machine has gcc);
-# its pure Python fallback gets the unit tests on its own.
+# The C accelerator must be built (a fresh Debian machine has gcc): in the
+# installed package, and in place, because pytest imports tlsproxy from this
+# tree. Its pure Python fallback gets the unit tests on its own.
+"$venv/bin/python" setup.py -q build_ext --inplace >/dev/null
+(cd / && "$venv/bin/python" -c "import tlsproxy._speedups")
 "$venv/bin/python" -c "import tlsproxy._speedups"
 TLSPROXY_PURE_PYTHON=1 "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/unit
 "$venv/bin/python" -m pytest -p no:cacheprovider "$@"
