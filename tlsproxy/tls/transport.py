@@ -21,7 +21,6 @@ from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
 
-
 # One scratch buffer for every connection: all TLS I/O runs on the reactor
 # thread, and each read is copied out before the next one starts.
 _SCRATCH_SIZE = 1 << 17
@@ -77,17 +76,19 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
             self._corked = []
 
     def uncork(self) -> None:
-        corked, self._corked = self._corked, None
-        if corked:
-            self.write(b"".join(corked))
+        corked = self._corked
+        if corked is None:
+            return
+        self._corked = None
+        if corked and not (self.disconnecting and self._producer is None):
+            self._write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def write(self, data: bytes) -> None:
-        if self._corked is not None:
-            self._corked.append(data)
-            return
-        if self.disconnecting and self._producer is None:
-            return
-        self._write(data)
+        corked = self._corked
+        if corked is not None:
+            corked.append(data)
+        elif not (self.disconnecting and self._producer is None):
+            self._write(data)
 
     def writeSequence(self, iovec: Any) -> None:
         self.write(b"".join(iovec))
@@ -102,11 +103,14 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
 
     # The hot calls below go to OpenSSL through pyOpenSSL's own cffi binding
     # with one shared buffer, and fall back on pyOpenSSL to raise its usual
-    # exceptions whenever OpenSSL reports anything but success.
+    # exceptions whenever OpenSSL reports anything but success.  Attribute
+    # reads on this class are slow (Twisted's ProtocolWrapper defines
+    # __getattr__, which keeps CPython from caching them), so the hot paths
+    # read each one once.
 
     def dataReceived(self, data: bytes) -> None:
         if not self._handshakeDone or self._appSendBuffer or self._lostTLSConnection:
-            super().dataReceived(data)
+            super().dataReceived(data)  # the handshake, or writes waiting on a read
             return
         connection = self._tlsConnection
         if _lib.BIO_write(connection._into_ssl, data, len(data)) <= 0:
@@ -135,7 +139,14 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
                         self._tlsShutdownFinished(Failure())
                         return
                 sent += result
-        self._flushSendBIO()
+        # The records go out now (as _flushSendBIO would send them).
+        bio = connection._from_ssl
+        pending = _lib.BIO_get_mem_data(bio, _ffi.NULL)
+        if pending > 0:
+            buffer = _scratch if pending <= _SCRATCH_SIZE else _ffi.new("char[]", pending)
+            got = _lib.BIO_read(bio, buffer, pending)
+            if got > 0:
+                send_now(self.transport, _ffi.buffer(buffer, got)[:])
 
     def _flushSendBIO(self) -> None:
         # Ask the memory BIO how much it holds instead of catching WantReadError.
@@ -151,6 +162,7 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
     def _flushReceiveBIO(self) -> None:
         connection = self._tlsConnection
         ssl = connection._ssl
+        into = connection._into_ssl
         while not self._lostTLSConnection:
             result = _lib.SSL_read(ssl, _scratch, 1 << 15)
             if result > 0:
@@ -158,10 +170,8 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
                     self.wrappedProtocol.dataReceived(_ffi.buffer(_scratch, result)[:])
                 # Another record (or the rest of this one) to read?  Asking
                 # is cheaper than the WantReadError a blind read would raise.
-                if (
-                    self._lostTLSConnection
-                    or not _lib.SSL_pending(ssl)
-                    and not _lib.BIO_get_mem_data(connection._into_ssl, _ffi.NULL)
+                if self._lostTLSConnection or (
+                    not _lib.SSL_pending(ssl) and not _lib.BIO_get_mem_data(into, _ffi.NULL)
                 ):
                     break
                 continue
@@ -176,7 +186,9 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
                 self._tlsShutdownFinished(Failure())
             else:
                 break  # not reached: OpenSSL reports every failed read
-        self._flushSendBIO()
+        # Reading may have produced records to send (alerts, session tickets).
+        if _lib.BIO_get_mem_data(connection._from_ssl, _ffi.NULL) > 0:
+            self._flushSendBIO()
 
 
 class LeanTLSFactory(TLSMemoryBIOFactory):
