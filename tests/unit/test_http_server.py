@@ -215,6 +215,18 @@ class LimitTests(ServerTestCase):
         """A request line over the limit gets 414 at once."""
         self.assertRefused(b"GET /" + b"a" * 300, 414)
 
+    def test_long_request_line_in_a_whole_head(self) -> None:
+        """A request line over the limit gets 414 when the whole head comes in one read, too."""
+        self.assertRefused(b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414)
+
+    def test_long_header_line_in_a_whole_head(self) -> None:
+        """A header line over the limit gets 431 when the whole head comes in one read."""
+        proto = HTTP11ServerProtocol(self.handler, self.clock, Limits(max_header_line=100), secure=False)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 120 + b"\r\n\r\n")
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
+
     def test_huge_header_line_answered_at_once(self) -> None:
         """A header line over the head limit gets 431 before it even ends."""
         self.assertRefused(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"v" * 1500, 431)

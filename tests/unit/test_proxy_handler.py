@@ -10,14 +10,19 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.config import HSTS, Server, Site, parse_upstream
+from tlsproxy.http.deadline import Deadline
 from tlsproxy.http.exchange import RequestHead
+from tlsproxy.http.wire import split_fields
 from tlsproxy.proxy.handler import ProxyHandler
 
 
 class FakeExchange:
     """Records what the handler answers; the request body is given up front."""
 
+    clock: Any = None  # set by the tests, for the deadline
+
     def __init__(self, head: RequestHead, body: bytes = b"") -> None:
+        self.deadline = Deadline(self.clock)
         self.head = head
         self.client_address = "203.0.113.7"
         self.secure = True
@@ -49,9 +54,14 @@ class FakeExchange:
     def response_started(self) -> bool:
         return self.status is not None
 
-    def start_response(self, status: int, reason: bytes, headers: list, content_length: int | None) -> None:
+    def start_response(self, status: int, reason: bytes, headers: list | bytes, content_length: int | None) -> None:
         self.status = status
-        self.headers = headers
+        self.headers = split_fields(headers) if isinstance(headers, bytes) else headers
+
+    def respond(self, status: int, reason: bytes, headers: list | bytes, body: bytes) -> None:
+        self.start_response(status, reason, headers, len(body))
+        self.write(body)
+        self.finish()
 
     def write(self, data: bytes) -> None:
         self.body += data
@@ -77,6 +87,7 @@ def head(method: bytes = b"GET", body: bytes = b"") -> RequestHead:
 class HandlerTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
+        self.patch(FakeExchange, "clock", self.reactor)
         upstream = parse_upstream("http://127.0.0.1:8000")
         site = Site(hosts=("app.test",), upstream=upstream, tls="files", hsts=HSTS(max_age=60))
         self.server = Server(connect_timeout=5, upstream_timeout=30)
@@ -214,3 +225,38 @@ class HandlerTests(SynchronousTestCase):
         second = self.request()
         self.assertEqual(len(self.reactor.tcpClients), 2, "the next request dials a fresh connection")
         self.assertIsNone(second.status)
+
+
+class GarbageTests(SynchronousTestCase):
+    def test_finished_requests_leave_no_reference_cycles(self) -> None:
+        """Each proxied request is freed by reference counting alone: nothing is left for the GC."""
+        import gc
+
+        from tlsproxy.http.server import HTTP11ServerProtocol, Limits
+
+        reactor = MemoryReactorClock()
+        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
+        handler = ProxyHandler(reactor, [site], Server())
+        client = HTTP11ServerProtocol(handler, reactor, Limits(), secure=True)
+        client.makeConnection(StringTransport())
+        request = b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n"
+        response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
+        client.dataReceived(request)
+        app = reactor.tcpClients[-1][2].buildProtocol(None)
+        app.makeConnection(StringTransport())
+        app.dataReceived(response)
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(50):
+                client.dataReceived(request)
+                app.dataReceived(response)
+            gc.collect()
+            left = [type(o).__name__ for o in gc.garbage]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        self.assertEqual(len(reactor.tcpClients), 1)  # the one pooled connection served them all
+        self.assertEqual(left, [])

@@ -23,9 +23,10 @@ class Deadline:
         self._action: Callable[[], Any] | None = None
         self._call: Any = None
 
-    def set(self, seconds: float, action: Callable[[], Any]) -> None:
-        """Run ``action`` ``seconds`` from now, replacing any earlier setting."""
-        when = self._clock.seconds() + seconds
+    def set(self, seconds: float, action: Callable[[], Any]) -> float:
+        """Run ``action`` ``seconds`` from now, replacing any earlier setting; returns now."""
+        now = self._clock.seconds()
+        when = now + seconds
         self._when = when
         self._action = action
         call = self._call
@@ -33,6 +34,7 @@ class Deadline:
             self._call = self._clock.callLater(seconds, self._fire)
         elif call.time + call.delayed_time > when:  # call.getTime(), without the call
             call.reset(seconds)
+        return now
 
     def clear(self) -> None:
         """Nothing is due (the pending call, if any, will find nothing to do)."""

@@ -10,11 +10,16 @@ Content-Length, Connection) is the protocol's business, never the handler's.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.interfaces import IPushProducer
 
+from tlsproxy.http.deadline import Deadline
+
 Headers = list[tuple[bytes, bytes]]
+# A response's fields, as (name, value) pairs or already as HTTP/1.1 field
+# lines ("name: value\r\n" each), which the proxy relays without a split.
+ResponseFields = Headers | bytes
 
 
 @dataclass(slots=True)
@@ -57,6 +62,11 @@ class Exchange(Protocol):
     client_address: str
     secure: bool
     server_port: int
+    # A deadline the handler may use while it answers (one pending timer
+    # per connection or stream, however often it moves).
+    deadline: Deadline
+    transport: Any  # the client's transport
+    connection: Any  # lives as long as the client connection, one request at a time
 
     def set_body_consumer(self, consumer: BodyConsumer) -> None: ...
 
@@ -66,7 +76,12 @@ class Exchange(Protocol):
 
     def set_observer(self, observer: ExchangeObserver) -> None: ...
 
-    def start_response(self, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None: ...
+    def start_response(
+        self, status: int, reason: bytes, headers: ResponseFields, content_length: int | None
+    ) -> None: ...
+
+    def respond(self, status: int, reason: bytes, headers: ResponseFields, body: bytes) -> None:
+        """start_response, write and finish in one go (one write where the protocol can)."""
 
     def write(self, data: bytes) -> None: ...
 
@@ -82,12 +97,6 @@ class Exchange(Protocol):
 
     @property
     def response_started(self) -> bool: ...
-
-    @property
-    def transport(self) -> object: ...
-
-    @property
-    def connection(self) -> object: ...
 
 
 class Handler(Protocol):

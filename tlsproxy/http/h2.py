@@ -33,8 +33,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tlsproxy.http import pages
-from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead
+from tlsproxy.http.deadline import Deadline
+from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
 from tlsproxy.http.server import Limits, client_address_of, valid_host
+from tlsproxy.http.wire import split_fields
 
 MAX_STREAMS = 100
 STREAM_WINDOW = 1024 * 1024
@@ -69,15 +71,11 @@ class H2Exchange:
         self._producer: IPushProducer | None = None
         self._producer_paused = False
         self.no_body = head.method == b"HEAD"
-
-    @property
-    def transport(self) -> Any:
-        return self._proto.transport
-
-    @property
-    def connection(self) -> Any:
-        # Streams run side by side: each is its own one-request "connection".
-        return self
+        self.transport = proto.transport
+        # Streams run side by side: each is its own one-request "connection",
+        # with a deadline of its own.
+        self.connection = self
+        self.deadline = Deadline(proto.clock)
 
     # -- request body --------------------------------------------------------
 
@@ -124,9 +122,11 @@ class H2Exchange:
     def response_started(self) -> bool:
         return self._started
 
-    def start_response(self, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None:
+    def start_response(self, status: int, reason: bytes, headers: ResponseFields, content_length: int | None) -> None:
         self._started = True
         fields: Headers = [(b":status", b"%d" % status)]
+        if isinstance(headers, bytes):
+            headers = split_fields(headers)
         for name, value in headers:
             name = name.lower()
             if name not in _CONNECTION_SPECIFIC:
@@ -138,6 +138,11 @@ class H2Exchange:
         if end:
             self._finished = True
             self._proto.stream_done(self)
+
+    def respond(self, status: int, reason: bytes, headers: ResponseFields, body: bytes) -> None:
+        self.start_response(status, reason, headers, len(body))
+        self.write(body)
+        self.finish()
 
     def write(self, data: bytes) -> None:
         if self._finished or not data or self.no_body:
@@ -452,6 +457,8 @@ class H2ServerProtocol(Protocol):
 
     def _forget(self, exchange: H2Exchange) -> None:
         """A stream is over: give back its unread window, re-arm idle, maybe close."""
+        exchange.deadline.stop()
+        exchange._observer = None  # it refers back to the exchange: no cycle left for the GC
         if self.streams.pop(exchange.stream_id, None) is None:
             return
         # Body bytes the handler never took (or took while paused) still count
@@ -482,6 +489,7 @@ class H2ServerProtocol(Protocol):
         streams, self.streams = self.streams, {}
         for exchange in streams.values():
             exchange._client_gone()
+            exchange.deadline.stop()
 
     def _close(self) -> None:
         # A transport waits for its producer to unregister before it closes

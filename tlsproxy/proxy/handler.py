@@ -20,11 +20,10 @@ from zope.interface import implementer
 
 from tlsproxy.config import Server, Site
 from tlsproxy.http import pages
-from tlsproxy.http.deadline import Deadline
-from tlsproxy.http.exchange import Exchange, Headers
+from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.plain import split_host_port
 from tlsproxy.proxy.accesslog import AccessLog
-from tlsproxy.proxy.headers import is_trusted, response_headers, serialize_request, upstream_request_headers
+from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
 
 BUFFER_LIMIT = 1024 * 1024
@@ -117,15 +116,6 @@ class ProxyHandler:
             return
         ProxiedRequest(self, route, exchange).start()
 
-    def deadline_for(self, exchange: Exchange) -> Deadline:
-        """The upstream timeout of a request (one reusable deadline per client connection)."""
-        owner = exchange.connection
-        deadline: Deadline | None = getattr(owner, "upstream_deadline", None)
-        if deadline is None:
-            deadline = Deadline(self.reactor)
-            setattr(owner, "upstream_deadline", deadline)  # noqa: B010 - owner is typed as object
-        return deadline
-
     def record(self, exchange: Exchange, site: str, status: int, size: int) -> None:
         """One finished request: the access log line and the request counter."""
         if self.access_log is not None:
@@ -159,7 +149,7 @@ class ProxiedRequest:
     status = 0
     retried = False
     finished = False
-    pending_101: tuple[int, bytes, Headers] | None = None
+    pending_101: tuple[bytes, bytes] | None = None  # reason and fields of the app's 101
     timeout = 0.0
     last_activity = 0.0
     paused = False
@@ -174,18 +164,7 @@ class ProxiedRequest:
         self.upgrade = bool(head.upgrade)
         self.buffer: list[bytes] = []
         self.body_complete = not (head.chunked or head.content_length)
-        self.timer = handler.deadline_for(exchange)
-        trusted = bool(handler.trusted_proxies) and is_trusted(exchange.client_address, handler.trusted_proxies)
-        self.headers = upstream_request_headers(
-            head.headers,
-            exchange.client_address,
-            head.host,
-            b"https" if exchange.secure else b"http",
-            exchange.server_port,
-            trusted,
-        )
-        if self.upgrade:
-            self.headers += [(b"connection", b"upgrade"), (b"upgrade", head.upgrade)]
+        self.timer = exchange.deadline
 
     # -- request side ----------------------------------------------------------
 
@@ -266,12 +245,26 @@ class ProxiedRequest:
             self.route.pool.release(conn)
             return
         self.conn = conn
-        head = self.exchange.head
-        conn.send(
-            serialize_request(head.method, head.target, head.host, self.headers, self.framing()),
-            self,
-            head_only=self.method == b"HEAD",
-        )
+        request_head = self.request_head
+        if request_head is None:
+            exchange = self.exchange
+            head = exchange.head
+            trusted = bool(self.handler.trusted_proxies) and is_trusted(
+                exchange.client_address, self.handler.trusted_proxies
+            )
+            request_head = self.request_head = upstream_request_head(
+                head.method,
+                head.target,
+                head.host,
+                head.headers,
+                exchange.client_address,
+                b"https" if exchange.secure else b"http",
+                exchange.server_port,
+                trusted,
+                head.upgrade,
+                self.framing(),
+            )
+        conn.send(request_head, self, self.method == b"HEAD")
         for chunk in self.buffer:
             if self.chunk_upstream:
                 conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -295,26 +288,46 @@ class ProxiedRequest:
 
     buffer_for_retry: list[bytes] | None = None
     sent_at = 0.0
+    request_head: bytes | None = None  # as sent to the app (kept for a retry)
 
     # -- response side (ResponseSink) ---------------------------------------
 
-    def response_head(self, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None:
+    def response_head(self, status: int, reason: bytes, fields: bytes, content_length: int | None) -> None:
         self.last_activity = now = self.clock.seconds()
         route = self.route
         if route.latency is not None:
             route.latency.observe(now - self.sent_at)
         if status == 101:
-            self.pending_101 = (status, reason, headers)
+            self.pending_101 = (reason, fields)
             return
         self.status = status
         exchange = self.exchange
         if exchange.secure:
-            out = response_headers(headers, route.hsts, route.site.secure_cookies)
+            out = response_block(fields, route.hsts, route.site.secure_cookies)
         else:
-            out = response_headers(headers, None, False)
+            out = response_block(fields, None, False)
         exchange.start_response(status, reason, out, content_length)
         if self.conn is not None:
             exchange.register_producer(self)
+
+    def response_whole(self, status: int, reason: bytes, fields: bytes, body: bytes) -> None:
+        """The commonest answer: head and the whole body arrived in one read."""
+        if self.finished:
+            return
+        self.finished = True
+        self.timer.clear()
+        route = self.route
+        if route.latency is not None:
+            route.latency.observe(self.clock.seconds() - self.sent_at)
+        self.status = status
+        exchange = self.exchange
+        if exchange.secure:
+            out = response_block(fields, route.hsts, route.site.secure_cookies)
+        else:
+            out = response_block(fields, None, False)
+        self.conn = None
+        exchange.respond(status, reason, out, body)
+        self.handler.record(exchange, route.name, status, len(body))
 
     def response_data(self, data: bytes) -> None:
         self.last_activity = self.clock.seconds()
@@ -352,10 +365,15 @@ class ProxiedRequest:
         self.fail(error)
 
     def response_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
+        if not self.upgrade:
+            # A 101 to a request that asked for no upgrade: not HTTP we can relay.
+            conn.close()
+            self.fail(UpstreamError(502, "the app switched protocols unasked", before_response=True))
+            return
         self.cancel_timer()
         self.conn = conn
-        _, reason, headers = self.pending_101 or (101, b"Switching Protocols", [])
-        out = response_headers(headers, hsts=None, secure_cookies=False, keep_upgrade=True)
+        reason, fields = self.pending_101 or (b"Switching Protocols", b"")
+        out = response_block(fields, None, False, True)
         self.status = 101
         self.exchange.start_response(101, reason, out, None)
         self.exchange.start_tunnel(conn)
@@ -429,9 +447,8 @@ class ProxiedRequest:
 
     def set_timer(self, seconds: float) -> float:
         """Time out after ``seconds`` without a byte from the app; returns now."""
-        self.last_activity = now = self.clock.seconds()
         self.timeout = seconds
-        self.timer.set(seconds, self.timed_out)
+        self.last_activity = now = self.timer.set(seconds, self.timed_out)
         return now
 
     def cancel_timer(self) -> None:

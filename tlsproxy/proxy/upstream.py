@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-import httptools
 from twisted.internet import error
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
@@ -20,8 +19,19 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tlsproxy.config import Upstream
-from tlsproxy.http.exchange import Headers
+from tlsproxy.http.wire import (
+    ChunkedBody,
+    FramingError,
+    LengthBody,
+    ResponseError,
+    UntilClose,
+    parse_response_head,
+)
 from tlsproxy.tls.transport import send_now
+
+# An app's response head larger than this is refused (nginx's default proxy
+# buffer for a head is 4-8 KiB; Django's heads are far smaller).
+MAX_RESPONSE_HEAD = 65536
 
 
 class UpstreamError(Exception):
@@ -35,12 +45,11 @@ class UpstreamError(Exception):
         self.reused = reused
 
 
-class _Unsolicited(Exception):
-    """The app sent a response after the one that was asked for."""
-
-
 class ResponseSink(TypingProtocol):
-    def response_head(self, status: int, reason: bytes, headers: Headers, content_length: int | None) -> None: ...
+    def response_head(self, status: int, reason: bytes, fields: bytes, content_length: int | None) -> None: ...
+
+    def response_whole(self, status: int, reason: bytes, fields: bytes, body: bytes) -> None:
+        """Head and whole body at once (in place of response_head, response_data, response_end)."""
 
     def response_data(self, data: bytes) -> None: ...
 
@@ -60,28 +69,29 @@ class UpstreamConnection(Protocol):
     log = Logger()
     transport: Any
 
+    # State every connection starts with (and every request resets).
+    sink: ResponseSink | None = None
+    reused = False
+    connected = False
+    request_complete = False
+    response_paused = False
+    ready: Deferred[UpstreamConnection] | None = None
+    _body: LengthBody | ChunkedBody | UntilClose | None = None  # the response body being read
+    _buf = b""  # an unfinished response head
+    _got_bytes = False
+    _head_only = False
+    _headers_sent = False
+    _keep_alive = False
+    _done = True
+    _tunnel: Any = None
+    _corkable: Any = None  # the client's transport, if it can cork
+    _corked: Any = None  # ... and corked for the rest of this read
+    _request_producer: IPushProducer | None = None
+
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
-        self.sink: ResponseSink | None = None
-        self.reused = False
-        self.connected = False
-        self._parser: Any = None
-        self._status = 0
-        self._headers: Headers = []
-        self._got_bytes = False
-        self._head_only = False
-        self._headers_sent = False
-        self._until_close = False
-        self.request_complete = False
-        self._keep_alive = False
-        self._done = True
-        self._tunnel: Any = None
-        self._corkable: Any = None
-        self._request_producer: IPushProducer | None = None
 
     # -- Protocol --------------------------------------------------------------
-
-    ready: Deferred[UpstreamConnection] | None = None
 
     def connectionMade(self) -> None:
         self.connected = True
@@ -103,7 +113,7 @@ class UpstreamConnection(Protocol):
                 detail = "the app closed the connection in the middle of its response"
             else:
                 detail = "the app closed the connection without answering"
-            if self._headers_sent and self._until_close:
+            if isinstance(self._body, UntilClose):
                 # A response with neither Content-Length nor chunked coding
                 # ends when the app closes: that close is its end.
                 self._done = True
@@ -120,40 +130,97 @@ class UpstreamConnection(Protocol):
             self.transport.abortConnection()
             return
         self._got_bytes = True
-        # Everything this read produces for the client leaves in one write.
-        client = self._corkable
-        if client is None:
-            self._feed(data)
-            return
-        client.cork()
         try:
-            self._feed(data)
+            self._receive(data)
+        except (ResponseError, FramingError) as e:
+            self._malformed(str(e))
         finally:
-            client.uncork()
+            corked = self._corked
+            if corked is not None:
+                self._corked = None
+                corked.uncork()
 
-    def _feed(self, data: bytes) -> None:
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            offset = upgrade.args[0]
-            sink, self.sink = self.sink, None
-            self._done = True
-            if sink is not None:
+    def _cork(self) -> None:
+        """Everything this read produces for the client leaves in one write.
+
+        (A whole answer in one read is one write anyway, and needs no cork.)
+        """
+        if self._corked is None and self._corkable is not None:
+            self._corked = self._corkable
+            self._corked.cork()
+
+    def _receive(self, data: bytes) -> None:
+        while data:
+            sink = self.sink
+            if sink is None:
+                # More after the answer, in the same read: nobody asked for it.
+                self.transport.abortConnection()
+                return
+            body = self._body
+            if body is not None:
+                self._cork()
+                pieces: list[bytes] = []
+                used = body.feed(data, pieces)
+                for piece in pieces:
+                    sink.response_data(piece)
+                if not body.done:
+                    return
+                self._complete()
+                data = data[used:]
+                continue
+            if self._buf:
+                data = self._buf + data
+                self._buf = b""
+            end = data.find(b"\r\n\r\n")
+            if end < 0:
+                if len(data) > MAX_RESPONSE_HEAD:
+                    raise ResponseError("the app's response head is too large")
+                self._buf = data
+                return
+            status, reason, fields, length, chunked, keep_alive = parse_response_head(data[: end + 2])
+            data = data[end + 4 :]
+            if status < 200 and status != 101:
+                continue  # interim responses (100 Continue, 103) are not passed on
+            if status == 101:
+                self._cork()
+                self.sink = None
+                self._done = True
                 self._tunnel = sink
-                sink.response_upgraded(self, data[offset:])
-        except httptools.HttpParserError as e:
-            cause = e.__context__
-            if cause is not None and not isinstance(cause, (httptools.HttpParserError, _Unsolicited)):
-                self.log.failure("relaying the response failed", Failure(cause))
-            sink, self.sink = self.sink, None
-            self._done = True
-            self.transport.abortConnection()
-            if sink is not None:
-                sink.response_failed(
-                    UpstreamError(
-                        502, f"the app sent a malformed response ({e})", before_response=not self._headers_sent
-                    )
-                )
+                sink.response_head(status, reason, fields, None)
+                sink.response_upgraded(self, data)
+                return
+            self._keep_alive = keep_alive
+            self._headers_sent = True
+            if self._head_only or status == 204 or status == 304:
+                sink.response_head(status, reason, fields, length)
+                self._complete()
+                continue
+            if length is not None and len(data) == length:
+                # The commonest answer: head and whole body in one read.
+                self.sink = None
+                sink.response_whole(status, reason, fields, data)
+                self._complete()
+                return
+            self._cork()
+            if chunked:
+                self._body = ChunkedBody()
+            elif length is not None:
+                sink.response_head(status, reason, fields, length)
+                if not length:
+                    self._complete()
+                    continue
+                self._body = LengthBody(length)
+                continue
+            else:
+                self._body = UntilClose()
+            sink.response_head(status, reason, fields, None)
+
+    def _malformed(self, detail: str) -> None:
+        sink, self.sink = self.sink, None
+        self._done = True
+        self.transport.abortConnection()
+        if sink is not None:
+            sink.response_failed(UpstreamError(502, detail, before_response=not self._headers_sent))
 
     # -- requests --------------------------------------------------------------
 
@@ -162,14 +229,9 @@ class UpstreamConnection(Protocol):
         self.sink = sink
         client = sink.client_transport()
         self._corkable = client if hasattr(client, "cork") else None
-        if self._parser is None:
-            # One parser serves every response on the connection, except that
-            # the answer to a HEAD ends after its head: a new one follows it.
-            self._parser = httptools.HttpResponseParser(self)
-        self._status = 0
-        self._headers = []
+        self._body = None
+        self._buf = b""
         self._headers_sent = False
-        self._until_close = False
         self._got_bytes = False
         self._head_only = head_only
         self._done = False
@@ -183,59 +245,10 @@ class UpstreamConnection(Protocol):
         """Who to pause when the app reads the request body slower than it comes."""
         self._request_producer = producer
 
-    # httptools callbacks
-
-    def on_status(self, reason: bytes) -> None:
-        self._reason = reason
-
-    _reason = b""
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name.lower(), value))
-
-    def on_headers_complete(self) -> None:
-        if self._done:
-            # More after the answer, in the same read: nobody asked for it.
-            raise _Unsolicited()
-        parser = self._parser
-        status = parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            # Interim responses (100 Continue, 103) are not passed on.
-            self._headers = []
-            return
-        self._status = status
-        self._keep_alive = parser.should_keep_alive()
-        content_length = None
-        chunked = False
-        for name, value in self._headers:
-            if name == b"content-length":
-                content_length = int(value)
-            elif name == b"transfer-encoding":
-                chunked = value.rsplit(b",", 1)[-1].strip().lower() == b"chunked"
-                content_length = None
-        self._until_close = (
-            content_length is None and not chunked and not self._head_only and status not in (101, 204, 304)
-        )
-        if self.sink is not None:
-            self._headers_sent = True
-            self.sink.response_head(status, self._reason, self._headers, content_length)
-        if self._head_only and status != 101:
-            self._complete()
-
-    def on_body(self, body: bytes) -> None:
-        if self.sink is not None and not self._head_only:
-            self.sink.response_data(body)
-
-    def on_message_complete(self) -> None:
-        # A 101 ends the HTTP part; the parser then raises HttpParserUpgrade.
-        if self._status and self._status != 101 and not self._done:
-            self._complete()
-
     def _complete(self) -> None:
         self._done = True
+        self._body = None
         sink, self.sink = self.sink, None
-        if self._head_only:
-            self._parser = None
         # Back to the pool only if both messages ended: a request body the
         # app answered early (a 401 to an upload) is still half on the wire.
         keep = self._keep_alive and self.request_complete
@@ -265,8 +278,6 @@ class UpstreamConnection(Protocol):
         pass
 
     # Our side of the back-pressure: the client is slower than the app.
-    response_paused = False
-
     def pause_response(self) -> None:
         if self.connected:
             self.response_paused = True
