@@ -19,9 +19,15 @@
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <string.h>
 
 static PyObject *RequestHead = NULL;
+/* Where RequestHead's eight slots live in an instance, when it is the plain
+   slotted dataclass wire.py defines (its __init__ only stores its arguments):
+   a head is then made without running Python code.  Zero: call the class. */
+static Py_ssize_t head_offsets[8];
+static int head_direct = 0;
 static PyObject *RequestError = NULL;
 static PyObject *ResponseError = NULL;
 
@@ -316,6 +322,54 @@ response_error(const char *detail)
     return NULL;
 }
 
+static const char *const HEAD_FIELDS[8] = {
+    "method", "target", "version", "host", "headers", "content_length", "chunked", "upgrade",
+};
+
+/* Find the slot offsets of RequestHead, or leave head_direct off. */
+static void
+find_head_slots(void)
+{
+    head_direct = 0;
+    if (!PyType_Check(RequestHead))
+        return;
+    PyTypeObject *type = (PyTypeObject *)RequestHead;
+    PyObject *slots = PyObject_GetAttrString(RequestHead, "__slots__");
+    if (slots == NULL) {
+        PyErr_Clear();
+        return;
+    }
+    int ok = PyTuple_Check(slots) && PyTuple_GET_SIZE(slots) == 8 && type->tp_base == &PyBaseObject_Type;
+    for (int i = 0; ok && i < 8; i++) {
+        PyObject *name = PyTuple_GET_ITEM(slots, i);
+        ok = PyUnicode_Check(name) && PyUnicode_CompareWithASCIIString(name, HEAD_FIELDS[i]) == 0;
+        if (!ok)
+            break;
+        PyObject *descr = PyDict_GetItemString(type->tp_dict, HEAD_FIELDS[i]); /* borrowed */
+        ok = descr != NULL && Py_IS_TYPE(descr, &PyMemberDescr_Type) &&
+             ((PyMemberDescrObject *)descr)->d_member->type == T_OBJECT_EX;
+        if (ok)
+            head_offsets[i] = ((PyMemberDescrObject *)descr)->d_member->offset;
+    }
+    Py_DECREF(slots);
+    head_direct = ok;
+}
+
+/* A RequestHead of the eight values (references are not stolen). */
+static PyObject *
+make_request_head(PyObject *const *items)
+{
+    if (!head_direct)
+        return PyObject_Vectorcall(RequestHead, items, 8, NULL);
+    PyTypeObject *type = (PyTypeObject *)RequestHead;
+    PyObject *head = type->tp_alloc(type, 0);
+    if (head == NULL)
+        return NULL;
+    for (int i = 0; i < 8; i++)
+        *(PyObject **)((char *)head + head_offsets[i]) = Py_NewRef(items[i]);
+    return head;
+}
+
 static int
 configured(void)
 {
@@ -561,7 +615,7 @@ request_head(const char *h, Py_ssize_t n, Py_ssize_t max_count, fields_t *fs)
         if (items[i] == NULL)
             ok = 0;
     if (ok) {
-        PyObject *head = PyObject_Vectorcall(RequestHead, items, 8, NULL);
+        PyObject *head = make_request_head(items);
         if (head != NULL) {
             result = PyTuple_Pack(2, head, keep_alive ? Py_True : Py_False);
             Py_DECREF(head);
@@ -1140,11 +1194,13 @@ configure(PyObject *self, PyObject *args)
     Py_XSETREF(RequestHead, Py_NewRef(head));
     Py_XSETREF(RequestError, Py_NewRef(req_err));
     Py_XSETREF(ResponseError, Py_NewRef(resp_err));
-    Py_RETURN_NONE;
+    find_head_slots();
+    return PyBool_FromLong(head_direct);
 }
 
 static PyMethodDef methods[] = {
-    {"configure", configure, METH_VARARGS, "configure(RequestHead, RequestError, ResponseError)"},
+    {"configure", configure, METH_VARARGS,
+     "configure(RequestHead, RequestError, ResponseError) -> whether heads are made without calling the class"},
     {"parse_request_head", (PyCFunction)(void (*)(void))parse_request_head, METH_FASTCALL,
      "parse_request_head(head, max_header_count) -> (RequestHead, keep_alive)"},
     {"parse_response_head", parse_response_head, METH_O,

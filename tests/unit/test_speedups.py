@@ -231,3 +231,29 @@ def test_in_use() -> None:
     """With the accelerator built, the hot path calls the C versions."""
     assert wire.parse_request_head is speedups.parse_request_head
     assert headers.response_block is speedups.response_block
+
+
+def test_heads_of_another_shape_are_made_by_calling_the_class() -> None:
+    """RequestHead is filled in directly only while it is the slotted dataclass; otherwise it is called."""
+    from dataclasses import dataclass
+
+    from tlsproxy.http.exchange import RequestHead
+
+    @dataclass
+    class Other:
+        method: bytes
+        target: bytes
+        version: bytes
+        host: bytes
+        headers: list[tuple[bytes, bytes]]
+        content_length: int | None
+        chunked: bool
+        upgrade: bytes
+
+    try:
+        assert speedups.configure(Other, wire.RequestError, wire.ResponseError) is False
+        head, keep_alive = speedups.parse_request_head(b"GET /o HTTP/1.1\r\nHost: h\r\n", 10)
+        assert isinstance(head, Other)
+        assert (head.target, head.host, keep_alive) == (b"/o", b"h", True)
+    finally:
+        assert speedups.configure(RequestHead, wire.RequestError, wire.ResponseError) is True

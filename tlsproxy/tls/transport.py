@@ -26,6 +26,17 @@ from zope.interface import directlyProvides, providedBy
 _SCRATCH_SIZE = 1 << 17
 _scratch = _ffi.new("char[]", _SCRATCH_SIZE)
 
+# The OpenSSL calls of the hot paths, looked up once (an attribute of cffi's
+# lib object is found afresh on every use).
+_BIO_write = _lib.BIO_write
+_BIO_read = _lib.BIO_read
+_BIO_pending = _lib.BIO_get_mem_data  # with NULL: how many bytes the memory BIO holds
+_SSL_read = _lib.SSL_read
+_SSL_write = _lib.SSL_write
+_SSL_pending = _lib.SSL_pending
+_NULL = _ffi.NULL
+_unpack = _ffi.unpack  # char array -> bytes, in one call
+
 
 def send_now(transport: Any, data: bytes) -> None:
     """Write ``data`` to a TCP or unix transport, on the socket at once if idle.
@@ -113,7 +124,7 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
             super().dataReceived(data)  # the handshake, or writes waiting on a read
             return
         connection = self._tlsConnection
-        if _lib.BIO_write(connection._into_ssl, data, len(data)) <= 0:
+        if _BIO_write(connection._into_ssl, data, len(data)) <= 0:
             connection.bio_write(data)  # raises the appropriate error
         self._flushReceiveBIO()
 
@@ -123,56 +134,67 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         connection = self._tlsConnection
         ssl = connection._ssl
         total = len(data)
-        # pyOpenSSL turns on partial writes: each SSL_write may take only one
-        # record's worth, so write until all is taken, then flush once.
+        written = _SSL_write(ssl, data, total)
+        if written != total and not self._write_rest(connection, ssl, data, written):
+            return
+        # The records go out now (as _flushSendBIO would send them).
+        bio = connection._from_ssl
+        pending = _BIO_pending(bio, _NULL)
+        if pending > 0:
+            buffer = _scratch if pending <= _SCRATCH_SIZE else _ffi.new("char[]", pending)
+            got = _BIO_read(bio, buffer, pending)
+            if got > 0:
+                send_now(self.transport, _unpack(buffer, got))
+
+    def _write_rest(self, connection: Any, ssl: Any, data: bytes, written: int) -> bool:
+        """After an SSL_write that took less than all: write the rest; False if the connection failed.
+
+        pyOpenSSL turns on partial writes, so each SSL_write may take one
+        record's worth; an error may also be a renegotiation that needs a read.
+        """
+        total = len(data)
+        sent = 0
         with _ffi.from_buffer(data) as buffer:
-            sent = 0
-            while sent < total:
-                result = _lib.SSL_write(ssl, buffer + sent, total - sent)
+            result = written
+            while True:
                 if result <= 0:
                     try:
                         connection._raise_ssl_error(ssl, result)
                     except WantReadError:
                         self._bufferedWrite(data[sent:])
-                        break
+                        return True
                     except Error:
                         self._tlsShutdownFinished(Failure())
-                        return
-                sent += result
-        # The records go out now (as _flushSendBIO would send them).
-        bio = connection._from_ssl
-        pending = _lib.BIO_get_mem_data(bio, _ffi.NULL)
-        if pending > 0:
-            buffer = _scratch if pending <= _SCRATCH_SIZE else _ffi.new("char[]", pending)
-            got = _lib.BIO_read(bio, buffer, pending)
-            if got > 0:
-                send_now(self.transport, _ffi.buffer(buffer, got)[:])
+                        return False
+                else:
+                    sent += result
+                if sent >= total:
+                    return True
+                result = _SSL_write(ssl, buffer + sent, total - sent)
 
     def _flushSendBIO(self) -> None:
         # Ask the memory BIO how much it holds instead of catching WantReadError.
         bio = self._tlsConnection._from_ssl
-        pending = _lib.BIO_get_mem_data(bio, _ffi.NULL)
+        pending = _BIO_pending(bio, _NULL)
         if pending <= 0:
             return
         buffer = _scratch if pending <= _SCRATCH_SIZE else _ffi.new("char[]", pending)
-        got = _lib.BIO_read(bio, buffer, pending)
+        got = _BIO_read(bio, buffer, pending)
         if got > 0:
-            send_now(self.transport, _ffi.buffer(buffer, got)[:])
+            send_now(self.transport, _unpack(buffer, got))
 
     def _flushReceiveBIO(self) -> None:
         connection = self._tlsConnection
         ssl = connection._ssl
         into = connection._into_ssl
         while not self._lostTLSConnection:
-            result = _lib.SSL_read(ssl, _scratch, 1 << 15)
+            result = _SSL_read(ssl, _scratch, 1 << 15)
             if result > 0:
                 if not self._aborted:
-                    self.wrappedProtocol.dataReceived(_ffi.buffer(_scratch, result)[:])
+                    self.wrappedProtocol.dataReceived(_unpack(_scratch, result))
                 # Another record (or the rest of this one) to read?  Asking
                 # is cheaper than the WantReadError a blind read would raise.
-                if self._lostTLSConnection or (
-                    not _lib.SSL_pending(ssl) and not _lib.BIO_get_mem_data(into, _ffi.NULL)
-                ):
+                if self._lostTLSConnection or (not _SSL_pending(ssl) and not _BIO_pending(into, _NULL)):
                     break
                 continue
             try:
@@ -187,7 +209,7 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
             else:
                 break  # not reached: OpenSSL reports every failed read
         # Reading may have produced records to send (alerts, session tickets).
-        if _lib.BIO_get_mem_data(connection._from_ssl, _ffi.NULL) > 0:
+        if _BIO_pending(connection._from_ssl, _NULL) > 0:
             self._flushSendBIO()
 
 
