@@ -59,6 +59,7 @@ class ProtocolChooser(Protocol):
             real = H2ServerProtocol(factory.handler, factory.clock, factory.limits)
         else:
             real = HTTP11ServerProtocol(factory.handler, factory.clock, factory.limits, secure=True)
+            real.handshake_done = True
         real.factory = factory
         real.tracker = factory.tracker
         factory.tracker.replace(self, real)

@@ -234,6 +234,7 @@ class HTTP11ServerProtocol(Protocol):
     tracker: Any = None
     client_address = ""
     server_port = 0
+    handshake_done = False  # set when the protocol takes over after the TLS handshake
     _current: HTTP11Exchange | None = None  # its body is being read
     _active: HTTP11Exchange | None = None  # being answered
     _body: LengthBody | ChunkedBody | None = None  # framing of _current's body
@@ -261,7 +262,7 @@ class HTTP11ServerProtocol(Protocol):
         self.client_address = client_address_of(peer)
         self.server_port = getattr(self.transport.getHost(), "port", 0)
         self.transport.registerProducer(self, True)
-        if self.secure:
+        if self.secure and not self.handshake_done:
             self._timer.set(self.limits.handshake_timeout, self._handshake_timeout)
         else:
             self._timer.set(self.limits.idle_timeout, self._idle_timeout)

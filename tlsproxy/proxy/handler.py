@@ -232,7 +232,10 @@ class ProxiedRequest:
         if isinstance(got, UpstreamConnection):
             self.connected(got)
         else:
-            self.set_timer(self.handler.server.connect_timeout + 1)
+            # Dialling is timed by the connector (connect_timeout, a 504).
+            # Until then the deadline only has to stop being the client's
+            # idle timer; setting it later than that costs no new timer.
+            self.set_timer(self.handler.server.upstream_timeout)
             got.addCallbacks(self.connected, self.connect_failed)
 
     def connect_failed(self, failure: Failure) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -34,6 +35,9 @@ _BIO_pending = _lib.BIO_get_mem_data  # with NULL: how many bytes the memory BIO
 _SSL_read = _lib.SSL_read
 _SSL_write = _lib.SSL_write
 _SSL_pending = _lib.SSL_pending
+_SSL_get_error = _lib.SSL_get_error
+_SSL_do_handshake = _lib.SSL_do_handshake
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
 _NULL = _ffi.NULL
 _unpack = _ffi.unpack  # char array -> bytes, in one call
 
@@ -128,6 +132,29 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
             connection.bio_write(data)  # raises the appropriate error
         self._flushReceiveBIO()
 
+    def _checkHandshakeStatus(self) -> None:
+        # As TLSMemoryBIOProtocol's, but a handshake that waits for the peer
+        # (twice per connection) is told by SSL_get_error, not an exception.
+        if self._aborted:
+            return
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        result = _SSL_do_handshake(ssl)
+        if result <= 0:
+            if _SSL_get_error(ssl, result) == _WANT_READ:
+                self._flushSendBIO()
+                return
+            try:
+                connection._raise_ssl_error(ssl, result)  # raises, with pyOpenSSL's checks of its callbacks
+            except WantReadError:
+                self._flushSendBIO()
+            except Error:
+                self._tlsShutdownFinished(Failure())
+            return
+        self._handshakeDone = True
+        if IHandshakeListener.providedBy(self.wrappedProtocol):
+            self.wrappedProtocol.handshakeCompleted()
+
     def _write(self, data: bytes) -> None:
         if self._lostTLSConnection:
             return
@@ -197,6 +224,8 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
                 if self._lostTLSConnection or (not _SSL_pending(ssl) and not _BIO_pending(into, _NULL)):
                     break
                 continue
+            if _SSL_get_error(ssl, result) == _WANT_READ:
+                break  # the commonest case, without pyOpenSSL raising (and us catching) WantReadError
             try:
                 connection._raise_ssl_error(ssl, result)
             except WantReadError:
