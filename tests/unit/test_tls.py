@@ -112,6 +112,11 @@ class SniTests(SynchronousTestCase):
         )
         self.assertEqual(outcome.cipher, "ECDHE-ECDSA-AES128-GCM-SHA256")
 
+    def test_idle_connections_release_buffers(self) -> None:
+        """Contexts give idle connections' record buffers back to the allocator, as nginx does."""
+        ctx = self.policy.new_context()
+        self.assertTrue(ctx.set_mode(0) & SSL.MODE_RELEASE_BUFFERS)  # set_mode(0) adds nothing, returns the mode
+
     def test_min_version_13(self) -> None:
         """With min_version 1.3, TLS 1.2 clients are refused."""
         server = SniServer(TLSPolicy(min_version="1.3"), self.sni_map)
