@@ -41,7 +41,7 @@ from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.handler import ProxyHandler
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
-from tlsproxy.tls.transport import LeanTLSFactory
+from tlsproxy.tls.transport import TLSServerFactory
 
 READY = "tlsproxy: ready"
 log = Logger(namespace="tlsproxy")
@@ -251,7 +251,7 @@ class ProxyService(MultiService):
         self.https_app = NegotiatingFactory(
             generation.handler, reactor, generation.limits, self.https_trackers, self.metrics
         )
-        self.https_factory = LeanTLSFactory(self.creator, False, self.https_app)
+        self.https_factory = TLSServerFactory(self.creator, self.https_app, reactor)
         self.plain = PlainHTTPHandler(self.http01, self._is_our_host, https_port_of(config))
         self.plain_factory = HTTP11Factory(
             self.plain, reactor, generation.limits, secure=False, tracker=self.http_trackers

@@ -1,11 +1,30 @@
-"""A leaner TLS transport for the proxy's hot path.
+"""TLS on each accepted connection, and the transport of the HTTP protocol above it.
 
-Twisted's default TLS transport queues every write for the next reactor
-iteration (to merge small writes), and its TCP transport never sends at once:
-each response then costs a timer, two epoll changes and an extra loop turn.
-Here the HTTP layer "corks" the transport while it relays one chunk of the
-app's answer, so head and body leave as one TLS record, and the encrypted
-bytes go straight to the socket when nothing is queued before them.
+:class:`TLSServerProtocol` takes the place of Twisted's ``TLSMemoryBIOProtocol``
+on the HTTPS listener.  It does the same job (OpenSSL through pyOpenSSL,
+with memory BIOs, between the TCP transport and the protocol above) with the
+shape a proxy wants:
+
+- One object per connection from accept to close.  The protocol above is
+  picked when the handshake ends, by ALPN (``factory.app.protocol_for``), so
+  there is no stand-in protocol to swap out.
+- Writes go out at once: the encrypted bytes are sent on the socket when
+  nothing is queued before them (Twisted's TCP transport would wait for the
+  next reactor turn), and the HTTP layer can "cork" the transport while it
+  relays one read of the app's answer, so head and body leave as one record.
+- Plain attributes: Twisted's ``ProtocolWrapper`` forwards unknown attributes
+  to the TCP transport through ``__getattr__``, which keeps CPython from
+  caching any attribute read on the object.
+- OpenSSL is called through pyOpenSSL's own cffi binding with one shared
+  buffer, and "would block" is told by ``SSL_get_error`` rather than by
+  pyOpenSSL raising ``WantReadError``; every other outcome goes through
+  pyOpenSSL, so its errors (and those of our SNI and ALPN callbacks) are
+  reported as usual.
+- Closing sends close_notify and closes, without waiting for the peer's
+  (nginx does the same); a peer's close_notify is answered and closes.
+
+Renegotiation is refused by the TLS policy (and does not exist in TLS 1.3),
+so an ``SSL_write`` never needs a read first: any failure to write is fatal.
 """
 
 from __future__ import annotations
@@ -14,13 +33,12 @@ from typing import Any
 
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
-from OpenSSL.SSL import Error, WantReadError, ZeroReturnError
-from twisted.internet.interfaces import IHandshakeListener
-from twisted.internet.protocol import Protocol
-from twisted.protocols.policies import ProtocolWrapper
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from OpenSSL.SSL import Error
+from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.internet.protocol import Factory, Protocol, connectionDone
+from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import directlyProvides, providedBy
+from zope.interface import implementer
 
 # One scratch buffer for every connection: all TLS I/O runs on the reactor
 # thread, and each read is copied out before the next one starts.
@@ -37,7 +55,9 @@ _SSL_write = _lib.SSL_write
 _SSL_pending = _lib.SSL_pending
 _SSL_get_error = _lib.SSL_get_error
 _SSL_do_handshake = _lib.SSL_do_handshake
+_SSL_shutdown = _lib.SSL_shutdown
 _WANT_READ = _lib.SSL_ERROR_WANT_READ
+_ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
 _NULL = _ffi.NULL
 _unpack = _ffi.unpack  # char array -> bytes, in one call
 
@@ -68,140 +88,132 @@ def send_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
-class LeanTLSProtocol(TLSMemoryBIOProtocol):
-    """TLS transport with cork/uncork and direct sends."""
+class TLSError(Exception):
+    """The TLS layer failed (a bad record, an alert); the connection is cut."""
 
+
+@implementer(ITransport, IPushProducer)
+class TLSServerProtocol(Protocol):
+    """The server side of TLS on one connection (see the module docstring)."""
+
+    log = Logger()
+    transport: Any  # the TCP transport below
+
+    # State every connection starts with.
+    wrapped: Any = None  # the protocol above, once the handshake picked it
+    handshake_done = False
+    disconnecting = False
+    aborted = False
+    lost = False
+    connected = False
     _corked: list[bytes] | None = None
+    _producer: Any = None
+    _timer: Any = None
 
-    def makeConnection(self, transport: Any) -> None:
-        # As TLSMemoryBIOProtocol.makeConnection, but the transport's
-        # interfaces are declared in one call rather than one per interface
-        # (zope's directlyProvides was a measurable part of each handshake).
-        self._tlsConnection = self.factory._creatorCallable(self)
-        self._appSendBuffer = []
-        directlyProvides(self, providedBy(transport))
-        Protocol.makeConnection(self, transport)
-        self.factory.registerProtocol(self)
-        if self._connectWrapped:
-            ProtocolWrapper.makeConnection(self, transport)
-        self._checkHandshakeStatus()
+    def __init__(self, factory: TLSServerFactory) -> None:
+        self.factory = factory
 
-    def cork(self) -> None:
-        if self._corked is None:
-            self._corked = []
+    # -- the TCP side ----------------------------------------------------------
 
-    def uncork(self) -> None:
-        corked = self._corked
-        if corked is None:
-            return
-        self._corked = None
-        if corked and not (self.disconnecting and self._producer is None):
-            self._write(corked[0] if len(corked) == 1 else b"".join(corked))
-
-    def write(self, data: bytes) -> None:
-        corked = self._corked
-        if corked is not None:
-            corked.append(data)
-        elif not (self.disconnecting and self._producer is None):
-            self._write(data)
-
-    def writeSequence(self, iovec: Any) -> None:
-        self.write(b"".join(iovec))
-
-    def loseConnection(self) -> None:
-        self.uncork()
-        super().loseConnection()
-
-    def abortConnection(self) -> None:
-        self._corked = None  # nothing more is to be sent
-        super().abortConnection()
-
-    # The hot calls below go to OpenSSL through pyOpenSSL's own cffi binding
-    # with one shared buffer, and fall back on pyOpenSSL to raise its usual
-    # exceptions whenever OpenSSL reports anything but success.  Attribute
-    # reads on this class are slow (Twisted's ProtocolWrapper defines
-    # __getattr__, which keeps CPython from caching them), so the hot paths
-    # read each one once.
+    def connectionMade(self) -> None:
+        self.connected = True
+        factory = self.factory
+        tls = self._tls = factory.creator.serverConnectionForTLS(self)
+        tls.set_accept_state()
+        self._ssl = tls._ssl
+        self._into = tls._into_ssl
+        self._from = tls._from_ssl
+        self._timer = factory.clock.callLater(factory.app.limits.handshake_timeout, self._handshake_timed_out)
+        factory.app.connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
-        if not self._handshakeDone or self._appSendBuffer or self._lostTLSConnection:
-            super().dataReceived(data)  # the handshake, or writes waiting on a read
-            return
-        connection = self._tlsConnection
-        if _BIO_write(connection._into_ssl, data, len(data)) <= 0:
-            connection.bio_write(data)  # raises the appropriate error
-        self._flushReceiveBIO()
+        if self.aborted:
+            return  # bytes read in the same poll as the abort
+        if _BIO_write(self._into, data, len(data)) <= 0:
+            self._tls.bio_write(data)  # raises the appropriate error
+        if self.handshake_done or self._handshake():
+            self._read()
 
-    def _checkHandshakeStatus(self) -> None:
-        # As TLSMemoryBIOProtocol's, but a handshake that waits for the peer
-        # (twice per connection) is told by SSL_get_error, not an exception.
-        if self._aborted:
-            return
-        connection = self._tlsConnection
-        ssl = connection._ssl
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        self.lost = True
+        self.connected = False
+        self._corked = None
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        wrapped = self.wrapped
+        if wrapped is not None:
+            wrapped.connectionLost(reason)
+        self.factory.app.connection_lost(self)
+
+    # -- handshake -------------------------------------------------------------
+
+    def _handshake(self) -> bool:
+        """Go on with the handshake; True once it is done and the protocol above is in place."""
+        ssl = self._ssl
         result = _SSL_do_handshake(ssl)
         if result <= 0:
             if _SSL_get_error(ssl, result) == _WANT_READ:
-                self._flushSendBIO()
+                self._flush()
+                return False
+            self._tls_failed(result, "handshake", graceful=True)
+            return False
+        self.handshake_done = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._flush()  # our last flight and the session tickets
+        wrapped = self.factory.app.protocol_for(self)
+        if wrapped is None:
+            self.loseConnection()
+            return False
+        self.wrapped = wrapped
+        wrapped.makeConnection(self)
+        self.factory.app.handshake_done(self, wrapped)
+        return not self.lost and not self.aborted and not self.disconnecting
+
+    def _handshake_timed_out(self) -> None:
+        self._timer = None
+        self.log.debug("TLS handshake from {peer} timed out", peer=self.transport.getPeer())
+        self.abortConnection()
+
+    @property
+    def negotiatedProtocol(self) -> bytes | None:
+        """The ALPN protocol chosen in the handshake, or None."""
+        return self._tls.get_alpn_proto_negotiated() or None
+
+    # -- reading and writing records -------------------------------------------
+
+    def _read(self) -> None:
+        ssl = self._ssl
+        into = self._into
+        while True:
+            result = _SSL_read(ssl, _scratch, 1 << 15)
+            if result > 0:
+                self.wrapped.dataReceived(_unpack(_scratch, result))
+                if self.lost or self.aborted:
+                    return
+                # Another record (or the rest of this one) to read?  Asking
+                # is cheaper than a read that finds nothing.
+                if not _SSL_pending(ssl) and not _BIO_pending(into, _NULL):
+                    break
+                continue
+            error = _SSL_get_error(ssl, result)
+            if error == _WANT_READ:
+                break
+            if error == _ZERO_RETURN:
+                # The client's close_notify: answer it and close.
+                self.loseConnection()
                 return
-            try:
-                connection._raise_ssl_error(ssl, result)  # raises, with pyOpenSSL's checks of its callbacks
-            except WantReadError:
-                self._flushSendBIO()
-            except Error:
-                self._tlsShutdownFinished(Failure())
+            self._tls_failed(result, "read")
             return
-        self._handshakeDone = True
-        if IHandshakeListener.providedBy(self.wrappedProtocol):
-            self.wrappedProtocol.handshakeCompleted()
+        if _BIO_pending(self._from, _NULL) > 0:
+            self._flush()  # reading produced records (a key update, an alert)
 
-    def _write(self, data: bytes) -> None:
-        if self._lostTLSConnection:
-            return
-        connection = self._tlsConnection
-        ssl = connection._ssl
-        total = len(data)
-        written = _SSL_write(ssl, data, total)
-        if written != total and not self._write_rest(connection, ssl, data, written):
-            return
-        # The records go out now (as _flushSendBIO would send them).
-        bio = connection._from_ssl
-        pending = _BIO_pending(bio, _NULL)
-        if pending > 0:
-            buffer = _scratch if pending <= _SCRATCH_SIZE else _ffi.new("char[]", pending)
-            got = _BIO_read(bio, buffer, pending)
-            if got > 0:
-                send_now(self.transport, _unpack(buffer, got))
-
-    def _write_rest(self, connection: Any, ssl: Any, data: bytes, written: int) -> bool:
-        """After an SSL_write that took less than all: write the rest; False if the connection failed.
-
-        pyOpenSSL turns on partial writes, so each SSL_write may take one
-        record's worth; an error may also be a renegotiation that needs a read.
-        """
-        total = len(data)
-        sent = 0
-        with _ffi.from_buffer(data) as buffer:
-            result = written
-            while True:
-                if result <= 0:
-                    try:
-                        connection._raise_ssl_error(ssl, result)
-                    except WantReadError:
-                        self._bufferedWrite(data[sent:])
-                        return True
-                    except Error:
-                        self._tlsShutdownFinished(Failure())
-                        return False
-                else:
-                    sent += result
-                if sent >= total:
-                    return True
-                result = _SSL_write(ssl, buffer + sent, total - sent)
-
-    def _flushSendBIO(self) -> None:
-        # Ask the memory BIO how much it holds instead of catching WantReadError.
-        bio = self._tlsConnection._from_ssl
+    def _flush(self) -> None:
+        """Send what OpenSSL has written into the outgoing memory BIO."""
+        bio = self._from
         pending = _BIO_pending(bio, _NULL)
         if pending <= 0:
             return
@@ -210,38 +222,143 @@ class LeanTLSProtocol(TLSMemoryBIOProtocol):
         if got > 0:
             send_now(self.transport, _unpack(buffer, got))
 
-    def _flushReceiveBIO(self) -> None:
-        connection = self._tlsConnection
-        ssl = connection._ssl
-        into = connection._into_ssl
-        while not self._lostTLSConnection:
-            result = _SSL_read(ssl, _scratch, 1 << 15)
-            if result > 0:
-                if not self._aborted:
-                    self.wrappedProtocol.dataReceived(_unpack(_scratch, result))
-                # Another record (or the rest of this one) to read?  Asking
-                # is cheaper than the WantReadError a blind read would raise.
-                if self._lostTLSConnection or (not _SSL_pending(ssl) and not _BIO_pending(into, _NULL)):
-                    break
-                continue
-            if _SSL_get_error(ssl, result) == _WANT_READ:
-                break  # the commonest case, without pyOpenSSL raising (and us catching) WantReadError
-            try:
-                connection._raise_ssl_error(ssl, result)
-            except WantReadError:
-                break
-            except ZeroReturnError:
-                self._shutdownTLS()
-                self._tlsShutdownFinished(None)
-            except Error:
-                self._tlsShutdownFinished(Failure())
-            else:
-                break  # not reached: OpenSSL reports every failed read
-        # Reading may have produced records to send (alerts, session tickets).
-        if _BIO_pending(connection._from_ssl, _NULL) > 0:
-            self._flushSendBIO()
+    def _write(self, data: bytes) -> None:
+        ssl = self._ssl
+        total = len(data)
+        written = _SSL_write(ssl, data, total)
+        if written != total and not self._write_rest(data, written):
+            return
+        self._flush()
+
+    def _write_rest(self, data: bytes, written: int) -> bool:
+        """After an SSL_write that took less than all (one record's worth): the rest; False on failure."""
+        ssl = self._ssl
+        total = len(data)
+        sent = 0
+        with _ffi.from_buffer(data) as buffer:
+            result = written
+            while result > 0:
+                sent += result
+                if sent >= total:
+                    return True
+                result = _SSL_write(ssl, buffer + sent, total - sent)
+        self._tls_failed(result, "write")
+        return False
+
+    def _tls_failed(self, result: int, doing: str, graceful: bool = False) -> None:
+        """OpenSSL reported a failure: send any alert it wrote, then close (or cut) the connection.
+
+        A failed handshake is closed gracefully, so the client reads the
+        alert (a protocol version, no shared cipher) before the close.
+        """
+        try:
+            self._tls._raise_ssl_error(self._ssl, result)  # pyOpenSSL's account of it
+            reason: Failure = Failure(TLSError(f"TLS {doing} failed"))
+        except Error:
+            reason = Failure()
+        self.log.debug(
+            "TLS {doing} with {peer} failed: {error}", doing=doing, peer=self.transport.getPeer(), error=reason.value
+        )
+        self._flush()
+        if graceful:
+            self.disconnecting = True
+            self.transport.loseConnection()
+        else:
+            self.abortConnection()
+
+    # -- ITransport, for the protocol above -----------------------------------
+
+    def write(self, data: bytes) -> None:
+        corked = self._corked
+        if corked is not None:
+            corked.append(data)
+        elif self.handshake_done and not self.disconnecting and not self.aborted:
+            self._write(data)
+
+    def writeSequence(self, iovec: Any) -> None:
+        self.write(b"".join(iovec))
+
+    def cork(self) -> None:
+        """Hold writes until :meth:`uncork`, then send them as one."""
+        if self._corked is None:
+            self._corked = []
+
+    def uncork(self) -> None:
+        corked = self._corked
+        if corked is None:
+            return
+        self._corked = None
+        if corked:
+            self.write(corked[0] if len(corked) == 1 else b"".join(corked))
+
+    def loseConnection(self) -> None:
+        """Send what is held, then close_notify, then close (without waiting for the client's)."""
+        if self.disconnecting or self.lost:
+            return
+        self.uncork()
+        self.disconnecting = True
+        if self.handshake_done and not self.aborted:
+            _SSL_shutdown(self._ssl)
+            self._flush()
+        self.transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self.aborted = True
+        self._corked = None
+        if not self.lost:
+            self.transport.abortConnection()
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        # The TCP transport pauses the producer itself when its buffer fills.
+        self._producer = producer
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+        self.transport.unregisterProducer()
+
+    # -- IPushProducer: the protocol above pauses reading from the client ------
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+    # -- shutting down --------------------------------------------------------
+
+    def drain(self) -> None:
+        """The server is stopping: a connection still handshaking is cut, others finish."""
+        if self.wrapped is not None:
+            self.wrapped.drain()
+        else:
+            self.abortConnection()
 
 
-class LeanTLSFactory(TLSMemoryBIOFactory):
-    protocol = LeanTLSProtocol
+class TLSServerFactory(Factory):
+    """Builds a :class:`TLSServerProtocol` for each accepted connection.
+
+    ``creator`` makes each connection's ``SSL.Connection`` (SNI and ALPN live
+    in its contexts); ``app`` picks the protocol above once the handshake is
+    done and keeps count of the connections (see
+    :class:`tlsproxy.http.negotiate.NegotiatingFactory`).
+    """
+
     noisy = False
+
+    def __init__(self, creator: Any, app: Any, clock: Any) -> None:
+        self.creator = creator
+        self.app = app
+        self.clock = clock
+
+    def buildProtocol(self, addr: Any) -> TLSServerProtocol:
+        return TLSServerProtocol(self)
