@@ -219,3 +219,28 @@ class TransportTests(SynchronousTestCase):
         self.assertEqual(tcp.producerState, "paused")
         server.resumeProducing()
         self.assertEqual(tcp.producerState, "producing")
+
+    def test_closed_connections_leave_no_reference_cycles(self) -> None:
+        """A connection closed by the client is freed by reference counting: nothing is left for the GC."""
+        import gc
+
+        def one() -> None:
+            server, tcp, client = self.connect()
+            self.pump(server, tcp, client, b"GET / HTTP/1.1\r\nHost: a.test\r\n\r\n")
+            tcp.producer = None  # as Twisted's TCP transport drops its producer when the connection is lost
+            server.connectionLost(Failure(Exception("the client closed")))
+
+        one()
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(5):
+                one()
+            gc.collect()
+            left = {type(o).__name__ for o in gc.garbage}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        self.assertEqual(left, set())

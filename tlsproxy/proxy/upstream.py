@@ -103,6 +103,11 @@ class UpstreamConnection(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self.connected = False
         self.pool.forget(self)
+        # Twisted's Connector and its Client refer to each other; breaking
+        # that lets the connection go by reference counting, not the GC.
+        connector = getattr(self.transport, "connector", None)
+        if connector is not None:
+            connector.transport = None
         if self._tunnel is not None:
             tunnel, self._tunnel = self._tunnel, None
             tunnel.finish()

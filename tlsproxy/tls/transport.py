@@ -107,7 +107,6 @@ class TLSServerProtocol(Protocol):
     lost = False
     connected = False
     _corked: list[bytes] | None = None
-    _producer: Any = None
     _timer: Any = None
 
     def __init__(self, factory: TLSServerFactory) -> None:
@@ -144,6 +143,10 @@ class TLSServerProtocol(Protocol):
             self._timer = None
         wrapped = self.wrapped
         if wrapped is not None:
+            # The protocol above refers to us as its transport: letting go of
+            # it leaves no cycle, so the connection is freed by reference
+            # counting rather than the garbage collector.
+            self.wrapped = None
             wrapped.connectionLost(reason)
         self.factory.app.connection_lost(self)
 
@@ -316,11 +319,9 @@ class TLSServerProtocol(Protocol):
 
     def registerProducer(self, producer: Any, streaming: bool) -> None:
         # The TCP transport pauses the producer itself when its buffer fills.
-        self._producer = producer
         self.transport.registerProducer(producer, streaming)
 
     def unregisterProducer(self) -> None:
-        self._producer = None
         self.transport.unregisterProducer()
 
     # -- IPushProducer: the protocol above pauses reading from the client ------
