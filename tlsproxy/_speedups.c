@@ -565,8 +565,8 @@ request_head(const char *h, Py_ssize_t n, Py_ssize_t max_count, fields_t *fs)
                 return request_error(400, "malformed Host header");
     }
     int keep_alive = !flags.close && (v11 || flags.keep_alive);
-    if (upgrade != NULL && (upgrade_len == 0 || !v11 || !flags.upgrade))
-        upgrade = NULL;
+    if (upgrade != NULL && (upgrade_len == 0 || !v11 || !flags.upgrade || chunked || content_length > 0))
+        upgrade = NULL; /* a request with a body is served as it is */
     if (upgrade != NULL)
         keep_alive = 0;
 

@@ -166,6 +166,8 @@ def outcome(fn: Any, *args: Any) -> Any:
 @example(b"GET / HTTP/1.1\r\nHost: a b\r\n", 100)
 @example(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n", 100)
 @example(b"GET /ws HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", 100)
+@example(b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 5\r\n", 100)
+@example(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: ws\r\nContent-Length: 0\r\n", 100)
 @example(b"GET / HTTP/1.0\r\nConnection: \r\nConnection: Keep-Alive\r\n", 100)
 @example(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n", 100)
 def test_parse_request_head_same(head: bytes, max_count: int) -> None:

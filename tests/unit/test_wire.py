@@ -130,6 +130,8 @@ def test_request_head_fields() -> None:
         (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", False, b"websocket"),
         (b"GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n", True, b""),  # Connection does not name it
         (b"GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n", False, b""),
+        # With a body, the request is served as it is.
+        (b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n", True, b""),
     ],
 )
 def test_keep_alive_and_upgrade(head: bytes, keep_alive: bool, upgrade: bytes) -> None:

@@ -165,6 +165,10 @@ def parse_request_head(head: bytes, max_header_count: int) -> tuple[RequestHead,
     else:
         keep_alive = version == b"1.1"
         upgrade = b""
+    if upgrade and (chunked or content_length):
+        # A request with a body is served as it is: after a body, bytes that
+        # may be for the tunnel or a next request are not worth guessing at.
+        upgrade = b""
     if upgrade:
         # After an upgrade the connection is the app's; if the app says no,
         # it closes after that answer.
