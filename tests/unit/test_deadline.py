@@ -1,10 +1,12 @@
-"""Deadline: one pending call per owner, however often the deadline moves."""
+"""Deadline and its wheel: never early, at most a tick late, one reactor call for many."""
 
 from __future__ import annotations
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 
-from tlsproxy.http.deadline import Deadline
+from tlsproxy.deadline import TICK, Deadline
 
 
 def active(clock: Clock) -> list[float]:
@@ -24,12 +26,13 @@ def test_fires_once_at_the_deadline() -> None:
     assert fired == [5]
 
 
-def test_moving_later_keeps_the_one_call_and_sleeps_again() -> None:
-    """A later deadline schedules nothing new: the pending call wakes, then waits the rest."""
+def test_moving_later_asks_nothing_of_the_reactor() -> None:
+    """A later deadline schedules nothing new: its tick comes, then it waits for the rest."""
     clock, fired = Clock(), []
     deadline = Deadline(clock)
     deadline.set(5, lambda: fired.append("first"))
-    deadline.set(8, lambda: fired.append("second"))
+    for seconds in (6, 7, 8):
+        deadline.set(seconds, lambda: fired.append("second"))
     assert active(clock) == [5]
     clock.advance(5)
     assert fired == [] and active(clock) == [8]
@@ -37,30 +40,58 @@ def test_moving_later_keeps_the_one_call_and_sleeps_again() -> None:
     assert fired == ["second"]
 
 
-def test_moving_earlier_replaces_the_call_instead_of_resetting_it() -> None:
-    """An earlier deadline cancels the pending call and schedules a new one (reset to earlier is a linear search)."""
+def test_moving_earlier_wakes_earlier() -> None:
+    """An earlier deadline makes the wheel wake for it, and the old time is dropped."""
     clock, fired = Clock(), []
     deadline = Deadline(clock)
     deadline.set(60, lambda: fired.append("idle"))
-    (old,) = clock.getDelayedCalls()
     deadline.set(6, lambda: fired.append("connect"))
-    assert not old.active()
     assert active(clock) == [6]
     clock.advance(6)
     assert fired == ["connect"]
+    clock.advance(60)
+    assert fired == ["connect"]
+
+
+def test_many_deadlines_share_one_call() -> None:
+    """A thousand deadlines cost the reactor one pending call."""
+    clock, fired = Clock(), []
+    deadlines = [Deadline(clock) for _ in range(1000)]
+    for i, deadline in enumerate(deadlines):
+        deadline.set(10 + (i % 7) * 0.01, lambda i=i: fired.append(i))
+    assert len(active(clock)) == 1
+    clock.advance(10.5)
+    assert sorted(fired) == list(range(1000))
 
 
 def test_clear_and_stop() -> None:
-    """After clear nothing runs; stop also drops the pending call."""
+    """After clear or stop nothing runs."""
     clock, fired = Clock(), []
     deadline = Deadline(clock)
     deadline.set(1, lambda: fired.append(1))
     deadline.clear()
     assert not deadline.pending
     clock.advance(2)
-    assert fired == []
     deadline.set(1, lambda: fired.append(2))
     deadline.stop()
-    assert active(clock) == []
-    clock.advance(2)
+    clock.advance(5)
     assert fired == []
+
+
+@given(st.lists(st.tuples(st.floats(0, 3), st.floats(0.01, 20)), min_size=1, max_size=8))
+def test_never_early_at_most_a_tick_late(moves: list[tuple[float, float]]) -> None:
+    """However a deadline moves, it fires at or after its last setting, and within a tick of it."""
+    clock, fired = Clock(), []
+    deadline = Deadline(clock)
+    due = 0.0
+    for wait, seconds in moves:
+        clock.advance(wait)
+        if fired:
+            break
+        deadline.set(seconds, lambda: fired.append(clock.seconds()))
+        due = clock.seconds() + seconds
+    else:
+        step = TICK / 16  # Clock runs what is due at the end of each advance
+        while not fired:
+            clock.advance(step)
+        assert due - 1e-6 <= fired[0] <= due + TICK + step + 1e-6

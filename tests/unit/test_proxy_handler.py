@@ -10,7 +10,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.config import HSTS, Server, Site, parse_upstream
-from tlsproxy.http.deadline import Deadline
+from tlsproxy.deadline import Deadline
 from tlsproxy.http.exchange import RequestHead
 from tlsproxy.http.wire import split_fields
 from tlsproxy.proxy.handler import ProxyHandler

@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 from twisted.internet.interfaces import IPushProducer
 
-from tlsproxy.http.deadline import Deadline
+from tlsproxy.deadline import Deadline
 
 Headers = list[tuple[bytes, bytes]]
 # A response's fields, as (name, value) pairs or already as HTTP/1.1 field

@@ -32,8 +32,8 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tlsproxy.deadline import Deadline
 from tlsproxy.http import pages
-from tlsproxy.http.deadline import Deadline
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
 from tlsproxy.http.server import Limits, client_address_of, valid_host
 from tlsproxy.http.wire import split_fields

@@ -22,8 +22,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tlsproxy.deadline import Deadline
 from tlsproxy.http import pages
-from tlsproxy.http.deadline import Deadline
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, RequestHead, ResponseFields
 from tlsproxy.http.wire import (
     ChunkedBody,

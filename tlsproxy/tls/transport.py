@@ -40,6 +40,8 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tlsproxy.deadline import Deadline
+
 # One scratch buffer for every connection: all TLS I/O runs on the reactor
 # thread, and each read is copied out before the next one starts.
 _SCRATCH_SIZE = 1 << 17
@@ -107,7 +109,7 @@ class TLSServerProtocol(Protocol):
     lost = False
     connected = False
     _corked: list[bytes] | None = None
-    _timer: Any = None
+    _timer: Deadline | None = None  # the handshake's
 
     def __init__(self, factory: TLSServerFactory) -> None:
         self.factory = factory
@@ -122,7 +124,8 @@ class TLSServerProtocol(Protocol):
         self._ssl = tls._ssl
         self._into = tls._into_ssl
         self._from = tls._from_ssl
-        self._timer = factory.clock.callLater(factory.app.limits.handshake_timeout, self._handshake_timed_out)
+        self._timer = Deadline(factory.clock)
+        self._timer.set(factory.app.limits.handshake_timeout, self._handshake_timed_out)
         factory.app.connection_made(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -138,8 +141,7 @@ class TLSServerProtocol(Protocol):
         self.connected = False
         self._corked = None
         if self._timer is not None:
-            if self._timer.active():
-                self._timer.cancel()
+            self._timer.clear()
             self._timer = None
         wrapped = self.wrapped
         if wrapped is not None:
@@ -164,7 +166,7 @@ class TLSServerProtocol(Protocol):
             return False
         self.handshake_done = True
         if self._timer is not None:
-            self._timer.cancel()
+            self._timer.clear()
             self._timer = None
         self._flush()  # our last flight and the session tickets
         wrapped = self.factory.app.protocol_for(self)
