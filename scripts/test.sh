@@ -42,4 +42,6 @@ export SSLYZE_BIN="$PWD/.venv-sslyze/bin/sslyze"
 (cd / && "$venv/bin/python" -c "import tlsproxy._speedups")
 "$venv/bin/python" -c "import tlsproxy._speedups"
 TLSPROXY_PURE_PYTHON=1 "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/unit
+# ... and the C code runs its tests once more under ASan and UBSan.
+TLSPROXY_VENV="$venv" bash scripts/sanitize.sh
 "$venv/bin/python" -m pytest -p no:cacheprovider "$@"
