@@ -100,6 +100,24 @@ class H2Tests(SynchronousTestCase):
         self.assertEqual(len(received), 300000)
         self.assertTrue(any(isinstance(e, ResponseReceived) for e in self.events))
 
+    def test_body_longer_than_content_length_resets_only_its_stream(self) -> None:
+        """DATA beyond the declared Content-Length is a stream error: that stream is reset, the connection goes on."""
+        from h2.events import StreamReset
+
+        bad = []
+        for _ in range(300):  # 300 x 16,000 bytes: more than the whole connection window, if it leaked
+            stream = self.request(b"POST", [(b"content-length", b"5")], end=False)
+            self.client.send_data(stream, b"x" * 16000, end_stream=True)
+            self.pump()
+            bad.append(stream)
+        resets = [(e.stream_id, e.error_code) for e in self.events if isinstance(e, StreamReset)]
+        self.assertEqual(resets, [(stream, 1) for stream in bad])  # 1: PROTOCOL_ERROR
+        self.assertFalse(self.transport.disconnecting)
+        good = self.request()
+        pages.send(self.handler.exchanges[-1], 200)
+        self.pump()
+        self.assertEqual([e.stream_id for e in self.events if isinstance(e, ResponseReceived)], [good])
+
     def test_reset_uploads_give_window_back(self) -> None:
         """Body bytes held for streams the client resets are acknowledged: the connection window never runs dry."""
         start = self.client.outbound_flow_control_window

@@ -24,7 +24,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
+from h2.exceptions import FlowControlError, InvalidBodyLengthError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -46,6 +46,27 @@ _TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"content-length"}
 )
+
+
+class _Connection(H2Connection):
+    """h2's server connection, with one malformed request a stream error, not a connection error.
+
+    A request whose DATA frames do not add up to its Content-Length is
+    malformed, which RFC 9113 (8.1.1) makes a stream error: that stream is
+    reset and the client's other streams go on.  h2 raises it from inside its
+    frame loop, where any ProtocolError ends the whole connection with
+    GOAWAY, so it is caught here, at the DATA frame.
+    """
+
+    def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        try:
+            return super()._receive_data_frame(frame)  # type: ignore[misc]
+        except InvalidBodyLengthError:
+            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+            # Nobody will take these bytes: give their connection window back.
+            self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
+            reset = StreamReset(stream_id=frame.stream_id, error_code=ErrorCodes.PROTOCOL_ERROR, remote_reset=False)
+            return [], [reset]
 
 
 class H2Exchange:
@@ -217,7 +238,7 @@ class H2ServerProtocol(Protocol):
         self.server_port = 0
         self.transport_paused = False
         self.streams: dict[int, H2Exchange] = {}
-        self.conn = H2Connection(
+        self.conn = _Connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         )
         self._timer: Any = None
