@@ -238,9 +238,7 @@ class H2ServerProtocol(Protocol):
         self.server_port = 0
         self.transport_paused = False
         self.streams: dict[int, H2Exchange] = {}
-        self.conn = _Connection(
-            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
-        )
+        self.conn = _Connection(H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True))
         self._timer: Any = None
         self._closed = False
         self._draining = False
