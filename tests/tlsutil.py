@@ -18,6 +18,15 @@ def certified(ca: trustme.CA, *names: str) -> CertifiedKey:
     return CertifiedKey.from_pem(chain, cert.private_key_pem.bytes())
 
 
+def challenge_context(name: str) -> SSL.Context:
+    """A bare server context with a certificate of its own for ``name`` (a TLS-ALPN-01 answer's stand-in)."""
+    challenge = certified(trustme.CA(), name)
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.use_certificate(challenge.leaf)
+    ctx.use_privatekey(challenge.key)
+    return ctx
+
+
 @dataclass
 class Outcome:
     ok: bool

@@ -11,7 +11,7 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.tlsutil import certified, client_context
+from tests.tlsutil import certified, challenge_context, client_context
 from tlsproxy.acme.challenges import TLSALPN01Answers
 from tlsproxy.http.h2 import H2ServerProtocol
 from tlsproxy.http.negotiate import NegotiatingFactory
@@ -134,11 +134,7 @@ class TransportTests(SynchronousTestCase):
 
     def test_acme_tls_alpn_closes_after_handshake(self) -> None:
         """A TLS-ALPN-01 handshake gets the challenge certificate, no HTTP, and a close."""
-        challenge = certified(trustme.CA(), "a.test")
-        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.use_certificate(challenge.leaf)
-        ctx.use_privatekey(challenge.key)
-        self.alpn01.put("a.test", ctx)
+        self.alpn01.put("a.test", challenge_context("a.test"))
         server, tcp, client = self.connect(alpn=[b"acme-tls/1"])
         self.pump(server, tcp, client)
         self.assertIsNone(server.wrapped)

@@ -165,6 +165,10 @@ class ProxiedRequest:
         self.buffer: list[bytes] = []
         self.body_complete = not (head.chunked or head.content_length)
         self.timer = exchange.deadline
+        # The response policy: HSTS and Secure cookies only over HTTPS.
+        secure = exchange.secure
+        self.hsts = route.hsts if secure else None
+        self.secure_cookies = secure and route.site.secure_cookies
 
     # -- request side ----------------------------------------------------------
 
@@ -305,11 +309,7 @@ class ProxiedRequest:
             return
         self.status = status
         exchange = self.exchange
-        if exchange.secure:
-            out = response_block(fields, route.hsts, route.site.secure_cookies)
-        else:
-            out = response_block(fields, None, False)
-        exchange.start_response(status, reason, out, content_length)
+        exchange.start_response(status, reason, response_block(fields, self.hsts, self.secure_cookies), content_length)
         if self.conn is not None:
             exchange.register_producer(self)
 
@@ -324,12 +324,8 @@ class ProxiedRequest:
             route.latency.observe(self.clock.seconds() - self.sent_at)
         self.status = status
         exchange = self.exchange
-        if exchange.secure:
-            out = response_block(fields, route.hsts, route.site.secure_cookies)
-        else:
-            out = response_block(fields, None, False)
         self.conn = None
-        exchange.respond(status, reason, out, body)
+        exchange.respond(status, reason, response_block(fields, self.hsts, self.secure_cookies), body)
         self.handler.record(exchange, route.name, status, len(body))
 
     def response_data(self, data: bytes) -> None:
