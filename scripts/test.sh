@@ -16,7 +16,7 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
-venv=${TLSPROXY_VENV:-.venv}
+venv=$(realpath -m "${TLSPROXY_VENV:-.venv}")
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
