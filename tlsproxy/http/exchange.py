@@ -35,10 +35,6 @@ class RequestHead:
     chunked: bool = False
     upgrade: bytes = b""  # the Upgrade header of an HTTP/1.1 upgrade request
 
-    @property
-    def has_body(self) -> bool:
-        return self.chunked or bool(self.content_length)
-
     def get(self, name: bytes) -> bytes | None:
         for key, value in self.headers:
             if key == name:

@@ -479,9 +479,6 @@ class HTTP11ServerProtocol(Protocol):
 
     # -- upgrade tunnel ------------------------------------------------------
 
-    _upgrade_rest = b""
-    _upgrading = False
-
     def start_tunnel(self, exchange: HTTP11Exchange, peer: Any) -> None:
         self._timer.clear()
         self._tunnel = peer
