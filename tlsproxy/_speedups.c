@@ -58,13 +58,22 @@ is_ows(char c)
     return c == ' ' || c == '\t';
 }
 
-/* bytes.strip() for the bytes a field value can hold (no CR, LF, VT or FF). */
+/* What Python's bytes.strip() takes off: ASCII whitespace.  Each caller
+   mirrors a .strip() in the Python versions (Connection tokens, cookie
+   attributes, Content-Length parts), and header lists handed to
+   upstream_request_head may hold any bytes. */
+static inline int
+is_space(char c)
+{
+    return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
+}
+
 static void
 strip_ows(const char **start, const char **end)
 {
-    while (*start < *end && is_ows(**start))
+    while (*start < *end && is_space(**start))
         (*start)++;
-    while (*end > *start && is_ows((*end)[-1]))
+    while (*end > *start && is_space((*end)[-1]))
         (*end)--;
 }
 

@@ -8,6 +8,7 @@ odd spelling) are exercised as well as the common one.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -20,7 +21,12 @@ from tlsproxy.speedups import speedups
 
 pytestmark = pytest.mark.skipif(speedups is None, reason="tlsproxy._speedups is not built (or turned off)")
 
-SETTINGS = settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# TLSPROXY_FUZZ_EXAMPLES raises the count for a longer hunt (CI runs the default).
+SETTINGS = settings(
+    max_examples=int(os.environ.get("TLSPROXY_FUZZ_EXAMPLES", "1500")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 # Bytes that matter to the grammar, and names that matter to the rules.
 _SPECIAL_BYTES = b'\r\n \t:,;"\\/*@?#\x00\x0b\x7f\x80\xff_-=Aa0'
@@ -204,6 +210,7 @@ lower_name = st.one_of(st.sampled_from([n.lower() for n in _NAMES]), st.binary(m
 
 
 @SETTINGS
+@example([(b"connection", b"\n"), (b"\n", b"")], "203.0.113.9", False, b"", None)  # .strip() takes \n too
 @given(
     st.lists(st.tuples(lower_name, value), max_size=10),
     st.sampled_from(["203.0.113.9", "2001:db8::1", "unix", "caf\u00e9"]),
