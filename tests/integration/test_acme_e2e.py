@@ -19,6 +19,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ from cryptography import x509
 
 from tests.integration.pebble import HAVE_PEBBLE, Pebble, requires_pebble, run_pebble, served_certificate
 from tests.integration.procs import BIN, free_port, running, tlsproxy, wait_for_port
+from tlsproxy.acme.selfcheck import Answer, ListenerCheck
+from tlsproxy.certs.store import CertificateStore
 
 pytestmark = [pytest.mark.integration, requires_pebble]
 
@@ -320,6 +323,8 @@ def test_forced_renewal_while_serving(pebble: Pebble, backend: str, tmp_path: Pa
                 renewed = run_cli("renew", hosts[0], "--force", "--config", str(config))
                 assert renewed.returncode == 0, renewed.stdout + renewed.stderr + proxy.output
                 assert "new certificate" in renewed.stdout
+                # the command saw the proxy serve its answers before it asked Pebble (no fallback wait)
+                assert "note:" not in renewed.stdout, renewed.stdout
                 keys = [(state / d / "key.pem").read_bytes() for d in ("first-account", "account")]
                 if keys[0] == keys[1]:  # compared here, so that no assertion message prints a key
                     pytest.fail("the command reused the old account")
@@ -349,6 +354,31 @@ def test_forced_renewal_while_serving(pebble: Pebble, backend: str, tmp_path: Pa
         finally:
             kept.close()
         proxy.wait_for_line(f"serving certificate for {hosts[0]} from the store: serial {new.serial_number:x}")
+
+
+def test_listener_check_asks_the_running_proxy(pebble: Pebble, backend: str, tmp_path: Path) -> None:
+    """What `tlsproxy renew` asks before telling the CA to look: served, served otherwise, or nobody there."""
+    hosts = fresh_hosts()
+    config = write_config(tmp_path / "tlsproxy.toml", pebble, hosts, backend)
+    store = CertificateStore(tmp_path / "state")
+    check = ListenerCheck([f"tcp:{pebble.http_port}:interface=127.0.0.1"], [f"tcp:{pebble.tls_port}"])
+    http = Answer("http-01", hosts[0], "check-token_1", "check-token_1.thumbprint")
+    alpn = Answer("tls-alpn-01", hosts[1], "check-token_2", "check-token_2.thumbprint")
+    with tlsproxy(config):
+        wait_for_certificate(pebble.tls_port, hosts, pebble.roots_pem())
+        assert check(http) is False and check(alpn) is False  # 404, and acme-tls/1 refused
+        store.publish_challenge("http-01", http.token, http.key_authorization)
+        store.publish_challenge("tls-alpn-01", alpn.host, alpn.key_authorization)
+        wait_until(lambda: check(http) and check(alpn), 10, "both answers served")
+        assert check(replace(http, key_authorization="check-token_1.other")) is False
+        assert check(replace(alpn, key_authorization="check-token_2.other")) is False
+        assert check(replace(alpn, host=hosts[0])) is False  # an answer is for its own name only
+        store.withdraw_challenge("http-01", http.token)
+        store.withdraw_challenge("tls-alpn-01", alpn.host)
+        wait_until(lambda: check(http) is False and check(alpn) is False, 10, "both answers withdrawn")
+    nobody = ListenerCheck([f"tcp:{free_port()}:interface=127.0.0.1"], ["systemd:domain=INET6:index=0"])
+    assert nobody(http) is None and "refused" in nobody.last_error.lower()
+    assert nobody(alpn) is None and nobody.last_error == "no https listener address to ask"
 
 
 def test_automatic_renewal(short_lived_pebble: Pebble, backend: str, tmp_path: Path) -> None:

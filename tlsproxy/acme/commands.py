@@ -3,7 +3,8 @@
 No reactor runs here.  Results land in the store, where a running proxy sees
 them (stat polling) and swaps them in.  To be validated while a proxy holds
 ports 80/443, challenge answers are published in the store
-(``challenges/``), which the running proxy serves.
+(``challenges/``), which the running proxy serves; the CA is told to look once
+the proxy's listeners answer with them (:mod:`tlsproxy.acme.selfcheck`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tlsproxy.acme.client import REVOCATION_REASONS, AcmeError, CertificateAuthority, account_key_pem
 from tlsproxy.acme.issuer import ChallengeResponder, Outcome, StoreResponder, renew_site, window_of
 from tlsproxy.acme.scheduler import renewal_time
+from tlsproxy.acme.selfcheck import ListenerCheck
 from tlsproxy.acme.service import default_ca_factory, site_request
 from tlsproxy.certs.model import CertificateError, CertifiedKey
 from tlsproxy.certs.store import CertificateStore, StoreError, atomic_write, read_certificate_files
@@ -27,6 +29,12 @@ CAFactory = Callable[[Config, CertificateStore], CertificateAuthority]
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
+
+
+def _store_responder(config: Config, store: CertificateStore, out: TextIO) -> StoreResponder:
+    """Answers for the running proxy to serve; the CA is asked once the proxy's listeners serve them."""
+    check = ListenerCheck(config.server.http, config.server.https)
+    return StoreResponder(store, check=check, say=lambda message: out.write(f"note: {message}\n"))
 
 
 def _when(value: datetime.datetime | None) -> str:
@@ -119,7 +127,7 @@ def renew(
     try:
         ca = ca_factory(config, store)
         outcome = renew_site(
-            store, ca, site_request(config, site), responder or StoreResponder(store), _now, force=force
+            store, ca, site_request(config, site), responder or _store_responder(config, store, out), _now, force=force
         )
     except (AcmeError, StoreError) as e:
         out.write(f"error: {site.name}: {e}\n")
@@ -161,7 +169,7 @@ def revoke(
     out.write(f"{site.name}: revoked serial {current.leaf.serial_number:x} ({reason}); obtaining a new certificate\n")
     try:
         outcome = renew_site(
-            store, ca, site_request(config, site), responder or StoreResponder(store), _now, force=True
+            store, ca, site_request(config, site), responder or _store_responder(config, store, out), _now, force=True
         )
     except (AcmeError, StoreError) as e:
         out.write(f"error: {site.name}: {e}\n")

@@ -26,6 +26,7 @@ from tlsproxy.acme.ari import AriError, cert_id
 from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.acme.client import AcmeError, Authorization, CertificateAuthority, Challenge
 from tlsproxy.acme.scheduler import CertificateState, RenewalPolicy, Window, backoff_delay, decide, renewal_time
+from tlsproxy.acme.selfcheck import Answer
 from tlsproxy.certs.model import CertificateError, CertifiedKey, PrivateKey
 from tlsproxy.certs.store import CertificateStore, SiteMeta
 
@@ -69,24 +70,74 @@ class TableResponder:
 class StoreResponder:
     """Answers written to the store for a running proxy to serve (the command line's way).
 
-    ``settle`` is how long to give a running proxy to notice them (it polls
-    the store every couple of seconds).
+    A running proxy reads the store's ``challenges/`` every couple of seconds.
+    With a ``check`` (see :class:`tlsproxy.acme.selfcheck.ListenerCheck`),
+    :meth:`ready` asks the proxy's listeners until each answer is served, and
+    returns as soon as all are, or after ``patience`` seconds with the answers
+    still not served: the CA then gives the final word.  When the check can
+    tell nothing (no listener answers at a known address), it waits ``settle``
+    seconds instead, as it does without a check.
     """
 
     def __init__(
-        self, store: CertificateStore, settle: float = 3.0, sleep: Callable[[float], None] = time.sleep
+        self,
+        store: CertificateStore,
+        settle: float = 3.0,
+        sleep: Callable[[float], None] = time.sleep,
+        *,
+        check: Callable[[Answer], bool | None] | None = None,
+        patience: float = 20.0,
+        interval: float = 0.25,
+        clock: Callable[[], float] = time.monotonic,
+        say: Callable[[str], object] = lambda message: None,
     ) -> None:
         self.store = store
         self.settle = settle
         self._sleep = sleep
+        self.check = check
+        self.patience = patience
+        self.interval = interval
+        self._clock = clock
+        self._say = say
+        self._published: dict[tuple[str, str], Answer] = {}
 
     def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
         self.store.publish_challenge(kind, token if kind == "http-01" else host, key_authorization)
+        self._published[(kind, host)] = Answer(kind, host, token, key_authorization)
 
     def withdraw(self, kind: str, host: str, token: str) -> None:
         self.store.withdraw_challenge(kind, token if kind == "http-01" else host)
+        self._published.pop((kind, host), None)
 
     def ready(self) -> None:
+        pending = list(self._published.values())
+        if self.check is None or not pending:
+            self._settle()
+            return
+        end = self._clock() + self.patience
+        while True:
+            results = {answer: self.check(answer) for answer in pending}
+            if any(result is None for result in results.values()):
+                # Nothing to ask: no listener address, or nothing listening there.
+                self._say(f"cannot ask the running proxy ({self._why()}); waiting {self.settle:g}s for it instead")
+                self._settle()
+                return
+            pending = [answer for answer, served in results.items() if not served]
+            if not pending:
+                return
+            if self._clock() >= end:
+                names = ", ".join(f"{a.host} ({a.kind})" for a in pending)
+                self._say(
+                    f"the running proxy does not serve the answer for {names} after {self.patience:g}s "
+                    f"({self._why()}); asking the CA anyway"
+                )
+                return
+            self._sleep(self.interval)
+
+    def _why(self) -> str:
+        return getattr(self.check, "last_error", "") or "no reason given"
+
+    def _settle(self) -> None:
         if self.settle > 0:
             self._sleep(self.settle)
 
