@@ -15,6 +15,7 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         query = parse_qs(url.query)
         if url.path == "/slow":
+            print("slow request started", flush=True)  # a test may wait for this line
             time.sleep(float(query.get("s", ["1"])[0]))
         if url.path == "/stream":
             self.stream(int(query["size"][0]))

@@ -21,7 +21,7 @@ import pytest
 import trustme
 from cryptography import x509
 
-from tests.integration.procs import free_port, running, tlsproxy
+from tests.integration.procs import Process, free_port, running, tlsproxy
 
 pytestmark = pytest.mark.integration
 BACKEND = str(Path(__file__).with_name("backend.py"))
@@ -45,6 +45,7 @@ class Setup:
     https: int
     admin: int
     upstream: int
+    backend: Process | None = None
 
     def config(self, *, upstream: int | None = None, extra: str = "", cert: str = "cert") -> Path:
         path = self.where / "config.toml"
@@ -114,6 +115,7 @@ def setup(tmp_path: Path) -> Iterator[Setup]:
     s.leaf("cert")
     with running([sys.executable, BACKEND, str(s.upstream)]) as backend:
         backend.wait_for_line("backend ready")
+        s.backend = backend
         yield s
 
 
@@ -125,14 +127,22 @@ def test_sigterm_drains_requests_in_flight(setup: Setup) -> None:
         def slow() -> None:
             result["answer"] = setup.get("/slow?s=2")
 
+        assert setup.backend is not None
+        start = len(setup.backend.lines)
         worker = threading.Thread(target=slow)
         worker.start()
-        time.sleep(0.5)
+        setup.backend.wait_for_line("slow request started", 10, start=start)  # in flight at the proxy
         proxy.signal(signal.SIGTERM)
         proxy.wait_for_line("stopping", 10)
-        time.sleep(0.3)
-        with pytest.raises(OSError):
-            setup.get("/")
+        # The listener closes on the reactor's next turn after the log line: a moment later at most.
+        end = time.monotonic() + 5
+        while True:
+            try:
+                setup.get("/")
+            except OSError:
+                break
+            assert time.monotonic() < end, "new connections still accepted 5 s after SIGTERM"
+            time.sleep(0.05)
         worker.join(10)
         assert result["answer"] == (200, b"hello /slow\n")
         assert proxy.proc.wait(10) == 0
@@ -189,8 +199,9 @@ def test_json_logs(setup: Setup) -> None:
     with tlsproxy(setup.config(extra='log_format = "json"')) as proxy:
         setup.get("/json")
         line = proxy.wait_for_line("GET /json HTTP/1.1")
-        records = [json.loads(entry) for entry in proxy.lines if entry.startswith("{")]
-        assert len(records) == len(proxy.lines)
+        lines = proxy.output.splitlines()  # one snapshot: the reader thread keeps appending
+        records = [json.loads(entry) for entry in lines if entry.startswith("{")]
+        assert len(records) == len(lines)
         access = json.loads(line)
         assert access["logger"] == "tlsproxy.access" and access["status"] == 200
 
@@ -222,8 +233,10 @@ def test_h2_upload_and_drain(setup: Setup) -> None:
         assert upload.stdout == f"{5 * 1024 * 1024}\n 2", upload.stderr
         # curl (nghttp2) handles a graceful GOAWAY as browsers do; the h2
         # library's client treats any GOAWAY as the end of every stream.
+        assert setup.backend is not None
+        start = len(setup.backend.lines)
         slow = subprocess.Popen([*base, "-w", " %{http_version}", f"{url}/slow?s=2"], stdout=subprocess.PIPE, text=True)
-        time.sleep(0.5)
+        setup.backend.wait_for_line("slow request started", 10, start=start)  # in flight at the proxy
         proxy.signal(signal.SIGTERM)
         out, _ = slow.communicate(timeout=20)
         assert out == "hello /slow\n 2"

@@ -79,9 +79,9 @@ def test_header_line_over_16k_gets_431_promptly(proxy: Proxy, app: App) -> None:
     with proxy.raw() as conn:
         # The head is left unfinished on purpose: the proxy must not wait for its end.
         conn.send(head + big)
-        reply = conn.read_response(timeout=2)
+        reply = conn.read_response(timeout=6)
     assert reply.status_line.startswith("HTTP/1.1 431"), (reply.elapsed, reply.data[:300])
-    assert reply.elapsed < 2
+    assert reply.elapsed < 6  # promptly: header_timeout (10 s by default) is what a stall would take
     assert not reply.from_gunicorn
     assert m not in app.hits()
     assert_fresh_connection_works(proxy)

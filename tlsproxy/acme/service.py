@@ -304,6 +304,12 @@ class CertificateService(Service):
             if outcome.error is None:
                 due = next_check(now, due, self.policy, self._rng.random())
             watch.next_check = due
+            if outcome.error is None and not outcome.renewed:
+                self.log.info(
+                    "certificate of {site} not due for renewal; next check at {when}",
+                    site=watch.site.name,
+                    when=due.isoformat(timespec="seconds"),
+                )
 
         def failed(failure: Failure) -> None:
             delay = backoff_delay(1, self.policy, self._rng.random())
