@@ -30,7 +30,7 @@ from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.admin import AdminHandler
 from tlsproxy.certs.model import CertificateError, CertifiedKey
 from tlsproxy.config import Config, ConfigError
-from tlsproxy.eventloop import streamline
+from tlsproxy.eventloop import streamline, tune_collector
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.plain import PlainHTTPHandler
 from tlsproxy.http.server import HTTP11Factory, Limits
@@ -394,6 +394,7 @@ def makeService(options: Options) -> ProxyService:
     from twisted.internet import reactor
 
     streamline(reactor)
+    tune_collector()
 
     try:
         config = configuration.load(options["config"])

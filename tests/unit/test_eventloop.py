@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import socket
 
 from twisted.internet.epollreactor import EPollReactor
@@ -9,7 +10,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.tcp import Connection
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.eventloop import streamline
+from tlsproxy.eventloop import COLLECTOR_THRESHOLDS, streamline, tune_collector
 
 
 class Collect(Protocol):
@@ -48,3 +49,14 @@ class StreamlineTests(SynchronousTestCase):
         from twisted.internet.testing import MemoryReactorClock
 
         self.assertFalse(streamline(MemoryReactorClock()))
+
+
+class CollectorTests(SynchronousTestCase):
+    def test_collector_runs_less_often(self) -> None:
+        """The youngest generation is collected every 20,000 new objects rather than 700."""
+        before = gc.get_threshold()
+        self.addCleanup(gc.set_threshold, *before)
+        gc.set_threshold(700, 10, 10)
+        tune_collector()
+        self.assertEqual(gc.get_threshold(), COLLECTOR_THRESHOLDS)
+        self.assertGreaterEqual(gc.get_threshold()[0], 20_000)
