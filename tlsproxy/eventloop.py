@@ -80,7 +80,9 @@ def _poll(self: EPollReactor, timeout: float | None) -> None:
 # at once, so each of those collections walks them all, and their survivors soon fill
 # the older generations, whose collections walk the whole heap. Measured in
 # bench/ (1,000 handshakes at once): the collector took about 50 us per connection at
-# the default, 11 us at 20,000; keep-alive throughput and memory did not move.
+# the default, 11 us at 20,000; the longest pause went from 29-51 ms (full collections)
+# to 5-11 ms; keep-alive throughput and memory did not move. A closed connection leaves
+# no reference cycles (unit-tested), so little waits for the collector in between.
 COLLECTOR_THRESHOLDS = (20_000, 20, 20)
 
 

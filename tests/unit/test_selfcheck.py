@@ -88,9 +88,10 @@ def test_ready_gives_up_after_patience_and_says_why(tmp_path: Path) -> None:
     clock, said = Clock(), []
 
     class NotYet:
-        last_error = "127.0.0.1:80 does not serve it yet"
+        last_error = ""
 
         def __call__(self, answer: Answer) -> bool:
+            self.last_error = "" if answer == ALPN else "127.0.0.1:80 does not serve it yet"
             return answer == ALPN
 
     r = responder(tmp_path, NotYet(), clock, said)
@@ -99,8 +100,8 @@ def test_ready_gives_up_after_patience_and_says_why(tmp_path: Path) -> None:
     r.ready()
     assert 5.0 <= clock.now - start <= 5.25
     assert said == [
-        "the running proxy does not serve the answer for example.com (http-01) after 5s "
-        "(127.0.0.1:80 does not serve it yet); asking the CA anyway"
+        "the running proxy does not serve the answer for example.com (http-01: 127.0.0.1:80 does not serve "
+        "it yet) after 5s; asking the CA anyway"
     ]
 
 
@@ -108,7 +109,7 @@ def test_ready_waits_settle_when_nothing_can_be_asked(tmp_path: Path) -> None:
     clock, said = Clock(), []
 
     class Nobody:
-        last_error = "127.0.0.1:80: [Errno 111] Connection refused"
+        last_error = "127.0.0.1:80: Connection refused"
 
         def __call__(self, answer: Answer) -> None:
             return None
@@ -118,8 +119,66 @@ def test_ready_waits_settle_when_nothing_can_be_asked(tmp_path: Path) -> None:
     r.ready()
     assert clock.sleeps == [3.0]
     assert said == [
-        "cannot ask the running proxy (127.0.0.1:80: [Errno 111] Connection refused); waiting 3s for it instead"
+        "cannot ask the running proxy about example.com (http-01: 127.0.0.1:80: Connection refused); "
+        "waiting 3s for it instead"
     ]
+
+
+def test_ready_asks_what_it_can_and_waits_settle_for_the_rest(tmp_path: Path) -> None:
+    """HTTP cannot be asked (no http listener); ALPN is seen on the second look; settle counts from the start."""
+    clock, said, asked = Clock(), [], []
+
+    class Half:
+        last_error = ""
+
+        def __call__(self, answer: Answer) -> bool | None:
+            asked.append(answer)
+            if answer == HTTP:
+                self.last_error = "no http listener address to ask"
+                return None
+            return asked.count(ALPN) >= 2
+
+    r = responder(tmp_path, Half(), clock, said)
+    publish(r, HTTP, ALPN)
+    r.ready()
+    assert asked == [HTTP, ALPN, ALPN]  # the one that cannot be asked is not asked again
+    assert clock.sleeps == [0.25, 2.75]  # one poll interval, then what is left of the 3 s
+    assert said == [
+        "cannot ask the running proxy about example.com (http-01: no http listener address to ask); "
+        "waiting 3s for it instead"
+    ]
+
+
+def test_nobody_there_later_counts_as_not_served(tmp_path: Path) -> None:
+    """Refused after a first answer (the proxy restarting): keep asking, not a fall back to settle."""
+    clock, said = Clock(), []
+    results = iter([False, None, None, True])
+
+    def check(answer: Answer) -> bool | None:
+        return next(results)
+
+    r = responder(tmp_path, check, clock, said)
+    publish(r, HTTP)
+    r.ready()
+    assert clock.sleeps == [0.25, 0.25, 0.25] and said == []
+
+
+def test_slow_probes_stop_at_patience(tmp_path: Path) -> None:
+    """Each look takes 2 s (a wedged proxy): the wait ends near ``patience``, not after every name is asked."""
+    clock, said = Clock(), []
+    answers = [Answer("http-01", f"n{i}.example", f"tok_{i}", f"tok_{i}.thumb") for i in range(10)]
+
+    def check(answer: Answer) -> bool:
+        clock.now += 2.0
+        return False
+
+    r = responder(tmp_path, check, clock, said)
+    publish(r, *answers)
+    start = clock.now
+    r.ready()
+    # three looks (6 s) spend the patience (5 s); the seven names not yet asked are left to the CA
+    assert clock.now - start == 6.0
+    assert len(said) == 1 and "n0.example (http-01" in said[0] and "n9.example (http-01)" in said[0], said
 
 
 def test_without_a_check_ready_waits_settle(tmp_path: Path) -> None:

@@ -73,10 +73,11 @@ class StoreResponder:
     A running proxy reads the store's ``challenges/`` every couple of seconds.
     With a ``check`` (see :class:`tlsproxy.acme.selfcheck.ListenerCheck`),
     :meth:`ready` asks the proxy's listeners until each answer is served, and
-    returns as soon as all are, or after ``patience`` seconds with the answers
-    still not served: the CA then gives the final word.  When the check can
-    tell nothing (no listener answers at a known address), it waits ``settle``
-    seconds instead, as it does without a check.
+    returns as soon as all are, or after ``patience`` seconds with some still
+    not served (saying so): the CA then gives the final word.  For an answer
+    the check can tell nothing about (no listener address, or nothing accepts
+    connections there), it makes sure ``settle`` seconds have passed, as it
+    does without a check.
     """
 
     def __init__(
@@ -110,29 +111,44 @@ class StoreResponder:
         self._published.pop((kind, host), None)
 
     def ready(self) -> None:
-        pending = list(self._published.values())
-        if self.check is None or not pending:
+        answers = list(self._published.values())
+        if self.check is None or not answers:
             self._settle()
             return
-        end = self._clock() + self.patience
-        while True:
-            results = {answer: self.check(answer) for answer in pending}
-            if any(result is None for result in results.values()):
-                # Nothing to ask: no listener address, or nothing listening there.
-                self._say(f"cannot ask the running proxy ({self._why()}); waiting {self.settle:g}s for it instead")
-                self._settle()
-                return
-            pending = [answer for answer, served in results.items() if not served]
+        start = self._clock()
+        end = start + self.patience
+        cannot_ask: dict[Answer, str] = {}  # nothing to ask about these: the settle time instead
+        pending: dict[Answer, str] = dict.fromkeys(answers, "")
+        first = True
+        while pending:
+            for answer in list(pending):
+                if self._clock() >= end:
+                    break  # out of time in the middle of a round: the rest stay pending
+                served = self.check(answer)
+                if served:
+                    del pending[answer]
+                elif served is None and first:
+                    cannot_ask[answer] = self._why()
+                    del pending[answer]
+                else:
+                    pending[answer] = self._why()
+            first = False
             if not pending:
-                return
+                break
             if self._clock() >= end:
-                names = ", ".join(f"{a.host} ({a.kind})" for a in pending)
                 self._say(
-                    f"the running proxy does not serve the answer for {names} after {self.patience:g}s "
-                    f"({self._why()}); asking the CA anyway"
+                    f"the running proxy does not serve the answer for {_listing(pending)} "
+                    f"after {self.patience:g}s; asking the CA anyway"
                 )
-                return
+                break
             self._sleep(self.interval)
+        if cannot_ask:
+            self._say(
+                f"cannot ask the running proxy about {_listing(cannot_ask)}; waiting {self.settle:g}s for it instead"
+            )
+            left = self.settle - (self._clock() - start)
+            if left > 0:
+                self._sleep(left)
 
     def _why(self) -> str:
         return getattr(self.check, "last_error", "") or "no reason given"
@@ -140,6 +156,11 @@ class StoreResponder:
     def _settle(self) -> None:
         if self.settle > 0:
             self._sleep(self.settle)
+
+
+def _listing(reasons: dict[Answer, str]) -> str:
+    """``a.example (http-01: 127.0.0.1:80 does not serve it yet), ...`` for messages."""
+    return ", ".join(f"{a.host} ({a.kind}: {why})" if why else f"{a.host} ({a.kind})" for a, why in reasons.items())
 
 
 class MultiResponder:
