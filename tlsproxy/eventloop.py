@@ -31,8 +31,16 @@ from twisted.python.failure import Failure
 
 _log = Logger()
 
-# Exactly these classes read with a plain recv (subclasses may not).
-_PLAIN_STREAMS = frozenset({tcp.Server, tcp.Client})
+# Exactly these classes read with a plain recv (subclasses may not, unless declared).
+_PLAIN_STREAMS = {tcp.Server, tcp.Client}
+
+
+def plain_stream(cls: type) -> type:
+    """Class decorator: this tcp.Connection subclass reads as tcp.Connection does (a plain recv)."""
+    if not issubclass(cls, tcp.Connection) or "doRead" in vars(cls) or "_dataReceived" in vars(cls):
+        raise TypeError(f"{cls.__name__} does not read as tcp.Connection does")
+    _PLAIN_STREAMS.add(cls)
+    return cls
 
 
 def _poll(self: EPollReactor, timeout: float | None) -> None:

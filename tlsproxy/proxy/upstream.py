@@ -7,18 +7,26 @@ pool only when both messages ended cleanly and the app did not ask to close.
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.internet import error
+from twisted.internet import error, tcp
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.posixbase import PosixReactorBase
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tlsproxy.config import Upstream
+from tlsproxy.deadline import Deadline
+from tlsproxy.eventloop import plain_stream
 from tlsproxy.http.wire import (
     ChunkedBody,
     FramingError,
@@ -317,6 +325,117 @@ class _Dialer(ClientFactory):
             self.ready.errback(reason)
 
 
+@plain_stream
+class UpstreamTransport(tcp.Connection):
+    """An established TCP connection to the app, dialled by :class:`_SocketDial`."""
+
+    def __init__(self, sock: socket.socket, protocol: UpstreamConnection, reactor: Any, peer: Any) -> None:
+        super().__init__(sock, protocol, reactor)
+        self._peer = peer
+        self.connected = True
+
+    def getPeer(self) -> Any:
+        return self._peer
+
+    def getHost(self) -> Any:
+        host, port = self.socket.getsockname()[:2]
+        return type(self._peer)("TCP", host, port)
+
+    def logPrefix(self) -> str:
+        return "UpstreamConnection"
+
+
+class _SocketDial:
+    """One non-blocking connect() on a bare socket, as the reactor sees it until it is done.
+
+    It does what the reactor's connectTCP does for an address that needs no
+    resolving, with less machinery: no connector, no timer heap entry (the
+    deadline is on the timer wheel), one epoll registration.  The result is the
+    same: an :class:`UpstreamConnection` on a TCP transport, or a Failure from
+    ``error.getConnectError`` (refused, unreachable) or ``error.TimeoutError``.
+    """
+
+    def __init__(self, pool: UpstreamPool, ready: Deferred[UpstreamConnection]) -> None:
+        self.pool = pool
+        self.ready = ready
+        self.reactor = pool.reactor
+        self.sock: socket.socket | None = None
+        self._fd = -1
+        self._deadline: Deadline | None = None
+
+    def start(self, family: int, address: tuple[str, int]) -> None:
+        try:
+            sock = self.sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            self._fd = sock.fileno()
+            code = sock.connect_ex(address)
+        except OSError as e:
+            self._fail(Failure(error.getConnectError(e)))
+            return
+        if code == 0:
+            self._connected()
+        elif code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EINTR):
+            self._deadline = Deadline(self.reactor)
+            self._deadline.set(self.pool.connect_timeout, self._timed_out)
+            self.reactor.addWriter(self)
+        else:
+            self._fail(Failure(error.getConnectError((code, os.strerror(code)))))
+
+    # -- what the reactor calls -------------------------------------------------
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "UpstreamDial"
+
+    def doWrite(self) -> None:
+        """Writable: the connect() is done, one way or the other."""
+        self.reactor.removeWriter(self)
+        assert self.sock is not None
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if code:
+            self._fail(Failure(error.getConnectError((code, os.strerror(code)))))
+        else:
+            self._connected()
+
+    doRead = doWrite
+
+    def connectionLost(self, reason: Failure) -> None:
+        """The reactor saw an error or a hang-up on the socket before it was writable."""
+        self.reactor.removeWriter(self)
+        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if self.sock is not None else 0
+        self._fail(Failure(error.getConnectError((code, os.strerror(code)))) if code else reason)
+
+    # -- outcomes ----------------------------------------------------------------
+
+    def _connected(self) -> None:
+        if self._deadline is not None:
+            self._deadline.clear()
+        sock, self.sock = self.sock, None
+        assert sock is not None
+        host, port = sock.getpeername()[:2]
+        peer = (IPv6Address if sock.family == socket.AF_INET6 else IPv4Address)("TCP", host, port)
+        connection = UpstreamConnection(self.pool)
+        connection.ready = self.ready
+        transport = UpstreamTransport(sock, connection, self.reactor, peer)
+        transport.startReading()
+        connection.makeConnection(transport)
+
+    def _timed_out(self) -> None:
+        self.reactor.removeWriter(self)
+        self._fail(Failure(error.TimeoutError()))
+
+    def _fail(self, reason: Failure) -> None:
+        if self._deadline is not None:
+            self._deadline.clear()
+        sock, self.sock = self.sock, None
+        if sock is not None:
+            sock.close()
+        if not self.ready.called:
+            self.ready.errback(reason)
+
+
 class UpstreamPool:
     """Idle keep-alive connections to one upstream, newest first."""
 
@@ -328,6 +447,15 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self._idle: list[UpstreamConnection] = []
+        # An IP address on a real reactor is dialled on a bare socket (see _SocketDial); a
+        # host name (resolved by the reactor), a unix socket or a fake reactor goes through
+        # the reactor's connectTCP/connectUNIX.
+        self._family: int | None = None
+        if isinstance(reactor, PosixReactorBase) and not upstream.is_unix:
+            if isIPAddress(upstream.host):
+                self._family = socket.AF_INET
+            elif isIPv6Address(upstream.host):
+                self._family = socket.AF_INET6
 
     def describe(self) -> str:
         return self.upstream.url
@@ -345,11 +473,15 @@ class UpstreamPool:
 
     def connect(self) -> Deferred[UpstreamConnection]:
         ready: Deferred[UpstreamConnection] = Deferred()
+        upstream = self.upstream
+        if self._family is not None:
+            _SocketDial(self, ready).start(self._family, (upstream.host, upstream.port))
+            return ready
         factory = _Dialer(self, ready)
-        if self.upstream.is_unix:
-            self.reactor.connectUNIX(self.upstream.unix_path, factory, timeout=self.connect_timeout)
+        if upstream.is_unix:
+            self.reactor.connectUNIX(upstream.unix_path, factory, timeout=self.connect_timeout)
         else:
-            self.reactor.connectTCP(self.upstream.host, self.upstream.port, factory, timeout=self.connect_timeout)
+            self.reactor.connectTCP(upstream.host, upstream.port, factory, timeout=self.connect_timeout)
         return ready
 
     def release(self, conn: UpstreamConnection) -> None:
