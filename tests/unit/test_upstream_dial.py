@@ -89,9 +89,10 @@ class DialContract:
         assert app.recv(100) == b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
         # the app closes: the pool learns of it through the reactor
         pool.release(conn)
+        assert pool._idle == [conn]
         app.close()
         self.spin(lambda: not conn.connected)
-        assert pool.acquire() is not conn
+        assert pool._idle == []  # the pool forgot it
 
     def test_connects_ipv4(self) -> None:
         self.check_connected(socket.AF_INET, "127.0.0.1")
@@ -123,18 +124,43 @@ class DialContract:
         answer = describe_connect_failure(failure, pool.upstream)
         assert answer.status == 502 and "refused" in str(answer).lower(), answer
 
-    def test_timeout_is_504(self) -> None:
-        """An app whose accept queue is full never completes the handshake: 504 after connect_timeout."""
+    def test_failure_at_once_still_comes_later(self) -> None:
+        """A connect() that fails at once (no route) is reported on a later turn, never within connect()."""
+        pool = self.pool("255.255.255.255", 80)
+        results: list[Any] = []
+        pool.connect().addBoth(results.append)
+        assert results == []
+        self.spin(lambda: bool(results))
+        assert isinstance(results[0], Failure) and results[0].check(error.ConnectError), results
+        assert describe_connect_failure(results[0], pool.upstream).status == 502
+
+    def full_accept_queue(self) -> int:
+        """A listening port whose accept queue is full: later SYNs are dropped, connects hang."""
         server = self.listener(backlog=0)
         port = server.getsockname()[1]
-        filler = []
-        for _ in range(3):  # fill the accept queue; later SYNs are dropped
+        for _ in range(3):
             s = socket.socket()
             s.setblocking(False)
             s.connect_ex(("127.0.0.1", port))
-            filler.append(s)
             self.addCleanup(s.close)  # type: ignore[attr-defined]
-        pool = self.pool("127.0.0.1", port, connect_timeout=0.3)
+        return port
+
+    def test_shutdown_during_dial_is_502(self) -> None:
+        pool = self.pool("127.0.0.1", self.full_accept_queue())
+        results: list[Any] = []
+        pool.connect().addBoth(results.append)
+        for _ in range(3):  # under way (connectTCP starts on the next turn)
+            self.reactor.runUntilCurrent()
+            self.reactor.doIteration(0.05)
+        assert results == [] and self.reactor.getWriters()
+        self.reactor.disconnectAll()  # what the reactor does at shutdown
+        self.spin(lambda: bool(results))
+        assert isinstance(results[0], Failure), results
+        assert describe_connect_failure(results[0], pool.upstream).status == 502
+
+    def test_timeout_is_504(self) -> None:
+        """An app whose accept queue is full never completes the handshake: 504 after connect_timeout."""
+        pool = self.pool("127.0.0.1", self.full_accept_queue(), connect_timeout=0.3)
         start = time.monotonic()
         failure = self.outcome(pool, seconds=5)
         assert isinstance(failure, Failure) and failure.check(error.TimeoutError), failure
@@ -144,6 +170,24 @@ class DialContract:
 
 class BareSocketDialTests(DialContract, SynchronousTestCase):
     bare = True
+
+    def test_spurious_wakeup_keeps_waiting(self) -> None:
+        """Told 'writable' while the connect is still under way: it asks again and keeps waiting."""
+        pool = self.pool("127.0.0.1", self.full_accept_queue(), connect_timeout=0.3)
+        results: list[Any] = []
+        pool.connect().addBoth(results.append)
+        (dial,) = self.reactor.getWriters()
+        dial.doWrite()
+        assert results == [] and dial in self.reactor.getWriters()
+        self.spin(lambda: bool(results))
+        assert isinstance(results[0], Failure) and results[0].check(error.TimeoutError), results
+
+    def test_ipv6_scope_is_kept(self) -> None:
+        """A link-local app address keeps its zone (fe80::1%lo): the socket address carries the scope id."""
+        upstream = Upstream(url="http://[fe80::1%lo]:80", host="fe80::1%lo", port=80)
+        pool = UpstreamPool(self.reactor, upstream, 5.0)
+        assert pool._family == socket.AF_INET6
+        assert pool._address[3] == socket.if_nametoindex("lo")
 
 
 class ReactorDialTests(DialContract, SynchronousTestCase):

@@ -236,7 +236,7 @@ class ProxiedRequest:
         if isinstance(got, UpstreamConnection):
             self.connected(got)
         else:
-            # Dialling is timed by the connector (connect_timeout, a 504).
+            # Dialling is timed by the pool (connect_timeout, a 504).
             # Until then the deadline only has to stop being the client's
             # idle timer; setting it later than that costs no new timer.
             self.set_timer(self.handler.server.upstream_timeout)

@@ -345,13 +345,17 @@ class UpstreamTransport(tcp.Connection):
         return "UpstreamConnection"
 
 
+_UNDER_WAY = frozenset({errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EINTR})
+
+
 class _SocketDial:
     """One non-blocking connect() on a bare socket, as the reactor sees it until it is done.
 
     It does what the reactor's connectTCP does for an address that needs no
     resolving, with less machinery: no connector, no timer heap entry (the
-    deadline is on the timer wheel), one epoll registration.  The result is the
-    same: an :class:`UpstreamConnection` on a TCP transport, or a Failure from
+    deadline is on the timer wheel).  The outcomes are the same, and come as
+    they do there, on a later turn of the reactor: an
+    :class:`UpstreamConnection` on a TCP transport, or a Failure from
     ``error.getConnectError`` (refused, unreachable) or ``error.TimeoutError``.
     """
 
@@ -360,25 +364,38 @@ class _SocketDial:
         self.ready = ready
         self.reactor = pool.reactor
         self.sock: socket.socket | None = None
+        self.address: tuple[Any, ...] = ()
         self._fd = -1
         self._deadline: Deadline | None = None
 
-    def start(self, family: int, address: tuple[str, int]) -> None:
+    def start(self, family: int, address: tuple[Any, ...]) -> None:
+        self.address = address
         try:
             sock = self.sock = socket.socket(family, socket.SOCK_STREAM)
             sock.setblocking(False)
             self._fd = sock.fileno()
             code = sock.connect_ex(address)
-        except OSError as e:
-            self._fail(Failure(error.getConnectError(e)))
-            return
-        if code == 0:
-            self._connected()
-        elif code in (errno.EINPROGRESS, errno.EWOULDBLOCK, errno.EINTR):
+        except OSError as e:  # no socket to be had (EMFILE), or an address refused outright
+            code = e.errno or errno.EINVAL
+        if code in _UNDER_WAY:
             self._deadline = Deadline(self.reactor)
             self._deadline.set(self.pool.connect_timeout, self._timed_out)
             self.reactor.addWriter(self)
+        elif code in (0, errno.EISCONN):
+            self.reactor.callLater(0, self._connected)  # as connectTCP: never within pool.connect()
         else:
+            self.reactor.callLater(0, self._fail, Failure(error.getConnectError((code, os.strerror(code)))))
+
+    def _attempt(self) -> None:
+        """connect() again: done, still under way (a spurious wake-up), or failed."""
+        assert self.sock is not None
+        try:
+            code = self.sock.connect_ex(self.address)
+        except OSError as e:
+            code = e.errno or errno.EINVAL
+        if code in (0, errno.EISCONN):
+            self._connected()
+        elif code not in _UNDER_WAY:
             self._fail(Failure(error.getConnectError((code, os.strerror(code)))))
 
     # -- what the reactor calls -------------------------------------------------
@@ -390,31 +407,27 @@ class _SocketDial:
         return "UpstreamDial"
 
     def doWrite(self) -> None:
-        """Writable: the connect() is done, one way or the other."""
-        self.reactor.removeWriter(self)
-        assert self.sock is not None
-        code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        if code:
-            self._fail(Failure(error.getConnectError((code, os.strerror(code)))))
-        else:
-            self._connected()
+        """Writable: the connect() may be done; asking again tells (a wake-up can be spurious)."""
+        if self.sock is not None:
+            self._attempt()
 
     doRead = doWrite
 
     def connectionLost(self, reason: Failure) -> None:
-        """The reactor saw an error or a hang-up on the socket before it was writable."""
-        self.reactor.removeWriter(self)
+        """The reactor saw an error or a hang-up on the socket, or is shutting down."""
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if self.sock is not None else 0
         self._fail(Failure(error.getConnectError((code, os.strerror(code)))) if code else reason)
 
     # -- outcomes ----------------------------------------------------------------
 
     def _connected(self) -> None:
+        sock, self.sock = self.sock, None
+        if sock is None:
+            return  # timed out or failed meanwhile
+        self.reactor.removeWriter(self)
         if self._deadline is not None:
             self._deadline.clear()
-        sock, self.sock = self.sock, None
-        assert sock is not None
-        host, port = sock.getpeername()[:2]
+        host, port = self.address[:2]
         peer = (IPv6Address if sock.family == socket.AF_INET6 else IPv4Address)("TCP", host, port)
         connection = UpstreamConnection(self.pool)
         connection.ready = self.ready
@@ -423,10 +436,10 @@ class _SocketDial:
         connection.makeConnection(transport)
 
     def _timed_out(self) -> None:
-        self.reactor.removeWriter(self)
         self._fail(Failure(error.TimeoutError()))
 
     def _fail(self, reason: Failure) -> None:
+        self.reactor.removeWriter(self)
         if self._deadline is not None:
             self._deadline.clear()
         sock, self.sock = self.sock, None
@@ -451,11 +464,16 @@ class UpstreamPool:
         # host name (resolved by the reactor), a unix socket or a fake reactor goes through
         # the reactor's connectTCP/connectUNIX.
         self._family: int | None = None
+        self._address: tuple[Any, ...] = ()
         if isinstance(reactor, PosixReactorBase) and not upstream.is_unix:
-            if isIPAddress(upstream.host):
-                self._family = socket.AF_INET
-            elif isIPv6Address(upstream.host):
-                self._family = socket.AF_INET6
+            family = socket.AF_INET if isIPAddress(upstream.host) else None
+            if family is None and isIPv6Address(upstream.host):
+                family = socket.AF_INET6
+            if family is not None:
+                # Numeric only (no lookup): the whole sockaddr, so an IPv6 scope (fe80::1%eth0) is kept.
+                flags = socket.AI_NUMERICHOST | socket.AI_NUMERICSERV
+                found = socket.getaddrinfo(upstream.host, upstream.port, family, socket.SOCK_STREAM, 0, flags)
+                self._family, self._address = family, found[0][4]
 
     def describe(self) -> str:
         return self.upstream.url
@@ -475,7 +493,7 @@ class UpstreamPool:
         ready: Deferred[UpstreamConnection] = Deferred()
         upstream = self.upstream
         if self._family is not None:
-            _SocketDial(self, ready).start(self._family, (upstream.host, upstream.port))
+            _SocketDial(self, ready).start(self._family, self._address)
             return ready
         factory = _Dialer(self, ready)
         if upstream.is_unix:
