@@ -219,11 +219,16 @@ class LimitTests(ServerTestCase):
         """A request line over the limit gets 414 when the whole head comes in one read, too."""
         self.assertRefused(b"GET /" + b"a" * 300 + b" HTTP/1.1\r\nHost: a\r\n\r\n", 414)
 
-    def test_long_header_line_in_a_whole_head(self) -> None:
-        """A header line over the limit gets 431 when the whole head comes in one read."""
+    def short_line_server(self) -> tuple[HTTP11ServerProtocol, StringTransport]:
+        """A server whose header lines may be 100 bytes at most."""
         proto = HTTP11ServerProtocol(self.handler, self.clock, Limits(max_header_line=100), secure=False)
         transport = StringTransport()
         proto.makeConnection(transport)
+        return proto, transport
+
+    def test_long_header_line_in_a_whole_head(self) -> None:
+        """A header line over the limit gets 431 when the whole head comes in one read."""
+        proto, transport = self.short_line_server()
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 120 + b"\r\n\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
 
@@ -233,18 +238,14 @@ class LimitTests(ServerTestCase):
 
     def test_complete_long_header_line_with_head_unfinished(self) -> None:
         """A whole header line over the line limit gets 431 even before the head ends."""
-        proto = HTTP11ServerProtocol(self.handler, self.clock, Limits(max_header_line=100), secure=False)
-        transport = StringTransport()
-        proto.makeConnection(transport)
+        proto, transport = self.short_line_server()
         proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nX-Long: " + b"v" * 120 + b"\r\n")
         self.assertTrue(transport.value().startswith(b"HTTP/1.1 431 "))
 
     def test_long_body_then_pipelined_head_is_not_a_long_line(self) -> None:
         """Body bytes before a pipelined head in one read do not count as a header line."""
         self.handler.answer = False
-        proto = HTTP11ServerProtocol(self.handler, self.clock, Limits(max_header_line=100), secure=False)
-        transport = StringTransport()
-        proto.makeConnection(transport)
+        proto, transport = self.short_line_server()
         proto.dataReceived(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 300\r\n\r\n" + b"b" * 200)
         proto.dataReceived(b"b" * 100 + b"GET /next HTTP/1.1\r\nHost: a\r\n")
         self.assertEqual(transport.value(), b"")

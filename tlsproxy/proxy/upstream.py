@@ -348,6 +348,11 @@ class UpstreamTransport(tcp.Connection):
 _UNDER_WAY = frozenset({errno.EINPROGRESS, errno.EALREADY, errno.EWOULDBLOCK, errno.EINTR})
 
 
+def _connect_failure(code: int) -> Failure:
+    """What connectTCP reports for a failed connect() with this errno (refused, no route, ...)."""
+    return Failure(error.getConnectError((code, os.strerror(code))))
+
+
 class _SocketDial:
     """One non-blocking connect() on a bare socket, as the reactor sees it until it is done.
 
@@ -384,7 +389,7 @@ class _SocketDial:
         elif code in (0, errno.EISCONN):
             self.reactor.callLater(0, self._connected)  # as connectTCP: never within pool.connect()
         else:
-            self.reactor.callLater(0, self._fail, Failure(error.getConnectError((code, os.strerror(code)))))
+            self.reactor.callLater(0, self._fail, _connect_failure(code))
 
     def _attempt(self) -> None:
         """connect() again: done, still under way (a spurious wake-up), or failed."""
@@ -396,7 +401,7 @@ class _SocketDial:
         if code in (0, errno.EISCONN):
             self._connected()
         elif code not in _UNDER_WAY:
-            self._fail(Failure(error.getConnectError((code, os.strerror(code)))))
+            self._fail(_connect_failure(code))
 
     # -- what the reactor calls -------------------------------------------------
 
@@ -416,7 +421,7 @@ class _SocketDial:
     def connectionLost(self, reason: Failure) -> None:
         """The reactor saw an error or a hang-up on the socket, or is shutting down."""
         code = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) if self.sock is not None else 0
-        self._fail(Failure(error.getConnectError((code, os.strerror(code)))) if code else reason)
+        self._fail(_connect_failure(code) if code else reason)
 
     # -- outcomes ----------------------------------------------------------------
 
