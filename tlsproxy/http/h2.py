@@ -9,7 +9,6 @@ client's window is spent.
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from typing import Any
 
@@ -36,16 +35,118 @@ from tlsproxy.deadline import Deadline
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
 from tlsproxy.http.server import Limits, client_address_of, valid_host
-from tlsproxy.http.wire import split_fields
+from tlsproxy.http.wire import RequestError, split_fields, valid_field
 
 MAX_STREAMS = 100
 STREAM_WINDOW = 1024 * 1024
-_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
 
-# Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2).
+# Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2); we
+# frame responses ourselves, so the app's Content-Length goes too.
 _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"content-length"}
 )
+_REQUEST_PSEUDO = frozenset({b":method", b":path", b":scheme", b":authority"})
+_FORBIDDEN_IN_REQUEST = _CONNECTION_SPECIFIC - {b"content-length"}
+_WHITESPACE = (0x09, 0x20)
+
+
+class MalformedRequest(Exception):
+    """A request RFC 9113 (8.1.1) calls malformed: its stream is reset with PROTOCOL_ERROR, nothing is answered."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def parse_request(fields: Headers, ended: bool, limits: Limits) -> RequestHead:
+    """The head of one stream's request, held to the same field grammar as an HTTP/1.1 head.
+
+    Ours, not the h2 library's: versions differ in what they let through
+    (CR/LF in a value reached the app as a second request with some), and a
+    field the app sees must be one the HTTP/1.1 side would have passed.
+    Raises :class:`MalformedRequest` (reset the stream) or ``RequestError``
+    (answer with its status).
+    """
+    pseudo: dict[bytes, bytes] = {}
+    headers: Headers = []
+    hosts: list[bytes] = []
+    content_length: int | None = None
+    size = 0
+    longest = 0
+    for name, value in fields:
+        field_size = len(name) + len(value)
+        size += field_size + 32  # as SETTINGS_MAX_HEADER_LIST_SIZE counts (RFC 9113 6.5.2)
+        if field_size > longest:
+            longest = field_size
+        if name[:1] == b":":
+            if headers or name not in _REQUEST_PSEUDO or name in pseudo:
+                raise MalformedRequest("misplaced, unknown or repeated pseudo-header")
+            if not valid_field(b"p", value):
+                raise MalformedRequest("control bytes in a pseudo-header")
+            pseudo[name] = value
+            continue
+        if not valid_field(name, value) or name != name.lower():
+            raise MalformedRequest("malformed field name or value")
+        if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE):
+            raise MalformedRequest("whitespace around a field value")
+        if name in _FORBIDDEN_IN_REQUEST:
+            raise MalformedRequest("connection-specific field")
+        if name == b"te" and value.lower() != b"trailers":
+            raise MalformedRequest("TE other than trailers")
+        if name == b"content-length":
+            if content_length is not None:
+                raise MalformedRequest("more than one content-length")
+            if not value.isdigit() or len(value) > 18:
+                raise MalformedRequest("malformed content-length")
+            content_length = int(value)
+        elif name == b"host":
+            hosts.append(value)
+        headers.append((name, value))
+    method = pseudo.get(b":method", b"")
+    if method == b"CONNECT":
+        raise RequestError(405, "CONNECT is not supported: this is a reverse proxy")
+    path = pseudo.get(b":path", b"")
+    scheme = pseudo.get(b":scheme")
+    if not method or not path or scheme is None:
+        raise MalformedRequest("missing :method, :path or :scheme")
+    if not valid_field(method, b""):
+        raise MalformedRequest("malformed :method")
+    if b" " in path or b"#" in path or b"\t" in path:
+        raise MalformedRequest("space or # in :path")
+    if ended and content_length:
+        raise MalformedRequest("content-length without a body")
+    if size > limits.max_header_size or longest + 2 > limits.max_header_line:
+        raise RequestError(431, "header fields too large")
+    if len(headers) > limits.max_header_count:
+        raise RequestError(431, "too many header fields")
+    if scheme not in (b"https", b"http"):
+        raise RequestError(400, "unknown :scheme")
+    if not (path[:1] == b"/" or (path == b"*" and method == b"OPTIONS")):
+        raise RequestError(400, "malformed :path")
+    if len(path) > limits.max_request_line:
+        raise RequestError(414, ":path too long")
+    authority = pseudo.get(b":authority", b"")
+    if authority:
+        if any(h.lower() != authority.lower() for h in hosts):
+            raise RequestError(400, "host differs from :authority")
+        host = authority
+        headers = [(n, v) for n, v in headers if n != b"host"]
+    elif len(hosts) == 1:
+        host = hosts[0]
+        headers = [(n, v) for n, v in headers if n != b"host"]
+    else:
+        raise RequestError(400, "no host, or more than one")
+    if not valid_host(host):
+        raise RequestError(400, "malformed host")
+    return RequestHead(
+        method=method,
+        target=path,
+        version=b"2",
+        host=host.lower(),
+        headers=[(b"host", host), *headers],
+        content_length=None if ended else content_length,
+        chunked=not ended and content_length is None,
+    )
 
 
 class _Connection(H2Connection):
@@ -58,6 +159,10 @@ class _Connection(H2Connection):
     GOAWAY, so it is caught here, at the DATA frame.
     """
 
+    # Streams reset here, for the protocol to forget after receive_data (an
+    # event would do, but h2's event constructors differ between versions).
+    reset_here: list[int]
+
     def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         try:
             return super()._receive_data_frame(frame)  # type: ignore[misc]
@@ -65,8 +170,8 @@ class _Connection(H2Connection):
             self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
             # Nobody will take these bytes: give their connection window back.
             self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
-            reset = StreamReset(stream_id=frame.stream_id, error_code=ErrorCodes.PROTOCOL_ERROR, remote_reset=False)
-            return [], [reset]
+            self.reset_here.append(frame.stream_id)
+            return [], []
 
 
 class H2Exchange:
@@ -238,7 +343,12 @@ class H2ServerProtocol(Protocol):
         self.server_port = 0
         self.transport_paused = False
         self.streams: dict[int, H2Exchange] = {}
-        self.conn = _Connection(H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True))
+        # h2's own header checks are off: parse_request does them, the same
+        # whatever h2's version, and refuses one stream rather than the connection.
+        self.conn = _Connection(
+            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False)
+        )
+        self.conn.reset_here = []
         self._timer: Any = None
         self._closed = False
         self._draining = False
@@ -322,43 +432,26 @@ class H2ServerProtocol(Protocol):
                 self._flush()
                 self._close()
                 return
+        if self.conn.reset_here:
+            for stream_id in self.conn.reset_here:
+                exchange = self.streams.get(stream_id)
+                if exchange is not None:
+                    exchange._client_gone()
+                    self._forget(exchange)
+            self.conn.reset_here.clear()
         self._flush()
 
     def _request(self, stream_id: int, fields: Headers, ended: bool) -> None:
-        method = path = authority = scheme = b""
-        headers: Headers = []
-        hosts = []
-        content_length = None
-        for name, value in fields:
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                path = value
-            elif name == b":authority":
-                authority = value
-            elif name == b":scheme":
-                scheme = value
-            elif name[:1] == b":":
-                continue
-            else:
-                if name == b"host":
-                    hosts.append(value)
-                elif name == b"content-length":
-                    content_length = int(value)
-                headers.append((name, value))
-        host = authority or (hosts[0] if hosts else b"")
-        if authority:
-            headers = [(n, v) for n, v in headers if n != b"host"]
-        problem = self._check(method, path, scheme, host, hosts, authority, len(headers))
-        head = RequestHead(
-            method=method,
-            target=path,
-            version=b"2",
-            host=host.lower(),
-            headers=[(b"host", host), *headers],
-            content_length=content_length if not ended else (content_length or None),
-            chunked=not ended and content_length is None,
-        )
+        problem = 0
+        try:
+            head = parse_request(fields, ended, self.limits)
+        except MalformedRequest as e:
+            self.log.info("malformed HTTP/2 request from {client}: {why}", client=self.client_address, why=e.detail)
+            self.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            return
+        except RequestError as e:
+            problem = e.status
+            head = RequestHead(method=b"-", target=b"-", version=b"2", host=b"")
         exchange = H2Exchange(self, stream_id, head, ended)
         self.streams[stream_id] = exchange
         self._idle()
@@ -375,29 +468,11 @@ class H2ServerProtocol(Protocol):
         try:
             self.handler.handle(exchange)
         except Exception:
-            self.log.failure("handler failed for {method} {target}", method=method, target=path)
+            self.log.failure("handler failed for {method} {target}", method=head.method, target=head.target)
             if not exchange.response_started:
                 pages.send(exchange, 500)
             else:
                 exchange.abort()
-
-    def _check(
-        self, method: bytes, path: bytes, scheme: bytes, host: bytes, hosts: list[bytes], authority: bytes, count: int
-    ) -> int:
-        """The status refusing a request the HTTP/1.1 side would refuse too (0: fine)."""
-        if method == b"CONNECT":
-            return 405
-        if not _TOKEN.match(method) or scheme not in (b"https", b"http"):
-            return 400
-        if not (path.startswith(b"/") or (path == b"*" and method == b"OPTIONS")):
-            return 400
-        if len(path) > self.limits.max_request_line:
-            return 414
-        if count > self.limits.max_header_count:
-            return 431
-        if not host or (not authority and len(hosts) > 1) or not valid_host(host):
-            return 400
-        return 0
 
     # -- outbound (called by exchanges) ---------------------------------------
 
