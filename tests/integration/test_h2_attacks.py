@@ -14,20 +14,16 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 from hpack import Encoder
 from hyperframe.frame import (
-    DataFrame,
     Frame,
     GoAwayFrame,
     HeadersFrame,
-    PingFrame,
     RstStreamFrame,
     SettingsFrame,
-    WindowUpdateFrame,
 )
 
 from tests.integration.conftest import PKI, Proxy, marker, start_proxy
@@ -298,4 +294,22 @@ def test_bad_path_never_reaches_the_app(raw: Any, counts: Counts, path: str) -> 
     assert [t for t in counts.targets if m in t] == [f"/after?m={m}"]
 
 
-_ = (DataFrame, PingFrame, WindowUpdateFrame, Path)  # used by the tests below
+def test_rapid_reset_gets_goaway_and_never_overloads_the_app(raw: Any, counts: Counts) -> None:
+    """3,000 request+reset pairs on one connection: GOAWAY (ENHANCE_YOUR_CALM), at most 100 at the app at once."""
+    conn = raw(timeout=20)
+    burst = []
+    for _ in range(3000):
+        headers = conn.headers_frame(conn.request("/slow?rapid"))
+        reset = RstStreamFrame(headers.stream_id)
+        reset.error_code = 8  # CANCEL
+        burst += [headers, reset]
+    try:
+        conn.send(*burst)
+    except OSError:
+        pass  # the server may close before it has read everything
+    frames, _ = conn.frames(until=lambda f: isinstance(f, GoAwayFrame), timeout=20)
+    goaways = [f for f in frames if isinstance(f, GoAwayFrame)]
+    assert goaways and goaways[0].error_code == 11, frames[-5:]
+    time.sleep(1)  # let the app finish what it was given
+    assert counts.peak <= 100, counts.peak
+    assert len([t for t in counts.targets if "rapid" in t]) <= 300

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.http import pages
-from tlsproxy.http.h2 import STREAM_WINDOW, H2ServerProtocol
+from tlsproxy.http.h2 import MAX_STREAMS, RESET_BURST, STREAM_WINDOW, H2ServerProtocol
 from tlsproxy.http.server import Limits
 
 
@@ -246,3 +246,62 @@ class H2Tests(SynchronousTestCase):
         stream = self.send_fields([*fields, (b"host", b"evil.test")])
         self.assertEqual(self.status_of(stream), b"400")
         self.assertEqual(self.handler.exchanges, [])
+
+    def test_rapid_reset_gets_goaway(self) -> None:
+        """Requests reset as soon as they are sent (CVE-2023-44487) end the connection with ENHANCE_YOUR_CALM."""
+        from h2.events import ConnectionTerminated
+
+        for _ in range(RESET_BURST + 50):
+            stream = self.client.get_next_available_stream_id()
+            fields = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+            self.client.send_headers(stream, fields, end_stream=True)
+            self.client.reset_stream(stream)
+            self.pump()
+            if self.transport.disconnecting:
+                break
+        (goaway,) = [e for e in self.events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, 11)  # ENHANCE_YOUR_CALM
+        self.assertTrue(self.transport.disconnecting)
+        self.assertLessEqual(len(self.handler.exchanges), RESET_BURST + 1)
+
+    def test_answered_streams_earn_resets(self) -> None:
+        """A client whose streams are answered may cancel as many as it was served without being cut off."""
+        for _ in range(RESET_BURST * 2):
+            self.request()
+            pages.send(self.handler.exchanges[-1], 200)
+            stream = self.request()
+            self.client.reset_stream(stream)
+            self.pump()
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_reset_streams_keep_their_slot_until_the_app_answers(self) -> None:
+        """A stream reset while the app works on it counts against MAX_STREAMS until the app answers (MadeYouReset)."""
+        gone: list[int] = []
+
+        class Observer:
+            def __init__(self, stream_id: int) -> None:
+                self.stream_id = stream_id
+
+            def client_gone(self) -> None:
+                gone.append(self.stream_id)
+
+        class Observing(Holding):
+            def handle(self, exchange: Any) -> None:
+                exchange.set_observer(Observer(exchange.stream_id))
+                super().handle(exchange)
+
+        self.handler = self.server.handler = Observing()
+        for _ in range(MAX_STREAMS):
+            stream = self.request()
+            self.client.reset_stream(stream)
+            self.pump()
+        self.assertEqual(len(self.handler.exchanges), MAX_STREAMS)
+        refused = self.request()
+        self.assertEqual(self.status_of(refused), 7)  # REFUSED_STREAM
+        self.assertEqual(len(self.handler.exchanges), MAX_STREAMS)
+        first = self.handler.exchanges[0]
+        pages.send(first, 200)
+        self.pump()
+        self.assertEqual(gone, [first.stream_id])  # the app's answer is dropped, the request let go
+        self.request()
+        self.assertEqual(len(self.handler.exchanges), MAX_STREAMS + 1)

@@ -39,6 +39,12 @@ from tlsproxy.http.wire import RequestError, split_fields, valid_field
 
 MAX_STREAMS = 100
 STREAM_WINDOW = 1024 * 1024
+# Rapid reset (CVE-2023-44487) and MadeYouReset (CVE-2025-8671): a client may
+# have RESET_BURST more streams reset (by itself, or by us for its errors)
+# than it had answered within one RESET_WINDOW; past that it gets GOAWAY
+# with ENHANCE_YOUR_CALM.
+RESET_BURST = 200
+RESET_WINDOW = 10.0
 
 # Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2); we
 # frame responses ourselves, so the app's Content-Length goes too.
@@ -193,6 +199,9 @@ class H2Exchange:
         self._started = False
         self._finished = False
         self._end_pending = False
+        # The client reset the stream while the app works on it: the answer
+        # is dropped, but the stream keeps its slot until the app gives it.
+        self._reset = False
         self._outbound: deque[bytes] = deque()
         self._producer: IPushProducer | None = None
         self._producer_paused = False
@@ -250,6 +259,14 @@ class H2Exchange:
 
     def start_response(self, status: int, reason: bytes, headers: ResponseFields, content_length: int | None) -> None:
         self._started = True
+        if self._reset:
+            # The app has answered a stream the client gave up: its slot is free.
+            self._finished = True
+            observer = self._observer
+            self._proto._forget(self)
+            if observer is not None:
+                observer.client_gone()
+            return
         fields: Headers = [(b":status", b"%d" % status)]
         if isinstance(headers, bytes):
             headers = split_fields(headers)
@@ -353,6 +370,9 @@ class H2ServerProtocol(Protocol):
         self._closed = False
         self._draining = False
         self.tracker: Any = None
+        self._resets = 0
+        self._served = 0
+        self._reset_window_start = clock.seconds()
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -407,6 +427,8 @@ class H2ServerProtocol(Protocol):
         for event in events:
             if isinstance(event, RequestReceived):
                 self._request(event.stream_id, event.headers, event.stream_ended is not None)
+                if self._closed:
+                    return
             elif isinstance(event, DataReceived):
                 exchange = self.streams.get(event.stream_id)
                 if exchange is not None:
@@ -420,8 +442,17 @@ class H2ServerProtocol(Protocol):
             elif isinstance(event, StreamReset):
                 exchange = self.streams.get(event.stream_id)
                 if exchange is not None:
-                    exchange._client_gone()
-                    self._forget(exchange)
+                    if exchange._observer is not None and exchange._body_done and not exchange._started:
+                        # The whole request may be at the app already: keep
+                        # counting it against MAX_STREAMS until it answers.
+                        exchange._reset = True
+                    else:
+                        exchange._client_gone()
+                        self._forget(exchange)
+                if event.remote_reset:
+                    self._count_reset()
+                    if self._closed:
+                        return
             elif isinstance(event, WindowUpdated):
                 targets = list(self.streams.values()) if event.stream_id == 0 else [self.streams.get(event.stream_id)]
                 for exchange in targets:
@@ -442,12 +473,19 @@ class H2ServerProtocol(Protocol):
         self._flush()
 
     def _request(self, stream_id: int, fields: Headers, ended: bool) -> None:
+        if len(self.streams) >= MAX_STREAMS:
+            # Streams the client reset still count while the app works on
+            # them, so h2's own count of open streams is not ours.
+            self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._count_reset()
+            return
         problem = 0
         try:
             head = parse_request(fields, ended, self.limits)
         except MalformedRequest as e:
             self.log.info("malformed HTTP/2 request from {client}: {why}", client=self.client_address, why=e.detail)
             self.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self._count_reset()
             return
         except RequestError as e:
             problem = e.status
@@ -540,7 +578,27 @@ class H2ServerProtocol(Protocol):
             self._flush()
             self._close()
 
+    def _count_reset(self) -> None:
+        """One more stream reset by the client or for its error; GOAWAY if they come too fast."""
+        now = self.clock.seconds()
+        if now - self._reset_window_start >= RESET_WINDOW:
+            self._reset_window_start = now
+            self._resets = self._served = 0
+        self._resets += 1
+        if self._resets > RESET_BURST + self._served and not self._closed:
+            self.log.info(
+                "HTTP/2 client {client} reset {n} streams: GOAWAY", client=self.client_address, n=self._resets
+            )
+            self._closed = True
+            try:
+                self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+            except ProtocolError:
+                pass
+            self._flush()
+            self._close()
+
     def stream_done(self, exchange: H2Exchange) -> None:
+        self._served += 1
         if not exchange._body_done:
             # We answered before the body ended: tell the client to stop sending.
             try:
