@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +25,7 @@ from hyperframe.frame import (
     HeadersFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 from tests.integration.conftest import PKI, Proxy, marker, start_proxy
@@ -313,3 +315,40 @@ def test_rapid_reset_gets_goaway_and_never_overloads_the_app(raw: Any, counts: C
     time.sleep(1)  # let the app finish what it was given
     assert counts.peak <= 100, counts.peak
     assert len([t for t in counts.targets if "rapid" in t]) <= 300
+
+
+def server_side_open(proxy_port: int, client_port: int) -> bool:
+    """Whether the proxy still holds its end of our connection (any TCP state but TIME_WAIT)."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        parts = line.split()
+        local, remote, state = parts[1], parts[2], parts[3]
+        if int(local.split(":")[1], 16) == proxy_port and int(remote.split(":")[1], 16) == client_port:
+            return state != "06"
+    return False
+
+
+def wait_closed(proxy: Proxy, conn: RawH2, deadline: float) -> float:
+    """Seconds until the proxy let go of ``conn`` (which we never read from); fails after ``deadline``."""
+    start = time.monotonic()
+    client_port = conn.sock.getsockname()[1]
+    while server_side_open(proxy.port, client_port):
+        assert time.monotonic() - start < deadline, "the proxy still holds a connection whose client does not read"
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def big_windows() -> list[Frame]:
+    """SETTINGS and WINDOW_UPDATE that let the server send as much as it likes."""
+    settings = SettingsFrame(0)
+    settings.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 2**31 - 1}
+    update = WindowUpdateFrame(0)
+    update.window_increment = 2**31 - 1 - 65535
+    return [settings, update]
+
+
+def test_idle_close_of_a_non_reading_client_ends(proxy: Proxy, raw: Any, counts: Counts) -> None:
+    """A client that fetched 4 MB and reads none of it is let go after the idle timeout and a grace, not held."""
+    conn = raw()
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    conn.send(*big_windows(), conn.headers_frame(conn.request("/big")))
+    wait_closed(proxy, conn, deadline=20)

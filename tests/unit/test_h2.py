@@ -305,3 +305,27 @@ class H2Tests(SynchronousTestCase):
         self.assertEqual(gone, [first.stream_id])  # the app's answer is dropped, the request let go
         self.request()
         self.assertEqual(len(self.handler.exchanges), MAX_STREAMS + 1)
+
+    def test_graceful_closes_end_in_an_abort(self) -> None:
+        """An idle close, or a drain, that a non-reading client never lets finish is cut off after a grace."""
+        self.clock.advance(self.limits.idle_timeout)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(self.limits.idle_timeout + 1)
+        self.assertTrue(self.transport.disconnected)
+
+        self.setUp()
+        self.request()
+        self.server.drain()
+        pages.send(self.handler.exchanges[0], 200)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(self.limits.idle_timeout + 1)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_protocol_error_close_is_cut_off_sooner(self) -> None:
+        """After a protocol error the client gets only the short linger to take our GOAWAY."""
+        self.server.dataReceived(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # WINDOW_UPDATE of 0
+        self.assertTrue(self.transport.disconnecting)
+        self.clock.advance(self.limits.linger + 1)
+        self.assertTrue(self.transport.disconnected)

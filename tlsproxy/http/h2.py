@@ -369,6 +369,7 @@ class H2ServerProtocol(Protocol):
         self._timer: Any = None
         self._closed = False
         self._draining = False
+        self._closing: Deadline | None = None  # armed by _close: the abort if a close takes too long
         self.tracker: Any = None
         self._resets = 0
         self._served = 0
@@ -407,6 +408,9 @@ class H2ServerProtocol(Protocol):
 
     def _idle_timeout(self) -> None:
         self._timer = None
+        if self._closing is not None:
+            return
+        self._closed = True
         self.conn.close_connection()
         self._flush()
         self._close()
@@ -422,7 +426,7 @@ class H2ServerProtocol(Protocol):
             self.log.info("HTTP/2 protocol error from {client}: {error}", client=self.client_address, error=e)
             self._flush()
             self._closed = True
-            self._close()
+            self._close(self.limits.linger)
             return
         for event in events:
             if isinstance(event, RequestReceived):
@@ -595,7 +599,7 @@ class H2ServerProtocol(Protocol):
             except ProtocolError:
                 pass
             self._flush()
-            self._close()
+            self._close(self.limits.linger)
 
     def stream_done(self, exchange: H2Exchange) -> None:
         self._served += 1
@@ -634,6 +638,8 @@ class H2ServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closed = True
+        if self._closing is not None:
+            self._closing.stop()
         if self.tracker is not None:
             self.tracker.remove(self)
         if self._timer is not None and self._timer.active():
@@ -643,11 +649,27 @@ class H2ServerProtocol(Protocol):
             exchange._client_gone()
             exchange.deadline.stop()
 
-    def _close(self) -> None:
+    def _close(self, grace: float | None = None) -> None:
+        """Close after what is written has gone; abort if the client has not taken it within ``grace``.
+
+        A graceful close waits for the client to read: one that never does
+        would hold the connection (and what it did not read) for ever.  The
+        default grace is one more idle timeout.
+        """
+        if self._closing is not None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         # A transport waits for its producer to unregister before it closes
         # (TLS would never send close_notify): unregister first.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+        self._closing = Deadline(self.clock)
+        self._closing.set(self.limits.idle_timeout if grace is None else grace, self._abort)
+
+    def _abort(self) -> None:
+        self.log.info("HTTP/2 client {client} did not read our last bytes: cut off", client=self.client_address)
+        self.transport.abortConnection()
 
     # IPushProducer on our transport.
     def pauseProducing(self) -> None:
