@@ -23,6 +23,7 @@ from hyperframe.frame import (
     Frame,
     GoAwayFrame,
     HeadersFrame,
+    PingFrame,
     RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
@@ -352,3 +353,34 @@ def test_idle_close_of_a_non_reading_client_ends(proxy: Proxy, raw: Any, counts:
     conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     conn.send(*big_windows(), conn.headers_frame(conn.request("/big")))
     wait_closed(proxy, conn, deadline=20)
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_ping_flood_from_a_non_reading_client_is_bounded_and_cut_off(proxy: Proxy, raw: Any) -> None:
+    """PINGs as fast as TLS takes them, answers never read: the proxy's memory stays bounded and it lets go."""
+    pid = proxy.process.proc.pid
+    before = peak = rss(pid)
+    conn = raw(timeout=0.5)
+    # A small receive buffer (not a tiny one: that stalls loopback TCP itself) fills sooner.
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    client_port = conn.sock.getsockname()[1]
+    # An upload left open, so the idle timeout is not what ends the connection.
+    conn.send(conn.headers_frame(conn.request("/upload", method=b"POST"), end=False))
+    batch = b"".join(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(1000))
+    start = time.monotonic()
+    while server_side_open(proxy.port, client_port):
+        assert time.monotonic() - start < 25, "the proxy kept the flooding connection for 25 s"
+        try:
+            conn.sock.sendall(batch)
+        except TimeoutError:
+            pass  # the proxy stopped reading: keep trying, as an attacker would
+        except (OSError, ssl.SSLError):
+            time.sleep(0.2)
+        peak = max(peak, rss(pid))
+    assert peak - before < 16 * 1024 * 1024, (before, peak)

@@ -329,3 +329,16 @@ class H2Tests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.clock.advance(self.limits.linger + 1)
         self.assertTrue(self.transport.disconnected)
+
+    def test_client_that_does_not_read_is_not_read_and_then_cut_off(self) -> None:
+        """While our writes back up we stop reading (its PINGs would queue answers); no progress for long: abort."""
+        self.server.pauseProducing()  # the transport's buffer is full
+        self.assertEqual(self.transport.producerState, "paused")
+        self.clock.advance(self.limits.idle_timeout - 1)
+        self.server.resumeProducing()  # it took some
+        self.assertEqual(self.transport.producerState, "producing")
+        self.server.pauseProducing()
+        self.clock.advance(self.limits.idle_timeout - 1)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(2)
+        self.assertTrue(self.transport.disconnected)

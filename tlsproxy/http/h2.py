@@ -370,6 +370,8 @@ class H2ServerProtocol(Protocol):
         self._closed = False
         self._draining = False
         self._closing: Deadline | None = None  # armed by _close: the abort if a close takes too long
+        self._reading_paused = False
+        self._stall = Deadline(clock)  # armed while the client takes none of our bytes
         self.tracker: Any = None
         self._resets = 0
         self._served = 0
@@ -640,6 +642,7 @@ class H2ServerProtocol(Protocol):
         self._closed = True
         if self._closing is not None:
             self._closing.stop()
+        self._stall.stop()
         if self.tracker is not None:
             self.tracker.remove(self)
         if self._timer is not None and self._timer.active():
@@ -667,13 +670,31 @@ class H2ServerProtocol(Protocol):
         self._closing = Deadline(self.clock)
         self._closing.set(self.limits.idle_timeout if grace is None else grace, self._abort)
 
+    def _stalled(self) -> None:
+        self.log.info(
+            "HTTP/2 client {client} took nothing for {s:g}s: cut off",
+            client=self.client_address,
+            s=self.limits.idle_timeout,
+        )
+        self.transport.abortConnection()
+
     def _abort(self) -> None:
         self.log.info("HTTP/2 client {client} did not read our last bytes: cut off", client=self.client_address)
         self.transport.abortConnection()
 
     # IPushProducer on our transport.
     def pauseProducing(self) -> None:
+        """The client is not taking what we write: stop reading from it too.
+
+        Each PING or SETTINGS it sends queues an answer; a client that sends
+        them and never reads would otherwise grow our buffer without bound.
+        If it takes nothing for an idle timeout, it is cut off.
+        """
         self.transport_paused = True
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+            self._stall.set(self.limits.idle_timeout, self._stalled)
         for exchange in self.streams.values():
             if exchange._producer is not None and not exchange._producer_paused:
                 exchange._producer_paused = True
@@ -681,6 +702,11 @@ class H2ServerProtocol(Protocol):
 
     def resumeProducing(self) -> None:
         self.transport_paused = False
+        if self._reading_paused:
+            self._reading_paused = False
+            self._stall.clear()
+            if not self._closed:
+                self.transport.resumeProducing()
         for exchange in list(self.streams.values()):
             exchange._flush()
 
