@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from hpack import Encoder
 from hyperframe.frame import (
+    ContinuationFrame,
     Frame,
     GoAwayFrame,
     HeadersFrame,
@@ -384,3 +385,32 @@ def test_ping_flood_from_a_non_reading_client_is_bounded_and_cut_off(proxy: Prox
             time.sleep(0.2)
         peak = max(peak, rss(pid))
     assert peak - before < 16 * 1024 * 1024, (before, peak)
+
+
+def test_continuation_flood_gets_goaway(raw: Any) -> None:
+    """CONTINUATION frames without END_HEADERS (CVE-2024-27316) are cut off at the header limit with GOAWAY."""
+    conn = raw()
+    headers = conn.headers_frame(conn.request("/flood"), end=False)
+    headers.flags.discard("END_HEADERS")
+    flood: list[Frame] = [headers]
+    for _ in range(20):  # 320 KB: far past the limit, well under h2's own 64-frame cap
+        continuation = ContinuationFrame(headers.stream_id)
+        continuation.data = b"\x00" * 16000
+        flood.append(continuation)
+    try:
+        conn.send(*flood)
+    except OSError:
+        pass
+    frames, _ = conn.frames(until=lambda f: isinstance(f, GoAwayFrame))
+    assert [f.error_code for f in frames if isinstance(f, GoAwayFrame)] == [11], frames
+
+
+def test_single_20k_field_gets_431(raw: Any, counts: Counts) -> None:
+    """A single 20 KB field gets 431 from the proxy, as on HTTP/1.1, and is not forwarded."""
+    m = marker()
+    conn = raw()
+    frame = conn.headers_frame(conn.request(f"/big-field?m={m}", [(b"x-big", b"a" * 20 * 1024)]))
+    conn.send(frame)
+    frames, _ = conn.frames(until=lambda f: f.stream_id == frame.stream_id)
+    assert answer_of(frames, frame.stream_id) == "status 431"
+    assert not [t for t in counts.targets if m in t]

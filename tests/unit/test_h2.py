@@ -342,3 +342,83 @@ class H2Tests(SynchronousTestCase):
         self.assertFalse(self.transport.disconnected)
         self.clock.advance(2)
         self.assertTrue(self.transport.disconnected)
+
+    def test_single_field_over_the_line_limit_gets_431(self) -> None:
+        """A single 20 KB field is refused with 431, as HTTP/1.1 refuses a header line over 16 KB."""
+        stream = self.request(extra=[(b"x-big", b"a" * 20 * 1024)])
+        self.assertEqual(self.status_of(stream), b"431")
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_header_list_over_max_header_size_gets_431(self) -> None:
+        """A header list larger than the SETTINGS_MAX_HEADER_LIST_SIZE we advertise gets 431, not the app."""
+        fields = [(b"x-h%d" % i, b"v" * 1000) for i in range(40)]  # ~41 KB: over 32 KB, under h2's 64 KB
+        stream = self.request(extra=fields)
+        self.assertEqual(self.status_of(stream), b"431")
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_continuation_flood_is_cut_off_at_the_limit(self) -> None:
+        """HEADERS then CONTINUATIONs without END_HEADERS (CVE-2024-27316) end the connection once past the limit."""
+        from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+        headers = HeadersFrame(1)
+        headers.data = b"\x82"  # :method GET, and no END_HEADERS
+        self.server.dataReceived(headers.serialize())
+        sent = 0
+        while not self.transport.disconnecting:
+            continuation = ContinuationFrame(1)
+            continuation.data = b"\x00" * 16000
+            self.server.dataReceived(continuation.serialize())
+            sent += 16000
+            self.assertLessEqual(sent, 2 * self.limits.max_header_size + 16000, "the block is still being held")
+        goaway = frames(self.transport.value())[-1]
+        self.assertEqual((type(goaway).__name__, goaway.error_code), ("GoAwayFrame", 11))  # ENHANCE_YOUR_CALM
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_hpack_bomb_is_bounded(self) -> None:
+        """A small header block that decodes into a huge list (an HPACK bomb) ends the connection unanswered."""
+        from h2.events import ConnectionTerminated
+
+        stream = self.client.get_next_available_stream_id()
+        fields = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+        self.client.send_headers(stream, [*fields, *[(b"x-bomb", b"b" * 4000)] * 100], end_stream=True)
+        block = self.client.data_to_send()
+        self.assertLess(len(block), 10000)  # the value is sent once, then referenced: 400 KB decoded
+        self.server.dataReceived(block)
+        self.pump()
+        self.assertTrue(any(isinstance(e, ConnectionTerminated) for e in self.events))
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_decoder_limit_follows_max_header_size(self) -> None:
+        """The limit h2 decodes up to is ours: with max_header_size 100 KB, a 70 KB header list is served."""
+        self.limits = Limits(idle_timeout=30, max_header_size=100_000)
+        self.server = H2ServerProtocol(self.handler, self.clock, self.limits)
+        self.transport = StringTransport()
+        self.server.makeConnection(self.transport)
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.client.initiate_connection()
+        self.pump()
+        fields = [(b"x-h%d" % i, b"%d" % i + b"v" * 1000) for i in range(70)]
+        self.request(extra=fields)
+        self.assertEqual(len(self.handler.exchanges), 1)
+
+
+def test_header_block_watch_across_any_split() -> None:
+    """The header-block size is the same however the bytes are cut into reads."""
+    from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
+
+    from tlsproxy.http.h2 import HeaderBlockWatch
+
+    headers = HeadersFrame(1)
+    headers.data = b"h" * 100
+    middle = ContinuationFrame(1)
+    middle.data = b"c" * 300
+    last = ContinuationFrame(1, flags=["END_HEADERS"])
+    last.data = b"c" * 50
+    data = DataFrame(1)
+    data.data = b"d" * 5000
+    wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"".join(f.serialize() for f in (data, headers, middle, last, data))
+    for size in (1, 7, 9, 10, 100, len(wire)):
+        watch = HeaderBlockWatch()
+        largest = max(watch.feed(wire[i : i + size]) for i in range(0, len(wire), size))
+        assert largest == 450, size
+        assert watch.block == -1, size

@@ -56,6 +56,68 @@ _FORBIDDEN_IN_REQUEST = _CONNECTION_SPECIFIC - {b"content-length"}
 _WHITESPACE = (0x09, 0x20)
 
 
+_HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
+_END_HEADERS = 0x4
+
+
+class HeaderBlockWatch:
+    """The size of the header block a client has open, from the frame headers alone.
+
+    h2 buffers HEADERS and CONTINUATION frames until END_HEADERS before it
+    decodes (or counts) anything; endless CONTINUATIONs (CVE-2024-27316)
+    would be held that long.  This reads only the 9-byte frame headers of
+    what arrives, so the block can be cut off at our limit as it grows.
+    """
+
+    __slots__ = ("_head", "_skip", "block")
+
+    def __init__(self) -> None:
+        self._skip = 24  # the client's connection preface
+        self._head = b""  # a frame header split between reads
+        self.block = -1  # bytes of the open header block; -1: none open
+
+    def feed(self, data: bytes) -> int:
+        """Take the next bytes from the client; the largest a header block grew in them (-1: none open)."""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            return self.block
+        block = largest = self.block
+        head = self._head
+        while pos < n:
+            if head or n - pos < 9:
+                part = data[pos : pos + 9 - len(head)]
+                head += part
+                pos += len(part)
+                if len(head) < 9:
+                    break
+                frame, head = head, b""
+            else:
+                frame = data[pos : pos + 9]
+                pos += 9
+            length = int.from_bytes(frame[:3], "big")
+            kind = frame[3]
+            if kind == _CONTINUATION:
+                header_frame = block >= 0
+                if header_frame:
+                    block += length
+            elif kind == _HEADERS or kind == _PUSH_PROMISE:
+                header_frame = True
+                block = length
+            else:
+                header_frame = False
+            if block > largest:
+                largest = block
+            if header_frame and frame[4] & _END_HEADERS:
+                block = -1
+            pos += length
+        self._head = head
+        self._skip = pos - n if pos > n else 0
+        self.block = block
+        return largest
+
+
 class MalformedRequest(Exception):
     """A request RFC 9113 (8.1.1) calls malformed: its stream is reset with PROTOCOL_ERROR, nothing is answered."""
 
@@ -374,6 +436,8 @@ class H2ServerProtocol(Protocol):
         self._stall = Deadline(clock)  # armed while the client takes none of our bytes
         self.tracker: Any = None
         self._resets = 0
+        self._blocks = HeaderBlockWatch()
+        self._max_block = 2 * limits.max_header_size
         self._served = 0
         self._reset_window_start = clock.seconds()
 
@@ -392,6 +456,12 @@ class H2ServerProtocol(Protocol):
                 SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
         )
+        # h2 keeps its own limit for the decoded list (the settings object
+        # above replaced the one it reads): make it ours.  A list over
+        # max_header_size is answered 431 (parse_request); one past twice
+        # that, or an encoded block that large, ends the connection, for
+        # HPACK state cannot be kept without decoding all of it.
+        self.conn.decoder.max_header_list_size = self._max_block
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(4 * 1024 * 1024)
         self.transport.registerProducer(self, True)
@@ -421,6 +491,10 @@ class H2ServerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
+            return
+        if self._blocks.feed(data) > self._max_block:
+            self.log.info("HTTP/2 client {client} sent a header block over the limit", client=self.client_address)
+            self._calm_down()
             return
         try:
             events = self.conn.receive_data(data)
@@ -595,13 +669,17 @@ class H2ServerProtocol(Protocol):
             self.log.info(
                 "HTTP/2 client {client} reset {n} streams: GOAWAY", client=self.client_address, n=self._resets
             )
-            self._closed = True
-            try:
-                self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
-            except ProtocolError:
-                pass
-            self._flush()
-            self._close(self.limits.linger)
+            self._calm_down()
+
+    def _calm_down(self) -> None:
+        """GOAWAY with ENHANCE_YOUR_CALM, and close."""
+        self._closed = True
+        try:
+            self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+        except ProtocolError:
+            pass
+        self._flush()
+        self._close(self.limits.linger)
 
     def stream_done(self, exchange: H2Exchange) -> None:
         self._served += 1
