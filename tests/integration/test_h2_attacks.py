@@ -414,3 +414,18 @@ def test_single_20k_field_gets_431(raw: Any, counts: Counts) -> None:
     frames, _ = conn.frames(until=lambda f: f.stream_id == frame.stream_id)
     assert answer_of(frames, frame.stream_id) == "status 431"
     assert not [t for t in counts.targets if m in t]
+
+
+def test_shut_window_frees_the_app_connection(raw: Any, counts: Counts) -> None:
+    """A client that keeps its stream window at 0 gets the stream reset after the idle timeout; the app is let go."""
+    conn = raw(timeout=15)
+    settings = SettingsFrame(0)
+    settings.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 0}
+    frame = conn.headers_frame(conn.request("/big?shut"))
+    conn.send(settings, frame)
+    frames, _ = conn.frames(until=lambda f: isinstance(f, RstStreamFrame) and f.stream_id == frame.stream_id)
+    assert [f.error_code for f in frames if isinstance(f, RstStreamFrame)] == [8], frames  # CANCEL
+    end = time.monotonic() + 5
+    while counts.in_flight and time.monotonic() < end:
+        time.sleep(0.1)
+    assert counts.in_flight == 0, "the app is still held by a stream whose window never opened"

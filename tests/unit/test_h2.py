@@ -401,6 +401,67 @@ class H2Tests(SynchronousTestCase):
         self.request(extra=fields)
         self.assertEqual(len(self.handler.exchanges), 1)
 
+    def test_finished_streams_leave_no_timers_queued(self) -> None:
+        """Streams whose handler set a 60 s deadline and then finished leave nothing on the timer wheel."""
+        from tlsproxy.deadline import Timeouts
+
+        wheel = Timeouts.of(self.clock)
+        queued = sum(len(b) for b in wheel._buckets.values())
+        for _ in range(300):
+            self.request()
+            exchange = self.handler.exchanges[-1]
+            exchange.deadline.set(60, lambda: None)
+            pages.send(exchange, 200)
+            self.pump()
+        self.assertLessEqual(sum(len(b) for b in wheel._buckets.values()) - queued, 1)
+
+    def test_stream_deadlines_fire(self) -> None:
+        """A stream's deadline fires when due, however many others moved or finished meanwhile."""
+        fired: list[int] = []
+        for _ in range(3):
+            self.request()
+        first, second, third = self.handler.exchanges
+        first.deadline.set(10, lambda: fired.append(1))
+        second.deadline.set(5, lambda: fired.append(2))
+        third.deadline.set(1, lambda: fired.append(3))
+        pages.send(third, 200)  # finished: its deadline goes with it
+        second.deadline.set(20, lambda: fired.append(2))  # moved later
+        self.clock.advance(6)
+        self.assertEqual(fired, [])
+        self.clock.advance(5)
+        self.assertEqual(fired, [1])
+        self.clock.advance(10)
+        self.assertEqual(fired, [1, 2])
+
+    def test_window_that_stays_shut_frees_the_app(self) -> None:
+        """An answer stuck behind a client window of 0 for an idle timeout resets the stream and lets the app go."""
+        from h2.settings import SettingCodes
+
+        gone: list[bool] = []
+
+        class Observer:
+            def client_gone(self) -> None:
+                gone.append(True)
+
+        self.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        self.pump()
+        stream = self.request()
+        exchange = self.handler.exchanges[0]
+        exchange.set_observer(Observer())
+        exchange.start_response(200, b"OK", [], 100)
+        exchange.write(b"x" * 100)
+        self.pump()
+        self.clock.advance(self.limits.idle_timeout - 1)
+        self.assertEqual(gone, [])
+        self.clock.advance(2)
+        self.assertEqual(gone, [True])
+        self.pump()
+        self.assertEqual(self.status_of(stream), b"200")  # the head went out; then the reset
+        from h2.events import StreamReset
+
+        self.assertIn((stream, 8), [(e.stream_id, e.error_code) for e in self.events if isinstance(e, StreamReset)])
+        self.assertEqual(self.server.streams, {})
+
 
 def test_header_block_watch_across_any_split() -> None:
     """The header-block size is the same however the bytes are cut into reads."""

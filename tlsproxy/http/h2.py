@@ -242,6 +242,32 @@ class _Connection(H2Connection):
             return [], []
 
 
+class StreamDeadline(Deadline):
+    """A stream's deadline, kept by its connection rather than filed on the timer wheel.
+
+    A Deadline on the wheel stays there until its time comes, cleared or
+    not: a stream that lived for a millisecond would leave its entry for the
+    whole upstream timeout (200,000 of them under h2load).  The connection
+    files one entry, for the earliest of its streams, and looks through them
+    when it comes; a finished stream leaves nothing behind.
+    """
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: H2ServerProtocol) -> None:  # not Deadline's: no wheel of its own
+        self._proto = proto
+        self._when: float | None = None
+        self._action: Any = None
+        self._bucket = None
+
+    def set(self, seconds: float, action: Any) -> float:
+        now = self._proto.clock.seconds()
+        self._when = now + seconds
+        self._action = action
+        self._proto.stream_due_at(self._when)
+        return now
+
+
 class H2Exchange:
     """One HTTP/2 stream as a handler sees it."""
 
@@ -272,7 +298,9 @@ class H2Exchange:
         # Streams run side by side: each is its own one-request "connection",
         # with a deadline of its own.
         self.connection = self
-        self.deadline = Deadline(proto.clock)
+        self.deadline: Deadline = StreamDeadline(proto)
+        # Since when our answer has waited for a window that does not open.
+        self._stalled_since: float | None = None
 
     # -- request body --------------------------------------------------------
 
@@ -369,7 +397,11 @@ class H2Exchange:
                 if self._producer is not None and not self._producer_paused:
                     self._producer_paused = True
                     self._producer.pauseProducing()
+                if self._stalled_since is None:
+                    self._stalled_since = now = proto.clock.seconds()
+                    proto.stream_due_at(now + proto.limits.idle_timeout)
                 return
+            self._stalled_since = None
             chunk = self._outbound.popleft()
             if len(chunk) > window:
                 self._outbound.appendleft(chunk[window:])
@@ -388,6 +420,17 @@ class H2Exchange:
             self._finished = True
             self._proto.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
             self._proto.stream_done(self)
+
+    def _window_stalled(self) -> None:
+        """The client has kept our window shut for an idle timeout: give up the stream and the app's connection."""
+        if self._finished:
+            return
+        self._finished = True
+        observer = self._observer
+        self._proto.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+        self._proto._forget(self)
+        if observer is not None:
+            observer.client_gone()
 
     def register_producer(self, producer: IPushProducer) -> None:
         self._producer = producer
@@ -436,6 +479,8 @@ class H2ServerProtocol(Protocol):
         self._stall = Deadline(clock)  # armed while the client takes none of our bytes
         self.tracker: Any = None
         self._resets = 0
+        self._streams_timer = Deadline(clock)  # for the earliest thing due on any stream
+        self._streams_due_at: float | None = None
         self._blocks = HeaderBlockWatch()
         self._max_block = 2 * limits.max_header_size
         self._served = 0
@@ -658,6 +703,39 @@ class H2ServerProtocol(Protocol):
             self._flush()
             self._close()
 
+    def stream_due_at(self, when: float) -> None:
+        """A stream has something due at ``when``: make sure the connection's one timer comes by then."""
+        due = self._streams_due_at
+        if due is None or when < due:
+            self._streams_due_at = when
+            self._streams_timer.set(when - self.clock.seconds(), self._streams_due)
+
+    def _streams_due(self) -> None:
+        """Run what has come due on any stream (its deadline, or a send stalled on a shut window)."""
+        self._streams_due_at = None
+        now = self.clock.seconds() + 1e-9
+        stall = self.limits.idle_timeout
+        later: float | None = None
+        for exchange in list(self.streams.values()):
+            deadline = exchange.deadline
+            when = deadline._when
+            if when is not None:
+                if when <= now:
+                    action = deadline._action
+                    deadline._when = deadline._action = None
+                    if action is not None:
+                        action()
+                elif later is None or when < later:
+                    later = when
+            since = exchange._stalled_since
+            if since is not None and exchange.stream_id in self.streams:
+                if since + stall <= now:
+                    exchange._window_stalled()
+                elif later is None or since + stall < later:
+                    later = since + stall
+        if later is not None:
+            self.stream_due_at(later)
+
     def _count_reset(self) -> None:
         """One more stream reset by the client or for its error; GOAWAY if they come too fast."""
         now = self.clock.seconds()
@@ -721,6 +799,7 @@ class H2ServerProtocol(Protocol):
         if self._closing is not None:
             self._closing.stop()
         self._stall.stop()
+        self._streams_timer.stop()
         if self.tracker is not None:
             self.tracker.remove(self)
         if self._timer is not None and self._timer.active():
