@@ -429,3 +429,17 @@ def test_shut_window_frees_the_app_connection(raw: Any, counts: Counts) -> None:
     while counts.in_flight and time.monotonic() < end:
         time.sleep(0.1)
     assert counts.in_flight == 0, "the app is still held by a stream whose window never opened"
+
+
+def test_unsized_5mb_upload_arrives_whole(proxy: Proxy, counts: Counts) -> None:
+    """A 5 MB HTTP/2 upload without content-length reaches the app whole, with no GOAWAY on the way."""
+
+    def body() -> Iterator[bytes]:
+        for _ in range(80):
+            yield b"u" * 65536
+
+    with proxy.client(http2=True) as client:
+        response = client.post("/upload-unsized", content=body())
+    assert response.http_version == "HTTP/2"
+    assert (response.status_code, response.text) == (200, f"{80 * 65536}\n")
+    assert counts.bodies == [80 * 65536]

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.http import pages
-from tlsproxy.http.h2 import MAX_STREAMS, RESET_BURST, STREAM_WINDOW, H2ServerProtocol
+from tlsproxy.http.h2 import CONNECTION_WINDOW, MAX_STREAMS, RESET_BURST, STREAM_WINDOW, H2ServerProtocol
 from tlsproxy.http.server import Limits
 
 
@@ -461,6 +461,67 @@ class H2Tests(SynchronousTestCase):
 
         self.assertIn((stream, 8), [(e.stream_id, e.error_code) for e in self.events if isinstance(e, StreamReset)])
         self.assertEqual(self.server.streams, {})
+
+    def test_unsized_upload_that_pauses_arrives_whole(self) -> None:
+        """A 5 MB upload without content-length, read by a consumer that pauses every 256 KB, arrives whole."""
+        from h2.events import ConnectionTerminated
+
+        stream = self.request(b"POST", [], end=False)
+        exchange = self.handler.exchanges[0]
+        self.assertTrue(exchange.head.chunked)
+        clock = self.clock
+        got = bytearray()
+        ended: list[bool] = []
+
+        class Buffering:
+            held = 0
+
+            def body_data(self, data: bytes) -> None:
+                got.extend(data)
+                self.held += len(data)
+                if self.held > 256 * 1024:
+                    self.held = 0
+                    exchange.pause_body()
+                    clock.callLater(0.01, exchange.resume_body)  # the file write is done
+
+            def body_end(self) -> None:
+                ended.append(True)
+
+        exchange.set_body_consumer(Buffering())
+        total, sent = 5 * 1024 * 1024, 0
+        while sent < total:
+            window = min(self.client.local_flow_control_window(stream), total - sent, 16384)
+            if window <= 0:
+                self.clock.advance(0.01)
+                self.pump()
+                continue
+            self.client.send_data(stream, b"u" * window, end_stream=sent + window == total)
+            sent += window
+            self.pump()
+        self.clock.advance(0.01)
+        self.pump()
+        self.assertEqual((len(got), ended), (total, [True]))
+        self.assertFalse(any(isinstance(e, ConnectionTerminated) for e in self.events))
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_bodies_nobody_reads_are_bounded_per_connection(self) -> None:
+        """Bodies held for streams whose handler takes nothing stay within the connection window, not 100 x 1 MB."""
+        streams = []
+        for _ in range(20):
+            streams.append(self.request(b"POST", [(b"content-length", b"1000000")], end=False))
+        for _ in range(80):
+            progressed = False
+            for stream in streams:
+                window = min(self.client.local_flow_control_window(stream), 16384)
+                if window > 0:
+                    self.client.send_data(stream, b"b" * window)
+                    progressed = True
+            self.pump()
+            if not progressed:
+                break
+        held = sum(sum(len(c) for c in e._body) for e in self.handler.exchanges)
+        self.assertLessEqual(held, CONNECTION_WINDOW)
+        self.assertEqual(self.client.outbound_flow_control_window, 0)  # the client was told to wait
 
 
 def test_header_block_watch_across_any_split() -> None:

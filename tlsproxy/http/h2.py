@@ -39,6 +39,10 @@ from tlsproxy.http.wire import RequestError, split_fields, valid_field
 
 MAX_STREAMS = 100
 STREAM_WINDOW = 1024 * 1024
+# The connection's receive window.  Body bytes are acknowledged only as a
+# handler takes them (and not while it has paused the body), so this bounds
+# what one client can make us hold unread, over all its streams together.
+CONNECTION_WINDOW = 4 * 1024 * 1024 + 65535
 # Rapid reset (CVE-2023-44487) and MadeYouReset (CVE-2025-8671): a client may
 # have RESET_BURST more streams reset (by itself, or by us for its errors)
 # than it had answered within one RESET_WINDOW; past that it gets GOAWAY
@@ -508,7 +512,7 @@ class H2ServerProtocol(Protocol):
         # HPACK state cannot be kept without decoding all of it.
         self.conn.decoder.max_header_list_size = self._max_block
         self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(4 * 1024 * 1024)
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.transport.registerProducer(self, True)
         self._flush()
         self._idle()
