@@ -264,6 +264,18 @@ class H2Tests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertLessEqual(len(self.handler.exchanges), RESET_BURST + 1)
 
+    def test_provoked_resets_count_too(self) -> None:
+        """Malformed requests that make us reset their streams (MadeYouReset) also end in ENHANCE_YOUR_CALM."""
+        from h2.events import ConnectionTerminated
+
+        fields = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+        for _ in range(RESET_BURST + 50):
+            self.send_fields([*fields, (b"connection", b"close")])
+            if self.transport.disconnecting:
+                break
+        self.assertEqual([e.error_code for e in self.events if isinstance(e, ConnectionTerminated)], [11])
+        self.assertEqual(self.handler.exchanges, [])
+
     def test_answered_streams_earn_resets(self) -> None:
         """A client whose streams are answered may cancel as many as it was served without being cut off."""
         for _ in range(RESET_BURST * 2):
