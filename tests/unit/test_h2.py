@@ -13,7 +13,15 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.http import pages
-from tlsproxy.http.h2 import CONNECTION_WINDOW, MAX_STREAMS, RESET_BURST, STREAM_WINDOW, H2ServerProtocol
+from tlsproxy.http.h2 import (
+    CONNECTION_WINDOW,
+    CONTROL_BURST,
+    MAX_STREAMS,
+    RESET_BURST,
+    RESET_WINDOW,
+    STREAM_WINDOW,
+    H2ServerProtocol,
+)
 from tlsproxy.http.server import Limits
 
 
@@ -276,6 +284,22 @@ class H2Tests(SynchronousTestCase):
         self.assertEqual([e.error_code for e in self.events if isinstance(e, ConnectionTerminated)], [11])
         self.assertEqual(self.handler.exchanges, [])
 
+    def test_ping_flood_gets_goaway(self) -> None:
+        """More PINGs in a window than any client needs (a flood from one that reads) end in ENHANCE_YOUR_CALM."""
+        from hyperframe.frame import PingFrame
+
+        batch = PingFrame(0).serialize() * 1000
+        for _ in range(CONTROL_BURST // 1000 - 1):
+            self.server.dataReceived(batch)
+        self.clock.advance(RESET_WINDOW)  # a new window: the allowance starts again
+        for _ in range(CONTROL_BURST // 1000 - 1):
+            self.server.dataReceived(batch)
+        self.assertFalse(self.transport.disconnecting)
+        self.server.dataReceived(batch * 2)
+        self.assertTrue(self.transport.disconnecting)
+        goaway = frames(self.transport.value())[-1]
+        self.assertEqual((type(goaway).__name__, goaway.error_code), ("GoAwayFrame", 11))
+
     def test_answered_streams_earn_resets(self) -> None:
         """A client whose streams are answered may cancel as many as it was served without being cut off."""
         for _ in range(RESET_BURST * 2):
@@ -536,11 +560,11 @@ class H2Tests(SynchronousTestCase):
         self.assertEqual(self.client.outbound_flow_control_window, 0)  # the client was told to wait
 
 
-def test_header_block_watch_across_any_split() -> None:
-    """The header-block size is the same however the bytes are cut into reads."""
-    from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame
+def test_frame_watch_across_any_split() -> None:
+    """The header-block size and the count of control frames are the same however the bytes are cut into reads."""
+    from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, PriorityFrame, SettingsFrame
 
-    from tlsproxy.http.h2 import HeaderBlockWatch
+    from tlsproxy.http.h2 import FrameWatch
 
     headers = HeadersFrame(1)
     headers.data = b"h" * 100
@@ -550,9 +574,11 @@ def test_header_block_watch_across_any_split() -> None:
     last.data = b"c" * 50
     data = DataFrame(1)
     data.data = b"d" * 5000
-    wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"".join(f.serialize() for f in (data, headers, middle, last, data))
+    control = [PingFrame(0), SettingsFrame(0), PriorityFrame(1), DataFrame(1)]  # 4 counted
+    answers = [PingFrame(0, flags=["ACK"]), SettingsFrame(0, flags=["ACK"]), DataFrame(1, flags=["END_STREAM"])]
+    frames = [data, *control, headers, middle, last, *answers, data]
+    wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"".join(f.serialize() for f in frames)
     for size in (1, 7, 9, 10, 100, len(wire)):
-        watch = HeaderBlockWatch()
+        watch = FrameWatch()
         largest = max(watch.feed(wire[i : i + size]) for i in range(0, len(wire), size))
-        assert largest == 450, size
-        assert watch.block == -1, size
+        assert (largest, watch.block, watch.control) == (450, -1, 4), size

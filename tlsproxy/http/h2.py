@@ -49,6 +49,9 @@ CONNECTION_WINDOW = 4 * 1024 * 1024 + 65535
 # with ENHANCE_YOUR_CALM.
 RESET_BURST = 200
 RESET_WINDOW = 10.0
+# Frames that carry no request (PING, SETTINGS, PRIORITY, empty DATA) a
+# client may send within one RESET_WINDOW; a flood of them is all cost.
+CONTROL_BURST = 10_000
 
 # Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2); we
 # frame responses ourselves, so the app's Content-Length goes too.
@@ -60,25 +63,29 @@ _FORBIDDEN_IN_REQUEST = _CONNECTION_SPECIFIC - {b"content-length"}
 _WHITESPACE = (0x09, 0x20)
 
 
-_HEADERS, _PUSH_PROMISE, _CONTINUATION = 0x1, 0x5, 0x9
+_DATA, _HEADERS, _PRIORITY, _SETTINGS, _PUSH_PROMISE, _PING, _CONTINUATION = 0x0, 0x1, 0x2, 0x4, 0x5, 0x6, 0x9
 _END_HEADERS = 0x4
+_ACK = _END_STREAM = 0x1
 
 
-class HeaderBlockWatch:
-    """The size of the header block a client has open, from the frame headers alone.
+class FrameWatch:
+    """What a client's frames ask of us, read from their 9-byte headers alone.
 
     h2 buffers HEADERS and CONTINUATION frames until END_HEADERS before it
     decodes (or counts) anything; endless CONTINUATIONs (CVE-2024-27316)
-    would be held that long.  This reads only the 9-byte frame headers of
-    what arrives, so the block can be cut off at our limit as it grows.
+    would be held that long, so the open header block is measured as it
+    grows.  And frames that cost us work but carry no request (PING and
+    SETTINGS that want an answer, PRIORITY, empty DATA) are counted, so a
+    flood of them can be told from use.
     """
 
-    __slots__ = ("_head", "_skip", "block")
+    __slots__ = ("_head", "_skip", "block", "control")
 
     def __init__(self) -> None:
         self._skip = 24  # the client's connection preface
         self._head = b""  # a frame header split between reads
         self.block = -1  # bytes of the open header block; -1: none open
+        self.control = 0  # frames that carry no request, so far
 
     def feed(self, data: bytes) -> int:
         """Take the next bytes from the client; the largest a header block grew in them (-1: none open)."""
@@ -102,6 +109,12 @@ class HeaderBlockWatch:
                 pos += 9
             length = int.from_bytes(frame[:3], "big")
             kind = frame[3]
+            if (
+                kind == _PRIORITY
+                or ((kind == _PING or kind == _SETTINGS) and not frame[4] & _ACK)
+                or (kind == _DATA and not length and not frame[4] & _END_STREAM)
+            ):
+                self.control += 1
             if kind == _CONTINUATION:
                 header_frame = block >= 0
                 if header_frame:
@@ -485,10 +498,11 @@ class H2ServerProtocol(Protocol):
         self._resets = 0
         self._streams_timer = Deadline(clock)  # for the earliest thing due on any stream
         self._streams_due_at: float | None = None
-        self._blocks = HeaderBlockWatch()
+        self._frames = FrameWatch()
+        self._control_base = 0  # the count of control frames when this window began
         self._max_block = 2 * limits.max_header_size
         self._served = 0
-        self._reset_window_start = clock.seconds()
+        self._reset_window_start = self._control_window_start = clock.seconds()
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -541,9 +555,13 @@ class H2ServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        if self._blocks.feed(data) > self._max_block:
+        watch = self._frames
+        before = watch.control
+        if watch.feed(data) > self._max_block:
             self.log.info("HTTP/2 client {client} sent a header block over the limit", client=self.client_address)
             self._calm_down()
+            return
+        if watch.control != before and self._too_many_control_frames(before):
             return
         try:
             events = self.conn.receive_data(data)
@@ -752,6 +770,18 @@ class H2ServerProtocol(Protocol):
                 "HTTP/2 client {client} reset {n} streams: GOAWAY", client=self.client_address, n=self._resets
             )
             self._calm_down()
+
+    def _too_many_control_frames(self, before: int) -> bool:
+        """GOAWAY if this read took the window's PING, SETTINGS, PRIORITY and empty DATA frames past CONTROL_BURST."""
+        now = self.clock.seconds()
+        if now - self._control_window_start >= RESET_WINDOW:
+            self._control_window_start = now
+            self._control_base = before  # this read's frames count in the new window
+        if self._frames.control - self._control_base <= CONTROL_BURST:
+            return False
+        self.log.info("HTTP/2 client {client} flooded control frames: GOAWAY", client=self.client_address)
+        self._calm_down()
+        return True
 
     def _calm_down(self) -> None:
         """GOAWAY with ENHANCE_YOUR_CALM, and close."""
