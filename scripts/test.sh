@@ -23,7 +23,7 @@ fi
 "$venv/bin/pip" install -q --upgrade pip "setuptools>=77" >/dev/null
 # A plain (not editable) install: the integration tests run the installed `twist tlsproxy`.
 "$venv/bin/pip" install -q --force-reinstall --no-deps . >/dev/null
-"$venv/bin/pip" install -q '.[test]' >/dev/null
+"$venv/bin/pip" install -q -c constraints.txt '.[test]' >/dev/null
 
 # The Mozilla compliance scanner pins its own cryptography: it gets a venv of its own.
 if [ ! -x .venv-sslyze/bin/sslyze ]; then
