@@ -44,4 +44,8 @@ export SSLYZE_BIN="$PWD/.venv-sslyze/bin/sslyze"
 TLSPROXY_PURE_PYTHON=1 "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/unit
 # ... and the C code runs its tests once more under ASan and UBSan.
 TLSPROXY_VENV="$venv" bash scripts/sanitize.sh
-"$venv/bin/python" -m pytest -p no:cacheprovider "$@"
+# The whole suite, under coverage (of this process: the proxies the integration
+# tests start run uncounted). The full table is left in coverage.txt.
+"$venv/bin/python" -m coverage run -m pytest -p no:cacheprovider "$@"
+"$venv/bin/python" -m coverage report --sort=cover > coverage.txt || true
+echo "coverage of tlsproxy (in-process tests): $(tail -n 1 coverage.txt | awk '{print $NF}'), per module in coverage.txt"
