@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.http import pages
+from tlsproxy.http import pages, server
 from tlsproxy.http.server import HTTP11ServerProtocol, Limits
 
 
@@ -276,6 +276,62 @@ class LimitTests(ServerTestCase):
         out = self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertEqual(out.count(b"HTTP/1.1 "), 1)
         self.assertEqual(self.handler.exchanges, [])
+
+
+class TrickledHeadTests(SynchronousTestCase):
+    limits = Limits(max_header_size=40000, max_header_line=40000, header_timeout=5, idle_timeout=30)
+
+    def setUp(self) -> None:
+        self.handler = Recorder()
+        self.proto = HTTP11ServerProtocol(self.handler, Clock(), self.limits, secure=False)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def test_head_trickled_one_byte_per_read_costs_linear_work(self) -> None:
+        """A 30 KiB head sent one byte per read is searched about once per byte, not once per read."""
+        head = b"GET / HTTP/1.1\r\nHost: a\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"v" * 320) for i in range(95))
+        head += b"\r\n"
+        self.assertGreater(len(head), 30000)
+        limit_work: list[int] = []
+        real_check = server.check_head_limits
+
+        def counting_check(data, *args):  # type: ignore[no-untyped-def]
+            limit_work.append(len(data))
+            return real_check(data, *args)
+
+        self.patch(server, "check_head_limits", counting_check)
+        scanners = []
+        for i in range(len(head)):
+            self.proto.dataReceived(head[i : i + 1])
+            if self.proto._pending is not None and not scanners:
+                scanners.append(self.proto._pending)
+        self.assertEqual(len(self.handler.exchanges), 1)
+        self.assertEqual(len(self.handler.exchanges[0].head.headers), 96)
+        self.assertLessEqual(sum(limit_work), 2 * len(head))
+        self.assertLessEqual(scanners[0].examined, 2 * len(head))
+
+    def test_limits_hold_for_a_trickled_head(self) -> None:
+        """Split into reads, a head still gets 414, 431 for a long line and 431 for too many fields."""
+        cases = [
+            (Limits(max_request_line=50), b"GET /" + b"a" * 60, 414),
+            (Limits(max_header_line=50), b"GET / HTTP/1.1\r\nX: " + b"a" * 60, 431),
+            (Limits(max_header_size=100), b"GET / HTTP/1.1\r\n" + b"X: aaaaaaaaaaaaaaaa\r\n" * 6, 431),
+            (Limits(max_header_count=3), b"GET / HTTP/1.1\r\n" + b"X: a\r\n" * 5, 431),
+        ]
+        for limits, data, status in cases:
+            proto = HTTP11ServerProtocol(Recorder(), Clock(), limits, secure=False)
+            transport = StringTransport()
+            proto.makeConnection(transport)
+            for i in range(0, len(data), 7):
+                proto.dataReceived(data[i : i + 7])
+            self.assertTrue(transport.value().startswith(b"HTTP/1.1 %d " % status), (status, transport.value()[:40]))
+
+    def test_empty_lines_before_a_trickled_request_line_are_skipped(self) -> None:
+        """CRLFs before the request line, split across reads, do not spoil the request."""
+        for byte in b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n":
+            self.proto.dataReceived(bytes([byte]))
+        self.assertEqual(len(self.handler.exchanges), 1)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 200 "))
 
 
 class PagesTests(SynchronousTestCase):

@@ -28,6 +28,7 @@ from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Requ
 from tlsproxy.http.wire import (
     ChunkedBody,
     FramingError,
+    HeadScanner,
     LengthBody,
     RequestError,
     check_head_limits,
@@ -238,7 +239,7 @@ class HTTP11ServerProtocol(Protocol):
     _current: HTTP11Exchange | None = None  # its body is being read
     _active: HTTP11Exchange | None = None  # being answered
     _body: LengthBody | ChunkedBody | None = None  # framing of _current's body
-    _pending: bytearray | None = None  # an unfinished head
+    _pending: HeadScanner | None = None  # an unfinished head
     _head_armed = False  # the head deadline runs for the unfinished head
     _closing = False
     _draining = False
@@ -335,14 +336,13 @@ class HTTP11ServerProtocol(Protocol):
                 continue
             pending = self._pending
             if pending is not None:
-                searched = len(pending) - 3
-                pending += data
-                end = pending.find(b"\r\n\r\n", max(searched, 0))
+                end = pending.feed(data)
                 if end < 0:
-                    self._partial_head(pending)
+                    self._arm_head_deadline()
                     return
-                data = bytes(pending)
                 self._pending = None
+                buffered = bytes(pending.buffer)
+                raw, rest = buffered[pending.start : end], buffered[end + 2 :]
             else:
                 if data[:2] == b"\r\n":
                     # Empty lines before a request line are ignored (RFC 9112 2.2).
@@ -351,26 +351,27 @@ class HTTP11ServerProtocol(Protocol):
                         return
                 end = data.find(b"\r\n\r\n")
                 if end < 0:
-                    self._pending = bytearray(data)
-                    self._partial_head(self._pending)
+                    limits = self.limits
+                    scanner = HeadScanner(
+                        limits.max_request_line, limits.max_header_line, limits.max_header_size, limits.max_header_count
+                    )
+                    self._pending = scanner
+                    scanner.feed(data)
+                    self._arm_head_deadline()
                     return
-            rest = data[end + 4 :]
-            self._head(data[: end + 2], rest)
+                raw, rest = data[: end + 2], data[end + 4 :]
+            self._head(raw, rest)
             if self._upgrading or self._closing:
                 return
             data = rest
 
-    def _partial_head(self, pending: bytearray) -> None:
-        """Part of a head has come: check the limits, and start its deadline."""
-        limits = self.limits
-        check_head_limits(pending, False, limits.max_request_line, limits.max_header_line, limits.max_header_size)
-        if pending.count(b"\r\n") > limits.max_header_count + 1:
-            raise RequestError(431, "too many header fields")
+    def _arm_head_deadline(self) -> None:
+        """Part of a head has come: start its deadline, unless a request is being answered."""
         if not self._head_armed and self._active is None and not self._queue:
             # A head that does not arrive in one read must arrive whole
             # within header_timeout, however slowly it trickles in.
             self._head_armed = True
-            self._timer.set(limits.header_timeout, self._head_timeout)
+            self._timer.set(self.limits.header_timeout, self._head_timeout)
 
     def _head(self, raw: bytes, rest: bytes) -> None:
         """A whole request head: validate it, then answer it or queue it."""
