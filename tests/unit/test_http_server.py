@@ -141,6 +141,8 @@ class UpgradeAndPipelineTests(ServerTestCase):
         exchange.write(b"done")
         exchange.finish()
         self.assertTrue(self.transport.value().endswith(b"done"))
+        # The client may still be sending: it lingers, then closes.
+        self.clock.advance(self.limits.linger)
         self.assertTrue(self.transport.disconnecting)
 
     def test_app_resume_does_not_lift_the_pipeline_pause(self) -> None:
@@ -276,6 +278,131 @@ class LimitTests(ServerTestCase):
         out = self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n")
         self.assertEqual(out.count(b"HTTP/1.1 "), 1)
         self.assertEqual(self.handler.exchanges, [])
+
+
+class GoneObserver:
+    """Remembers that the server told the handler its client is gone."""
+
+    gone = False
+
+    def client_gone(self) -> None:
+        self.gone = True
+
+
+class HalfClosingTransport(StringTransport):
+    write_closed = False
+
+    def loseWriteConnection(self) -> None:
+        self.write_closed = True
+
+
+class BodyDeadlineTests(ServerTestCase):
+    limits = Limits(header_timeout=5, idle_timeout=30, body_timeout=20, linger=3, linger_bytes=1000)
+
+    def dispatched(self, data: bytes) -> GoneObserver:
+        out = self.feed(data)
+        self.assertEqual(out, b"")
+        observer = GoneObserver()
+        self.handler.exchanges[0].set_observer(observer)
+        return observer
+
+    def test_stalled_body_answered_408_and_closed(self) -> None:
+        """A body that stops arriving gets 408 after body_timeout, the handler lets go, the connection ends."""
+        observer = self.dispatched(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        self.clock.advance(19)
+        self.feed(b"de")  # bytes still coming: the deadline moves
+        self.clock.advance(19)
+        self.assertEqual(self.transport.value(), b"")
+        self.clock.advance(1.5)
+        out = self.transport.value()
+        self.assertTrue(out.startswith(b"HTTP/1.1 408 "), out[:40])
+        self.assertIn(b"Connection: close", out)
+        self.assertTrue(observer.gone)
+        self.clock.advance(self.limits.linger)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_stalled_body_after_response_started_is_cut(self) -> None:
+        """A body that stalls once the answer has begun ends the connection at once."""
+        self.handler.answer = False
+        self.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        exchange = self.handler.exchanges[0]
+        exchange.set_body_consumer(BodyCollector(exchange))
+        exchange.start_response(200, b"OK", [], None)
+        self.clock.advance(self.limits.body_timeout + 1)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_body_not_timed_while_we_stopped_reading(self) -> None:
+        """While the app's back-pressure pauses reading, the body deadline does not fire."""
+        self.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc")
+        self.handler.exchanges[0].pause_body()
+        self.clock.advance(self.limits.body_timeout * 3)
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_bad_chunk_size_after_dispatch_answered_400(self) -> None:
+        """A malformed chunk-size line of a dispatched request gets a 400 and a close, and the handler lets go."""
+        observer = self.dispatched(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        out = self.feed(b"zz\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 400 "), out[:40])
+        self.assertIn(b"Connection: close", out)
+        self.assertTrue(observer.gone)
+        self.clock.advance(self.limits.linger)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_bad_chunk_size_after_response_started_aborts(self) -> None:
+        """A malformed chunk-size line once the answer has begun cuts the connection."""
+        self.handler.answer = False
+        self.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        exchange = self.handler.exchanges[0]
+        exchange.set_body_consumer(BodyCollector(exchange))
+        exchange.start_response(200, b"OK", [], None)
+        self.feed(b"5;=\r\n")
+        self.assertTrue(self.transport.disconnected)
+
+
+class LingeringCloseTests(ServerTestCase):
+    limits = Limits(max_header_size=1000, header_timeout=5, idle_timeout=30, linger=3, linger_bytes=1000)
+
+    def test_refused_client_still_sending_is_read_before_the_close(self) -> None:
+        """After a 431 the connection stays open, drops what comes, and closes once the linger time is over."""
+        out = self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 1100)
+        self.assertTrue(out.startswith(b"HTTP/1.1 431 "))
+        self.clock.advance(2)
+        self.assertEqual(self.feed(b"a" * 500), b"")
+        self.assertFalse(self.transport.disconnecting)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_lingering_is_bounded_in_bytes(self) -> None:
+        """A refused client that keeps sending past linger_bytes is cut before the linger time ends."""
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 1100)
+        self.feed(b"a" * 600)
+        self.assertFalse(self.transport.disconnecting)
+        self.feed(b"a" * 600)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_tcp_side_is_shut_down_while_lingering(self) -> None:
+        """On a transport that can half-close, our side ends right after the answer, so the client sees its end."""
+        self.transport = HalfClosingTransport()
+        self.proto = HTTP11ServerProtocol(self.handler, self.clock, self.limits, secure=False)
+        self.proto.makeConnection(self.transport)
+        self.proto.dataReceived(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 400 "))
+        self.assertTrue(self.transport.write_closed)
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_early_answer_to_a_body_still_coming_lingers(self) -> None:
+        """A handler's early 413 to a body still being sent is followed by lingering, not an instant close."""
+        self.handler.answer = False
+        self.feed(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100000\r\n\r\n" + b"x" * 100)
+        pages.send(self.handler.exchanges[0], 413)
+        self.assertTrue(self.transport.value().startswith(b"HTTP/1.1 413 "))
+        self.feed(b"x" * 500)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(self.limits.linger)
+        self.assertTrue(self.transport.disconnecting)
 
 
 class TrickledHeadTests(SynchronousTestCase):

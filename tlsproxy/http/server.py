@@ -53,7 +53,9 @@ class Limits:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     handshake_timeout: float = 10.0
-    linger: float = 2.0
+    body_timeout: float = 60.0  # longest wait for the next bytes of a request body
+    linger: float = 5.0  # after an error answer, how long to drop what the client still sends
+    linger_bytes: int = 4 * 1024 * 1024  # and how much of it
 
 
 class HTTP11Exchange:
@@ -242,6 +244,8 @@ class HTTP11ServerProtocol(Protocol):
     _pending: HeadScanner | None = None  # an unfinished head
     _head_armed = False  # the head deadline runs for the unfinished head
     _closing = False
+    _linger_next = False  # the client may still be sending when we close: linger
+    _linger_left = -1  # bytes still to drop while lingering (-1: not lingering)
     _draining = False
     _tunnel: Any = None
     _upgrade_rest = b""
@@ -255,6 +259,7 @@ class HTTP11ServerProtocol(Protocol):
         self._queue: deque[HTTP11Exchange] = deque()
         self._paused_for: set[str] = set()
         self._timer = Deadline(clock)
+        self._body_timer = Deadline(clock)  # the client's silence within a request body
 
     # -- connection ----------------------------------------------------------
 
@@ -273,6 +278,7 @@ class HTTP11ServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._timer.stop()
+        self._body_timer.stop()
         if self.tracker is not None:
             self.tracker.remove(self)
         if self._tunnel is not None:
@@ -296,6 +302,20 @@ class HTTP11ServerProtocol(Protocol):
     def _head_timeout(self) -> None:
         self._refuse(RequestError(408, "the request head did not arrive in time"))
 
+    def _body_timeout(self) -> None:
+        if self._body is None or self._closing:
+            return
+        if self._paused_for:
+            # We stopped reading (the app, or a request ahead, is slower):
+            # not the client's silence.
+            self._body_timer.set(self.limits.body_timeout, self._body_timeout)
+            return
+        self._body_failed(RequestError(408, "the request body stalled"))
+
+    def _linger_timeout(self) -> None:
+        self.log.debug("lingering close of {client} timed out", client=self.client_address)
+        self.transport.abortConnection()
+
     # -- parsing -------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
@@ -303,7 +323,12 @@ class HTTP11ServerProtocol(Protocol):
             self._tunnel.write(data)
             return
         if self._closing:
-            return  # lingering: read and drop what a refused client still sends
+            if self._linger_left >= 0:
+                # Lingering: read and drop what a refused client still sends.
+                self._linger_left -= len(data)
+                if self._linger_left < 0:
+                    self.transport.abortConnection()
+            return
         if self._upgrading:
             # Bytes after an Upgrade head belong to the tunnel (if the app
             # agrees to it); keep them until it starts.
@@ -314,7 +339,7 @@ class HTTP11ServerProtocol(Protocol):
         except RequestError as e:
             self._refuse(e)
         except FramingError as e:
-            self._refuse(RequestError(400, str(e)))
+            self._body_failed(RequestError(400, str(e)))
 
     def _receive(self, data: bytes) -> None:
         """Take heads and bodies out of ``data`` until it is used up."""
@@ -329,7 +354,10 @@ class HTTP11ServerProtocol(Protocol):
                     exchange._body_data(piece)
                 if body.done:
                     self._body = self._current = None
+                    self._body_timer.clear()
                     exchange._body_end()
+                else:
+                    self._body_timer.set(self.limits.body_timeout, self._body_timeout)
                 if used == len(data) or self._closing:
                     return
                 data = data[used:]
@@ -388,6 +416,8 @@ class HTTP11ServerProtocol(Protocol):
         elif head.content_length:
             self._body = LengthBody(head.content_length)
             self._current = exchange
+        if self._body is not None:
+            self._body_timer.set(limits.body_timeout, self._body_timeout)
         elif head.upgrade:
             self._upgrading = True
             self._upgrade_rest = rest
@@ -427,7 +457,10 @@ class HTTP11ServerProtocol(Protocol):
             self.resume_reading("buffer")
         if not exchange.keep_alive or self._closing or self._draining:
             self._closing = True
-            self._close()
+            if self._linger_next or not exchange._body_done:
+                self._linger()
+            else:
+                self._close()
             return
         if self._queue:
             self._dispatch(self._queue.popleft())
@@ -453,6 +486,7 @@ class HTTP11ServerProtocol(Protocol):
             detail=error.detail,
         )
         self._queue.clear()
+        self._linger_next = True
         if self._active is not None:
             # A response is in flight: let it finish (exchange_finished then
             # closes); what the client sent after the bad request is dropped.
@@ -464,9 +498,44 @@ class HTTP11ServerProtocol(Protocol):
         self._active = exchange
         self._closing = True
         pages.send(exchange, error.status)
-        # Linger a little so the client reads our answer before the close.
+
+    def _body_failed(self, error: RequestError) -> None:
+        """A request body that breaks its framing or stalls: answer it if we still can, and close."""
+        exchange = self._current
+        self._body = self._current = None
+        self._body_timer.clear()
+        if exchange is None or exchange is not self._active:
+            self._refuse(error)  # not handed to the handler yet: as any bad request
+            return
+        self.log.info(
+            "request body from {client} failed: {status} {detail}",
+            client=self.client_address,
+            status=error.status,
+            detail=error.detail,
+        )
+        self._queue.clear()
+        self._closing = self._linger_next = True
+        exchange._client_gone()  # the handler stops waiting for the body and lets the app go
+        if exchange.response_started:
+            exchange.abort()
+        else:
+            pages.send(exchange, error.status)
+
+    def _linger(self) -> None:
+        """Close after an answer to a client that may still be sending.
+
+        Closing a socket with unread bytes resets the connection, and the reset
+        can destroy our answer before the client reads it; so what it still
+        sends is read and dropped for a bounded time and size first (and on
+        TCP our side is shut down, so the client sees the answer end).
+        """
+        self._linger_left = self.limits.linger_bytes
+        self._body_timer.clear()
         self.resume_reading_fully()
-        self._timer.set(self.limits.linger, self.transport.abortConnection)
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        self._timer.set(self.limits.linger, self._linger_timeout)
 
     def drain(self) -> None:
         """Shutting down: finish the response in flight, then close."""
