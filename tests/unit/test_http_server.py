@@ -297,7 +297,7 @@ class HalfClosingTransport(StringTransport):
 
 
 class BodyDeadlineTests(ServerTestCase):
-    limits = Limits(header_timeout=5, idle_timeout=30, body_timeout=20, linger=3, linger_bytes=1000)
+    limits = Limits(header_timeout=5, idle_timeout=30, body_timeout=20, linger=3)
 
     def dispatched(self, data: bytes) -> GoneObserver:
         out = self.feed(data)
@@ -361,26 +361,39 @@ class BodyDeadlineTests(ServerTestCase):
 
 
 class LingeringCloseTests(ServerTestCase):
-    limits = Limits(max_header_size=1000, header_timeout=5, idle_timeout=30, linger=3, linger_bytes=1000)
+    limits = Limits(max_header_size=1000, idle_timeout=30, linger=3, linger_quiet=1, linger_bytes=10000)
 
     def test_refused_client_still_sending_is_read_before_the_close(self) -> None:
-        """After a 431 the connection stays open, drops what comes, and closes once the linger time is over."""
+        """After a 431 the connection reads and drops while the client sends, and closes gently once it is quiet."""
         out = self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 1100)
         self.assertTrue(out.startswith(b"HTTP/1.1 431 "))
-        self.clock.advance(2)
-        self.assertEqual(self.feed(b"a" * 500), b"")
+        for _ in range(4):
+            self.clock.advance(0.5)
+            self.assertEqual(self.feed(b"a" * 500), b"")
         self.assertFalse(self.transport.disconnecting)
         self.assertEqual(self.transport.producerState, "producing")
         self.clock.advance(1)
         self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)  # a close, not an abort
         self.assertEqual(self.handler.exchanges, [])
+
+    def test_lingering_is_bounded_in_time(self) -> None:
+        """A refused client that never stops sending is cut when the linger time is over."""
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 1100)
+        for _ in range(5):
+            self.clock.advance(0.5)
+            self.feed(b"a")
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.5)
+        self.feed(b"a")
+        self.assertTrue(self.transport.disconnected)
 
     def test_lingering_is_bounded_in_bytes(self) -> None:
         """A refused client that keeps sending past linger_bytes is cut before the linger time ends."""
         self.feed(b"GET / HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 1100)
-        self.feed(b"a" * 600)
+        self.feed(b"a" * 6000)
         self.assertFalse(self.transport.disconnecting)
-        self.feed(b"a" * 600)
+        self.feed(b"a" * 6000)
         self.assertTrue(self.transport.disconnected)
 
     def test_tcp_side_is_shut_down_while_lingering(self) -> None:

@@ -54,8 +54,11 @@ class Limits:
     idle_timeout: float = 60.0
     handshake_timeout: float = 10.0
     body_timeout: float = 60.0  # longest wait for the next bytes of a request body
-    linger: float = 5.0  # after an error answer, how long to drop what the client still sends
-    linger_bytes: int = 4 * 1024 * 1024  # and how much of it
+    # After an error answer, what the client still sends is dropped until it
+    # has been quiet for linger_quiet, for at most linger seconds and bytes.
+    linger: float = 5.0
+    linger_quiet: float = 1.0
+    linger_bytes: int = 4 * 1024 * 1024
 
 
 class HTTP11Exchange:
@@ -246,6 +249,8 @@ class HTTP11ServerProtocol(Protocol):
     _closing = False
     _linger_next = False  # the client may still be sending when we close: linger
     _linger_left = -1  # bytes still to drop while lingering (-1: not lingering)
+    _linger_until = 0.0  # when lingering ends however the client behaves
+    _linger_last = 0.0  # when it last sent something
     _draining = False
     _tunnel: Any = None
     _upgrade_rest = b""
@@ -313,6 +318,9 @@ class HTTP11ServerProtocol(Protocol):
         self._body_failed(RequestError(408, "the request body stalled"))
 
     def _linger_timeout(self) -> None:
+        if self.clock.seconds() - self._linger_last >= self.limits.linger_quiet - 1e-6:
+            self._close()  # it stopped sending: nothing unread is left to turn the close into a reset
+            return
         self.log.debug("lingering close of {client} timed out", client=self.client_address)
         self.transport.abortConnection()
 
@@ -326,8 +334,12 @@ class HTTP11ServerProtocol(Protocol):
             if self._linger_left >= 0:
                 # Lingering: read and drop what a refused client still sends.
                 self._linger_left -= len(data)
-                if self._linger_left < 0:
+                now = self.clock.seconds()
+                if self._linger_left < 0 or now >= self._linger_until:
                     self.transport.abortConnection()
+                    return
+                self._linger_last = now
+                self._timer.set(min(self.limits.linger_quiet, self._linger_until - now), self._linger_timeout)
             return
         if self._upgrading:
             # Bytes after an Upgrade head belong to the tunnel (if the app
@@ -526,16 +538,19 @@ class HTTP11ServerProtocol(Protocol):
 
         Closing a socket with unread bytes resets the connection, and the reset
         can destroy our answer before the client reads it; so what it still
-        sends is read and dropped for a bounded time and size first (and on
-        TCP our side is shut down, so the client sees the answer end).
+        sends is read and dropped until it is quiet, within a bounded time and
+        size (and on TCP our side is shut down, so the client sees the end).
         """
-        self._linger_left = self.limits.linger_bytes
+        limits = self.limits
+        self._linger_left = limits.linger_bytes
+        self._linger_last = now = self.clock.seconds()
+        self._linger_until = now + limits.linger
         self._body_timer.clear()
         self.resume_reading_fully()
         half_close = getattr(self.transport, "loseWriteConnection", None)
         if half_close is not None:
             half_close()
-        self._timer.set(self.limits.linger, self._linger_timeout)
+        self._timer.set(min(limits.linger_quiet, limits.linger), self._linger_timeout)
 
     def drain(self) -> None:
         """Shutting down: finish the response in flight, then close."""
