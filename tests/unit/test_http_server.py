@@ -129,6 +129,17 @@ class UpgradeAndPipelineTests(ServerTestCase):
         self.proto.dataReceived(b"THIRD")
         self.assertEqual(peer.value(), b"FIRSTSECONDTHIRD")
 
+    def test_h2c_upgrade_is_served_as_a_plain_request(self) -> None:
+        """Upgrade: h2c is no tunnel: the request is answered as HTTP/1.1 and the next bytes are the next request."""
+        out = self.feed(
+            b"GET /a HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\nGET /b HTTP/1.1\r\nHost: a\r\n\r\n"
+        )
+        self.assertEqual([e.head.target for e in self.handler.exchanges], [b"/a", b"/b"])
+        self.assertEqual(self.handler.exchanges[0].head.upgrade, b"")
+        self.assertEqual(out.count(b"HTTP/1.1 200 "), 2)
+        self.assertNotIn(b"Connection: close", out)
+
     def test_bad_pipelined_request_does_not_cut_response_in_flight(self) -> None:
         """A malformed request behind one being answered lets that answer finish, then closes."""
         self.handler.answer = False

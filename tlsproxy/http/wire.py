@@ -169,6 +169,11 @@ def parse_request_head(head: bytes, max_header_count: int) -> tuple[RequestHead,
         # A request with a body is served as it is: after a body, bytes that
         # may be for the tunnel or a next request are not worth guessing at.
         upgrade = b""
+    if upgrade and upgrade.lower() != b"websocket":
+        # Only WebSocket becomes a tunnel: another protocol (h2c, ...) would
+        # carry the client's raw bytes to the app unchecked.  Its request is
+        # served as a plain one (Upgrade and Connection are not forwarded).
+        upgrade = b""
     if upgrade:
         # After an upgrade the connection is the app's; if the app says no,
         # it closes after that answer.
