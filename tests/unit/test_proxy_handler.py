@@ -307,3 +307,14 @@ class OnlyWebSocketTests(SynchronousTestCase):
         wire.clear()
         self.client.dataReceived(b"\x81\x05hello")
         self.assertEqual(wire.value(), b"\x81\x05hello")
+
+
+class HostTests(SynchronousTestCase):
+    setUp = HandlerTests.setUp
+
+    def test_host_with_trailing_dot_reaches_its_site(self) -> None:
+        """Host: app.test. is served by the site of app.test, not answered 404."""
+        exchange = FakeExchange(RequestHead(b"GET", b"/x", b"1.1", b"app.test.", [(b"host", b"app.test.")]))
+        self.handler.handle(exchange)
+        self.assertIsNone(exchange.status)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
