@@ -114,6 +114,7 @@ class Server:
     idle_timeout: float = 60.0
     handshake_timeout: float = 10.0
     header_timeout: float = 10.0
+    body_timeout: float = 60.0
     shutdown_grace: float = 30.0
     max_request_line: int = 8192
     max_header_size: int = 32768

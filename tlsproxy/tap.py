@@ -68,6 +68,7 @@ def limits_of(config: Config) -> Limits:
         max_header_size=server.max_header_size,
         max_header_count=server.max_header_count,
         header_timeout=server.header_timeout,
+        body_timeout=server.body_timeout,
         idle_timeout=server.idle_timeout,
         handshake_timeout=server.handshake_timeout,
     )

@@ -188,3 +188,13 @@ def test_wildcard_acme_refused() -> None:
     """A wildcard host with tls = acme is refused (no DNS-01)."""
     (message,) = problems({"acme": ACME, "site": [{**SITE, "hosts": ["*.example.com"]}]})
     assert "DNS-01" in message
+
+
+def test_body_timeout_reaches_the_server_limits() -> None:
+    """server.body_timeout is read, must be positive, and becomes the HTTP/1.1 body deadline."""
+    from tlsproxy.tap import limits_of
+
+    cfg = parse({"acme": ACME, "site": [SITE], "server": {"body_timeout": 7}}, "site.toml", {})
+    assert limits_of(cfg).body_timeout == 7.0
+    (message,) = problems({"acme": ACME, "site": [SITE], "server": {"body_timeout": 0}})
+    assert "server.body_timeout" in message

@@ -260,3 +260,61 @@ class GarbageTests(SynchronousTestCase):
             gc.enable()
         self.assertEqual(len(reactor.tcpClients), 1)  # the one pooled connection served them all
         self.assertEqual(left, [])
+
+
+class OnlyWebSocketTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from tlsproxy.http.server import HTTP11ServerProtocol, Limits
+
+        self.reactor = MemoryReactorClock()
+        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
+        self.client = HTTP11ServerProtocol(ProxyHandler(self.reactor, [site], Server()), self.reactor, Limits(), True)
+        self.client_wire = StringTransport()
+        self.client.makeConnection(self.client_wire)
+
+    def app(self) -> tuple[Any, StringTransport]:
+        app = self.reactor.tcpClients[-1][2].buildProtocol(None)
+        wire = StringTransport()
+        app.makeConnection(wire)
+        return app, wire
+
+    def test_h2c_upgrade_is_not_forwarded_and_a_101_is_refused(self) -> None:
+        """Upgrade: h2c reaches the app as a plain request; a 101 to it is a 502, and no raw bytes flow."""
+        self.client.dataReceived(
+            b"GET /x HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+        )
+        app, wire = self.app()
+        sent = wire.value().lower()
+        self.assertNotIn(b"upgrade", sent)
+        self.assertNotIn(b"connection:", sent)
+        app.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+        self.assertTrue(self.client_wire.value().startswith(b"HTTP/1.1 502 "), self.client_wire.value()[:40])
+        wire.clear()
+        self.client.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        self.assertEqual(wire.value(), b"")
+
+    def test_websocket_upgrade_still_tunnels(self) -> None:
+        """Upgrade: websocket is forwarded, and after the app's 101 bytes flow both ways."""
+        self.client.dataReceived(
+            b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        app, wire = self.app()
+        self.assertIn(b"upgrade: websocket\r\n", wire.value())
+        app.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        self.assertTrue(self.client_wire.value().startswith(b"HTTP/1.1 101 "))
+        wire.clear()
+        self.client.dataReceived(b"\x81\x05hello")
+        self.assertEqual(wire.value(), b"\x81\x05hello")
+
+
+class HostTests(SynchronousTestCase):
+    setUp = HandlerTests.setUp
+
+    def test_host_with_trailing_dot_reaches_its_site(self) -> None:
+        """Host: app.test. is served by the site of app.test, not answered 404."""
+        exchange = FakeExchange(RequestHead(b"GET", b"/x", b"1.1", b"app.test.", [(b"host", b"app.test.")]))
+        self.handler.handle(exchange)
+        self.assertIsNone(exchange.status)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
