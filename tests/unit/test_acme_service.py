@@ -490,7 +490,7 @@ def test_renewal_thread_changes_tables_through_the_reactor(h: Harness) -> None:
     svc = CertificateService(
         h.clock,
         h.config,
-        h.sni if hasattr(h, "sni") else h.service().sni,
+        h.service().sni,
         h.http01,
         h.alpn01,
         run_in_thread=threads,
@@ -503,3 +503,43 @@ def test_renewal_thread_changes_tables_through_the_reactor(h: Harness) -> None:
     assert len(h.ca.issued) == 1 and svc._acme["example.com"].serial is not None
     assert len(through) >= 4  # put and remove, for each of the two names
     svc.stopService()
+
+
+class _ThreadReactor(Clock):
+    """A Clock whose callFromThread only queues; the test thread plays the reactor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import queue
+
+        self.calls: queue.Queue = queue.Queue()
+
+    def callFromThread(self, f, *args):  # type: ignore[no-untyped-def]
+        self.calls.put((f, args))
+
+
+def test_worker_waits_for_the_reactor_to_change_a_table(h: Harness) -> None:
+    """A worker thread's table change runs on the reactor's turn, and the worker gets its result."""
+    import threading
+
+    reactor = _ThreadReactor()
+    svc = CertificateService(reactor, h.config, None, h.http01, h.alpn01)
+    got: list[object] = []
+    worker = threading.Thread(target=lambda: got.append(svc._in_reactor(h.http01.put, "tok", "tok.thumb")))
+    worker.start()
+    f, args = reactor.calls.get(timeout=10)
+    assert h.http01.get("tok") is None and got == []
+    f(*args)  # the reactor's turn
+    worker.join(10)
+    assert h.http01.get("tok") == "tok.thumb" and got == [None]
+
+
+def test_worker_gives_up_when_the_reactor_never_runs_the_change(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reactor that is shutting down never runs the change: the worker gets an AcmeError instead of hanging."""
+    from tlsproxy.acme import service
+
+    monkeypatch.setattr(service, "IN_REACTOR_PATIENCE", 0.01)
+    svc = CertificateService(_ThreadReactor(), h.config, None, h.http01, h.alpn01)
+    with pytest.raises(AcmeError) as info:
+        svc._in_reactor(h.http01.put, "tok", "tok.thumb")
+    assert info.value.code == "shutdown" and h.http01.get("tok") is None

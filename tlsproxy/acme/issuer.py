@@ -51,9 +51,10 @@ def _call_here(f: Callable[..., object], *args: object) -> object:
 class TableResponder:
     """Answers served by this process's own listeners, through the shared tables.
 
-    The reactor reads the tables; ``in_reactor`` (the service passes
-    ``blockingCallFromThread``) makes every change there, so a renewal thread
-    never writes them itself, and the answer is in place before the CA looks.
+    The reactor reads the tables; ``in_reactor`` (the service's runs the call
+    on the reactor thread and waits) makes every change there, so a renewal
+    thread never writes them itself, and the answer is in place before the CA
+    looks.
     The tls-alpn-01 certificate is made in the caller's thread.
     """
 

@@ -16,8 +16,8 @@ everything, every ``poll_interval`` seconds:
 
 The polling (stat, reads, the tls-alpn-01 certificates) runs in a thread, one
 scan at a time; only its results are applied on the reactor thread, which also
-owns the SNI map and the challenge tables (a renewal thread changes them
-through ``blockingCallFromThread``).  At start (and on a reload) the stored
+owns the SNI map and the challenge tables (a renewal thread has the reactor
+change them, and waits for it).  At start (and on a reload) the stored
 certificates are read at once, so a new configuration never serves without
 them.
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,13 +37,13 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.task import LoopingCall
-from twisted.internet.threads import blockingCallFromThread, deferToThreadPool
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tlsproxy.acme.alpn01 import challenge_context
 from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers, is_valid_token
-from tlsproxy.acme.client import AcmeClient, CertificateAuthority
+from tlsproxy.acme.client import AcmeClient, AcmeError, CertificateAuthority
 from tlsproxy.acme.issuer import Outcome, SiteRequest, TableResponder, renew_site
 from tlsproxy.acme.scheduler import RenewalPolicy, backoff_delay, next_check
 from tlsproxy.certs.model import CertificateError, CertifiedKey
@@ -50,6 +51,7 @@ from tlsproxy.certs.store import CertificateStore, FileSignature, StoreError, re
 from tlsproxy.config import Config, Site
 
 RunInThread = Callable[..., "Deferred[Any]"]
+IN_REACTOR_PATIENCE = 10.0
 
 
 def default_ca_factory(config: Config, store: CertificateStore) -> CertificateAuthority:
@@ -158,9 +160,7 @@ class CertificateService(Service):
         )
         # How a worker thread changes what the reactor reads (the challenge tables).
         if in_reactor is None:
-            in_reactor = (
-                (lambda f, *a: f(*a)) if run_in_thread else (lambda f, *a: blockingCallFromThread(reactor, f, *a))
-            )
+            in_reactor = (lambda f, *a: f(*a)) if run_in_thread else self._blocking_in_reactor
         self._in_reactor = in_reactor
         self._scanning = False
         self._ca_factory = ca_factory
@@ -173,6 +173,32 @@ class CertificateService(Service):
         self._store_alpn: dict[str, str] = {}
         self._loop: LoopingCall | None = None
         self._running_jobs: set[Deferred[Any]] = set()
+
+    def _blocking_in_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
+        """Run ``f`` on the reactor thread and wait for it (from a worker thread).
+
+        Unlike ``blockingCallFromThread`` this gives up after a while: a
+        reactor that is shutting down joins its worker threads and would never
+        run ``f``, and neither side would ever return.
+        """
+        done = threading.Event()
+        outcome: list[tuple[bool, Any]] = []
+
+        def run() -> None:
+            try:
+                outcome.append((True, f(*args)))
+            except Exception as e:
+                outcome.append((False, e))
+            finally:
+                done.set()
+
+        self.reactor.callFromThread(run)
+        if not done.wait(IN_REACTOR_PATIENCE):
+            raise AcmeError("publishing a challenge answer", "the proxy did not take it (shutting down?)", "shutdown")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     # -- time ------------------------------------------------------------------
 
@@ -210,7 +236,7 @@ class CertificateService(Service):
             self._scanning = True
             alpn = dict(self._store_alpn) if self._acme else None
             d = self._run(self._scan_blocking, self._wanted(), alpn)
-            d.addCallback(lambda scan: self._apply(scan, self.now()))
+            d.addCallback(lambda scan: self._apply(scan, self.now()) if self.running else None)
             d.addErrback(lambda f: self.log.failure("polling the certificate files failed", f))
             d.addBoth(self._scanned)
         now = self.now()
