@@ -342,6 +342,7 @@ class Outcome:
     renewed: bool = False
     error: AcmeError | StoreError | None = None
     next_check: datetime.datetime | None = None
+    unsaved: CertifiedKey | None = None  # issued, but the store could not take it: pass it to the next check
 
 
 def window_of(meta: SiteMeta, certified: CertifiedKey | None) -> Window | None:
@@ -444,13 +445,26 @@ def renew_site(
     policy: RenewalPolicy = RenewalPolicy(),
     rand: float = 0.5,
     lock_timeout: float = 600.0,
+    unsaved: CertifiedKey | None = None,
 ) -> Outcome:
-    """Check one site under the store lock and order a certificate if it is due (or ``force``)."""
+    """Check one site under the store lock and order a certificate if it is due (or ``force``).
+
+    ``unsaved`` is a certificate an earlier check got but could not store (a
+    full disk): it is stored now instead of ordering again, which would spend
+    the CA's duplicate-certificate limit.
+    """
     with store.locked(timeout=lock_timeout):
         store.tidy(request.name)  # what an interrupted write left behind
         at = now()
         meta = store.load_meta(request.name)
         current = load_usable(store, request.name, request.hosts, at)
+        if (
+            unsaved is not None
+            and check_issued(unsaved, request.hosts, at) is None
+            and (current is None or unsaved.not_after > current.not_after)
+        ):
+            log.info("storing the certificate for {hosts} got earlier", hosts=", ".join(request.hosts))
+            return _store_issued(store, request, meta, unsaved, now(), policy, rand)
         try:
             ari = current is not None and ca.supports_ari()
         except AcmeError as e:  # the CA is unreachable: decide without ARI; ordering will record the error
@@ -489,19 +503,43 @@ def renew_site(
             )
         except AcmeError as e:
             return _failed(store, request, meta, current, e, now(), policy, rand, "ordering")
-        at = now()
-        fresh = SiteMeta(hosts=request.hosts, last_attempt=at).describe_certificate(certified)
-        due = renewal_time(certified.not_before, certified.not_after, None, rand)
-        try:
-            meta = store.save_certificate(request.name, certified, replace(fresh, next_attempt=due))
-        except StoreError as e:
-            # The old pair (or, if only meta.json failed, the new one) is what the store holds.
-            stored = load_usable(store, request.name, request.hosts, at)
-            return _failed(store, request, meta, stored, e, at, policy, rand, "storing")
-        log.info(
-            "certificate for {hosts} stored: serial {serial}, not after {not_after}",
-            hosts=", ".join(request.hosts),
-            serial=meta.serial,
-            not_after=certified.not_after.isoformat(),
-        )
-        return Outcome(certified, meta, renewed=True, next_check=due)
+        return _store_issued(store, request, meta, certified, now(), policy, rand)
+
+
+def check_issued(certified: CertifiedKey, hosts: Sequence[str], at: datetime.datetime) -> str | None:
+    """Why an issued certificate cannot be stored for ``hosts`` now, or None."""
+    if certified.uncovered(hosts):
+        return "it does not cover every host"
+    if certified.not_after <= at:
+        return "it has expired"
+    return None
+
+
+def _store_issued(
+    store: CertificateStore,
+    request: SiteRequest,
+    meta: SiteMeta,
+    certified: CertifiedKey,
+    at: datetime.datetime,
+    policy: RenewalPolicy,
+    rand: float,
+) -> Outcome:
+    """Store a newly issued certificate; if the store fails, the outcome keeps it for the next check."""
+    fresh = SiteMeta(hosts=request.hosts, last_attempt=at).describe_certificate(certified)
+    due = renewal_time(certified.not_before, certified.not_after, None, rand)
+    try:
+        saved = store.save_certificate(request.name, certified, replace(fresh, next_attempt=due))
+    except StoreError as e:
+        # The old pair (or, if only meta.json failed, the new one) is what the store holds.
+        stored = load_usable(store, request.name, request.hosts, at)
+        outcome = _failed(store, request, meta, stored, e, at, policy, rand, "storing")
+        if stored is None or stored.leaf.serial_number != certified.leaf.serial_number:
+            outcome = replace(outcome, unsaved=certified)
+        return outcome
+    log.info(
+        "certificate for {hosts} stored: serial {serial}, not after {not_after}",
+        hosts=", ".join(request.hosts),
+        serial=saved.serial,
+        not_after=certified.not_after.isoformat(),
+    )
+    return Outcome(certified, saved, renewed=True, next_check=due)

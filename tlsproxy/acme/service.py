@@ -102,6 +102,7 @@ class _Watch:
     busy: bool = False
     rand: float = 0.5
     failures: int = 0  # consecutive checks that failed outside the CA's answer (the store, say)
+    unsaved: CertifiedKey | None = None  # issued, not stored yet (a full disk): stored by the next check
 
 
 @dataclass(frozen=True)
@@ -395,6 +396,7 @@ class CertificateService(Service):
             self.now,
             policy=self.policy,
             rand=watch.rand,
+            unsaved=watch.unsaved,
         )
 
     def _start_check(self, watch: _Watch) -> None:
@@ -404,8 +406,10 @@ class CertificateService(Service):
         self._running_jobs.add(d)
 
         def done(outcome: Outcome) -> None:
-            watch.failures = 0
             now = self.now()
+            watch.unsaved = outcome.unsaved
+            # meta.json may not record a failure on a full disk: count here too, so the backoff grows.
+            watch.failures = watch.failures + 1 if isinstance(outcome.error, StoreError) else 0
             if self.metrics is not None and (outcome.renewed or outcome.error is not None):
                 self.metrics.renewal_attempts.labels(watch.site.name).inc()
                 if outcome.error is not None:
@@ -422,6 +426,9 @@ class CertificateService(Service):
             due = outcome.next_check or now
             if outcome.error is None:
                 due = next_check(now, due, self.policy, self._rng.random())
+            elif watch.failures:
+                delay = backoff_delay(watch.failures, self.policy, self._rng.random())
+                due = max(due, now + datetime.timedelta(seconds=delay))
             watch.next_check = due
             if outcome.error is None and not outcome.renewed:
                 self.log.info(
