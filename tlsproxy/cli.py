@@ -107,7 +107,7 @@ def cmd_dev(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 0
+    return service.exit_status
 
 
 def cmd_certs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

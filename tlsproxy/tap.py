@@ -10,6 +10,8 @@ one stays.
 
 from __future__ import annotations
 
+import errno
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -18,7 +20,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -87,6 +89,28 @@ def https_port_of(config: Config) -> int:
             if port.isdigit() and int(port) != 0:
                 return int(port)
     return 443
+
+
+PRIVILEGED_PORT_ADVICE = (
+    "ports below 1024 need privilege: let systemd bind them (deploy/systemd/tlsproxy.socket, "
+    'https = ["systemd:domain=INET6:name=https"]), grant CAP_NET_BIND_SERVICE '
+    "(deploy/systemd/capability/tlsproxy.service), or listen on a port from 1024 up (tcp:8443)"
+)
+
+
+def cannot_listen(label: str, description: str, error: BaseException) -> str:
+    """One line that says which listener failed, why, and what to do about it."""
+    cause = getattr(error, "socketError", None) or error
+    code = getattr(cause, "errno", None)
+    reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+    line = f"cannot listen on {description} ({label}): {reason}"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"{line}; {PRIVILEGED_PORT_ADVICE}"
+    if code == errno.EADDRINUSE:
+        return f"{line}; another process listens there (ss -ltnp shows which): stop it or choose another port"
+    if code == errno.EADDRNOTAVAIL:
+        return f"{line}; the interface address is not one of this machine's"
+    return line
 
 
 @dataclass
@@ -236,6 +260,9 @@ class ProxyService(MultiService):
         self.reactor = reactor
         self.config_path = config_path
         self.ready = False
+        # What the process should exit with once the reactor stops: 1 when a
+        # listener could not bind, so a supervisor (systemd Restart=on-failure) sees it.
+        self.exit_status = 0
         self.metrics = Metrics()
         self.http01 = HTTP01Answers()
         self.alpn01 = TLSALPN01Answers()
@@ -299,8 +326,11 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        waiting = [listener.listening for listener in self.listeners.values() if listener.listening is not None]
-        DeferredList(waiting, fireOnOneErrback=True, consumeErrors=True).addCallbacks(self._ready, self._failed)
+        waiting = []
+        for (label, description), listener in self.listeners.items():
+            if listener.listening is not None:
+                waiting.append(listener.listening.addErrback(self._cannot_listen, label, description))
+        gatherResults(waiting, consumeErrors=True).addCallbacks(self._ready, self._failed)
         self.reactor.callWhenRunning(self._install_signal_handlers)
 
     def _install_signal_handlers(self) -> None:
@@ -329,9 +359,12 @@ class ProxyService(MultiService):
                 self.plain.https_port = listener.port.getHost().port
                 break
 
+    def _cannot_listen(self, failure: Any, label: str, description: str) -> Any:
+        self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, failure.value))
+        return failure
+
     def _failed(self, failure: Any) -> None:
-        error = failure.value.subFailure if hasattr(failure.value, "subFailure") else failure
-        self.log.critical("tlsproxy: cannot listen: {error}", error=error.getErrorMessage())
+        self.exit_status = 1
         self.reactor.callWhenRunning(self.reactor.stop)
 
     def reload(self) -> None:
@@ -390,6 +423,19 @@ def build_service(reactor: Any, config: Config, config_path: str | None = None) 
     return ProxyService(reactor, config, config_path)
 
 
+def exit_with_status(service: ProxyService) -> None:
+    """After shutdown, leave with the service's exit status when it is not 0.
+
+    ``twist`` exits 0 whenever its reactor stops; a proxy that never listened
+    must not look like a clean stop to systemd, so this ends the process once
+    the shutdown has run (logs flushed first).
+    """
+    if service.exit_status:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(service.exit_status)
+
+
 def makeService(options: Options) -> ProxyService:
     from twisted.internet import reactor
 
@@ -402,7 +448,9 @@ def makeService(options: Options) -> ProxyService:
         if twist_options is not None and not any(a.startswith("--log-format") for a in sys.argv):
             twist_options["fileLogObserverFactory"] = observer_factory(config.server.log_format)
             twist_options["logFormat"] = config.server.log_format
-        return build_service(reactor, config, options["config"])
+        service = build_service(reactor, config, options["config"])
+        reactor.addSystemEventTrigger("after", "shutdown", exit_with_status, service)
+        return service
     except ConfigError as e:
         for problem in e.problems:
             print(f"tlsproxy: {problem}", file=sys.stderr)

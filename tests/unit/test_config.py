@@ -188,3 +188,57 @@ def test_wildcard_acme_refused() -> None:
     """A wildcard host with tls = acme is refused (no DNS-01)."""
     (message,) = problems({"acme": ACME, "site": [{**SITE, "hosts": ["*.example.com"]}]})
     assert "DNS-01" in message
+
+
+def test_process_switches_are_not_configuration() -> None:
+    """TLSPROXY_PURE_PYTHON, _CAROOT and _CONFIG are not config keys: no "unknown variable", dev mode stays."""
+    switches = {"TLSPROXY_PURE_PYTHON": "1", "TLSPROXY_CAROOT": "/tmp/ca"}
+    assert load(None, switches).dev
+    cfg = parse({"acme": ACME, "site": [SITE]}, "site.toml", switches)
+    assert cfg.sites[0].name == "example.com"
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_PURE_PYTON": "1"})
+    assert "unknown variable" in message and "TLSPROXY_PURE_PYTHON" in message
+
+
+def test_environment_values_take_the_type_of_their_key() -> None:
+    """1.3 stays the string "1.3"; yes/no are booleans; 20M is a size; a table parses as TOML."""
+    env = {
+        "TLSPROXY_TLS_MIN_VERSION": "1.3",
+        "TLSPROXY_SERVER_ACCESS_LOG": "no",
+        "TLSPROXY_ACME_AGREE_TOS": "yes",
+        "TLSPROXY_SERVER_SHUTDOWN_GRACE": "5",
+        "TLSPROXY_SITE_MAX_BODY_SIZE": "20M",
+        "TLSPROXY_SITE_HSTS": "{ max_age = 0 }",
+        "TLSPROXY_HOSTS": "example.com",
+        "TLSPROXY_UPSTREAM": "http://127.0.0.1:8000",
+    }
+    cfg = load(None, env)
+    assert cfg.tls.min_version == "1.3"
+    assert cfg.server.access_log is False and cfg.acme.agree_tos is True
+    assert cfg.server.shutdown_grace == 5.0
+    assert cfg.sites[0].max_body_size == 20 * 1024 * 1024
+    assert cfg.sites[0].hsts.header_value() is None
+
+
+def test_a_bare_port_is_a_tcp_endpoint() -> None:
+    """A port alone where an endpoint is expected: tcp:PORT, and the admin endpoint stays on loopback."""
+    cfg = parse(
+        {"acme": ACME, "site": [SITE]},
+        "site.toml",
+        {"TLSPROXY_SERVER_ADMIN": "9000", "TLSPROXY_SERVER_HTTP": "24080", "TLSPROXY_SERVER_HTTPS": "8443,9443"},
+    )
+    assert cfg.server.admin == "tcp:9000:interface=127.0.0.1"
+    assert cfg.server.http == ("tcp:24080",)
+    assert cfg.server.https == ("tcp:8443", "tcp:9443")
+    cfg = parse({"acme": ACME, "site": [SITE], "server": {"https": [443], "admin": 9001}}, "site.toml")
+    assert cfg.server.https == ("tcp:443",) and cfg.server.admin == "tcp:9001:interface=127.0.0.1"
+
+
+def test_dev_listeners_stay_on_this_machine() -> None:
+    """The dev proxy's --listen tcp:9443 (or 9443) binds loopback only; an explicit interface is kept."""
+    for given in ("tcp:9443", "9443"):
+        assert config.dev_config(listen=(given,)).server.https == (
+            "tcp:9443:interface=127.0.0.1",
+            r"tcp:9443:interface=\:\:1",
+        )
+    assert config.dev_config(listen=("tcp:9443:interface=0.0.0.0",)).server.https == ("tcp:9443:interface=0.0.0.0",)
