@@ -500,7 +500,8 @@ def _check_files(reader: _Reader, prefix: str, cert: str, key: str, hosts: tuple
         reader.fail(f"{prefix}.cert", f"{cert} with {key}: {e.reason}")
         return
     except OSError as e:
-        reader.fail(f"{prefix}.cert", f"cannot read: {e.strerror}")
+        which = "key" if e.filename == key else "cert"
+        reader.fail(f"{prefix}.{which}", f"cannot read {e.filename}: {e.strerror} (as uid {os.geteuid()})")
         return
     uncovered = certified.uncovered(hosts)
     if uncovered:

@@ -22,12 +22,14 @@ from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from twisted.python import usage
 from zope.interface import implementer
 
 from tlsproxy import config as configuration
+from tlsproxy import preflight
 from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.admin import AdminHandler
 from tlsproxy.certs.model import CertificateError, CertifiedKey
@@ -263,6 +265,7 @@ class ProxyService(MultiService):
         # What the process should exit with once the reactor stops: 1 when a
         # listener could not bind, so a supervisor (systemd Restart=on-failure) sees it.
         self.exit_status = 0
+        self.terminating = False
         self.metrics = Metrics()
         self.http01 = HTTP01Answers()
         self.alpn01 = TLSALPN01Answers()
@@ -343,9 +346,21 @@ class ProxyService(MultiService):
             signal.signal(signum, lambda signum, frame: self.reactor.callFromThread(self._terminate, signum))
 
     def _terminate(self, signum: int) -> None:
-        self.log.info("{signal}: shutting down", signal=signal.Signals(signum).name)
-        if self.reactor.running:
+        name = signal.Signals(signum).name
+        if self.terminating:
+            # systemd and docker send SIGTERM once, people press Ctrl-C twice.
+            self.log.info(
+                "{signal}: already shutting down; requests in flight have up to {grace:g}s (SIGKILL stops at once)",
+                signal=name,
+                grace=self.generation.config.server.shutdown_grace,
+            )
+            return
+        self.terminating = True
+        self.log.info("{signal}: shutting down", signal=name)
+        try:
             self.reactor.stop()
+        except ReactorNotRunning:  # stopping already (a listener failed)
+            pass
 
     def _ready(self, _: Any) -> None:
         self._update_https_port()
@@ -372,6 +387,9 @@ class ProxyService(MultiService):
         self.log.info("SIGHUP: reloading the configuration")
         try:
             config = configuration.load(self.config_path)
+            problems = preflight.problems(config)
+            if problems:
+                raise ConfigError(problems)
             generation = build_generation(self.reactor, config, self.http01, self.alpn01, self.metrics)
         except ConfigError as e:
             for problem in e.problems:
@@ -444,6 +462,11 @@ def makeService(options: Options) -> ProxyService:
 
     try:
         config = configuration.load(options["config"])
+        problems = preflight.problems(config)
+        if problems:
+            raise ConfigError(problems)
+        for warning in preflight.warnings(config):
+            log.warn("{warning}", warning=warning)
         twist_options = getattr(options, "parent", None)
         if twist_options is not None and not any(a.startswith("--log-format") for a in sys.argv):
             twist_options["fileLogObserverFactory"] = observer_factory(config.server.log_format)
@@ -456,4 +479,6 @@ def makeService(options: Options) -> ProxyService:
             print(f"tlsproxy: {problem}", file=sys.stderr)
     except (CertificateError, OSError) as e:
         print(f"tlsproxy: {e}", file=sys.stderr)
-    raise SystemExit(1)
+    # 2: a configuration that cannot run here; a restart will not help
+    # (deploy/systemd's units say RestartPreventExitStatus=2).
+    raise SystemExit(2)

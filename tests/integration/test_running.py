@@ -63,34 +63,102 @@ def test_dev_exits_1_when_the_port_is_taken(tmp_path: Path, busy_port: int) -> N
 
 
 def _can_drop_privileges() -> bool:
+    return os.geteuid() == 0 and shutil.which("setpriv") is not None
+
+
+def _port_443_is_privileged() -> bool:
     try:
-        start = int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text())
+        return int(Path("/proc/sys/net/ipv4/ip_unprivileged_port_start").read_text()) > 443
     except (OSError, ValueError):
         return False
-    return os.geteuid() == 0 and shutil.which("setpriv") is not None and start > 443
 
 
-@pytest.mark.skipif(not _can_drop_privileges(), reason="needs root, setpriv and privileged port 443")
-def test_port_443_as_an_unprivileged_user_says_how_to_get_it() -> None:
-    """Port 443 as nobody: exit 1 and name the socket units, CAP_NET_BIND_SERVICE and another port."""
-    # pytest's tmp_path lives under a root-only directory: nobody needs a place of its own.
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+@pytest.fixture
+def nobody_home() -> Iterator[Path]:
+    """A directory the unprivileged user 65534 owns (pytest's tmp_path is under a root-only directory)."""
     with tempfile.TemporaryDirectory(prefix="tlsproxy-nobody-") as where:
         home = Path(where)
         home.chmod(0o755)
-        config = local_config(home, "tcp:443:interface=127.0.0.1")
         os.chown(home, 65534, 65534)
-        _bind_443_as_nobody(home, config)
+        yield home
 
 
-def _bind_443_as_nobody(home: Path, config: Path) -> None:
-    nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+@pytest.mark.skipif(not (_can_drop_privileges() and _port_443_is_privileged()), reason="needs root, setpriv, port 443")
+def test_port_443_as_an_unprivileged_user_says_how_to_get_it(nobody_home: Path) -> None:
+    """Port 443 as nobody: exit 1 and name the socket units, CAP_NET_BIND_SERVICE and another port."""
+    home = nobody_home
+    config = local_config(home, "tcp:443:interface=127.0.0.1")
     env = {"TLSPROXY_CAROOT": str(home / "ca"), "HOME": str(home)}
     for argv in (
         [str(BIN / "twist"), "tlsproxy", "--config", str(config)],
         [str(BIN / "tlsproxy"), "dev", "--listen", "tcp:443:interface=127.0.0.1"],
     ):
-        done = run([*nobody, *argv], env)
+        done = run([*NOBODY, *argv], env)
         assert done.returncode == 1, done.stdout + done.stderr
         assert "cannot listen on tcp:443:interface=127.0.0.1 (https): Permission denied" in done.stdout
         for advice in ("deploy/systemd/tlsproxy.socket", "CAP_NET_BIND_SERVICE", "tcp:8443"):
             assert advice in done.stdout, advice
+
+
+def acme_config(where: Path, state_dir: Path, upstream: str = "http://127.0.0.1:9") -> Path:
+    config = where / "acme.toml"
+    config.write_text(
+        f'[server]\nhttps = ["tcp:{free_port()}:interface=127.0.0.1"]\nhttp = []\nstate_dir = "{state_dir}"\n'
+        '[acme]\nagree_tos = true\ndirectory = "https://127.0.0.1:9/dir"\n'
+        f'[[site]]\nhosts = ["app.test"]\nupstream = "{upstream}"\n'
+    )
+    config.chmod(0o644)
+    return config
+
+
+@pytest.mark.skipif(not _can_drop_privileges(), reason="needs root and setpriv to be a user that cannot write")
+def test_unwritable_state_dir_is_one_line_in_check_and_at_start(nobody_home: Path) -> None:
+    """A state_dir the service user cannot write: `check` and `twist` exit 2 with one line, no traceback."""
+    state = nobody_home / "state"
+    (state / "challenges").mkdir(parents=True)  # root-owned, as after a `sudo tlsproxy renew`
+    config = acme_config(nobody_home, state)
+    check = [str(BIN / "tlsproxy"), "check", "-c", str(config)]
+    for argv in (check, [str(BIN / "twist"), "tlsproxy", "-c", str(config)]):
+        done = run([*NOBODY, *argv], {"HOME": str(nobody_home)})
+        assert done.returncode == 2, done.stdout + done.stderr
+        (line,) = [x for x in done.stderr.splitlines() if "server.state_dir" in x]
+        assert f"server.state_dir: {state}" in line and "is not writable by nobody (uid 65534)" in line
+        assert "chown" in line
+        assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.skipif(not _can_drop_privileges(), reason="needs root and setpriv to be a user that cannot read")
+def test_unreadable_key_file_names_the_path_and_reason(nobody_home: Path) -> None:
+    """A key the service user cannot read is reported as site[0].key with its path and the reason."""
+    import trustme
+
+    leaf = trustme.CA().issue_cert("app.test")
+    cert, key = nobody_home / "cert.pem", nobody_home / "key.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    cert.chmod(0o644)
+    key.chmod(0o600)  # root's
+    config = nobody_home / "files.toml"
+    config.write_text(
+        f'[server]\nhttps = ["tcp:{free_port()}"]\nhttp = []\n'
+        f'[[site]]\nhosts = ["app.test"]\nupstream = "http://127.0.0.1:9"\ntls = "files"\n'
+        f'cert = "{cert}"\nkey = "{key}"\n'
+    )
+    config.chmod(0o644)
+    done = run([*NOBODY, str(BIN / "tlsproxy"), "check", "-c", str(config)])
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"site[0].key: cannot read {key}: Permission denied" in done.stderr
+
+
+def test_check_warns_about_a_missing_app_socket(tmp_path: Path) -> None:
+    """`check` passes a unix upstream that does not exist, with a warning on stderr saying so."""
+    config = tmp_path / "unix.toml"
+    missing = tmp_path / "gunicorn.sock"
+    config.write_text(f'[[site]]\nhosts = ["app.test"]\nupstream = "unix:{missing}"\ntls = "local"\n')
+    done = run([str(BIN / "tlsproxy"), "check", "-c", str(config)])
+    assert done.returncode == 0, done.stderr
+    assert f"warning: site[0].upstream: {missing} does not exist" in done.stderr
+    assert "configuration OK" in done.stdout
