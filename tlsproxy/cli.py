@@ -111,11 +111,11 @@ def cmd_dev(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from twisted.logger import globalLogBeginner
 
     from tlsproxy.eventloop import streamline
-    from tlsproxy.logs import observer_factory
+    from tlsproxy.logs import LogOutput
     from tlsproxy.tap import build_service
 
     streamline(reactor)
-    globalLogBeginner.beginLoggingTo([observer_factory("text")(out)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([LogOutput("text")(out)], redirectStandardIO=False)
     service = build_service(reactor, config)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

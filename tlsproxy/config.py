@@ -622,6 +622,16 @@ def _env_names(environ: Mapping[str, str]) -> dict[str, str]:
 # Entry points
 
 
+def dev_app_hint(upstream: Upstream) -> str:
+    """How to start the app the dev proxy expects, on the address it was given."""
+    if upstream.is_unix:
+        return f"start your app on that socket (gunicorn --bind unix:{upstream.unix_path})"
+    if upstream.host in ("127.0.0.1", "localhost") and upstream.port == 8000:
+        return "start your app (for Django: python manage.py runserver)"
+    address = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    return f"start your app there (for Django: python manage.py runserver {address}:{upstream.port})"
+
+
 def dev_config(upstream: str = DEFAULT_DEV_UPSTREAM, listen: tuple[str, ...] = DEFAULT_DEV_HTTPS) -> Config:
     """The embedded default: HTTPS on localhost:8443 in front of a local app."""
     parsed = parse_upstream(upstream)

@@ -24,7 +24,7 @@ from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from zope.interface import implementer
 
@@ -39,7 +39,7 @@ from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.plain import PlainHTTPHandler
 from tlsproxy.http.server import HTTP11Factory, Limits
 from tlsproxy.http.tracker import ConnectionTracker
-from tlsproxy.logs import observer_factory
+from tlsproxy.logs import LogOutput
 from tlsproxy.metrics import Metrics
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.handler import ProxyHandler
@@ -201,6 +201,10 @@ def _add_certificate_services(
                 "tlsproxy dev: certificates from the local CA in {root} (trust it once: tlsproxy ca install)",
                 root=str(ca.root_pem_path.parent),
             )
+            log.info(
+                "tlsproxy dev: in Django's settings set SECURE_PROXY_SSL_HEADER = "
+                '("HTTP_X_FORWARDED_PROTO", "https"), or its CSRF check refuses forms ("Origin checking failed")'
+            )
         else:
             log.info("local development CA: {root}", root=str(ca.root_pem_path))
         devca.LocalCertificateService(reactor, ca, sni, local).setServiceParent(parent)
@@ -266,6 +270,8 @@ class ProxyService(MultiService):
         # listener could not bind, so a supervisor (systemd Restart=on-failure) sees it.
         self.exit_status = 0
         self.terminating = False
+        # The log output twist writes through, when it is ours: SIGHUP switches its format.
+        self.log_output: LogOutput | None = None
         self.metrics = Metrics()
         self.http01 = HTTP01Answers()
         self.alpn01 = TLSALPN01Answers()
@@ -400,6 +406,8 @@ class ProxyService(MultiService):
             return
         old = self.generation
         self.generation = generation
+        if self.log_output is not None:
+            self.log_output.log_format = config.server.log_format
         self.creator.sni = generation.sni
         self.https_app.handler = generation.handler
         self.https_app.limits = generation.limits
@@ -468,10 +476,13 @@ def makeService(options: Options) -> ProxyService:
         for warning in preflight.warnings(config):
             log.warn("{warning}", warning=warning)
         twist_options = getattr(options, "parent", None)
+        output = None
         if twist_options is not None and not any(a.startswith("--log-format") for a in sys.argv):
-            twist_options["fileLogObserverFactory"] = observer_factory(config.server.log_format)
+            output = LogOutput(config.server.log_format, twist_options.get("logLevel") or LogLevel.info)
+            twist_options["fileLogObserverFactory"] = output
             twist_options["logFormat"] = config.server.log_format
         service = build_service(reactor, config, options["config"])
+        service.log_output = output
         reactor.addSystemEventTrigger("after", "shutdown", exit_with_status, service)
         return service
     except ConfigError as e:

@@ -264,3 +264,16 @@ def test_second_sigterm_during_the_drain_is_harmless(setup: Setup) -> None:
         assert result["answer"] == (200, b"hello /slow\n")
         assert proxy.proc.wait(10) == 0
         assert "Traceback" not in proxy.output and "ReactorNotRunning" not in proxy.output
+
+
+def test_sighup_applies_a_new_log_format(setup: Setup) -> None:
+    """A reload that changes log_format to json writes the following lines as JSON."""
+    with tlsproxy(setup.config()) as proxy:
+        setup.config(extra='log_format = "json"')
+        mark = len(proxy.lines)
+        proxy.signal(signal.SIGHUP)
+        line = proxy.wait_for_line("configuration reloaded", 10, start=mark)
+        assert json.loads(line)["level"] == "info"
+        setup.get("/after")
+        access = json.loads(proxy.wait_for_line("GET /after HTTP/1.1", 10, start=mark))
+        assert access["logger"] == "tlsproxy.access" and access["status"] == 200

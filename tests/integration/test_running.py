@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.procs import BIN, free_port
+from tests.integration.procs import BIN, READY, free_port, running
 
 pytestmark = pytest.mark.integration
 
@@ -162,3 +162,30 @@ def test_check_warns_about_a_missing_app_socket(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert f"warning: site[0].upstream: {missing} does not exist" in done.stderr
     assert "configuration OK" in done.stdout
+
+
+def test_dev_proxy_stays_local_says_what_django_needs_and_keeps_quiet(tmp_path: Path) -> None:
+    """`tlsproxy dev --listen tcp:PORT` binds loopback only, names SECURE_PROXY_SSL_HEADER, hides chatter."""
+    port, app_port = free_port(), free_port()
+    argv = [str(BIN / "tlsproxy"), "dev", "--listen", f"tcp:{port}", "--upstream", f"http://127.0.0.1:{app_port}"]
+    with running(argv, env={"TLSPROXY_CAROOT": str(tmp_path / "ca")}) as dev:
+        dev.wait_for_line(READY)
+        listening = [line for line in dev.lines if "https listening on" in line]
+        assert [line.split("listening on ")[1].split(" ")[0] for line in listening] == [
+            f"127.0.0.1:{port}",
+            f"::1:{port}",
+        ]
+        assert any('SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")' in line for line in dev.lines)
+        mark = len(dev.lines)
+        # A client that does not trust the local CA yet: its failed handshake is no line at the default level.
+        refused = subprocess.run(
+            ["curl", "-sS", "--noproxy", "*", f"https://localhost:{port}/"], capture_output=True, text=True
+        )
+        assert refused.returncode != 0
+        page = subprocess.run(
+            ["curl", "-sSk", "--noproxy", "*", f"https://localhost:{port}/"], capture_output=True, text=True
+        )
+        assert f"python manage.py runserver 127.0.0.1:{app_port}" in page.stdout
+        dev.wait_for_line('"GET / HTTP', start=mark)
+    noise = [line for line in dev.lines if "log_legacy" in line or "#debug]" in line or "handshake" in line]
+    assert noise == []

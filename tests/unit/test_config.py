@@ -242,3 +242,12 @@ def test_dev_listeners_stay_on_this_machine() -> None:
             r"tcp:9443:interface=\:\:1",
         )
     assert config.dev_config(listen=("tcp:9443:interface=0.0.0.0",)).server.https == ("tcp:9443:interface=0.0.0.0",)
+
+
+def test_dev_502_hint_names_the_address() -> None:
+    """The dev proxy's "start your app" hint names the upstream's port when it is not runserver's default."""
+    assert config.dev_app_hint(config.dev_config().sites[0].upstream).endswith("python manage.py runserver)")
+    other = config.dev_config(upstream="http://127.0.0.1:8001").sites[0].upstream
+    assert "python manage.py runserver 127.0.0.1:8001" in config.dev_app_hint(other)
+    unix = config.dev_config(upstream="unix:/tmp/app.sock").sites[0].upstream
+    assert "gunicorn --bind unix:/tmp/app.sock" in config.dev_app_hint(unix)
