@@ -134,21 +134,21 @@ def cmd_renew(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
     config = _load(args.config, err)
-    return BAD_CONFIG if config is None else commands.renew(config, args.name, args.force, out)
+    return BAD_CONFIG if config is None else commands.renew(config, args.name, args.force, out, err=err)
 
 
 def cmd_revoke(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
     config = _load(args.config, err)
-    return BAD_CONFIG if config is None else commands.revoke(config, args.name, args.reason, out)
+    return BAD_CONFIG if config is None else commands.revoke(config, args.name, args.reason, out, err=err)
 
 
 def cmd_account(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
     config = _load(args.config, err)
-    return BAD_CONFIG if config is None else commands.account_rollover(config, out)
+    return BAD_CONFIG if config is None else commands.account_rollover(config, out, err=err)
 
 
 def cmd_ca(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
