@@ -41,7 +41,7 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.key}: {self.reason}"
+        return f"{self.where}: {self.key}: {self.reason}" if self.key else f"{self.where}: {self.reason}"
 
 
 class ConfigError(Exception):
@@ -239,7 +239,8 @@ _HOST_LABEL = re.compile(r"\A(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 
 def check_host(host: str) -> str | None:
     """Why ``host`` is not a usable site host, or None if it is."""
-    if host.startswith("*."):
+    wildcard = host.startswith("*.")
+    if wildcard:
         rest = host[2:]
         if "*" in rest:
             return "only one leading '*.' label is allowed in a wildcard"
@@ -249,9 +250,30 @@ def check_host(host: str) -> str | None:
         return None
     except ValueError:
         pass
+    if not host.isascii():
+        ascii_form = idna_form(host)
+        if ascii_form:
+            written = ("*." if wildcard else "") + ascii_form
+            return f"an internationalized name: write it as {written!r}, the form browsers send"
     if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
         return "not a DNS name (letters, digits and '-' in dot-separated labels; IDNs in punycode)"
     return None
+
+
+def idna_form(host: str) -> str | None:
+    """The xn-- (IDNA) form of an internationalized host name, or None if it has none."""
+    try:
+        import idna  # Twisted's tls extra brings it
+
+        return idna.encode(host, uts46=True).decode("ascii")
+    except ImportError:  # pragma: no cover - the older IDNA 2003 codec is close enough for a hint
+        pass
+    except idna.IDNAError:
+        return None
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
 
 
 def parse_upstream(url: str) -> Upstream | str:
@@ -263,7 +285,14 @@ def parse_upstream(url: str) -> Upstream | str:
         if not path.startswith("/"):
             return "a unix socket upstream needs an absolute path: unix:/run/gunicorn.sock"
         return Upstream(url=url, unix_path=path)
+    if url.startswith("/"):
+        return f"a unix socket upstream is written unix:{url}"
+    if "://" not in url:
+        return f"expected http://HOST:PORT or unix:/PATH: did you mean 'http://{url}'?"
     parts = urlsplit(url)
+    if parts.scheme == "https":
+        plain = "http://" + url.split("://", 1)[1]
+        return f"the app is spoken to in plain HTTP/1.1 (tlsproxy is what does TLS): did you mean {plain!r}?"
     if parts.scheme != "http":
         return "expected http://HOST:PORT or unix:/PATH (the upstream speaks plain HTTP/1.1)"
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
@@ -700,6 +729,15 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
     return Config(server=server, tls=tls, acme=acme, sites=tuple(sites), source=source)
 
 
+def toml_problem(path: str, error: tomllib.TOMLDecodeError) -> Problem:
+    """A TOML syntax error placed by line and column, as an editor shows them."""
+    message = str(error)
+    where = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if where is None:
+        return Problem(path, "", f"not valid TOML: {message}")
+    return Problem(path, f"line {where[1]}, column {where[2]}", f"not valid TOML: {message[: where.start()]}")
+
+
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read ``path`` (or TLSPROXY_CONFIG), apply the environment, validate.
 
@@ -714,11 +752,11 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError([Problem(path, "-", f"cannot read the configuration file: {e.strerror}")]) from None
+        raise ConfigError([Problem(path, "", f"cannot read the configuration file: {e.strerror}")]) from None
     except UnicodeDecodeError:
-        raise ConfigError([Problem(path, "-", "the file is not UTF-8 text")]) from None
+        raise ConfigError([Problem(path, "", "the file is not UTF-8 text")]) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([Problem(path, "-", f"not valid TOML: {e}")]) from None
+        raise ConfigError([toml_problem(path, e)]) from None
     return parse(raw, path, environ)

@@ -189,3 +189,18 @@ def test_dev_proxy_stays_local_says_what_django_needs_and_keeps_quiet(tmp_path: 
         dev.wait_for_line('"GET / HTTP', start=mark)
     noise = [line for line in dev.lines if "log_legacy" in line or "#debug]" in line or "handshake" in line]
     assert noise == []
+
+
+def test_check_messages_say_where_and_what_was_meant(tmp_path: Path) -> None:
+    """`tlsproxy check`: a TOML error by line and column, an https:// upstream with the http:// to write."""
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[server]\nhttps = tcp:443\n")
+    done = run([str(BIN / "tlsproxy"), "check", "-c", str(broken)])
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.startswith(f"tlsproxy: {broken}: line 2, column 9: not valid TOML: Invalid value")
+    tls_upstream = tmp_path / "https.toml"
+    tls_upstream.write_text('[[site]]\nhosts = ["a.test"]\nupstream = "https://127.0.0.1:8000"\ntls = "local"\n')
+    done = run([str(BIN / "tlsproxy"), "check", "-c", str(tls_upstream)])
+    assert done.returncode == 2
+    assert "site[0].upstream: 'https://127.0.0.1:8000'" in done.stderr
+    assert "did you mean 'http://127.0.0.1:8000'?" in done.stderr

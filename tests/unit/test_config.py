@@ -251,3 +251,36 @@ def test_dev_502_hint_names_the_address() -> None:
     assert "python manage.py runserver 127.0.0.1:8001" in config.dev_app_hint(other)
     unix = config.dev_config(upstream="unix:/tmp/app.sock").sites[0].upstream
     assert "gunicorn --bind unix:/tmp/app.sock" in config.dev_app_hint(unix)
+
+
+def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    """A TOML syntax error is placed by line and column, not by a key named "-"."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nhttps = tcp:443\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(bad), {})
+    (problem,) = info.value.problems
+    assert str(problem).startswith(f"{bad}: line 2, column ")
+    assert "not valid TOML" in str(problem) and "(at line" not in str(problem)
+
+
+@pytest.mark.parametrize(
+    ("written", "meant"),
+    [
+        ("https://127.0.0.1:8000", "'http://127.0.0.1:8000'"),
+        ("127.0.0.1:8000", "'http://127.0.0.1:8000'"),
+        ("localhost:8000", "'http://localhost:8000'"),
+        ("/run/gunicorn.sock", "unix:/run/gunicorn.sock"),
+    ],
+)
+def test_upstream_near_misses_say_what_was_meant(written: str, meant: str) -> None:
+    """An https:// upstream, a bare host:port or a bare socket path gets the spelling that works."""
+    (message,) = problems({"acme": ACME, "site": [{**SITE, "upstream": written}]})
+    assert message.startswith("site.toml: site[0].upstream:") and meant in message
+
+
+def test_idn_host_gets_its_xn_form() -> None:
+    """A host written in Unicode is refused with its xn-- form, wildcard kept."""
+    found = problems({"site": [{**SITE, "tls": "local", "hosts": ["bücher.example", "*.bücher.test"]}]})
+    assert any("'xn--bcher-kva.example'" in m for m in found)
+    assert any("'*.xn--bcher-kva.test'" in m for m in found)
