@@ -18,7 +18,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tlsproxy.config import Server, Site
+from tlsproxy.config import Server, Site, dev_app_hint
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.plain import split_host_port
@@ -411,10 +411,8 @@ class ProxiedRequest:
         self.log.warn("{upstream}: {detail}", upstream=self.route.site.upstream.url, detail=error.detail)
         message = None
         if self.route.dev and error.status == 502 and error.detail.startswith("cannot connect"):
-            message = (
-                f"Nothing is listening on {self.route.site.upstream.url}: "
-                "start your app (for Django: python manage.py runserver) and reload this page."
-            )
+            upstream = self.route.site.upstream
+            message = f"Nothing is listening on {upstream.url}: {dev_app_hint(upstream)} and reload this page."
         self.logged(error.status)
         pages.send(self.exchange, error.status, message)
 
