@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import PKI, App, Proxy, Reply, gunicorn, start_proxy
+from tests.integration.conftest import PKI, App, Proxy, Reply, gunicorn, marker, start_proxy
 
 pytestmark = pytest.mark.integration
 
@@ -92,14 +92,14 @@ def used_bytes(where: Path) -> int:
 class TrickledUpload:
     """A Content-Length upload over a raw TLS connection, sent slowly in a thread."""
 
-    def __init__(self, proxy: Proxy, data: bytes, seconds: float) -> None:
+    def __init__(self, proxy: Proxy, data: bytes, seconds: float, path: str = "/body-hash") -> None:
         self.data = data
         self.seconds = seconds
         self.conn = proxy.raw(timeout=30)
         self.reply: Reply | None = None
         self.error: BaseException | None = None
         head = (
-            f"POST /body-hash HTTP/1.1\r\nHost: localhost:{proxy.port}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: localhost:{proxy.port}\r\n"
             f"Content-Length: {len(data)}\r\nContent-Type: application/octet-stream\r\n\r\n"
         ).encode()
         self.conn.send(head)
@@ -276,3 +276,31 @@ def test_full_buffer_disk_is_507_and_others_go_on(app: App, pki: PKI, tmp_path: 
             line = proxy.process.wait_for_line("no room to buffer the request body", deadline=5)
             assert "No space left on device" in line
             assert wait_for(lambda: used_bytes(where) == 0), used_bytes(where)
+
+
+def test_client_abort_mid_upload_closes_the_buffer_file(proxy: Proxy, app: App, buffers: Path) -> None:
+    """A client that goes away mid-upload leaves no buffer file open, and Django never hears of the request."""
+    pid = proxy.process.proc.pid
+    tag = marker()
+    upload = TrickledUpload(proxy, payload(3 * MB), seconds=20, path=f"/body-hash?m={tag}")
+    assert wait_for(lambda: buffer_fds(pid, buffers)), "a 3 MB body should have gone to a buffer file"
+    upload.conn.close()
+    upload.thread.join(30)
+    assert wait_for(lambda: not buffer_fds(pid, buffers)), buffer_fds(pid, buffers)
+    with proxy.client() as client:
+        assert client.post(f"/body-hash?m={tag}-control", content=b"x").status_code == 200
+    hits = app.hits()
+    assert f"{tag}-control" in hits
+    assert f"m={tag}\n" not in hits
+
+
+def test_unknown_length_is_buffered_with_buffering_off(app: App, pki: PKI, tmp_path: Path) -> None:
+    """With request_buffering = false a chunked upload still reaches Django whole (never as an empty body)."""
+    data = payload(5 * MB)
+    server = {"request_buffer_dir": str(tmp_path / "bufs"), "upstream_timeout": 60}
+    with start_proxy(tmp_path, app.url, pki, server=server, request_buffering=False) as proxy:
+        with proxy.client() as client:
+            chunked = client.post("/body-hash", content=pieces(data))
+            sized = client.post("/body-hash", content=data)
+    assert (chunked.status_code, chunked.json()) == (200, expected(data))
+    assert (sized.status_code, sized.json()) == (200, expected(data))

@@ -391,3 +391,22 @@ class BufferingTests(SynchronousTestCase):
         consumer.body_data(b"x" * 10)
         consumer.body_end()
         self.assertEqual(self.reactor.tcpClients, [])
+
+
+class SlowDiskTests(SynchronousTestCase):
+    def test_slow_disk_is_not_a_408(self) -> None:
+        """A whole body still being written by a slow disk is not timed out as the client's fault."""
+        from tests.unit.test_reqbuffer import FakeThreads
+
+        reactor = MemoryReactorClock()
+        self.patch(FakeExchange, "clock", reactor)
+        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
+        handler = ProxyHandler(reactor, [site], Server(idle_timeout=60, state_dir=self.mktemp()))
+        threads = FakeThreads()
+        handler.buffers.run_in_thread = threads
+        exchange = FakeExchange(chunked_head(), b"x" * 2_000_000)
+        handler.handle(exchange)
+        reactor.advance(120)
+        self.assertEqual((exchange.status, reactor.tcpClients), (None, []))
+        threads.run_all()
+        self.assertEqual(len(reactor.tcpClients), 1, "dialled once the body is on disk")

@@ -501,8 +501,8 @@ class ProxiedRequest:
         if self.finished:
             return
         if not self.dialled:
-            if self.body is not None and self.body._paused:
-                self.timer.set(seconds, self.timed_out)  # waiting on our own disk
+            if self.body is not None and self.body.waiting_on_disk:
+                self.timer.set(seconds, self.timed_out)  # our own disk is slow, not the client
                 return
             self.fail_request(408)
             return

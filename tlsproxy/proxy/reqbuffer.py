@@ -206,6 +206,11 @@ class RequestBody:
     def in_file(self) -> bool:
         return self._spilled
 
+    @property
+    def waiting_on_disk(self) -> bool:
+        """The client is paused, or the body is complete, while our writes catch up."""
+        return self._paused or self._on_stored is not None
+
     def add(self, data: bytes) -> None:
         if self._closed or self._error is not None or not data:
             return
