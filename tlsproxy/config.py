@@ -93,6 +93,7 @@ class Site:
     hsts: HSTS = field(default_factory=HSTS)
     secure_cookies: bool = True
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    request_buffering: bool = True
 
     @property
     def name(self) -> str:
@@ -119,6 +120,18 @@ class Server:
     max_request_line: int = 8192
     max_header_size: int = 32768
     max_header_count: int = 100
+    # Request bodies: held whole before the app is contacted (tlsproxy/proxy/reqbuffer.py).
+    request_buffer_dir: str = ""  # "" = <state_dir>/request-buffers
+    request_buffer_memory: int = 1024 * 1024
+    request_buffer_connection_memory: int = 4 * 1024 * 1024
+    request_buffer_total_memory: int = 64 * 1024 * 1024
+
+    @property
+    def request_buffer_path(self) -> str:
+        return self.request_buffer_dir or os.path.join(self.state_dir, "request-buffers")
+
+
+_SERVER_SIZES = ("request_buffer_memory", "request_buffer_connection_memory", "request_buffer_total_memory")
 
 
 @dataclass(frozen=True)
@@ -376,6 +389,12 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
                 except ValueError:
                     reader.fail(f"server.{key}", f"expected CIDR ranges like 10.0.0.0/8, found {item!r}")
             out[key] = tuple(nets)
+        elif key in _SERVER_SIZES:
+            size = parse_size(value)
+            if size is None:
+                reader.fail(f"server.{key}", f'expected bytes as a number or like "1M", found {_describe(value)}')
+            else:
+                out[key] = size
         else:
             out[key] = _coerce(reader, f"server.{key}", value, known[key])
     for key in ("https", "http"):
@@ -453,6 +472,7 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "hsts": {},
     "secure_cookies": True,
     "max_body_size": "",
+    "request_buffering": True,
 }
 
 
@@ -502,6 +522,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
             )
         else:
             max_body_size = size
+    request_buffering = _coerce(reader, f"{prefix}.request_buffering", values.get("request_buffering", True), True)
     return Site(
         hosts=hosts,
         upstream=upstream,
@@ -511,6 +532,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         hsts=hsts,
         secure_cookies=secure_cookies,
         max_body_size=max_body_size,
+        request_buffering=request_buffering,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from twisted.internet import error
@@ -212,6 +213,13 @@ class HandlerTests(SynchronousTestCase):
 
     def test_early_answer_to_upload_does_not_pool_the_connection(self) -> None:
         """An app answering before the whole body arrived (401 to an upload) never gets its connection reused."""
+        site = Site(
+            hosts=("app.test",),
+            upstream=parse_upstream("http://127.0.0.1:8000"),
+            tls="files",
+            request_buffering=False,
+        )
+        self.handler = ProxyHandler(self.reactor, [site], self.server)
         big = b"a" * (2 * 1024 * 1024)
         exchange = FakeExchange(head(b"POST", big), big[: 64 * 1024])
         exchange.head.content_length = len(big)
@@ -318,3 +326,145 @@ class HostTests(SynchronousTestCase):
         self.handler.handle(exchange)
         self.assertIsNone(exchange.status)
         self.assertEqual(len(self.reactor.tcpClients), 1)
+
+
+def chunked_head(method: bytes = b"POST", extra: list[tuple[bytes, bytes]] | None = None) -> RequestHead:
+    headers = [(b"host", b"app.test"), (b"transfer-encoding", b"chunked"), *(extra or [])]
+    return RequestHead(method, b"/x", b"1.1", b"app.test", headers, None, chunked=True)
+
+
+class BufferingTests(SynchronousTestCase):
+    """Request bodies are held whole, then sent with a Content-Length."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.patch(FakeExchange, "clock", self.reactor)
+        self.server = Server(connect_timeout=5, upstream_timeout=30, idle_timeout=60, state_dir=self.mktemp())
+
+    def handler(self, **site: Any) -> ProxyHandler:
+        upstream = parse_upstream("http://127.0.0.1:8000")
+        kw: dict[str, Any] = {"max_body_size": 10 * 1024 * 1024, **site}
+        return ProxyHandler(
+            self.reactor, [Site(hosts=("app.test",), upstream=upstream, tls="files", **kw)], self.server
+        )
+
+    def open_upload(self, handler: ProxyHandler, head: RequestHead) -> tuple[FakeExchange, Any]:
+        exchange = FakeExchange(head)
+        exchange.body_ends = False
+        consumers: list[Any] = []
+        exchange.set_body_consumer = consumers.append  # type: ignore[method-assign]
+        handler.handle(exchange)
+        return exchange, consumers[0] if consumers else None
+
+    def app(self) -> tuple[Any, StringTransport]:
+        protocol = self.reactor.tcpClients[-1][2].buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_chunked_body_reaches_the_app_whole_with_content_length(self) -> None:
+        """The app is not contacted before the body's end, then gets it with Content-Length and no chunking."""
+        _, consumer = self.open_upload(self.handler(), chunked_head())
+        for piece in (b"a" * 700_000, b"b" * 700_000, b"c"):
+            consumer.body_data(piece)
+        self.assertEqual(self.reactor.tcpClients, [], "no app contact before the body is whole")
+        consumer.body_end()
+        _, wire = self.app()
+        head, _, body = wire.value().partition(b"\r\n\r\n")
+        self.assertIn(b"content-length: 1400001\r\n", head.lower() + b"\r\n")
+        self.assertNotIn(b"transfer-encoding", head.lower())
+        self.assertEqual(body, b"a" * 700_000 + b"b" * 700_000 + b"c")
+
+    def test_unknown_length_is_buffered_even_with_buffering_off(self) -> None:
+        """With request_buffering = false a body of unknown length still reaches the app whole, never empty."""
+        _, consumer = self.open_upload(self.handler(request_buffering=False), chunked_head())
+        consumer.body_data(b"x" * 2_000_000)
+        self.assertEqual(self.reactor.tcpClients, [])
+        consumer.body_end()
+        _, wire = self.app()
+        self.assertIn(b"content-length: 2000000\r\n", wire.value())
+        self.assertTrue(wire.value().endswith(b"x" * 2_000_000))
+
+    def test_buffering_off_streams_a_known_length(self) -> None:
+        """With request_buffering = false a large body of known length goes to the app as it comes."""
+        head = RequestHead(b"POST", b"/x", b"1.1", b"app.test", [(b"host", b"app.test")], 3_000_000)
+        exchange, consumer = self.open_upload(self.handler(request_buffering=False), head)
+        self.assertIsNone(consumer, "the body is taken only once the app is connected")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_chunked_body_over_the_limit_is_413(self) -> None:
+        """A body of unknown length is refused with 413 as soon as it passes max_body_size, without the app."""
+        exchange, consumer = self.open_upload(self.handler(max_body_size=1000), chunked_head())
+        consumer.body_data(b"x" * 600)
+        self.assertIsNone(exchange.status)
+        consumer.body_data(b"x" * 600)
+        self.assertEqual((exchange.status, self.reactor.tcpClients), (413, []))
+
+    def test_expect_100_continue_is_answered_by_us(self) -> None:
+        """Expect: 100-continue gets our 100 Continue once we take the body, and the app never sees Expect."""
+        continues: list[bool] = []
+        head = chunked_head(extra=[(b"expect", b"100-Continue")])
+        exchange = FakeExchange(head, b"hello")
+        exchange.send_continue = lambda: continues.append(True)  # type: ignore[attr-defined]
+        self.handler().handle(exchange)
+        self.assertEqual(continues, [True])
+        _, wire = self.app()
+        self.assertNotIn(b"expect", wire.value().lower())
+        self.assertTrue(wire.value().endswith(b"\r\n\r\nhello"))
+
+    def test_expect_over_the_limit_is_413_without_continue(self) -> None:
+        """A Content-Length over max_body_size with Expect: 100-continue gets 413 and no 100."""
+        continues: list[bool] = []
+        headers = [(b"host", b"app.test"), (b"expect", b"100-continue"), (b"content-length", b"5000")]
+        exchange = FakeExchange(RequestHead(b"POST", b"/x", b"1.1", b"app.test", headers, 5000))
+        exchange.send_continue = lambda: continues.append(True)  # type: ignore[attr-defined]
+        self.handler(max_body_size=1000).handle(exchange)
+        self.assertEqual((exchange.status, continues), (413, []))
+
+    def test_stalled_body_is_408(self) -> None:
+        """A body that stops arriving is answered 408 after idle_timeout, and the app is never contacted."""
+        exchange, consumer = self.open_upload(self.handler(), chunked_head())
+        consumer.body_data(b"x" * 10)
+        self.reactor.advance(59)
+        consumer.body_data(b"x" * 10)
+        self.reactor.advance(59)
+        self.assertIsNone(exchange.status, "bytes still arriving keep the request alive")
+        self.reactor.advance(2)
+        self.assertEqual((exchange.status, self.reactor.tcpClients), (408, []))
+
+    def test_full_disk_is_507_and_frees_the_body(self) -> None:
+        """A body that cannot be written gets a plain 507 page, and its buffer is given back."""
+        handler = self.handler()
+
+        def no_room(fd: int, data: bytes) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        handler.buffers.write = no_room  # type: ignore[method-assign]
+        exchange, consumer = self.open_upload(handler, chunked_head())
+        consumer.body_data(b"x" * 2_000_000)
+        self.assertEqual(exchange.status, 507)
+        self.assertIn(b"no room", exchange.body)
+        self.assertNotIn(b"Traceback", exchange.body)
+        self.assertEqual((handler.buffers.held, handler.buffers.files, self.reactor.tcpClients), (0, 0, []))
+        consumer.body_data(b"x" * 10)
+        consumer.body_end()
+        self.assertEqual(self.reactor.tcpClients, [])
+
+
+class SlowDiskTests(SynchronousTestCase):
+    def test_slow_disk_is_not_a_408(self) -> None:
+        """A whole body still being written by a slow disk is not timed out as the client's fault."""
+        from tests.unit.test_reqbuffer import FakeThreads
+
+        reactor = MemoryReactorClock()
+        self.patch(FakeExchange, "clock", reactor)
+        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
+        handler = ProxyHandler(reactor, [site], Server(idle_timeout=60, state_dir=self.mktemp()))
+        threads = FakeThreads()
+        handler.buffers.run_in_thread = threads
+        exchange = FakeExchange(chunked_head(), b"x" * 2_000_000)
+        handler.handle(exchange)
+        reactor.advance(120)
+        self.assertEqual((exchange.status, reactor.tcpClients), (None, []))
+        threads.run_all()
+        self.assertEqual(len(reactor.tcpClients), 1, "dialled once the body is on disk")

@@ -130,6 +130,11 @@ class HTTP11Exchange:
     def set_observer(self, observer: ExchangeObserver) -> None:
         self._observer = observer
 
+    def send_continue(self) -> None:
+        """Ask a client waiting on ``Expect: 100-continue`` for its body (the handler will read it)."""
+        if not self._started and not self._body_done and self.head.version == b"1.1":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
     # -- response ------------------------------------------------------------
 
     @property

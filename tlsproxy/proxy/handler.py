@@ -1,9 +1,11 @@
 """The reverse proxy proper: route by Host, relay request and response, stream both.
 
-Request bodies up to ``BUFFER_LIMIT`` are read whole before the app is dialled,
-so a slow client never ties up a gunicorn sync worker while it trickles a form
-in; larger bodies stream with back-pressure (the app then reads at the
-client's pace, as it must for a large upload).  Responses stream back with
+Request bodies are read whole before the app is dialled (memory, then a
+temporary file: see reqbuffer.py) and sent with a Content-Length, so a slow
+client never ties up a gunicorn sync worker while it trickles an upload in,
+and a WSGI app never reads a chunked body as empty.  A site with
+``request_buffering = false`` streams bodies of known length over
+``STREAM_ABOVE`` with back-pressure instead.  Responses stream back with
 back-pressure: the app is paused while the client is not reading.
 """
 
@@ -24,9 +26,10 @@ from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.plain import split_host_port
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
+from tlsproxy.proxy.reqbuffer import BufferError, BufferLimits, BufferPool, RequestBody, threaded
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
 
-BUFFER_LIMIT = 1024 * 1024
+STREAM_ABOVE = 1024 * 1024  # with request_buffering = false, larger bodies of known length stream
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
@@ -86,6 +89,15 @@ class ProxyHandler:
                 else:
                     self._exact[host] = route
         self.pools = list(pools.values())
+        self.buffers = BufferPool(
+            server.request_buffer_path,
+            BufferLimits(
+                memory=server.request_buffer_memory,
+                connection_memory=server.request_buffer_connection_memory,
+                total_memory=server.request_buffer_total_memory,
+            ),
+            threaded(reactor),
+        )
 
     def route_for(self, host: str) -> Route | None:
         route = self._exact.get(host)
@@ -141,9 +153,9 @@ class ProxiedRequest:
     # State every request starts with; instances only store what changes
     # (one of these is made per request, so fewer assignments count).
     conn: UpstreamConnection | None = None
-    buffered = 0
-    streaming = False
-    chunk_upstream = False
+    body: RequestBody | None = None  # the request body, held whole
+    streaming = False  # request_buffering = false: the body goes to the app as it comes
+    dialled = False
     received = 0
     sent_bytes = 0
     status = 0
@@ -162,7 +174,6 @@ class ProxiedRequest:
         head = exchange.head
         self.method = head.method
         self.upgrade = bool(head.upgrade)
-        self.buffer: list[bytes] = []
         self.body_complete = not (head.chunked or head.content_length)
         self.timer = exchange.deadline
         # The response policy: HSTS and Secure cookies only over HTTPS.
@@ -174,14 +185,37 @@ class ProxiedRequest:
 
     def start(self) -> None:
         self.exchange.set_observer(self)
-        head = self.exchange.head
         if self.body_complete:
             self.dial()
-        elif head.content_length is not None and head.content_length > BUFFER_LIMIT:
+            return
+        exchange = self.exchange
+        head = exchange.head
+        if (
+            not self.route.site.request_buffering
+            and head.content_length is not None
+            and head.content_length > STREAM_ABOVE
+        ):
             self.streaming = True
+            self.send_continue()
             self.dial()
-        else:
-            self.exchange.set_body_consumer(self)
+            return
+        # Bodies of unknown length are held whole even with buffering off:
+        # streamed chunked, a WSGI app would read them as empty.
+        self.body = self.handler.buffers.body(
+            exchange.transport, exchange.pause_body, exchange.resume_body, self.body_failed
+        )
+        # A body that stops arriving is the client's fault (408), not the app's.
+        self.set_timer(self.handler.server.idle_timeout)
+        self.send_continue()
+        exchange.set_body_consumer(self)
+
+    def send_continue(self) -> None:
+        """Answer ``Expect: 100-continue`` ourselves: we take the body, the app never sees Expect."""
+        expect = self.exchange.head.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue":
+            send = getattr(self.exchange, "send_continue", None)
+            if send is not None:
+                send()
 
     def body_data(self, data: bytes) -> None:
         if self.finished:
@@ -190,20 +224,13 @@ class ProxiedRequest:
         if self.received > self.route.site.max_body_size:
             self.fail_request(413)
             return
-        if self.streaming and self.conn is not None:
-            self.last_activity = self.clock.seconds()
-            if self.chunk_upstream:
-                self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
-            else:
+        self.last_activity = self.clock.seconds()
+        if self.streaming:
+            if self.conn is not None:
                 self.conn.write(data)
             return
-        self.buffer.append(data)
-        self.buffered += len(data)
-        if not self.streaming and self.buffered > BUFFER_LIMIT:
-            # A chunked body larger than we buffer: stream it after all.
-            self.streaming = True
-            self.exchange.pause_body()
-            self.dial()
+        assert self.body is not None
+        self.body.add(data)
 
     def body_end(self) -> None:
         self.body_complete = True
@@ -211,26 +238,39 @@ class ProxiedRequest:
             return
         if self.streaming:
             if self.conn is not None:
-                if self.chunk_upstream:
-                    self.conn.write(b"0\r\n\r\n")
                 self.conn.request_complete = True
             return
-        self.dial()
+        assert self.body is not None
+        self.body.stored(self.dial)
+
+    def body_failed(self, error: BufferError) -> None:
+        """The body could not be stored (a full disk: 507) or read back."""
+        self.fail_request(error.status)  # RequestBody logged why
+
+    def body_sent(self, conn: UpstreamConnection) -> None:
+        conn.request_complete = True
+
+    def drop_body(self) -> None:
+        """The request is over: its body's memory and file are given back."""
+        body = self.body
+        if body is not None:
+            self.body = None
+            body.close()
 
     def framing(self) -> bytes | None:
         head = self.exchange.head
         if self.streaming:
-            if head.content_length is not None:
-                return b"content-length: %d" % head.content_length
-            self.chunk_upstream = True
-            return b"transfer-encoding: chunked"
-        if head.chunked or head.content_length or self.buffered:
-            return b"content-length: %d" % self.buffered
+            return b"content-length: %d" % (head.content_length or 0)
+        if self.body is not None:
+            return b"content-length: %d" % self.body.size
         if self.method in (b"POST", b"PUT", b"PATCH"):
             return b"content-length: 0"
         return None
 
     def dial(self, fresh: bool = False) -> None:
+        if self.finished:
+            return
+        self.dialled = True
         pool = self.route.pool
         got = pool.acquire(fresh=fresh or self.upgrade)
         if isinstance(got, UpstreamConnection):
@@ -272,28 +312,20 @@ class ProxiedRequest:
                 self.framing(),
             )
         conn.send(request_head, self, self.method == b"HEAD")
-        for chunk in self.buffer:
-            if self.chunk_upstream:
-                conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            else:
-                conn.write(chunk)
-        if not self.retried:
-            self.buffer_for_retry = self.buffer if not self.streaming else None
-        self.buffer = []
         self.sent_at = self.set_timer(self.handler.server.upstream_timeout)
         if self.streaming:
             conn.set_request_producer(_BodyPauser(self.exchange))
             if self.body_complete:
-                if self.chunk_upstream:
-                    conn.write(b"0\r\n\r\n")
                 conn.request_complete = True
             else:
                 self.exchange.set_body_consumer(self)
                 self.exchange.resume_body()
+        elif self.body is not None:
+            # The whole body, again on a retry; the app's socket paces it.
+            self.body.send(conn, self.body_sent)
         else:
             conn.request_complete = True
 
-    buffer_for_retry: list[bytes] | None = None
     sent_at = 0.0
     request_head: bytes | None = None  # as sent to the app (kept for a retry)
 
@@ -318,6 +350,7 @@ class ProxiedRequest:
         if self.finished:
             return
         self.finished = True
+        self.drop_body()
         self.timer.clear()
         route = self.route
         if route.latency is not None:
@@ -337,6 +370,7 @@ class ProxiedRequest:
         if self.finished:
             return
         self.finished = True
+        self.drop_body()
         self.cancel_timer()
         exchange = self.exchange
         exchange.unregister_producer()
@@ -357,7 +391,6 @@ class ProxiedRequest:
         ):
             # The app closed an idle keep-alive connection as we reused it.
             self.retried = True
-            self.buffer = self.buffer_for_retry or []
             self.conn = None
             self.dial(fresh=True)
             return
@@ -398,6 +431,7 @@ class ProxiedRequest:
 
     def fail(self, error: UpstreamError) -> None:
         self.finished = True
+        self.drop_body()
         self.cancel_timer()
         if self.conn is not None:
             self.conn.close()
@@ -416,10 +450,11 @@ class ProxiedRequest:
         self.logged(error.status)
         pages.send(self.exchange, error.status, message)
 
-    def fail_request(self, status: int) -> None:
+    def fail_request(self, status: int, message: str | None = None) -> None:
         if self.finished:
             return
         self.finished = True
+        self.drop_body()
         self.cancel_timer()
         if self.conn is not None:
             self.conn.close()
@@ -428,10 +463,11 @@ class ProxiedRequest:
         if self.exchange.response_started:
             self.exchange.abort()
         else:
-            pages.send(self.exchange, status)
+            pages.send(self.exchange, status, message)
 
     def client_gone(self) -> None:
         self.finished = True
+        self.drop_body()
         self.cancel_timer()
         if self.conn is not None:
             self.conn.close()
@@ -461,6 +497,12 @@ class ProxiedRequest:
             self.timer.set(seconds - idle, self.timed_out)
             return
         if self.finished:
+            return
+        if not self.dialled:
+            if self.body is not None and self.body.waiting_on_disk:
+                self.timer.set(seconds, self.timed_out)  # our own disk is slow, not the client
+                return
+            self.fail_request(408)
             return
         self.fail(UpstreamError(504, f"no answer from the app within {seconds:g}s", before_response=not self.status))
 

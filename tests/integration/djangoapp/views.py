@@ -81,6 +81,21 @@ def upload(request):
     )
 
 
+@csrf_exempt
+def body_hash(request):
+    """What a plain Django view sees of the body: request.body, nothing gunicorn-specific."""
+    body = request.body
+    return JsonResponse(
+        {
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "length": len(body),
+            "content_length": request.META.get("CONTENT_LENGTH"),
+            "transfer_encoding": request.META.get("HTTP_TRANSFER_ENCODING"),
+            "expect": request.META.get("HTTP_EXPECT"),
+        }
+    )
+
+
 def _size(request):
     return int(request.GET.get("size", "0"))
 
