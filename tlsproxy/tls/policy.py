@@ -10,6 +10,7 @@ SNI callback switches to; building both from one policy keeps them in step.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib  # SSL_CTX_set1_curves_list has no public wrapper
 
-from tlsproxy.certs.model import CertifiedKey
+from tlsproxy.certs.model import CertifiedKey, ServedNames
 
 # Mozilla's "intermediate" TLS 1.2 suites, ECDHE with AEAD only.
 MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
@@ -42,6 +43,16 @@ _OPTIONS = (
     | SSL.OP_SINGLE_ECDH_USE
     | SSL.OP_SINGLE_DH_USE
 )
+
+
+# The names each site context's certificate covers, for the 421 check; a
+# context that is dropped (certificate swapped) leaves this table with it.
+_served: weakref.WeakKeyDictionary[SSL.Context, ServedNames] = weakref.WeakKeyDictionary()
+
+
+def served_names(context: SSL.Context) -> ServedNames | None:
+    """What the certificate of ``context`` covers; None for a context not built by :meth:`TLSPolicy.context_for`."""
+    return _served.get(context)
 
 
 class PolicyError(ValueError):
@@ -111,6 +122,7 @@ class TLSPolicy:
             ctx.add_extra_chain_cert(extra)
         ctx.use_privatekey(certified.key)
         ctx.check_privatekey()
+        _served[ctx] = ServedNames(certified.dns_names)
         return ctx
 
     def choose_protocol(self, offered: Sequence[bytes]) -> bytes | object:

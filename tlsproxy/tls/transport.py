@@ -40,7 +40,9 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tlsproxy.certs.model import ServedNames
 from tlsproxy.deadline import Deadline
+from tlsproxy.tls.policy import served_names
 
 # One scratch buffer for every connection: all TLS I/O runs on the reactor
 # thread, and each read is copied out before the next one starts.
@@ -110,6 +112,9 @@ class TLSServerProtocol(Protocol):
     connected = False
     _corked: list[bytes] | None = None
     _timer: Deadline | None = None  # the handshake's
+    # What the certificate this connection was served covers (None: not
+    # known, no 421 check); a request for any other host gets 421.
+    served_names: ServedNames | None = None
 
     def __init__(self, factory: TLSServerFactory) -> None:
         self.factory = factory
@@ -165,6 +170,9 @@ class TLSServerProtocol(Protocol):
             self._tls_failed(result, "handshake", graceful=True)
             return False
         self.handshake_done = True
+        # The context the SNI callback settled on; for a resumed TLS 1.2
+        # session that is the site of the session's own server name.
+        self.served_names = served_names(self._tls.get_context())
         if self._timer is not None:
             self._timer.clear()
             self._timer = None

@@ -1,0 +1,48 @@
+"""Which site a TLS connection may serve, and which sessions it may resume, against `twist tlsproxy`."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from tests.integration.test_tls_listener import Proxy, proxy  # noqa: F401 (the fixture)
+
+pytestmark = pytest.mark.integration
+
+
+def request(port: int, server_name: str, host: str, *args: str) -> str:
+    """One HTTP/1.1 GET over openssl s_client; everything s_client printed."""
+    result = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-servername", server_name, "-ign_eof", *args],
+        input=f"GET /index.html HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n",
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    return result.stdout
+
+
+def test_host_of_another_certificate_is_421(proxy: Proxy) -> None:
+    """SNI one.test with Host two.test (a certificate of its own) is answered 421, not by two.test's app."""
+    out = request(proxy.https, "one.test", "two.test")
+    assert "HTTP/1.1 421 Misdirected Request" in out, out
+    assert "hello from the backend" not in out
+
+
+def test_other_name_of_the_same_certificate_is_served(proxy: Proxy) -> None:
+    """SNI one.test with Host www.one.test (same certificate) is served: coalescing keeps working."""
+    out = request(proxy.https, "one.test", "www.one.test:443")
+    assert "HTTP/1.1 200" in out, out
+    assert "hello from the backend" in out
+
+
+def test_h2_authority_of_another_certificate_is_421(proxy: Proxy) -> None:
+    """Over HTTP/2 an :authority the connection's certificate does not cover is 421 too."""
+    result = subprocess.run(
+        ["curl", "-sS", "--http2", "--cacert", str(proxy.ca), "--resolve", f"one.test:{proxy.https}:127.0.0.1",
+         "-H", "Host: two.test", "-o", "/dev/null", "-w", "%{http_version} %{http_code}",
+         f"https://one.test:{proxy.https}/index.html"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert result.stdout == "2 421", (result.stdout, result.stderr)
