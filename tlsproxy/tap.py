@@ -41,6 +41,7 @@ from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.handler import ProxyHandler
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
+from tlsproxy.tls.tickets import TicketKeyRotation
 from tlsproxy.tls.transport import TLSServerFactory
 
 READY = "tlsproxy: ready"
@@ -124,6 +125,7 @@ def build_generation(
                 not_after=certified.not_after.isoformat(),
             )
     certificates = MultiService()
+    TicketKeyRotation(reactor, sni.rotate_ticket_keys, config.tls.ticket_key_rotation).setServiceParent(certificates)
     _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics)
     access_log = AccessLog(reactor) if config.server.access_log else None
     handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev, metrics=metrics)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -46,3 +47,28 @@ def test_h2_authority_of_another_certificate_is_421(proxy: Proxy) -> None:
         capture_output=True, text=True, timeout=20,
     )  # fmt: skip
     assert result.stdout == "2 421", (result.stdout, result.stderr)
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_session_of_one_site_never_serves_another(proxy: Proxy, version: str, tmp_path: Path) -> None:
+    """A session made for one.test, offered under SNI two.test, is not resumed there."""
+    session = tmp_path / "session.pem"
+    first = request(proxy.https, "one.test", "one.test", version, "-sess_out", str(session))
+    assert "New, TLS" in first and "HTTP/1.1 200" in first, first
+    again = request(proxy.https, "one.test", "one.test", version, "-sess_in", str(session))
+    assert "Reused, TLS" in again, again  # the session itself is good
+    other = request(proxy.https, "two.test", "two.test", version, "-sess_in", str(session))
+    assert "Reused, TLS" not in other, other
+    assert "HTTP/1.1 200" in other, other
+
+
+def test_plain_http_to_the_https_port(proxy: Proxy) -> None:
+    """curl http:// to the HTTPS port gets a 400 page saying to use https://, not an empty reply."""
+    result = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", f"http://127.0.0.1:{proxy.https}/"],
+        capture_output=True, text=True, timeout=20,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.endswith("\n400"), result.stdout
+    assert "plain HTTP request was sent to the HTTPS port" in result.stdout
+    assert "https://" in result.stdout

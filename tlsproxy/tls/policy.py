@@ -10,6 +10,7 @@ SNI callback switches to; building both from one policy keeps them in step.
 
 from __future__ import annotations
 
+import hashlib
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +123,8 @@ class TLSPolicy:
             ctx.add_extra_chain_cert(extra)
         ctx.use_privatekey(certified.key)
         ctx.check_privatekey()
+        # Sessions resume only on contexts of the same names (see sni.py).
+        ctx.set_session_id(hashlib.sha256("\n".join(sorted(certified.dns_names)).encode()).digest())
         _served[ctx] = ServedNames(certified.dns_names)
         return ctx
 
