@@ -11,7 +11,7 @@ from typing import TextIO
 from tlsproxy import config as configuration
 from tlsproxy.certs.model import CertificateError
 from tlsproxy.config import Config, ConfigError
-from tlsproxy.tls.policy import cipher_names
+from tlsproxy.tls.policy import GROUPS, cipher_names
 
 
 def _load(path: str | None, err: TextIO) -> Config | None:
@@ -45,6 +45,7 @@ def describe(config: Config) -> str:
         f"    selects: {', '.join(cipher_names(tls.ciphers))}",
         f"  dhparams = {tls.dhparams or '(none: DHE suites off)'}",
         f"  alpn = {list(tls.alpn)}",
+        f"  key exchange groups: {GROUPS.replace(':', ', ')}",
     ]
     if any(site.tls == "acme" for site in config.sites):
         lines += [

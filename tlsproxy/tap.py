@@ -139,8 +139,9 @@ def build_generation(
             hsts=(site.hsts.header_value() or b"off").decode(),
         )
     log.info(
-        "TLS {floor}+, ALPN {alpn}, TLS 1.2 ciphers {ciphers}{dh}",
+        "TLS {floor}+, ALPN {alpn}, key exchange groups {groups}, TLS 1.2 ciphers {ciphers}{dh}",
         floor=policy.min_version,
+        groups=policy.groups,
         alpn=",".join(policy.alpn) or "off",
         ciphers=policy.ciphers,
         dh=", DH parameters from " + policy.dhparams if policy.dhparams else "",

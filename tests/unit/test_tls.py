@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from unittest import SkipTest
+
 import trustme
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.tlsutil import certified, client_context, handshake
+from tests.tlsutil import Outcome, certified, client_context, handshake
 from tlsproxy.acme.challenges import TLSALPN01Answers
-from tlsproxy.tls.policy import TLSPolicy, cipher_names
+from tlsproxy.tls.policy import TLSPolicy, cipher_names, supported_groups
 from tlsproxy.tls.sni import SniMap, SniServer
 
 
@@ -197,3 +199,33 @@ class CipherNamesTests(SynchronousTestCase):
         for name in names:
             self.assertTrue(name.startswith("ECDHE-"), name)
             self.assertTrue("GCM" in name or "CHACHA20" in name, name)
+
+
+class GroupTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.server = SniServer(TLSPolicy(), SniMap([("a.test", ["a.test"])]))
+        self.server.sni_map.set_context("a.test", self.server.context_for(certified(trustme.CA(), "a.test")))
+
+    def offering(self, groups: bytes) -> Outcome:
+        ctx = client_context()
+        from OpenSSL._util import lib
+
+        assert lib.SSL_CTX_set1_curves_list(ctx._context, groups) == 1
+        return handshake(self.server.serverConnectionForTLS(None), ctx, "a.test")
+
+    def test_post_quantum_first(self) -> None:
+        """X25519MLKEM768 leads the offered groups, and a client offering only it gets a handshake."""
+        if not supported_groups(("X25519MLKEM768",)):
+            raise SkipTest("the OpenSSL under pyOpenSSL has no X25519MLKEM768")
+        self.assertEqual(TLSPolicy().groups, "X25519MLKEM768:X25519:P-256:P-384")
+        self.assertTrue(self.offering(b"X25519MLKEM768").ok)
+
+    def test_classic_groups_kept(self) -> None:
+        """X25519, P-256 and P-384 are still offered, in that order, after any post-quantum group."""
+        self.assertEqual(TLSPolicy().groups.split(":")[-3:], ["X25519", "P-256", "P-384"])
+        for classic in (b"X25519", b"P-256", b"P-384"):
+            self.assertTrue(self.offering(classic).ok, classic)
+
+    def test_unknown_group_left_out(self) -> None:
+        """A group this OpenSSL does not know is dropped rather than failing every context."""
+        self.assertEqual(supported_groups(("NoSuchGroup", "X25519")), "X25519")

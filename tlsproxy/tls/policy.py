@@ -10,6 +10,7 @@ SNI callback switches to; building both from one policy keeps them in step.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import weakref
 from collections.abc import Callable, Sequence
@@ -32,8 +33,10 @@ MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
         "ECDHE-RSA-CHACHA20-POLY1305",
     ]
 )
-# Key exchange groups of the same profile; nothing else is offered.
-GROUPS = "X25519:P-256:P-384"
+# Key exchange groups in server preference order: the post-quantum hybrid
+# first (TLS 1.3 only; what current browsers send), then the classic groups
+# of Mozilla's profile.  Nothing else is offered.
+PREFERRED_GROUPS = ("X25519MLKEM768", "X25519", "P-256", "P-384")
 ACME_TLS_ALPN = b"acme-tls/1"
 
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
@@ -58,6 +61,20 @@ def served_names(context: SSL.Context) -> ServedNames | None:
 
 class PolicyError(ValueError):
     """A TLS setting that OpenSSL will not take."""
+
+
+def _accepts_groups(names: str) -> bool:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    return bool(_lib.SSL_CTX_set1_curves_list(ctx._context, names.encode("ascii")) == 1)
+
+
+@functools.cache
+def supported_groups(preferred: tuple[str, ...] = PREFERRED_GROUPS) -> str:
+    """The groups of ``preferred`` that the OpenSSL under pyOpenSSL knows, in order, OpenSSL-style."""
+    return ":".join(name for name in preferred if _accepts_groups(name))
+
+
+GROUPS = supported_groups()
 
 
 def cipher_names(ciphers: str) -> list[str]:
