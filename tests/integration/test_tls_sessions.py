@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import struct
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
+from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 
 from tests.integration.test_tls_listener import Proxy, proxy  # noqa: F401 (the fixture)
 
@@ -72,3 +77,37 @@ def test_plain_http_to_the_https_port(proxy: Proxy) -> None:
     assert result.stdout.endswith("\n400"), result.stdout
     assert "plain HTTP request was sent to the HTTPS port" in result.stdout
     assert "https://" in result.stdout
+
+
+def _pyopenssl_request(port: int, ctx: SSL.Context, session: SSL.Session | None = None) -> SSL.Connection:
+    """One request over a real socket, then the socket is closed without close_notify."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.settimeout(None)  # pyOpenSSL wants a blocking socket; a stuck read still ends after 10 s:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 10, 0))
+        conn = SSL.Connection(ctx, raw)
+        conn.set_tlsext_host_name(b"one.test")
+        if session is not None:
+            conn.set_session(session)
+        conn.set_connect_state()
+        conn.do_handshake()
+        conn.sendall(b"GET /index.html HTTP/1.1\r\nHost: one.test\r\n\r\n")
+        assert conn.recv(65536).startswith(b"HTTP/1.1 200")
+        # The client keeps its session resumable on its own side, and sends nothing.
+        conn.set_shutdown(SSL.SENT_SHUTDOWN | SSL.RECEIVED_SHUTDOWN)
+    return conn
+
+
+def test_session_id_survives_a_client_that_just_closes(proxy: Proxy) -> None:
+    """A TLS 1.2 session id resumes after the first connection ended without close_notify."""
+    ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+    ctx.set_options(SSL.OP_NO_TICKET)  # session ids, as sslyze tests them
+    first = _pyopenssl_request(proxy.https, ctx)
+    session = first.get_session()
+    assert not _lib.SSL_session_reused(first._ssl)
+    # The proxy may take the next connection before it has seen the first one close:
+    # try again for a while (once dropped from the cache, the session never comes back).
+    deadline = time.monotonic() + 5
+    while not _lib.SSL_session_reused(_pyopenssl_request(proxy.https, ctx, session)._ssl):
+        assert time.monotonic() < deadline, "the session id was never resumed"
+        time.sleep(0.1)

@@ -11,7 +11,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from tests.tlsutil import Outcome, certified, client_context, handshake
 from tlsproxy.acme.challenges import TLSALPN01Answers
 from tlsproxy.tls.policy import TLSPolicy, cipher_names, supported_groups
-from tlsproxy.tls.sni import SniMap, SniServer
+from tlsproxy.tls.sni import NoChallengePending, SniMap, SniServer
 
 
 class SniTests(SynchronousTestCase):
@@ -176,6 +176,23 @@ class AcmeTlsAlpnTests(SynchronousTestCase):
         """acme-tls/1 with nothing pending ends the handshake: no normal certificate is shown."""
         outcome = handshake(self.server.serverConnectionForTLS(None), client_context(alpn=[b"acme-tls/1"]), "a.test")
         self.assertFalse(outcome.ok)
+
+    def test_acme_alpn_without_challenge_is_no_application_protocol(self) -> None:
+        """The alert for acme-tls/1 with nothing pending is no_application_protocol, not internal_error."""
+        server = self.server.serverConnectionForTLS(None)
+        server.set_accept_state()
+        client = SSL.Connection(client_context(alpn=[b"acme-tls/1"]), None)
+        client.set_connect_state()
+        client.set_tlsext_host_name(b"a.test")
+        with self.assertRaises(SSL.WantReadError):
+            client.do_handshake()
+        server.bio_write(client.bio_read(1 << 16))
+        with self.assertRaises(NoChallengePending):
+            server.do_handshake()
+        client.bio_write(server.bio_read(1 << 16))  # the alert
+        with self.assertRaises(SSL.Error) as info:
+            client.do_handshake()
+        self.assertIn("no application protocol", str(info.exception))
 
     def test_challenge_for_site_without_certificate(self) -> None:
         """A site still waiting for its first certificate can answer TLS-ALPN-01."""

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 from types import SimpleNamespace
 from typing import Any
 
 import trustme
 from OpenSSL import SSL
 from OpenSSL._util import lib as _lib
+from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.tlsutil import certified, client_context
@@ -105,6 +108,18 @@ class ResumptionTests(Sessions):
         session = self.session("a.test", TLS13)
         client, server = self.connect("a.test", TLS13, session, chunk=7)
         self.assertTrue(reused(client))
+
+
+class CloseWithoutNotifyTests(Sessions):
+    def test_session_id_survives_a_bare_close(self) -> None:
+        """A TLS 1.2 session id stays in the cache when the client closes without close_notify."""
+        self.clients[TLS12].set_options(SSL.OP_NO_TICKET)  # session ids, not tickets
+        client, server = self.connect("a.test", TLS12)
+        session = client.get_session()
+        server.connectionLost(Failure(ConnectionDone()))
+        del server
+        gc.collect()  # OpenSSL decides when it frees the connection
+        self.assertTrue(reused(self.connect("a.test", TLS12, session)[0]))
 
 
 class RotationTests(Sessions):

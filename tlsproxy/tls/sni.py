@@ -27,6 +27,10 @@ from tlsproxy.tls.policy import ACME_TLS_ALPN, TLSPolicy
 from tlsproxy.tls.tickets import TicketKeyRing, learn_key_name
 
 
+class NoChallengePending(SSL.Error):
+    """An ``acme-tls/1`` handshake for a name with no TLS-ALPN-01 challenge pending."""
+
+
 def normalise_host(name: str | bytes | None) -> str | None:
     if name is None:
         return None
@@ -160,7 +164,11 @@ class SniServer:
             challenge = self.alpn_answers.get(host) if host else None
             if challenge is None:
                 self.log.info("acme-tls/1 handshake for {host} with no challenge pending", host=host)
-                return b""
+                # pyOpenSSL turns a raise into SSL_TLSEXT_ERR_ALERT_FATAL, which
+                # OpenSSL sends as no_application_protocol (an empty choice
+                # was an internal_error); the transport reports it as a failed
+                # handshake.
+                raise NoChallengePending(host)
             connection.set_context(challenge)
             return ACME_TLS_ALPN
         return self.policy.choose_protocol(offered)

@@ -33,6 +33,8 @@ from typing import Any
 
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
+from OpenSSL.SSL import RECEIVED_SHUTDOWN as SSL_RECEIVED_SHUTDOWN
+from OpenSSL.SSL import SENT_SHUTDOWN as SSL_SENT_SHUTDOWN
 from OpenSSL.SSL import Error
 from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -188,6 +190,12 @@ class TLSServerProtocol(Protocol):
             self._read()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.handshake_done and not self.disconnecting:
+            # The client went without close_notify.  OpenSSL would drop the
+            # session from its cache when it frees a connection it never
+            # shut down; since TLS 1.1 that is no reason not to resume it
+            # (RFC 5246 7.2.1), and clients that just close are common.
+            self._tls.set_shutdown(SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN)
         self.lost = True
         self.connected = False
         self._corked = None
