@@ -12,7 +12,7 @@ from tlsproxy import config as configuration
 from tlsproxy import preflight
 from tlsproxy.certs.model import CertificateError
 from tlsproxy.config import Config, ConfigError
-from tlsproxy.tls.policy import cipher_names
+from tlsproxy.tls.policy import GROUPS, cipher_names
 
 # Exit statuses of every command (README, "Exit statuses"): 0 done; 1 the
 # operation failed (the CA refused, a port could not be bound); 2 bad usage or
@@ -56,6 +56,7 @@ def describe(config: Config) -> str:
         f"    selects: {', '.join(cipher_names(tls.ciphers))}",
         f"  dhparams = {tls.dhparams or '(none: DHE suites off)'}",
         f"  alpn = {list(tls.alpn)}",
+        f"  key exchange groups: {GROUPS.replace(':', ', ')}",
     ]
     if any(site.tls == "acme" for site in config.sites):
         lines += [

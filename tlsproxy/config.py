@@ -140,6 +140,7 @@ class TLS:
     ciphers: str = MOZILLA_INTERMEDIATE_CIPHERS
     dhparams: str = ""
     alpn: tuple[str, ...] = ("h2", "http/1.1")
+    ticket_key_rotation: float = 43200.0  # seconds a session ticket key issues tickets
 
 
 @dataclass(frozen=True)
@@ -435,6 +436,10 @@ def _tls(reader: _Reader, raw: Mapping[str, Any]) -> TLS:
     for proto in out.get("alpn", ()):
         if proto not in ("h2", "http/1.1"):
             reader.fail("tls.alpn", f'expected "h2" and/or "http/1.1", found {proto!r}')
+    rotation = out.get("ticket_key_rotation")
+    if rotation is not None and not 60 <= rotation <= 7 * 86400:
+        reader.fail("tls.ticket_key_rotation", f"expected seconds from 60 to 604800 (a week), found {rotation!r}")
+        del out["ticket_key_rotation"]
     return TLS(**out)
 
 

@@ -45,6 +45,7 @@ from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.handler import ProxyHandler
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
+from tlsproxy.tls.tickets import TicketKeyRotation
 from tlsproxy.tls.transport import TLSServerFactory
 
 READY = "tlsproxy: ready"
@@ -151,6 +152,7 @@ def build_generation(
                 not_after=certified.not_after.isoformat(),
             )
     certificates = MultiService()
+    TicketKeyRotation(reactor, sni.rotate_ticket_keys, config.tls.ticket_key_rotation).setServiceParent(certificates)
     _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics)
     access_log = AccessLog(reactor) if config.server.access_log else None
     handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev, metrics=metrics)
@@ -164,8 +166,9 @@ def build_generation(
             hsts=(site.hsts.header_value() or b"off").decode(),
         )
     log.info(
-        "TLS {floor}+, ALPN {alpn}, TLS 1.2 ciphers {ciphers}{dh}",
+        "TLS {floor}+, ALPN {alpn}, key exchange groups {groups}, TLS 1.2 ciphers {ciphers}{dh}",
         floor=policy.min_version,
+        groups=policy.groups,
         alpn=",".join(policy.alpn) or "off",
         ciphers=policy.ciphers,
         dh=", DH parameters from " + policy.dhparams if policy.dhparams else "",

@@ -110,6 +110,11 @@ class ProxyHandler:
 
     def handle(self, exchange: Exchange) -> None:
         raw_host = exchange.head.host
+        served = getattr(exchange.transport, "served_names", None)
+        if served is not None and not served.covers(raw_host):
+            self.record(exchange, "-", 421, 0)  # another certificate's host: RFC 9110 15.5.20
+            pages.send(exchange, 421)
+            return
         route = self._by_raw_host.get(raw_host)
         if route is None:
             route = self.route_for(split_host_port(raw_host)[0])
