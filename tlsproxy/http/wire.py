@@ -80,6 +80,15 @@ def valid_host(host: bytes) -> bool:
     return not host.translate(None, _HOST_BYTES)
 
 
+def valid_field(name: bytes, value: bytes) -> bool:
+    """Whether ``name: value`` is a field line of this grammar: a token name, no CTL but HTAB in the value.
+
+    For fields that do not come as HTTP/1.1 text (HTTP/2's), so both
+    versions refuse the same bytes.
+    """
+    return b":" not in name and _TRAILER_LINE.fullmatch(name + b":" + value) is not None
+
+
 def split_fields(block: bytes) -> Headers:
     """(lower-case name, value) pairs of a block of field lines that matched the grammar."""
     if not block:
