@@ -30,6 +30,7 @@ CHALLENGES = ("http-01", "tls-alpn-01")
 KEY_TYPES = ("ec256", "rsa2048", "rsa3072")
 TLS_SOURCES = ("acme", "files", "local")
 DEFAULT_MAX_BODY_SIZE = 100 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BUFFER = 1024**3
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,7 @@ class Site:
     hsts: HSTS = field(default_factory=HSTS)
     secure_cookies: bool = True
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    response_buffering: bool = True  # False: answers stream with back-pressure, as with X-Accel-Buffering: no
 
     @property
     def name(self) -> str:
@@ -118,6 +120,16 @@ class Server:
     max_request_line: int = 8192
     max_header_size: int = 32768
     max_header_count: int = 100
+    # Response buffering: temporary files go to buffer_dir ("" = state_dir/buffers), each
+    # answer holds at most max_response_buffer there; a client that takes nothing of an
+    # answer for send_timeout seconds is cut off.
+    buffer_dir: str = ""
+    max_response_buffer: int = DEFAULT_MAX_RESPONSE_BUFFER
+    send_timeout: float = 60.0
+
+    @property
+    def buffer_directory(self) -> str:
+        return self.buffer_dir or os.path.join(self.state_dir, "buffers")
 
 
 @dataclass(frozen=True)
@@ -316,6 +328,12 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
                 except ValueError:
                     reader.fail(f"server.{key}", f"expected CIDR ranges like 10.0.0.0/8, found {item!r}")
             out[key] = tuple(nets)
+        elif key == "max_response_buffer":
+            size = parse_size(value)
+            if size is None:
+                reader.fail(f"server.{key}", f'expected bytes as a number or like "1G", found {_describe(value)}')
+            else:
+                out[key] = size
         else:
             out[key] = _coerce(reader, f"server.{key}", value, known[key])
     for key in ("https", "http"):
@@ -398,6 +416,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         "hsts": {},
         "secure_cookies": True,
         "max_body_size": 0,
+        "response_buffering": True,
     }
     values = reader.table(raw, prefix, known)
     hosts = tuple(h.lower().rstrip(".") for h in _coerce(reader, f"{prefix}.hosts", values.get("hosts", ()), ()))
@@ -430,6 +449,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
     else:
         reader.fail(f"{prefix}.hsts", f"expected a table like {{ max_age = 63072000 }}, found {_describe(hsts_raw)}")
     secure_cookies = _coerce(reader, f"{prefix}.secure_cookies", values.get("secure_cookies", True), True)
+    response_buffering = _coerce(reader, f"{prefix}.response_buffering", values.get("response_buffering", True), True)
     max_body_size = DEFAULT_MAX_BODY_SIZE
     if "max_body_size" in values:
         size = parse_size(values["max_body_size"])
@@ -449,6 +469,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         hsts=hsts,
         secure_cookies=secure_cookies,
         max_body_size=max_body_size,
+        response_buffering=response_buffering,
     )
 
 
