@@ -316,3 +316,17 @@ def test_app_head_size_limit(pki: PKI, tmp_path: Path, size: int, status: int) -
         assert reply.status == status, reply.data[:200]
     finally:
         app.close()
+
+
+def test_slow_http2_reader_does_not_hold_the_worker(proxy: Proxy) -> None:
+    """An HTTP/2 client that stops reading (its window runs out) does not hold the worker either."""
+    with proxy.client(http2=True, timeout=60) as slow:
+        with slow.stream("GET", f"/download-fixed?size={BIG}&h2=1") as response:
+            assert response.http_version == "HTTP/2"
+            chunks = response.iter_bytes()
+            first = next(chunks)
+            assert timed_get(proxy) < 1.0
+            h = hashlib.sha256(first)
+            for chunk in chunks:
+                h.update(chunk)
+    assert h.hexdigest() == digest(BIG)
