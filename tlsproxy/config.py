@@ -30,6 +30,7 @@ CHALLENGES = ("http-01", "tls-alpn-01")
 KEY_TYPES = ("ec256", "rsa2048", "rsa3072")
 TLS_SOURCES = ("acme", "files", "local")
 DEFAULT_MAX_BODY_SIZE = 100 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BUFFER = 1024**3
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Site:
     secure_cookies: bool = True
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     request_buffering: bool = True
+    response_buffering: bool = True  # False: answers stream with back-pressure, as with X-Accel-Buffering: no
 
     @property
     def name(self) -> str:
@@ -120,18 +122,28 @@ class Server:
     max_request_line: int = 8192
     max_header_size: int = 32768
     max_header_count: int = 100
+    # Temporary files of request and response buffering: buffer_dir ("" = state_dir/buffers).
+    buffer_dir: str = ""
     # Request bodies: held whole before the app is contacted (tlsproxy/proxy/reqbuffer.py).
-    request_buffer_dir: str = ""  # "" = <state_dir>/request-buffers
     request_buffer_memory: int = 1024 * 1024
     request_buffer_connection_memory: int = 4 * 1024 * 1024
     request_buffer_total_memory: int = 64 * 1024 * 1024
+    # Response buffering: each answer holds at most max_response_buffer; a client that
+    # takes nothing of an answer for send_timeout seconds is cut off.
+    max_response_buffer: int = DEFAULT_MAX_RESPONSE_BUFFER
+    send_timeout: float = 60.0
 
     @property
-    def request_buffer_path(self) -> str:
-        return self.request_buffer_dir or os.path.join(self.state_dir, "request-buffers")
+    def buffer_directory(self) -> str:
+        return self.buffer_dir or os.path.join(self.state_dir, "buffers")
 
 
-_SERVER_SIZES = ("request_buffer_memory", "request_buffer_connection_memory", "request_buffer_total_memory")
+_SERVER_SIZES = (
+    "request_buffer_memory",
+    "request_buffer_connection_memory",
+    "request_buffer_total_memory",
+    "max_response_buffer",
+)
 
 
 @dataclass(frozen=True)
@@ -478,6 +490,7 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "secure_cookies": True,
     "max_body_size": "",
     "request_buffering": True,
+    "response_buffering": True,
 }
 
 
@@ -517,6 +530,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
     else:
         reader.fail(f"{prefix}.hsts", f"expected a table like {{ max_age = 63072000 }}, found {_describe(hsts_raw)}")
     secure_cookies = _coerce(reader, f"{prefix}.secure_cookies", values.get("secure_cookies", True), True)
+    response_buffering = _coerce(reader, f"{prefix}.response_buffering", values.get("response_buffering", True), True)
     max_body_size = DEFAULT_MAX_BODY_SIZE
     if "max_body_size" in values:
         size = parse_size(values["max_body_size"])
@@ -538,6 +552,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         secure_cookies=secure_cookies,
         max_body_size=max_body_size,
         request_buffering=request_buffering,
+        response_buffering=response_buffering,
     )
 
 

@@ -294,3 +294,38 @@ def test_idn_host_gets_its_xn_form() -> None:
     found = problems({"site": [{**SITE, "tls": "local", "hosts": ["bücher.example", "*.bücher.test"]}]})
     assert any("'xn--bcher-kva.example'" in m for m in found)
     assert any("'*.xn--bcher-kva.test'" in m for m in found)
+
+
+def test_response_buffering_keys() -> None:
+    """Buffering keys: defaults (1 GiB, state_dir/buffers, 60 s, on), sizes with units, per-site off."""
+    cfg = parse({"acme": ACME, "site": [SITE], "server": {"state_dir": "/srv/tp"}}, "site.toml", {})
+    assert cfg.server.max_response_buffer == 1024**3
+    assert cfg.server.buffer_directory == "/srv/tp/buffers"
+    assert cfg.server.send_timeout == 60.0
+    assert cfg.sites[0].response_buffering is True
+    raw = {
+        "acme": ACME,
+        "site": [{**SITE, "response_buffering": False}],
+        "server": {"max_response_buffer": "64M", "buffer_dir": "/tmp/b", "send_timeout": 5},
+    }
+    cfg = parse(raw, "site.toml", {})
+    assert (cfg.server.max_response_buffer, cfg.server.buffer_directory, cfg.server.send_timeout) == (
+        64 * 1024**2,
+        "/tmp/b",
+        5.0,
+    )
+    assert cfg.sites[0].response_buffering is False
+
+
+def test_response_buffering_bad_values() -> None:
+    """A size that is not one, a send_timeout of 0 and a non-boolean switch are each named."""
+    found = problems(
+        {
+            "acme": ACME,
+            "site": [{**SITE, "response_buffering": "no"}],
+            "server": {"max_response_buffer": "lots", "send_timeout": 0},
+        }
+    )
+    assert any(p.startswith("site.toml: server.max_response_buffer: expected bytes") for p in found)
+    assert any(p.startswith("site.toml: server.send_timeout:") for p in found)
+    assert any(p.startswith("site.toml: site[0].response_buffering: expected true or false") for p in found)
