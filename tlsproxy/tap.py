@@ -314,7 +314,7 @@ class ProxyService(MultiService):
             wanted[("admin (/healthz /readyz /metrics)", config.server.admin)] = self.admin_factory
         return wanted
 
-    def _sync_listeners(self, config: Config) -> list[Deferred[Any]]:
+    def _sync_listeners(self, config: Config) -> list[tuple[tuple[str, str], Deferred[Any]]]:
         """Start listeners the config names and stop the ones it no longer does."""
         wanted = self._wanted(config)
         started = []
@@ -328,7 +328,7 @@ class ProxyService(MultiService):
                 self.listeners[key] = listener
                 listener.setServiceParent(self)
                 if listener.listening is not None:
-                    started.append(listener.listening)
+                    started.append((key, listener.listening))
         return started
 
     # -- life cycle ------------------------------------------------------------
@@ -420,9 +420,10 @@ class ProxyService(MultiService):
         # Idle keep-alive connections to the old apps are closed; requests in
         # flight keep theirs until they finish.
         old.handler.close()
-        gatherResults(started).addCallbacks(
+        waiting = [listening.addErrback(self._cannot_listen, *key) for key, listening in started]
+        gatherResults(waiting, consumeErrors=True).addCallbacks(
             lambda _: self.log.info("configuration reloaded from {source}", source=config.source),
-            lambda f: self.log.error("reloaded, but a new listener failed: {error}", error=f.getErrorMessage()),
+            lambda _: self.log.error("reloaded, but a new listener failed (above); the others serve"),
         )
 
     def stopService(self) -> Deferred[Any]:

@@ -284,3 +284,10 @@ def test_idn_host_gets_its_xn_form() -> None:
     found = problems({"site": [{**SITE, "tls": "local", "hosts": ["bücher.example", "*.bücher.test"]}]})
     assert any("'xn--bcher-kva.example'" in m for m in found)
     assert any("'*.xn--bcher-kva.test'" in m for m in found)
+
+
+def test_host_port_endpoint_says_how_to_write_it() -> None:
+    """TLSPROXY_SERVER_ADMIN=127.0.0.1:9000 is refused with the tcp: string that means it."""
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_ADMIN": "127.0.0.1:9000"})
+    assert message.startswith("environment TLSPROXY_SERVER_ADMIN: server.admin:")
+    assert "tcp:9000:interface=127.0.0.1" in message
