@@ -56,9 +56,10 @@ class Options(usage.Options):
     longdesc = (
         "Terminate TLS and proxy to your app (gunicorn, runserver, uvicorn).\n"
         "With --config (or TLSPROXY_CONFIG) it runs the sites of that TOML file; "
-        "with neither and no TLSPROXY_* variables it is the local HTTPS dev proxy: "
+        "with neither and no TLSPROXY_* configuration variables it is the local HTTPS dev proxy: "
         "https://localhost:8443 in front of http://127.0.0.1:8000. "
-        "SIGHUP reloads the configuration; SIGTERM drains and exits."
+        "SIGHUP reloads the configuration; SIGTERM drains and exits 0. "
+        "Exit status 1: a listener could not bind; 2: the configuration cannot run."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: $TLSPROXY_CONFIG)."],
