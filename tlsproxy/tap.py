@@ -20,7 +20,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -113,6 +113,11 @@ def cannot_listen(label: str, description: str, error: BaseException) -> str:
         return f"{line}; another process listens there (ss -ltnp shows which): stop it or choose another port"
     if code == errno.EADDRNOTAVAIL:
         return f"{line}; the interface address is not one of this machine's"
+    if description.startswith("systemd:"):
+        return (
+            f"{line}; systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES): start tlsproxy.service"
+            " with its .socket units (deploy/systemd), or listen on tcp:PORT instead"
+        )
     return line
 
 
@@ -237,7 +242,12 @@ class Listener(Service):
 
     def startService(self) -> None:
         super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
+        try:
+            # A systemd: endpoint looks its socket up right here, and raises if none was passed.
+            endpoint = serverFromString(self.reactor, self.description)
+        except Exception as e:  # KeyError, IndexError, ValueError: whatever the parser met
+            self.listening = fail(e)
+            return
         self.listening = endpoint.listen(self.factory)
         self.listening.addCallback(self._listening)
 

@@ -52,6 +52,16 @@ def test_twist_exits_1_when_the_port_is_taken(tmp_path: Path, busy_port: int) ->
     assert "Traceback" not in done.stdout + done.stderr
 
 
+def test_systemd_endpoint_outside_systemd_exits_1_without_traceback(tmp_path: Path) -> None:
+    """The shipped systemd endpoint strings run without socket activation: exit 1 and one line, no traceback."""
+    config = local_config(tmp_path, "systemd:domain=INET6:name=https")
+    done = run([str(BIN / "twist"), "tlsproxy", "--config", str(config)], {"TLSPROXY_CAROOT": str(tmp_path / "ca")})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot listen on systemd:domain=INET6:name=https (https)" in done.stdout
+    assert "systemd passed no such socket" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 def test_dev_exits_1_when_the_port_is_taken(tmp_path: Path, busy_port: int) -> None:
     """`tlsproxy dev` that cannot bind exits 1 with the same advice."""
     done = run(
