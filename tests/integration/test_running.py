@@ -214,3 +214,14 @@ def test_check_messages_say_where_and_what_was_meant(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "site[0].upstream: 'https://127.0.0.1:8000'" in done.stderr
     assert "did you mean 'http://127.0.0.1:8000'?" in done.stderr
+
+
+@pytest.mark.skipif(not _can_drop_privileges(), reason="needs root and setpriv to be a user that cannot look")
+def test_state_dir_behind_a_closed_directory(nobody_home: Path, tmp_path: Path) -> None:
+    """A state_dir under a directory this user may not enter is one line from `check`, exit 2."""
+    closed = tmp_path / "closed"  # under pytest's root-only directory
+    config = acme_config(nobody_home, closed / "state")
+    done = run([*NOBODY, str(BIN / "tlsproxy"), "check", "-c", str(config)], {"HOME": str(nobody_home)})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "server.state_dir:" in done.stderr and "Permission denied for nobody (uid 65534)" in done.stderr
+    assert "Traceback" not in done.stderr
