@@ -225,3 +225,15 @@ def test_state_dir_behind_a_closed_directory(nobody_home: Path, tmp_path: Path) 
     assert done.returncode == 2, done.stdout + done.stderr
     assert "server.state_dir:" in done.stderr and "Permission denied for nobody (uid 65534)" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_dev_proxy_debug_level_shows_refused_handshakes(tmp_path: Path) -> None:
+    """`tlsproxy dev --log-level debug` shows the handshake of a client that does not trust the CA."""
+    port = free_port()
+    argv = [str(BIN / "tlsproxy"), "dev", "--listen", str(port), "--log-level", "debug"]
+    with running(argv, env={"TLSPROXY_CAROOT": str(tmp_path / "ca")}) as dev:
+        dev.wait_for_line(READY)
+        mark = len(dev.lines)
+        refused = subprocess.run(["curl", "-sS", "--noproxy", "*", f"https://localhost:{port}/"], capture_output=True)
+        assert refused.returncode != 0
+        assert "unknown ca" in dev.wait_for_line("TLS handshake with", 10, start=mark)
