@@ -17,7 +17,7 @@ from tlsproxy.tls.policy import cipher_names
 # Exit statuses of every command (README, "Exit statuses"): 0 done; 1 the
 # operation failed (the CA refused, a port could not be bound); 2 bad usage or
 # a configuration that cannot run (argparse uses 2 for usage errors too).
-OK, FAILED, BAD_CONFIG = 0, 1, 2
+OK, BAD_CONFIG = 0, 2
 
 
 def _load(path: str | None, err: TextIO) -> Config | None:
