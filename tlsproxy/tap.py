@@ -395,6 +395,13 @@ class ProxyService(MultiService):
         self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, failure.value))
         return failure
 
+    def _forget_listener(self, failure: Any, key: tuple[str, str]) -> Any:
+        """A listener a reload could not bind is forgotten, so the next SIGHUP tries it again."""
+        listener = self.listeners.pop(key, None)
+        if listener is not None:
+            listener.disownServiceParent()
+        return failure
+
     def _failed(self, failure: Any) -> None:
         self.exit_status = 1
         self.reactor.callWhenRunning(self.reactor.stop)
@@ -431,7 +438,10 @@ class ProxyService(MultiService):
         # Idle keep-alive connections to the old apps are closed; requests in
         # flight keep theirs until they finish.
         old.handler.close()
-        waiting = [listening.addErrback(self._cannot_listen, *key) for key, listening in started]
+        waiting = [
+            listening.addErrback(self._cannot_listen, *key).addErrback(self._forget_listener, key)
+            for key, listening in started
+        ]
         gatherResults(waiting, consumeErrors=True).addCallbacks(
             lambda _: self.log.info("configuration reloaded from {source}", source=config.source),
             lambda _: self.log.error("reloaded, but a new listener failed (above); the others serve"),
