@@ -360,6 +360,10 @@ def check_endpoint(description: str) -> str | None:
     """Why ``description`` is not a Twisted server endpoint string, or None."""
     from twisted.internet.endpoints import _parseServer
 
+    host, _, tail = description.rpartition(":")
+    if tail.isdigit() and host and description.split(":", 1)[0].lower() not in ("tcp", "unix", "systemd", "ssl"):
+        interface = host.strip("[]").replace(":", "\\:")
+        return f"a host:port is written tcp:{tail}:interface={interface} (a port alone, tcp:{tail}, is every interface)"
     try:
         kind, args, kwargs = _parseServer(description, None)
     except Exception as e:  # Twisted raises assorted types for bad strings

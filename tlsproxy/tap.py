@@ -20,7 +20,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -57,9 +57,10 @@ class Options(usage.Options):
     longdesc = (
         "Terminate TLS and proxy to your app (gunicorn, runserver, uvicorn).\n"
         "With --config (or TLSPROXY_CONFIG) it runs the sites of that TOML file; "
-        "with neither and no TLSPROXY_* variables it is the local HTTPS dev proxy: "
+        "with neither and no TLSPROXY_* configuration variables it is the local HTTPS dev proxy: "
         "https://localhost:8443 in front of http://127.0.0.1:8000. "
-        "SIGHUP reloads the configuration; SIGTERM drains and exits."
+        "SIGHUP reloads the configuration; SIGTERM drains and exits 0. "
+        "Exit status 1: a listener could not bind; 2: the configuration cannot run."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: $TLSPROXY_CONFIG)."],
@@ -114,6 +115,11 @@ def cannot_listen(label: str, description: str, error: BaseException) -> str:
         return f"{line}; another process listens there (ss -ltnp shows which): stop it or choose another port"
     if code == errno.EADDRNOTAVAIL:
         return f"{line}; the interface address is not one of this machine's"
+    if description.startswith("systemd:"):
+        return (
+            f"{line}; systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES): start tlsproxy.service"
+            " with its .socket units (deploy/systemd), or listen on tcp:PORT instead"
+        )
     return line
 
 
@@ -240,7 +246,12 @@ class Listener(Service):
 
     def startService(self) -> None:
         super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
+        try:
+            # A systemd: endpoint looks its socket up right here, and raises if none was passed.
+            endpoint = serverFromString(self.reactor, self.description)
+        except Exception as e:  # KeyError, IndexError, ValueError: whatever the parser met
+            self.listening = fail(e)
+            return
         self.listening = endpoint.listen(self.factory)
         self.listening.addCallback(self._listening)
 
@@ -318,7 +329,7 @@ class ProxyService(MultiService):
             wanted[("admin (/healthz /readyz /metrics)", config.server.admin)] = self.admin_factory
         return wanted
 
-    def _sync_listeners(self, config: Config) -> list[Deferred[Any]]:
+    def _sync_listeners(self, config: Config) -> list[tuple[tuple[str, str], Deferred[Any]]]:
         """Start listeners the config names and stop the ones it no longer does."""
         wanted = self._wanted(config)
         started = []
@@ -332,7 +343,7 @@ class ProxyService(MultiService):
                 self.listeners[key] = listener
                 listener.setServiceParent(self)
                 if listener.listening is not None:
-                    started.append(listener.listening)
+                    started.append((key, listener.listening))
         return started
 
     # -- life cycle ------------------------------------------------------------
@@ -388,6 +399,13 @@ class ProxyService(MultiService):
         self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, failure.value))
         return failure
 
+    def _forget_listener(self, failure: Any, key: tuple[str, str]) -> Any:
+        """A listener a reload could not bind is forgotten, so the next SIGHUP tries it again."""
+        listener = self.listeners.pop(key, None)
+        if listener is not None:
+            listener.disownServiceParent()
+        return failure
+
     def _failed(self, failure: Any) -> None:
         self.exit_status = 1
         self.reactor.callWhenRunning(self.reactor.stop)
@@ -424,9 +442,13 @@ class ProxyService(MultiService):
         # Idle keep-alive connections to the old apps are closed; requests in
         # flight keep theirs until they finish.
         old.handler.close()
-        gatherResults(started).addCallbacks(
+        waiting = [
+            listening.addErrback(self._cannot_listen, *key).addErrback(self._forget_listener, key)
+            for key, listening in started
+        ]
+        gatherResults(waiting, consumeErrors=True).addCallbacks(
             lambda _: self.log.info("configuration reloaded from {source}", source=config.source),
-            lambda f: self.log.error("reloaded, but a new listener failed: {error}", error=f.getErrorMessage()),
+            lambda _: self.log.error("reloaded, but a new listener failed (above); the others serve"),
         )
 
     def stopService(self) -> Deferred[Any]:
