@@ -299,6 +299,19 @@ class ResponseSideTests(SynchronousTestCase):
         self.assertEqual(self.records.lines, [(200, len(body))])
         self.assertEqual((self.handler.buffers.files, self.handler.buffers.in_memory), (0, 0))
 
+    def test_buffer_file_closed_when_the_client_caught_up(self) -> None:
+        """A buffer the client emptied before the app's end still closes its file when the answer ends."""
+        exchange = self.request()
+        app, _ = self.connect()
+        body = self.big_answer(app, 1024 * 1024)
+        exchange.producer.pauseProducing()
+        app.dataReceived(body[:600_000])
+        self.assertEqual(self.handler.buffers.files, 1)
+        exchange.producer.resumeProducing()
+        app.dataReceived(body[600_000:])
+        self.assertEqual(exchange.body, body)
+        self.assertEqual((self.handler.buffers.files, self.handler.buffers.in_memory), (0, 0))
+
     def test_past_the_cap_the_app_waits(self) -> None:
         """Past max_response_buffer, the app is paused until the client reads (back-pressure as before)."""
         self.server = Server(upstream_timeout=30, max_response_buffer=300_000, buffer_dir=self.mktemp())
