@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -231,6 +232,22 @@ def test_full_disk_falls_back_to_back_pressure(worker: App, pki: PKI, tmp_path: 
         assert hashlib.sha256(body).hexdigest() == digest(BIG)
         assert timed_get(proxy) < 1.0
         assert eventually(lambda: not buffer_files(proxy, state_dir / "buffers"), 10)
+
+
+def test_nothing_left_after_kill_9(worker: App, pki: PKI, tmp_path: Path) -> None:
+    """Buffer files in use have no name, so a proxy killed with SIGKILL leaves its buffer directory empty."""
+    directory = tmp_path / "buffers"
+    server = {"buffer_dir": str(directory), "upstream_timeout": 30}
+    with start_proxy(tmp_path, worker.url, pki, server=server) as proxy:
+        reader = SlowReader(proxy, f"/download-fixed?size={BIG}")
+        try:
+            assert b" 200 " in reader.read_head(time.monotonic() + 20)
+            assert eventually(lambda: bool(buffer_files(proxy, directory)), 10)
+            proxy.process.signal(signal.SIGKILL)
+            proxy.process.proc.wait(10)
+        finally:
+            reader.close()
+    assert list(directory.iterdir()) == []
 
 
 def test_client_abort_is_logged_499(proxy: Proxy) -> None:
