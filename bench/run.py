@@ -639,6 +639,125 @@ def measure(name: str, start: Callable[[], Proc], common: dict, say: Callable[[s
     return res
 
 
+# ---------------------------------------------------------------- slow clients
+
+SLOW_CLIENTS = 20
+SLOW_SIZE = 10 * MiB
+SLOW_RATE = "1M"  # curl --limit-rate: bytes per second per slow client
+
+
+def slow_nginx_conf(d: Path, port: int, app: int, cert: Path, key: Path) -> str:
+    """nginx with its defaults for proxying (proxy_buffering on, temp files up to 1 GiB)."""
+    body = f"""\
+  server {{
+    listen 127.0.0.1:{port} ssl backlog=1024;
+    server_name localhost;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{ proxy_pass http://127.0.0.1:{app}; }}
+  }}"""
+    return NGINX_COMMON.format(d=d, body=body)
+
+
+def start_gunicorn(port: int, logdir: Path) -> Proc:
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    argv = [str(gunicorn), "-w", "1", "-k", "sync", "-b", f"127.0.0.1:{port}", "--chdir", str(HERE), "slow_app:app"]
+    p = Proc("gunicorn", argv, LOAD_CPU, logdir)
+    try:
+        p.wait_ready(None, port, 30)
+    except NA:
+        p.stop()
+        raise
+    return p
+
+
+def m_slow_clients(port: int, cafile: Path, say: Callable[[str], None]) -> dict[str, object]:
+    """20 clients read 10 MiB at 1 MiB/s each; meanwhile, how long does a small GET take?"""
+    url = f"https://localhost:{port}"
+    argv = [
+        "taskset", "-c", LOAD_CPU, "curl", "-sS", "--http1.1", "--limit-rate", SLOW_RATE, "--cacert", str(cafile),
+        "-o", "/dev/null", "-w", "%{http_code} %{size_download}", f"{url}/big?size={SLOW_SIZE}",
+    ]  # fmt: skip
+    curls = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        for _ in range(SLOW_CLIENTS)
+    ]
+    sc = ssl.create_default_context(cafile=str(cafile))
+    times: list[float] = []
+    try:
+        time.sleep(1.0)  # the slow downloads are under way
+        end = time.monotonic() + 6
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                conn = http.client.HTTPSConnection("localhost", port, context=sc, timeout=30)
+                conn.request("GET", "/small")
+                ok = conn.getresponse().read() == SMALL_BODY
+                conn.close()
+            except (OSError, http.client.HTTPException):
+                ok = False
+            times.append(time.monotonic() - t0 if ok else float("inf"))
+            time.sleep(0.5)
+        done = 0
+        for p in curls:
+            out, _ = p.communicate(timeout=120)
+            done += out.strip() == f"200 {SLOW_SIZE}"
+    finally:
+        for p in curls:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    say(f"  small GET latencies (s): {', '.join(f'{t:.2f}' for t in times)}")
+    return {
+        "get_p50_ms": statistics.median(times) * 1000,
+        "get_max_ms": max(times) * 1000,
+        "slow_done": done,
+    }
+
+
+def run_slow_clients(tmp: Path, cert: Path, key: Path, cafile: Path, logs: Path, say: Callable[[str], None]) -> str:
+    """The slow-client table: tlsproxy next to nginx, both in front of gunicorn -w 1."""
+    app_port = free_port()
+    app = start_gunicorn(app_port, logs)
+    results: dict[str, dict[str, object]] = {}
+    try:
+        for name in ("nginx", "tlsproxy"):
+            port = free_port()
+            try:
+                if name == "nginx":
+                    d = tmp / "slow-nginx"
+                    proc = start_nginx(name, d, slow_nginx_conf(d, port, app_port, cert, key), port, PROXY_CPU, logs)
+                else:
+                    proc, _ = start_tlsproxy(tmp, port, app_port, cert, key, logs)
+            except NA as e:
+                say(f"  {name}: n/a ({e})")
+                continue
+            try:
+                results[name] = m_slow_clients(port, cafile, say)
+            finally:
+                proc.stop()
+            say(f"  {name}: slow clients done")
+    finally:
+        app.stop()
+    lines = [
+        f"Slow clients: gunicorn -w 1 (sync), {SLOW_CLIENTS} clients each reading {SLOW_SIZE // MiB} MiB at "
+        "1 MiB/s (curl --limit-rate 1M), a small GET every 0.5 s meanwhile (new TLS connection each).",
+        "",
+        "| | nginx (defaults) | tlsproxy |",
+        "| --- | --- | --- |",
+    ]
+    rows = [
+        ("get_p50_ms", "small GET latency, median (ms)", "{:,.0f}"),
+        ("get_max_ms", "small GET latency, max (ms)", "{:,.0f}"),
+        ("slow_done", f"slow downloads complete (of {SLOW_CLIENTS})", "{:d}"),
+    ]
+    for key_, label, fmt in rows:
+        cells = [cell(results.get(n, {}).get(key_, NA("not run")), fmt) for n in ("nginx", "tlsproxy")]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- report
 
 ROWS = [
@@ -761,6 +880,11 @@ def main() -> int:
         choices=["nginx", "tlsproxy", "ReverseProxyResource"],
         help="measure only these proxies (repeatable); the others show n/a",
     )
+    ap.add_argument(
+        "--slow-clients",
+        action="store_true",
+        help="run only the slow-client case (gunicorn -w 1; about 40 s) and print its table",
+    )
     args = ap.parse_args()
     try:
         import trustme  # noqa: F401
@@ -789,6 +913,19 @@ def main() -> int:
     started = time.monotonic()
     loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     stamp = datetime.datetime.now().astimezone()
+    if args.slow_clients:
+        with tempfile.TemporaryDirectory(prefix="tlsproxy-bench-") as tmpname:
+            tmp = Path(tmpname)
+            logs = tmp / "logs"
+            logs.mkdir()
+            cert, key, cafile = make_cert(tmp)
+            table = run_slow_clients(tmp, cert, key, cafile, logs, say)
+        table = f"Run: {stamp:%Y-%m-%d %H:%M %Z} on {machine()}; load average before: {loadavg}.\n\n" + table
+        print(table)
+        out = HERE / "results-slow-clients.md" if args.out == str(HERE / "results-latest.md") else Path(args.out)
+        out.write_text(table)
+        say(f"bench: table written to {out}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="tlsproxy-bench-") as tmpname:
         tmp = Path(tmpname)
         logs = tmp / "logs"
