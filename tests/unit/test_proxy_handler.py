@@ -314,11 +314,11 @@ class ResponseSideTests(SynchronousTestCase):
         body = self.big_answer(app, 1024 * 1024)
         exchange.producer.pauseProducing()
         app.dataReceived(body[:600_000])
-        self.assertEqual(self.handler.buffers.files, 1)
+        self.assertEqual(self.handler.response_buffers.files, 1)
         exchange.producer.resumeProducing()
         app.dataReceived(body[600_000:])
         self.assertEqual(exchange.body, body)
-        self.assertEqual((self.handler.buffers.files, self.handler.buffers.in_memory), (0, 0))
+        self.assertEqual((self.handler.response_buffers.files, self.handler.response_buffers.in_memory), (0, 0))
 
     def test_past_the_cap_the_app_waits(self) -> None:
         """Past max_response_buffer, the app is paused until the client reads (back-pressure as before)."""
@@ -551,7 +551,7 @@ class H2WindowTests(SynchronousTestCase):
         self.reactor.advance(21)
         self.pump()
         self.assertTrue(self.reset())
-        self.assertEqual((self.handler.buffers.files, self.handler.buffers.in_memory), (0, 0))
+        self.assertEqual((self.handler.response_buffers.files, self.handler.response_buffers.in_memory), (0, 0))
 
 
 class GarbageTests(SynchronousTestCase):
