@@ -241,3 +241,21 @@ def test_h2_upload_and_drain(setup: Setup) -> None:
         out, _ = slow.communicate(timeout=20)
         assert out == "hello /slow\n 2"
         assert proxy.proc.wait(10) == 0
+
+
+def test_readyz_wants_an_answer_from_the_app(setup: Setup) -> None:
+    """/readyz is 503 for an app that accepts connections but never answers; /metrics has process figures."""
+    with socket.socket() as hanging:
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(16)  # the kernel accepts; nobody ever reads or answers
+        port = hanging.getsockname()[1]
+        with tlsproxy(setup.config(upstream=port)):
+            started = time.monotonic()
+            status, body = setup.admin_get("/readyz")
+            assert status == 503, body
+            assert f"upstream http://127.0.0.1:{port}: no answer within" in body
+            assert time.monotonic() - started < 8
+            status, metrics = setup.admin_get("/metrics")
+            assert status == 200
+            assert "process_resident_memory_bytes " in metrics and "process_open_fds " in metrics
+            assert 'tlsproxy_certificate_expiry_timestamp_seconds{site="app.test"}' in metrics
