@@ -300,3 +300,21 @@ def test_sighup_with_a_listener_that_cannot_bind_says_which(setup: Setup) -> Non
         proxy.wait_for_line("configuration reloaded", 10, start=mark)
         assert any(f"listening on 127.0.0.1:{busy}" in line for line in proxy.lines[mark:])
         assert "Traceback" not in proxy.output
+
+
+def test_readyz_wants_an_answer_from_the_app(setup: Setup) -> None:
+    """/readyz is 503 for an app that accepts connections but never answers; /metrics has process figures."""
+    with socket.socket() as hanging:
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(16)  # the kernel accepts; nobody ever reads or answers
+        port = hanging.getsockname()[1]
+        with tlsproxy(setup.config(upstream=port)):
+            started = time.monotonic()
+            status, body = setup.admin_get("/readyz")
+            assert status == 503, body
+            assert f"upstream http://127.0.0.1:{port}: no answer within" in body
+            assert time.monotonic() - started < 8
+            status, metrics = setup.admin_get("/metrics")
+            assert status == 200
+            assert "process_resident_memory_bytes " in metrics and "process_open_fds " in metrics
+            assert 'tlsproxy_certificate_expiry_timestamp_seconds{site="app.test"}' in metrics
