@@ -350,12 +350,13 @@ class ProxyService(MultiService):
 
     def startService(self) -> None:
         super().startService()
+        # Before "ready" can be said: a SIGHUP sent on seeing it must find our handler.
+        self.reactor.callWhenRunning(self._install_signal_handlers)
         waiting = []
         for (label, description), listener in self.listeners.items():
             if listener.listening is not None:
                 waiting.append(listener.listening.addErrback(self._cannot_listen, label, description))
         gatherResults(waiting, consumeErrors=True).addCallbacks(self._ready, self._failed)
-        self.reactor.callWhenRunning(self._install_signal_handlers)
 
     def _install_signal_handlers(self) -> None:
         # After the reactor's own (installed while it starts): ours replace them.
@@ -384,6 +385,11 @@ class ProxyService(MultiService):
             pass
 
     def _ready(self, _: Any) -> None:
+        if not getattr(self.reactor, "running", True):
+            # Listening already, but the signal handlers come with the running
+            # reactor: say "ready" after them (callWhenRunning keeps the order).
+            self.reactor.callWhenRunning(self._ready, None)
+            return
         self._update_https_port()
         self.ready = True
         self.log.info(READY)
