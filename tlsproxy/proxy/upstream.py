@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tlsproxy.compat.twisted import break_connector_cycle
 from tlsproxy.config import Upstream
 from tlsproxy.deadline import Deadline
 from tlsproxy.eventloop import plain_stream
@@ -113,9 +114,7 @@ class UpstreamConnection(Protocol):
         self.pool.forget(self)
         # Twisted's Connector and its Client refer to each other; breaking
         # that lets the connection go by reference counting, not the GC.
-        connector = getattr(self.transport, "connector", None)
-        if connector is not None:
-            connector.transport = None
+        break_connector_cycle(self.transport)
         if self._tunnel is not None:
             tunnel, self._tunnel = self._tunnel, None
             tunnel.finish()
