@@ -91,6 +91,30 @@ def cipher_names(ciphers: str) -> list[str]:
     return names
 
 
+def _is_aead(name: str) -> bool:
+    return any(mode in name for mode in ("GCM", "CHACHA20", "CCM"))
+
+
+def cipher_warnings(ciphers: str, alpn: Sequence[str] = ()) -> list[str]:
+    """What is weak in a TLS 1.2 cipher string that OpenSSL accepts (raises PolicyError if it accepts none)."""
+    names = cipher_names(ciphers)
+    warnings = []
+    static = [n for n in names if not n.startswith(("ECDHE-", "DHE-"))]
+    if static:
+        warnings.append(
+            f"TLS 1.2 suites without forward secrecy (a stolen key decrypts recorded traffic): {', '.join(static)}"
+        )
+    cbc = [n for n in names if not _is_aead(n)]
+    if cbc:
+        warnings.append(f"TLS 1.2 suites without AEAD (CBC or worse): {', '.join(cbc)}")
+        if "h2" in alpn:
+            warnings.append(
+                "h2 is offered with CBC suites, which HTTP/2 forbids (RFC 9113 9.2.2): a client that gets one "
+                "ends the connection with INADEQUATE_SECURITY; list only ECDHE suites with GCM or CHACHA20"
+            )
+    return warnings
+
+
 def load_dhparams(path: str) -> None:
     """Check that ``path`` holds PEM DH parameters OpenSSL can load."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
