@@ -1,4 +1,4 @@
-"""Which site a TLS connection may serve, and which sessions it may resume, against `twist tlsproxy`."""
+"""Against `twist tlsproxy`: which site a TLS connection may serve, which sessions it resumes, plain HTTP."""
 
 from __future__ import annotations
 
