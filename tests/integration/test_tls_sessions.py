@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib
 
 from tests.integration.test_tls_listener import Proxy, proxy  # noqa: F401 (the fixture)
+from tlsproxy.compat.openssl import lib as _lib
 
 pytestmark = pytest.mark.integration
 

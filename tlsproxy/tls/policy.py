@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib  # SSL_CTX_set1_curves_list has no public wrapper
 
 from tlsproxy.certs.model import CertifiedKey, ServedNames
+from tlsproxy.compat.openssl import set_groups
 
 # Mozilla's "intermediate" TLS 1.2 suites, ECDHE with AEAD only.
 MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
@@ -65,7 +65,7 @@ class PolicyError(ValueError):
 
 def _accepts_groups(names: str) -> bool:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    return bool(_lib.SSL_CTX_set1_curves_list(ctx._context, names.encode("ascii")) == 1)
+    return set_groups(ctx, names)
 
 
 @functools.cache
@@ -145,7 +145,7 @@ class TLSPolicy:
         # An idle connection gives its record buffers back (about 34 KiB).
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         ctx.set_cipher_list(self.ciphers.encode("ascii"))
-        if _lib.SSL_CTX_set1_curves_list(ctx._context, self.groups.encode("ascii")) != 1:
+        if not set_groups(ctx, self.groups):
             raise PolicyError(f"OpenSSL refused the key exchange groups {self.groups!r}")
         if self.dhparams:
             ctx.load_tmp_dh(self.dhparams.encode())
