@@ -167,7 +167,7 @@ class TicketKeyRotation(Service):
 
     def _tick(self) -> None:
         self.rotate()
-        self.log.debug("session ticket keys rotated")
+        self.log.info("session ticket keys rotated: new tickets use a new key, the key before the last is gone")
 
     def startService(self) -> None:
         super().startService()
