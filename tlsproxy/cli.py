@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from collections.abc import Sequence
@@ -12,6 +13,7 @@ from tlsproxy import config as configuration
 from tlsproxy import preflight
 from tlsproxy.certs.model import CertificateError
 from tlsproxy.config import Config, ConfigError
+from tlsproxy.tls.audit import configuration_warnings
 from tlsproxy.tls.policy import GROUPS, cipher_names
 
 # Exit statuses of every command (README, "Exit statuses"): 0 done; 1 the
@@ -91,7 +93,8 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if config is None:
         return BAD_CONFIG
     print(describe(config), file=out)
-    for warning in preflight.warnings(config):
+    tls_warnings = configuration_warnings(config, datetime.datetime.now(datetime.UTC))
+    for warning in [*preflight.warnings(config), *tls_warnings]:
         print(f"tlsproxy: warning: {warning}", file=err)
     print("configuration OK", file=out)
     return OK

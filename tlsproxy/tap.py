@@ -10,6 +10,7 @@ one stays.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 import signal
@@ -32,7 +33,7 @@ from tlsproxy import config as configuration
 from tlsproxy import preflight
 from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.admin import AdminHandler
-from tlsproxy.certs.model import CertificateError, CertifiedKey
+from tlsproxy.certs.model import CertificateError, CertifiedKey, certificate_warnings
 from tlsproxy.config import Config, ConfigError
 from tlsproxy.eventloop import streamline, tune_collector
 from tlsproxy.http.negotiate import NegotiatingFactory
@@ -157,6 +158,10 @@ def build_generation(
                 issuer=certified.issuer,
                 not_after=certified.not_after.isoformat(),
             )
+            for warning in certificate_warnings(
+                certified, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
+            ):
+                log.warn("site {site}: {cert}: {warning}", site=site.name, cert=site.cert, warning=warning)
     certificates = MultiService()
     TicketKeyRotation(reactor, sni.rotate_ticket_keys, config.tls.ticket_key_rotation).setServiceParent(certificates)
     _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics)

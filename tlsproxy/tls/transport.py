@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 from OpenSSL.SSL import RECEIVED_SHUTDOWN as SSL_RECEIVED_SHUTDOWN
 from OpenSSL.SSL import SENT_SHUTDOWN as SSL_SENT_SHUTDOWN
 from OpenSSL.SSL import Error
@@ -43,6 +41,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tlsproxy.certs.model import ServedNames
+from tlsproxy.compat.openssl import connection_handles, raise_ssl_error
+from tlsproxy.compat.openssl import ffi as _ffi
+from tlsproxy.compat.openssl import lib as _lib
 from tlsproxy.deadline import Deadline
 from tlsproxy.tls.hello import ClientHello, PlainHTTP, sniff
 from tlsproxy.tls.policy import served_names
@@ -157,9 +158,7 @@ class TLSServerProtocol(Protocol):
         self.client_hello = hello
         tls = self._tls = self.factory.creator.serverConnectionForTLS(self)
         tls.set_accept_state()
-        self._ssl = tls._ssl
-        self._into = tls._into_ssl
-        self._from = tls._from_ssl
+        self._ssl, self._into, self._from = connection_handles(tls)
 
     def _sniff(self, data: bytes) -> bytes | None:
         """Read ahead until the ClientHello is whole; then set TLS up and give back every byte read so far."""
@@ -326,7 +325,7 @@ class TLSServerProtocol(Protocol):
         alert (a protocol version, no shared cipher) before the close.
         """
         try:
-            self._tls._raise_ssl_error(self._ssl, result)  # pyOpenSSL's account of it
+            raise_ssl_error(self._tls, result)  # pyOpenSSL's account of it
             reason: Failure = Failure(TLSError(f"TLS {doing} failed"))
         except Error:
             reason = Failure()
