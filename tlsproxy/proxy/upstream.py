@@ -27,7 +27,7 @@ from zope.interface import implementer
 from tlsproxy.compat.twisted import break_connector_cycle
 from tlsproxy.config import Upstream
 from tlsproxy.deadline import Deadline
-from tlsproxy.eventloop import plain_stream
+from tlsproxy.eventloop import plain_stream, send_now
 from tlsproxy.http.wire import (
     ChunkedBody,
     FramingError,
@@ -36,7 +36,6 @@ from tlsproxy.http.wire import (
     UntilClose,
     parse_response_head,
 )
-from tlsproxy.tls.transport import send_now
 
 # An app's response head larger than this is refused (nginx's default proxy
 # buffer for a head is 4-8 KiB; Django's heads are far smaller).

@@ -45,6 +45,7 @@ from tlsproxy.compat.openssl import connection_handles, raise_ssl_error
 from tlsproxy.compat.openssl import ffi as _ffi
 from tlsproxy.compat.openssl import lib as _lib
 from tlsproxy.deadline import Deadline
+from tlsproxy.eventloop import send_now
 from tlsproxy.tls.hello import ClientHello, PlainHTTP, sniff
 from tlsproxy.tls.policy import served_names
 
@@ -68,32 +69,6 @@ _WANT_READ = _lib.SSL_ERROR_WANT_READ
 _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
 _NULL = _ffi.NULL
 _unpack = _ffi.unpack  # char array -> bytes, in one call
-
-
-def send_now(transport: Any, data: bytes) -> None:
-    """Write ``data`` to a TCP or unix transport, on the socket at once if idle.
-
-    Falls back to the transport's own buffering whenever anything is queued,
-    the socket is full, or the transport is not a plain socket transport.
-    """
-    sock = getattr(transport, "socket", None)
-    if (
-        sock is not None
-        and not transport.dataBuffer
-        and not getattr(transport, "_tempDataBuffer", True)
-        and transport.connected
-        and not transport.disconnecting
-    ):
-        try:
-            sent = sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            sent = 0  # let the transport's own write path see and report it
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 _PLAIN_HTTP_BODY = (
