@@ -43,6 +43,7 @@ class NegotiatingFactory:
 
     def connection_made(self, tls: Any) -> None:
         self.tracker.add(tls)
+        tls.accepted_at = self.clock.seconds()  # the first request's deadline counts from here
 
     def protocol_for(self, tls: Any) -> Protocol | None:
         """The protocol for a connection whose handshake just ended (None: close it)."""
@@ -53,6 +54,7 @@ class NegotiatingFactory:
             return H2ServerProtocol(self.handler, self.clock, self.limits)
         protocol = HTTP11ServerProtocol(self.handler, self.clock, self.limits, secure=True)
         protocol.handshake_done = True
+        protocol.started = getattr(tls, "accepted_at", None)
         return protocol
 
     def handshake_done(self, tls: Any, protocol: Any) -> None:
