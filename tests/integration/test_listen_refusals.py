@@ -47,7 +47,8 @@ def test_emfile_refusals_counted_and_logged_sparingly(pki: PKI, tmp_path: Path) 
         with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
             metrics = response.read().decode()
         output = process.output
-    refused = [line for line in metrics.splitlines() if line.startswith('tlsproxy_refused_connections_total{listener="https"}')]
+    name = 'tlsproxy_refused_connections_total{listener="https"}'
+    refused = [line for line in metrics.splitlines() if line.startswith(name)]
     assert refused, metrics[-2000:]
     count = float(refused[0].rsplit(" ", 1)[1])
     assert count >= 100, refused
