@@ -7,13 +7,16 @@ framing would allow one, carries the same marker so that neither reaching the ap
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import PKI, App, Proxy, marker, start_proxy
+from tests.integration.procs import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -190,3 +193,19 @@ def test_bad_chunk_size_after_dispatch_gets_400_and_close(short_body_proxy: Prox
         reply = conn.read_until_closed(timeout=8)
     assert reply.status_line.startswith("HTTP/1.1 400"), (reply.elapsed, reply.data[:300])
     assert reply.closed and reply.elapsed < 3
+
+
+def test_plain_port_refusal_ends_at_once_for_the_client(app: App, pki: PKI, tmp_path: Path) -> None:
+    """On the plain HTTP port a refused request's answer is followed by the end of the stream at once (half-close)."""
+    http_port = free_port()
+    server = {"http": [f"tcp:{http_port}:interface=127.0.0.1"]}
+    with start_proxy(tmp_path, app.url, pki, server=server):
+        with socket.create_connection(("127.0.0.1", http_port), timeout=5) as sock:
+            start = time.monotonic()
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            elapsed = time.monotonic() - start
+    assert data.startswith(b"HTTP/1.1 400 "), data[:200]
+    assert elapsed < 0.9  # not the second of quiet lingering waits for before closing
