@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from twisted.internet.task import Clock  # noqa: E402
-from twisted.internet.testing import StringTransport  # noqa: E402
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 
-from tlsproxy.http.server import HTTP11ServerProtocol, Limits  # noqa: E402
+from tlsproxy.http.server import HTTP11ServerProtocol, Limits
 
 
 class Answer:
