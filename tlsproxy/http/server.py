@@ -439,10 +439,10 @@ class HTTP11ServerProtocol(Protocol):
         if head.chunked:
             self._body = ChunkedBody()
             self._current = exchange
+            self._body_timer.set(limits.body_timeout, self._body_timeout)
         elif head.content_length:
             self._body = LengthBody(head.content_length)
             self._current = exchange
-        if self._body is not None:
             self._body_timer.set(limits.body_timeout, self._body_timeout)
         elif head.upgrade:
             self._upgrading = True
