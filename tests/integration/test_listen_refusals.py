@@ -39,16 +39,20 @@ def test_emfile_refusals_counted_and_logged_sparingly(pki: PKI, tmp_path: Path) 
                 sock.settimeout(5)
                 sock.connect(("127.0.0.1", port))
                 clients.append(sock)
-            time.sleep(2)  # let the proxy accept (and refuse) what it can
+            time.sleep(2)  # held while the proxy accepts (and refuses) what it can
         finally:
             for sock in clients:
                 sock.close()
-        time.sleep(1)
-        with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
-            metrics = response.read().decode()
+        name = 'tlsproxy_refused_connections_total{listener="https"}'
+        deadline = time.monotonic() + 15
+        while True:
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=10) as response:
+                metrics = response.read().decode()
+            refused = [line for line in metrics.splitlines() if line.startswith(name)]
+            if (refused and float(refused[0].rsplit(" ", 1)[1]) >= 100) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         output = process.output
-    name = 'tlsproxy_refused_connections_total{listener="https"}'
-    refused = [line for line in metrics.splitlines() if line.startswith(name)]
     assert refused, metrics[-2000:]
     count = float(refused[0].rsplit(" ", 1)[1])
     assert count >= 100, refused
