@@ -19,17 +19,16 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, Logger, globalLogPublisher
 from zope.interface import implementer
 
+from tlsproxy.compat.twisted import CANNOT_ACCEPT, EMFILE_NOISE, EMFILE_REFUSED, observe_port_log
+
 BACKLOG = 511
 # Endpoint types whose parser takes a backlog argument.
 _WITH_BACKLOG = ("tcp", "tcp6", "ssl", "unix")
 
 # The accept-time events of twisted.internet.tcp (see its _accept).
-_REFUSED = "EMFILE recovery: Closed socket from {address}"
-_EMFILE_NOISE = (
-    "EMFILE encountered; releasing reserved file descriptor.",
-    "Re-reserving EMFILE recovery file descriptor.",
-)
-_CANNOT_ACCEPT = "Could not accept new connection ({acceptError})"
+_REFUSED = EMFILE_REFUSED
+_EMFILE_NOISE = EMFILE_NOISE
+_CANNOT_ACCEPT = CANNOT_ACCEPT
 
 log = Logger(namespace="tlsproxy.listen")
 
@@ -95,9 +94,6 @@ class RefusalLog:
 def watch_refusals(port: Any, clock: IReactorTime, label: str, refused: Any = None) -> None:
     """Route ``port``'s accept-time log events through a :class:`RefusalLog`.
 
-    Twisted's TCP and UNIX ports log those through their ``_logger``; a
-    port without one (another kind of endpoint) is left as it is.
+    A port of another kind (not TCP or UNIX) is left as it is.
     """
-    logger = getattr(port, "_logger", None)
-    if isinstance(logger, Logger):
-        port._logger = Logger(namespace=logger.namespace, observer=RefusalLog(clock, label, refused))
+    observe_port_log(port, RefusalLog(clock, label, refused))
