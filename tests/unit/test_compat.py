@@ -55,6 +55,8 @@ PRIVATE_ATTRIBUTES = frozenset(
         "dataBuffer",
         "_tempDataBuffer",
         "_parseServer",
+        "_logger",
+        "_post_once",
     }
 )
 THIRD_PARTY = ("OpenSSL", "twisted", "h2", "hpack", "hyperframe", "acme", "josepy", "cryptography", "service_identity")
