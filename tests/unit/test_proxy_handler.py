@@ -275,13 +275,16 @@ def chunked_head(method: bytes = b"POST", extra: list[tuple[bytes, bytes]] | Non
     return RequestHead(method, b"/x", b"1.1", b"app.test", headers, None, chunked=True)
 
 
+from tests.unit.test_reqbuffer import FakeThreads, scratch  # noqa: E402
+
+
 class BufferingTests(SynchronousTestCase):
     """Request bodies are held whole, then sent with a Content-Length."""
 
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.patch(FakeExchange, "clock", self.reactor)
-        self.server = Server(connect_timeout=5, upstream_timeout=30, idle_timeout=60, state_dir=self.mktemp())
+        self.server = Server(connect_timeout=5, upstream_timeout=30, idle_timeout=60, state_dir=scratch(self))
 
     def handler(self, **site: Any) -> ProxyHandler:
         upstream = parse_upstream("http://127.0.0.1:8000")
@@ -396,12 +399,10 @@ class BufferingTests(SynchronousTestCase):
 class SlowDiskTests(SynchronousTestCase):
     def test_slow_disk_is_not_a_408(self) -> None:
         """A whole body still being written by a slow disk is not timed out as the client's fault."""
-        from tests.unit.test_reqbuffer import FakeThreads
-
         reactor = MemoryReactorClock()
         self.patch(FakeExchange, "clock", reactor)
         site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
-        handler = ProxyHandler(reactor, [site], Server(idle_timeout=60, state_dir=self.mktemp()))
+        handler = ProxyHandler(reactor, [site], Server(idle_timeout=60, state_dir=scratch(self)))
         threads = FakeThreads()
         handler.buffers.run_in_thread = threads
         exchange = FakeExchange(chunked_head(), b"x" * 2_000_000)

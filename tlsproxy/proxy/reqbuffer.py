@@ -216,15 +216,16 @@ class RequestBody:
             return
         self.size += len(data)
         pool = self.pool
-        if not self._spilled and not pool.may_hold(self.connection, self._held, len(data)):
+        spill = not self._spilled and not pool.may_hold(self.connection, self._held, len(data))
+        pool.hold(self.connection, len(data))
+        self._held += len(data)
+        self._chunks.append(data)
+        if spill:
             self._spilled = True
             pool.files += 1
             self._busy += 1
             pool.run_in_thread(pool.open_file).addBoth(self._opened)
-        pool.hold(self.connection, len(data))
-        self._held += len(data)
-        self._chunks.append(data)
-        if self._spilled:
+        if self._spilled and not self._closed and self._error is None:
             if self._held > pool.limits.write_behind and not self._paused:
                 self._paused = True
                 self._pause()
