@@ -238,6 +238,15 @@ class HandlerTests(SynchronousTestCase):
 class GarbageTests(SynchronousTestCase):
     def test_finished_requests_leave_no_reference_cycles(self) -> None:
         """Each proxied request is freed by reference counting alone: nothing is left for the GC."""
+        self.check_no_cycles(b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n")
+
+    def test_requests_with_bodies_leave_no_reference_cycles(self) -> None:
+        """A request whose body was held (chunked, then sent with a length) is freed by reference counting too."""
+        self.check_no_cycles(
+            b"POST /x HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+
+    def check_no_cycles(self, request: bytes) -> None:
         import gc
 
         from tlsproxy.http.server import HTTP11ServerProtocol, Limits
@@ -247,7 +256,6 @@ class GarbageTests(SynchronousTestCase):
         handler = ProxyHandler(reactor, [site], Server())
         client = HTTP11ServerProtocol(handler, reactor, Limits(), secure=True)
         client.makeConnection(StringTransport())
-        request = b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n"
         response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
         client.dataReceived(request)
         app = reactor.tcpClients[-1][2].buildProtocol(None)

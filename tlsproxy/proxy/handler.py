@@ -154,6 +154,7 @@ class ProxiedRequest:
     # (one of these is made per request, so fewer assignments count).
     conn: UpstreamConnection | None = None
     body: RequestBody | None = None  # the request body, held whole
+    sink: _BodySink | None = None  # what the exchange hands the body to
     streaming = False  # request_buffering = false: the body goes to the app as it comes
     dialled = False
     received = 0
@@ -207,7 +208,7 @@ class ProxiedRequest:
         # A body that stops arriving is the client's fault (408), not the app's.
         self.set_timer(self.handler.server.idle_timeout)
         self.send_continue()
-        exchange.set_body_consumer(self)
+        exchange.set_body_consumer(self.body_sink())
 
     def send_continue(self) -> None:
         """Answer ``Expect: 100-continue`` ourselves: we take the body, the app never sees Expect."""
@@ -250,8 +251,14 @@ class ProxiedRequest:
     def body_sent(self, conn: UpstreamConnection) -> None:
         conn.request_complete = True
 
+    def body_sink(self) -> _BodySink:
+        sink = self.sink = _BodySink(self)
+        return sink
+
     def drop_body(self) -> None:
         """The request is over: its body's memory and file are given back."""
+        if self.sink is not None:
+            self.sink.request = None
         body = self.body
         if body is not None:
             self.body = None
@@ -318,7 +325,7 @@ class ProxiedRequest:
             if self.body_complete:
                 conn.request_complete = True
             else:
-                self.exchange.set_body_consumer(self)
+                self.exchange.set_body_consumer(self.body_sink())
                 self.exchange.resume_body()
         elif self.body is not None:
             # The whole body, again on a retry; the app's socket paces it.
@@ -528,6 +535,27 @@ class ProxiedRequest:
     def stopProducing(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+class _BodySink:
+    """Passes body bytes on until the request is over, then lets go of it.
+
+    The exchange keeps its body consumer; through this, that is no cycle
+    back to the request, which reference counting alone can then free.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: ProxiedRequest | None) -> None:
+        self.request = request
+
+    def body_data(self, data: bytes) -> None:
+        if self.request is not None:
+            self.request.body_data(data)
+
+    def body_end(self) -> None:
+        if self.request is not None:
+            self.request.body_end()
 
 
 @implementer(IPushProducer)
