@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from tlsproxy.proxy.reqbuffer import BufferError, BufferLimits, BufferPool, RequestBody, open_buffer_file
 
@@ -279,3 +279,24 @@ class SynchronousFailureTests(SynchronousTestCase):
         bodies[0].add(b"x" * 20)
         self.assertEqual([e.status for e in seen.errors], [500])
         self.assertEqual((pool.held, pool.files), (0, 0))
+
+
+class DirectoryTests(SynchronousTestCase):
+    def test_default_directory_falls_back_when_not_ours(self) -> None:
+        """A default directory this user cannot own sends bodies to the fallback (0700), never into it."""
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to give the directory to another user")
+        root = scratch(self)
+        primary, fallback = os.path.join(root, "state", "buffers"), os.path.join(root, "tmp", "buffers")
+        os.makedirs(primary)
+        os.chown(primary, 65534, 65534)
+        pool = BufferPool(primary, LIMITS, FakeThreads(), fallback=fallback)
+        fd = pool.open_file()
+        try:
+            self.assertTrue(os.path.samefile(os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")), fallback))
+            self.assertEqual(stat.S_IMODE(os.stat(fallback).st_mode), 0o700)
+        finally:
+            os.close(fd)
+        explicit = BufferPool(primary, LIMITS, FakeThreads())
+        with self.assertRaises(PermissionError):
+            explicit.open_file()

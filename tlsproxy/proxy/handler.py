@@ -26,7 +26,14 @@ from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.plain import split_host_port
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
-from tlsproxy.proxy.reqbuffer import BufferError, BufferLimits, BufferPool, RequestBody, threaded
+from tlsproxy.proxy.reqbuffer import (
+    BufferError,
+    BufferLimits,
+    BufferPool,
+    RequestBody,
+    fallback_directory,
+    threaded,
+)
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
 
 STREAM_ABOVE = 1024 * 1024  # with request_buffering = false, larger bodies of known length stream
@@ -97,6 +104,8 @@ class ProxyHandler:
                 total_memory=server.request_buffer_total_memory,
             ),
             threaded(reactor),
+            # The default place may not be writable (a dev run as a user): then the temp dir.
+            fallback=None if server.request_buffer_dir else fallback_directory(),
         )
 
     def route_for(self, host: str) -> Route | None:

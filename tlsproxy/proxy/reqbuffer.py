@@ -68,16 +68,32 @@ def threaded(reactor: Any) -> RunInThread:
     return lambda f, *args: deferToThreadPool(reactor, get_pool(), f, *args)
 
 
+# Why a directory may not be ours to use, so that the default falls back to the temp dir.
+_NOT_OURS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def fallback_directory() -> str:
+    """Where bodies go when the default place under ``state_dir`` is not writable (say, a dev run)."""
+    return os.path.join(tempfile.gettempdir(), f"tlsproxy-{os.geteuid()}-request-buffers")
+
+
+def prepare_directory(directory: str) -> None:
+    """Make ``directory`` a private directory of ours (0700), or raise OSError; blocking."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, "not a directory owned by this process's user", directory)
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+
+
 def open_buffer_file(directory: str) -> int:
     """A new temporary file in ``directory`` (made 0700), already unlinked; blocking.
 
     ``TemporaryFile`` uses O_TMPFILE where the file system has it (the file
     never has a name) and otherwise unlinks right after creating it.
     """
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    info = os.stat(directory)
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(directory, 0o700)
+    prepare_directory(directory)
     handle = tempfile.TemporaryFile(dir=directory, buffering=0)
     fd = os.dup(handle.fileno())
     handle.close()
@@ -110,8 +126,11 @@ class BufferPool:
 
     log = Logger()
 
-    def __init__(self, directory: str, limits: BufferLimits, run_in_thread: RunInThread) -> None:
+    def __init__(
+        self, directory: str, limits: BufferLimits, run_in_thread: RunInThread, fallback: str | None = None
+    ) -> None:
         self.directory = directory
+        self.fallback = fallback  # used when ``directory`` cannot be ours
         self.limits = limits
         self.run_in_thread = run_in_thread
         self.held = 0  # bytes of bodies in memory, all requests
@@ -152,7 +171,12 @@ class BufferPool:
 
     # The blocking parts, run in a thread (a test may replace them).
     def open_file(self) -> int:
-        return open_buffer_file(self.directory)
+        try:
+            return open_buffer_file(self.directory)
+        except OSError as e:
+            if self.fallback is None or e.errno not in _NOT_OURS:
+                raise
+        return open_buffer_file(self.fallback)
 
     def write(self, fd: int, data: bytes) -> None:
         write_all(fd, data)
