@@ -419,3 +419,42 @@ class SlowDiskTests(SynchronousTestCase):
         self.assertEqual((exchange.status, reactor.tcpClients), (None, []))
         threads.run_all()
         self.assertEqual(len(reactor.tcpClients), 1, "dialled once the body is on disk")
+
+
+class ContinueOnTheWireTests(SynchronousTestCase):
+    """Expect: 100-continue through the real HTTP/1.1 server protocol."""
+
+    def client(self) -> tuple[Any, StringTransport, MemoryReactorClock]:
+        from tlsproxy.http.server import HTTP11ServerProtocol, Limits
+
+        reactor = MemoryReactorClock()
+        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
+        handler = ProxyHandler(reactor, [site], Server(state_dir=scratch(self)))
+        protocol = HTTP11ServerProtocol(handler, reactor, Limits(), secure=True)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport, reactor
+
+    def test_100_continue_before_the_body_then_the_answer(self) -> None:
+        """An HTTP/1.1 client waiting on Expect gets exactly one 100 Continue, and then the app's answer."""
+        protocol, transport, reactor = self.client()
+        protocol.dataReceived(
+            b"POST /x HTTP/1.1\r\nHost: app.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        protocol.dataReceived(b"hello")
+        app = reactor.tcpClients[-1][2].buildProtocol(None)
+        wire = StringTransport()
+        app.makeConnection(wire)
+        self.assertNotIn(b"expect", wire.value().lower())
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(transport.value().count(b"100 Continue"), 1)
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nok"))
+
+    def test_no_100_for_http_10(self) -> None:
+        """An HTTP/1.0 client never gets a 100 (RFC 9110 15.2), Expect or not."""
+        protocol, transport, _ = self.client()
+        protocol.dataReceived(
+            b"POST /x HTTP/1.0\r\nHost: app.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+        self.assertEqual(transport.value(), b"")
