@@ -468,7 +468,7 @@ class ProxiedRequest:
         self.logged(error.status)
         pages.send(self.exchange, error.status, message)
 
-    def fail_request(self, status: int, message: str | None = None) -> None:
+    def fail_request(self, status: int) -> None:
         if self.finished:
             return
         self.finished = True
@@ -481,7 +481,7 @@ class ProxiedRequest:
         if self.exchange.response_started:
             self.exchange.abort()
         else:
-            pages.send(self.exchange, status, message)
+            pages.send(self.exchange, status)
 
     def client_gone(self) -> None:
         self.finished = True
