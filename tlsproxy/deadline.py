@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 TICK = 0.25  # seconds: how late a deadline may fire
 
@@ -30,6 +31,7 @@ TICK = 0.25  # seconds: how late a deadline may fire
 class Timeouts:
     """The wheel that :class:`Deadline` objects of one clock share."""
 
+    log = Logger()
     _by_clock: weakref.WeakKeyDictionary[Any, Timeouts] = weakref.WeakKeyDictionary()
 
     def __init__(self, clock: IReactorTime, tick: float = TICK) -> None:
@@ -74,7 +76,12 @@ class Timeouts:
             for deadline in self._buckets.pop(index):
                 if deadline._bucket == index:  # else it moved to an earlier bucket
                     deadline._bucket = None
-                    deadline._due(now)
+                    try:
+                        deadline._due(now)
+                    except Exception:
+                        # One connection's failing timeout must not cost the
+                        # others of its tick theirs: they would never fire.
+                        self.log.failure("a timeout action failed")
         if self._buckets and self._next is None:
             self._wake_at(min(self._buckets))
 

@@ -241,3 +241,39 @@ def test_h2_upload_and_drain(setup: Setup) -> None:
         out, _ = slow.communicate(timeout=20)
         assert out == "hello /slow\n 2"
         assert proxy.proc.wait(10) == 0
+
+
+def test_second_sigterm_during_the_drain_is_harmless(setup: Setup) -> None:
+    """A second SIGTERM while requests drain says so, logs no traceback, and the exit is still 0."""
+    with tlsproxy(setup.config()) as proxy:
+        result: dict[str, object] = {}
+
+        def slow() -> None:
+            result["answer"] = setup.get("/slow?s=2")
+
+        assert setup.backend is not None
+        start = len(setup.backend.lines)
+        worker = threading.Thread(target=slow)
+        worker.start()
+        setup.backend.wait_for_line("slow request started", 10, start=start)
+        proxy.signal(signal.SIGTERM)
+        proxy.wait_for_line("stopping", 10)
+        proxy.signal(signal.SIGTERM)
+        proxy.wait_for_line("already shutting down", 10)
+        worker.join(10)
+        assert result["answer"] == (200, b"hello /slow\n")
+        assert proxy.proc.wait(10) == 0
+        assert "Traceback" not in proxy.output and "ReactorNotRunning" not in proxy.output
+
+
+def test_sighup_applies_a_new_log_format(setup: Setup) -> None:
+    """A reload that changes log_format to json writes the following lines as JSON."""
+    with tlsproxy(setup.config()) as proxy:
+        setup.config(extra='log_format = "json"')
+        mark = len(proxy.lines)
+        proxy.signal(signal.SIGHUP)
+        line = proxy.wait_for_line("configuration reloaded", 10, start=mark)
+        assert json.loads(line)["level"] == "info"
+        setup.get("/after")
+        access = json.loads(proxy.wait_for_line("GET /after HTTP/1.1", 10, start=mark))
+        assert access["logger"] == "tlsproxy.access" and access["status"] == 200

@@ -7,6 +7,8 @@ framing would allow one, carries the same marker so that neither reaching the ap
 from __future__ import annotations
 
 import json
+import ssl
+import time
 
 import pytest
 
@@ -129,3 +131,27 @@ def test_well_formed_keepalive_requests_pass(proxy: Proxy, app: App) -> None:
     hits = app.hits()
     assert f"/upload?m={m}" in hits
     assert f"/whoami?m={m}&n=2" in hits
+
+
+def test_300k_header_block_reads_431_every_time(proxy: Proxy, app: App) -> None:
+    """A client still sending a 300 KB header block is not reset and reads the 431, 10 times out of 10."""
+    m = marker()
+    head = f"GET /whoami?m={m} HTTP/1.1\r\nHost: localhost:{proxy.port}\r\n".encode()
+    fields = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"a" * 1000) for i in range(300))
+    request = head + fields + b"\r\n"
+    outcomes = []
+    for _ in range(10):
+        with proxy.raw() as conn:
+            outcome = "sent"
+            try:
+                # Paced as a network would deliver it, so the client is still
+                # sending when the proxy has answered.
+                for i in range(0, len(request), 16384):
+                    conn.send(request[i : i + 16384])
+                    time.sleep(0.01)
+            except (ConnectionResetError, BrokenPipeError, ssl.SSLError) as e:
+                outcome = f"reset while sending ({e!r})"
+            reply = conn.read_response(timeout=10)
+        outcomes.append((outcome, reply.status, reply.reset))
+    assert outcomes == [("sent", 431, False)] * 10
+    assert m not in app.hits()

@@ -135,12 +135,12 @@ def app(tmp_path_factory: pytest.TempPathFactory) -> Iterator[App]:
 
 @pytest.fixture(scope="module")
 def buffers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("buffers") / "request-buffers"
+    return tmp_path_factory.mktemp("buffers") / "buffers"
 
 
 @pytest.fixture(scope="module")
 def proxy(app: App, pki: PKI, buffers: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
-    server = {"request_buffer_dir": str(buffers), "upstream_timeout": 60}
+    server = {"buffer_dir": str(buffers), "upstream_timeout": 60}
     with start_proxy(tmp_path_factory.mktemp("proxy"), app.url, pki, server=server) as running:
         yield running
 
@@ -247,7 +247,7 @@ def test_kill_9_leaves_no_buffer_files(app: App, pki: PKI, tmp_path: Path) -> No
     """A proxy killed with SIGKILL while a body is in a buffer file leaves nothing in the buffer directory."""
     with tmpfs(tmp_path / "bufs", "64m") as where:
         baseline = used_bytes(where)
-        with start_proxy(tmp_path, app.url, pki, server={"request_buffer_dir": str(where)}) as proxy:
+        with start_proxy(tmp_path, app.url, pki, server={"buffer_dir": str(where)}) as proxy:
             pid = proxy.process.proc.pid
             upload = TrickledUpload(proxy, payload(4 * MB), seconds=4)
             assert wait_for(lambda: used_bytes(where) > baseline + MB), "the body should be on the tmpfs"
@@ -263,7 +263,7 @@ def test_kill_9_leaves_no_buffer_files(app: App, pki: PKI, tmp_path: Path) -> No
 def test_full_buffer_disk_is_507_and_others_go_on(app: App, pki: PKI, tmp_path: Path) -> None:
     """With 1 MB of buffer disk a 5 MB upload gets a plain 507, the log says why, and the next requests work."""
     with tmpfs(tmp_path / "bufs", "1m") as where:
-        with start_proxy(tmp_path, app.url, pki, server={"request_buffer_dir": str(where)}) as proxy:
+        with start_proxy(tmp_path, app.url, pki, server={"buffer_dir": str(where)}) as proxy:
             with proxy.client() as client:
                 big = client.post("/body-hash", content=pieces(payload(5 * MB)))
                 assert big.status_code == 507, big.text[:300]
@@ -297,7 +297,7 @@ def test_client_abort_mid_upload_closes_the_buffer_file(proxy: Proxy, app: App, 
 def test_unknown_length_is_buffered_with_buffering_off(app: App, pki: PKI, tmp_path: Path) -> None:
     """With request_buffering = false a chunked upload still reaches Django whole (never as an empty body)."""
     data = payload(5 * MB)
-    server = {"request_buffer_dir": str(tmp_path / "bufs"), "upstream_timeout": 60}
+    server = {"buffer_dir": str(tmp_path / "bufs"), "upstream_timeout": 60}
     with start_proxy(tmp_path, app.url, pki, server=server, request_buffering=False) as proxy:
         with proxy.client() as client:
             chunked = client.post("/body-hash", content=pieces(data))

@@ -5,6 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from tlsproxy.deadline import TICK, Deadline
 
@@ -95,3 +97,27 @@ def test_never_early_at_most_a_tick_late(moves: list[tuple[float, float]]) -> No
         while not fired:
             clock.advance(step)
         assert due - 1e-6 <= fired[0] <= due + TICK + step + 1e-6
+
+
+def test_a_failing_action_does_not_drop_the_others_of_its_tick() -> None:
+    """An action that raises is logged; the other deadlines of its tick and later ones still fire."""
+    clock, fired = Clock(), []
+    failing, same_tick, later = Deadline(clock), Deadline(clock), Deadline(clock)
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    failing.set(1, boom)
+    same_tick.set(1, lambda: fired.append("same tick"))
+    later.set(3, lambda: fired.append("later"))
+    logged: list[dict] = []
+    observer = logged.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        clock.advance(1)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert fired == ["same tick"]
+    assert any(isinstance(event.get("log_failure"), Failure) for event in logged)
+    clock.advance(2)
+    assert fired == ["same tick", "later"]

@@ -13,7 +13,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.http import pages
-from tlsproxy.http.h2 import STREAM_WINDOW, H2ServerProtocol
+from tlsproxy.http.h2 import MAX_STREAMS, RESET_BURST, STREAM_WINDOW, H2ServerProtocol
 from tlsproxy.http.server import Limits
 
 
@@ -46,7 +46,11 @@ class H2Tests(SynchronousTestCase):
         self.server = H2ServerProtocol(self.handler, self.clock, self.limits)
         self.transport = StringTransport()
         self.server.makeConnection(self.transport)
-        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        # The client sends what it is told, however malformed: the server is under test.
+        config = H2Configuration(
+            client_side=True, header_encoding=None, validate_outbound_headers=False, normalize_outbound_headers=False
+        )
+        self.client = H2Connection(config)
         self.client.initiate_connection()
         self.events: list[Any] = []
         self.pump()
@@ -166,3 +170,162 @@ class H2Tests(SynchronousTestCase):
             ]
             self.assertEqual(status, b"400")
         self.assertEqual(self.handler.exchanges, [])
+
+    def status_of(self, stream: int) -> bytes | int:
+        """The :status our client got on ``stream``, or the RST_STREAM (or GOAWAY) error code."""
+        from h2.events import ConnectionTerminated, StreamReset
+
+        for e in self.events:
+            if isinstance(e, ConnectionTerminated):
+                return int(e.error_code)
+            if isinstance(e, ResponseReceived) and e.stream_id == stream:
+                return dict(e.headers)[b":status"]
+            if isinstance(e, StreamReset) and e.stream_id == stream:
+                return int(e.error_code)
+        raise AssertionError(f"no answer on stream {stream}")
+
+    def send_fields(self, fields: list, end: bool = True) -> int:
+        stream = self.client.get_next_available_stream_id()
+        self.client.send_headers(stream, fields, end_stream=end)
+        self.pump()
+        return stream
+
+    def test_malformed_fields_are_reset_and_never_reach_the_app(self) -> None:
+        """Fields the HTTP/1.1 grammar refuses (CR/LF/NUL/CTL, non-token names, bad :path) reset only their stream."""
+        base = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"app.test")]
+        path = [(b":path", b"/x")]
+        cases = {
+            "crlf-in-value": [*path, (b"x-a", b"1\r\nhost: evil.test")],
+            "lf-in-value": [*path, (b"x-a", b"1\nx-b: 2")],
+            "nul-in-value": [*path, (b"x-a", b"a\x00b")],
+            "ctl-in-value": [*path, (b"x-a", b"a\x01b")],
+            "del-in-value": [*path, (b"x-a", b"a\x7fb")],
+            "space-in-name": [*path, (b"x a", b"1")],
+            "colon-in-name": [*path, (b"x:a", b"1")],
+            "paren-in-name": [*path, (b"x(a)", b"1")],
+            "upper-case-name": [*path, (b"X-A", b"1")],
+            "empty-name": [*path, (b"", b"1")],
+            "leading-space": [*path, (b"x-a", b" 1")],
+            "trailing-tab": [*path, (b"x-a", b"1\t")],
+            "space-in-path": [(b":path", b"/x HTTP/1.1")],
+            "crlf-in-path": [(b":path", b"/x\r\nx: y")],
+            "hash-in-path": [(b":path", b"/x#frag")],
+            "ctl-in-path": [(b":path", b"/x\x01")],
+            "crlf-in-authority": [*path, (b"x-a", b"1")],
+            "connection": [*path, (b"connection", b"close")],
+            "keep-alive": [*path, (b"keep-alive", b"300")],
+            "proxy-connection": [*path, (b"proxy-connection", b"close")],
+            "transfer-encoding": [*path, (b"transfer-encoding", b"chunked")],
+            "upgrade": [*path, (b"upgrade", b"websocket")],
+            "te-gzip": [*path, (b"te", b"gzip")],
+            "two-content-lengths": [*path, (b"content-length", b"5"), (b"content-length", b"1100000")],
+            "same-content-length-twice": [*path, (b"content-length", b"0"), (b"content-length", b"0")],
+            "content-length-plus": [*path, (b"content-length", b"+0")],
+            "unknown-pseudo": [*path, (b":protocol", b"websocket")],
+            "pseudo-after-field": [(b"x-a", b"1"), (b":path", b"/x")],
+            "repeated-path": path + path,
+            "missing-path": [],
+        }
+        cases["crlf-in-authority"] = [(b":path", b"/x"), (b":authority", b"app.test\r\nx: y")]
+        for name, fields in cases.items():
+            self.setUp()  # each on a connection of its own: h2 may end one with GOAWAY (also a refusal)
+            head = base if name != "crlf-in-authority" else base[:2]
+            stream = self.send_fields(head + fields)
+            self.assertEqual(self.status_of(stream), 1, name)  # 1: PROTOCOL_ERROR
+            self.assertEqual(self.handler.exchanges, [], name)
+        self.setUp()
+        ok = self.send_fields(base + path + [(b"te", b"trailers"), (b"host", b"app.test"), (b"x-a", b"a\tb")])
+        self.assertEqual([e.head.target for e in self.handler.exchanges], [b"/x"])
+        pages.send(self.handler.exchanges[0], 200)
+        self.pump()
+        self.assertEqual(self.status_of(ok), b"200")
+
+    def test_host_differing_from_authority_refused(self) -> None:
+        """A host field naming another site than :authority gets 400 and never reaches the app."""
+        fields = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+        stream = self.send_fields([*fields, (b"host", b"evil.test")])
+        self.assertEqual(self.status_of(stream), b"400")
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_rapid_reset_gets_goaway(self) -> None:
+        """Requests reset as soon as they are sent (CVE-2023-44487) end the connection with ENHANCE_YOUR_CALM."""
+        from h2.events import ConnectionTerminated
+
+        for _ in range(RESET_BURST + 50):
+            stream = self.client.get_next_available_stream_id()
+            fields = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+            self.client.send_headers(stream, fields, end_stream=True)
+            self.client.reset_stream(stream)
+            self.pump()
+            if self.transport.disconnecting:
+                break
+        (goaway,) = [e for e in self.events if isinstance(e, ConnectionTerminated)]
+        self.assertEqual(goaway.error_code, 11)  # ENHANCE_YOUR_CALM
+        self.assertTrue(self.transport.disconnecting)
+        self.assertLessEqual(len(self.handler.exchanges), RESET_BURST + 1)
+
+    def test_answered_streams_earn_resets(self) -> None:
+        """A client whose streams are answered may cancel as many as it was served without being cut off."""
+        for _ in range(RESET_BURST * 2):
+            self.request()
+            pages.send(self.handler.exchanges[-1], 200)
+            stream = self.request()
+            self.client.reset_stream(stream)
+            self.pump()
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_reset_streams_keep_their_slot_until_the_app_answers(self) -> None:
+        """A stream reset while the app works on it counts against MAX_STREAMS until the app answers (MadeYouReset)."""
+        gone: list[int] = []
+
+        class Observer:
+            def __init__(self, stream_id: int) -> None:
+                self.stream_id = stream_id
+
+            def client_gone(self) -> None:
+                gone.append(self.stream_id)
+
+        class Observing(Holding):
+            def handle(self, exchange: Any) -> None:
+                exchange.set_observer(Observer(exchange.stream_id))
+                super().handle(exchange)
+
+        self.handler = self.server.handler = Observing()
+        for _ in range(MAX_STREAMS):
+            stream = self.request()
+            self.client.reset_stream(stream)
+            self.pump()
+        self.assertEqual(len(self.handler.exchanges), MAX_STREAMS)
+        refused = self.request()
+        self.assertEqual(self.status_of(refused), 7)  # REFUSED_STREAM
+        self.assertEqual(len(self.handler.exchanges), MAX_STREAMS)
+        first = self.handler.exchanges[0]
+        pages.send(first, 200)
+        self.pump()
+        self.assertEqual(gone, [first.stream_id])  # the app's answer is dropped, the request let go
+        self.request()
+        self.assertEqual(len(self.handler.exchanges), MAX_STREAMS + 1)
+
+    def test_graceful_closes_end_in_an_abort(self) -> None:
+        """An idle close, or a drain, that a non-reading client never lets finish is cut off after a grace."""
+        self.clock.advance(self.limits.idle_timeout)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(self.limits.idle_timeout + 1)
+        self.assertTrue(self.transport.disconnected)
+
+        self.setUp()
+        self.request()
+        self.server.drain()
+        pages.send(self.handler.exchanges[0], 200)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(self.limits.idle_timeout + 1)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_protocol_error_close_is_cut_off_sooner(self) -> None:
+        """After a protocol error the client gets only the short linger to take our GOAWAY."""
+        self.server.dataReceived(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # WINDOW_UPDATE of 0
+        self.assertTrue(self.transport.disconnecting)
+        self.clock.advance(self.limits.linger + 1)
+        self.assertTrue(self.transport.disconnected)

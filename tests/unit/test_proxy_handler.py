@@ -73,9 +73,13 @@ class FakeExchange:
     def abort(self) -> None:
         self.aborted = True
 
-    def register_producer(self, producer: Any) -> None: ...
+    producer: Any = None
 
-    def unregister_producer(self) -> None: ...
+    def register_producer(self, producer: Any) -> None:
+        self.producer = producer
+
+    def unregister_producer(self) -> None:
+        self.producer = None
 
 
 def head(method: bytes = b"GET", body: bytes = b"") -> RequestHead:
@@ -235,6 +239,231 @@ class HandlerTests(SynchronousTestCase):
         self.assertIsNone(second.status)
 
 
+class Records:
+    """An access log that keeps (status, size) of every line."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[int, int]] = []
+
+    def log(self, exchange: Any, status: int, size: int) -> None:
+        self.lines.append((status, size))
+
+
+class ResponseSideTests(SynchronousTestCase):
+    """Buffered answers, the send timeout, framing surprises, and requests that end badly."""
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.patch(FakeExchange, "clock", self.reactor)
+        self.server = Server(connect_timeout=5, upstream_timeout=30, send_timeout=20, buffer_dir=self.mktemp())
+        self.handler = self.make_handler()
+
+    def make_handler(self, **site: Any) -> ProxyHandler:
+        from tlsproxy.metrics import Metrics
+
+        upstream = parse_upstream("http://127.0.0.1:8000")
+        self.records = Records()
+        self.metrics = Metrics()
+        sites = [Site(hosts=("app.test",), upstream=upstream, tls="files", **site)]
+        return ProxyHandler(self.reactor, sites, self.server, access_log=self.records, metrics=self.metrics)  # type: ignore[arg-type]
+
+    def request(self, method: bytes = b"GET") -> FakeExchange:
+        exchange = FakeExchange(head(method))
+        self.handler.handle(exchange)
+        return exchange
+
+    def connect(self, index: int = -1) -> tuple[Any, StringTransport]:
+        protocol = self.reactor.tcpClients[index][2].buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def count(self, status: int) -> float:
+        child = self.metrics.requests.children.get(("app.test", str(status)))
+        return child.value if child is not None else 0
+
+    def big_answer(self, app: Any, size: int, extra: bytes = b"") -> bytes:
+        body = bytes(range(256)) * (size // 256)
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n" % (len(body), extra))
+        return body
+
+    def test_slow_client_frees_the_app_connection(self) -> None:
+        """A client that stops reading does not pause the app: the whole answer is taken, the connection pooled."""
+        exchange = self.request()
+        app, wire = self.connect()
+        body = self.big_answer(app, 1024 * 1024)
+        app.dataReceived(body[:65536])
+        exchange.producer.pauseProducing()  # the client's transport is full
+        for at in range(65536, len(body), 65536):
+            app.dataReceived(body[at : at + 65536])
+        self.assertFalse(wire.disconnecting)
+        self.assertFalse(app.response_paused, "the app is never paused for a slow client")
+        self.assertEqual(self.handler.pools[0]._idle, [app], "the app's connection is free for the next request")
+        self.assertFalse(exchange.finished)
+        self.assertEqual(self.records.lines, [])
+        exchange.producer.resumeProducing()
+        self.assertEqual(exchange.body, body)
+        self.assertTrue(exchange.finished)
+        self.assertEqual(self.records.lines, [(200, len(body))])
+        self.assertEqual((self.handler.response_buffers.files, self.handler.response_buffers.in_memory), (0, 0))
+
+    def test_past_the_cap_the_app_waits(self) -> None:
+        """Past max_response_buffer, the app is paused until the client reads (back-pressure as before)."""
+        self.server = Server(upstream_timeout=30, max_response_buffer=300_000, buffer_dir=self.mktemp())
+        self.handler = self.make_handler()
+        exchange = self.request()
+        app, _ = self.connect()
+        body = self.big_answer(app, 1024 * 1024)
+        exchange.producer.pauseProducing()
+        at = 0
+        while not app.response_paused and at < len(body):
+            app.dataReceived(body[at : at + 65536])
+            at += 65536
+        self.assertTrue(app.response_paused)
+        self.assertLess(at, len(body))
+        exchange.producer.resumeProducing()
+        self.assertFalse(app.response_paused)
+        app.dataReceived(body[at:])
+        self.assertEqual(exchange.body, body)
+        self.assertTrue(exchange.finished)
+
+    def test_accel_buffering_no_streams_and_is_not_passed_on(self) -> None:
+        """X-Accel-Buffering: no pauses the app for a slow client, and the client never sees the field."""
+        exchange = self.request()
+        app, _ = self.connect()
+        self.big_answer(app, 1024 * 1024, b"X-Accel-Buffering: no\r\n")
+        exchange.producer.pauseProducing()
+        self.assertTrue(app.response_paused)
+        self.assertIsNone(exchange.producer.relay)
+        self.assertNotIn(b"x-accel-buffering", [name.lower() for name, _ in exchange.headers])
+
+    def test_site_can_turn_buffering_off(self) -> None:
+        """response_buffering = false: a slow client pauses the app."""
+        self.handler = self.make_handler(response_buffering=False)
+        exchange = self.request()
+        app, _ = self.connect()
+        self.big_answer(app, 1024 * 1024)
+        exchange.producer.pauseProducing()
+        self.assertTrue(app.response_paused)
+
+    def test_accel_buffering_removed_from_whole_answers(self) -> None:
+        """An answer that arrives whole also loses its X-Accel-Buffering field."""
+        exchange = self.request()
+        app, _ = self.connect()
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nX-Accel-Buffering: yes\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(exchange.body, b"ok")
+        self.assertNotIn(b"x-accel-buffering", [name.lower() for name, _ in exchange.headers])
+
+    def test_send_timeout_cuts_a_client_that_never_reads_unbuffered(self) -> None:
+        """Unbuffered, a client that takes nothing for send_timeout is cut, and the app's connection freed."""
+        exchange = self.request()
+        app, wire = self.connect()
+        self.big_answer(app, 1024 * 1024, b"X-Accel-Buffering: no\r\n")
+        app.dataReceived(bytes(65536))
+        exchange.producer.pauseProducing()
+        self.reactor.advance(19)
+        self.assertFalse(exchange.aborted)
+        self.reactor.advance(1.5)
+        self.assertTrue(exchange.aborted)
+        self.assertTrue(wire.disconnecting or wire.disconnected)
+        self.assertEqual(self.records.lines, [(200, 65536)])
+
+    def test_send_timeout_restarts_with_progress(self) -> None:
+        """A client that reads now and then is not cut: only send_timeout without progress is."""
+        exchange = self.request()
+        app, _ = self.connect()
+        self.big_answer(app, 1024 * 1024, b"X-Accel-Buffering: no\r\n")
+        for _ in range(4):
+            exchange.producer.pauseProducing()
+            self.reactor.advance(15)
+            exchange.producer.resumeProducing()
+            app.dataReceived(bytes(1000))
+        self.assertFalse(exchange.aborted)
+
+    def test_send_timeout_with_buffering_drops_the_buffer(self) -> None:
+        """Buffered, the app is free at once; the client that never reads is cut later and its file closed."""
+        exchange = self.request()
+        app, _ = self.connect()
+        body = self.big_answer(app, 1024 * 1024)
+        exchange.producer.pauseProducing()
+        app.dataReceived(body)
+        self.assertEqual(self.handler.pools[0]._idle, [app])
+        self.assertEqual(self.handler.response_buffers.files, 1)
+        self.reactor.advance(21)
+        self.assertTrue(exchange.aborted)
+        self.assertEqual((self.handler.response_buffers.files, self.handler.response_buffers.in_memory), (0, 0))
+        self.assertEqual(self.records.lines, [(200, 0)])
+
+    def test_client_abort_is_recorded_as_499(self) -> None:
+        """A client that leaves before the answer gets a 499 line and count; the app's connection is cut."""
+        exchange = self.request()
+        _, wire = self.connect()
+        exchange.observer.client_gone()
+        self.assertEqual(self.records.lines, [(499, 0)])
+        self.assertEqual(self.count(499), 1)
+        self.assertTrue(wire.disconnecting or wire.disconnected)
+
+    def test_client_abort_mid_buffer_is_recorded_once(self) -> None:
+        """A client that leaves while its answer is buffered: one 499, and the buffer's file closed."""
+        exchange = self.request()
+        app, _ = self.connect()
+        body = self.big_answer(app, 1024 * 1024)
+        exchange.producer.pauseProducing()
+        app.dataReceived(body)
+        exchange.observer.client_gone()
+        exchange.observer.client_gone()
+        self.assertEqual(self.records.lines, [(499, 0)])
+        self.assertEqual((self.handler.response_buffers.files, self.handler.response_buffers.in_memory), (0, 0))
+
+    def test_app_reset_mid_body_is_recorded(self) -> None:
+        """An app that breaks off mid-answer: the client is cut, and the request is logged and counted (502)."""
+        exchange = self.request()
+        app, _ = self.connect()
+        self.big_answer(app, 1000)
+        app.dataReceived(bytes(10))
+        app.connectionLost(Failure(error.ConnectionLost()))
+        self.assertTrue(exchange.aborted)
+        self.assertEqual(self.records.lines, [(502, 10)])
+        self.assertEqual(self.count(502), 1)
+
+    def test_204_with_content_length_is_not_reused(self) -> None:
+        """After a 204 that announces a body, the app's connection is dropped: its late bytes answer nobody."""
+        first = self.request()
+        app, wire = self.connect()
+        app.dataReceived(b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\n")
+        self.assertEqual(first.status, 204)
+        self.assertTrue(wire.disconnecting or wire.disconnected)
+        self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 2, "the next request dials a fresh connection")
+
+    def test_head_answer_with_body_bytes_is_not_reused(self) -> None:
+        """A HEAD answer followed by body bytes: the connection is cut, not pooled."""
+        first = self.request(b"HEAD")
+        app, wire = self.connect()
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+        self.assertEqual(first.status, 200)
+        self.assertTrue(wire.disconnecting or wire.disconnected)
+        self.assertEqual(self.handler.pools[0]._idle, [])
+
+    def test_304_without_length_is_reused(self) -> None:
+        """A plain 304 (no length, no bytes after) keeps its connection for the next request."""
+        self.request()
+        app, wire = self.connect()
+        app.dataReceived(b"HTTP/1.1 304 Not Modified\r\nETag: x\r\n\r\n")
+        self.assertEqual(self.handler.pools[0]._idle, [app])
+        self.request()
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_oversized_head_in_one_read_is_502(self) -> None:
+        """An app response head over 64 KiB is refused with 502 even when it arrives in one read."""
+        exchange = self.request()
+        app, wire = self.connect()
+        big = b"X-Big: " + b"a" * 70000 + b"\r\n"
+        app.dataReceived(b"HTTP/1.1 200 OK\r\n" + big + b"Content-Length: 2\r\n\r\nok")
+        self.assertEqual(exchange.status, 502)
+        self.assertTrue(wire.disconnecting or wire.disconnected)
+
+
 class GarbageTests(SynchronousTestCase):
     def test_finished_requests_leave_no_reference_cycles(self) -> None:
         """Each proxied request is freed by reference counting alone: nothing is left for the GC."""
@@ -276,6 +505,64 @@ class GarbageTests(SynchronousTestCase):
             gc.enable()
         self.assertEqual(len(reactor.tcpClients), 1)  # the one pooled connection served them all
         self.assertEqual(left, [])
+
+
+class OnlyWebSocketTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from tlsproxy.http.server import HTTP11ServerProtocol, Limits
+
+        self.reactor = MemoryReactorClock()
+        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
+        self.client = HTTP11ServerProtocol(ProxyHandler(self.reactor, [site], Server()), self.reactor, Limits(), True)
+        self.client_wire = StringTransport()
+        self.client.makeConnection(self.client_wire)
+
+    def app(self) -> tuple[Any, StringTransport]:
+        app = self.reactor.tcpClients[-1][2].buildProtocol(None)
+        wire = StringTransport()
+        app.makeConnection(wire)
+        return app, wire
+
+    def test_h2c_upgrade_is_not_forwarded_and_a_101_is_refused(self) -> None:
+        """Upgrade: h2c reaches the app as a plain request; a 101 to it is a 502, and no raw bytes flow."""
+        self.client.dataReceived(
+            b"GET /x HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+            b"HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n"
+        )
+        app, wire = self.app()
+        sent = wire.value().lower()
+        self.assertNotIn(b"upgrade", sent)
+        self.assertNotIn(b"connection:", sent)
+        app.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n")
+        self.assertTrue(self.client_wire.value().startswith(b"HTTP/1.1 502 "), self.client_wire.value()[:40])
+        wire.clear()
+        self.client.dataReceived(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        self.assertEqual(wire.value(), b"")
+
+    def test_websocket_upgrade_still_tunnels(self) -> None:
+        """Upgrade: websocket is forwarded, and after the app's 101 bytes flow both ways."""
+        self.client.dataReceived(
+            b"GET /ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+            b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        app, wire = self.app()
+        self.assertIn(b"upgrade: websocket\r\n", wire.value())
+        app.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        self.assertTrue(self.client_wire.value().startswith(b"HTTP/1.1 101 "))
+        wire.clear()
+        self.client.dataReceived(b"\x81\x05hello")
+        self.assertEqual(wire.value(), b"\x81\x05hello")
+
+
+class HostTests(SynchronousTestCase):
+    setUp = HandlerTests.setUp
+
+    def test_host_with_trailing_dot_reaches_its_site(self) -> None:
+        """Host: app.test. is served by the site of app.test, not answered 404."""
+        exchange = FakeExchange(RequestHead(b"GET", b"/x", b"1.1", b"app.test.", [(b"host", b"app.test.")]))
+        self.handler.handle(exchange)
+        self.assertIsNone(exchange.status)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
 
 
 def chunked_head(method: bytes = b"POST", extra: list[tuple[bytes, bytes]] | None = None) -> RequestHead:
@@ -392,13 +679,14 @@ class BufferingTests(SynchronousTestCase):
         def no_room(fd: int, data: bytes) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        handler.buffers.write = no_room  # type: ignore[method-assign]
+        handler.request_buffers.write = no_room  # type: ignore[method-assign]
         exchange, consumer = self.open_upload(handler, chunked_head())
         consumer.body_data(b"x" * 2_000_000)
         self.assertEqual(exchange.status, 507)
         self.assertIn(b"no room", exchange.body)
         self.assertNotIn(b"Traceback", exchange.body)
-        self.assertEqual((handler.buffers.held, handler.buffers.files, self.reactor.tcpClients), (0, 0, []))
+        buffers = handler.request_buffers
+        self.assertEqual((buffers.held, buffers.files, self.reactor.tcpClients), (0, 0, []))
         consumer.body_data(b"x" * 10)
         consumer.body_end()
         self.assertEqual(self.reactor.tcpClients, [])
@@ -412,7 +700,7 @@ class SlowDiskTests(SynchronousTestCase):
         site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
         handler = ProxyHandler(reactor, [site], Server(idle_timeout=60, state_dir=scratch(self)))
         threads = FakeThreads()
-        handler.buffers.run_in_thread = threads
+        handler.request_buffers.run_in_thread = threads
         exchange = FakeExchange(chunked_head(), b"x" * 2_000_000)
         handler.handle(exchange)
         reactor.advance(120)

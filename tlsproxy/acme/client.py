@@ -38,6 +38,7 @@ from acme import messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.logger import Logger
 
 from tlsproxy.acme.ari import AriError, RenewalInfo, cert_id, parse_renewal_info, parse_retry_after
 
@@ -48,6 +49,9 @@ REVOCATION_REASONS = {
     "superseded": 4,
     "cessationOfOperation": 5,
 }
+
+
+log = Logger()
 
 
 class AcmeError(Exception):
@@ -64,6 +68,13 @@ class AcmeError(Exception):
         self.detail = detail
         self.code = code
         self.retry_after = retry_after
+
+
+def account_gone(error: AcmeError) -> bool:
+    """The CA no longer knows our account (deleted, or a CA that lost its data): register again."""
+    if error.code == "accountDoesNotExist":
+        return True
+    return error.code == "unauthorized" and "account" in error.detail.lower()
 
 
 @dataclass(frozen=True)
@@ -272,9 +283,30 @@ class AcmeClient:
         return self._client
 
     def _post(self, what: str, url: str, body: dict[str, Any] | None, **kwargs: Any) -> requests.Response:
-        self.account()
         payload = _Body(body) if body is not None else None
-        return self._call(what, lambda: self._acme._post(url, payload, **kwargs))
+        return self._as_account(what, lambda: self._acme._post(url, payload, **kwargs))
+
+    def _as_account(self, what: str, fn: Callable[[], Any]) -> Any:
+        """One call signed with the account; an account the CA no longer knows is registered again, once."""
+        self.account()
+        try:
+            return self._call(what, fn)
+        except AcmeError as e:
+            if not account_gone(e):
+                raise
+            self._register_again(e)
+        return self._call(what, fn)
+
+    def _register_again(self, error: AcmeError) -> None:
+        """Forget the account URL the CA refused and register this key anew (RFC 8555 section 7.3)."""
+        log.warn(
+            "the CA refuses account {account} ({detail}); registering again",
+            account=self._account_url,
+            detail=error.detail,
+        )
+        self._account_url = None
+        self._net.account = None
+        self.account()
 
     def key_authorization(self, token: str) -> str:
         thumbprint = _jwk(self._key).thumbprint()
@@ -428,8 +460,7 @@ class AcmeClient:
             raise AcmeError("fetching renewal information", str(e), "malformed") from None
 
     def revoke(self, cert: x509.Certificate, reason: int) -> None:
-        self.account()
-        self._call("revoking the certificate", lambda: self._acme.revoke(cert, reason))
+        self._as_account("revoking the certificate", lambda: self._acme.revoke(cert, reason))
 
     def rollover(self, new_key: ec.EllipticCurvePrivateKey) -> None:
         account_url = self.account()

@@ -32,6 +32,44 @@ def host_matches(pattern: str, host: str) -> bool:
     return pattern == host
 
 
+def authority_host(authority: bytes) -> str:
+    """The host of a Host / ``:authority`` value: port dropped, lower case, no trailing dot."""
+    text = authority.decode("ascii", "replace").lower()
+    if text.startswith("["):
+        return text[1:].partition("]")[0]
+    name, sep, port = text.rpartition(":")
+    if sep and port.isdigit():
+        text = name
+    return text.rstrip(".")
+
+
+class ServedNames:
+    """The DNS names of the certificate a TLS connection was served.
+
+    A request on that connection for a host these names do not cover was
+    meant for another certificate: it gets 421 (RFC 9110 15.5.20), so a
+    client cannot reach site B over a connection (or a resumed TLS 1.2
+    session) that only ever proved site A.  One instance is shared by every
+    connection of a context; answers are remembered per Host value.
+    """
+
+    __slots__ = ("_known", "names")
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = tuple(names)
+        self._known: dict[bytes, bool] = {}
+
+    def covers(self, authority: bytes) -> bool:
+        known = self._known.get(authority)
+        if known is None:
+            host = authority_host(authority)
+            known = bool(host) and any(host_matches(name, host) for name in self.names)
+            if len(self._known) > 256:
+                self._known.clear()
+            self._known[authority] = known
+        return known
+
+
 @dataclass(frozen=True)
 class CertifiedKey:
     """A leaf certificate, its intermediates and the matching private key."""

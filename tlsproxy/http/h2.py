@@ -9,7 +9,6 @@ client's window is spent.
 
 from __future__ import annotations
 
-import re
 from collections import deque
 from typing import Any
 
@@ -36,16 +35,124 @@ from tlsproxy.deadline import Deadline
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
 from tlsproxy.http.server import Limits, client_address_of, valid_host
-from tlsproxy.http.wire import split_fields
+from tlsproxy.http.wire import RequestError, split_fields, valid_field
 
 MAX_STREAMS = 100
 STREAM_WINDOW = 1024 * 1024
-_TOKEN = re.compile(rb"\A[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")
+# Rapid reset (CVE-2023-44487) and MadeYouReset (CVE-2025-8671): a client may
+# have RESET_BURST more streams reset (by itself, or by us for its errors)
+# than it had answered within one RESET_WINDOW; past that it gets GOAWAY
+# with ENHANCE_YOUR_CALM.
+RESET_BURST = 200
+RESET_WINDOW = 10.0
 
-# Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2).
+# Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2); we
+# frame responses ourselves, so the app's Content-Length goes too.
 _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"content-length"}
 )
+_REQUEST_PSEUDO = frozenset({b":method", b":path", b":scheme", b":authority"})
+_FORBIDDEN_IN_REQUEST = _CONNECTION_SPECIFIC - {b"content-length"}
+_WHITESPACE = (0x09, 0x20)
+
+
+class MalformedRequest(Exception):
+    """A request RFC 9113 (8.1.1) calls malformed: its stream is reset with PROTOCOL_ERROR, nothing is answered."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+
+def parse_request(fields: Headers, ended: bool, limits: Limits) -> RequestHead:
+    """The head of one stream's request, held to the same field grammar as an HTTP/1.1 head.
+
+    Ours, not the h2 library's: versions differ in what they let through
+    (CR/LF in a value reached the app as a second request with some), and a
+    field the app sees must be one the HTTP/1.1 side would have passed.
+    Raises :class:`MalformedRequest` (reset the stream) or ``RequestError``
+    (answer with its status).
+    """
+    pseudo: dict[bytes, bytes] = {}
+    headers: Headers = []
+    hosts: list[bytes] = []
+    content_length: int | None = None
+    size = 0
+    longest = 0
+    for name, value in fields:
+        field_size = len(name) + len(value)
+        size += field_size + 32  # as SETTINGS_MAX_HEADER_LIST_SIZE counts (RFC 9113 6.5.2)
+        if field_size > longest:
+            longest = field_size
+        if name[:1] == b":":
+            if headers or name not in _REQUEST_PSEUDO or name in pseudo:
+                raise MalformedRequest("misplaced, unknown or repeated pseudo-header")
+            if not valid_field(b"p", value):
+                raise MalformedRequest("control bytes in a pseudo-header")
+            pseudo[name] = value
+            continue
+        if not valid_field(name, value) or name != name.lower():
+            raise MalformedRequest("malformed field name or value")
+        if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE):
+            raise MalformedRequest("whitespace around a field value")
+        if name in _FORBIDDEN_IN_REQUEST:
+            raise MalformedRequest("connection-specific field")
+        if name == b"te" and value.lower() != b"trailers":
+            raise MalformedRequest("TE other than trailers")
+        if name == b"content-length":
+            if content_length is not None:
+                raise MalformedRequest("more than one content-length")
+            if not value.isdigit() or len(value) > 18:
+                raise MalformedRequest("malformed content-length")
+            content_length = int(value)
+        elif name == b"host":
+            hosts.append(value)
+        headers.append((name, value))
+    method = pseudo.get(b":method", b"")
+    if method == b"CONNECT":
+        raise RequestError(405, "CONNECT is not supported: this is a reverse proxy")
+    path = pseudo.get(b":path", b"")
+    scheme = pseudo.get(b":scheme")
+    if not method or not path or scheme is None:
+        raise MalformedRequest("missing :method, :path or :scheme")
+    if not valid_field(method, b""):
+        raise MalformedRequest("malformed :method")
+    if b" " in path or b"#" in path or b"\t" in path:
+        raise MalformedRequest("space or # in :path")
+    if ended and content_length:
+        raise MalformedRequest("content-length without a body")
+    if size > limits.max_header_size or longest + 2 > limits.max_header_line:
+        raise RequestError(431, "header fields too large")
+    if len(headers) > limits.max_header_count:
+        raise RequestError(431, "too many header fields")
+    if scheme not in (b"https", b"http"):
+        raise RequestError(400, "unknown :scheme")
+    if not (path[:1] == b"/" or (path == b"*" and method == b"OPTIONS")):
+        raise RequestError(400, "malformed :path")
+    if len(path) > limits.max_request_line:
+        raise RequestError(414, ":path too long")
+    authority = pseudo.get(b":authority", b"")
+    if authority:
+        if any(h.lower() != authority.lower() for h in hosts):
+            raise RequestError(400, "host differs from :authority")
+        host = authority
+        headers = [(n, v) for n, v in headers if n != b"host"]
+    elif len(hosts) == 1:
+        host = hosts[0]
+        headers = [(n, v) for n, v in headers if n != b"host"]
+    else:
+        raise RequestError(400, "no host, or more than one")
+    if not valid_host(host):
+        raise RequestError(400, "malformed host")
+    return RequestHead(
+        method=method,
+        target=path,
+        version=b"2",
+        host=host.lower(),
+        headers=[(b"host", host), *headers],
+        content_length=None if ended else content_length,
+        chunked=not ended and content_length is None,
+    )
 
 
 class _Connection(H2Connection):
@@ -58,6 +165,10 @@ class _Connection(H2Connection):
     GOAWAY, so it is caught here, at the DATA frame.
     """
 
+    # Streams reset here, for the protocol to forget after receive_data (an
+    # event would do, but h2's event constructors differ between versions).
+    reset_here: list[int]
+
     def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
         try:
             return super()._receive_data_frame(frame)  # type: ignore[misc]
@@ -65,8 +176,8 @@ class _Connection(H2Connection):
             self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
             # Nobody will take these bytes: give their connection window back.
             self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
-            reset = StreamReset(stream_id=frame.stream_id, error_code=ErrorCodes.PROTOCOL_ERROR, remote_reset=False)
-            return [], [reset]
+            self.reset_here.append(frame.stream_id)
+            return [], []
 
 
 class H2Exchange:
@@ -88,6 +199,9 @@ class H2Exchange:
         self._started = False
         self._finished = False
         self._end_pending = False
+        # The client reset the stream while the app works on it: the answer
+        # is dropped, but the stream keeps its slot until the app gives it.
+        self._reset = False
         self._outbound: deque[bytes] = deque()
         self._producer: IPushProducer | None = None
         self._producer_paused = False
@@ -145,6 +259,14 @@ class H2Exchange:
 
     def start_response(self, status: int, reason: bytes, headers: ResponseFields, content_length: int | None) -> None:
         self._started = True
+        if self._reset:
+            # The app has answered a stream the client gave up: its slot is free.
+            self._finished = True
+            observer = self._observer
+            self._proto._forget(self)
+            if observer is not None:
+                observer.client_gone()
+            return
         fields: Headers = [(b":status", b"%d" % status)]
         if isinstance(headers, bytes):
             headers = split_fields(headers)
@@ -238,11 +360,20 @@ class H2ServerProtocol(Protocol):
         self.server_port = 0
         self.transport_paused = False
         self.streams: dict[int, H2Exchange] = {}
-        self.conn = _Connection(H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True))
+        # h2's own header checks are off: parse_request does them, the same
+        # whatever h2's version, and refuses one stream rather than the connection.
+        self.conn = _Connection(
+            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False)
+        )
+        self.conn.reset_here = []
         self._timer: Any = None
         self._closed = False
         self._draining = False
+        self._closing: Deadline | None = None  # armed by _close: the abort if a close takes too long
         self.tracker: Any = None
+        self._resets = 0
+        self._served = 0
+        self._reset_window_start = clock.seconds()
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -277,6 +408,9 @@ class H2ServerProtocol(Protocol):
 
     def _idle_timeout(self) -> None:
         self._timer = None
+        if self._closing is not None:
+            return
+        self._closed = True
         self.conn.close_connection()
         self._flush()
         self._close()
@@ -292,11 +426,13 @@ class H2ServerProtocol(Protocol):
             self.log.info("HTTP/2 protocol error from {client}: {error}", client=self.client_address, error=e)
             self._flush()
             self._closed = True
-            self._close()
+            self._close(self.limits.linger)
             return
         for event in events:
             if isinstance(event, RequestReceived):
                 self._request(event.stream_id, event.headers, event.stream_ended is not None)
+                if self._closed:
+                    return
             elif isinstance(event, DataReceived):
                 exchange = self.streams.get(event.stream_id)
                 if exchange is not None:
@@ -310,8 +446,17 @@ class H2ServerProtocol(Protocol):
             elif isinstance(event, StreamReset):
                 exchange = self.streams.get(event.stream_id)
                 if exchange is not None:
-                    exchange._client_gone()
-                    self._forget(exchange)
+                    if exchange._observer is not None and exchange._body_done and not exchange._started:
+                        # The whole request may be at the app already: keep
+                        # counting it against MAX_STREAMS until it answers.
+                        exchange._reset = True
+                    else:
+                        exchange._client_gone()
+                        self._forget(exchange)
+                if event.remote_reset:
+                    self._count_reset()
+                    if self._closed:
+                        return
             elif isinstance(event, WindowUpdated):
                 targets = list(self.streams.values()) if event.stream_id == 0 else [self.streams.get(event.stream_id)]
                 for exchange in targets:
@@ -322,43 +467,33 @@ class H2ServerProtocol(Protocol):
                 self._flush()
                 self._close()
                 return
+        if self.conn.reset_here:
+            for stream_id in self.conn.reset_here:
+                exchange = self.streams.get(stream_id)
+                if exchange is not None:
+                    exchange._client_gone()
+                    self._forget(exchange)
+            self.conn.reset_here.clear()
         self._flush()
 
     def _request(self, stream_id: int, fields: Headers, ended: bool) -> None:
-        method = path = authority = scheme = b""
-        headers: Headers = []
-        hosts = []
-        content_length = None
-        for name, value in fields:
-            if name == b":method":
-                method = value
-            elif name == b":path":
-                path = value
-            elif name == b":authority":
-                authority = value
-            elif name == b":scheme":
-                scheme = value
-            elif name[:1] == b":":
-                continue
-            else:
-                if name == b"host":
-                    hosts.append(value)
-                elif name == b"content-length":
-                    content_length = int(value)
-                headers.append((name, value))
-        host = authority or (hosts[0] if hosts else b"")
-        if authority:
-            headers = [(n, v) for n, v in headers if n != b"host"]
-        problem = self._check(method, path, scheme, host, hosts, authority, len(headers))
-        head = RequestHead(
-            method=method,
-            target=path,
-            version=b"2",
-            host=host.lower(),
-            headers=[(b"host", host), *headers],
-            content_length=content_length if not ended else (content_length or None),
-            chunked=not ended and content_length is None,
-        )
+        if len(self.streams) >= MAX_STREAMS:
+            # Streams the client reset still count while the app works on
+            # them, so h2's own count of open streams is not ours.
+            self.reset_stream(stream_id, ErrorCodes.REFUSED_STREAM)
+            self._count_reset()
+            return
+        problem = 0
+        try:
+            head = parse_request(fields, ended, self.limits)
+        except MalformedRequest as e:
+            self.log.info("malformed HTTP/2 request from {client}: {why}", client=self.client_address, why=e.detail)
+            self.reset_stream(stream_id, ErrorCodes.PROTOCOL_ERROR)
+            self._count_reset()
+            return
+        except RequestError as e:
+            problem = e.status
+            head = RequestHead(method=b"-", target=b"-", version=b"2", host=b"")
         exchange = H2Exchange(self, stream_id, head, ended)
         self.streams[stream_id] = exchange
         self._idle()
@@ -375,29 +510,11 @@ class H2ServerProtocol(Protocol):
         try:
             self.handler.handle(exchange)
         except Exception:
-            self.log.failure("handler failed for {method} {target}", method=method, target=path)
+            self.log.failure("handler failed for {method} {target}", method=head.method, target=head.target)
             if not exchange.response_started:
                 pages.send(exchange, 500)
             else:
                 exchange.abort()
-
-    def _check(
-        self, method: bytes, path: bytes, scheme: bytes, host: bytes, hosts: list[bytes], authority: bytes, count: int
-    ) -> int:
-        """The status refusing a request the HTTP/1.1 side would refuse too (0: fine)."""
-        if method == b"CONNECT":
-            return 405
-        if not _TOKEN.match(method) or scheme not in (b"https", b"http"):
-            return 400
-        if not (path.startswith(b"/") or (path == b"*" and method == b"OPTIONS")):
-            return 400
-        if len(path) > self.limits.max_request_line:
-            return 414
-        if count > self.limits.max_header_count:
-            return 431
-        if not host or (not authority and len(hosts) > 1) or not valid_host(host):
-            return 400
-        return 0
 
     # -- outbound (called by exchanges) ---------------------------------------
 
@@ -465,7 +582,27 @@ class H2ServerProtocol(Protocol):
             self._flush()
             self._close()
 
+    def _count_reset(self) -> None:
+        """One more stream reset by the client or for its error; GOAWAY if they come too fast."""
+        now = self.clock.seconds()
+        if now - self._reset_window_start >= RESET_WINDOW:
+            self._reset_window_start = now
+            self._resets = self._served = 0
+        self._resets += 1
+        if self._resets > RESET_BURST + self._served and not self._closed:
+            self.log.info(
+                "HTTP/2 client {client} reset {n} streams: GOAWAY", client=self.client_address, n=self._resets
+            )
+            self._closed = True
+            try:
+                self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+            except ProtocolError:
+                pass
+            self._flush()
+            self._close(self.limits.linger)
+
     def stream_done(self, exchange: H2Exchange) -> None:
+        self._served += 1
         if not exchange._body_done:
             # We answered before the body ended: tell the client to stop sending.
             try:
@@ -501,6 +638,8 @@ class H2ServerProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._closed = True
+        if self._closing is not None:
+            self._closing.stop()
         if self.tracker is not None:
             self.tracker.remove(self)
         if self._timer is not None and self._timer.active():
@@ -510,11 +649,27 @@ class H2ServerProtocol(Protocol):
             exchange._client_gone()
             exchange.deadline.stop()
 
-    def _close(self) -> None:
+    def _close(self, grace: float | None = None) -> None:
+        """Close after what is written has gone; abort if the client has not taken it within ``grace``.
+
+        A graceful close waits for the client to read: one that never does
+        would hold the connection (and what it did not read) for ever.  The
+        default grace is one more idle timeout.
+        """
+        if self._closing is not None:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         # A transport waits for its producer to unregister before it closes
         # (TLS would never send close_notify): unregister first.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+        self._closing = Deadline(self.clock)
+        self._closing.set(self.limits.idle_timeout if grace is None else grace, self._abort)
+
+    def _abort(self) -> None:
+        self.log.info("HTTP/2 client {client} did not read our last bytes: cut off", client=self.client_address)
+        self.transport.abortConnection()
 
     # IPushProducer on our transport.
     def pauseProducing(self) -> None:

@@ -5,12 +5,17 @@ temporary file: see reqbuffer.py) and sent with a Content-Length, so a slow
 client never ties up a gunicorn sync worker while it trickles an upload in,
 and a WSGI app never reads a chunked body as empty.  A site with
 ``request_buffering = false`` streams bodies of known length over
-``STREAM_ABOVE`` with back-pressure instead.  Responses stream back with
-back-pressure: the app is paused while the client is not reading.
+``STREAM_ABOVE`` with back-pressure instead.  Responses are read as fast as
+the app sends them: what a slow client has not taken yet waits in a
+:class:`~tlsproxy.proxy.respbuffer.ResponseBuffer`, so the app's worker is
+free once it has answered.  Past the buffer's cap, or for an answer that says
+``X-Accel-Buffering: no``, the app is paused while the client is not reading.
+A client that takes nothing for ``send_timeout`` is cut off.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tlsproxy.config import Server, Site
+from tlsproxy.config import Server, Site, dev_app_hint
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.plain import split_host_port
@@ -34,6 +39,7 @@ from tlsproxy.proxy.reqbuffer import (
     fallback_directory,
     threaded,
 )
+from tlsproxy.proxy.respbuffer import BufferSpace, ResponseBuffer, accel_buffering
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
 
 STREAM_ABOVE = 1024 * 1024  # with request_buffering = false, larger bodies of known length stream
@@ -96,8 +102,8 @@ class ProxyHandler:
                 else:
                     self._exact[host] = route
         self.pools = list(pools.values())
-        self.buffers = BufferPool(
-            server.request_buffer_path,
+        self.request_buffers = BufferPool(
+            server.buffer_directory,
             BufferLimits(
                 memory=server.request_buffer_memory,
                 connection_memory=server.request_buffer_connection_memory,
@@ -105,8 +111,9 @@ class ProxyHandler:
             ),
             threaded(reactor),
             # The default place may not be writable (a dev run as a user): then the temp dir.
-            fallback=None if server.request_buffer_dir else fallback_directory(),
+            fallback=None if server.buffer_dir else fallback_directory(),
         )
+        self.response_buffers = BufferSpace(reactor, server.buffer_directory, server.max_response_buffer)
 
     def route_for(self, host: str) -> Route | None:
         route = self._exact.get(host)
@@ -119,6 +126,11 @@ class ProxyHandler:
 
     def handle(self, exchange: Exchange) -> None:
         raw_host = exchange.head.host
+        served = getattr(exchange.transport, "served_names", None)
+        if served is not None and not served.covers(raw_host):
+            self.record(exchange, "-", 421, 0)  # another certificate's host: RFC 9110 15.5.20
+            pages.send(exchange, 421)
+            return
         route = self._by_raw_host.get(raw_host)
         if route is None:
             route = self.route_for(split_host_port(raw_host)[0])
@@ -211,7 +223,7 @@ class ProxiedRequest:
             return
         # Bodies of unknown length are held whole even with buffering off:
         # streamed chunked, a WSGI app would read them as empty.
-        self.body = self.handler.buffers.body(
+        self.body = self.handler.request_buffers.body(
             exchange.transport, exchange.pause_body, exchange.resume_body, self.body_failed
         )
         # A body that stops arriving is the client's fault (408), not the app's.
@@ -347,6 +359,15 @@ class ProxiedRequest:
 
     # -- response side (ResponseSink) ---------------------------------------
 
+    # What the client has not taken yet of a buffered answer, and since when
+    # it has taken nothing; ``done`` once nothing more goes to the client.
+    buffering = False
+    relay: ResponseBuffer | None = None
+    client_paused = False
+    stalled_since = 0.0
+    done = False
+    recorded = False
+
     def response_head(self, status: int, reason: bytes, fields: bytes, content_length: int | None) -> None:
         self.last_activity = now = self.clock.seconds()
         route = self.route
@@ -356,6 +377,8 @@ class ProxiedRequest:
             self.pending_101 = (reason, fields)
             return
         self.status = status
+        fields, allowed = accel_buffering(fields)
+        self.buffering = allowed and route.site.response_buffering
         exchange = self.exchange
         exchange.start_response(status, reason, response_block(fields, self.hsts, self.secure_cookies), content_length)
         if self.conn is not None:
@@ -365,7 +388,7 @@ class ProxiedRequest:
         """The commonest answer: head and the whole body arrived in one read."""
         if self.finished:
             return
-        self.finished = True
+        self.finished = self.done = True
         self.drop_body()
         self.timer.clear()
         route = self.route
@@ -374,25 +397,42 @@ class ProxiedRequest:
         self.status = status
         exchange = self.exchange
         self.conn = None
+        fields, _ = accel_buffering(fields)
         exchange.respond(status, reason, response_block(fields, self.hsts, self.secure_cookies), body)
-        self.handler.record(exchange, route.name, status, len(body))
+        self.logged(status, len(body))
 
     def response_data(self, data: bytes) -> None:
         self.last_activity = self.clock.seconds()
-        self.sent_bytes += len(data)
-        self.exchange.write(data)
+        relay = self.relay
+        if relay is not None:
+            relay.add(data)
+        else:
+            self.deliver(data)
 
     def response_end(self) -> None:
         if self.finished:
             return
         self.finished = True
         self.drop_body()
-        self.cancel_timer()
+        self.conn = None  # the app's connection goes back to the pool now
+        relay = self.relay
+        if relay is not None and not relay.empty:
+            relay.end()  # delivered_all follows once the client has it all
+            self.arm_timer()  # only the client's clock runs now
+            return
+        self.complete()
+
+    def complete(self) -> None:
+        """The whole answer went to the client."""
+        if self.done:
+            return
+        self.done = True
+        self.relay = None
+        self.cancel_timer()  # before finish: on HTTP/1.1 the deadline goes back to the connection
         exchange = self.exchange
         exchange.unregister_producer()
         exchange.finish()
-        self.conn = None
-        self.handler.record(exchange, self.route.name, self.status, self.sent_bytes)
+        self.logged(self.status)
 
     def response_failed(self, error: UpstreamError) -> None:
         if self.finished:
@@ -443,40 +483,72 @@ class ProxiedRequest:
         self.finished = True
         self.exchange.finish()
 
+    # -- the response buffer's output (BufferOutput) ----------------------------
+
+    def deliver(self, data: bytes) -> None:
+        self.sent_bytes += len(data)
+        self.exchange.write(data)
+
+    def delivered_all(self) -> None:
+        self.complete()
+
+    def pause_app(self) -> None:
+        self.paused = True
+        if self.conn is not None:
+            self.conn.pause_response()
+
+    def resume_app(self) -> None:
+        self.paused = False
+        self.touch()
+        if self.conn is not None:
+            self.conn.resume_response()
+
+    def buffer_failed(self, detail: str) -> None:
+        self.log.warn("{upstream}: {detail}; response cut short", upstream=self.route.site.upstream.url, detail=detail)
+        self.cut(502)
+
     # -- failures --------------------------------------------------------------
 
-    def fail(self, error: UpstreamError) -> None:
-        self.finished = True
+    def abandon(self) -> None:
+        """Nothing more goes to the client: drop what is buffered for it, stop its clock."""
+        self.finished = self.done = True
         self.drop_body()
         self.cancel_timer()
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.close()
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+    def cut(self, status: int) -> None:
+        """Cut a started answer off: the client sees a broken response, the log says ``status``."""
+        if self.done:
+            return
+        self.abandon()
+        self.exchange.abort()
+        self.logged(status)
+
+    def fail(self, error: UpstreamError) -> None:
         if self.exchange.response_started:
             self.log.warn(
                 "{upstream}: {detail}; response cut short", upstream=self.route.site.upstream.url, detail=error.detail
             )
-            self.exchange.abort()
+            self.cut(502)
             return
+        self.abandon()
         self.log.warn("{upstream}: {detail}", upstream=self.route.site.upstream.url, detail=error.detail)
         message = None
         if self.route.dev and error.status == 502 and error.detail.startswith("cannot connect"):
-            message = (
-                f"Nothing is listening on {self.route.site.upstream.url}: "
-                "start your app (for Django: python manage.py runserver) and reload this page."
-            )
+            upstream = self.route.site.upstream
+            message = f"Nothing is listening on {upstream.url}: {dev_app_hint(upstream)} and reload this page."
         self.logged(error.status)
         pages.send(self.exchange, error.status, message)
 
     def fail_request(self, status: int) -> None:
         if self.finished:
             return
-        self.finished = True
-        self.drop_body()
-        self.cancel_timer()
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        self.abandon()
         self.logged(status)
         if self.exchange.response_started:
             self.exchange.abort()
@@ -484,14 +556,25 @@ class ProxiedRequest:
             pages.send(self.exchange, status)
 
     def client_gone(self) -> None:
-        self.finished = True
-        self.drop_body()
-        self.cancel_timer()
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        """The client left first: 499 in the log, as nginx writes it."""
+        if self.done:
+            return
+        self.abandon()
+        self.logged(499)
+
+    def client_too_slow(self) -> None:
+        self.log.info(
+            "{client} took nothing of the answer for {seconds:g}s; connection cut",
+            client=self.exchange.client_address,
+            seconds=self.handler.server.send_timeout,
+        )
+        self.cut(self.status)
 
     # -- timers ----------------------------------------------------------------
+
+    # One deadline serves two clocks: the app's (upstream_timeout without a
+    # byte, unless we paused it) and the client's (send_timeout without
+    # taking a byte, while it does not read).
 
     def touch(self) -> None:
         self.last_activity = self.clock.seconds()
@@ -505,37 +588,82 @@ class ProxiedRequest:
     def cancel_timer(self) -> None:
         self.timer.clear()
 
-    def timed_out(self) -> None:
-        seconds = self.timeout
-        idle = self.clock.seconds() - self.last_activity
-        if idle < seconds or self.paused:
+    def arm_timer(self, now: float | None = None) -> None:
+        """Set the deadline for whichever clock runs out first (or clear it if neither runs)."""
+        if self.done or self.status == 101:
+            return
+        if now is None:
+            now = self.clock.seconds()
+        wait = math.inf
+        if self.client_paused:
+            wait = self.handler.server.send_timeout - (now - self.stalled_since)
+        if not self.finished:
             # Waiting on a slow client is not the app's fault.
-            if self.paused:
-                idle = 0
-            self.timer.set(seconds - idle, self.timed_out)
-            return
-        if self.finished:
-            return
-        if not self.dialled:
-            if self.body is not None and self.body.waiting_on_disk:
-                self.timer.set(seconds, self.timed_out)  # our own disk is slow, not the client
-                return
-            self.fail_request(408)
-            return
-        self.fail(UpstreamError(504, f"no answer from the app within {seconds:g}s", before_response=not self.status))
+            wait = min(wait, self.timeout if self.paused else self.timeout - (now - self.last_activity))
+        if wait == math.inf:
+            self.timer.clear()
+        else:
+            self.timer.set(max(wait, 0.0), self.timed_out)
 
-    def logged(self, status: int) -> None:
-        self.handler.record(self.exchange, self.route.name, status, self.sent_bytes)
+    def timed_out(self) -> None:
+        if self.done:
+            return
+        now = self.clock.seconds()
+        if self.client_paused and now - self.stalled_since >= self.handler.server.send_timeout:
+            self.client_too_slow()
+            return
+        if not self.finished and not self.paused and now - self.last_activity >= self.timeout:
+            seconds = self.timeout
+            if not self.dialled:
+                if self.body is not None and self.body.waiting_on_disk:
+                    self.last_activity = now  # our own disk is slow, not the client
+                    self.arm_timer(now)
+                    return
+                self.fail_request(408)  # the body stopped arriving
+                return
+            self.fail(
+                UpstreamError(504, f"no answer from the app within {seconds:g}s", before_response=not self.status)
+            )
+            return
+        self.arm_timer(now)
+
+    def logged(self, status: int, size: int | None = None) -> None:
+        """One access-log line and one count per request, however it ended."""
+        if self.recorded:
+            return
+        self.recorded = True
+        self.handler.record(self.exchange, self.route.name, status, self.sent_bytes if size is None else size)
 
     # IPushProducer for the client's side: the client reads slower than the
-    # app writes, so reading from the app pauses.
+    # app writes, so the answer goes to the buffer (or, unbuffered, reading
+    # from the app pauses).
 
     def pauseProducing(self) -> None:
-        self.paused = True
-        if self.conn is not None:
+        if self.status == 101:
+            self.paused = True
+            if self.conn is not None:
+                self.conn.pause_response()
+            return
+        if self.done:
+            return
+        self.client_paused = True
+        self.stalled_since = now = self.clock.seconds()
+        relay = self.relay
+        if relay is None and self.buffering and not self.finished:
+            relay = self.relay = ResponseBuffer(self.handler.response_buffers, self)
+        if relay is not None:
+            relay.pause()
+        elif self.conn is not None:
+            self.paused = True
             self.conn.pause_response()
+        self.arm_timer(now)
 
     def resumeProducing(self) -> None:
+        self.client_paused = False
+        relay = self.relay
+        if relay is not None:
+            relay.resume()
+            return
         self.paused = False
         self.touch()
         if self.conn is not None:

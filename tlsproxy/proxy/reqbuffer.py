@@ -74,7 +74,7 @@ _NOT_OURS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 def fallback_directory() -> str:
     """Where bodies go when the default place under ``state_dir`` is not writable (say, a dev run)."""
-    return os.path.join(tempfile.gettempdir(), f"tlsproxy-{os.geteuid()}-request-buffers")
+    return os.path.join(tempfile.gettempdir(), f"tlsproxy-{os.geteuid()}-buffers")
 
 
 def prepare_directory(directory: str) -> None:

@@ -185,8 +185,9 @@ class UpstreamConnection(Protocol):
                 data = self._buf + data
                 self._buf = b""
             end = data.find(b"\r\n\r\n")
-            if end < 0:
-                if len(data) > MAX_RESPONSE_HEAD:
+            if end < 0 or end + 4 > MAX_RESPONSE_HEAD:
+                # However it arrives (in pieces or in one read), a head over the limit is refused.
+                if end >= 0 or len(data) > MAX_RESPONSE_HEAD:
                     raise ResponseError("the app's response head is too large")
                 self._buf = data
                 return
@@ -205,9 +206,16 @@ class UpstreamConnection(Protocol):
             self._keep_alive = keep_alive
             self._headers_sent = True
             if self._head_only or status == 204 or status == 304:
+                if length or chunked or data:
+                    # A bodiless answer that announces (or brings) a body: the app's
+                    # framing cannot be trusted, and its late bytes must never become
+                    # the next request's answer.  This connection is not reused.
+                    self._keep_alive = False
                 sink.response_head(status, reason, fields, length)
                 self._complete()
-                continue
+                if data:
+                    self.transport.abortConnection()
+                return
             if length is not None and len(data) == length:
                 # The commonest answer: head and whole body in one read.
                 self.sink = None

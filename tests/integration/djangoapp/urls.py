@@ -9,6 +9,7 @@ urlpatterns = [
     path("download", views.download),
     path("download-fixed", views.download_fixed),
     path("slow", views.slow),
+    path("events", views.events),
     path("own-hsts", views.own_hsts),
     path("cookie", views.cookie),
 ]
