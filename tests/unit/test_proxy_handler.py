@@ -10,6 +10,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.unit.test_reqbuffer import FakeThreads, scratch
 from tlsproxy.config import HSTS, Server, Site, parse_upstream
 from tlsproxy.deadline import Deadline
 from tlsproxy.http.exchange import RequestHead
@@ -255,7 +256,7 @@ class ResponseSideTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.patch(FakeExchange, "clock", self.reactor)
-        self.server = Server(connect_timeout=5, upstream_timeout=30, send_timeout=20, buffer_dir=self.mktemp())
+        self.server = Server(connect_timeout=5, upstream_timeout=30, send_timeout=20, buffer_dir=scratch(self))
         self.handler = self.make_handler()
 
     def make_handler(self, **site: Any) -> ProxyHandler:
@@ -309,7 +310,7 @@ class ResponseSideTests(SynchronousTestCase):
 
     def test_past_the_cap_the_app_waits(self) -> None:
         """Past max_response_buffer, the app is paused until the client reads (back-pressure as before)."""
-        self.server = Server(upstream_timeout=30, max_response_buffer=300_000, buffer_dir=self.mktemp())
+        self.server = Server(upstream_timeout=30, max_response_buffer=300_000, buffer_dir=scratch(self))
         self.handler = self.make_handler()
         exchange = self.request()
         app, _ = self.connect()
@@ -568,9 +569,6 @@ class HostTests(SynchronousTestCase):
 def chunked_head(method: bytes = b"POST", extra: list[tuple[bytes, bytes]] | None = None) -> RequestHead:
     headers = [(b"host", b"app.test"), (b"transfer-encoding", b"chunked"), *(extra or [])]
     return RequestHead(method, b"/x", b"1.1", b"app.test", headers, None, chunked=True)
-
-
-from tests.unit.test_reqbuffer import FakeThreads, scratch  # noqa: E402
 
 
 class BufferingTests(SynchronousTestCase):
