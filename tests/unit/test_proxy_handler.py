@@ -577,7 +577,7 @@ class BufferingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.patch(FakeExchange, "clock", self.reactor)
-        self.server = Server(connect_timeout=5, upstream_timeout=30, idle_timeout=60, state_dir=scratch(self))
+        self.server = Server(connect_timeout=5, upstream_timeout=30, body_timeout=20, state_dir=scratch(self))
 
     def handler(self, **site: Any) -> ProxyHandler:
         upstream = parse_upstream("http://127.0.0.1:8000")
@@ -660,12 +660,12 @@ class BufferingTests(SynchronousTestCase):
         self.assertEqual((exchange.status, continues), (413, []))
 
     def test_stalled_body_is_408(self) -> None:
-        """A body that stops arriving is answered 408 after idle_timeout, and the app is never contacted."""
+        """A body that stops arriving is answered 408 after body_timeout, and the app is never contacted."""
         exchange, consumer = self.open_upload(self.handler(), chunked_head())
         consumer.body_data(b"x" * 10)
-        self.reactor.advance(59)
+        self.reactor.advance(19)
         consumer.body_data(b"x" * 10)
-        self.reactor.advance(59)
+        self.reactor.advance(19)
         self.assertIsNone(exchange.status, "bytes still arriving keep the request alive")
         self.reactor.advance(2)
         self.assertEqual((exchange.status, self.reactor.tcpClients), (408, []))
@@ -696,7 +696,7 @@ class SlowDiskTests(SynchronousTestCase):
         reactor = MemoryReactorClock()
         self.patch(FakeExchange, "clock", reactor)
         site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
-        handler = ProxyHandler(reactor, [site], Server(idle_timeout=60, state_dir=scratch(self)))
+        handler = ProxyHandler(reactor, [site], Server(body_timeout=60, state_dir=scratch(self)))
         threads = FakeThreads()
         handler.request_buffers.run_in_thread = threads
         exchange = FakeExchange(chunked_head(), b"x" * 2_000_000)

@@ -227,7 +227,7 @@ class ProxiedRequest:
             exchange.transport, exchange.pause_body, exchange.resume_body, self.body_failed
         )
         # A body that stops arriving is the client's fault (408), not the app's.
-        self.set_timer(self.handler.server.idle_timeout)
+        self.set_timer(self.handler.server.body_timeout)
         self.send_continue()
         exchange.set_body_consumer(self.body_sink())
 
