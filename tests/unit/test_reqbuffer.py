@@ -14,7 +14,7 @@ from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tlsproxy.proxy.reqbuffer import BufferError, BufferLimits, BufferPool, RequestBody, open_buffer_file
+from tlsproxy.proxy.reqbuffer import BodyStoreError, BufferLimits, BufferPool, RequestBody, open_buffer_file
 
 
 class FakeThreads:
@@ -68,7 +68,7 @@ class Recorder:
     def __init__(self) -> None:
         self.paused = 0
         self.resumed = 0
-        self.errors: list[BufferError] = []
+        self.errors: list[BodyStoreError] = []
         self.stored = 0
         self.sent: list[Any] = []
 
@@ -78,7 +78,7 @@ class Recorder:
     def resume(self) -> None:
         self.resumed += 1
 
-    def failed(self, error: BufferError) -> None:
+    def failed(self, error: BodyStoreError) -> None:
         self.errors.append(error)
 
     def done(self) -> None:
@@ -271,7 +271,7 @@ class SynchronousFailureTests(SynchronousTestCase):
         bodies: list[RequestBody] = []
         seen = Recorder()
 
-        def failed(error: BufferError) -> None:
+        def failed(error: BodyStoreError) -> None:
             seen.failed(error)
             bodies[0].close()  # as the handler does: answer, then drop the body
 

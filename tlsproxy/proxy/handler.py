@@ -32,7 +32,7 @@ from tlsproxy.http.plain import split_host_port
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
 from tlsproxy.proxy.reqbuffer import (
-    BufferError,
+    BodyStoreError,
     BufferLimits,
     BufferPool,
     RequestBody,
@@ -265,7 +265,7 @@ class ProxiedRequest:
         assert self.body is not None
         self.body.stored(self.dial)
 
-    def body_failed(self, error: BufferError) -> None:
+    def body_failed(self, error: BodyStoreError) -> None:
         """The body could not be stored (a full disk: 507) or read back."""
         self.fail_request(error.status)  # RequestBody logged why
 

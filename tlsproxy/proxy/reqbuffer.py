@@ -33,7 +33,7 @@ _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 RunInThread = Callable[..., "Deferred[Any]"]
 
 
-class BufferError(Exception):
+class BodyStoreError(Exception):
     """A body could not be stored or read back; ``status`` is what the client gets."""
 
     def __init__(self, status: int, detail: str) -> None:
@@ -112,13 +112,13 @@ def read_at(fd: int, size: int, offset: int) -> bytes:
     return os.pread(fd, size, offset)
 
 
-def describe(error: object) -> BufferError:
+def describe(error: object) -> BodyStoreError:
     """The client's answer to a failed file operation: 507 when the disk is full."""
-    if isinstance(error, BufferError):
+    if isinstance(error, BodyStoreError):
         return error
     if isinstance(error, OSError) and error.errno in _NO_ROOM:
-        return BufferError(507, f"no room to buffer the request body: {error.strerror}")
-    return BufferError(500, f"cannot buffer the request body: {error}")
+        return BodyStoreError(507, f"no room to buffer the request body: {error.strerror}")
+    return BodyStoreError(500, f"cannot buffer the request body: {error}")
 
 
 class BufferPool:
@@ -142,7 +142,7 @@ class BufferPool:
         connection: Any,
         pause: Callable[[], None],
         resume: Callable[[], None],
-        failed: Callable[[BufferError], None],
+        failed: Callable[[BodyStoreError], None],
     ) -> RequestBody:
         """A new, empty body for a request on the client ``connection``."""
         return RequestBody(self, connection, pause, resume, failed)
@@ -207,7 +207,7 @@ class RequestBody:
     _writing = False
     _paused = False
     _closed = False
-    _error: BufferError | None = None
+    _error: BodyStoreError | None = None
     _on_stored: Callable[[], None] | None = None
     _sender: _Sender | None = None
 
@@ -217,13 +217,13 @@ class RequestBody:
         connection: Any,
         pause: Callable[[], None],
         resume: Callable[[], None],
-        failed: Callable[[BufferError], None],
+        failed: Callable[[BodyStoreError], None],
     ) -> None:
         self.pool = pool
         self.connection = connection
         self._pause = pause
         self._resume = resume
-        self._failed: Callable[[BufferError], None] | None = failed
+        self._failed: Callable[[BodyStoreError], None] | None = failed
         self._chunks: list[bytes] = []  # in memory: the body; spilled: bytes not yet written
 
     @property
@@ -398,7 +398,7 @@ class _Sender:
             done(conn)
             return
         if body._fd < 0:
-            self._stop_with(BufferError(500, "the request body's file is gone"))
+            self._stop_with(BodyStoreError(500, "the request body's file is gone"))
             return
         self._reading = True
         body._busy += 1
@@ -418,13 +418,13 @@ class _Sender:
             self._stop_with(describe(result.value))
             return
         if not result:
-            self._stop_with(BufferError(500, "the request body's file is shorter than the body"))
+            self._stop_with(BodyStoreError(500, "the request body's file is shorter than the body"))
             return
         self._offset += len(result)
         self.conn.write(result)  # may pause us at once, if the app's socket is full
         self._read_next()
 
-    def _stop_with(self, error: BufferError) -> None:
+    def _stop_with(self, error: BodyStoreError) -> None:
         self._stopped = True
         self.body._fail(error)
 
