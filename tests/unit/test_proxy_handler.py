@@ -624,11 +624,21 @@ class BufferingTests(SynchronousTestCase):
         self.assertTrue(wire.value().endswith(b"x" * 2_000_000))
 
     def test_buffering_off_streams_a_known_length(self) -> None:
-        """With request_buffering = false a large body of known length goes to the app as it comes."""
-        head = RequestHead(b"POST", b"/x", b"1.1", b"app.test", [(b"host", b"app.test")], 3_000_000)
-        exchange, consumer = self.open_upload(self.handler(request_buffering=False), head)
-        self.assertIsNone(consumer, "the body is taken only once the app is connected")
-        self.assertEqual(len(self.reactor.tcpClients), 1)
+        """With request_buffering = false a large body of known length goes to the app as it comes, 100 first."""
+        headers = [(b"host", b"app.test"), (b"expect", b"100-continue")]
+        head = RequestHead(b"POST", b"/x", b"1.1", b"app.test", headers, 3_000_000)
+        exchange = FakeExchange(head)
+        continues: list[bool] = []
+        exchange.send_continue = lambda: continues.append(True)  # type: ignore[attr-defined]
+        consumers: list[Any] = []
+        exchange.set_body_consumer = consumers.append  # type: ignore[method-assign]
+        self.handler(request_buffering=False).handle(exchange)
+        self.assertEqual((consumers, continues), ([], [True]), "the body is taken only once the app is connected")
+        _, wire = self.app()
+        self.assertIn(b"content-length: 3000000\r\n", wire.value())
+        self.assertNotIn(b"expect", wire.value().lower())
+        consumers[0].body_data(b"x" * 1000)
+        self.assertTrue(wire.value().endswith(b"\r\n\r\n" + b"x" * 1000), "streamed at once, not held")
 
     def test_chunked_body_over_the_limit_is_413(self) -> None:
         """A body of unknown length is refused with 413 as soon as it passes max_body_size, without the app."""
