@@ -354,3 +354,26 @@ def test_slow_http2_upload_does_not_hold_the_worker(proxy: Proxy) -> None:
     assert response.status_code == 200
     assert elapsed < 1.0, f"GET took {elapsed:.2f}s: the worker was held by the upload"
     assert outcome == [(200, expected(data))]
+
+
+def test_chunked_body_over_max_body_size_is_413(app: App, pki: PKI, tmp_path: Path) -> None:
+    """A chunked upload passing max_body_size gets 413 while it is still sending, and never reaches Django."""
+    tag = marker()
+    server = {"buffer_dir": str(tmp_path / "bufs")}
+    with start_proxy(tmp_path, app.url, pki, server=server, max_body_size="2M") as proxy:
+        with proxy.raw(timeout=10) as conn:
+            conn.send(
+                f"POST /body-hash?m={tag} HTTP/1.1\r\nHost: localhost:{proxy.port}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+            )
+            chunk = payload(PIECE)
+            with suppress(OSError):
+                for _ in range(3 * MB // PIECE):
+                    conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            reply = conn.read_until_closed(timeout=10)
+        with proxy.client() as client:
+            assert client.get(f"/whoami?m={tag}-control").status_code == 200
+    assert reply.status == 413, reply.data[:300]
+    hits = app.hits()
+    assert f"{tag}-control" in hits
+    assert f"m={tag}\n" not in hits
