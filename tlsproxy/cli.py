@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from collections.abc import Sequence
@@ -12,12 +13,13 @@ from tlsproxy import config as configuration
 from tlsproxy import preflight
 from tlsproxy.certs.model import CertificateError
 from tlsproxy.config import Config, ConfigError
+from tlsproxy.tls.audit import configuration_warnings
 from tlsproxy.tls.policy import GROUPS, cipher_names
 
 # Exit statuses of every command (README, "Exit statuses"): 0 done; 1 the
 # operation failed (the CA refused, a port could not be bound); 2 bad usage or
 # a configuration that cannot run (argparse uses 2 for usage errors too).
-OK, FAILED, BAD_CONFIG = 0, 1, 2
+OK, BAD_CONFIG = 0, 2
 
 
 def _load(path: str | None, err: TextIO) -> Config | None:
@@ -91,7 +93,8 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if config is None:
         return BAD_CONFIG
     print(describe(config), file=out)
-    for warning in preflight.warnings(config):
+    tls_warnings = configuration_warnings(config, datetime.datetime.now(datetime.UTC))
+    for warning in [*preflight.warnings(config), *tls_warnings]:
         print(f"tlsproxy: warning: {warning}", file=err)
     print("configuration OK", file=out)
     return OK
@@ -109,14 +112,15 @@ def cmd_dev(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
             print(f"tlsproxy: {problem}", file=err)
         return BAD_CONFIG
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner
+    from twisted.logger import LogLevel, globalLogBeginner
 
     from tlsproxy.eventloop import streamline
     from tlsproxy.logs import LogOutput
     from tlsproxy.tap import build_service
 
     streamline(reactor)
-    globalLogBeginner.beginLoggingTo([LogOutput("text")(out)], redirectStandardIO=False)
+    level = LogLevel.levelWithName(args.log_level)
+    globalLogBeginner.beginLoggingTo([LogOutput("text", level)(out)], redirectStandardIO=False)
     service = build_service(reactor, config)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
@@ -180,7 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run the local HTTPS dev proxy (https://localhost:8443)")
     p.add_argument("--upstream", help=f"your app's URL (default {configuration.DEFAULT_DEV_UPSTREAM})")
     p.add_argument(
-        "--listen", action="append", help="server endpoint string, repeatable (default tcp:8443 on localhost)"
+        "--listen",
+        action="append",
+        help="a port or server endpoint string, repeatable; with no interface= it stays on localhost (default 8443)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warn", "error"],
+        help="debug also shows failed handshakes (a browser that does not trust the CA yet)",
     )
     p.set_defaults(func=cmd_dev)
     p = sub.add_parser("ca", help="the local development CA: where it is, trust it, untrust it")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tlsproxy.compat.twisted import parse_server_endpoint
 from tlsproxy.tls.policy import MOZILLA_INTERMEDIATE_CIPHERS, PolicyError, cipher_names, load_dhparams
 
 DEFAULT_DEV_UPSTREAM = "http://127.0.0.1:8000"
@@ -358,10 +359,12 @@ def local_endpoints(description: str) -> tuple[str, ...]:
 
 def check_endpoint(description: str) -> str | None:
     """Why ``description`` is not a Twisted server endpoint string, or None."""
-    from twisted.internet.endpoints import _parseServer
-
+    host, _, tail = description.rpartition(":")
+    if tail.isdigit() and host and description.split(":", 1)[0].lower() not in ("tcp", "unix", "systemd", "ssl"):
+        interface = host.strip("[]").replace(":", "\\:")
+        return f"a host:port is written tcp:{tail}:interface={interface} (a port alone, tcp:{tail}, is every interface)"
     try:
-        kind, args, kwargs = _parseServer(description, None)
+        kind, args, kwargs = parse_server_endpoint(description)
     except Exception as e:  # Twisted raises assorted types for bad strings
         return f"not a server endpoint string ({e})"
     kind = kind if isinstance(kind, str) else description.split(":", 1)[0]

@@ -28,7 +28,7 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tlsproxy.compat.twisted import reactor_poll_state
+from tlsproxy.compat.twisted import nothing_buffered, reactor_poll_state
 
 _log = Logger()
 
@@ -42,6 +42,27 @@ def plain_stream(cls: type) -> type:
         raise TypeError(f"{cls.__name__} does not read as tcp.Connection does")
     _PLAIN_STREAMS.add(cls)
     return cls
+
+
+def send_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to a TCP or unix transport, on the socket at once if idle.
+
+    Twisted's transport would queue it for the next turn of the loop. Falls
+    back to the transport's own buffering whenever anything is queued, the
+    socket is full, or the transport is not a plain socket transport.
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is not None and transport.connected and not transport.disconnecting and nothing_buffered(transport):
+        try:
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0  # let the transport's own write path see and report it
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
 
 
 def _direct_poll(reactor: EPollReactor) -> Any:

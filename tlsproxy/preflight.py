@@ -28,6 +28,13 @@ def _user() -> str:
 def state_dir_problem(path: str) -> str | None:
     """Why this process cannot keep its ACME account, keys and certificates in ``path``, or None."""
     root = Path(path)
+    try:
+        return _state_dir_problem(root, path)
+    except OSError as e:  # a parent this user may not even look into
+        return f"{e.filename or path}: {e.strerror} for {_user()}"
+
+
+def _state_dir_problem(root: Path, path: str) -> str | None:
     if not root.exists():
         parent = root.parent
         while not parent.exists() and parent != parent.parent:

@@ -10,6 +10,7 @@ one stays.
 
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 import signal
@@ -20,7 +21,7 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
@@ -32,13 +33,14 @@ from tlsproxy import config as configuration
 from tlsproxy import preflight
 from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.admin import AdminHandler
-from tlsproxy.certs.model import CertificateError, CertifiedKey
+from tlsproxy.certs.model import CertificateError, CertifiedKey, certificate_warnings
 from tlsproxy.config import Config, ConfigError
 from tlsproxy.eventloop import streamline, tune_collector
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.plain import PlainHTTPHandler
 from tlsproxy.http.server import HTTP11Factory, Limits
 from tlsproxy.http.tracker import ConnectionTracker
+from tlsproxy.listening import watch_refusals, with_backlog
 from tlsproxy.logs import LogOutput
 from tlsproxy.metrics import Metrics
 from tlsproxy.proxy.accesslog import AccessLog
@@ -57,9 +59,10 @@ class Options(usage.Options):
     longdesc = (
         "Terminate TLS and proxy to your app (gunicorn, runserver, uvicorn).\n"
         "With --config (or TLSPROXY_CONFIG) it runs the sites of that TOML file; "
-        "with neither and no TLSPROXY_* variables it is the local HTTPS dev proxy: "
+        "with neither and no TLSPROXY_* configuration variables it is the local HTTPS dev proxy: "
         "https://localhost:8443 in front of http://127.0.0.1:8000. "
-        "SIGHUP reloads the configuration; SIGTERM drains and exits."
+        "SIGHUP reloads the configuration; SIGTERM drains and exits 0. "
+        "Exit status 1: a listener could not bind; 2: the configuration cannot run."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: $TLSPROXY_CONFIG)."],
@@ -114,6 +117,11 @@ def cannot_listen(label: str, description: str, error: BaseException) -> str:
         return f"{line}; another process listens there (ss -ltnp shows which): stop it or choose another port"
     if code == errno.EADDRNOTAVAIL:
         return f"{line}; the interface address is not one of this machine's"
+    if description.startswith("systemd:"):
+        return (
+            f"{line}; systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES): start tlsproxy.service"
+            " with its .socket units (deploy/systemd), or listen on tcp:PORT instead"
+        )
     return line
 
 
@@ -151,6 +159,10 @@ def build_generation(
                 issuer=certified.issuer,
                 not_after=certified.not_after.isoformat(),
             )
+            for warning in certificate_warnings(
+                certified, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
+            ):
+                log.warn("site {site}: {cert}: {warning}", site=site.name, cert=site.cert, warning=warning)
     certificates = MultiService()
     TicketKeyRotation(reactor, sni.rotate_ticket_keys, config.tls.ticket_key_rotation).setServiceParent(certificates)
     _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics)
@@ -230,8 +242,9 @@ class Listener(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, factory: Any, label: str) -> None:
+    def __init__(self, reactor: Any, description: str, factory: Any, label: str, refused: Any = None) -> None:
         self.reactor = reactor
+        self.refused = refused  # counts connections refused at accept (out of file descriptors)
         self.description = description
         self.factory = factory
         self.label = label
@@ -240,12 +253,18 @@ class Listener(Service):
 
     def startService(self) -> None:
         super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
+        try:
+            # A systemd: endpoint looks its socket up right here, and raises if none was passed.
+            endpoint = serverFromString(self.reactor, with_backlog(self.description))
+        except Exception as e:  # KeyError, IndexError, ValueError: whatever the parser met
+            self.listening = fail(e)
+            return
         self.listening = endpoint.listen(self.factory)
         self.listening.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
         self.port = port
+        watch_refusals(port, self.reactor, self.label, self.refused)
         host = port.getHost()
         where = f"{getattr(host, 'host', '')}:{host.port}" if hasattr(host, "port") else str(host)
         self.log.info(
@@ -318,7 +337,7 @@ class ProxyService(MultiService):
             wanted[("admin (/healthz /readyz /metrics)", config.server.admin)] = self.admin_factory
         return wanted
 
-    def _sync_listeners(self, config: Config) -> list[Deferred[Any]]:
+    def _sync_listeners(self, config: Config) -> list[tuple[tuple[str, str], Deferred[Any]]]:
         """Start listeners the config names and stop the ones it no longer does."""
         wanted = self._wanted(config)
         started = []
@@ -328,23 +347,25 @@ class ProxyService(MultiService):
                 listener.disownServiceParent()
         for key, factory in wanted.items():
             if key not in self.listeners:
-                listener = Listener(self.reactor, key[1], factory, key[0])
+                refused = self.metrics.refused_connections.labels(key[0].split()[0])
+                listener = Listener(self.reactor, key[1], factory, key[0], refused)
                 self.listeners[key] = listener
                 listener.setServiceParent(self)
                 if listener.listening is not None:
-                    started.append(listener.listening)
+                    started.append((key, listener.listening))
         return started
 
     # -- life cycle ------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
+        # Before "ready" can be said: a SIGHUP sent on seeing it must find our handler.
+        self.reactor.callWhenRunning(self._install_signal_handlers)
         waiting = []
         for (label, description), listener in self.listeners.items():
             if listener.listening is not None:
                 waiting.append(listener.listening.addErrback(self._cannot_listen, label, description))
         gatherResults(waiting, consumeErrors=True).addCallbacks(self._ready, self._failed)
-        self.reactor.callWhenRunning(self._install_signal_handlers)
 
     def _install_signal_handlers(self) -> None:
         # After the reactor's own (installed while it starts): ours replace them.
@@ -373,6 +394,11 @@ class ProxyService(MultiService):
             pass
 
     def _ready(self, _: Any) -> None:
+        if not getattr(self.reactor, "running", True):
+            # Listening already, but the signal handlers come with the running
+            # reactor: say "ready" after them (callWhenRunning keeps the order).
+            self.reactor.callWhenRunning(self._ready, None)
+            return
         self._update_https_port()
         self.ready = True
         self.log.info(READY)
@@ -386,6 +412,13 @@ class ProxyService(MultiService):
 
     def _cannot_listen(self, failure: Any, label: str, description: str) -> Any:
         self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, failure.value))
+        return failure
+
+    def _forget_listener(self, failure: Any, key: tuple[str, str]) -> Any:
+        """A listener a reload could not bind is forgotten, so the next SIGHUP tries it again."""
+        listener = self.listeners.pop(key, None)
+        if listener is not None:
+            listener.disownServiceParent()
         return failure
 
     def _failed(self, failure: Any) -> None:
@@ -424,9 +457,13 @@ class ProxyService(MultiService):
         # Idle keep-alive connections to the old apps are closed; requests in
         # flight keep theirs until they finish.
         old.handler.close()
-        gatherResults(started).addCallbacks(
+        waiting = [
+            listening.addErrback(self._cannot_listen, *key).addErrback(self._forget_listener, key)
+            for key, listening in started
+        ]
+        gatherResults(waiting, consumeErrors=True).addCallbacks(
             lambda _: self.log.info("configuration reloaded from {source}", source=config.source),
-            lambda f: self.log.error("reloaded, but a new listener failed: {error}", error=f.getErrorMessage()),
+            lambda _: self.log.error("reloaded, but a new listener failed (above); the others serve"),
         )
 
     def stopService(self) -> Deferred[Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import socket
 import ssl
 import threading
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import PKI, App, Proxy, gunicorn, marker, start_proxy
+from tests.integration.conftest import PKI, App, Proxy, gunicorn, marker, proxy_config, start_proxy
 from tests.integration.djangoapp.pattern import digest
-from tests.integration.procs import free_port
+from tests.integration.procs import BIN, READY, free_port, running
 
 pytestmark = pytest.mark.integration
 BIG = 24_000_000
@@ -208,6 +209,45 @@ def test_client_that_never_reads_is_cut_buffered(impatient: Proxy, buffer_dir: P
         reader.close()
     impatient.process.wait_for_line("took nothing of the answer for 2s", 5)
     assert eventually(lambda: not buffer_files(impatient, buffer_dir), 10)
+
+
+def test_full_disk_falls_back_to_back_pressure(worker: App, pki: PKI, tmp_path: Path) -> None:
+    """Buffer files that cannot grow (RLIMIT_FSIZE, as a full disk) still deliver the answer whole; next GET works."""
+    port = free_port()
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    config = tmp_path / "tlsproxy.toml"
+    config.write_text(proxy_config(port, worker.url, pki, state_dir, server={"upstream_timeout": 30}))
+    argv = ["prlimit", "--fsize=2000000", str(BIN / "twist"), "tlsproxy", "--config", str(config)]
+    with running(argv) as process:
+        process.wait_for_line(READY, 30)
+        proxy = Proxy(port, pki, process, config)
+        reader = SlowReader(proxy, f"/download-fixed?size={BIG}")
+        try:
+            assert b" 200 " in reader.read_head(time.monotonic() + 20)
+            process.wait_for_line("writing failed", 20)
+            body = reader.read_body(BIG)
+        finally:
+            reader.close()
+        assert hashlib.sha256(body).hexdigest() == digest(BIG)
+        assert timed_get(proxy) < 1.0
+        assert eventually(lambda: not buffer_files(proxy, state_dir / "buffers"), 10)
+
+
+def test_nothing_left_after_kill_9(worker: App, pki: PKI, tmp_path: Path) -> None:
+    """Buffer files in use have no name, so a proxy killed with SIGKILL leaves its buffer directory empty."""
+    directory = tmp_path / "buffers"
+    server = {"buffer_dir": str(directory), "upstream_timeout": 30}
+    with start_proxy(tmp_path, worker.url, pki, server=server) as proxy:
+        reader = SlowReader(proxy, f"/download-fixed?size={BIG}")
+        try:
+            assert b" 200 " in reader.read_head(time.monotonic() + 20)
+            assert eventually(lambda: bool(buffer_files(proxy, directory)), 10)
+            proxy.process.signal(signal.SIGKILL)
+            proxy.process.proc.wait(10)
+        finally:
+            reader.close()
+    assert list(directory.iterdir()) == []
 
 
 def test_client_abort_is_logged_499(proxy: Proxy) -> None:

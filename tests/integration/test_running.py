@@ -52,6 +52,16 @@ def test_twist_exits_1_when_the_port_is_taken(tmp_path: Path, busy_port: int) ->
     assert "Traceback" not in done.stdout + done.stderr
 
 
+def test_systemd_endpoint_outside_systemd_exits_1_without_traceback(tmp_path: Path) -> None:
+    """The shipped systemd endpoint strings run without socket activation: exit 1 and one line, no traceback."""
+    config = local_config(tmp_path, "systemd:domain=INET6:name=https")
+    done = run([str(BIN / "twist"), "tlsproxy", "--config", str(config)], {"TLSPROXY_CAROOT": str(tmp_path / "ca")})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cannot listen on systemd:domain=INET6:name=https (https)" in done.stdout
+    assert "systemd passed no such socket" in done.stdout
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 def test_dev_exits_1_when_the_port_is_taken(tmp_path: Path, busy_port: int) -> None:
     """`tlsproxy dev` that cannot bind exits 1 with the same advice."""
     done = run(
@@ -204,3 +214,26 @@ def test_check_messages_say_where_and_what_was_meant(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "site[0].upstream: 'https://127.0.0.1:8000'" in done.stderr
     assert "did you mean 'http://127.0.0.1:8000'?" in done.stderr
+
+
+@pytest.mark.skipif(not _can_drop_privileges(), reason="needs root and setpriv to be a user that cannot look")
+def test_state_dir_behind_a_closed_directory(nobody_home: Path, tmp_path: Path) -> None:
+    """A state_dir under a directory this user may not enter is one line from `check`, exit 2."""
+    closed = tmp_path / "closed"  # under pytest's root-only directory
+    config = acme_config(nobody_home, closed / "state")
+    done = run([*NOBODY, str(BIN / "tlsproxy"), "check", "-c", str(config)], {"HOME": str(nobody_home)})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "server.state_dir:" in done.stderr and "Permission denied for nobody (uid 65534)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_dev_proxy_debug_level_shows_refused_handshakes(tmp_path: Path) -> None:
+    """`tlsproxy dev --log-level debug` shows the handshake of a client that does not trust the CA."""
+    port = free_port()
+    argv = [str(BIN / "tlsproxy"), "dev", "--listen", str(port), "--log-level", "debug"]
+    with running(argv, env={"TLSPROXY_CAROOT": str(tmp_path / "ca")}) as dev:
+        dev.wait_for_line(READY)
+        mark = len(dev.lines)
+        refused = subprocess.run(["curl", "-sS", "--noproxy", "*", f"https://localhost:{port}/"], capture_output=True)
+        assert refused.returncode != 0
+        assert "unknown ca" in dev.wait_for_line("TLS handshake with", 10, start=mark)

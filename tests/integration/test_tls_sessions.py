@@ -1,18 +1,21 @@
-"""Which site a TLS connection may serve, and which sessions it may resume, against `twist tlsproxy`."""
+"""Against `twist tlsproxy`: which site a TLS connection may serve, which sessions it resumes, plain HTTP."""
 
 from __future__ import annotations
 
 import socket
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
+import trustme
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib
 
-from tests.integration.test_tls_listener import Proxy, proxy  # noqa: F401 (the fixture)
+from tests.integration.procs import free_port, running, tlsproxy
+from tests.integration.test_tls_listener import Proxy, _write_leaf, proxy  # noqa: F401 (the fixture)
+from tlsproxy.compat.openssl import lib as _lib
 
 pytestmark = pytest.mark.integration
 
@@ -111,3 +114,48 @@ def test_session_id_survives_a_client_that_just_closes(proxy: Proxy) -> None:
     while not _lib.SSL_session_reused(_pyopenssl_request(proxy.https, ctx, session)._ssl):
         assert time.monotonic() < deadline, "the session id was never resumed"
         time.sleep(0.1)
+
+
+def test_ticket_keys_rotate(tmp_path: Path) -> None:
+    """A ticket resumes before a rotation and after one (previous key), not after two; TLS 1.2 and 1.3.
+
+    Rotations every 60 s (the shortest allowed): this test takes about two minutes.
+    """
+    ca = trustme.CA()
+    _write_leaf(ca, tmp_path, "one", "one.test")
+    https, upstream = free_port(), free_port()
+    (tmp_path / "index.html").write_text("hello\n")
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"""
+[server]
+https = ["tcp:{https}:interface=127.0.0.1"]
+http = ["tcp:{free_port()}:interface=127.0.0.1"]
+
+[tls]
+ticket_key_rotation = 60
+
+[[site]]
+hosts = ["one.test"]
+upstream = "http://127.0.0.1:{upstream}"
+tls = "files"
+cert = "{tmp_path}/one.pem"
+key = "{tmp_path}/one.key"
+"""
+    )
+    backend = [sys.executable, "-m", "http.server", str(upstream), "--bind", "127.0.0.1", "--directory", str(tmp_path)]
+    versions = ("-tls1_2", "-tls1_3")
+    with running(backend), tlsproxy(config) as proxy:
+        for version in versions:
+            first = request(https, "one.test", "one.test", version, "-sess_out", str(tmp_path / version))
+            assert "New, TLS" in first and "HTTP/1.1 200" in first, first
+            assert "Reused, TLS" in request(https, "one.test", "one.test", version, "-sess_in", str(tmp_path / version))
+        proxy.wait_for_line("session ticket keys rotated", 90)
+        for version in versions:
+            again = request(https, "one.test", "one.test", version, "-sess_in", str(tmp_path / version))
+            assert "Reused, TLS" in again and "HTTP/1.1 200" in again, again
+        mark = len(proxy.lines)
+        proxy.wait_for_line("session ticket keys rotated", 90, start=mark)
+        for version in versions:
+            late = request(https, "one.test", "one.test", version, "-sess_in", str(tmp_path / version))
+            assert "New, TLS" in late and "HTTP/1.1 200" in late, late

@@ -545,3 +545,26 @@ def test_worker_gives_up_when_the_reactor_never_runs_the_change(h: Harness, monk
     with pytest.raises(AcmeError) as info:
         svc._in_reactor(h.http01.put, "tok", "tok.thumb")
     assert info.value.code == "shutdown" and h.http01.get("tok") is None
+
+
+def test_start_reads_once_and_queues_no_scan(tmp_path: Path) -> None:
+    """startService reads the files itself; its first tick queues no second scan (no thread at startup)."""
+    import trustme
+
+    ca = trustme.CA()
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "key.pem"
+    leaf = ca.issue_cert("files.example")
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    up = Upstream(url="http://127.0.0.1:8000", host="127.0.0.1", port=8000)
+    h = Harness(
+        tmp_path, sites=(Site(hosts=("files.example",), upstream=up, tls="files", cert=str(cert), key=str(key)),)
+    )
+    h.service()
+    threads = _QueuedThreads()
+    svc = CertificateService(h.clock, h.config, h.sni, h.http01, h.alpn01, run_in_thread=threads)
+    svc.startService()
+    assert svc._files["files.example"].serial is not None and threads.jobs == []
+    h.clock.advance(2.0)
+    assert len(threads.jobs) == 1
+    svc.stopService()

@@ -240,10 +240,25 @@ class AcmeCanaryTests(SynchronousTestCase):
             def close(self) -> None:
                 pass
 
-        net = compat_acme.RecordingNetwork(key=None)
+        net = compat_acme.RetryingNetwork(key=None)
         net.session.mount("https://", Adapter())
         net.get("https://ca.test/directory")
         self.assertEqual(net.last_retry_after, "120")
+
+    def test_post_once_is_the_single_attempt(self) -> None:
+        """ClientNetwork.post is _post_once with a retry: our post retries _post_once on badNonce."""
+        self.assertIn("self._post_once(", inspect.getsource(acme_client.ClientNetwork.post))
+        attempts = []
+
+        class Net(compat_acme.RetryingNetwork):
+            def _post_once(self, *args: Any, **kwargs: Any) -> Any:
+                attempts.append(args)
+                if len(attempts) < 3:
+                    raise acme_client.messages.Error(typ="urn:ietf:params:acme:error:badNonce")
+                return "response"
+
+        self.assertEqual(Net(key=None).post("https://ca.test/x", None), "response")
+        self.assertEqual(len(attempts), 3)
 
     def test_signed_post_goes_through_the_network(self) -> None:
         """ClientV2._post hands the URL and body to the network's post."""

@@ -358,3 +358,10 @@ def test_response_buffering_bad_values() -> None:
     assert any(p.startswith("site.toml: server.max_response_buffer: expected bytes") for p in found)
     assert any(p.startswith("site.toml: server.send_timeout:") for p in found)
     assert any(p.startswith("site.toml: site[0].response_buffering: expected true or false") for p in found)
+
+
+def test_host_port_endpoint_says_how_to_write_it() -> None:
+    """TLSPROXY_SERVER_ADMIN=127.0.0.1:9000 is refused with the tcp: string that means it."""
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_ADMIN": "127.0.0.1:9000"})
+    assert message.startswith("environment TLSPROXY_SERVER_ADMIN: server.admin:")
+    assert "tcp:9000:interface=127.0.0.1" in message

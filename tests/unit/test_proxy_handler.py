@@ -308,6 +308,19 @@ class ResponseSideTests(SynchronousTestCase):
         self.assertEqual(self.records.lines, [(200, len(body))])
         self.assertEqual((self.handler.response_buffers.files, self.handler.response_buffers.in_memory), (0, 0))
 
+    def test_buffer_file_closed_when_the_client_caught_up(self) -> None:
+        """A buffer the client emptied before the app's end still closes its file when the answer ends."""
+        exchange = self.request()
+        app, _ = self.connect()
+        body = self.big_answer(app, 1024 * 1024)
+        exchange.producer.pauseProducing()
+        app.dataReceived(body[:600_000])
+        self.assertEqual(self.handler.response_buffers.files, 1)
+        exchange.producer.resumeProducing()
+        app.dataReceived(body[600_000:])
+        self.assertEqual(exchange.body, body)
+        self.assertEqual((self.handler.response_buffers.files, self.handler.response_buffers.in_memory), (0, 0))
+
     def test_past_the_cap_the_app_waits(self) -> None:
         """Past max_response_buffer, the app is paused until the client reads (back-pressure as before)."""
         self.server = Server(upstream_timeout=30, max_response_buffer=300_000, buffer_dir=scratch(self))
@@ -463,6 +476,83 @@ class ResponseSideTests(SynchronousTestCase):
         app.dataReceived(b"HTTP/1.1 200 OK\r\n" + big + b"Content-Length: 2\r\n\r\nok")
         self.assertEqual(exchange.status, 502)
         self.assertTrue(wire.disconnecting or wire.disconnected)
+
+
+class H2WindowTests(SynchronousTestCase):
+    """An HTTP/2 client whose window stays at 0 holds the app no longer than send_timeout."""
+
+    def setUp(self) -> None:
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+
+        from tlsproxy.http.h2 import H2ServerProtocol
+        from tlsproxy.http.server import Limits
+
+        self.reactor = MemoryReactorClock()
+        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
+        server = Server(upstream_timeout=30, send_timeout=20, buffer_dir=self.mktemp())
+        self.records = Records()
+        self.handler = ProxyHandler(self.reactor, [site], server, access_log=self.records)  # type: ignore[arg-type]
+        self.proto = H2ServerProtocol(self.handler, self.reactor, Limits())
+        self.wire = StringTransport()
+        self.proto.makeConnection(self.wire)
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.client.initiate_connection()
+        self.events: list[Any] = []
+        self.pump()
+        headers = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+        self.client.send_headers(1, headers, end_stream=True)
+        self.pump()
+        self.app = self.reactor.tcpClients[-1][2].buildProtocol(None)
+        self.app_wire = StringTransport()
+        self.app.makeConnection(self.app_wire)
+
+    def pump(self) -> None:
+        for _ in range(10):
+            out = self.client.data_to_send()
+            if out:
+                self.proto.dataReceived(out)
+            back = self.wire.value()
+            self.wire.clear()
+            if back:
+                self.events += self.client.receive_data(back)
+            if not out and not back:
+                return
+
+    def answer(self, extra: bytes) -> None:
+        self.app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n%s\r\n" % extra)
+        for _ in range(4):
+            self.app.dataReceived(bytes(65536))
+        self.pump()
+
+    def reset(self) -> bool:
+        from h2.events import StreamReset
+
+        return any(isinstance(e, StreamReset) for e in self.events)
+
+    def test_zero_window_unbuffered_is_cut_after_send_timeout(self) -> None:
+        """Streaming, the app waits on the client's window; after send_timeout the stream is reset, the app cut."""
+        self.answer(b"X-Accel-Buffering: no\r\n")
+        self.assertTrue(self.app.response_paused)
+        self.reactor.advance(19)
+        self.pump()
+        self.assertFalse(self.reset())
+        self.reactor.advance(1.5)
+        self.pump()
+        self.assertTrue(self.reset())
+        self.assertTrue(self.app_wire.disconnecting or self.app_wire.disconnected)
+        self.assertEqual([status for status, _ in self.records.lines], [200])
+
+    def test_zero_window_buffered_frees_the_app_at_once(self) -> None:
+        """Buffered, the app's connection is free while the window is 0; the stream goes after send_timeout."""
+        self.answer(b"")
+        for _ in range(12):
+            self.app.dataReceived(bytes(65536))
+        self.assertEqual(self.handler.pools[0]._idle, [self.app])
+        self.reactor.advance(21)
+        self.pump()
+        self.assertTrue(self.reset())
+        self.assertEqual((self.handler.response_buffers.files, self.handler.response_buffers.in_memory), (0, 0))
 
 
 class GarbageTests(SynchronousTestCase):

@@ -141,7 +141,7 @@ class SniTests(SynchronousTestCase):
     def test_only_intermediate_groups(self) -> None:
         """A client offering only ffdhe or secp521r1 groups gets no handshake."""
         ctx = client_context(max_version=SSL.TLS1_3_VERSION)
-        from OpenSSL._util import lib
+        from tlsproxy.compat.openssl import lib
 
         lib.SSL_CTX_set1_curves_list(ctx._context, b"P-521")
         outcome = handshake(self.server.serverConnectionForTLS(None), ctx, "a.test")
@@ -225,7 +225,7 @@ class GroupTests(SynchronousTestCase):
 
     def offering(self, groups: bytes) -> Outcome:
         ctx = client_context()
-        from OpenSSL._util import lib
+        from tlsproxy.compat.openssl import lib
 
         assert lib.SSL_CTX_set1_curves_list(ctx._context, groups) == 1
         return handshake(self.server.serverConnectionForTLS(None), ctx, "a.test")

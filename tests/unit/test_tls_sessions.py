@@ -8,7 +8,6 @@ from typing import Any
 
 import trustme
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -16,6 +15,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.tlsutil import certified, client_context
+from tlsproxy.compat.openssl import lib as _lib
 from tlsproxy.config import ConfigError, parse
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.server import Limits

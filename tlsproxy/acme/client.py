@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.logger import Logger
 
 from tlsproxy.acme.ari import AriError, RenewalInfo, cert_id, parse_renewal_info, parse_retry_after
+from tlsproxy.compat.acme import RetryingNetwork, signed_post
 
 USER_AGENT = "tlsproxy (acme-python)"
 REVOCATION_REASONS = {
@@ -162,30 +163,6 @@ class _Body(jose.JSONDeSerializable):
         return cls(jobj)
 
 
-class _Network(acme_client.ClientNetwork):
-    """ClientNetwork that retries badNonce a few times and remembers Retry-After."""
-
-    nonce_retries = 5
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.last_retry_after: str | None = None
-
-    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
-        response = super()._send_request(method, url, *args, **kwargs)
-        self.last_retry_after = response.headers.get("Retry-After")
-        return response
-
-    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
-        for _ in range(self.nonce_retries):
-            try:
-                return self._post_once(*args, **kwargs)
-            except messages.Error as error:
-                if error.code != "badNonce":
-                    raise
-        return self._post_once(*args, **kwargs)
-
-
 def _jwk(key: ec.EllipticCurvePrivateKey) -> jose.JWKEC:
     return jose.JWKEC(key=key)
 
@@ -242,7 +219,7 @@ class AcmeClient:
         self._on_registered = on_registered
         self._sleep = sleep
         self._poll_interval = poll_interval
-        self._net = _Network(
+        self._net = RetryingNetwork(
             key=_jwk(account_key),
             alg=jose.ES256,
             verify_ssl=trust_bundle(ca_bundle) if ca_bundle else True,  # type: ignore[arg-type]
@@ -284,7 +261,7 @@ class AcmeClient:
 
     def _post(self, what: str, url: str, body: dict[str, Any] | None, **kwargs: Any) -> requests.Response:
         payload = _Body(body) if body is not None else None
-        return self._as_account(what, lambda: self._acme._post(url, payload, **kwargs))
+        return self._as_account(what, lambda: signed_post(self._acme, url, payload, **kwargs))
 
     def _as_account(self, what: str, fn: Callable[[], Any]) -> Any:
         """One call signed with the account; an account the CA no longer knows is registered again, once."""
@@ -468,7 +445,7 @@ class AcmeClient:
         old_public = _jwk(self._key).public_key().to_partial_json()
         payload = json.dumps({"account": account_url, "oldKey": old_public}).encode()
         inner = acme_jws.JWS.sign(payload, key=_jwk(new_key), alg=jose.ES256, nonce=None, url=url)
-        self._call("changing the account key", lambda: self._acme._post(url, inner))
+        self._call("changing the account key", lambda: signed_post(self._acme, url, inner))
         self._key = new_key
         self._net.key = _jwk(new_key)
 

@@ -164,6 +164,7 @@ class CertificateService(Service):
             in_reactor = (lambda f, *a: f(*a)) if run_in_thread else self._blocking_in_reactor
         self._in_reactor = in_reactor
         self._scanning = False
+        self._scanned_at_start = False
         self._ca_factory = ca_factory
         self._ca: CertificateAuthority | None = None
         self._ca_account = FileSignature()
@@ -218,6 +219,7 @@ class CertificateService(Service):
         for watch in self._files.values():
             watch.signature = FileSignature()  # (re)load once: installs if the lead has not
         self._apply(self._scan_blocking(self._wanted(), None), now)
+        self._scanned_at_start = True
         for watch in self._acme.values():
             watch.next_check = now
         self._loop = LoopingCall(self.tick)
@@ -233,7 +235,10 @@ class CertificateService(Service):
     # -- the periodic tick ---------------------------------------------------------
 
     def tick(self) -> None:
-        if not self._scanning:
+        # The first tick comes straight after the scan startService made: no second one
+        # (it would start the thread pool while the process is still starting).
+        fresh, self._scanned_at_start = self._scanned_at_start, False
+        if not self._scanning and not fresh:
             self._scanning = True
             alpn = dict(self._store_alpn) if self._acme else None
             d = self._run(self._scan_blocking, self._wanted(), alpn)

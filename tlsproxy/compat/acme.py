@@ -1,8 +1,9 @@
 """acme's private parts: the network client's request hook and the signed POST.
 
 Tested with acme 3.0 to 5.9.  The library keeps no Retry-After of a
-response, and signs only its own message classes in public calls; a POST of
-our own body (an order with ``replaces``, ARI) goes through ``_post``.
+response, retries a badNonce only once, and signs only its own message
+classes in public calls; a POST of our own body (an order with ``replaces``,
+ARI) goes through ``_post``.
 """
 
 from __future__ import annotations
@@ -11,10 +12,17 @@ from typing import Any
 
 import requests
 from acme import client as acme_client
+from acme import messages
 
 
-class RecordingNetwork(acme_client.ClientNetwork):
-    """ClientNetwork that remembers the last response's Retry-After."""
+class RetryingNetwork(acme_client.ClientNetwork):
+    """ClientNetwork that retries badNonce a few times and remembers the last Retry-After.
+
+    The library retries a badNonce once; a CA under load (and Pebble, which
+    rejects 5% of nonces on purpose) can refuse several in a row.
+    """
+
+    nonce_retries = 5
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -24,6 +32,15 @@ class RecordingNetwork(acme_client.ClientNetwork):
         response = super()._send_request(method, url, *args, **kwargs)
         self.last_retry_after = response.headers.get("Retry-After")
         return response
+
+    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
+        for _ in range(self.nonce_retries):
+            try:
+                return self._post_once(*args, **kwargs)
+            except messages.Error as error:
+                if error.code != "badNonce":
+                    raise
+        return self._post_once(*args, **kwargs)
 
 
 def signed_post(client: acme_client.ClientV2, url: str, payload: Any, **kwargs: Any) -> requests.Response:

@@ -427,7 +427,9 @@ class ProxiedRequest:
         if self.done:
             return
         self.done = True
-        self.relay = None
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.close()  # it may be empty yet hold its (now unneeded) file
         self.cancel_timer()  # before finish: on HTTP/1.1 the deadline goes back to the connection
         exchange = self.exchange
         exchange.unregister_producer()

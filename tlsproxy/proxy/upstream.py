@@ -24,9 +24,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tlsproxy.compat.twisted import break_connector_cycle
 from tlsproxy.config import Upstream
 from tlsproxy.deadline import Deadline
-from tlsproxy.eventloop import plain_stream
+from tlsproxy.eventloop import plain_stream, send_now
 from tlsproxy.http.wire import (
     ChunkedBody,
     FramingError,
@@ -35,7 +36,6 @@ from tlsproxy.http.wire import (
     UntilClose,
     parse_response_head,
 )
-from tlsproxy.tls.transport import send_now
 
 # An app's response head larger than this is refused (nginx's default proxy
 # buffer for a head is 4-8 KiB; Django's heads are far smaller).
@@ -113,9 +113,7 @@ class UpstreamConnection(Protocol):
         self.pool.forget(self)
         # Twisted's Connector and its Client refer to each other; breaking
         # that lets the connection go by reference counting, not the GC.
-        connector = getattr(self.transport, "connector", None)
-        if connector is not None:
-            connector.transport = None
+        break_connector_cycle(self.transport)
         if self._tunnel is not None:
             tunnel, self._tunnel = self._tunnel, None
             tunnel.finish()

@@ -79,62 +79,74 @@ def sniff(data: bytes) -> Sniffed:
                 return NOT_PARSED
 
 
-class _Short(Exception):
-    pass
-
-
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.at = 0
-
-    def take(self, n: int) -> bytes:
-        if self.at + n > len(self.data):
-            raise _Short
-        out = self.data[self.at : self.at + n]
-        self.at += n
-        return out
-
-    def number(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
-
-    def vector(self, n: int) -> bytes:
-        return self.take(self.number(n))
-
-    @property
-    def left(self) -> int:
-        return len(self.data) - self.at
-
-
 def _parse_hello(body: bytes) -> ClientHello | NotParsed:
-    try:
-        hello = _Reader(body)
-        hello.take(2 + 32)  # legacy version, random
-        hello.vector(1)  # session id
-        hello.vector(2)  # cipher suites
-        hello.vector(1)  # compression methods
-        if not hello.left:
-            return ClientHello()
-        extensions = _Reader(hello.vector(2))
-        server_name: bytes | None = None
-        tickets: list[bytes] = []
-        while extensions.left:
-            kind = extensions.number(2)
-            data = _Reader(extensions.vector(2))
-            if kind == _EXT_SERVER_NAME:
-                names = _Reader(data.vector(2))
-                while names.left:
-                    name_type = names.number(1)
-                    name = names.vector(2)
-                    if name_type == 0 and server_name is None:
-                        server_name = name
-            elif kind == _EXT_SESSION_TICKET and data.left:
-                tickets.append(data.data)
-            elif kind == _EXT_PRE_SHARED_KEY:
-                identities = _Reader(data.vector(2))
-                while identities.left:
-                    tickets.append(identities.vector(2))
-                    identities.take(4)  # obfuscated ticket age
-        return ClientHello(server_name, tuple(tickets))
-    except _Short:
+    """The fields we use of a ClientHello body; offsets checked against its length (one pass, no copies)."""
+    end = len(body)
+    at = 2 + 32  # legacy version, random
+    if at >= end:
         return NOT_PARSED
+    at += 1 + body[at]  # session id
+    if at + 2 > end:
+        return NOT_PARSED
+    at += 2 + (body[at] << 8 | body[at + 1])  # cipher suites
+    if at >= end:
+        return NOT_PARSED
+    at += 1 + body[at]  # compression methods
+    if at == end:
+        return ClientHello()
+    if at + 2 > end:
+        return NOT_PARSED
+    stop = at + 2 + (body[at] << 8 | body[at + 1])
+    if stop > end:
+        return NOT_PARSED
+    at += 2
+    server_name: bytes | None = None
+    tickets: list[bytes] = []
+    while at < stop:
+        if at + 4 > stop:
+            return NOT_PARSED
+        kind = body[at] << 8 | body[at + 1]
+        size = body[at + 2] << 8 | body[at + 3]
+        at += 4
+        if at + size > stop:
+            return NOT_PARSED
+        if kind == _EXT_SERVER_NAME:
+            server_name = _server_name(body[at : at + size])
+        elif kind == _EXT_SESSION_TICKET and size:
+            tickets.append(body[at : at + size])
+        elif kind == _EXT_PRE_SHARED_KEY:
+            identities = _psk_identities(body[at : at + size])
+            if identities is None:
+                return NOT_PARSED
+            tickets += identities
+        at += size
+    return ClientHello(server_name, tuple(tickets))
+
+
+def _server_name(data: bytes) -> bytes | None:
+    """The host_name of a server_name extension (RFC 6066 3), if well formed."""
+    if len(data) < 5 or data[2] != 0:
+        return None
+    size = data[3] << 8 | data[4]
+    return data[5 : 5 + size] if 5 + size <= len(data) else None
+
+
+def _psk_identities(data: bytes) -> list[bytes] | None:
+    """The identities of a pre_shared_key extension (RFC 8446 4.2.11); None if malformed."""
+    if len(data) < 2:
+        return None
+    stop = 2 + (data[0] << 8 | data[1])
+    if stop > len(data):
+        return None
+    at = 2
+    out = []
+    while at < stop:
+        if at + 2 > stop:
+            return None
+        size = data[at] << 8 | data[at + 1]
+        at += 2
+        if at + size + 4 > stop:
+            return None
+        out.append(data[at : at + size])
+        at += size + 4  # and the obfuscated ticket age
+    return out

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib  # SSL_CTX_set1_curves_list has no public wrapper
 
 from tlsproxy.certs.model import CertifiedKey, ServedNames
+from tlsproxy.compat.openssl import set_groups
 
 # Mozilla's "intermediate" TLS 1.2 suites, ECDHE with AEAD only.
 MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
@@ -65,7 +65,7 @@ class PolicyError(ValueError):
 
 def _accepts_groups(names: str) -> bool:
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-    return bool(_lib.SSL_CTX_set1_curves_list(ctx._context, names.encode("ascii")) == 1)
+    return set_groups(ctx, names)
 
 
 @functools.cache
@@ -89,6 +89,30 @@ def cipher_names(ciphers: str) -> list[str]:
     if not names:
         raise PolicyError(f"the cipher string {ciphers!r} selects no TLS 1.2 cipher")
     return names
+
+
+def _is_aead(name: str) -> bool:
+    return any(mode in name for mode in ("GCM", "CHACHA20", "CCM"))
+
+
+def cipher_warnings(ciphers: str, alpn: Sequence[str] = ()) -> list[str]:
+    """What is weak in a TLS 1.2 cipher string that OpenSSL accepts (raises PolicyError if it accepts none)."""
+    names = cipher_names(ciphers)
+    warnings = []
+    static = [n for n in names if not n.startswith(("ECDHE-", "DHE-"))]
+    if static:
+        warnings.append(
+            f"TLS 1.2 suites without forward secrecy (a stolen key decrypts recorded traffic): {', '.join(static)}"
+        )
+    cbc = [n for n in names if not _is_aead(n)]
+    if cbc:
+        warnings.append(f"TLS 1.2 suites without AEAD (CBC or worse): {', '.join(cbc)}")
+        if "h2" in alpn:
+            warnings.append(
+                "h2 is offered with CBC suites, which HTTP/2 forbids (RFC 9113 9.2.2): a client that gets one "
+                "ends the connection with INADEQUATE_SECURITY; list only ECDHE suites with GCM or CHACHA20"
+            )
+    return warnings
 
 
 def load_dhparams(path: str) -> None:
@@ -121,7 +145,7 @@ class TLSPolicy:
         # An idle connection gives its record buffers back (about 34 KiB).
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         ctx.set_cipher_list(self.ciphers.encode("ascii"))
-        if _lib.SSL_CTX_set1_curves_list(ctx._context, self.groups.encode("ascii")) != 1:
+        if not set_groups(ctx, self.groups):
             raise PolicyError(f"OpenSSL refused the key exchange groups {self.groups!r}")
         if self.dhparams:
             ctx.load_tmp_dh(self.dhparams.encode())

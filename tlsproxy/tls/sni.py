@@ -5,11 +5,11 @@ ticket keys, so resumption survives certificate swaps.  The front changes only
 when the ticket keys rotate (see :mod:`tlsproxy.tls.tickets`); a ClientHello
 that offers a ticket of the previous key starts on the previous front.  Before
 OpenSSL reads the ClientHello the connection is moved to the context of the
-site it names, whose session id context is its certificate's own, so a
-session of one certificate is never resumed under another.  The SNI callback
-then settles the context as OpenSSL sees it.  Swapping a
-certificate is replacing one entry of :class:`SniMap`; connections already past
-their handshake keep the context they were given.
+site it names, whose session id context is derived from its certificate's
+names (a renewal keeps it), so a session of one certificate is never resumed
+under another.  The SNI callback then settles the context as OpenSSL sees it.
+Swapping a certificate is replacing one entry of :class:`SniMap`; connections
+already past their handshake keep the context they were given.
 """
 
 from __future__ import annotations

@@ -15,9 +15,14 @@ ticket, and the one before that is dropped, with its keys.
 
 from __future__ import annotations
 
+import datetime
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.application.service import Service
 from twisted.internet.task import LoopingCall
@@ -57,9 +62,15 @@ class TicketKeyRing:
         self._learn = learn
         self.generations: list[KeyGeneration] = [self._new()]
 
+    log = Logger()
+
     def _new(self) -> KeyGeneration:
         front = self._make_front()
-        return KeyGeneration(front, self._learn(front))
+        key_name = self._learn(front)
+        if key_name is None:
+            # Its tickets still work until the next rotation, not after it.
+            self.log.warn("could not learn the name of a new session ticket key")
+        return KeyGeneration(front, key_name)
 
     def rotate(self) -> None:
         """A new key for new tickets; the last one still opens its tickets; the one before is gone."""
@@ -71,37 +82,26 @@ class TicketKeyRing:
         return pick_generation(self.generations, hello.tickets).context
 
 
-_probe_context: SSL.Context | None = None
-
-
+@functools.cache
 def _probe_server_context() -> SSL.Context:
-    """A certificate of our own for the probe handshake (Ed25519: made in microseconds)."""
-    global _probe_context
-    if _probe_context is None:
-        import datetime
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives.asymmetric import ed25519
-        from cryptography.x509.oid import NameOID
-
-        key = ed25519.Ed25519PrivateKey.generate()
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ticket-probe.invalid")])
-        now = datetime.datetime.now(datetime.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(1)
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=3650))
-            .sign(key, None)
-        )
-        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
-        ctx.use_certificate(cert)  # type: ignore[arg-type]
-        ctx.use_privatekey(key)  # type: ignore[arg-type]
-        _probe_context = ctx
-    return _probe_context
+    """A certificate of our own for the probe handshake (Ed25519: made in microseconds, once)."""
+    key = ed25519.Ed25519PrivateKey.generate()
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ticket-probe.invalid")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=3650))
+        .sign(key, None)
+    )
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    ctx.use_certificate(cert)
+    ctx.use_privatekey(key)
+    return ctx
 
 
 def _pump(client: SSL.Connection, server: SSL.Connection) -> None:
@@ -167,7 +167,7 @@ class TicketKeyRotation(Service):
 
     def _tick(self) -> None:
         self.rotate()
-        self.log.debug("session ticket keys rotated")
+        self.log.info("session ticket keys rotated: new tickets use a new key, the key before the last is gone")
 
     def startService(self) -> None:
         super().startService()

@@ -31,8 +31,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 from OpenSSL.SSL import RECEIVED_SHUTDOWN as SSL_RECEIVED_SHUTDOWN
 from OpenSSL.SSL import SENT_SHUTDOWN as SSL_SENT_SHUTDOWN
 from OpenSSL.SSL import Error
@@ -43,7 +41,11 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tlsproxy.certs.model import ServedNames
+from tlsproxy.compat.openssl import connection_handles, raise_ssl_error
+from tlsproxy.compat.openssl import ffi as _ffi
+from tlsproxy.compat.openssl import lib as _lib
 from tlsproxy.deadline import Deadline
+from tlsproxy.eventloop import send_now
 from tlsproxy.tls.hello import ClientHello, PlainHTTP, sniff
 from tlsproxy.tls.policy import served_names
 
@@ -67,32 +69,6 @@ _WANT_READ = _lib.SSL_ERROR_WANT_READ
 _ZERO_RETURN = _lib.SSL_ERROR_ZERO_RETURN
 _NULL = _ffi.NULL
 _unpack = _ffi.unpack  # char array -> bytes, in one call
-
-
-def send_now(transport: Any, data: bytes) -> None:
-    """Write ``data`` to a TCP or unix transport, on the socket at once if idle.
-
-    Falls back to the transport's own buffering whenever anything is queued,
-    the socket is full, or the transport is not a plain socket transport.
-    """
-    sock = getattr(transport, "socket", None)
-    if (
-        sock is not None
-        and not transport.dataBuffer
-        and not getattr(transport, "_tempDataBuffer", True)
-        and transport.connected
-        and not transport.disconnecting
-    ):
-        try:
-            sent = sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            sent = 0  # let the transport's own write path see and report it
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
 
 
 _PLAIN_HTTP_BODY = (
@@ -140,6 +116,13 @@ class TLSServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        # Nagle's algorithm would hold a second small record (an HTTP/2 DATA
+        # frame after its HEADERS) until the client ACKs the first, which a
+        # client waiting for the rest delays by 40 ms: every answer on a
+        # one-stream HTTP/2 connection took 40 ms.  nginx sets it too.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         factory = self.factory
         self._timer = Deadline(factory.clock)
         self._timer.set(factory.app.limits.handshake_timeout, self._handshake_timed_out)
@@ -150,9 +133,7 @@ class TLSServerProtocol(Protocol):
         self.client_hello = hello
         tls = self._tls = self.factory.creator.serverConnectionForTLS(self)
         tls.set_accept_state()
-        self._ssl = tls._ssl
-        self._into = tls._into_ssl
-        self._from = tls._from_ssl
+        self._ssl, self._into, self._from = connection_handles(tls)
 
     def _sniff(self, data: bytes) -> bytes | None:
         """Read ahead until the ClientHello is whole; then set TLS up and give back every byte read so far."""
@@ -319,7 +300,7 @@ class TLSServerProtocol(Protocol):
         alert (a protocol version, no shared cipher) before the close.
         """
         try:
-            self._tls._raise_ssl_error(self._ssl, result)  # pyOpenSSL's account of it
+            raise_ssl_error(self._tls, result)  # pyOpenSSL's account of it
             reason: Failure = Failure(TLSError(f"TLS {doing} failed"))
         except Error:
             reason = Failure()
