@@ -490,7 +490,7 @@ class H2WindowTests(SynchronousTestCase):
 
         self.reactor = MemoryReactorClock()
         site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
-        server = Server(upstream_timeout=30, send_timeout=20, buffer_dir=self.mktemp())
+        server = Server(upstream_timeout=30, send_timeout=20, buffer_dir=scratch(self))
         self.records = Records()
         self.handler = ProxyHandler(self.reactor, [site], server, access_log=self.records)  # type: ignore[arg-type]
         self.proto = H2ServerProtocol(self.handler, self.reactor, Limits())
