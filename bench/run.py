@@ -267,7 +267,7 @@ def nginx_proxy_conf(d: Path, port: int, backend: int, cert: Path, key: Path) ->
     body = f"""\
   upstream backend {{ server 127.0.0.1:{backend}; keepalive 32; keepalive_requests 1000000; }}
   server {{
-    listen 127.0.0.1:{port} ssl backlog=1024;
+    listen 127.0.0.1:{port} ssl http2 backlog=1024;
     server_name localhost;
     ssl_certificate {cert};
     ssl_certificate_key {key};
@@ -285,10 +285,13 @@ def nginx_proxy_conf(d: Path, port: int, backend: int, cert: Path, key: Path) ->
       proxy_set_header X-Forwarded-Proto https;
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Host $host;
-      # Stream bodies instead of spooling them to temp files, as the Python proxies do:
-      # the 100 MiB figures then measure proxying, not this machine's disk.
-      proxy_request_buffering off;
-      proxy_max_temp_file_size 0;
+      proxy_set_header X-Forwarded-Port $server_port;
+      # Buffering as tlsproxy's defaults: request bodies whole before the app is
+      # contacted (nginx's default), answers read ahead into memory and then
+      # temporary files of up to 1 GiB (nginx's default proxy_max_temp_file_size).
+      proxy_request_buffering on;
+      proxy_buffering on;
+      client_body_buffer_size 1m;
     }}
   }}"""
     return NGINX_COMMON.format(d=d, body=body)
@@ -301,6 +304,7 @@ def tlsproxy_conf(port: int, backend: int, cert: Path, key: Path, backlog: bool)
 https = ["{ep}"]
 http = []
 access_log = false
+state_dir = "{cert.parent / "tlsproxy-state"}"
 
 [[site]]
 hosts = ["localhost"]
@@ -467,6 +471,41 @@ def m_handshakes(c: Ctx) -> dict[str, object]:
     return res
 
 
+def h2load(url: str, seconds: int, conns: int, streams: int) -> dict[str, float]:
+    """Requests/s of ``h2load`` over HTTP/2 (ALPN h2) for ``seconds``, with its failure counts."""
+    argv = ["h2load", "-c", str(conns), "-m", str(streams), "-D", str(seconds), "-t", "1", url]
+    out = run_tool(argv, timeout=seconds + 60)
+    if "Application protocol: h2" not in out:
+        raise NA(f"h2 was not negotiated: {out[-200:]}")
+    m = re.search(r"requests: \d+ total, \d+ started, \d+ done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    t = re.search(r"finished in ([\d.]+)(ms|s), ([\d.]+) req/s", out)
+    if not m or not t:
+        raise NA(f"unexpected h2load output: {out[-200:]}")
+    return {"rps": float(t.group(3)), "errors": float(int(m.group(2)) + int(m.group(3)))}
+
+
+def m_h2(c: Ctx) -> dict[str, object]:
+    """HTTP/2, as browsers speak it: 10 connections with 1 and with 10 streams each."""
+    url = c.url + "/small"
+    h2load(url, c.plan.warmup_s, 10, 10)
+    out: dict[str, object] = {}
+    for streams, key in ((1, "h2_rps_1"), (10, "h2_rps_10")):
+        runs = []
+        for _ in range(c.plan.keepalive_repeats):
+            cpu0, t0 = cpu_seconds(c.pid), time.monotonic()
+            r = h2load(url, c.plan.keepalive_s, 10, streams)
+            busy, wall = cpu_seconds(c.pid) - cpu0, time.monotonic() - t0
+            runs.append((r["rps"], r, busy, wall))
+        runs.sort(key=lambda x: x[0])
+        rps, r, busy, wall = runs[len(runs) // 2]
+        out[key] = rps
+        if key == "h2_rps_10":
+            out["h2_cpu"] = 100 * busy / wall
+        if r["errors"]:
+            out["h2_note"] = f"{int(r['errors'])} failed or errored h2 requests ({streams} streams per connection)"
+    return out
+
+
 def m_latency(c: Ctx) -> dict[str, object]:
     p = c.plan
     out = run_tool(
@@ -592,12 +631,14 @@ def m_idle_memory(c: Ctx) -> dict[str, object]:
 MEASURES: list[tuple[str, Callable[[Ctx], dict[str, object]]]] = [
     ("idle memory", m_idle_memory),
     ("keep-alive", m_keepalive),
+    ("http/2", m_h2),
     ("handshakes", m_handshakes),
     ("latency", m_latency),
     ("transfers", m_transfers),
 ]
 ALL_KEYS = {
     "keep-alive": ["ka_rps", "ka_cpu", "ka_per_cpu_s"],
+    "http/2": ["h2_rps_1", "h2_rps_10", "h2_cpu"],
     "handshakes": ["hs_cpu_ms", "hs_per_s"],
     "latency": ["lat_p50", "lat_p99", "lat_max"],
     "transfers": ["download", "upload"],
@@ -639,6 +680,125 @@ def measure(name: str, start: Callable[[], Proc], common: dict, say: Callable[[s
     return res
 
 
+# ---------------------------------------------------------------- slow clients
+
+SLOW_CLIENTS = 20
+SLOW_SIZE = 10 * MiB
+SLOW_RATE = "1M"  # curl --limit-rate: bytes per second per slow client
+
+
+def slow_nginx_conf(d: Path, port: int, app: int, cert: Path, key: Path) -> str:
+    """nginx with its defaults for proxying (proxy_buffering on, temp files up to 1 GiB)."""
+    body = f"""\
+  server {{
+    listen 127.0.0.1:{port} ssl backlog=1024;
+    server_name localhost;
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    location / {{ proxy_pass http://127.0.0.1:{app}; }}
+  }}"""
+    return NGINX_COMMON.format(d=d, body=body)
+
+
+def start_gunicorn(port: int, logdir: Path) -> Proc:
+    gunicorn = Path(sys.executable).parent / "gunicorn"
+    argv = [str(gunicorn), "-w", "1", "-k", "sync", "-b", f"127.0.0.1:{port}", "--chdir", str(HERE), "slow_app:app"]
+    p = Proc("gunicorn", argv, LOAD_CPU, logdir)
+    try:
+        p.wait_ready(None, port, 30)
+    except NA:
+        p.stop()
+        raise
+    return p
+
+
+def m_slow_clients(port: int, cafile: Path, say: Callable[[str], None]) -> dict[str, object]:
+    """20 clients read 10 MiB at 1 MiB/s each; meanwhile, how long does a small GET take?"""
+    url = f"https://localhost:{port}"
+    argv = [
+        "taskset", "-c", LOAD_CPU, "curl", "-sS", "--http1.1", "--limit-rate", SLOW_RATE, "--cacert", str(cafile),
+        "-o", "/dev/null", "-w", "%{http_code} %{size_download}", f"{url}/big?size={SLOW_SIZE}",
+    ]  # fmt: skip
+    curls = [
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        for _ in range(SLOW_CLIENTS)
+    ]
+    sc = ssl.create_default_context(cafile=str(cafile))
+    times: list[float] = []
+    try:
+        time.sleep(1.0)  # the slow downloads are under way
+        end = time.monotonic() + 6
+        while time.monotonic() < end:
+            t0 = time.monotonic()
+            try:
+                conn = http.client.HTTPSConnection("localhost", port, context=sc, timeout=30)
+                conn.request("GET", "/small")
+                ok = conn.getresponse().read() == SMALL_BODY
+                conn.close()
+            except (OSError, http.client.HTTPException):
+                ok = False
+            times.append(time.monotonic() - t0 if ok else float("inf"))
+            time.sleep(0.5)
+        done = 0
+        for p in curls:
+            out, _ = p.communicate(timeout=120)
+            done += out.strip() == f"200 {SLOW_SIZE}"
+    finally:
+        for p in curls:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    say(f"  small GET latencies (s): {', '.join(f'{t:.2f}' for t in times)}")
+    return {
+        "get_p50_ms": statistics.median(times) * 1000,
+        "get_max_ms": max(times) * 1000,
+        "slow_done": done,
+    }
+
+
+def run_slow_clients(tmp: Path, cert: Path, key: Path, cafile: Path, logs: Path, say: Callable[[str], None]) -> str:
+    """The slow-client table: tlsproxy next to nginx, both in front of gunicorn -w 1."""
+    app_port = free_port()
+    app = start_gunicorn(app_port, logs)
+    results: dict[str, dict[str, object]] = {}
+    try:
+        for name in ("nginx", "tlsproxy"):
+            port = free_port()
+            try:
+                if name == "nginx":
+                    d = tmp / "slow-nginx"
+                    proc = start_nginx(name, d, slow_nginx_conf(d, port, app_port, cert, key), port, PROXY_CPU, logs)
+                else:
+                    proc, _ = start_tlsproxy(tmp, port, app_port, cert, key, logs)
+            except NA as e:
+                say(f"  {name}: n/a ({e})")
+                continue
+            try:
+                results[name] = m_slow_clients(port, cafile, say)
+            finally:
+                proc.stop()
+            say(f"  {name}: slow clients done")
+    finally:
+        app.stop()
+    lines = [
+        f"Slow clients: gunicorn -w 1 (sync), {SLOW_CLIENTS} clients each reading {SLOW_SIZE // MiB} MiB at "
+        "1 MiB/s (curl --limit-rate 1M), a small GET every 0.5 s meanwhile (new TLS connection each).",
+        "",
+        "| | nginx (defaults) | tlsproxy |",
+        "| --- | --- | --- |",
+    ]
+    rows = [
+        ("get_p50_ms", "small GET latency, median (ms)", "{:,.0f}"),
+        ("get_max_ms", "small GET latency, max (ms)", "{:,.0f}"),
+        ("slow_done", f"slow downloads complete (of {SLOW_CLIENTS})", "{:d}"),
+    ]
+    for key_, label, fmt in rows:
+        cells = [cell(results.get(n, {}).get(key_, NA("not run")), fmt) for n in ("nginx", "tlsproxy")]
+        lines.append(f"| {label} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- report
 
 ROWS = [
@@ -646,6 +806,9 @@ ROWS = [
     ("ka_rps", "Keep-alive requests/s (wrk, 32 conns, 100 B body; median run)", "{:,.0f}", True),
     ("ka_cpu", "  proxy CPU during that run (% of one core)", "{:.0f}%", None),
     ("ka_per_cpu_s", "  keep-alive requests per proxy CPU-second", "{:,.0f}", True),
+    ("h2_rps_1", "HTTP/2 requests/s (h2load, 10 conns x 1 stream; median run)", "{:,.0f}", True),
+    ("h2_rps_10", "HTTP/2 requests/s (h2load, 10 conns x 10 streams; median run)", "{:,.0f}", True),
+    ("h2_cpu", "  proxy CPU during the 10-stream run (% of one core)", "{:.0f}%", None),
     ("hs_cpu_ms", "Proxy CPU per full TLS handshake (ms; h2load --h1 -n N -c N)", "{:.3f}", False),
     ("hs_per_s", "  full handshakes/s (each with one request)", "{:,.0f}", True),
     ("lat_p50", "p50 latency at fixed rate (ms)", "{:.2f}", False),
@@ -708,6 +871,16 @@ def render(results: dict[str, dict[str, object]], header: list[str], plan: Plan)
             "{:.0%} of nginx",
         )
     )
+    for key, shape in (("h2_rps_1", "1 stream"), ("h2_rps_10", "10 streams")):
+        a, b = num(tp.get(key)), num(ng.get(key))
+        lines.append(
+            target(
+                f"HTTP/2 requests/s ({shape} per connection) >= 40% of nginx's",
+                a / b if a is not None and b else None,
+                lambda x: x >= 0.40,
+                "{:.0%} of nginx",
+            )
+        )
     a, b = num(tp.get("hs_cpu_ms")), num(ng.get("hs_cpu_ms"))
     lines.append(
         target(
@@ -728,7 +901,7 @@ def render(results: dict[str, dict[str, object]], header: list[str], plan: Plan)
     )
     notes = []
     for name, r in results.items():
-        for k in ("ka_note", "hs_note", "lat_note", "rss_note", "start_note"):
+        for k in ("ka_note", "h2_note", "hs_note", "lat_note", "rss_note", "start_note"):
             if r.get(k):
                 notes.append(f"- {name}: {r[k]}")
         if r.get("hs_tls"):
@@ -761,6 +934,11 @@ def main() -> int:
         choices=["nginx", "tlsproxy", "ReverseProxyResource"],
         help="measure only these proxies (repeatable); the others show n/a",
     )
+    ap.add_argument(
+        "--slow-clients",
+        action="store_true",
+        help="run only the slow-client case (gunicorn -w 1; about 40 s) and print its table",
+    )
     args = ap.parse_args()
     try:
         import trustme  # noqa: F401
@@ -789,6 +967,19 @@ def main() -> int:
     started = time.monotonic()
     loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     stamp = datetime.datetime.now().astimezone()
+    if args.slow_clients:
+        with tempfile.TemporaryDirectory(prefix="tlsproxy-bench-") as tmpname:
+            tmp = Path(tmpname)
+            logs = tmp / "logs"
+            logs.mkdir()
+            cert, key, cafile = make_cert(tmp)
+            table = run_slow_clients(tmp, cert, key, cafile, logs, say)
+        table = f"Run: {stamp:%Y-%m-%d %H:%M %Z} on {machine()}; load average before: {loadavg}.\n\n" + table
+        print(table)
+        out = HERE / "results-slow-clients.md" if args.out == str(HERE / "results-latest.md") else Path(args.out)
+        out.write_text(table)
+        say(f"bench: table written to {out}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="tlsproxy-bench-") as tmpname:
         tmp = Path(tmpname)
         logs = tmp / "logs"

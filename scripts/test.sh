@@ -23,7 +23,7 @@ fi
 "$venv/bin/pip" install -q --upgrade pip "setuptools>=77" >/dev/null
 # A plain (not editable) install: the integration tests run the installed `twist tlsproxy`.
 "$venv/bin/pip" install -q --force-reinstall --no-deps . >/dev/null
-"$venv/bin/pip" install -q '.[test]' >/dev/null
+"$venv/bin/pip" install -q -c constraints.txt '.[test]' >/dev/null
 
 # The Mozilla compliance scanner pins its own cryptography: it gets a venv of its own.
 if [ ! -x .venv-sslyze/bin/sslyze ]; then
@@ -44,4 +44,8 @@ export SSLYZE_BIN="$PWD/.venv-sslyze/bin/sslyze"
 TLSPROXY_PURE_PYTHON=1 "$venv/bin/python" -m pytest -p no:cacheprovider -q tests/unit
 # ... and the C code runs its tests once more under ASan and UBSan.
 TLSPROXY_VENV="$venv" bash scripts/sanitize.sh
-"$venv/bin/python" -m pytest -p no:cacheprovider "$@"
+# The whole suite, under coverage (of this process: the proxies the integration
+# tests start run uncounted). The full table is left in coverage.txt.
+"$venv/bin/python" -m coverage run -m pytest -p no:cacheprovider "$@"
+"$venv/bin/python" -m coverage report --sort=cover > coverage.txt || true
+echo "coverage of tlsproxy (in-process tests): $(tail -n 1 coverage.txt | awk '{print $NF}'), per module in coverage.txt"

@@ -129,9 +129,9 @@ static const name_t PROTECTED_EXTRA[] = {
     NAME_T("host"), NAME_T("content-type"), NAME_T("cookie"), NAME_T("authorization"), {NULL, 0},
 };
 
-/* name.replace(b"_", b"-") in FORWARDING, for a name holding an underscore. */
+/* name.replace(b"_", b"-") in names, for a name holding an underscore. */
 static int
-underscore_forwarding(const char *s, Py_ssize_t n)
+underscore_spelling_in(const char *s, Py_ssize_t n, const name_t *names)
 {
     int has = 0;
     for (Py_ssize_t i = 0; i < n; i++)
@@ -139,7 +139,7 @@ underscore_forwarding(const char *s, Py_ssize_t n)
             has = 1;
     if (!has)
         return 0;
-    for (const name_t *f = FORWARDING; f->name != NULL; f++) {
+    for (const name_t *f = names; f->name != NULL; f++) {
         if (f->len != n)
             continue;
         Py_ssize_t i = 0;
@@ -576,6 +576,8 @@ request_head(const char *h, Py_ssize_t n, Py_ssize_t max_count, fields_t *fs)
     int keep_alive = !flags.close && (v11 || flags.keep_alive);
     if (upgrade != NULL && (upgrade_len == 0 || !v11 || !flags.upgrade || chunked || content_length > 0))
         upgrade = NULL; /* a request with a body is served as it is */
+    if (upgrade != NULL && !eq_lower(upgrade, upgrade_len, "websocket"))
+        upgrade = NULL; /* only WebSocket becomes a tunnel */
     if (upgrade != NULL)
         keep_alive = 0;
 
@@ -1084,7 +1086,7 @@ upstream_request_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         pass[i] = 0;
         if (in_list(name, name_len, HOP_BY_HOP) || tokens_has(&named, name, name_len))
             continue;
-        if (underscore_forwarding(name, name_len))
+        if (underscore_spelling_in(name, name_len, FORWARDING) || underscore_spelling_in(name, name_len, HOP_BY_HOP))
             continue;
         if (in_list(name, name_len, FORWARDING)) {
             if (trusted) {

@@ -2,6 +2,11 @@
 
 Off unless ``[server] admin`` names an endpoint; bind it to loopback or a
 private interface, it has no authentication.
+
+/readyz asks each app a ``HEAD /`` and wants the head of an answer (any
+status) within :data:`READINESS_TIMEOUT`: an app that accepts connections but
+never answers is not ready.  A dial or a probe still running at the deadline is
+left to finish and its connection closed then (the dial cannot be cancelled).
 """
 
 from __future__ import annotations
@@ -11,9 +16,11 @@ from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
+from tlsproxy.proxy.upstream import UpstreamError
 
 READINESS_TIMEOUT = 2.0
 
@@ -50,23 +57,16 @@ class AdminHandler:
         for site in generation.config.sites:
             if generation.sni_map.context_of(site.name) is None:
                 problems.append(f"site {site.name}: no certificate yet")
+
+        def note(why: str | None) -> None:
+            if why:
+                problems.append(why)
+
         checks = []
         for pool in generation.handler.pools:
-            got = pool.connect()
-            timer = service.reactor.callLater(READINESS_TIMEOUT, got.cancel)
-
-            def connected(conn: Any, timer: Any = timer) -> None:
-                if timer.active():
-                    timer.cancel()
-                conn.close()
-
-            def failed(failure: Any, url: str = pool.describe(), timer: Any = timer) -> None:
-                if timer.active():
-                    timer.cancel()
-                problems.append(f"upstream {url}: {failure.getErrorMessage()}")
-
-            got.addCallbacks(connected, failed)
-            checks.append(got)
+            url = pool.describe()
+            host = next((site.hosts[0] for site in generation.config.sites if site.upstream.url == url), "localhost")
+            checks.append(_Probe(service.reactor, url, host).run(pool).addCallback(note))
         return DeferredList(checks).addCallback(lambda _: problems)
 
     def _ready(self, exchange: Exchange, problems: list[str]) -> None:
@@ -81,3 +81,75 @@ class AdminHandler:
         exchange.start_response(status, pages.REASONS.get(status, b""), [(b"Content-Type", content_type)], len(body))
         exchange.write(body)
         exchange.finish()
+
+
+class _Probe:
+    """One ``HEAD /`` to an app, with a deadline; fires with None (it answered) or why not.
+
+    Also the response sink of its request (see :class:`~tlsproxy.proxy.upstream.ResponseSink`).
+    """
+
+    def __init__(self, reactor: Any, url: str, host: str) -> None:
+        self.reactor = reactor
+        self.url = url
+        self.host = host
+        self.result: Deferred[str | None] = Deferred()
+        self.connection: Any = None
+        self._timer: Any = None
+
+    def run(self, pool: Any) -> Deferred[str | None]:
+        self._timer = self.reactor.callLater(READINESS_TIMEOUT, self._expired)
+        pool.connect().addCallbacks(self._connected, self._dial_failed)
+        return self.result
+
+    def _finish(self, why: str | None) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        if self.connection is not None:
+            connection, self.connection = self.connection, None
+            connection.close()
+        if not self.result.called:
+            self.result.callback(why)
+
+    def _expired(self) -> None:
+        waited = "not connected" if self.connection is None else "no answer"
+        self._finish(f"upstream {self.url}: {waited} within {READINESS_TIMEOUT:g}s")
+
+    def _connected(self, connection: Any) -> None:
+        if self.result.called:  # the deadline passed while dialling: nobody wants this connection
+            connection.close()
+            return
+        self.connection = connection
+        head = (
+            f"HEAD / HTTP/1.1\r\nHost: {self.host}\r\nUser-Agent: tlsproxy-readiness\r\n"
+            "X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n"
+        ).encode("ascii", "replace")
+        # (request_complete stays False: this connection never goes back to the pool.)
+        connection.send(head, self, True)
+
+    def _dial_failed(self, failure: Failure) -> None:
+        self._finish(f"upstream {self.url}: {failure.getErrorMessage()}")
+
+    # -- ResponseSink ------------------------------------------------------------
+
+    def response_head(self, status: int, reason: bytes, fields: bytes, content_length: int | None) -> None:
+        self._finish(None)
+
+    def response_whole(self, status: int, reason: bytes, fields: bytes, body: bytes) -> None:
+        self._finish(None)
+
+    def response_data(self, data: bytes) -> None:
+        pass
+
+    def response_end(self) -> None:
+        pass
+
+    def response_failed(self, error: UpstreamError) -> None:
+        self.connection = None  # the connection reported its own end
+        self._finish(f"upstream {self.url}: {error.detail}")
+
+    def response_upgraded(self, connection: Any, rest: bytes) -> None:
+        connection.close()
+
+    def client_transport(self) -> Any:
+        return None

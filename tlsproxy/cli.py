@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 from tlsproxy import config as configuration
+from tlsproxy import preflight
 from tlsproxy.certs.model import CertificateError
 from tlsproxy.config import Config, ConfigError
-from tlsproxy.tls.policy import cipher_names
+from tlsproxy.tls.audit import configuration_warnings
+from tlsproxy.tls.policy import GROUPS, cipher_names
+
+# Exit statuses of every command (README, "Exit statuses"): 0 done; 1 the
+# operation failed (the CA refused, a port could not be bound); 2 bad usage or
+# a configuration that cannot run (argparse uses 2 for usage errors too).
+OK, BAD_CONFIG = 0, 2
 
 
 def _load(path: str | None, err: TextIO) -> Config | None:
+    """The configuration, checked against this machine; None once every problem is on ``err``."""
     try:
-        return configuration.load(path)
+        config = configuration.load(path)
     except (ConfigError, CertificateError) as e:
         problems = e.problems if isinstance(e, ConfigError) else [e]
         for problem in problems:
             print(f"tlsproxy: {problem}", file=err)
         return None
+    problems = preflight.problems(config)
+    for problem in problems:
+        print(f"tlsproxy: {problem}", file=err)
+    return None if problems else config
 
 
 def describe(config: Config) -> str:
@@ -45,6 +58,7 @@ def describe(config: Config) -> str:
         f"    selects: {', '.join(cipher_names(tls.ciphers))}",
         f"  dhparams = {tls.dhparams or '(none: DHE suites off)'}",
         f"  alpn = {list(tls.alpn)}",
+        f"  key exchange groups: {GROUPS.replace(':', ', ')}",
     ]
     if any(site.tls == "acme" for site in config.sites):
         lines += [
@@ -77,10 +91,13 @@ def describe(config: Config) -> str:
 def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     config = _load(args.config, err)
     if config is None:
-        return 1
+        return BAD_CONFIG
     print(describe(config), file=out)
+    tls_warnings = configuration_warnings(config, datetime.datetime.now(datetime.UTC))
+    for warning in [*preflight.warnings(config), *tls_warnings]:
+        print(f"tlsproxy: warning: {warning}", file=err)
     print("configuration OK", file=out)
-    return 0
+    return OK
 
 
 def cmd_dev(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -93,49 +110,50 @@ def cmd_dev(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     except ConfigError as e:
         for problem in e.problems:
             print(f"tlsproxy: {problem}", file=err)
-        return 1
+        return BAD_CONFIG
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner
+    from twisted.logger import LogLevel, globalLogBeginner
 
     from tlsproxy.eventloop import streamline
-    from tlsproxy.logs import observer_factory
+    from tlsproxy.logs import LogOutput
     from tlsproxy.tap import build_service
 
     streamline(reactor)
-    globalLogBeginner.beginLoggingTo([observer_factory("text")(out)], redirectStandardIO=False)
+    level = LogLevel.levelWithName(args.log_level)
+    globalLogBeginner.beginLoggingTo([LogOutput("text", level)(out)], redirectStandardIO=False)
     service = build_service(reactor, config)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()
-    return 0
+    return service.exit_status
 
 
 def cmd_certs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
     config = _load(args.config, err)
-    return 2 if config is None else commands.certs(config, out)
+    return BAD_CONFIG if config is None else commands.certs(config, out)
 
 
 def cmd_renew(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
     config = _load(args.config, err)
-    return 2 if config is None else commands.renew(config, args.name, args.force, out)
+    return BAD_CONFIG if config is None else commands.renew(config, args.name, args.force, out, err=err)
 
 
 def cmd_revoke(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
     config = _load(args.config, err)
-    return 2 if config is None else commands.revoke(config, args.name, args.reason, out)
+    return BAD_CONFIG if config is None else commands.revoke(config, args.name, args.reason, out, err=err)
 
 
 def cmd_account(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
     config = _load(args.config, err)
-    return 2 if config is None else commands.account_rollover(config, out)
+    return BAD_CONFIG if config is None else commands.account_rollover(config, out, err=err)
 
 
 def cmd_ca(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -147,7 +165,7 @@ def cmd_ca(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     unknown = wanted - {"nss", "system"}
     if unknown:
         print(f"tlsproxy: --stores: unknown store {', '.join(sorted(unknown))} (nss, system)", file=err)
-        return 2
+        return BAD_CONFIG
     stores = devca.TrustStores(nss="nss" in wanted, system="system" in wanted)
     action = devca.ca_install if args.action == "install" else devca.ca_uninstall
     return int(action(os.environ, out, stores=stores))
@@ -166,7 +184,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("dev", help="run the local HTTPS dev proxy (https://localhost:8443)")
     p.add_argument("--upstream", help=f"your app's URL (default {configuration.DEFAULT_DEV_UPSTREAM})")
     p.add_argument(
-        "--listen", action="append", help="server endpoint string, repeatable (default tcp:8443 on localhost)"
+        "--listen",
+        action="append",
+        help="a port or server endpoint string, repeatable; with no interface= it stays on localhost (default 8443)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warn", "error"],
+        help="debug also shows failed handshakes (a browser that does not trust the CA yet)",
     )
     p.set_defaults(func=cmd_dev)
     p = sub.add_parser("ca", help="the local development CA: where it is, trust it, untrust it")

@@ -12,11 +12,12 @@ import os
 import re
 import tomllib
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tlsproxy.compat.twisted import parse_server_endpoint
 from tlsproxy.tls.policy import MOZILLA_INTERMEDIATE_CIPHERS, PolicyError, cipher_names, load_dhparams
 
 DEFAULT_DEV_UPSTREAM = "http://127.0.0.1:8000"
@@ -30,6 +31,7 @@ CHALLENGES = ("http-01", "tls-alpn-01")
 KEY_TYPES = ("ec256", "rsa2048", "rsa3072")
 TLS_SOURCES = ("acme", "files", "local")
 DEFAULT_MAX_BODY_SIZE = 100 * 1024 * 1024
+DEFAULT_MAX_RESPONSE_BUFFER = 1024**3
 
 
 @dataclass(frozen=True)
@@ -41,7 +43,7 @@ class Problem:
     reason: str
 
     def __str__(self) -> str:
-        return f"{self.where}: {self.key}: {self.reason}"
+        return f"{self.where}: {self.key}: {self.reason}" if self.key else f"{self.where}: {self.reason}"
 
 
 class ConfigError(Exception):
@@ -93,6 +95,8 @@ class Site:
     hsts: HSTS = field(default_factory=HSTS)
     secure_cookies: bool = True
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
+    request_buffering: bool = True
+    response_buffering: bool = True  # False: answers stream with back-pressure, as with X-Accel-Buffering: no
 
     @property
     def name(self) -> str:
@@ -114,10 +118,33 @@ class Server:
     idle_timeout: float = 60.0
     handshake_timeout: float = 10.0
     header_timeout: float = 10.0
+    body_timeout: float = 60.0
     shutdown_grace: float = 30.0
     max_request_line: int = 8192
     max_header_size: int = 32768
     max_header_count: int = 100
+    # Temporary files of request and response buffering: buffer_dir ("" = state_dir/buffers).
+    buffer_dir: str = ""
+    # Request bodies: held whole before the app is contacted (tlsproxy/proxy/reqbuffer.py).
+    request_buffer_memory: int = 1024 * 1024
+    request_buffer_connection_memory: int = 4 * 1024 * 1024
+    request_buffer_total_memory: int = 64 * 1024 * 1024
+    # Response buffering: each answer holds at most max_response_buffer; a client that
+    # takes nothing of an answer for send_timeout seconds is cut off.
+    max_response_buffer: int = DEFAULT_MAX_RESPONSE_BUFFER
+    send_timeout: float = 60.0
+
+    @property
+    def buffer_directory(self) -> str:
+        return self.buffer_dir or os.path.join(self.state_dir, "buffers")
+
+
+_SERVER_SIZES = (
+    "request_buffer_memory",
+    "request_buffer_connection_memory",
+    "request_buffer_total_memory",
+    "max_response_buffer",
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +153,7 @@ class TLS:
     ciphers: str = MOZILLA_INTERMEDIATE_CIPHERS
     dhparams: str = ""
     alpn: tuple[str, ...] = ("h2", "http/1.1")
+    ticket_key_rotation: float = 43200.0  # seconds a session ticket key issues tickets
 
 
 @dataclass(frozen=True)
@@ -239,7 +267,8 @@ _HOST_LABEL = re.compile(r"\A(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
 
 def check_host(host: str) -> str | None:
     """Why ``host`` is not a usable site host, or None if it is."""
-    if host.startswith("*."):
+    wildcard = host.startswith("*.")
+    if wildcard:
         rest = host[2:]
         if "*" in rest:
             return "only one leading '*.' label is allowed in a wildcard"
@@ -249,9 +278,30 @@ def check_host(host: str) -> str | None:
         return None
     except ValueError:
         pass
+    if not host.isascii():
+        ascii_form = idna_form(host)
+        if ascii_form:
+            written = ("*." if wildcard else "") + ascii_form
+            return f"an internationalized name: write it as {written!r}, the form browsers send"
     if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
         return "not a DNS name (letters, digits and '-' in dot-separated labels; IDNs in punycode)"
     return None
+
+
+def idna_form(host: str) -> str | None:
+    """The xn-- (IDNA) form of an internationalized host name, or None if it has none."""
+    try:
+        import idna  # Twisted's tls extra brings it
+
+        return idna.encode(host, uts46=True).decode("ascii")
+    except ImportError:  # pragma: no cover - the older IDNA 2003 codec is close enough for a hint
+        pass
+    except idna.IDNAError:
+        return None
+    try:
+        return host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return None
 
 
 def parse_upstream(url: str) -> Upstream | str:
@@ -263,7 +313,14 @@ def parse_upstream(url: str) -> Upstream | str:
         if not path.startswith("/"):
             return "a unix socket upstream needs an absolute path: unix:/run/gunicorn.sock"
         return Upstream(url=url, unix_path=path)
+    if url.startswith("/"):
+        return f"a unix socket upstream is written unix:{url}"
+    if "://" not in url:
+        return f"expected http://HOST:PORT or unix:/PATH: did you mean 'http://{url}'?"
     parts = urlsplit(url)
+    if parts.scheme == "https":
+        plain = "http://" + url.split("://", 1)[1]
+        return f"the app is spoken to in plain HTTP/1.1 (tlsproxy is what does TLS): did you mean {plain!r}?"
     if parts.scheme != "http":
         return "expected http://HOST:PORT or unix:/PATH (the upstream speaks plain HTTP/1.1)"
     if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username:
@@ -277,12 +334,37 @@ def parse_upstream(url: str) -> Upstream | str:
     return Upstream(url=url, host=parts.hostname, port=port)
 
 
+def endpoint_from(value: Any, interface: str = "") -> Any:
+    """A bare port (``9000`` or ``"9000"``) as the tcp: endpoint it stands for; anything else as is."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        port = str(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        port = value.strip()
+    else:
+        return value
+    return f"tcp:{port}:interface={interface}" if interface else f"tcp:{port}"
+
+
+def local_endpoints(description: str) -> tuple[str, ...]:
+    """The dev proxy's listeners: a port, or a tcp: string that names no interface, stays on this machine.
+
+    runserver shows DEBUG pages with settings and tracebacks: the dev proxy
+    must not publish them to the LAN unless an interface is asked for.
+    """
+    description = endpoint_from(description)
+    if description.split(":", 1)[0].lower() == "tcp" and "interface=" not in description:
+        return (f"{description}:interface=127.0.0.1", f"{description}:interface=\\:\\:1")
+    return (description,)
+
+
 def check_endpoint(description: str) -> str | None:
     """Why ``description`` is not a Twisted server endpoint string, or None."""
-    from twisted.internet.endpoints import _parseServer
-
+    host, _, tail = description.rpartition(":")
+    if tail.isdigit() and host and description.split(":", 1)[0].lower() not in ("tcp", "unix", "systemd", "ssl"):
+        interface = host.strip("[]").replace(":", "\\:")
+        return f"a host:port is written tcp:{tail}:interface={interface} (a port alone, tcp:{tail}, is every interface)"
     try:
-        kind, args, kwargs = _parseServer(description, None)
+        kind, args, kwargs = parse_server_endpoint(description)
     except Exception as e:  # Twisted raises assorted types for bad strings
         return f"not a server endpoint string ({e})"
     kind = kind if isinstance(kind, str) else description.split(":", 1)[0]
@@ -308,7 +390,14 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
     values = reader.table(raw, "server", known)
     out: dict[str, Any] = {}
     for key, value in values.items():
-        if key == "trusted_proxies":
+        if key in ("https", "http"):
+            # A bare port is a tcp: endpoint on every interface, as "tcp:443" is.
+            value = [endpoint_from(v) for v in value] if isinstance(value, list) else endpoint_from(value)
+            out[key] = tuple(endpoint_from(v) for v in _coerce(reader, f"server.{key}", value, known[key]))
+        elif key == "admin":
+            # The admin endpoint serves metrics: a bare port stays on loopback.
+            out[key] = _coerce(reader, "server.admin", endpoint_from(value, "127.0.0.1"), "")
+        elif key == "trusted_proxies":
             nets = []
             for item in _coerce(reader, f"server.{key}", value, ()):
                 try:
@@ -316,6 +405,12 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
                 except ValueError:
                     reader.fail(f"server.{key}", f"expected CIDR ranges like 10.0.0.0/8, found {item!r}")
             out[key] = tuple(nets)
+        elif key in _SERVER_SIZES:
+            size = parse_size(value)
+            if size is None:
+                reader.fail(f"server.{key}", f'expected bytes as a number or like "1M", found {_describe(value)}')
+            else:
+                out[key] = size
         else:
             out[key] = _coerce(reader, f"server.{key}", value, known[key])
     for key in ("https", "http"):
@@ -356,6 +451,10 @@ def _tls(reader: _Reader, raw: Mapping[str, Any]) -> TLS:
     for proto in out.get("alpn", ()):
         if proto not in ("h2", "http/1.1"):
             reader.fail("tls.alpn", f'expected "h2" and/or "http/1.1", found {proto!r}')
+    rotation = out.get("ticket_key_rotation")
+    if rotation is not None and not 60 <= rotation <= 7 * 86400:
+        reader.fail("tls.ticket_key_rotation", f"expected seconds from 60 to 604800 (a week), found {rotation!r}")
+        del out["ticket_key_rotation"]
     return TLS(**out)
 
 
@@ -384,22 +483,26 @@ def _acme(reader: _Reader, raw: Mapping[str, Any]) -> ACME:
     return ACME(**out)
 
 
+SITE_DEFAULTS: Mapping[str, Any] = {
+    "hosts": (),
+    "upstream": "",
+    "tls": "acme",
+    "cert": "",
+    "key": "",
+    "hsts": {},
+    "secure_cookies": True,
+    "max_body_size": "",
+    "request_buffering": True,
+    "response_buffering": True,
+}
+
+
 def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
     prefix = f"site[{index}]"
     if not isinstance(raw, Mapping):
         reader.fail(prefix, f"expected a table ([[site]]), found {_describe(raw)}")
         return None
-    known = {
-        "hosts": (),
-        "upstream": "",
-        "tls": "acme",
-        "cert": "",
-        "key": "",
-        "hsts": {},
-        "secure_cookies": True,
-        "max_body_size": 0,
-    }
-    values = reader.table(raw, prefix, known)
+    values = reader.table(raw, prefix, SITE_DEFAULTS)
     hosts = tuple(h.lower().rstrip(".") for h in _coerce(reader, f"{prefix}.hosts", values.get("hosts", ()), ()))
     if not hosts:
         reader.fail(f"{prefix}.hosts", "a site needs at least one host name")
@@ -430,6 +533,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
     else:
         reader.fail(f"{prefix}.hsts", f"expected a table like {{ max_age = 63072000 }}, found {_describe(hsts_raw)}")
     secure_cookies = _coerce(reader, f"{prefix}.secure_cookies", values.get("secure_cookies", True), True)
+    response_buffering = _coerce(reader, f"{prefix}.response_buffering", values.get("response_buffering", True), True)
     max_body_size = DEFAULT_MAX_BODY_SIZE
     if "max_body_size" in values:
         size = parse_size(values["max_body_size"])
@@ -440,6 +544,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
             )
         else:
             max_body_size = size
+    request_buffering = _coerce(reader, f"{prefix}.request_buffering", values.get("request_buffering", True), True)
     return Site(
         hosts=hosts,
         upstream=upstream,
@@ -449,6 +554,8 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         hsts=hsts,
         secure_cookies=secure_cookies,
         max_body_size=max_body_size,
+        request_buffering=request_buffering,
+        response_buffering=response_buffering,
     )
 
 
@@ -468,7 +575,8 @@ def _check_files(reader: _Reader, prefix: str, cert: str, key: str, hosts: tuple
         reader.fail(f"{prefix}.cert", f"{cert} with {key}: {e.reason}")
         return
     except OSError as e:
-        reader.fail(f"{prefix}.cert", f"cannot read: {e.strerror}")
+        which = "key" if e.filename == key else "cert"
+        reader.fail(f"{prefix}.{which}", f"cannot read {e.filename}: {e.strerror} (as uid {os.geteuid()})")
         return
     uncovered = certified.uncovered(hosts)
     if uncovered:
@@ -482,12 +590,39 @@ def _check_files(reader: _Reader, prefix: str, cert: str, key: str, hosts: tuple
 # Environment
 
 ENV_PREFIX = "TLSPROXY_"
+# TLSPROXY_ variables that switch something about the process, not configuration
+# keys: they never make `twist tlsproxy` leave dev mode and are never "unknown".
+PROCESS_ENV = {
+    "TLSPROXY_CONFIG": "the configuration file, as --config",
+    "TLSPROXY_CAROOT": "where the local development CA lives",
+    "TLSPROXY_PURE_PYTHON": "1 runs the pure Python twins of the C accelerator",
+}
 _SECTIONS = ("server", "tls", "acme")
 _SITE_ENV = {"TLSPROXY_HOSTS": "hosts", "TLSPROXY_UPSTREAM": "upstream"}
+_TRUE = frozenset({"true", "1", "yes", "on"})
+_FALSE = frozenset({"false", "0", "no", "off"})
 
 
-def _env_value(text: str) -> Any:
-    """A TOML value if ``text`` parses as one (true, 30, ["a"]), else the text."""
+def _defaults(section: str) -> Mapping[str, Any]:
+    instance = {"server": Server, "tls": TLS, "acme": ACME}.get(section)
+    if instance is None:
+        return SITE_DEFAULTS if section == "site" else {}
+    return {f.name: getattr(instance(), f.name) for f in fields(instance)}
+
+
+def _env_value(text: str, default: Any = None) -> Any:
+    """The value ``text`` stands for, read as the type the key wants.
+
+    A key that wants a string gets the text as written (``1.3`` stays "1.3"); a
+    list may be written comma-separated; otherwise a TOML value if ``text``
+    parses as one (true, 30, ["a"], { max_age = 0 }), else the text.
+    """
+    if isinstance(default, str):
+        return text
+    if isinstance(default, tuple) and not text.lstrip().startswith("["):
+        return text
+    if isinstance(default, bool) and text.strip().lower() in _TRUE | _FALSE:
+        return text.strip().lower() in _TRUE
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
@@ -499,10 +634,10 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     env_site: dict[str, Any] = {}
     for name, text in sorted(environ.items()):
-        if not name.startswith(ENV_PREFIX) or name == "TLSPROXY_CONFIG" or name == "TLSPROXY_CAROOT":
+        if not name.startswith(ENV_PREFIX) or name in PROCESS_ENV:
             continue
         if name in _SITE_ENV:
-            env_site[_SITE_ENV[name]] = _env_value(text) if text.startswith("[") else text
+            env_site[_SITE_ENV[name]] = _env_value(text, SITE_DEFAULTS[_SITE_ENV[name]])
             continue
         if name == "TLSPROXY_STATE_DIR":
             raw.setdefault("server", {})["state_dir"] = text
@@ -510,20 +645,21 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
         rest = name[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")
         if section == "site" and key:
-            env_site[key] = _env_value(text)
+            env_site[key] = _env_value(text, SITE_DEFAULTS.get(key))
         elif section in _SECTIONS and key:
             table = raw.setdefault(section, {})
             if not isinstance(table, dict):
                 problems.append(Problem(f"environment {name}", section, "the file's value is not a table"))
                 continue
-            table[key] = _env_value(text)
+            table[key] = _env_value(text, _defaults(section).get(key))
         else:
             problems.append(
                 Problem(
                     f"environment {name}",
                     rest,
                     "unknown variable (TLSPROXY_<SECTION>_<KEY> with section server, tls or acme;"
-                    " TLSPROXY_HOSTS, TLSPROXY_UPSTREAM, TLSPROXY_SITE_<KEY>, TLSPROXY_STATE_DIR)",
+                    " TLSPROXY_HOSTS, TLSPROXY_UPSTREAM, TLSPROXY_SITE_<KEY>, TLSPROXY_STATE_DIR;"
+                    f" not configuration: {', '.join(PROCESS_ENV)})",
                 )
             )
     if env_site:
@@ -544,7 +680,7 @@ def _env_names(environ: Mapping[str, str]) -> dict[str, str]:
     """Map config keys to the environment variable that set them, for messages."""
     names: dict[str, str] = {}
     for name in environ:
-        if not name.startswith(ENV_PREFIX):
+        if not name.startswith(ENV_PREFIX) or name in PROCESS_ENV:
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         if name in _SITE_ENV:
@@ -561,11 +697,22 @@ def _env_names(environ: Mapping[str, str]) -> dict[str, str]:
 # Entry points
 
 
+def dev_app_hint(upstream: Upstream) -> str:
+    """How to start the app the dev proxy expects, on the address it was given."""
+    if upstream.is_unix:
+        return f"start your app on that socket (gunicorn --bind unix:{upstream.unix_path})"
+    if upstream.host in ("127.0.0.1", "localhost") and upstream.port == 8000:
+        return "start your app (for Django: python manage.py runserver)"
+    address = f"[{upstream.host}]" if ":" in upstream.host else upstream.host
+    return f"start your app there (for Django: python manage.py runserver {address}:{upstream.port})"
+
+
 def dev_config(upstream: str = DEFAULT_DEV_UPSTREAM, listen: tuple[str, ...] = DEFAULT_DEV_HTTPS) -> Config:
     """The embedded default: HTTPS on localhost:8443 in front of a local app."""
     parsed = parse_upstream(upstream)
     if isinstance(parsed, str):
         raise ConfigError([Problem("--upstream", "upstream", f"{upstream!r}: {parsed}")])
+    listen = tuple(endpoint for description in listen for endpoint in local_endpoints(description))
     for description in listen:
         why = check_endpoint(description)
         if why:
@@ -628,6 +775,15 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
     return Config(server=server, tls=tls, acme=acme, sites=tuple(sites), source=source)
 
 
+def toml_problem(path: str, error: tomllib.TOMLDecodeError) -> Problem:
+    """A TOML syntax error placed by line and column, as an editor shows them."""
+    message = str(error)
+    where = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if where is None:
+        return Problem(path, "", f"not valid TOML: {message}")
+    return Problem(path, f"line {where[1]}, column {where[2]}", f"not valid TOML: {message[: where.start()]}")
+
+
 def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
     """Read ``path`` (or TLSPROXY_CONFIG), apply the environment, validate.
 
@@ -636,17 +792,17 @@ def load(path: str | None, environ: Mapping[str, str] | None = None) -> Config:
     environ = dict(os.environ if environ is None else environ)
     path = path or environ.get("TLSPROXY_CONFIG") or None
     if path is None:
-        if not any(k.startswith(ENV_PREFIX) and k != "TLSPROXY_CAROOT" for k in environ):
+        if not any(k.startswith(ENV_PREFIX) and k not in PROCESS_ENV for k in environ):
             return dev_config()
         return parse({}, "<environment>", environ)
     try:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
-        raise ConfigError([Problem(path, "-", f"cannot read the configuration file: {e.strerror}")]) from None
+        raise ConfigError([Problem(path, "", f"cannot read the configuration file: {e.strerror}")]) from None
     except UnicodeDecodeError:
-        raise ConfigError([Problem(path, "-", "the file is not UTF-8 text")]) from None
+        raise ConfigError([Problem(path, "", "the file is not UTF-8 text")]) from None
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError([Problem(path, "-", f"not valid TOML: {e}")]) from None
+        raise ConfigError([toml_problem(path, e)]) from None
     return parse(raw, path, environ)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import types
 from select import EPOLLIN
 from typing import Any
 
@@ -28,6 +27,8 @@ from twisted.internet import main, tcp
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from tlsproxy.compat.twisted import nothing_buffered, reactor_poll_state
 
 _log = Logger()
 
@@ -43,44 +44,69 @@ def plain_stream(cls: type) -> type:
     return cls
 
 
-def _poll(self: EPollReactor, timeout: float | None) -> None:
-    if timeout is None:
-        timeout = -1
-    try:
-        events = self._poller.poll(timeout, len(self._selectables))
-    except OSError as err:
-        if err.errno == errno.EINTR:
-            return
-        raise
-    selectables = self._selectables
-    dispatch = self._doReadOrWrite
-    for fd, event in events:
-        selectable = selectables.get(fd)
-        if selectable is None:
-            continue
-        if event == EPOLLIN and type(selectable) in _PLAIN_STREAMS:
-            try:
-                data = selectable.socket.recv(selectable.bufferSize)
-            except BlockingIOError:
-                continue
-            except OSError:
-                self._disconnectSelectable(selectable, main.CONNECTION_LOST, True)
-                continue
-            if not data:
-                self._disconnectSelectable(selectable, main.CONNECTION_DONE, True)
-                continue
-            try:
-                selectable.protocol.dataReceived(data)
-            except Exception as e:
-                # As the reactor does: log it, and drop that connection.
-                _log.failure("error handling data on {selectable}", Failure(), selectable=selectable)
-                self._disconnectSelectable(selectable, e, True)
-            continue
+def send_now(transport: Any, data: bytes) -> None:
+    """Write ``data`` to a TCP or unix transport, on the socket at once if idle.
+
+    Twisted's transport would queue it for the next turn of the loop. Falls
+    back to the transport's own buffering whenever anything is queued, the
+    socket is full, or the transport is not a plain socket transport.
+    """
+    sock = getattr(transport, "socket", None)
+    if sock is not None and transport.connected and not transport.disconnecting and nothing_buffered(transport):
         try:
-            dispatch(selectable, fd, event)
-        except Exception:
-            # What callWithLogger did: log, and go on with the other events.
-            _log.failure("error handling an event on {selectable}", selectable=selectable)
+            sent = sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            sent = 0  # let the transport's own write path see and report it
+        if sent == len(data):
+            return
+        data = data[sent:]
+    transport.write(data)
+
+
+def _direct_poll(reactor: EPollReactor) -> Any:
+    """The reactor's poll step, dispatching each event directly (see the module docstring)."""
+    poller, selectables, dispatch, disconnect = reactor_poll_state(reactor)
+
+    def poll(timeout: float | None) -> None:
+        if timeout is None:
+            timeout = -1
+        try:
+            events = poller.poll(timeout, len(selectables))
+        except OSError as err:
+            if err.errno == errno.EINTR:
+                return
+            raise
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is None:
+                continue
+            if event == EPOLLIN and type(selectable) in _PLAIN_STREAMS:
+                try:
+                    data = selectable.socket.recv(selectable.bufferSize)
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    disconnect(selectable, main.CONNECTION_LOST, True)
+                    continue
+                if not data:
+                    disconnect(selectable, main.CONNECTION_DONE, True)
+                    continue
+                try:
+                    selectable.protocol.dataReceived(data)
+                except Exception as e:
+                    # As the reactor does: log it, and drop that connection.
+                    _log.failure("error handling data on {selectable}", Failure(), selectable=selectable)
+                    disconnect(selectable, e, True)
+                continue
+            try:
+                dispatch(selectable, fd, event)
+            except Exception:
+                # What callWithLogger did: log, and go on with the other events.
+                _log.failure("error handling an event on {selectable}", selectable=selectable)
+
+    return poll
 
 
 # CPython runs its cycle collector on the youngest generation every 700 new container
@@ -103,5 +129,5 @@ def streamline(reactor: Any) -> bool:
     """Use the direct dispatch on an epoll reactor; other reactors are left alone."""
     if not isinstance(reactor, EPollReactor):
         return False
-    reactor.doIteration = reactor.doPoll = types.MethodType(_poll, reactor)  # type: ignore[method-assign]
+    reactor.doIteration = reactor.doPoll = _direct_poll(reactor)  # type: ignore[method-assign]
     return True

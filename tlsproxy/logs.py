@@ -2,17 +2,21 @@
 
 Twisted's ``twist`` picks JSON whenever stdout is not a terminal (a container,
 systemd); tlsproxy decides by ``[server] log_format`` instead, unless
-``--log-format`` is given to ``twist`` explicitly.
+``--log-format`` is given to ``twist`` explicitly.  SIGHUP may change the
+format, so the observers read it on every event.
+
+Twisted's own legacy chatter ("TLSServerFactory starting on 8443", "(TCP Port
+8443 Closed)") repeats what tlsproxy says better: it is shown at debug level.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from typing import IO, Any
 
-from twisted.logger import FileLogObserver, formatEvent
+from twisted.logger import ILogObserver, LogLevel, formatEvent
+from zope.interface import implementer
 
 _SKIP = frozenset(
     {
@@ -77,6 +81,43 @@ def json_line(event: dict[str, Any]) -> str:
     return json.dumps(record, separators=(",", ":")) + "\n"
 
 
-def observer_factory(log_format: str) -> Callable[[IO[str]], FileLogObserver]:
-    formatter = json_line if log_format == "json" else text_line
-    return lambda output: FileLogObserver(output, formatter)
+_LEVELS = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical)
+
+
+def effective_level(event: dict[str, Any]) -> LogLevel:
+    """The level an event is shown at: Twisted's legacy info lines count as debug."""
+    level = event.get("log_level") or LogLevel.info
+    if event.get("log_namespace") == "log_legacy" and level == LogLevel.info and not event.get("isError"):
+        return LogLevel.debug
+    return level
+
+
+def visible(event: dict[str, Any], threshold: LogLevel) -> bool:
+    return _LEVELS.index(effective_level(event)) >= _LEVELS.index(threshold)
+
+
+@implementer(ILogObserver)
+class LineObserver:
+    """Writes each event at or above ``level`` as one line, in the format its factory says now."""
+
+    def __init__(self, output: IO[str], factory: LogOutput) -> None:
+        self.output = output
+        self.factory = factory
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if not visible(event, self.factory.level):
+            return
+        formatter = json_line if self.factory.log_format == "json" else text_line
+        self.output.write(formatter(event))
+        self.output.flush()
+
+
+class LogOutput:
+    """twist's ``fileLogObserverFactory``: makes line observers that follow ``log_format`` as it changes."""
+
+    def __init__(self, log_format: str = "text", level: LogLevel = LogLevel.info) -> None:
+        self.log_format = log_format
+        self.level = level
+
+    def __call__(self, output: IO[str]) -> LineObserver:
+        return LineObserver(output, self)

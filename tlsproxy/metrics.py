@@ -3,7 +3,13 @@
 Every update happens on the reactor thread, so the hot-path counters here are
 plain integers (prometheus_client's own take a lock per update, which showed
 up in the per-request profile); they are turned into Prometheus families only
-when /metrics is scraped.
+when /metrics is scraped.  The process's own figures (``process_resident_memory_bytes``,
+``process_open_fds``, CPU seconds...) come from prometheus_client's process
+collector, read from /proc at scrape time.
+
+The certificate expiry gauge is ``tlsproxy_certificate_expiry_timestamp_seconds``
+(Prometheus's naming for a point in time); the former name,
+``tlsproxy_certificate_not_after_seconds``, is still exported for one release.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from OpenSSL import SSL
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -113,6 +119,12 @@ class Metrics:
         self.renewal_failures = Family(
             "counter", "tlsproxy_certificate_renewal_failures", "Certificate orders that failed", ("site",)
         )
+        self.refused_connections = Family(
+            "counter",
+            "tlsproxy_refused_connections",
+            "Connections refused at accept (out of file descriptors)",
+            ("listener",),
+        )
         self.handshakes.labels()
         self.handshake_failures.labels()
         self._families = [
@@ -123,10 +135,12 @@ class Metrics:
             self.handshake_failures,
             self.renewal_attempts,
             self.renewal_failures,
+            self.refused_connections,
         ]
         self._contexts: Callable[[], dict[str, Any]] = dict
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)  # type: ignore[arg-type]
+        ProcessCollector(registry=self.registry)
 
     def watch_certificates(self, contexts: Callable[[], dict[str, SSL.Context | None]]) -> None:
         """Where to read the served certificates' expiry from at scrape time."""
@@ -136,8 +150,13 @@ class Metrics:
         for family in self._families:
             yield family.collect()
         expiry = GaugeMetricFamily(
-            "tlsproxy_certificate_not_after_seconds",
+            "tlsproxy_certificate_expiry_timestamp_seconds",
             "Expiry (Unix time) of the certificate served for each site",
+            labels=["site"],
+        )
+        former = GaugeMetricFamily(
+            "tlsproxy_certificate_not_after_seconds",
+            "Deprecated, to be removed in the next release: tlsproxy_certificate_expiry_timestamp_seconds",
             labels=["site"],
         )
         for site, context in self._contexts().items():
@@ -145,8 +164,11 @@ class Metrics:
                 continue
             cert = SSL.Connection(context, None).get_certificate()
             if cert is not None:
-                expiry.add_metric([site], cert.to_cryptography().not_valid_after_utc.timestamp())
+                when = cert.to_cryptography().not_valid_after_utc.timestamp()
+                expiry.add_metric([site], when)
+                former.add_metric([site], when)
         yield expiry
+        yield former
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -10,6 +10,9 @@ one stays.
 
 from __future__ import annotations
 
+import datetime
+import errno
+import os
 import signal
 import sys
 from dataclasses import dataclass
@@ -18,29 +21,33 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred, DeferredList, gatherResults, maybeDeferred
+from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python import usage
 from zope.interface import implementer
 
 from tlsproxy import config as configuration
+from tlsproxy import preflight
 from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.admin import AdminHandler
-from tlsproxy.certs.model import CertificateError, CertifiedKey
+from tlsproxy.certs.model import CertificateError, CertifiedKey, certificate_warnings
 from tlsproxy.config import Config, ConfigError
 from tlsproxy.eventloop import streamline, tune_collector
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.plain import PlainHTTPHandler
 from tlsproxy.http.server import HTTP11Factory, Limits
 from tlsproxy.http.tracker import ConnectionTracker
-from tlsproxy.logs import observer_factory
+from tlsproxy.listening import watch_refusals, with_backlog
+from tlsproxy.logs import LogOutput
 from tlsproxy.metrics import Metrics
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.handler import ProxyHandler
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
+from tlsproxy.tls.tickets import TicketKeyRotation
 from tlsproxy.tls.transport import TLSServerFactory
 
 READY = "tlsproxy: ready"
@@ -52,9 +59,10 @@ class Options(usage.Options):
     longdesc = (
         "Terminate TLS and proxy to your app (gunicorn, runserver, uvicorn).\n"
         "With --config (or TLSPROXY_CONFIG) it runs the sites of that TOML file; "
-        "with neither and no TLSPROXY_* variables it is the local HTTPS dev proxy: "
+        "with neither and no TLSPROXY_* configuration variables it is the local HTTPS dev proxy: "
         "https://localhost:8443 in front of http://127.0.0.1:8000. "
-        "SIGHUP reloads the configuration; SIGTERM drains and exits."
+        "SIGHUP reloads the configuration; SIGTERM drains and exits 0. "
+        "Exit status 1: a listener could not bind; 2: the configuration cannot run."
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: $TLSPROXY_CONFIG)."],
@@ -68,6 +76,7 @@ def limits_of(config: Config) -> Limits:
         max_header_size=server.max_header_size,
         max_header_count=server.max_header_count,
         header_timeout=server.header_timeout,
+        body_timeout=server.body_timeout,
         idle_timeout=server.idle_timeout,
         handshake_timeout=server.handshake_timeout,
     )
@@ -87,6 +96,33 @@ def https_port_of(config: Config) -> int:
             if port.isdigit() and int(port) != 0:
                 return int(port)
     return 443
+
+
+PRIVILEGED_PORT_ADVICE = (
+    "ports below 1024 need privilege: let systemd bind them (deploy/systemd/tlsproxy.socket, "
+    'https = ["systemd:domain=INET6:name=https"]), grant CAP_NET_BIND_SERVICE '
+    "(deploy/systemd/capability/tlsproxy.service), or listen on a port from 1024 up (tcp:8443)"
+)
+
+
+def cannot_listen(label: str, description: str, error: BaseException) -> str:
+    """One line that says which listener failed, why, and what to do about it."""
+    cause = getattr(error, "socketError", None) or error
+    code = getattr(cause, "errno", None)
+    reason = getattr(cause, "strerror", None) or str(cause) or type(cause).__name__
+    line = f"cannot listen on {description} ({label}): {reason}"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"{line}; {PRIVILEGED_PORT_ADVICE}"
+    if code == errno.EADDRINUSE:
+        return f"{line}; another process listens there (ss -ltnp shows which): stop it or choose another port"
+    if code == errno.EADDRNOTAVAIL:
+        return f"{line}; the interface address is not one of this machine's"
+    if description.startswith("systemd:"):
+        return (
+            f"{line}; systemd passed no such socket (LISTEN_FDS, LISTEN_FDNAMES): start tlsproxy.service"
+            " with its .socket units (deploy/systemd), or listen on tcp:PORT instead"
+        )
+    return line
 
 
 @dataclass
@@ -123,7 +159,12 @@ def build_generation(
                 issuer=certified.issuer,
                 not_after=certified.not_after.isoformat(),
             )
+            for warning in certificate_warnings(
+                certified, datetime.datetime.fromtimestamp(reactor.seconds(), datetime.UTC)
+            ):
+                log.warn("site {site}: {cert}: {warning}", site=site.name, cert=site.cert, warning=warning)
     certificates = MultiService()
+    TicketKeyRotation(reactor, sni.rotate_ticket_keys, config.tls.ticket_key_rotation).setServiceParent(certificates)
     _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics)
     access_log = AccessLog(reactor) if config.server.access_log else None
     handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev, metrics=metrics)
@@ -137,8 +178,9 @@ def build_generation(
             hsts=(site.hsts.header_value() or b"off").decode(),
         )
     log.info(
-        "TLS {floor}+, ALPN {alpn}, TLS 1.2 ciphers {ciphers}{dh}",
+        "TLS {floor}+, ALPN {alpn}, key exchange groups {groups}, TLS 1.2 ciphers {ciphers}{dh}",
         floor=policy.min_version,
+        groups=policy.groups,
         alpn=",".join(policy.alpn) or "off",
         ciphers=policy.ciphers,
         dh=", DH parameters from " + policy.dhparams if policy.dhparams else "",
@@ -175,6 +217,10 @@ def _add_certificate_services(
                 "tlsproxy dev: certificates from the local CA in {root} (trust it once: tlsproxy ca install)",
                 root=str(ca.root_pem_path.parent),
             )
+            log.info(
+                "tlsproxy dev: in Django's settings set SECURE_PROXY_SSL_HEADER = "
+                '("HTTP_X_FORWARDED_PROTO", "https"), or its CSRF check refuses forms ("Origin checking failed")'
+            )
         else:
             log.info("local development CA: {root}", root=str(ca.root_pem_path))
         devca.LocalCertificateService(reactor, ca, sni, local).setServiceParent(parent)
@@ -196,8 +242,9 @@ class Listener(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, factory: Any, label: str) -> None:
+    def __init__(self, reactor: Any, description: str, factory: Any, label: str, refused: Any = None) -> None:
         self.reactor = reactor
+        self.refused = refused  # counts connections refused at accept (out of file descriptors)
         self.description = description
         self.factory = factory
         self.label = label
@@ -206,12 +253,18 @@ class Listener(Service):
 
     def startService(self) -> None:
         super().startService()
-        endpoint = serverFromString(self.reactor, self.description)
+        try:
+            # A systemd: endpoint looks its socket up right here, and raises if none was passed.
+            endpoint = serverFromString(self.reactor, with_backlog(self.description))
+        except Exception as e:  # KeyError, IndexError, ValueError: whatever the parser met
+            self.listening = fail(e)
+            return
         self.listening = endpoint.listen(self.factory)
         self.listening.addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:
         self.port = port
+        watch_refusals(port, self.reactor, self.label, self.refused)
         host = port.getHost()
         where = f"{getattr(host, 'host', '')}:{host.port}" if hasattr(host, "port") else str(host)
         self.log.info(
@@ -236,6 +289,12 @@ class ProxyService(MultiService):
         self.reactor = reactor
         self.config_path = config_path
         self.ready = False
+        # What the process should exit with once the reactor stops: 1 when a
+        # listener could not bind, so a supervisor (systemd Restart=on-failure) sees it.
+        self.exit_status = 0
+        self.terminating = False
+        # The log output twist writes through, when it is ours: SIGHUP switches its format.
+        self.log_output: LogOutput | None = None
         self.metrics = Metrics()
         self.http01 = HTTP01Answers()
         self.alpn01 = TLSALPN01Answers()
@@ -278,7 +337,7 @@ class ProxyService(MultiService):
             wanted[("admin (/healthz /readyz /metrics)", config.server.admin)] = self.admin_factory
         return wanted
 
-    def _sync_listeners(self, config: Config) -> list[Deferred[Any]]:
+    def _sync_listeners(self, config: Config) -> list[tuple[tuple[str, str], Deferred[Any]]]:
         """Start listeners the config names and stop the ones it no longer does."""
         wanted = self._wanted(config)
         started = []
@@ -288,20 +347,25 @@ class ProxyService(MultiService):
                 listener.disownServiceParent()
         for key, factory in wanted.items():
             if key not in self.listeners:
-                listener = Listener(self.reactor, key[1], factory, key[0])
+                refused = self.metrics.refused_connections.labels(key[0].split()[0])
+                listener = Listener(self.reactor, key[1], factory, key[0], refused)
                 self.listeners[key] = listener
                 listener.setServiceParent(self)
                 if listener.listening is not None:
-                    started.append(listener.listening)
+                    started.append((key, listener.listening))
         return started
 
     # -- life cycle ------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        waiting = [listener.listening for listener in self.listeners.values() if listener.listening is not None]
-        DeferredList(waiting, fireOnOneErrback=True, consumeErrors=True).addCallbacks(self._ready, self._failed)
+        # Before "ready" can be said: a SIGHUP sent on seeing it must find our handler.
         self.reactor.callWhenRunning(self._install_signal_handlers)
+        waiting = []
+        for (label, description), listener in self.listeners.items():
+            if listener.listening is not None:
+                waiting.append(listener.listening.addErrback(self._cannot_listen, label, description))
+        gatherResults(waiting, consumeErrors=True).addCallbacks(self._ready, self._failed)
 
     def _install_signal_handlers(self) -> None:
         # After the reactor's own (installed while it starts): ours replace them.
@@ -313,11 +377,28 @@ class ProxyService(MultiService):
             signal.signal(signum, lambda signum, frame: self.reactor.callFromThread(self._terminate, signum))
 
     def _terminate(self, signum: int) -> None:
-        self.log.info("{signal}: shutting down", signal=signal.Signals(signum).name)
-        if self.reactor.running:
+        name = signal.Signals(signum).name
+        if self.terminating:
+            # systemd and docker send SIGTERM once, people press Ctrl-C twice.
+            self.log.info(
+                "{signal}: already shutting down; requests in flight have up to {grace:g}s (SIGKILL stops at once)",
+                signal=name,
+                grace=self.generation.config.server.shutdown_grace,
+            )
+            return
+        self.terminating = True
+        self.log.info("{signal}: shutting down", signal=name)
+        try:
             self.reactor.stop()
+        except ReactorNotRunning:  # stopping already (a listener failed)
+            pass
 
     def _ready(self, _: Any) -> None:
+        if not getattr(self.reactor, "running", True):
+            # Listening already, but the signal handlers come with the running
+            # reactor: say "ready" after them (callWhenRunning keeps the order).
+            self.reactor.callWhenRunning(self._ready, None)
+            return
         self._update_https_port()
         self.ready = True
         self.log.info(READY)
@@ -329,9 +410,19 @@ class ProxyService(MultiService):
                 self.plain.https_port = listener.port.getHost().port
                 break
 
+    def _cannot_listen(self, failure: Any, label: str, description: str) -> Any:
+        self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, failure.value))
+        return failure
+
+    def _forget_listener(self, failure: Any, key: tuple[str, str]) -> Any:
+        """A listener a reload could not bind is forgotten, so the next SIGHUP tries it again."""
+        listener = self.listeners.pop(key, None)
+        if listener is not None:
+            listener.disownServiceParent()
+        return failure
+
     def _failed(self, failure: Any) -> None:
-        error = failure.value.subFailure if hasattr(failure.value, "subFailure") else failure
-        self.log.critical("tlsproxy: cannot listen: {error}", error=error.getErrorMessage())
+        self.exit_status = 1
         self.reactor.callWhenRunning(self.reactor.stop)
 
     def reload(self) -> None:
@@ -339,6 +430,9 @@ class ProxyService(MultiService):
         self.log.info("SIGHUP: reloading the configuration")
         try:
             config = configuration.load(self.config_path)
+            problems = preflight.problems(config)
+            if problems:
+                raise ConfigError(problems)
             generation = build_generation(self.reactor, config, self.http01, self.alpn01, self.metrics)
         except ConfigError as e:
             for problem in e.problems:
@@ -349,6 +443,8 @@ class ProxyService(MultiService):
             return
         old = self.generation
         self.generation = generation
+        if self.log_output is not None:
+            self.log_output.log_format = config.server.log_format
         self.creator.sni = generation.sni
         self.https_app.handler = generation.handler
         self.https_app.limits = generation.limits
@@ -361,9 +457,13 @@ class ProxyService(MultiService):
         # Idle keep-alive connections to the old apps are closed; requests in
         # flight keep theirs until they finish.
         old.handler.close()
-        gatherResults(started).addCallbacks(
+        waiting = [
+            listening.addErrback(self._cannot_listen, *key).addErrback(self._forget_listener, key)
+            for key, listening in started
+        ]
+        gatherResults(waiting, consumeErrors=True).addCallbacks(
             lambda _: self.log.info("configuration reloaded from {source}", source=config.source),
-            lambda f: self.log.error("reloaded, but a new listener failed: {error}", error=f.getErrorMessage()),
+            lambda _: self.log.error("reloaded, but a new listener failed (above); the others serve"),
         )
 
     def stopService(self) -> Deferred[Any]:
@@ -390,6 +490,19 @@ def build_service(reactor: Any, config: Config, config_path: str | None = None) 
     return ProxyService(reactor, config, config_path)
 
 
+def exit_with_status(service: ProxyService) -> None:
+    """After shutdown, leave with the service's exit status when it is not 0.
+
+    ``twist`` exits 0 whenever its reactor stops; a proxy that never listened
+    must not look like a clean stop to systemd, so this ends the process once
+    the shutdown has run (logs flushed first).
+    """
+    if service.exit_status:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(service.exit_status)
+
+
 def makeService(options: Options) -> ProxyService:
     from twisted.internet import reactor
 
@@ -398,14 +511,26 @@ def makeService(options: Options) -> ProxyService:
 
     try:
         config = configuration.load(options["config"])
+        problems = preflight.problems(config)
+        if problems:
+            raise ConfigError(problems)
+        for warning in preflight.warnings(config):
+            log.warn("{warning}", warning=warning)
         twist_options = getattr(options, "parent", None)
+        output = None
         if twist_options is not None and not any(a.startswith("--log-format") for a in sys.argv):
-            twist_options["fileLogObserverFactory"] = observer_factory(config.server.log_format)
+            output = LogOutput(config.server.log_format, twist_options.get("logLevel") or LogLevel.info)
+            twist_options["fileLogObserverFactory"] = output
             twist_options["logFormat"] = config.server.log_format
-        return build_service(reactor, config, options["config"])
+        service = build_service(reactor, config, options["config"])
+        service.log_output = output
+        reactor.addSystemEventTrigger("after", "shutdown", exit_with_status, service)
+        return service
     except ConfigError as e:
         for problem in e.problems:
             print(f"tlsproxy: {problem}", file=sys.stderr)
     except (CertificateError, OSError) as e:
         print(f"tlsproxy: {e}", file=sys.stderr)
-    raise SystemExit(1)
+    # 2: a configuration that cannot run here; a restart will not help
+    # (deploy/systemd's units say RestartPreventExitStatus=2).
+    raise SystemExit(2)

@@ -490,3 +490,68 @@ def test_ca_down_keeps_old_certificate(short_lived_pebble: Pebble, backend: str,
         listed = run_cli("certs", "--config", str(config))
         assert re.search(r"next renewal: .*\(retry 1\)", listed.stdout), listed.stdout
         assert not re.search(r"last error: +-$", listed.stdout, re.M), listed.stdout
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs of this test alone (root only); skipped where mounting is refused."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    argv = ["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", str(mount)]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip() or done.returncode}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill(disk: Path, leave_pages: int) -> Path:
+    """Fill ``disk`` but for ``leave_pages`` 4 KiB pages; returns the filler file (delete it to free the disk)."""
+    spares = [disk / f"spare-{i}" for i in range(leave_pages)]
+    for spare in spares:
+        spare.write_bytes(b"\0" * 4096)
+    filler = disk / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    for spare in spares:
+        spare.unlink()
+    return filler
+
+
+def test_full_disk_during_renewal_keeps_a_working_pair(pebble: Pebble, backend: str, tiny_disk: Path) -> None:
+    """A renewal on a full disk, or with room for the key but not the chain: one error line, the old pair serves."""
+    host = fresh_hosts()[0]
+    config = write_config(tiny_disk / "tlsproxy.toml", pebble, (host,), backend, challenges=("http-01",))
+    roots = pebble.roots_pem()
+
+    def renew_fails(doing: str) -> None:
+        renewed = run_cli("renew", host, "--force", "--config", str(config))
+        output = renewed.stdout + renewed.stderr
+        assert renewed.returncode == 1, output
+        assert "Traceback" not in output and f"{doing}: " in output and "No space left on device" in output, output
+        lines = output.splitlines()
+        assert [line for line in lines if line.startswith("error:")] == lines[-1:], output
+
+    with tlsproxy(config):
+        old = wait_for_certificate(pebble.tls_port, (host,), roots).serial_number
+        filler = fill(tiny_disk, leave_pages=0)  # not even the challenge answer can be published
+        renew_fails("publishing a challenge answer")
+        filler.unlink()
+        # One page: the answer is published (and withdrawn), then the new key fits but its chain does not.
+        filler = fill(tiny_disk, leave_pages=1)
+        renew_fails(f"saving the certificate of {host}")
+        assert handshake(pebble.tls_port, host, roots).serial_number == old
+    # Restarted with the disk still full: the stored pair still matches.
+    with tlsproxy(config) as proxy:
+        assert handshake(pebble.tls_port, host, roots).serial_number == old
+        proxy.wait_for_line(f"serving certificate for {host} from the store: serial {old:x}")
+        filler.unlink()
+        renewed = run_cli("renew", host, "--force", "--config", str(config))
+        assert renewed.returncode == 0, renewed.stdout + renewed.stderr
+        wait_until(lambda: serial_or_none(pebble.tls_port, host) not in (None, old), 15, "the new serial served")

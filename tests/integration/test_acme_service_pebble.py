@@ -167,6 +167,25 @@ def test_revoke_command(pebble: Pebble, tmp_path: Path) -> None:
         assert commands.renew(config, hosts[0], True, out, responder=responder) == 0, out.getvalue()
 
 
+def test_account_unknown_to_the_ca_is_registered_again(pebble: Pebble, tmp_path: Path) -> None:
+    """A stored account URL Pebble does not know (accountDoesNotExist) is replaced by a new registration."""
+    hosts = fresh_names(1)
+    config = load(str(write_config(tmp_path, pebble, hosts)), environ={})
+    store = CertificateStore(config.server.state_dir)
+    with ChallengeListeners(pebble.http_port, pebble.tls_port, [(hosts[0], list(hosts))]) as ls:
+        responder = TableResponder(ls.http01, ls.alpn01)
+        assert commands.renew(config, hosts[0], False, io.StringIO(), responder=responder) == 0
+        first = store.registration(config.acme.directory_url)
+        assert first
+        # What a CA that deleted the account (or lost its data) gives back: an unknown account.
+        gone = first.rstrip("/").rsplit("/", 1)[0] + "/999999999"
+        store.save_registration(config.acme.directory_url, gone)
+        out = io.StringIO()
+        assert commands.renew(config, hosts[0], True, out, responder=responder) == 0, out.getvalue()
+        again = store.registration(config.acme.directory_url)
+        assert again not in (None, gone)
+
+
 def test_two_processes_order_once(pebble: Pebble, tmp_path: Path) -> None:
     """Two `renew` processes on one state_dir at once: one orders, the other uses what it stored."""
     hosts = fresh_names(2)

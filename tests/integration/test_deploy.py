@@ -369,6 +369,7 @@ class Dockerfile:
     command: list[str]  # ENTRYPOINT + CMD, as the container runs it
     healthcheck: list[str]
     copied: list[str]
+    run: list[str]  # every RUN, in order, across stages
 
 
 def parse_dockerfile(path: Path) -> Dockerfile:
@@ -384,7 +385,8 @@ def parse_dockerfile(path: Path) -> Dockerfile:
         lines.append(pending + raw)
         pending = ""
     env: dict[str, str] = {}
-    out: dict[str, Any] = {"volumes": [], "exposed": [], "copied": [], "user": "root"}
+    args: dict[str, str] = {}
+    out: dict[str, Any] = {"volumes": [], "exposed": [], "copied": [], "user": "root", "run": []}
     entrypoint: list[str] = []
     cmd: list[str] = []
     for line in lines:
@@ -392,8 +394,12 @@ def parse_dockerfile(path: Path) -> Dockerfile:
             continue
         instruction, _, rest = line.strip().partition(" ")
         instruction, rest = instruction.upper(), rest.strip()
-        if instruction == "FROM":
-            out["base"] = rest
+        if instruction == "ARG":
+            name, _, default = rest.partition("=")
+            args[name] = default
+        elif instruction == "FROM":
+            # The last FROM is the image that runs; ${ARG} as the ARG before it says.
+            out["base"] = re.sub(r"\$\{(\w+)\}", lambda m: args[m[1]], rest.split(" AS ")[0].split(" as ")[0])
         elif instruction == "ENV":
             for pair in shlex.split(rest):
                 key, _, value = pair.partition("=")
@@ -404,8 +410,10 @@ def parse_dockerfile(path: Path) -> Dockerfile:
             out["volumes"] += json.loads(rest) if rest.startswith("[") else rest.split()
         elif instruction == "EXPOSE":
             out["exposed"] += rest.split()
-        elif instruction == "COPY":
+        elif instruction == "COPY" and not rest.startswith("--from"):
             out["copied"] += shlex.split(rest)[:-1]
+        elif instruction == "RUN":
+            out["run"].append(rest)
         elif instruction == "ENTRYPOINT":
             entrypoint = json.loads(rest)
         elif instruction == "CMD":
@@ -474,9 +482,9 @@ def _mounts(service: dict[str, Any]) -> dict[str, str]:
 
 
 def test_dockerfile_is_slim_unprivileged_and_env_configured() -> None:
-    """python:3.12-slim, a non-root user, the state volume, 443/80, `twist tlsproxy` and a /healthz check."""
+    """A pinned slim Python, a non-root user, the state volume, 443/80, `twist tlsproxy` and a /healthz check."""
     image = parse_dockerfile(DOCKER / "Dockerfile")
-    assert image.base == "python:3.12-slim"
+    assert re.fullmatch(r"python:3\.12\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", image.base), image.base
     assert image.user not in ("", "root", "0")
     assert image.volumes == ["/var/lib/tlsproxy"]
     assert image.env["TLSPROXY_STATE_DIR"] == "/var/lib/tlsproxy"
@@ -503,7 +511,7 @@ def test_dockerfile_copies_everything_the_package_is_built_from() -> None:
     """Every package pyproject.toml lists, and its readme, is inside what the Dockerfile COPYs."""
     image = parse_dockerfile(DOCKER / "Dockerfile")
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    needed = [project["project"]["readme"], "pyproject.toml"]
+    needed = [project["project"]["readme"], "pyproject.toml", "setup.py"]
     needed += [name.replace(".", "/") for name in project["tool"]["setuptools"]["packages"]]
     for path in needed:
         assert any(path == c or path.startswith(c.rstrip("/") + "/") for c in image.copied), path
@@ -535,6 +543,15 @@ def test_dockerfile_copies_enough_to_build_a_wheel(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     assert "twisted/plugins/tlsproxy_plugin.py" in names
     assert "tlsproxy/tap.py" in names
+    assert any(re.fullmatch(r"tlsproxy/_speedups\..*\.so", name) for name in names), "no C accelerator built"
+
+
+def test_dockerfile_builds_the_accelerator_and_refuses_an_image_without_it() -> None:
+    """A compiler where the wheels are built, and the image build fails if tlsproxy._speedups is missing."""
+    image = parse_dockerfile(DOCKER / "Dockerfile")
+    assert any("gcc" in run and "libc6-dev" in run for run in image.run)
+    (install,) = [run for run in image.run if "pip install" in run]
+    assert install.index("pip install") < install.index('python -c "import tlsproxy._speedups"')
 
 
 def test_compose_shares_the_gunicorn_socket_and_configures_by_environment() -> None:
@@ -551,7 +568,12 @@ def test_compose_shares_the_gunicorn_socket_and_configures_by_environment() -> N
     assert f"unix:{socket_dir}/gunicorn.sock" in " ".join(app["command"])
     assert _mounts(proxy)[env["TLSPROXY_STATE_DIR"]] in compose["volumes"]
     assert proxy["build"]["dockerfile"] == "deploy/docker/Dockerfile"
-    assert (DOCKER / proxy["build"]["context"] / proxy["build"]["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+    # docs/deployment.md copies the file before use: the build context is relative to where it lands.
+    docs = (ROOT / "docs" / "deployment.md").read_text()
+    (copied_to,) = re.findall(r"cp deploy/docker/compose\.example\.yaml (\S+)", docs)
+    context = (ROOT / copied_to).parent / proxy["build"]["context"]
+    assert context.resolve() == ROOT
+    assert (context / proxy["build"]["dockerfile"]).resolve() == DOCKER / "Dockerfile"
 
 
 @dataclass

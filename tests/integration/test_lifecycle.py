@@ -241,3 +241,80 @@ def test_h2_upload_and_drain(setup: Setup) -> None:
         out, _ = slow.communicate(timeout=20)
         assert out == "hello /slow\n 2"
         assert proxy.proc.wait(10) == 0
+
+
+def test_second_sigterm_during_the_drain_is_harmless(setup: Setup) -> None:
+    """A second SIGTERM while requests drain says so, logs no traceback, and the exit is still 0."""
+    with tlsproxy(setup.config()) as proxy:
+        result: dict[str, object] = {}
+
+        def slow() -> None:
+            result["answer"] = setup.get("/slow?s=2")
+
+        assert setup.backend is not None
+        start = len(setup.backend.lines)
+        worker = threading.Thread(target=slow)
+        worker.start()
+        setup.backend.wait_for_line("slow request started", 10, start=start)
+        proxy.signal(signal.SIGTERM)
+        proxy.wait_for_line("stopping", 10)
+        proxy.signal(signal.SIGTERM)
+        proxy.wait_for_line("already shutting down", 10)
+        worker.join(10)
+        assert result["answer"] == (200, b"hello /slow\n")
+        assert proxy.proc.wait(10) == 0
+        assert "Traceback" not in proxy.output and "ReactorNotRunning" not in proxy.output
+
+
+def test_sighup_applies_a_new_log_format(setup: Setup) -> None:
+    """A reload that changes log_format to json writes the following lines as JSON."""
+    with tlsproxy(setup.config()) as proxy:
+        setup.config(extra='log_format = "json"')
+        mark = len(proxy.lines)
+        proxy.signal(signal.SIGHUP)
+        line = proxy.wait_for_line("configuration reloaded", 10, start=mark)
+        assert json.loads(line)["level"] == "info"
+        setup.get("/after")
+        access = json.loads(proxy.wait_for_line("GET /after HTTP/1.1", 10, start=mark))
+        assert access["logger"] == "tlsproxy.access" and access["status"] == 200
+
+
+def test_sighup_with_a_listener_that_cannot_bind_says_which(setup: Setup) -> None:
+    """A reload whose new listener cannot bind names it and why; the rest serves; the next reload retries it."""
+    with tlsproxy(setup.config()) as proxy, socket.socket() as held:
+        held.bind(("127.0.0.1", free_port()))
+        held.listen()
+        busy = held.getsockname()[1]
+        config = setup.config()
+        config.write_text(config.read_text().replace("http = []", f'http = ["tcp:{busy}:interface=127.0.0.1"]'))
+        mark = len(proxy.lines)
+        proxy.signal(signal.SIGHUP)
+        line = proxy.wait_for_line("cannot listen on", 10, start=mark)
+        assert f"tcp:{busy}:interface=127.0.0.1 (http (ACME HTTP-01, redirect to https))" in line
+        assert "Address already in use" in line
+        proxy.wait_for_line("reloaded, but a new listener failed", 10, start=mark)
+        assert setup.get("/") == (200, b"hello /\n")
+        held.close()  # the port is free now: the next reload binds it
+        mark = len(proxy.lines)
+        proxy.signal(signal.SIGHUP)
+        proxy.wait_for_line("configuration reloaded", 10, start=mark)
+        assert any(f"listening on 127.0.0.1:{busy}" in line for line in proxy.lines[mark:])
+        assert "Traceback" not in proxy.output
+
+
+def test_readyz_wants_an_answer_from_the_app(setup: Setup) -> None:
+    """/readyz is 503 for an app that accepts connections but never answers; /metrics has process figures."""
+    with socket.socket() as hanging:
+        hanging.bind(("127.0.0.1", 0))
+        hanging.listen(16)  # the kernel accepts; nobody ever reads or answers
+        port = hanging.getsockname()[1]
+        with tlsproxy(setup.config(upstream=port)):
+            started = time.monotonic()
+            status, body = setup.admin_get("/readyz")
+            assert status == 503, body
+            assert f"upstream http://127.0.0.1:{port}: no answer within" in body
+            assert time.monotonic() - started < 8
+            status, metrics = setup.admin_get("/metrics")
+            assert status == 200
+            assert "process_resident_memory_bytes " in metrics and "process_open_fds " in metrics
+            assert 'tlsproxy_certificate_expiry_timestamp_seconds{site="app.test"}' in metrics

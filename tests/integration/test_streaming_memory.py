@@ -63,6 +63,7 @@ def proxy(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-
 https = ["tcp:{https}:interface=127.0.0.1"]
 http = []
 access_log = false
+state_dir = "{where}/state"
 [[site]]
 hosts = ["big.test"]
 upstream = "http://127.0.0.1:{upstream}"
@@ -105,7 +106,7 @@ def test_gigabyte_download_in_bounded_memory(proxy) -> None:  # type: ignore[no-
 
 @pytest.mark.parametrize("framing", ["content-length", "chunked"])
 def test_gigabyte_upload_in_bounded_memory(proxy, framing: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """1 GiB to the app arrives whole while the proxy grows by less than 16 MiB."""
+    """1 GiB to the app arrives whole (held in a buffer file first) while the proxy grows by less than 16 MiB."""
     port, where, pid = proxy
     if framing == "content-length":
         source = tmp_path / "gigabyte"

@@ -319,7 +319,7 @@ key = "{tmp_path}/rsa.key"
 
 
 def test_bad_config_exits_with_message(tmp_path: Path) -> None:
-    """A bad config stops `twist tlsproxy` with the file, key and reason, and exit status 1."""
+    """A bad config stops `twist tlsproxy` with the file, key and reason, and exit status 2."""
     config = tmp_path / "bad.toml"
     config.write_text(
         '[tls]\nmin_version = "1.0"\n[[site]]\nhosts = ["a.test"]\nupstream = "http://127.0.0.1:9"\ntls = "local"\n'
@@ -329,12 +329,12 @@ def test_bad_config_exits_with_message(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "twist"), "tlsproxy", "--config", str(config)], capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"{config}: tls.min_version" in result.stderr
 
 
 def test_check_command(tmp_path: Path) -> None:
-    """`tlsproxy check` prints the effective config and exits 0, or names the problem and exits 1."""
+    """`tlsproxy check` prints the effective config and exits 0, or names the problem and exits 2."""
     from tests.integration.procs import BIN
 
     good = tmp_path / "good.toml"
@@ -349,5 +349,5 @@ def test_check_command(tmp_path: Path) -> None:
     result = subprocess.run(
         [str(BIN / "tlsproxy"), "check", "--config", str(bad)], capture_output=True, text=True, timeout=60
     )
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "site[0].wat: unknown key" in result.stderr

@@ -115,3 +115,22 @@ def test_account_rollover(env) -> None:  # type: ignore[no-untyped-def]
     assert store.account_key_path.read_bytes() != before
     assert ca.rollovers == 1
     assert not (store.account_dir / "key.next.pem").exists()
+
+
+def test_renew_on_a_full_disk_is_one_error_line(env, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """ENOSPC while storing the new certificate: exit 1, one 'error:' line naming the store, the old pair kept."""
+    config, ca, kw, store = env
+    out = io.StringIO()
+    assert commands.renew(config, "example.com", False, out, **kw) == 0
+    old = store.load_certificate("example.com")
+
+    def full(site: Path, certified):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device", str(site / ".v-x" / "key.pem"))
+
+    monkeypatch.setattr(CertificateStore, "_write_version", staticmethod(full))
+    out = io.StringIO()
+    assert commands.renew(config, "example.com", True, out, **kw) == 1
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: example.com: saving the certificate of example.com")
+    assert "No space left on device" in lines[0] and "Traceback" not in out.getvalue()
+    assert store.load_certificate("example.com").leaf.serial_number == old.leaf.serial_number

@@ -294,3 +294,277 @@ def test_local_sites_are_ignored(tmp_path: Path) -> None:
     svc.startService()
     assert h.ca.orders == [] and svc._acme == {} and svc._files == {}
     svc.stopService()
+
+
+# ---------------------------------------------------------------------------
+# Faults and threads (issue 9: items 19, 20, 21)
+
+
+@pytest.fixture
+def events():  # type: ignore[no-untyped-def]
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    yield seen
+    globalLogPublisher.removeObserver(seen.append)
+
+
+def _count_checks(svc: CertificateService) -> list[str]:
+    checks: list[str] = []
+    real = svc._check_blocking
+
+    def counted(watch):  # type: ignore[no-untyped-def]
+        checks.append(watch.site.name)
+        return real(watch)
+
+    svc._check_blocking = counted  # type: ignore[method-assign]
+    return checks
+
+
+def test_valid_certificate_is_not_checked_every_few_seconds(h: Harness) -> None:
+    """After the first order, an hour of polling makes no further renewal check and leaves meta.json alone."""
+    svc = h.service()
+    svc.startService()
+    checks = _count_checks(svc)
+    h.clock.pump([1.0] * 60)
+    meta_before = os.stat(h.store.meta_path("example.com"))
+    h.clock.pump([1.0] * 3600)
+    assert checks == []
+    after = os.stat(h.store.meta_path("example.com"))
+    assert (after.st_ino, after.st_mtime_ns) == (meta_before.st_ino, meta_before.st_mtime_ns)
+    # The twice-a-day check still comes.
+    h.clock.pump([60.0] * 60 * 14)
+    assert 1 <= len(checks) <= 2
+    svc.stopService()
+
+
+def test_disk_full_during_renewal_keeps_serving_and_retries(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, events: list[dict]
+) -> None:
+    """ENOSPC while storing a renewal: old pair served and stored, one error line (no traceback), retried ~60 s on."""
+    from twisted.logger import LogLevel
+
+    svc = h.service()
+    svc.startService()
+    first = h.stored_serial()
+    real = CertificateStore._write_version
+
+    def full(site: Path, certified):  # type: ignore[no-untyped-def]
+        raise OSError(28, "No space left on device", str(site / ".v-x" / "fullchain.pem"))
+
+    monkeypatch.setattr(CertificateStore, "_write_version", staticmethod(full))
+    h.clock.pump([DAY] * 59 + [3600.0] * 30)
+    # One order only: the issued certificate waits in memory for the disk, the CA is not asked again.
+    assert len(h.ca.orders) == 2 and svc._acme["example.com"].failures >= 3
+    assert h.stored_serial() == first and svc._acme["example.com"].serial == first
+    meta = h.store.load_meta("example.com")
+    assert meta.failures >= 1 and "No space left on device" in meta.last_error
+    gap = (svc._acme["example.com"].next_check - at(h.clock)).total_seconds()
+    assert 0 < gap <= 4 * 3600 * 1.1
+    assert not [e for e in events if e.get("log_failure") is not None or e.get("log_level") == LogLevel.critical]
+    errors = [e for e in events if "No space left on device" in str(e.get("error", ""))]
+    assert errors and all("\n" not in str(e["error"]) for e in errors)
+    monkeypatch.setattr(CertificateStore, "_write_version", staticmethod(real))
+    h.clock.pump([60.0] * 60 * 5)
+    assert h.stored_serial() == h.ca.issued[-1].serial_number != first
+    assert svc._acme["example.com"].serial == h.stored_serial() and len(h.ca.orders) == 2
+    svc.stopService()
+
+
+def test_store_error_outside_the_ca_is_one_line_and_backs_off(
+    h: Harness, monkeypatch: pytest.MonkeyPatch, events: list[dict]
+) -> None:
+    """A StoreError before any order (the lock cannot be made) is logged as one error line and retried with backoff."""
+    from twisted.logger import LogLevel
+
+    from tlsproxy.certs.store import StoreError
+
+    def no_lock(self, timeout: float = 600.0, poll: float = 0.1):  # type: ignore[no-untyped-def]
+        raise StoreError(str(self.lock_path), "No space left on device", "opening the store lock")
+
+    monkeypatch.setattr(CertificateStore, "locked", no_lock)
+    svc = h.service()
+    svc.startService()
+    watch = svc._acme["example.com"]
+    first_gap = (watch.next_check - at(h.clock)).total_seconds()
+    h.clock.advance(first_gap + 1)
+    second_gap = (watch.next_check - at(h.clock)).total_seconds()
+    assert 54 <= first_gap <= 66 and second_gap > 500
+    assert not [e for e in events if e.get("log_failure") is not None or e.get("log_level") == LogLevel.critical]
+    assert [
+        e for e in events if e.get("log_level") == LogLevel.error and "opening the store lock" in e.get("error", "")
+    ]
+    svc.stopService()
+
+
+class _QueuedThreads:
+    """A worker "thread" that runs jobs only when the test says so, and says whether one is running."""
+
+    def __init__(self) -> None:
+        self.jobs: list[tuple[object, tuple, dict, object]] = []
+        self.inside = False
+
+    def __call__(self, f, *args, **kwargs):  # type: ignore[no-untyped-def]
+        from twisted.internet.defer import Deferred
+
+        d: Deferred = Deferred()
+        self.jobs.append((f, args, kwargs, d))
+        return d
+
+    def run_all(self) -> None:
+        while self.jobs:
+            f, args, kwargs, d = self.jobs.pop(0)
+            self.inside = True
+            try:
+                result = f(*args, **kwargs)  # type: ignore[operator]
+            finally:
+                self.inside = False
+            d.callback(result)  # type: ignore[attr-defined]
+
+
+def test_store_poll_reads_files_in_a_thread(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """After start, a new stored certificate is read by a worker job, never on the reactor thread."""
+    svc = h.service()
+    svc.startService()
+    svc.stopService()
+    threads = _QueuedThreads()
+    svc = CertificateService(
+        h.clock,
+        h.config,
+        h.sni,
+        h.http01,
+        h.alpn01,
+        run_in_thread=threads,
+        ca_factory=lambda config, store: h.ca,
+        rng=random.Random(7),
+        in_reactor=lambda f, *a: f(*a),
+    )
+    svc.startService()
+    threads.run_all()
+    from tlsproxy.acme.issuer import TableResponder, issue
+
+    other = issue(h.ca, ("example.com", "www.example.com"), responder=TableResponder(h.http01, h.alpn01))
+    h.store.save_certificate("example.com", other, h.store.load_meta("example.com"))
+    h.store.publish_challenge("http-01", "tok_1", "tok_1.thumb")
+    real_load, real_challenges = CertificateStore.load_certificate, CertificateStore.challenges
+
+    def load(self, name):  # type: ignore[no-untyped-def]
+        assert threads.inside, "store file read on the reactor thread"
+        return real_load(self, name)
+
+    def challenges(self, kind):  # type: ignore[no-untyped-def]
+        assert threads.inside, "challenge directory read on the reactor thread"
+        return real_challenges(self, kind)
+
+    monkeypatch.setattr(CertificateStore, "load_certificate", load)
+    monkeypatch.setattr(CertificateStore, "challenges", challenges)
+    h.clock.advance(2.0)
+    assert svc._acme["example.com"].serial != other.leaf.serial_number
+    threads.run_all()
+    assert svc._acme["example.com"].serial == other.leaf.serial_number
+    assert h.http01.get("tok_1") == "tok_1.thumb"
+    svc.stopService()
+
+
+def test_renewal_thread_changes_tables_through_the_reactor(h: Harness) -> None:
+    """Every challenge-table change a renewal makes goes through in_reactor, none from the worker directly."""
+    threads = _QueuedThreads()
+    through: list[str] = []
+    for table in (h.http01, h.alpn01):
+        for method in ("put", "remove"):
+            real = getattr(table, method)
+
+            def guarded(*args, _real=real, _name=method):  # type: ignore[no-untyped-def]
+                assert not threads.inside, f"table {_name} from the worker thread"
+                return _real(*args)
+
+            setattr(table, method, guarded)
+
+    def in_reactor(f, *args):  # type: ignore[no-untyped-def]
+        inside, threads.inside = threads.inside, False
+        try:
+            through.append(f.__name__ if hasattr(f, "__name__") else "?")
+            return f(*args)
+        finally:
+            threads.inside = inside
+
+    svc = CertificateService(
+        h.clock,
+        h.config,
+        h.service().sni,
+        h.http01,
+        h.alpn01,
+        run_in_thread=threads,
+        ca_factory=lambda config, store: h.ca,
+        rng=random.Random(7),
+        in_reactor=in_reactor,
+    )
+    svc.startService()
+    threads.run_all()
+    assert len(h.ca.issued) == 1 and svc._acme["example.com"].serial is not None
+    assert len(through) >= 4  # put and remove, for each of the two names
+    svc.stopService()
+
+
+class _ThreadReactor(Clock):
+    """A Clock whose callFromThread only queues; the test thread plays the reactor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import queue
+
+        self.calls: queue.Queue = queue.Queue()
+
+    def callFromThread(self, f, *args):  # type: ignore[no-untyped-def]
+        self.calls.put((f, args))
+
+
+def test_worker_waits_for_the_reactor_to_change_a_table(h: Harness) -> None:
+    """A worker thread's table change runs on the reactor's turn, and the worker gets its result."""
+    import threading
+
+    reactor = _ThreadReactor()
+    svc = CertificateService(reactor, h.config, None, h.http01, h.alpn01)
+    got: list[object] = []
+    worker = threading.Thread(target=lambda: got.append(svc._in_reactor(h.http01.put, "tok", "tok.thumb")))
+    worker.start()
+    f, args = reactor.calls.get(timeout=10)
+    assert h.http01.get("tok") is None and got == []
+    f(*args)  # the reactor's turn
+    worker.join(10)
+    assert h.http01.get("tok") == "tok.thumb" and got == [None]
+
+
+def test_worker_gives_up_when_the_reactor_never_runs_the_change(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reactor that is shutting down never runs the change: the worker gets an AcmeError instead of hanging."""
+    from tlsproxy.acme import service
+
+    monkeypatch.setattr(service, "IN_REACTOR_PATIENCE", 0.01)
+    svc = CertificateService(_ThreadReactor(), h.config, None, h.http01, h.alpn01)
+    with pytest.raises(AcmeError) as info:
+        svc._in_reactor(h.http01.put, "tok", "tok.thumb")
+    assert info.value.code == "shutdown" and h.http01.get("tok") is None
+
+
+def test_start_reads_once_and_queues_no_scan(tmp_path: Path) -> None:
+    """startService reads the files itself; its first tick queues no second scan (no thread at startup)."""
+    import trustme
+
+    ca = trustme.CA()
+    cert, key = tmp_path / "fullchain.pem", tmp_path / "key.pem"
+    leaf = ca.issue_cert("files.example")
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    up = Upstream(url="http://127.0.0.1:8000", host="127.0.0.1", port=8000)
+    h = Harness(
+        tmp_path, sites=(Site(hosts=("files.example",), upstream=up, tls="files", cert=str(cert), key=str(key)),)
+    )
+    h.service()
+    threads = _QueuedThreads()
+    svc = CertificateService(h.clock, h.config, h.sni, h.http01, h.alpn01, run_in_thread=threads)
+    svc.startService()
+    assert svc._files["files.example"].serial is not None and threads.jobs == []
+    h.clock.advance(2.0)
+    assert len(threads.jobs) == 1
+    svc.stopService()

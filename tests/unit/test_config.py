@@ -188,3 +188,180 @@ def test_wildcard_acme_refused() -> None:
     """A wildcard host with tls = acme is refused (no DNS-01)."""
     (message,) = problems({"acme": ACME, "site": [{**SITE, "hosts": ["*.example.com"]}]})
     assert "DNS-01" in message
+
+
+def test_request_buffering_keys() -> None:
+    """Request buffering is on by default, budgets take sizes like "2M", and the directory defaults under state_dir."""
+    cfg = parse({"acme": ACME, "site": [SITE], "server": {"state_dir": "/srv/tp"}}, "site.toml", {})
+    assert cfg.sites[0].request_buffering is True
+    assert cfg.server.request_buffer_memory == 1024 * 1024
+    assert cfg.server.buffer_directory == "/srv/tp/buffers"
+    server = {
+        "buffer_dir": "/var/tmp/bufs",
+        "request_buffer_memory": "2M",
+        "request_buffer_connection_memory": 8388608,
+        "request_buffer_total_memory": "1G",
+    }
+    site = {**SITE, "request_buffering": False}
+    cfg = parse({"acme": ACME, "site": [site], "server": server}, "site.toml", {})
+    assert cfg.sites[0].request_buffering is False
+    assert cfg.server.buffer_directory == "/var/tmp/bufs"
+    assert (cfg.server.request_buffer_memory, cfg.server.request_buffer_connection_memory) == (2 * 2**20, 8 * 2**20)
+    assert cfg.server.request_buffer_total_memory == 2**30
+
+
+def test_request_buffering_bad_values_named() -> None:
+    """A budget that is not a size and a non-boolean request_buffering are each named."""
+    found = problems(
+        {"acme": ACME, "site": [{**SITE, "request_buffering": "yes"}], "server": {"request_buffer_memory": "lots"}}
+    )
+    assert any(m.startswith("site.toml: server.request_buffer_memory:") and "'lots'" in m for m in found), found
+    assert any("site[0].request_buffering" in m and "true or false" in m for m in found), found
+
+
+def test_body_timeout_reaches_the_server_limits() -> None:
+    """server.body_timeout is read, must be positive, and becomes the HTTP/1.1 body deadline."""
+    from tlsproxy.tap import limits_of
+
+    cfg = parse({"acme": ACME, "site": [SITE], "server": {"body_timeout": 7}}, "site.toml", {})
+    assert limits_of(cfg).body_timeout == 7.0
+    (message,) = problems({"acme": ACME, "site": [SITE], "server": {"body_timeout": 0}})
+    assert "server.body_timeout" in message
+
+
+def test_process_switches_are_not_configuration() -> None:
+    """TLSPROXY_PURE_PYTHON, _CAROOT and _CONFIG are not config keys: no "unknown variable", dev mode stays."""
+    switches = {"TLSPROXY_PURE_PYTHON": "1", "TLSPROXY_CAROOT": "/tmp/ca"}
+    assert load(None, switches).dev
+    cfg = parse({"acme": ACME, "site": [SITE]}, "site.toml", switches)
+    assert cfg.sites[0].name == "example.com"
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_PURE_PYTON": "1"})
+    assert "unknown variable" in message and "TLSPROXY_PURE_PYTHON" in message
+
+
+def test_environment_values_take_the_type_of_their_key() -> None:
+    """1.3 stays the string "1.3"; yes/no are booleans; 20M is a size; a table parses as TOML."""
+    env = {
+        "TLSPROXY_TLS_MIN_VERSION": "1.3",
+        "TLSPROXY_SERVER_ACCESS_LOG": "no",
+        "TLSPROXY_ACME_AGREE_TOS": "yes",
+        "TLSPROXY_SERVER_SHUTDOWN_GRACE": "5",
+        "TLSPROXY_SITE_MAX_BODY_SIZE": "20M",
+        "TLSPROXY_SITE_HSTS": "{ max_age = 0 }",
+        "TLSPROXY_HOSTS": "example.com",
+        "TLSPROXY_UPSTREAM": "http://127.0.0.1:8000",
+    }
+    cfg = load(None, env)
+    assert cfg.tls.min_version == "1.3"
+    assert cfg.server.access_log is False and cfg.acme.agree_tos is True
+    assert cfg.server.shutdown_grace == 5.0
+    assert cfg.sites[0].max_body_size == 20 * 1024 * 1024
+    assert cfg.sites[0].hsts.header_value() is None
+
+
+def test_a_bare_port_is_a_tcp_endpoint() -> None:
+    """A port alone where an endpoint is expected: tcp:PORT, and the admin endpoint stays on loopback."""
+    cfg = parse(
+        {"acme": ACME, "site": [SITE]},
+        "site.toml",
+        {"TLSPROXY_SERVER_ADMIN": "9000", "TLSPROXY_SERVER_HTTP": "24080", "TLSPROXY_SERVER_HTTPS": "8443,9443"},
+    )
+    assert cfg.server.admin == "tcp:9000:interface=127.0.0.1"
+    assert cfg.server.http == ("tcp:24080",)
+    assert cfg.server.https == ("tcp:8443", "tcp:9443")
+    cfg = parse({"acme": ACME, "site": [SITE], "server": {"https": [443], "admin": 9001}}, "site.toml")
+    assert cfg.server.https == ("tcp:443",) and cfg.server.admin == "tcp:9001:interface=127.0.0.1"
+
+
+def test_dev_listeners_stay_on_this_machine() -> None:
+    """The dev proxy's --listen tcp:9443 (or 9443) binds loopback only; an explicit interface is kept."""
+    for given in ("tcp:9443", "9443"):
+        assert config.dev_config(listen=(given,)).server.https == (
+            "tcp:9443:interface=127.0.0.1",
+            r"tcp:9443:interface=\:\:1",
+        )
+    assert config.dev_config(listen=("tcp:9443:interface=0.0.0.0",)).server.https == ("tcp:9443:interface=0.0.0.0",)
+
+
+def test_dev_502_hint_names_the_address() -> None:
+    """The dev proxy's "start your app" hint names the upstream's port when it is not runserver's default."""
+    assert config.dev_app_hint(config.dev_config().sites[0].upstream).endswith("python manage.py runserver)")
+    other = config.dev_config(upstream="http://127.0.0.1:8001").sites[0].upstream
+    assert "python manage.py runserver 127.0.0.1:8001" in config.dev_app_hint(other)
+    unix = config.dev_config(upstream="unix:/tmp/app.sock").sites[0].upstream
+    assert "gunicorn --bind unix:/tmp/app.sock" in config.dev_app_hint(unix)
+
+
+def test_toml_syntax_error_gives_line_and_column(tmp_path: Path) -> None:
+    """A TOML syntax error is placed by line and column, not by a key named "-"."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server]\nhttps = tcp:443\n")
+    with pytest.raises(ConfigError) as info:
+        load(str(bad), {})
+    (problem,) = info.value.problems
+    assert str(problem).startswith(f"{bad}: line 2, column ")
+    assert "not valid TOML" in str(problem) and "(at line" not in str(problem)
+
+
+@pytest.mark.parametrize(
+    ("written", "meant"),
+    [
+        ("https://127.0.0.1:8000", "'http://127.0.0.1:8000'"),
+        ("127.0.0.1:8000", "'http://127.0.0.1:8000'"),
+        ("localhost:8000", "'http://localhost:8000'"),
+        ("/run/gunicorn.sock", "unix:/run/gunicorn.sock"),
+    ],
+)
+def test_upstream_near_misses_say_what_was_meant(written: str, meant: str) -> None:
+    """An https:// upstream, a bare host:port or a bare socket path gets the spelling that works."""
+    (message,) = problems({"acme": ACME, "site": [{**SITE, "upstream": written}]})
+    assert message.startswith("site.toml: site[0].upstream:") and meant in message
+
+
+def test_idn_host_gets_its_xn_form() -> None:
+    """A host written in Unicode is refused with its xn-- form, wildcard kept."""
+    found = problems({"site": [{**SITE, "tls": "local", "hosts": ["bücher.example", "*.bücher.test"]}]})
+    assert any("'xn--bcher-kva.example'" in m for m in found)
+    assert any("'*.xn--bcher-kva.test'" in m for m in found)
+
+
+def test_response_buffering_keys() -> None:
+    """Buffering keys: defaults (1 GiB, state_dir/buffers, 60 s, on), sizes with units, per-site off."""
+    cfg = parse({"acme": ACME, "site": [SITE], "server": {"state_dir": "/srv/tp"}}, "site.toml", {})
+    assert cfg.server.max_response_buffer == 1024**3
+    assert cfg.server.buffer_directory == "/srv/tp/buffers"
+    assert cfg.server.send_timeout == 60.0
+    assert cfg.sites[0].response_buffering is True
+    raw = {
+        "acme": ACME,
+        "site": [{**SITE, "response_buffering": False}],
+        "server": {"max_response_buffer": "64M", "buffer_dir": "/tmp/b", "send_timeout": 5},
+    }
+    cfg = parse(raw, "site.toml", {})
+    assert (cfg.server.max_response_buffer, cfg.server.buffer_directory, cfg.server.send_timeout) == (
+        64 * 1024**2,
+        "/tmp/b",
+        5.0,
+    )
+    assert cfg.sites[0].response_buffering is False
+
+
+def test_response_buffering_bad_values() -> None:
+    """A size that is not one, a send_timeout of 0 and a non-boolean switch are each named."""
+    found = problems(
+        {
+            "acme": ACME,
+            "site": [{**SITE, "response_buffering": "no"}],
+            "server": {"max_response_buffer": "lots", "send_timeout": 0},
+        }
+    )
+    assert any(p.startswith("site.toml: server.max_response_buffer: expected bytes") for p in found)
+    assert any(p.startswith("site.toml: server.send_timeout:") for p in found)
+    assert any(p.startswith("site.toml: site[0].response_buffering: expected true or false") for p in found)
+
+
+def test_host_port_endpoint_says_how_to_write_it() -> None:
+    """TLSPROXY_SERVER_ADMIN=127.0.0.1:9000 is refused with the tcp: string that means it."""
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_ADMIN": "127.0.0.1:9000"})
+    assert message.startswith("environment TLSPROXY_SERVER_ADMIN: server.admin:")
+    assert "tcp:9000:interface=127.0.0.1" in message

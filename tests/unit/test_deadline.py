@@ -5,6 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
 
 from tlsproxy.deadline import TICK, Deadline
 
@@ -109,3 +111,53 @@ def test_a_deadline_moved_later_does_not_hide_an_earlier_one() -> None:
     assert fired == ["other"]
     clock.advance(10)
     assert fired == ["other", "moved"]
+
+
+def test_a_failing_action_does_not_drop_the_others_of_its_tick() -> None:
+    """An action that raises is logged; the other deadlines of its tick and later ones still fire."""
+    clock, fired = Clock(), []
+    failing, same_tick, later = Deadline(clock), Deadline(clock), Deadline(clock)
+
+    def boom() -> None:
+        raise RuntimeError("boom")
+
+    failing.set(1, boom)
+    same_tick.set(1, lambda: fired.append("same tick"))
+    later.set(3, lambda: fired.append("later"))
+    logged: list[dict] = []
+    observer = logged.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        clock.advance(1)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert fired == ["same tick"]
+    assert any(isinstance(event.get("log_failure"), Failure) for event in logged)
+    clock.advance(2)
+    assert fired == ["same tick", "later"]
+
+
+def test_stopped_deadlines_leave_the_wheel_at_once() -> None:
+    """Deadlines stopped before their time hold no place on the wheel (one per ended h2 stream adds up)."""
+    clock = Clock()
+    kept = Deadline(clock)
+    kept.set(60, lambda: None)
+    wheel = kept._wheel
+    for _ in range(1000):
+        deadline = Deadline(clock)
+        deadline.set(60, lambda: None)
+        deadline.stop()
+    assert sum(len(bucket) for bucket in wheel._buckets.values()) == 1
+    kept.stop()
+    assert wheel._buckets == {}
+
+
+def test_moving_earlier_leaves_the_later_bucket() -> None:
+    """A deadline moved earlier is filed once, not also left behind in its later bucket."""
+    clock, fired = Clock(), []
+    deadline = Deadline(clock)
+    deadline.set(60, lambda: fired.append("late"))
+    deadline.set(5, lambda: fired.append("early"))
+    assert sum(len(bucket) for bucket in deadline._wheel._buckets.values()) == 1
+    clock.advance(60)
+    assert fired == ["early"]

@@ -12,6 +12,7 @@ from tlsproxy.proxy.headers import (
     cookie_is_secure,
     is_trusted,
     response_headers,
+    upstream_request_head,
     upstream_request_headers,
 )
 
@@ -73,6 +74,27 @@ def test_hop_by_hop_and_connection_named_removed() -> None:
     )
     assert b"x-secret" not in out and b"te" not in out and b"connection" not in out
     assert b"transfer-encoding" not in out and b"content-length" not in out
+
+
+def test_underscore_spellings_of_framing_headers_dropped() -> None:
+    """Transfer_Encoding, Content_Length and other hop-by-hop names spelt with underscores never reach the app."""
+    sent = [
+        (b"transfer_encoding", b"chunked"),
+        (b"content_length", b"5"),
+        (b"Content_length".lower(), b"6"),
+        (b"keep_alive", b"1"),
+        (b"proxy_connection", b"close"),
+        (b"x_custom_thing", b"kept"),
+    ]
+    out = upstream(sent)
+    names = [name for name, _ in out]
+    assert b"x_custom_thing" in names
+    assert [n for n in names if b"_" in n] == [b"x_custom_thing"]
+    head = upstream_request_head(
+        b"POST", b"/", b"example.com", sent, "203.0.113.9", b"https", 443, False, b"", b"content-length: 3"
+    )
+    assert b"transfer_encoding" not in head and b"content_length" not in head
+    assert b"x_custom_thing: kept" in head
 
 
 def test_connection_cannot_strip_forwarding() -> None:

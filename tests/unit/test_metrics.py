@@ -42,5 +42,17 @@ def test_certificate_expiry_from_served_context() -> None:
     m = Metrics()
     m.watch_certificates(lambda: {"a.test": TLSPolicy().context_for(leaf), "waiting.test": None})
     got = samples(m)
-    assert got[("tlsproxy_certificate_not_after_seconds", (("site", "a.test"),))] == leaf.not_after.timestamp()
+    when = leaf.not_after.timestamp()
+    assert got[("tlsproxy_certificate_expiry_timestamp_seconds", (("site", "a.test"),))] == when
+    assert got[("tlsproxy_certificate_not_after_seconds", (("site", "a.test"),))] == when  # the former name, for now
     assert not any(labels == (("site", "waiting.test"),) for _, labels in got)
+
+
+def test_process_metrics_are_exported() -> None:
+    """/metrics shows the process's resident memory and open file descriptors (Linux /proc)."""
+    import os
+
+    got = samples(Metrics())
+    assert got[("process_resident_memory_bytes", ())] > 1_000_000
+    fds = got[("process_open_fds", ())]
+    assert fds >= 3 and abs(fds - len(os.listdir("/proc/self/fd"))) <= 2

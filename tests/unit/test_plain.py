@@ -43,6 +43,12 @@ class PlainTests(SynchronousTestCase):
         self.assertTrue(out.startswith(b"HTTP/1.1 301"))
         self.assertIn(b"Location: https://www.example.com/a/b?c=d&e\r\n", out)
 
+    def test_host_with_trailing_dot_is_the_same_host(self) -> None:
+        """Host: www.example.com. is routed as www.example.com (the absolute form of the same name)."""
+        out = self.request(b"GET /a HTTP/1.1\r\nHost: www.example.com.\r\n\r\n")
+        self.assertTrue(out.startswith(b"HTTP/1.1 301"))
+        self.assertIn(b"Location: https://www.example.com/a\r\n", out)
+
     def test_post_redirect_keeps_method(self) -> None:
         """Non-GET requests get 308 so the method survives."""
         out = self.request(b"POST /f HTTP/1.1\r\nHost: example.com\r\nContent-Length: 0\r\n\r\n")
@@ -64,3 +70,6 @@ class PlainTests(SynchronousTestCase):
         self.assertEqual(split_host_port(b"Example.com:80"), ("example.com", 80))
         self.assertEqual(split_host_port(b"[::1]:8080"), ("::1", 8080))
         self.assertEqual(split_host_port(b"example.com"), ("example.com", None))
+        self.assertEqual(split_host_port(b"Example.com."), ("example.com", None))
+        self.assertEqual(split_host_port(b"example.com.:8443"), ("example.com", 8443))
+        self.assertEqual(split_host_port(b"example.com.."), ("example.com.", None))

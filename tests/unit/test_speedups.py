@@ -44,6 +44,8 @@ _NAMES = [
     b"Strict-Transport-Security",
     b"X-Forwarded-For",
     b"X_Forwarded_Proto",
+    b"Transfer_Encoding",
+    b"content_length",
     b"x-forwarded-host",
     b"X-Forwarded-Port",
     b"Forwarded",
@@ -76,6 +78,10 @@ _VALUES = [
     b"upgrade, x-thing",
     b"keep-alive, X-Forwarded-For, host, te",
     b"websocket",
+    b"WebSocket",
+    b"h2c",
+    b"a.test.",
+    b"a.test.:8443",
     b"a=1; Path=/",
     b"b=2; Secure",
     b"c=3; secure=1",
@@ -174,6 +180,8 @@ def outcome(fn: Any, *args: Any) -> Any:
 @example(b"GET /ws HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n", 100)
 @example(b"POST /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\nContent-Length: 5\r\n", 100)
 @example(b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: ws\r\nContent-Length: 0\r\n", 100)
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n", 100)
+@example(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: WebSocket\r\n", 100)
 @example(b"GET / HTTP/1.0\r\nConnection: \r\nConnection: Keep-Alive\r\n", 100)
 @example(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n", 100)
 def test_parse_request_head_same(head: bytes, max_count: int) -> None:

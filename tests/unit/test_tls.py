@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from unittest import SkipTest
+
 import trustme
 from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
-from tests.tlsutil import certified, client_context, handshake
+from tests.tlsutil import Outcome, certified, client_context, handshake
 from tlsproxy.acme.challenges import TLSALPN01Answers
-from tlsproxy.tls.policy import TLSPolicy, cipher_names
-from tlsproxy.tls.sni import SniMap, SniServer
+from tlsproxy.tls.policy import TLSPolicy, cipher_names, supported_groups
+from tlsproxy.tls.sni import NoChallengePending, SniMap, SniServer
 
 
 class SniTests(SynchronousTestCase):
@@ -139,7 +141,7 @@ class SniTests(SynchronousTestCase):
     def test_only_intermediate_groups(self) -> None:
         """A client offering only ffdhe or secp521r1 groups gets no handshake."""
         ctx = client_context(max_version=SSL.TLS1_3_VERSION)
-        from OpenSSL._util import lib
+        from tlsproxy.compat.openssl import lib
 
         lib.SSL_CTX_set1_curves_list(ctx._context, b"P-521")
         outcome = handshake(self.server.serverConnectionForTLS(None), ctx, "a.test")
@@ -175,6 +177,23 @@ class AcmeTlsAlpnTests(SynchronousTestCase):
         outcome = handshake(self.server.serverConnectionForTLS(None), client_context(alpn=[b"acme-tls/1"]), "a.test")
         self.assertFalse(outcome.ok)
 
+    def test_acme_alpn_without_challenge_is_no_application_protocol(self) -> None:
+        """The alert for acme-tls/1 with nothing pending is no_application_protocol, not internal_error."""
+        server = self.server.serverConnectionForTLS(None)
+        server.set_accept_state()
+        client = SSL.Connection(client_context(alpn=[b"acme-tls/1"]), None)
+        client.set_connect_state()
+        client.set_tlsext_host_name(b"a.test")
+        with self.assertRaises(SSL.WantReadError):
+            client.do_handshake()
+        server.bio_write(client.bio_read(1 << 16))
+        with self.assertRaises(NoChallengePending):
+            server.do_handshake()
+        client.bio_write(server.bio_read(1 << 16))  # the alert
+        with self.assertRaises(SSL.Error) as info:
+            client.do_handshake()
+        self.assertIn("no application protocol", str(info.exception))
+
     def test_challenge_for_site_without_certificate(self) -> None:
         """A site still waiting for its first certificate can answer TLS-ALPN-01."""
         sni_map = SniMap([("new.test", ["new.test"])])
@@ -197,3 +216,33 @@ class CipherNamesTests(SynchronousTestCase):
         for name in names:
             self.assertTrue(name.startswith("ECDHE-"), name)
             self.assertTrue("GCM" in name or "CHACHA20" in name, name)
+
+
+class GroupTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.server = SniServer(TLSPolicy(), SniMap([("a.test", ["a.test"])]))
+        self.server.sni_map.set_context("a.test", self.server.context_for(certified(trustme.CA(), "a.test")))
+
+    def offering(self, groups: bytes) -> Outcome:
+        ctx = client_context()
+        from tlsproxy.compat.openssl import lib
+
+        assert lib.SSL_CTX_set1_curves_list(ctx._context, groups) == 1
+        return handshake(self.server.serverConnectionForTLS(None), ctx, "a.test")
+
+    def test_post_quantum_first(self) -> None:
+        """X25519MLKEM768 leads the offered groups, and a client offering only it gets a handshake."""
+        if not supported_groups(("X25519MLKEM768",)):
+            raise SkipTest("the OpenSSL under pyOpenSSL has no X25519MLKEM768")
+        self.assertEqual(TLSPolicy().groups, "X25519MLKEM768:X25519:P-256:P-384")
+        self.assertTrue(self.offering(b"X25519MLKEM768").ok)
+
+    def test_classic_groups_kept(self) -> None:
+        """X25519, P-256 and P-384 are still offered, in that order, after any post-quantum group."""
+        self.assertEqual(TLSPolicy().groups.split(":")[-3:], ["X25519", "P-256", "P-384"])
+        for classic in (b"X25519", b"P-256", b"P-384"):
+            self.assertTrue(self.offering(classic).ok, classic)
+
+    def test_unknown_group_left_out(self) -> None:
+        """A group this OpenSSL does not know is dropped rather than failing every context."""
+        self.assertEqual(supported_groups(("NoSuchGroup", "X25519")), "X25519")

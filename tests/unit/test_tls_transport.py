@@ -118,6 +118,19 @@ class TransportTests(SynchronousTestCase):
         self.assertEqual(self.metrics.handshakes.value, 1)
         self.assertEqual(self.app.tracker.protocols, {server})
 
+    def test_nagle_is_off(self) -> None:
+        """Every accepted connection turns Nagle off, so a small record never waits for the client's ACK."""
+
+        class TCP(StringTransport):
+            no_delay: bool | None = None
+
+            def setTcpNoDelay(self, enabled: bool) -> None:
+                self.no_delay = enabled
+
+        tcp = TCP()
+        self.factory.buildProtocol(None).makeConnection(tcp)
+        self.assertIs(tcp.no_delay, True)
+
     def test_no_alpn_means_http11(self) -> None:
         """A client that offers no ALPN speaks HTTP/1.1."""
         server, tcp, client = self.connect()

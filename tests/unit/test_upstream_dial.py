@@ -21,9 +21,8 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.config import Upstream
-from tlsproxy.eventloop import streamline
+from tlsproxy.eventloop import send_now, streamline
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamPool, UpstreamTransport, describe_connect_failure
-from tlsproxy.tls.transport import send_now
 
 
 def have_ipv6() -> bool:

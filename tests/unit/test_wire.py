@@ -132,6 +132,10 @@ def test_request_head_fields() -> None:
         (b"GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n", False, b""),
         # With a body, the request is served as it is.
         (b"POST / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 3\r\n", True, b""),
+        # Only WebSocket is tunnelled: any other protocol is a plain request, kept alive.
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n", True, b""),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket, h2c\r\n", True, b""),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: WebSocket\r\n", False, b"WebSocket"),
     ],
 )
 def test_keep_alive_and_upgrade(head: bytes, keep_alive: bool, upgrade: bytes) -> None:

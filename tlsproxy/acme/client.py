@@ -38,8 +38,10 @@ from acme import messages
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.logger import Logger
 
 from tlsproxy.acme.ari import AriError, RenewalInfo, cert_id, parse_renewal_info, parse_retry_after
+from tlsproxy.compat.acme import RetryingNetwork, signed_post
 
 USER_AGENT = "tlsproxy (acme-python)"
 REVOCATION_REASONS = {
@@ -48,6 +50,9 @@ REVOCATION_REASONS = {
     "superseded": 4,
     "cessationOfOperation": 5,
 }
+
+
+log = Logger()
 
 
 class AcmeError(Exception):
@@ -64,6 +69,13 @@ class AcmeError(Exception):
         self.detail = detail
         self.code = code
         self.retry_after = retry_after
+
+
+def account_gone(error: AcmeError) -> bool:
+    """The CA no longer knows our account (deleted, or a CA that lost its data): register again."""
+    if error.code == "accountDoesNotExist":
+        return True
+    return error.code == "unauthorized" and "account" in error.detail.lower()
 
 
 @dataclass(frozen=True)
@@ -151,30 +163,6 @@ class _Body(jose.JSONDeSerializable):
         return cls(jobj)
 
 
-class _Network(acme_client.ClientNetwork):
-    """ClientNetwork that retries badNonce a few times and remembers Retry-After."""
-
-    nonce_retries = 5
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.last_retry_after: str | None = None
-
-    def _send_request(self, method: str, url: str, *args: Any, **kwargs: Any) -> requests.Response:
-        response = super()._send_request(method, url, *args, **kwargs)
-        self.last_retry_after = response.headers.get("Retry-After")
-        return response
-
-    def post(self, *args: Any, **kwargs: Any) -> requests.Response:
-        for _ in range(self.nonce_retries):
-            try:
-                return self._post_once(*args, **kwargs)
-            except messages.Error as error:
-                if error.code != "badNonce":
-                    raise
-        return self._post_once(*args, **kwargs)
-
-
 def _jwk(key: ec.EllipticCurvePrivateKey) -> jose.JWKEC:
     return jose.JWKEC(key=key)
 
@@ -231,7 +219,7 @@ class AcmeClient:
         self._on_registered = on_registered
         self._sleep = sleep
         self._poll_interval = poll_interval
-        self._net = _Network(
+        self._net = RetryingNetwork(
             key=_jwk(account_key),
             alg=jose.ES256,
             verify_ssl=trust_bundle(ca_bundle) if ca_bundle else True,  # type: ignore[arg-type]
@@ -272,9 +260,30 @@ class AcmeClient:
         return self._client
 
     def _post(self, what: str, url: str, body: dict[str, Any] | None, **kwargs: Any) -> requests.Response:
-        self.account()
         payload = _Body(body) if body is not None else None
-        return self._call(what, lambda: self._acme._post(url, payload, **kwargs))
+        return self._as_account(what, lambda: signed_post(self._acme, url, payload, **kwargs))
+
+    def _as_account(self, what: str, fn: Callable[[], Any]) -> Any:
+        """One call signed with the account; an account the CA no longer knows is registered again, once."""
+        self.account()
+        try:
+            return self._call(what, fn)
+        except AcmeError as e:
+            if not account_gone(e):
+                raise
+            self._register_again(e)
+        return self._call(what, fn)
+
+    def _register_again(self, error: AcmeError) -> None:
+        """Forget the account URL the CA refused and register this key anew (RFC 8555 section 7.3)."""
+        log.warn(
+            "the CA refuses account {account} ({detail}); registering again",
+            account=self._account_url,
+            detail=error.detail,
+        )
+        self._account_url = None
+        self._net.account = None
+        self.account()
 
     def key_authorization(self, token: str) -> str:
         thumbprint = _jwk(self._key).thumbprint()
@@ -428,8 +437,7 @@ class AcmeClient:
             raise AcmeError("fetching renewal information", str(e), "malformed") from None
 
     def revoke(self, cert: x509.Certificate, reason: int) -> None:
-        self.account()
-        self._call("revoking the certificate", lambda: self._acme.revoke(cert, reason))
+        self._as_account("revoking the certificate", lambda: self._acme.revoke(cert, reason))
 
     def rollover(self, new_key: ec.EllipticCurvePrivateKey) -> None:
         account_url = self.account()
@@ -437,7 +445,7 @@ class AcmeClient:
         old_public = _jwk(self._key).public_key().to_partial_json()
         payload = json.dumps({"account": account_url, "oldKey": old_public}).encode()
         inner = acme_jws.JWS.sign(payload, key=_jwk(new_key), alg=jose.ES256, nonce=None, url=url)
-        self._call("changing the account key", lambda: self._acme._post(url, inner))
+        self._call("changing the account key", lambda: signed_post(self._acme, url, inner))
         self._key = new_key
         self._net.key = _jwk(new_key)
 

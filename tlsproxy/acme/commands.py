@@ -41,16 +41,33 @@ def _when(value: datetime.datetime | None) -> str:
     return value.strftime("%Y-%m-%d %H:%M UTC") if value is not None else "-"
 
 
-def _find_site(config: Config, name: str, out: TextIO, want_acme: bool) -> Site | None:
+def _find_site(config: Config, name: str, err: TextIO, want_acme: bool) -> Site | None:
     site = config.site_named(name)
     if site is None:
         names = ", ".join(h for s in config.sites for h in s.hosts) or "none configured"
-        out.write(f"error: no site has the name {name!r} (names: {names})\n")
+        err.write(f"error: no site has the name {name!r} (names: {names})\n")
         return None
     if want_acme and site.tls != "acme":
-        out.write(f"error: {site.name} gets its certificate from tls = {site.tls!r}, not ACME\n")
+        err.write(f"error: {site.name} gets its certificate from tls = {site.tls!r}, not ACME\n")
         return None
     return site
+
+
+def _local_site(site: Site, out: TextIO) -> None:
+    """A tls = "local" site: its leaves live in the running proxy's memory only, so say where they come from."""
+    from tlsproxy import devca
+
+    caroot = devca.default_caroot()
+    try:
+        root = devca.read_root_only(caroot)
+        issuer = root.subject.rfc4514_string() if root is not None else f"none yet (made in {caroot} on first start)"
+    except devca.CAError as e:
+        issuer = f"cannot read: {e}"
+    out.write(f"{site.name}\n")
+    out.write(f"  hosts:        {', '.join(site.hosts)}\n")
+    out.write("  source:       local (leaves issued in memory by the running proxy, never stored)\n")
+    out.write(f"  issuer:       {issuer}\n")
+    out.write("  next renewal: by the running proxy, a third of a leaf's 7 days before it ends\n")
 
 
 def certs(config: Config, out: TextIO) -> int:
@@ -59,6 +76,7 @@ def certs(config: Config, out: TextIO) -> int:
     now = _now()
     for site in config.sites:
         if site.tls == "local":
+            _local_site(site, out)
             continue
         certified: CertifiedKey | None = None
         problem = ""
@@ -96,9 +114,9 @@ def certs(config: Config, out: TextIO) -> int:
     return 0
 
 
-def _report(outcome: Outcome, out: TextIO, site: Site) -> int:
+def _report(outcome: Outcome, out: TextIO, site: Site, err: TextIO) -> int:
     if outcome.error is not None:
-        out.write(f"error: {site.name}: {outcome.error}; next attempt {_when(outcome.meta.next_attempt)}\n")
+        err.write(f"error: {site.name}: {outcome.error}; next attempt {_when(outcome.meta.next_attempt)}\n")
         return 1
     if outcome.renewed and outcome.certified is not None:
         out.write(
@@ -118,9 +136,11 @@ def renew(
     *,
     ca_factory: CAFactory = default_ca_factory,
     responder: ChallengeResponder | None = None,
+    err: TextIO | None = None,
 ) -> int:
     """Renew NAME's site if due (or ``force``); a running proxy serves the challenges and the result."""
-    site = _find_site(config, name, out, want_acme=True)
+    err = err or out
+    site = _find_site(config, name, err, want_acme=True)
     if site is None:
         return 2
     store = CertificateStore(config.server.state_dir)
@@ -130,9 +150,9 @@ def renew(
             store, ca, site_request(config, site), responder or _store_responder(config, store, out), _now, force=force
         )
     except (AcmeError, StoreError) as e:
-        out.write(f"error: {site.name}: {e}\n")
+        err.write(f"error: {site.name}: {e}\n")
         return 1
-    return _report(outcome, out, site)
+    return _report(outcome, out, site, err)
 
 
 def revoke(
@@ -143,28 +163,30 @@ def revoke(
     *,
     ca_factory: CAFactory = default_ca_factory,
     responder: ChallengeResponder | None = None,
+    err: TextIO | None = None,
 ) -> int:
     """Revoke NAME's current certificate, then obtain a fresh one."""
+    err = err or out
     if reason not in REVOCATION_REASONS:
-        out.write(f"error: unknown reason {reason!r} (one of: {', '.join(REVOCATION_REASONS)})\n")
+        err.write(f"error: unknown reason {reason!r} (one of: {', '.join(REVOCATION_REASONS)})\n")
         return 2
-    site = _find_site(config, name, out, want_acme=True)
+    site = _find_site(config, name, err, want_acme=True)
     if site is None:
         return 2
     store = CertificateStore(config.server.state_dir)
     try:
         current = store.load_certificate(site.name)
     except CertificateError as e:
-        out.write(f"error: {site.name}: the stored certificate cannot be read: {e.reason}\n")
+        err.write(f"error: {site.name}: the stored certificate cannot be read: {e.reason}\n")
         return 1
     if current is None:
-        out.write(f"error: {site.name} has no stored certificate to revoke\n")
+        err.write(f"error: {site.name} has no stored certificate to revoke\n")
         return 1
     try:
         ca = ca_factory(config, store)
         ca.revoke(current.leaf, REVOCATION_REASONS[reason])
     except (AcmeError, StoreError) as e:
-        out.write(f"error: revoking {site.name} (serial {current.leaf.serial_number:x}): {e}\n")
+        err.write(f"error: revoking {site.name} (serial {current.leaf.serial_number:x}): {e}\n")
         return 1
     out.write(f"{site.name}: revoked serial {current.leaf.serial_number:x} ({reason}); obtaining a new certificate\n")
     try:
@@ -172,16 +194,19 @@ def revoke(
             store, ca, site_request(config, site), responder or _store_responder(config, store, out), _now, force=True
         )
     except (AcmeError, StoreError) as e:
-        out.write(f"error: {site.name}: {e}\n")
+        err.write(f"error: {site.name}: {e}\n")
         return 1
-    return _report(outcome, out, site)
+    return _report(outcome, out, site, err)
 
 
-def account_rollover(config: Config, out: TextIO, *, ca_factory: CAFactory = default_ca_factory) -> int:
+def account_rollover(
+    config: Config, out: TextIO, *, ca_factory: CAFactory = default_ca_factory, err: TextIO | None = None
+) -> int:
     """Replace the account key (RFC 8555 key change); the account and its certificates stay."""
+    err = err or out
     store = CertificateStore(config.server.state_dir)
     if store.load_account_key() is None:
-        out.write(f"error: no ACME account in {store.root} yet (it is made with the first certificate)\n")
+        err.write(f"error: no ACME account in {store.root} yet (it is made with the first certificate)\n")
         return 1
     try:
         ca = ca_factory(config, store)
@@ -196,7 +221,7 @@ def account_rollover(config: Config, out: TextIO, *, ca_factory: CAFactory = def
             pending.unlink()
             store.save_registration(config.acme.directory_url, url)
     except (AcmeError, StoreError) as e:
-        out.write(f"error: account key rollover: {e}\n")
+        err.write(f"error: account key rollover: {e}\n")
         return 1
     out.write(f"account {url}: key replaced (ECDSA P-256), saved in {store.account_key_path}\n")
     return 0

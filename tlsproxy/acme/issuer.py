@@ -28,7 +28,7 @@ from tlsproxy.acme.client import AcmeError, Authorization, CertificateAuthority,
 from tlsproxy.acme.scheduler import CertificateState, RenewalPolicy, Window, backoff_delay, decide, renewal_time
 from tlsproxy.acme.selfcheck import Answer
 from tlsproxy.certs.model import CertificateError, CertifiedKey, PrivateKey
-from tlsproxy.certs.store import CertificateStore, SiteMeta
+from tlsproxy.certs.store import CertificateStore, SiteMeta, StoreError
 
 log = Logger()
 
@@ -44,24 +44,41 @@ class ChallengeResponder(Protocol):
         """Called once everything is published, before the CA is told to look."""
 
 
-class TableResponder:
-    """Answers served by this process's own listeners, through the shared tables."""
+def _call_here(f: Callable[..., object], *args: object) -> object:
+    return f(*args)
 
-    def __init__(self, http01: HTTP01Answers, alpn01: TLSALPN01Answers) -> None:
+
+class TableResponder:
+    """Answers served by this process's own listeners, through the shared tables.
+
+    The reactor reads the tables; ``in_reactor`` (the service's runs the call
+    on the reactor thread and waits) makes every change there, so a renewal
+    thread never writes them itself, and the answer is in place before the CA
+    looks.
+    The tls-alpn-01 certificate is made in the caller's thread.
+    """
+
+    def __init__(
+        self,
+        http01: HTTP01Answers,
+        alpn01: TLSALPN01Answers,
+        in_reactor: Callable[..., object] = _call_here,
+    ) -> None:
         self.http01 = http01
         self.alpn01 = alpn01
+        self._in_reactor = in_reactor
 
     def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
         if kind == "http-01":
-            self.http01.put(token, key_authorization)
+            self._in_reactor(self.http01.put, token, key_authorization)
         elif kind == "tls-alpn-01":
-            self.alpn01.put(host, challenge_context(host, key_authorization))
+            self._in_reactor(self.alpn01.put, host, challenge_context(host, key_authorization))
 
     def withdraw(self, kind: str, host: str, token: str) -> None:
         if kind == "http-01":
-            self.http01.remove(token)
+            self._in_reactor(self.http01.remove, token)
         elif kind == "tls-alpn-01":
-            self.alpn01.remove(host)
+            self._in_reactor(self.alpn01.remove, host)
 
     def ready(self) -> None:
         pass
@@ -323,8 +340,9 @@ class Outcome:
     certified: CertifiedKey | None
     meta: SiteMeta
     renewed: bool = False
-    error: AcmeError | None = None
+    error: AcmeError | StoreError | None = None
     next_check: datetime.datetime | None = None
+    unsaved: CertifiedKey | None = None  # issued, but the store could not take it: pass it to the next check
 
 
 def window_of(meta: SiteMeta, certified: CertifiedKey | None) -> Window | None:
@@ -358,6 +376,9 @@ def load_usable(
     except CertificateError as e:
         log.warn("stored certificate for {site} is unusable: {reason}", site=name, reason=e.reason)
         return None
+    except OSError as e:
+        log.warn("stored certificate for {site} cannot be read: {reason}", site=name, reason=e.strerror or str(e))
+        return None
     if certified is None or certified.uncovered(hosts) or certified.not_after <= now:
         return None
     return certified
@@ -383,6 +404,36 @@ def _refresh_ari(ca: CertificateAuthority, meta: SiteMeta, certified: CertifiedK
     )
 
 
+def _failed(
+    store: CertificateStore,
+    request: SiteRequest,
+    meta: SiteMeta,
+    current: CertifiedKey | None,
+    error: AcmeError | StoreError,
+    at: datetime.datetime,
+    policy: RenewalPolicy,
+    rand: float,
+    doing: str,
+) -> Outcome:
+    """Record a failed attempt (if the disk lets us) and when to try again, with backoff."""
+    failures = meta.failures + 1
+    delay = backoff_delay(failures, policy, rand, getattr(error, "retry_after", None))
+    retry = at + datetime.timedelta(seconds=delay)
+    meta = replace(meta, last_error=str(error), failures=failures, last_attempt=at, next_attempt=retry)
+    try:
+        store.save_meta(request.name, meta)
+    except StoreError as e:
+        log.warn("{error}", error=str(e))
+    log.error(
+        "{doing} a certificate for {hosts} failed: {error}; next attempt at {retry}",
+        doing=doing,
+        hosts=", ".join(request.hosts),
+        error=str(error),
+        retry=retry.isoformat(),
+    )
+    return Outcome(current, meta, error=error, next_check=retry)
+
+
 def renew_site(
     store: CertificateStore,
     ca: CertificateAuthority,
@@ -394,12 +445,26 @@ def renew_site(
     policy: RenewalPolicy = RenewalPolicy(),
     rand: float = 0.5,
     lock_timeout: float = 600.0,
+    unsaved: CertifiedKey | None = None,
 ) -> Outcome:
-    """Check one site under the store lock and order a certificate if it is due (or ``force``)."""
+    """Check one site under the store lock and order a certificate if it is due (or ``force``).
+
+    ``unsaved`` is a certificate an earlier check got but could not store (a
+    full disk): it is stored now instead of ordering again, which would spend
+    the CA's duplicate-certificate limit.
+    """
     with store.locked(timeout=lock_timeout):
+        store.tidy(request.name)  # what an interrupted write left behind
         at = now()
         meta = store.load_meta(request.name)
         current = load_usable(store, request.name, request.hosts, at)
+        if (
+            unsaved is not None
+            and check_issued(unsaved, request.hosts, at) is None
+            and (current is None or unsaved.not_after > current.not_after)
+        ):
+            log.info("storing the certificate for {hosts} got earlier", hosts=", ".join(request.hosts))
+            return _store_issued(store, request, meta, unsaved, now(), policy, rand)
         try:
             ari = current is not None and ca.supports_ari()
         except AcmeError as e:  # the CA is unreachable: decide without ARI; ordering will record the error
@@ -410,7 +475,10 @@ def renew_site(
         decision = decide(at, state_of(meta, current), policy, rand)
         if not (force or meta.renew_requested or decision.renew):
             meta = replace(meta, next_attempt=decision.at)
-            store.save_meta(request.name, meta)
+            try:
+                store.save_meta(request.name, meta)
+            except StoreError as e:  # only the record of this check is lost; the certificate is fine
+                log.warn("{error}", error=str(e))
             return Outcome(current, meta, next_check=decision.at)
         replaces = ""
         if ari and current is not None:
@@ -434,28 +502,44 @@ def renew_site(
                 replaces=replaces,
             )
         except AcmeError as e:
-            failures = meta.failures + 1
-            at = now()
-            delay = backoff_delay(failures, policy, rand, e.retry_after)
-            retry = at + datetime.timedelta(seconds=delay)
-            meta = replace(meta, last_error=str(e), failures=failures, last_attempt=at, next_attempt=retry)
-            store.save_meta(request.name, meta)
-            log.error(
-                "ordering a certificate for {hosts} failed: {error}; next attempt at {retry}",
-                hosts=", ".join(request.hosts),
-                error=str(e),
-                retry=retry.isoformat(),
-            )
-            return Outcome(current, meta, error=e, next_check=retry)
-        at = now()
-        meta = SiteMeta(hosts=request.hosts, last_attempt=at).describe_certificate(certified)
-        due = renewal_time(certified.not_before, certified.not_after, None, rand)
-        meta = replace(meta, next_attempt=due)
-        meta = store.save_certificate(request.name, certified, meta)
-        log.info(
-            "certificate for {hosts} stored: serial {serial}, not after {not_after}",
-            hosts=", ".join(request.hosts),
-            serial=meta.serial,
-            not_after=certified.not_after.isoformat(),
-        )
-        return Outcome(certified, meta, renewed=True, next_check=due)
+            return _failed(store, request, meta, current, e, now(), policy, rand, "ordering")
+        return _store_issued(store, request, meta, certified, now(), policy, rand)
+
+
+def check_issued(certified: CertifiedKey, hosts: Sequence[str], at: datetime.datetime) -> str | None:
+    """Why an issued certificate cannot be stored for ``hosts`` now, or None."""
+    if certified.uncovered(hosts):
+        return "it does not cover every host"
+    if certified.not_after <= at:
+        return "it has expired"
+    return None
+
+
+def _store_issued(
+    store: CertificateStore,
+    request: SiteRequest,
+    meta: SiteMeta,
+    certified: CertifiedKey,
+    at: datetime.datetime,
+    policy: RenewalPolicy,
+    rand: float,
+) -> Outcome:
+    """Store a newly issued certificate; if the store fails, the outcome keeps it for the next check."""
+    fresh = SiteMeta(hosts=request.hosts, last_attempt=at).describe_certificate(certified)
+    due = renewal_time(certified.not_before, certified.not_after, None, rand)
+    try:
+        saved = store.save_certificate(request.name, certified, replace(fresh, next_attempt=due))
+    except StoreError as e:
+        # The old pair (or, if only meta.json failed, the new one) is what the store holds.
+        stored = load_usable(store, request.name, request.hosts, at)
+        outcome = _failed(store, request, meta, stored, e, at, policy, rand, "storing")
+        if stored is None or stored.leaf.serial_number != certified.leaf.serial_number:
+            outcome = replace(outcome, unsaved=certified)
+        return outcome
+    log.info(
+        "certificate for {hosts} stored: serial {serial}, not after {not_after}",
+        hosts=", ".join(request.hosts),
+        serial=saved.serial,
+        not_after=certified.not_after.isoformat(),
+    )
+    return Outcome(certified, saved, renewed=True, next_check=due)

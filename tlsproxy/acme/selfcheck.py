@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from cryptography import x509
 
 from tlsproxy.acme.alpn01 import ACME_IDENTIFIER_OID, acme_identifier_value
+from tlsproxy.compat.twisted import parse_server_endpoint
 
 Address = tuple[str, int] | str  # (host, port) for TCP, a path for a unix socket
 
@@ -43,13 +44,11 @@ def local_address(description: str) -> Address | None:
     ``tcp:80`` -> ("127.0.0.1", 80); ``tcp:443:interface=\\:\\:`` -> ("::1", 443);
     ``unix:/run/tlsproxy.sock`` -> "/run/tlsproxy.sock"; ``systemd:...`` -> None.
     """
-    from twisted.internet.endpoints import _parseServer
-
     kind = description.split(":", 1)[0].lower()
     if kind not in ("tcp", "unix"):
         return None  # systemd: sockets, and ssl: (whose key files parsing would read)
     try:
-        _kind, args, kwargs = _parseServer(description, None)
+        _kind, args, kwargs = parse_server_endpoint(description)
     except Exception:  # Twisted raises assorted types for bad strings
         return None
     if kind == "unix":

@@ -3,9 +3,9 @@
 One :class:`~twisted.internet.task.LoopingCall` on the injected clock drives
 everything, every ``poll_interval`` seconds:
 
-* each ``tls = "acme"`` site's store files are ``stat``-ed; a change made by
-  anyone (this process, the ``tlsproxy`` command, another proxy) is read,
-  validated and swapped into the SNI map;
+* each ``tls = "acme"`` site's store files are ``stat``-ed; a new key or chain
+  written by anyone (this process, the ``tlsproxy`` command, another proxy) is
+  read, validated and swapped into the SNI map;
 * each ``tls = "files"`` site's cert/key files are watched the same way
   (certbot or acme-tiny renewals);
 * challenge answers the ``tlsproxy`` command published in the store are
@@ -13,6 +13,13 @@ everything, every ``poll_interval`` seconds:
   the ports;
 * a site whose check time has come gets a renewal check in a thread
   (:func:`~tlsproxy.acme.issuer.renew_site`), one at a time.
+
+The polling (stat, reads, the tls-alpn-01 certificates) runs in a thread, one
+scan at a time; only its results are applied on the reactor thread, which also
+owns the SNI map and the challenge tables (a renewal thread has the reactor
+change them, and waits for it).  At start (and on a reload) the stored
+certificates are read at once, so a new configuration never serves without
+them.
 
 A bad file is logged once and ignored: the last good certificate keeps
 serving.  Open connections keep the context they started with.
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import datetime
 import random
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,14 +43,15 @@ from twisted.python.failure import Failure
 
 from tlsproxy.acme.alpn01 import challenge_context
 from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers, is_valid_token
-from tlsproxy.acme.client import AcmeClient, CertificateAuthority
+from tlsproxy.acme.client import AcmeClient, AcmeError, CertificateAuthority
 from tlsproxy.acme.issuer import Outcome, SiteRequest, TableResponder, renew_site
 from tlsproxy.acme.scheduler import RenewalPolicy, backoff_delay, next_check
 from tlsproxy.certs.model import CertificateError, CertifiedKey
-from tlsproxy.certs.store import CertificateStore, FileSignature, read_certificate_files
+from tlsproxy.certs.store import CertificateStore, FileSignature, StoreError, read_certificate_files
 from tlsproxy.config import Config, Site
 
 RunInThread = Callable[..., "Deferred[Any]"]
+IN_REACTOR_PATIENCE = 10.0
 
 
 def default_ca_factory(config: Config, store: CertificateStore) -> CertificateAuthority:
@@ -92,6 +101,28 @@ class _Watch:
     next_check: datetime.datetime | None = None
     busy: bool = False
     rand: float = 0.5
+    failures: int = 0  # consecutive checks that failed outside the CA's answer (the store, say)
+    unsaved: CertifiedKey | None = None  # issued, not stored yet (a full disk): stored by the next check
+
+
+@dataclass(frozen=True)
+class _Read:
+    """What a scan found for one site whose files changed: a certificate or why not."""
+
+    name: str
+    signature: FileSignature
+    certified: CertifiedKey | None = None
+    problem: str = ""
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """One poll's findings, made in a thread and applied on the reactor thread."""
+
+    acme: tuple[_Read, ...] = ()
+    files: tuple[_Read, ...] = ()
+    http01: dict[str, str] | None = None
+    alpn01: dict[str, tuple[str, Any]] | None = None  # host -> (key authorization, context)
 
 
 class CertificateService(Service):
@@ -113,6 +144,7 @@ class CertificateService(Service):
         poll_interval: float = 2.0,
         rng: random.Random | None = None,
         metrics: Any = None,
+        in_reactor: Callable[..., Any] | None = None,
     ) -> None:
         self.reactor = reactor
         self.metrics = metrics
@@ -127,6 +159,12 @@ class CertificateService(Service):
         self._run = run_in_thread or (
             lambda f, *a, **kw: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a, **kw)
         )
+        # How a worker thread changes what the reactor reads (the challenge tables).
+        if in_reactor is None:
+            in_reactor = (lambda f, *a: f(*a)) if run_in_thread else self._blocking_in_reactor
+        self._in_reactor = in_reactor
+        self._scanning = False
+        self._scanned_at_start = False
         self._ca_factory = ca_factory
         self._ca: CertificateAuthority | None = None
         self._ca_account = FileSignature()
@@ -137,6 +175,32 @@ class CertificateService(Service):
         self._store_alpn: dict[str, str] = {}
         self._loop: LoopingCall | None = None
         self._running_jobs: set[Deferred[Any]] = set()
+
+    def _blocking_in_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
+        """Run ``f`` on the reactor thread and wait for it (from a worker thread).
+
+        Unlike ``blockingCallFromThread`` this gives up after a while: a
+        reactor that is shutting down joins its worker threads and would never
+        run ``f``, and neither side would ever return.
+        """
+        done = threading.Event()
+        outcome: list[tuple[bool, Any]] = []
+
+        def run() -> None:
+            try:
+                outcome.append((True, f(*args)))
+            except Exception as e:
+                outcome.append((False, e))
+            finally:
+                done.set()
+
+        self.reactor.callFromThread(run)
+        if not done.wait(IN_REACTOR_PATIENCE):
+            raise AcmeError("publishing a challenge answer", "the proxy did not take it (shutting down?)", "shutdown")
+        ok, value = outcome[0]
+        if not ok:
+            raise value
+        return value
 
     # -- time ------------------------------------------------------------------
 
@@ -150,12 +214,14 @@ class CertificateService(Service):
         if self._acme:
             self.store.ensure()
         now = self.now()
-        for watch in self._acme.values():
-            self._poll_store(watch, now)
-            watch.next_check = now
+        # Read at once, not in a thread: a reload swaps in the new SNI map before
+        # starting us, and it must not go without its certificates for a moment.
         for watch in self._files.values():
             watch.signature = FileSignature()  # (re)load once: installs if the lead has not
-            self._poll_files(watch, now)
+        self._apply(self._scan_blocking(self._wanted(), None), now)
+        self._scanned_at_start = True
+        for watch in self._acme.values():
+            watch.next_check = now
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self.reactor
         self._loop.start(self.poll_interval, now=True)
@@ -169,20 +235,90 @@ class CertificateService(Service):
     # -- the periodic tick ---------------------------------------------------------
 
     def tick(self) -> None:
+        # The first tick comes straight after the scan startService made: no second one
+        # (it would start the thread pool while the process is still starting).
+        fresh, self._scanned_at_start = self._scanned_at_start, False
+        if not self._scanning and not fresh:
+            self._scanning = True
+            alpn = dict(self._store_alpn) if self._acme else None
+            d = self._run(self._scan_blocking, self._wanted(), alpn)
+            d.addCallback(lambda scan: self._apply(scan, self.now()) if self.running else None)
+            d.addErrback(lambda f: self.log.failure("polling the certificate files failed", f))
+            d.addBoth(self._scanned)
         now = self.now()
-        for watch in self._acme.values():
-            self._poll_store(watch, now)
-        for watch in self._files.values():
-            self._poll_files(watch, now)
-        if self._acme:
-            self._poll_challenges()
         for watch in self._acme.values():
             if not watch.busy and watch.next_check is not None and now >= watch.next_check:
                 self._start_check(watch)
 
-    def _install(self, watch: _Watch, certified: CertifiedKey, origin: str) -> None:
+    def _scanned(self, _: Any) -> None:
+        self._scanning = False
+
+    def _wanted(self) -> tuple[dict[str, FileSignature], dict[str, tuple[str, str, FileSignature]]]:
+        """What a scan compares against: the signatures last seen (plain values, safe to hand to a thread)."""
+        acme = {name: w.signature for name, w in self._acme.items()}
+        files = {name: (w.site.cert, w.site.key, w.signature) for name, w in self._files.items()}
+        return acme, files
+
+    def _scan_blocking(
+        self,
+        wanted: tuple[dict[str, FileSignature], dict[str, tuple[str, str, FileSignature]]],
+        alpn: dict[str, str] | None,
+    ) -> _Scan:
+        """stat every watched file, read the changed ones and the published challenges (blocking)."""
+        acme, files = wanted
+        acme_reads = []
+        for name, seen in acme.items():
+            signature = self.store.signature(name)
+            if signature == seen:
+                continue
+            if not signature.complete:
+                acme_reads.append(_Read(name, signature))
+                continue
+            try:
+                certified = self.store.load_certificate(name)
+            except CertificateError as e:
+                acme_reads.append(_Read(name, signature, problem=e.reason))
+            except OSError as e:
+                acme_reads.append(_Read(name, signature, problem=e.strerror or str(e)))
+            else:
+                acme_reads.append(_Read(name, signature, certified))
+        file_reads = []
+        for name, (cert, key, seen) in files.items():
+            signature = FileSignature.of(cert, key)
+            if signature == seen:
+                continue
+            try:
+                file_reads.append(_Read(name, signature, read_certificate_files(cert, key)))
+            except CertificateError as e:
+                file_reads.append(_Read(name, signature, problem=e.reason))
+            except OSError as e:
+                file_reads.append(_Read(name, signature, problem=e.strerror or str(e)))
+        if alpn is None:
+            return _Scan(tuple(acme_reads), tuple(file_reads))
+        http = {t: k for t, k in self.store.challenges("http-01").items() if is_valid_token(t)}
+        contexts: dict[str, tuple[str, Any]] = {}
+        for host, keyauth in self.store.challenges("tls-alpn-01").items():
+            # A new answer for the same host (a retry) gets a new certificate; made here, not on the reactor.
+            contexts[host] = (keyauth, None if alpn.get(host) == keyauth else challenge_context(host, keyauth))
+        return _Scan(tuple(acme_reads), tuple(file_reads), http, contexts)
+
+    def _apply(self, scan: _Scan, now: datetime.datetime) -> None:
+        """Swap in what a scan found (reactor thread)."""
+        for read in scan.acme:
+            watch = self._acme.get(read.name)
+            if watch is not None:
+                self._apply_store(watch, read, now)
+        for read in scan.files:
+            watch = self._files.get(read.name)
+            if watch is not None:
+                self._apply_files(watch, read, now)
+        if scan.http01 is not None and scan.alpn01 is not None:
+            self._apply_challenges(scan.http01, scan.alpn01)
+
+    def _install(self, watch: _Watch, certified: CertifiedKey, origin: str) -> bool:
+        """Serve ``certified`` for the watch's site; False if it is what is served already."""
         if certified.leaf.serial_number == watch.serial:
-            return
+            return False
         self.sni.sni_map.set_context(watch.site.name, self.sni.context_for(certified))
         watch.serial = certified.leaf.serial_number
         self.log.info(
@@ -192,74 +328,62 @@ class CertificateService(Service):
             serial=certified.leaf.serial_number,
             not_after=certified.not_after.isoformat(),
         )
+        return True
 
-    def _poll_store(self, watch: _Watch, now: datetime.datetime) -> None:
+    def _apply_store(self, watch: _Watch, read: _Read, now: datetime.datetime) -> None:
         name = watch.site.name
-        signature = self.store.signature(name)
-        if signature == watch.signature:
+        watch.signature = read.signature
+        if read.problem:
+            self.log.warn("ignoring stored certificate for {site}: {reason}", site=name, reason=read.problem)
             return
-        watch.signature = signature
-        if not signature.parts[0] or not signature.parts[1]:
+        if read.certified is None:
             return
-        try:
-            certified = self.store.load_certificate(name)
-        except (CertificateError, OSError) as e:
-            self.log.warn(
-                "ignoring stored certificate for {site}: {reason}", site=name, reason=getattr(e, "reason", str(e))
-            )
-            return
-        if certified is None:
-            return
-        why = check_usable(certified, watch.site.hosts, now)
+        why = check_usable(read.certified, watch.site.hosts, now)
         if why:
             self.log.warn("ignoring stored certificate for {site}: {reason}", site=name, reason=why)
             return
-        self._install(watch, certified, "the store")
-        # Someone else renewed: look again at the new certificate's schedule.
-        if not watch.busy and watch.next_check is not None and watch.next_check > now:
+        # Only a certificate we did not serve yet (someone else renewed) brings the next check forward.
+        if (
+            self._install(watch, read.certified, "the store")
+            and not watch.busy
+            and watch.next_check is not None
+            and watch.next_check > now
+        ):
             watch.next_check = min(watch.next_check, now + datetime.timedelta(seconds=self.poll_interval))
 
-    def _poll_files(self, watch: _Watch, now: datetime.datetime) -> None:
+    def _apply_files(self, watch: _Watch, read: _Read, now: datetime.datetime) -> None:
         site = watch.site
-        signature = FileSignature.of(site.cert, site.key)
-        if signature == watch.signature:
+        watch.signature = read.signature
+        if read.certified is None:
+            self.log.warn("ignoring {cert} for {site}: {reason}", cert=site.cert, site=site.name, reason=read.problem)
             return
-        watch.signature = signature
-        try:
-            certified = read_certificate_files(site.cert, site.key)
-        except CertificateError as e:
-            self.log.warn("ignoring {cert} for {site}: {reason}", cert=site.cert, site=site.name, reason=e.reason)
-            return
-        except OSError as e:
-            self.log.warn("ignoring {cert} for {site}: {reason}", cert=site.cert, site=site.name, reason=e.strerror)
-            return
-        why = check_usable(certified, site.hosts, now)
+        why = check_usable(read.certified, site.hosts, now)
         if why:
             self.log.warn("ignoring {cert} for {site}: {reason}", cert=site.cert, site=site.name, reason=why)
             return
-        self._install(watch, certified, site.cert)
+        self._install(watch, read.certified, site.cert)
 
-    def _poll_challenges(self) -> None:
+    def _apply_challenges(self, http: dict[str, str], alpn: dict[str, tuple[str, Any]]) -> None:
         """Serve the answers a `tlsproxy renew`/`revoke` command published in the store.
 
         The two directories are read on every poll (they hold a handful of
         files at most): a directory's stat can miss a rewrite within one tick.
         """
-        http = {t: k for t, k in self.store.challenges("http-01").items() if is_valid_token(t)}
         for token in self._store_http.keys() - http.keys():
             self.http01.remove(token)
         for token, keyauth in http.items():
             if self._store_http.get(token) != keyauth:
                 self.http01.put(token, keyauth)
         self._store_http = http
-        alpn = self.store.challenges("tls-alpn-01")
         for host in self._store_alpn.keys() - alpn.keys():
             self.alpn01.remove(host)
-        for host, keyauth in alpn.items():
-            if self._store_alpn.get(host) != keyauth:
-                # A new answer for the same host (a retry) replaces the old one.
-                self.alpn01.put(host, challenge_context(host, keyauth))
-        self._store_alpn = alpn
+        answers = {}
+        for host, (keyauth, context) in alpn.items():
+            if context is not None and self._store_alpn.get(host) != keyauth:
+                self.alpn01.put(host, context)
+            if context is not None or host in self._store_alpn:
+                answers[host] = keyauth
+        self._store_alpn = answers
 
     # -- renewal checks --------------------------------------------------------
 
@@ -273,10 +397,11 @@ class CertificateService(Service):
             self.store,
             self._ca,
             site_request(self.config, watch.site),
-            TableResponder(self.http01, self.alpn01),
+            TableResponder(self.http01, self.alpn01, self._in_reactor),
             self.now,
             policy=self.policy,
             rand=watch.rand,
+            unsaved=watch.unsaved,
         )
 
     def _start_check(self, watch: _Watch) -> None:
@@ -287,6 +412,9 @@ class CertificateService(Service):
 
         def done(outcome: Outcome) -> None:
             now = self.now()
+            watch.unsaved = outcome.unsaved
+            # meta.json may not record a failure on a full disk: count here too, so the backoff grows.
+            watch.failures = watch.failures + 1 if isinstance(outcome.error, StoreError) else 0
             if self.metrics is not None and (outcome.renewed or outcome.error is not None):
                 self.metrics.renewal_attempts.labels(watch.site.name).inc()
                 if outcome.error is not None:
@@ -303,6 +431,9 @@ class CertificateService(Service):
             due = outcome.next_check or now
             if outcome.error is None:
                 due = next_check(now, due, self.policy, self._rng.random())
+            elif watch.failures:
+                delay = backoff_delay(watch.failures, self.policy, self._rng.random())
+                due = max(due, now + datetime.timedelta(seconds=delay))
             watch.next_check = due
             if outcome.error is None and not outcome.renewed:
                 self.log.info(
@@ -312,8 +443,17 @@ class CertificateService(Service):
                 )
 
         def failed(failure: Failure) -> None:
-            delay = backoff_delay(1, self.policy, self._rng.random())
+            watch.failures += 1
+            delay = backoff_delay(watch.failures, self.policy, self._rng.random())
             watch.next_check = self.now() + datetime.timedelta(seconds=delay)
+            if failure.check(StoreError):  # a full disk, say: one line, not a traceback
+                self.log.error(
+                    "checking the certificate of {site} failed: {error}; next attempt at {retry}",
+                    site=watch.site.name,
+                    error=str(failure.value),
+                    retry=watch.next_check.isoformat(),
+                )
+                return
             self.log.failure(
                 "checking the certificate of {site} failed; next attempt at {retry}",
                 failure,

@@ -10,18 +10,30 @@ state directory all read and write here; each reader notices others' writes by
         key.pem                         0600  account key, ECDSA P-256, PKCS#8
         registrations.json              0600  {directory URL: account URL}
       certs/<site name>/                0700  site name = the site's first host
-        key.pem                         0600  the certificate's private key
-        fullchain.pem                   0644  leaf first, then intermediates
+        current -> v-<id>               symlink to the version in use, swapped in one rename
+        v-<id>/                         0700  one certificate, never changed once linked
+          key.pem                       0600  the certificate's private key
+          fullchain.pem                 0644  leaf first, then intermediates
+        key.pem -> current/key.pem            for readers of the old layout (see below)
+        fullchain.pem -> current/fullchain.pem
         meta.json                       0644  see :class:`SiteMeta`
       challenges/                       0700  answers published by the ``tlsproxy``
         http-01/<token>                       command for a running proxy to serve
         tls-alpn-01/<host>                    (content: the key authorization)
 
 Every file is written atomically: a temporary file in the same directory,
-``fsync``, ``rename`` over the old name, ``fsync`` of the directory.  The key is
-renamed into place before the chain, so a reader may briefly see a new key
-with an old chain; readers validate the pair (key matches leaf) and simply
-look again on the next poll.
+``fsync``, ``rename`` over the old name, ``fsync`` of the directory.  A key and
+its chain must change together, so a new pair is written and synced whole in a
+new version directory first, and only then does one ``rename`` of a symlink
+make it current: a full disk or a crash at any step leaves the old pair or the
+new one, never a new key with an old chain.  Readers resolve ``current`` once
+and read both files from that version.  Leftovers of an interrupted write
+(dot-named temporaries, versions nothing links to) are ignored by readers and
+removed by the next writer, under the lock.
+
+The first layout kept ``key.pem`` and ``fullchain.pem`` as plain files in the
+site directory; such a site is read as it is and moved to a version on its next
+write, after which the two names are symlinks into ``current``.
 
 Nothing here imports ``twisted.internet``: the blocking calls are made from
 threads (the service) or directly (the command line).
@@ -35,6 +47,8 @@ import fcntl
 import json
 import os
 import re
+import secrets
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -52,12 +66,23 @@ _SAFE_NAME = re.compile(r"\A[a-z0-9*][a-z0-9.*-]{0,252}\Z")
 
 
 class StoreError(Exception):
-    """The store cannot be used: ``path`` and ``reason`` say what and why."""
+    """The store cannot be used: ``action`` says what we were doing, ``path`` where, ``reason`` why."""
 
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
+    def __init__(self, path: str, reason: str, action: str = "") -> None:
+        super().__init__(f"{action}: {path}: {reason}" if action else f"{path}: {reason}")
         self.path = path
         self.reason = reason
+        self.action = action
+
+
+@contextmanager
+def _failing_as_store_error(action: str, path: str | Path) -> Iterator[None]:
+    """Turn an OSError (a full disk, a read-only file system) into a one-line StoreError."""
+    try:
+        yield
+    except OSError as e:
+        where = e.filename if isinstance(e.filename, str) else str(path)
+        raise StoreError(where, e.strerror or str(e), action) from None
 
 
 class LockTimeout(StoreError):
@@ -205,6 +230,43 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
         os.close(dir_fd)
 
 
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _write_new(path: Path, data: bytes, mode: int) -> None:
+    """Create ``path`` (which must not exist) with ``data`` and sync it."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+    try:
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, symlink or directory tree; gone already is fine."""
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+CURRENT = "current"
+KEY_NAME = "key.pem"
+CHAIN_NAME = "fullchain.pem"
+
+
 class CertificateStore:
     """The state directory, read and written by path; see the module docstring."""
 
@@ -235,11 +297,19 @@ class CertificateStore:
             raise StoreError(name, "not a usable site name")
         return self.root / "certs" / name
 
+    def pair_dir(self, name: str) -> Path:
+        """Where the site's key and chain are read from: ``current`` (a version), or the old layout's files."""
+        site = self.site_dir(name)
+        link = site / CURRENT
+        if link.is_symlink() or not (site / KEY_NAME).exists():
+            return link
+        return site
+
     def key_path(self, name: str) -> Path:
-        return self.site_dir(name) / "key.pem"
+        return self.pair_dir(name) / KEY_NAME
 
     def chain_path(self, name: str) -> Path:
-        return self.site_dir(name) / "fullchain.pem"
+        return self.pair_dir(name) / CHAIN_NAME
 
     def meta_path(self, name: str) -> Path:
         return self.site_dir(name) / "meta.json"
@@ -250,8 +320,9 @@ class CertificateStore:
         return self.root / "challenges" / kind
 
     def signature(self, name: str) -> FileSignature:
-        """Changes when any writer replaces this site's key, chain or meta."""
-        return FileSignature.of(self.key_path(name), self.chain_path(name), self.meta_path(name))
+        """Changes when any writer replaces this site's key or chain (not meta.json: it is no new certificate)."""
+        pair = self.pair_dir(name)
+        return FileSignature.of(pair / KEY_NAME, pair / CHAIN_NAME)
 
     # -- directories and locking -------------------------------------------------
 
@@ -281,7 +352,8 @@ class CertificateStore:
     def locked(self, timeout: float = 600.0, poll: float = 0.1) -> Iterator[None]:
         """Hold the store lock; another process that holds it is waited for."""
         self.ensure()
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        with _failing_as_store_error("opening the store lock", self.lock_path):
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
             end = time.monotonic() + timeout
             while True:
@@ -320,7 +392,8 @@ class CertificateStore:
         pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        atomic_write(self.account_key_path, pem, 0o600)
+        with _failing_as_store_error("saving the account key", self.account_key_path):
+            atomic_write(self.account_key_path, pem, 0o600)
 
     def account_key(self) -> ec.EllipticCurvePrivateKey:
         """The account key, made (ECDSA P-256) and saved the first time it is asked for."""
@@ -348,7 +421,8 @@ class CertificateStore:
             regs.pop(directory_url, None)
         else:
             regs[directory_url] = account_url
-        atomic_write(self.registrations_path, (json.dumps(regs, indent=2, sort_keys=True) + "\n").encode(), 0o600)
+        with _failing_as_store_error("saving the account registration", self.registrations_path):
+            atomic_write(self.registrations_path, (json.dumps(regs, indent=2, sort_keys=True) + "\n").encode(), 0o600)
 
     # -- certificates --------------------------------------------------------------
 
@@ -357,29 +431,136 @@ class CertificateStore:
             return SiteMeta.from_json(self.meta_path(name).read_text())
         except FileNotFoundError:
             return SiteMeta()
+        except (OSError, UnicodeDecodeError):
+            return SiteMeta()
 
     def save_meta(self, name: str, meta: SiteMeta) -> None:
-        self._ensure_dir(self.site_dir(name))
-        atomic_write(self.meta_path(name), meta.to_json().encode())
+        """Record ``meta``; an unchanged meta.json is left alone (no write, no fsync, no new mtime)."""
+        path = self.meta_path(name)
+        data = meta.to_json().encode()
+        try:
+            if path.read_bytes() == data:
+                return
+        except OSError:
+            pass
+        with _failing_as_store_error(f"recording the state of {name}", path):
+            self._ensure_dir(self.site_dir(name))
+            atomic_write(path, data)
 
     def load_certificate(self, name: str) -> CertifiedKey | None:
-        """The stored certificate, or None if there is none; raises CertificateError if it is bad."""
-        chain_path, key_path = self.chain_path(name), self.key_path(name)
+        """The stored certificate, or None if there is none; raises CertificateError if it is bad.
+
+        ``current`` is resolved once, so key and chain come from one version even
+        while a writer swaps in the next; a version removed under our feet is
+        looked up again.
+        """
+        site = self.site_dir(name)
+        for _ in range(3):
+            pair = self._resolve(site)
+            try:
+                chain_pem = (pair / CHAIN_NAME).read_bytes()
+                key_pem = (pair / KEY_NAME).read_bytes()
+            except FileNotFoundError:
+                if self._resolve(site) != pair:
+                    continue
+                return None
+            return CertifiedKey.from_pem(chain_pem, key_pem, source=str(pair / CHAIN_NAME))
+        return None
+
+    @staticmethod
+    def _resolve(site: Path) -> Path:
+        """The version ``current`` names now, or the site directory itself for the old layout."""
         try:
-            chain_pem = chain_path.read_bytes()
-            key_pem = key_path.read_bytes()
+            target = os.readlink(site / CURRENT)
         except FileNotFoundError:
-            return None
-        return CertifiedKey.from_pem(chain_pem, key_pem, source=str(chain_path))
+            return site
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # not a symlink: not ours, read as the old layout
+                return site
+            raise
+        if "/" in target or target.startswith("."):
+            raise CertificateError(str(site / CURRENT), f"points outside the site directory ({target!r})")
+        return site / target
 
     def save_certificate(self, name: str, certified: CertifiedKey, meta: SiteMeta) -> SiteMeta:
-        """Store key, chain and meta (in that order); returns the meta as stored."""
-        self._ensure_dir(self.site_dir(name))
+        """Store the pair as a new version, switch to it in one step, then record meta; returns the meta.
+
+        Raises StoreError (with the old pair still current) when anything up to
+        the switch fails.  The caller holds the lock.
+        """
+        site = self.site_dir(name)
+        self._ensure_dir(site)
         meta = meta.describe_certificate(certified)
-        atomic_write(self.key_path(name), certified.key_pem(), 0o600)
-        atomic_write(self.chain_path(name), certified.chain_pem())
-        atomic_write(self.meta_path(name), meta.to_json().encode())
+        with _failing_as_store_error(f"saving the certificate of {name}", site):
+            version = self._write_version(site, certified)
+            self._switch(site, version)
+        self.tidy(name)
+        self.save_meta(name, meta)
         return meta
+
+    @staticmethod
+    def _write_version(site: Path, certified: CertifiedKey) -> Path:
+        """A new, fully synced version directory holding the pair (not yet current)."""
+        tmp = Path(tempfile.mkdtemp(prefix=".v-", dir=site))
+        try:
+            os.chmod(tmp, 0o700)
+            _write_new(tmp / KEY_NAME, certified.key_pem(), 0o600)
+            _write_new(tmp / CHAIN_NAME, certified.chain_pem(), 0o644)
+            _fsync_dir(tmp)
+            version = site / f"v-{certified.leaf.serial_number:x}-{secrets.token_hex(4)}"
+            os.rename(tmp, version)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(site)
+        return version
+
+    @staticmethod
+    def _switch(site: Path, version: Path) -> None:
+        """Make ``version`` current with one rename of a symlink."""
+        link = site / f".current-{secrets.token_hex(4)}"
+        try:
+            os.symlink(version.name, link)
+            os.rename(link, site / CURRENT)
+        except BaseException:
+            _remove(link)
+            shutil.rmtree(version, ignore_errors=True)
+            raise
+        _fsync_dir(site)
+
+    def tidy(self, name: str) -> None:
+        """Remove what interrupted writes left and the versions nothing links to (call under the lock).
+
+        The old layout's plain files become symlinks into ``current`` once a
+        version is current, so a reader of either layout finds the pair.
+        """
+        site = self.site_dir(name)
+        try:
+            current = os.readlink(site / CURRENT)
+        except OSError:
+            current = None
+        try:
+            entries = list(site.iterdir())
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            if entry.name.startswith(".") or (entry.name.startswith("v-") and entry.name != current):
+                try:
+                    _remove(entry)
+                except OSError:
+                    pass
+        if current is None:
+            return
+        for plain in (KEY_NAME, CHAIN_NAME):
+            path = site / plain
+            if path.is_symlink():
+                continue
+            link = site / f".{plain}-{secrets.token_hex(4)}"
+            try:
+                os.symlink(f"{CURRENT}/{plain}", link)
+                os.rename(link, path)
+            except OSError:
+                _remove(link)
 
     def site_names(self) -> list[str]:
         try:
@@ -394,7 +575,8 @@ class CertificateStore:
         self._ensure_dir(directory)
         if "/" in name or name.startswith("."):
             raise StoreError(name, "not a usable challenge name")
-        atomic_write(directory / name, key_authorization.encode("ascii"), 0o644)
+        with _failing_as_store_error("publishing a challenge answer", directory / name):
+            atomic_write(directory / name, key_authorization.encode("ascii"), 0o644)
 
     def withdraw_challenge(self, kind: str, name: str) -> None:
         try:

@@ -33,6 +33,7 @@ REASONS: dict[int, bytes] = {
     503: b"Service Unavailable",
     504: b"Gateway Timeout",
     505: b"HTTP Version Not Supported",
+    507: b"Insufficient Storage",
 }
 
 MESSAGES: dict[int, str] = {
@@ -50,6 +51,7 @@ MESSAGES: dict[int, str] = {
     503: "The site is not ready yet.",
     504: "The application behind this proxy took too long to answer.",
     505: "Only HTTP/1.0, HTTP/1.1 and HTTP/2 are spoken here.",
+    507: "The proxy has no room to hold this request body right now. Please try again later.",
 }
 
 

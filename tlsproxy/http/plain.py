@@ -18,7 +18,10 @@ CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
 
 
 def split_host_port(host: bytes) -> tuple[str, int | None]:
-    """``example.com:8080`` -> (``example.com``, 8080); IPv6 in brackets."""
+    """``example.com:8080`` -> (``example.com``, 8080); IPv6 in brackets.
+
+    A fully qualified name's trailing dot is dropped: ``a.test.`` is ``a.test``.
+    """
     text = host.decode("ascii", "replace").lower()
     if text.startswith("["):
         addr, _, rest = text[1:].partition("]")
@@ -26,8 +29,8 @@ def split_host_port(host: bytes) -> tuple[str, int | None]:
         return addr, int(port) if port.isdigit() else None
     name, sep, port = text.rpartition(":")
     if sep and port.isdigit():
-        return name, int(port)
-    return text, None
+        return name.removesuffix("."), int(port)
+    return text.removesuffix("."), None
 
 
 def redirect_location(host: str, https_port: int, target: bytes) -> bytes:

@@ -28,6 +28,7 @@ from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Requ
 from tlsproxy.http.wire import (
     ChunkedBody,
     FramingError,
+    HeadScanner,
     LengthBody,
     RequestError,
     check_head_limits,
@@ -52,7 +53,12 @@ class Limits:
     header_timeout: float = 10.0
     idle_timeout: float = 60.0
     handshake_timeout: float = 10.0
-    linger: float = 2.0
+    body_timeout: float = 60.0  # longest wait for the next bytes of a request body
+    # After an error answer, what the client still sends is dropped until it
+    # has been quiet for linger_quiet, for at most linger seconds and bytes.
+    linger: float = 5.0
+    linger_quiet: float = 1.0
+    linger_bytes: int = 4 * 1024 * 1024
 
 
 class HTTP11Exchange:
@@ -123,6 +129,11 @@ class HTTP11Exchange:
 
     def set_observer(self, observer: ExchangeObserver) -> None:
         self._observer = observer
+
+    def send_continue(self) -> None:
+        """Ask a client waiting on ``Expect: 100-continue`` for its body (the handler will read it)."""
+        if not self._started and not self._body_done and self.head.version == b"1.1":
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     # -- response ------------------------------------------------------------
 
@@ -235,12 +246,17 @@ class HTTP11ServerProtocol(Protocol):
     client_address = ""
     server_port = 0
     handshake_done = False  # set when the protocol takes over after the TLS handshake
+    started: float | None = None  # when the client connected, if before this protocol took over
     _current: HTTP11Exchange | None = None  # its body is being read
     _active: HTTP11Exchange | None = None  # being answered
     _body: LengthBody | ChunkedBody | None = None  # framing of _current's body
-    _pending: bytearray | None = None  # an unfinished head
+    _pending: HeadScanner | None = None  # an unfinished head
     _head_armed = False  # the head deadline runs for the unfinished head
     _closing = False
+    _linger_next = False  # the client may still be sending when we close: linger
+    _linger_left = -1  # bytes still to drop while lingering (-1: not lingering)
+    _linger_until = 0.0  # when lingering ends however the client behaves
+    _linger_last = 0.0  # when it last sent something
     _draining = False
     _tunnel: Any = None
     _upgrade_rest = b""
@@ -254,6 +270,7 @@ class HTTP11ServerProtocol(Protocol):
         self._queue: deque[HTTP11Exchange] = deque()
         self._paused_for: set[str] = set()
         self._timer = Deadline(clock)
+        self._body_timer = Deadline(clock)  # the client's silence within a request body
 
     # -- connection ----------------------------------------------------------
 
@@ -265,13 +282,24 @@ class HTTP11ServerProtocol(Protocol):
         if self.secure and not self.handshake_done:
             self._timer.set(self.limits.handshake_timeout, self._handshake_timeout)
         else:
-            self._timer.set(self.limits.idle_timeout, self._idle_timeout)
+            self._await_first_head()
 
     def handshakeCompleted(self) -> None:
-        self._timer.set(self.limits.idle_timeout, self._idle_timeout)
+        self._await_first_head()
+
+    def _await_first_head(self) -> None:
+        """The first request head is due header_timeout after the client connected.
+
+        A client that has sent nothing yet is not an idle keep-alive client:
+        holding it for idle_timeout would let silent connections pile up.
+        """
+        elapsed = self.clock.seconds() - self.started if self.started is not None else 0.0
+        self._head_armed = True
+        self._timer.set(max(self.limits.header_timeout - elapsed, 0.0), self._head_timeout)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._timer.stop()
+        self._body_timer.stop()
         if self.tracker is not None:
             self.tracker.remove(self)
         if self._tunnel is not None:
@@ -293,7 +321,27 @@ class HTTP11ServerProtocol(Protocol):
         self._close()
 
     def _head_timeout(self) -> None:
+        if self._pending is None:
+            self._close()  # not a byte of a request: nobody to answer
+            return
         self._refuse(RequestError(408, "the request head did not arrive in time"))
+
+    def _body_timeout(self) -> None:
+        if self._body is None or self._closing:
+            return
+        if self._paused_for:
+            # We stopped reading (the app, or a request ahead, is slower):
+            # not the client's silence.
+            self._body_timer.set(self.limits.body_timeout, self._body_timeout)
+            return
+        self._body_failed(RequestError(408, "the request body stalled"))
+
+    def _linger_timeout(self) -> None:
+        if self.clock.seconds() - self._linger_last >= self.limits.linger_quiet - 1e-6:
+            self._close()  # it stopped sending: nothing unread is left to turn the close into a reset
+            return
+        self.log.debug("lingering close of {client} timed out", client=self.client_address)
+        self.transport.abortConnection()
 
     # -- parsing -------------------------------------------------------------
 
@@ -302,7 +350,16 @@ class HTTP11ServerProtocol(Protocol):
             self._tunnel.write(data)
             return
         if self._closing:
-            return  # lingering: read and drop what a refused client still sends
+            if self._linger_left >= 0:
+                # Lingering: read and drop what a refused client still sends.
+                self._linger_left -= len(data)
+                now = self.clock.seconds()
+                if self._linger_left < 0 or now >= self._linger_until:
+                    self.transport.abortConnection()
+                    return
+                self._linger_last = now
+                self._timer.set(min(self.limits.linger_quiet, self._linger_until - now), self._linger_timeout)
+            return
         if self._upgrading:
             # Bytes after an Upgrade head belong to the tunnel (if the app
             # agrees to it); keep them until it starts.
@@ -313,7 +370,7 @@ class HTTP11ServerProtocol(Protocol):
         except RequestError as e:
             self._refuse(e)
         except FramingError as e:
-            self._refuse(RequestError(400, str(e)))
+            self._body_failed(RequestError(400, str(e)))
 
     def _receive(self, data: bytes) -> None:
         """Take heads and bodies out of ``data`` until it is used up."""
@@ -328,21 +385,23 @@ class HTTP11ServerProtocol(Protocol):
                     exchange._body_data(piece)
                 if body.done:
                     self._body = self._current = None
+                    self._body_timer.clear()
                     exchange._body_end()
+                else:
+                    self._body_timer.set(self.limits.body_timeout, self._body_timeout)
                 if used == len(data) or self._closing:
                     return
                 data = data[used:]
                 continue
             pending = self._pending
             if pending is not None:
-                searched = len(pending) - 3
-                pending += data
-                end = pending.find(b"\r\n\r\n", max(searched, 0))
+                end = pending.feed(data)
                 if end < 0:
-                    self._partial_head(pending)
+                    self._arm_head_deadline()
                     return
-                data = bytes(pending)
                 self._pending = None
+                buffered = bytes(pending.buffer)
+                raw, rest = buffered[pending.start : end], buffered[end + 2 :]
             else:
                 if data[:2] == b"\r\n":
                     # Empty lines before a request line are ignored (RFC 9112 2.2).
@@ -351,26 +410,27 @@ class HTTP11ServerProtocol(Protocol):
                         return
                 end = data.find(b"\r\n\r\n")
                 if end < 0:
-                    self._pending = bytearray(data)
-                    self._partial_head(self._pending)
+                    limits = self.limits
+                    scanner = HeadScanner(
+                        limits.max_request_line, limits.max_header_line, limits.max_header_size, limits.max_header_count
+                    )
+                    self._pending = scanner
+                    scanner.feed(data)
+                    self._arm_head_deadline()
                     return
-            rest = data[end + 4 :]
-            self._head(data[: end + 2], rest)
+                raw, rest = data[: end + 2], data[end + 4 :]
+            self._head(raw, rest)
             if self._upgrading or self._closing:
                 return
             data = rest
 
-    def _partial_head(self, pending: bytearray) -> None:
-        """Part of a head has come: check the limits, and start its deadline."""
-        limits = self.limits
-        check_head_limits(pending, False, limits.max_request_line, limits.max_header_line, limits.max_header_size)
-        if pending.count(b"\r\n") > limits.max_header_count + 1:
-            raise RequestError(431, "too many header fields")
+    def _arm_head_deadline(self) -> None:
+        """Part of a head has come: start its deadline, unless a request is being answered."""
         if not self._head_armed and self._active is None and not self._queue:
             # A head that does not arrive in one read must arrive whole
             # within header_timeout, however slowly it trickles in.
             self._head_armed = True
-            self._timer.set(limits.header_timeout, self._head_timeout)
+            self._timer.set(self.limits.header_timeout, self._head_timeout)
 
     def _head(self, raw: bytes, rest: bytes) -> None:
         """A whole request head: validate it, then answer it or queue it."""
@@ -384,9 +444,11 @@ class HTTP11ServerProtocol(Protocol):
         if head.chunked:
             self._body = ChunkedBody()
             self._current = exchange
+            self._body_timer.set(limits.body_timeout, self._body_timeout)
         elif head.content_length:
             self._body = LengthBody(head.content_length)
             self._current = exchange
+            self._body_timer.set(limits.body_timeout, self._body_timeout)
         elif head.upgrade:
             self._upgrading = True
             self._upgrade_rest = rest
@@ -426,7 +488,10 @@ class HTTP11ServerProtocol(Protocol):
             self.resume_reading("buffer")
         if not exchange.keep_alive or self._closing or self._draining:
             self._closing = True
-            self._close()
+            if self._linger_next or not exchange._body_done:
+                self._linger()
+            else:
+                self._close()
             return
         if self._queue:
             self._dispatch(self._queue.popleft())
@@ -452,6 +517,7 @@ class HTTP11ServerProtocol(Protocol):
             detail=error.detail,
         )
         self._queue.clear()
+        self._linger_next = True
         if self._active is not None:
             # A response is in flight: let it finish (exchange_finished then
             # closes); what the client sent after the bad request is dropped.
@@ -463,9 +529,47 @@ class HTTP11ServerProtocol(Protocol):
         self._active = exchange
         self._closing = True
         pages.send(exchange, error.status)
-        # Linger a little so the client reads our answer before the close.
+
+    def _body_failed(self, error: RequestError) -> None:
+        """A request body that breaks its framing or stalls: answer it if we still can, and close."""
+        exchange = self._current
+        self._body = self._current = None
+        self._body_timer.clear()
+        if exchange is None or exchange is not self._active:
+            self._refuse(error)  # not handed to the handler yet: as any bad request
+            return
+        self.log.info(
+            "request body from {client} failed: {status} {detail}",
+            client=self.client_address,
+            status=error.status,
+            detail=error.detail,
+        )
+        self._queue.clear()
+        self._closing = self._linger_next = True
+        exchange._client_gone()  # the handler stops waiting for the body and lets the app go
+        if exchange.response_started:
+            exchange.abort()
+        else:
+            pages.send(exchange, error.status)
+
+    def _linger(self) -> None:
+        """Close after an answer to a client that may still be sending.
+
+        Closing a socket with unread bytes resets the connection, and the reset
+        can destroy our answer before the client reads it; so what it still
+        sends is read and dropped until it is quiet, within a bounded time and
+        size (and on TCP our side is shut down, so the client sees the end).
+        """
+        limits = self.limits
+        self._linger_left = limits.linger_bytes
+        self._linger_last = now = self.clock.seconds()
+        self._linger_until = now + limits.linger
+        self._body_timer.clear()
         self.resume_reading_fully()
-        self._timer.set(self.limits.linger, self.transport.abortConnection)
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
+        self._timer.set(min(limits.linger_quiet, limits.linger), self._linger_timeout)
 
     def drain(self) -> None:
         """Shutting down: finish the response in flight, then close."""

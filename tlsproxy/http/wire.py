@@ -178,6 +178,11 @@ def parse_request_head(head: bytes, max_header_count: int) -> tuple[RequestHead,
         # A request with a body is served as it is: after a body, bytes that
         # may be for the tunnel or a next request are not worth guessing at.
         upgrade = b""
+    if upgrade and upgrade.lower() != b"websocket":
+        # Only WebSocket becomes a tunnel: another protocol (h2c, ...) would
+        # carry the client's raw bytes to the app unchecked.  Its request is
+        # served as a plain one (Upgrade and Connection are not forwarded).
+        upgrade = b""
     if upgrade:
         # After an upgrade the connection is the app's; if the app says no,
         # it closes after that answer.
@@ -232,6 +237,87 @@ def check_head_limits(
                 raise RequestError(431, "header line too long")
     if fields > max_header_size:
         raise RequestError(431, "request head too large")
+
+
+class HeadScanner:
+    """An unfinished request head, checked for its limits and its end as it arrives.
+
+    Each byte is searched once however the head is split into reads, so a
+    head trickled one byte at a time costs linear work, not quadratic.
+    ``examined`` counts the bytes searched (what the tests bound).
+    """
+
+    __slots__ = (
+        "_fields_start",
+        "_line_start",
+        "_lines",
+        "_pos",
+        "buffer",
+        "examined",
+        "max_header_count",
+        "max_header_line",
+        "max_header_size",
+        "max_request_line",
+        "start",
+    )
+
+    def __init__(
+        self, max_request_line: int, max_header_line: int, max_header_size: int, max_header_count: int
+    ) -> None:
+        self.max_request_line = max_request_line
+        self.max_header_line = max_header_line
+        self.max_header_size = max_header_size
+        self.max_header_count = max_header_count
+        self.buffer = bytearray()
+        self.start = 0  # where the request line starts (empty lines before it are skipped)
+        self.examined = 0
+        self._pos = 0  # where the next search for a CRLF starts
+        self._line_start = 0  # the unfinished line
+        self._lines = 0  # whole lines so far, the request line included
+        self._fields_start = 0  # where the field lines start, once the request line is whole
+
+    def feed(self, data: bytes) -> int:
+        """Take ``data``; where the blank line ending the head starts, or -1 while it goes on.
+
+        Raises :class:`RequestError` (414/431) as soon as a limit is passed.
+        """
+        buf = self.buffer
+        buf += data
+        pos = self._pos
+        while True:
+            end = buf.find(b"\r\n", pos)
+            if end < 0:
+                size = len(buf)
+                self.examined += size - pos
+                # A CR at the end may pair with an LF still to come.
+                self._pos = max(size - 1 if buf.endswith(b"\r") else size, self._line_start)
+                self._check_line(self._line_start, size)
+                return -1
+            self.examined += end + 2 - pos
+            start = self._line_start
+            pos = self._line_start = end + 2
+            if end == start:
+                if self._lines:
+                    return end
+                self.start = pos  # an empty line before the request line (RFC 9112 2.2)
+                continue
+            self._check_line(start, end)
+            if not self._lines:
+                self._fields_start = pos
+            self._lines += 1
+            if self._lines > self.max_header_count + 1:
+                raise RequestError(431, "too many header fields")
+
+    def _check_line(self, start: int, end: int) -> None:
+        """The limits for the line from ``start`` to ``end`` (whole or not)."""
+        if not self._lines:
+            if end - start > self.max_request_line:
+                raise RequestError(414, "request line too long")
+            return
+        if end - start > self.max_header_line:
+            raise RequestError(431, "header line too long")
+        if end - self._fields_start > self.max_header_size:
+            raise RequestError(431, "request head too large")
 
 
 def parse_response_head(head: bytes) -> tuple[int, bytes, bytes, int | None, bool, bool]:

@@ -1,14 +1,21 @@
 """The reverse proxy proper: route by Host, relay request and response, stream both.
 
-Request bodies up to ``BUFFER_LIMIT`` are read whole before the app is dialled,
-so a slow client never ties up a gunicorn sync worker while it trickles a form
-in; larger bodies stream with back-pressure (the app then reads at the
-client's pace, as it must for a large upload).  Responses stream back with
-back-pressure: the app is paused while the client is not reading.
+Request bodies are read whole before the app is dialled (memory, then a
+temporary file: see reqbuffer.py) and sent with a Content-Length, so a slow
+client never ties up a gunicorn sync worker while it trickles an upload in,
+and a WSGI app never reads a chunked body as empty.  A site with
+``request_buffering = false`` streams bodies of known length over
+``STREAM_ABOVE`` with back-pressure instead.  Responses are read as fast as
+the app sends them: what a slow client has not taken yet waits in a
+:class:`~tlsproxy.proxy.respbuffer.ResponseBuffer`, so the app's worker is
+free once it has answered.  Past the buffer's cap, or for an answer that says
+``X-Accel-Buffering: no``, the app is paused while the client is not reading.
+A client that takes nothing for ``send_timeout`` is cut off.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,15 +25,24 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tlsproxy.config import Server, Site
+from tlsproxy.config import Server, Site, dev_app_hint
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.plain import split_host_port
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
+from tlsproxy.proxy.reqbuffer import (
+    BodyStoreError,
+    BufferLimits,
+    BufferPool,
+    RequestBody,
+    fallback_directory,
+    threaded,
+)
+from tlsproxy.proxy.respbuffer import BufferSpace, ResponseBuffer, accel_buffering
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
 
-BUFFER_LIMIT = 1024 * 1024
+STREAM_ABOVE = 1024 * 1024  # with request_buffering = false, larger bodies of known length stream
 IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
@@ -86,6 +102,18 @@ class ProxyHandler:
                 else:
                     self._exact[host] = route
         self.pools = list(pools.values())
+        self.request_buffers = BufferPool(
+            server.buffer_directory,
+            BufferLimits(
+                memory=server.request_buffer_memory,
+                connection_memory=server.request_buffer_connection_memory,
+                total_memory=server.request_buffer_total_memory,
+            ),
+            threaded(reactor),
+            # The default place may not be writable (a dev run as a user): then the temp dir.
+            fallback=None if server.buffer_dir else fallback_directory(),
+        )
+        self.response_buffers = BufferSpace(reactor, server.buffer_directory, server.max_response_buffer)
 
     def route_for(self, host: str) -> Route | None:
         route = self._exact.get(host)
@@ -98,6 +126,11 @@ class ProxyHandler:
 
     def handle(self, exchange: Exchange) -> None:
         raw_host = exchange.head.host
+        served = getattr(exchange.transport, "served_names", None)
+        if served is not None and not served.covers(raw_host):
+            self.record(exchange, "-", 421, 0)  # another certificate's host: RFC 9110 15.5.20
+            pages.send(exchange, 421)
+            return
         route = self._by_raw_host.get(raw_host)
         if route is None:
             route = self.route_for(split_host_port(raw_host)[0])
@@ -141,9 +174,10 @@ class ProxiedRequest:
     # State every request starts with; instances only store what changes
     # (one of these is made per request, so fewer assignments count).
     conn: UpstreamConnection | None = None
-    buffered = 0
-    streaming = False
-    chunk_upstream = False
+    body: RequestBody | None = None  # the request body, held whole
+    sink: _BodySink | None = None  # what the exchange hands the body to
+    streaming = False  # request_buffering = false: the body goes to the app as it comes
+    dialled = False
     received = 0
     sent_bytes = 0
     status = 0
@@ -162,7 +196,6 @@ class ProxiedRequest:
         head = exchange.head
         self.method = head.method
         self.upgrade = bool(head.upgrade)
-        self.buffer: list[bytes] = []
         self.body_complete = not (head.chunked or head.content_length)
         self.timer = exchange.deadline
         # The response policy: HSTS and Secure cookies only over HTTPS.
@@ -174,14 +207,37 @@ class ProxiedRequest:
 
     def start(self) -> None:
         self.exchange.set_observer(self)
-        head = self.exchange.head
         if self.body_complete:
             self.dial()
-        elif head.content_length is not None and head.content_length > BUFFER_LIMIT:
+            return
+        exchange = self.exchange
+        head = exchange.head
+        if (
+            not self.route.site.request_buffering
+            and head.content_length is not None
+            and head.content_length > STREAM_ABOVE
+        ):
             self.streaming = True
+            self.send_continue()
             self.dial()
-        else:
-            self.exchange.set_body_consumer(self)
+            return
+        # Bodies of unknown length are held whole even with buffering off:
+        # streamed chunked, a WSGI app would read them as empty.
+        self.body = self.handler.request_buffers.body(
+            exchange.transport, exchange.pause_body, exchange.resume_body, self.body_failed
+        )
+        # A body that stops arriving is the client's fault (408), not the app's.
+        self.set_timer(self.handler.server.body_timeout)
+        self.send_continue()
+        exchange.set_body_consumer(self.body_sink())
+
+    def send_continue(self) -> None:
+        """Answer ``Expect: 100-continue`` ourselves: we take the body, the app never sees Expect."""
+        expect = self.exchange.head.get(b"expect")
+        if expect is not None and expect.lower() == b"100-continue":
+            send = getattr(self.exchange, "send_continue", None)
+            if send is not None:
+                send()
 
     def body_data(self, data: bytes) -> None:
         if self.finished:
@@ -190,20 +246,13 @@ class ProxiedRequest:
         if self.received > self.route.site.max_body_size:
             self.fail_request(413)
             return
-        if self.streaming and self.conn is not None:
-            self.last_activity = self.clock.seconds()
-            if self.chunk_upstream:
-                self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
-            else:
+        self.last_activity = self.clock.seconds()
+        if self.streaming:
+            if self.conn is not None:
                 self.conn.write(data)
             return
-        self.buffer.append(data)
-        self.buffered += len(data)
-        if not self.streaming and self.buffered > BUFFER_LIMIT:
-            # A chunked body larger than we buffer: stream it after all.
-            self.streaming = True
-            self.exchange.pause_body()
-            self.dial()
+        assert self.body is not None
+        self.body.add(data)
 
     def body_end(self) -> None:
         self.body_complete = True
@@ -211,26 +260,45 @@ class ProxiedRequest:
             return
         if self.streaming:
             if self.conn is not None:
-                if self.chunk_upstream:
-                    self.conn.write(b"0\r\n\r\n")
                 self.conn.request_complete = True
             return
-        self.dial()
+        assert self.body is not None
+        self.body.stored(self.dial)
+
+    def body_failed(self, error: BodyStoreError) -> None:
+        """The body could not be stored (a full disk: 507) or read back."""
+        self.fail_request(error.status)  # RequestBody logged why
+
+    def body_sent(self, conn: UpstreamConnection) -> None:
+        conn.request_complete = True
+
+    def body_sink(self) -> _BodySink:
+        sink = self.sink = _BodySink(self)
+        return sink
+
+    def drop_body(self) -> None:
+        """The request is over: its body's memory and file are given back."""
+        if self.sink is not None:
+            self.sink.request = None
+        body = self.body
+        if body is not None:
+            self.body = None
+            body.close()
 
     def framing(self) -> bytes | None:
         head = self.exchange.head
         if self.streaming:
-            if head.content_length is not None:
-                return b"content-length: %d" % head.content_length
-            self.chunk_upstream = True
-            return b"transfer-encoding: chunked"
-        if head.chunked or head.content_length or self.buffered:
-            return b"content-length: %d" % self.buffered
+            return b"content-length: %d" % (head.content_length or 0)
+        if self.body is not None:
+            return b"content-length: %d" % self.body.size
         if self.method in (b"POST", b"PUT", b"PATCH"):
             return b"content-length: 0"
         return None
 
     def dial(self, fresh: bool = False) -> None:
+        if self.finished:
+            return
+        self.dialled = True
         pool = self.route.pool
         got = pool.acquire(fresh=fresh or self.upgrade)
         if isinstance(got, UpstreamConnection):
@@ -272,32 +340,33 @@ class ProxiedRequest:
                 self.framing(),
             )
         conn.send(request_head, self, self.method == b"HEAD")
-        for chunk in self.buffer:
-            if self.chunk_upstream:
-                conn.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            else:
-                conn.write(chunk)
-        if not self.retried:
-            self.buffer_for_retry = self.buffer if not self.streaming else None
-        self.buffer = []
         self.sent_at = self.set_timer(self.handler.server.upstream_timeout)
         if self.streaming:
             conn.set_request_producer(_BodyPauser(self.exchange))
             if self.body_complete:
-                if self.chunk_upstream:
-                    conn.write(b"0\r\n\r\n")
                 conn.request_complete = True
             else:
-                self.exchange.set_body_consumer(self)
+                self.exchange.set_body_consumer(self.body_sink())
                 self.exchange.resume_body()
+        elif self.body is not None:
+            # The whole body, again on a retry; the app's socket paces it.
+            self.body.send(conn, self.body_sent)
         else:
             conn.request_complete = True
 
-    buffer_for_retry: list[bytes] | None = None
     sent_at = 0.0
     request_head: bytes | None = None  # as sent to the app (kept for a retry)
 
     # -- response side (ResponseSink) ---------------------------------------
+
+    # What the client has not taken yet of a buffered answer, and since when
+    # it has taken nothing; ``done`` once nothing more goes to the client.
+    buffering = False
+    relay: ResponseBuffer | None = None
+    client_paused = False
+    stalled_since = 0.0
+    done = False
+    recorded = False
 
     def response_head(self, status: int, reason: bytes, fields: bytes, content_length: int | None) -> None:
         self.last_activity = now = self.clock.seconds()
@@ -308,6 +377,8 @@ class ProxiedRequest:
             self.pending_101 = (reason, fields)
             return
         self.status = status
+        fields, allowed = accel_buffering(fields)
+        self.buffering = allowed and route.site.response_buffering
         exchange = self.exchange
         exchange.start_response(status, reason, response_block(fields, self.hsts, self.secure_cookies), content_length)
         if self.conn is not None:
@@ -317,7 +388,8 @@ class ProxiedRequest:
         """The commonest answer: head and the whole body arrived in one read."""
         if self.finished:
             return
-        self.finished = True
+        self.finished = self.done = True
+        self.drop_body()
         self.timer.clear()
         route = self.route
         if route.latency is not None:
@@ -325,24 +397,44 @@ class ProxiedRequest:
         self.status = status
         exchange = self.exchange
         self.conn = None
+        fields, _ = accel_buffering(fields)
         exchange.respond(status, reason, response_block(fields, self.hsts, self.secure_cookies), body)
-        self.handler.record(exchange, route.name, status, len(body))
+        self.logged(status, len(body))
 
     def response_data(self, data: bytes) -> None:
         self.last_activity = self.clock.seconds()
-        self.sent_bytes += len(data)
-        self.exchange.write(data)
+        relay = self.relay
+        if relay is not None:
+            relay.add(data)
+        else:
+            self.deliver(data)
 
     def response_end(self) -> None:
         if self.finished:
             return
         self.finished = True
-        self.cancel_timer()
+        self.drop_body()
+        self.conn = None  # the app's connection goes back to the pool now
+        relay = self.relay
+        if relay is not None and not relay.empty:
+            relay.end()  # delivered_all follows once the client has it all
+            self.arm_timer()  # only the client's clock runs now
+            return
+        self.complete()
+
+    def complete(self) -> None:
+        """The whole answer went to the client."""
+        if self.done:
+            return
+        self.done = True
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.close()  # it may be empty yet hold its (now unneeded) file
+        self.cancel_timer()  # before finish: on HTTP/1.1 the deadline goes back to the connection
         exchange = self.exchange
         exchange.unregister_producer()
         exchange.finish()
-        self.conn = None
-        self.handler.record(exchange, self.route.name, self.status, self.sent_bytes)
+        self.logged(self.status)
 
     def response_failed(self, error: UpstreamError) -> None:
         if self.finished:
@@ -357,7 +449,6 @@ class ProxiedRequest:
         ):
             # The app closed an idle keep-alive connection as we reused it.
             self.retried = True
-            self.buffer = self.buffer_for_retry or []
             self.conn = None
             self.dial(fresh=True)
             return
@@ -394,38 +485,72 @@ class ProxiedRequest:
         self.finished = True
         self.exchange.finish()
 
+    # -- the response buffer's output (BufferOutput) ----------------------------
+
+    def deliver(self, data: bytes) -> None:
+        self.sent_bytes += len(data)
+        self.exchange.write(data)
+
+    def delivered_all(self) -> None:
+        self.complete()
+
+    def pause_app(self) -> None:
+        self.paused = True
+        if self.conn is not None:
+            self.conn.pause_response()
+
+    def resume_app(self) -> None:
+        self.paused = False
+        self.touch()
+        if self.conn is not None:
+            self.conn.resume_response()
+
+    def buffer_failed(self, detail: str) -> None:
+        self.log.warn("{upstream}: {detail}; response cut short", upstream=self.route.site.upstream.url, detail=detail)
+        self.cut(502)
+
     # -- failures --------------------------------------------------------------
 
-    def fail(self, error: UpstreamError) -> None:
-        self.finished = True
+    def abandon(self) -> None:
+        """Nothing more goes to the client: drop what is buffered for it, stop its clock."""
+        self.finished = self.done = True
+        self.drop_body()
         self.cancel_timer()
+        relay, self.relay = self.relay, None
+        if relay is not None:
+            relay.close()
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+    def cut(self, status: int) -> None:
+        """Cut a started answer off: the client sees a broken response, the log says ``status``."""
+        if self.done:
+            return
+        self.abandon()
+        self.exchange.abort()
+        self.logged(status)
+
+    def fail(self, error: UpstreamError) -> None:
         if self.exchange.response_started:
             self.log.warn(
                 "{upstream}: {detail}; response cut short", upstream=self.route.site.upstream.url, detail=error.detail
             )
-            self.exchange.abort()
+            self.cut(502)
             return
+        self.abandon()
         self.log.warn("{upstream}: {detail}", upstream=self.route.site.upstream.url, detail=error.detail)
         message = None
         if self.route.dev and error.status == 502 and error.detail.startswith("cannot connect"):
-            message = (
-                f"Nothing is listening on {self.route.site.upstream.url}: "
-                "start your app (for Django: python manage.py runserver) and reload this page."
-            )
+            upstream = self.route.site.upstream
+            message = f"Nothing is listening on {upstream.url}: {dev_app_hint(upstream)} and reload this page."
         self.logged(error.status)
         pages.send(self.exchange, error.status, message)
 
     def fail_request(self, status: int) -> None:
         if self.finished:
             return
-        self.finished = True
-        self.cancel_timer()
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        self.abandon()
         self.logged(status)
         if self.exchange.response_started:
             self.exchange.abort()
@@ -433,13 +558,25 @@ class ProxiedRequest:
             pages.send(self.exchange, status)
 
     def client_gone(self) -> None:
-        self.finished = True
-        self.cancel_timer()
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        """The client left first: 499 in the log, as nginx writes it."""
+        if self.done:
+            return
+        self.abandon()
+        self.logged(499)
+
+    def client_too_slow(self) -> None:
+        self.log.info(
+            "{client} took nothing of the answer for {seconds:g}s; connection cut",
+            client=self.exchange.client_address,
+            seconds=self.handler.server.send_timeout,
+        )
+        self.cut(self.status)
 
     # -- timers ----------------------------------------------------------------
+
+    # One deadline serves two clocks: the app's (upstream_timeout without a
+    # byte, unless we paused it) and the client's (send_timeout without
+    # taking a byte, while it does not read).
 
     def touch(self) -> None:
         self.last_activity = self.clock.seconds()
@@ -453,31 +590,82 @@ class ProxiedRequest:
     def cancel_timer(self) -> None:
         self.timer.clear()
 
-    def timed_out(self) -> None:
-        seconds = self.timeout
-        idle = self.clock.seconds() - self.last_activity
-        if idle < seconds or self.paused:
+    def arm_timer(self, now: float | None = None) -> None:
+        """Set the deadline for whichever clock runs out first (or clear it if neither runs)."""
+        if self.done or self.status == 101:
+            return
+        if now is None:
+            now = self.clock.seconds()
+        wait = math.inf
+        if self.client_paused:
+            wait = self.handler.server.send_timeout - (now - self.stalled_since)
+        if not self.finished:
             # Waiting on a slow client is not the app's fault.
-            if self.paused:
-                idle = 0
-            self.timer.set(seconds - idle, self.timed_out)
-            return
-        if self.finished:
-            return
-        self.fail(UpstreamError(504, f"no answer from the app within {seconds:g}s", before_response=not self.status))
+            wait = min(wait, self.timeout if self.paused else self.timeout - (now - self.last_activity))
+        if wait == math.inf:
+            self.timer.clear()
+        else:
+            self.timer.set(max(wait, 0.0), self.timed_out)
 
-    def logged(self, status: int) -> None:
-        self.handler.record(self.exchange, self.route.name, status, self.sent_bytes)
+    def timed_out(self) -> None:
+        if self.done:
+            return
+        now = self.clock.seconds()
+        if self.client_paused and now - self.stalled_since >= self.handler.server.send_timeout:
+            self.client_too_slow()
+            return
+        if not self.finished and not self.paused and now - self.last_activity >= self.timeout:
+            seconds = self.timeout
+            if not self.dialled:
+                if self.body is not None and self.body.waiting_on_disk:
+                    self.last_activity = now  # our own disk is slow, not the client
+                    self.arm_timer(now)
+                    return
+                self.fail_request(408)  # the body stopped arriving
+                return
+            self.fail(
+                UpstreamError(504, f"no answer from the app within {seconds:g}s", before_response=not self.status)
+            )
+            return
+        self.arm_timer(now)
+
+    def logged(self, status: int, size: int | None = None) -> None:
+        """One access-log line and one count per request, however it ended."""
+        if self.recorded:
+            return
+        self.recorded = True
+        self.handler.record(self.exchange, self.route.name, status, self.sent_bytes if size is None else size)
 
     # IPushProducer for the client's side: the client reads slower than the
-    # app writes, so reading from the app pauses.
+    # app writes, so the answer goes to the buffer (or, unbuffered, reading
+    # from the app pauses).
 
     def pauseProducing(self) -> None:
-        self.paused = True
-        if self.conn is not None:
+        if self.status == 101:
+            self.paused = True
+            if self.conn is not None:
+                self.conn.pause_response()
+            return
+        if self.done:
+            return
+        self.client_paused = True
+        self.stalled_since = now = self.clock.seconds()
+        relay = self.relay
+        if relay is None and self.buffering and not self.finished:
+            relay = self.relay = ResponseBuffer(self.handler.response_buffers, self)
+        if relay is not None:
+            relay.pause()
+        elif self.conn is not None:
+            self.paused = True
             self.conn.pause_response()
+        self.arm_timer(now)
 
     def resumeProducing(self) -> None:
+        self.client_paused = False
+        relay = self.relay
+        if relay is not None:
+            relay.resume()
+            return
         self.paused = False
         self.touch()
         if self.conn is not None:
@@ -486,6 +674,27 @@ class ProxiedRequest:
     def stopProducing(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+class _BodySink:
+    """Passes body bytes on until the request is over, then lets go of it.
+
+    The exchange keeps its body consumer; through this, that is no cycle
+    back to the request, which reference counting alone can then free.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: ProxiedRequest | None) -> None:
+        self.request = request
+
+    def body_data(self, data: bytes) -> None:
+        if self.request is not None:
+            self.request.body_data(data)
+
+    def body_end(self) -> None:
+        if self.request is not None:
+            self.request.body_end()
 
 
 @implementer(IPushProducer)

@@ -86,8 +86,10 @@ def upstream_request_headers(
         if name in HOP_BY_HOP or name in named:
             continue
         if b"_" in name:
-            # X_Forwarded_Proto reaches Django as HTTP_X_FORWARDED_PROTO too.
-            if name.replace(b"_", b"-") in FORWARDING:
+            # X_Forwarded_Proto reaches Django as HTTP_X_FORWARDED_PROTO too,
+            # and Transfer_Encoding or Content_Length can be taken for framing.
+            dashed = name.replace(b"_", b"-")
+            if dashed in FORWARDING or dashed in HOP_BY_HOP:
                 continue
         if name in FORWARDING:
             if trusted:

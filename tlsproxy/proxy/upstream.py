@@ -24,9 +24,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tlsproxy.compat.twisted import break_connector_cycle
 from tlsproxy.config import Upstream
 from tlsproxy.deadline import Deadline
-from tlsproxy.eventloop import plain_stream
+from tlsproxy.eventloop import plain_stream, send_now
 from tlsproxy.http.wire import (
     ChunkedBody,
     FramingError,
@@ -35,7 +36,6 @@ from tlsproxy.http.wire import (
     UntilClose,
     parse_response_head,
 )
-from tlsproxy.tls.transport import send_now
 
 # An app's response head larger than this is refused (nginx's default proxy
 # buffer for a head is 4-8 KiB; Django's heads are far smaller).
@@ -113,9 +113,7 @@ class UpstreamConnection(Protocol):
         self.pool.forget(self)
         # Twisted's Connector and its Client refer to each other; breaking
         # that lets the connection go by reference counting, not the GC.
-        connector = getattr(self.transport, "connector", None)
-        if connector is not None:
-            connector.transport = None
+        break_connector_cycle(self.transport)
         if self._tunnel is not None:
             tunnel, self._tunnel = self._tunnel, None
             tunnel.finish()
@@ -185,8 +183,9 @@ class UpstreamConnection(Protocol):
                 data = self._buf + data
                 self._buf = b""
             end = data.find(b"\r\n\r\n")
-            if end < 0:
-                if len(data) > MAX_RESPONSE_HEAD:
+            if end < 0 or end + 4 > MAX_RESPONSE_HEAD:
+                # However it arrives (in pieces or in one read), a head over the limit is refused.
+                if end >= 0 or len(data) > MAX_RESPONSE_HEAD:
                     raise ResponseError("the app's response head is too large")
                 self._buf = data
                 return
@@ -205,9 +204,16 @@ class UpstreamConnection(Protocol):
             self._keep_alive = keep_alive
             self._headers_sent = True
             if self._head_only or status == 204 or status == 304:
+                if length or chunked or data:
+                    # A bodiless answer that announces (or brings) a body: the app's
+                    # framing cannot be trusted, and its late bytes must never become
+                    # the next request's answer.  This connection is not reused.
+                    self._keep_alive = False
                 sink.response_head(status, reason, fields, length)
                 self._complete()
-                continue
+                if data:
+                    self.transport.abortConnection()
+                return
             if length is not None and len(data) == length:
                 # The commonest answer: head and whole body in one read.
                 self.sink = None

@@ -10,14 +10,17 @@ SNI callback switches to; building both from one policy keeps them in step.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from OpenSSL import SSL
-from OpenSSL._util import lib as _lib  # SSL_CTX_set1_curves_list has no public wrapper
 
-from tlsproxy.certs.model import CertifiedKey
+from tlsproxy.certs.model import CertifiedKey, ServedNames
+from tlsproxy.compat.openssl import set_groups
 
 # Mozilla's "intermediate" TLS 1.2 suites, ECDHE with AEAD only.
 MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
@@ -30,8 +33,10 @@ MOZILLA_INTERMEDIATE_CIPHERS = ":".join(
         "ECDHE-RSA-CHACHA20-POLY1305",
     ]
 )
-# Key exchange groups of the same profile; nothing else is offered.
-GROUPS = "X25519:P-256:P-384"
+# Key exchange groups in server preference order: the post-quantum hybrid
+# first (TLS 1.3 only; what current browsers send), then the classic groups
+# of Mozilla's profile.  Nothing else is offered.
+PREFERRED_GROUPS = ("X25519MLKEM768", "X25519", "P-256", "P-384")
 ACME_TLS_ALPN = b"acme-tls/1"
 
 _VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
@@ -44,8 +49,32 @@ _OPTIONS = (
 )
 
 
+# The names each site context's certificate covers, for the 421 check; a
+# context that is dropped (certificate swapped) leaves this table with it.
+_served: weakref.WeakKeyDictionary[SSL.Context, ServedNames] = weakref.WeakKeyDictionary()
+
+
+def served_names(context: SSL.Context) -> ServedNames | None:
+    """What the certificate of ``context`` covers; None for a context not built by :meth:`TLSPolicy.context_for`."""
+    return _served.get(context)
+
+
 class PolicyError(ValueError):
     """A TLS setting that OpenSSL will not take."""
+
+
+def _accepts_groups(names: str) -> bool:
+    ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    return set_groups(ctx, names)
+
+
+@functools.cache
+def supported_groups(preferred: tuple[str, ...] = PREFERRED_GROUPS) -> str:
+    """The groups of ``preferred`` that the OpenSSL under pyOpenSSL knows, in order, OpenSSL-style."""
+    return ":".join(name for name in preferred if _accepts_groups(name))
+
+
+GROUPS = supported_groups()
 
 
 def cipher_names(ciphers: str) -> list[str]:
@@ -60,6 +89,30 @@ def cipher_names(ciphers: str) -> list[str]:
     if not names:
         raise PolicyError(f"the cipher string {ciphers!r} selects no TLS 1.2 cipher")
     return names
+
+
+def _is_aead(name: str) -> bool:
+    return any(mode in name for mode in ("GCM", "CHACHA20", "CCM"))
+
+
+def cipher_warnings(ciphers: str, alpn: Sequence[str] = ()) -> list[str]:
+    """What is weak in a TLS 1.2 cipher string that OpenSSL accepts (raises PolicyError if it accepts none)."""
+    names = cipher_names(ciphers)
+    warnings = []
+    static = [n for n in names if not n.startswith(("ECDHE-", "DHE-"))]
+    if static:
+        warnings.append(
+            f"TLS 1.2 suites without forward secrecy (a stolen key decrypts recorded traffic): {', '.join(static)}"
+        )
+    cbc = [n for n in names if not _is_aead(n)]
+    if cbc:
+        warnings.append(f"TLS 1.2 suites without AEAD (CBC or worse): {', '.join(cbc)}")
+        if "h2" in alpn:
+            warnings.append(
+                "h2 is offered with CBC suites, which HTTP/2 forbids (RFC 9113 9.2.2): a client that gets one "
+                "ends the connection with INADEQUATE_SECURITY; list only ECDHE suites with GCM or CHACHA20"
+            )
+    return warnings
 
 
 def load_dhparams(path: str) -> None:
@@ -92,7 +145,7 @@ class TLSPolicy:
         # An idle connection gives its record buffers back (about 34 KiB).
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
         ctx.set_cipher_list(self.ciphers.encode("ascii"))
-        if _lib.SSL_CTX_set1_curves_list(ctx._context, self.groups.encode("ascii")) != 1:
+        if not set_groups(ctx, self.groups):
             raise PolicyError(f"OpenSSL refused the key exchange groups {self.groups!r}")
         if self.dhparams:
             ctx.load_tmp_dh(self.dhparams.encode())
@@ -111,6 +164,9 @@ class TLSPolicy:
             ctx.add_extra_chain_cert(extra)
         ctx.use_privatekey(certified.key)
         ctx.check_privatekey()
+        # Sessions resume only on contexts of the same names (see sni.py).
+        ctx.set_session_id(hashlib.sha256("\n".join(sorted(certified.dns_names)).encode()).digest())
+        _served[ctx] = ServedNames(certified.dns_names)
         return ctx
 
     def choose_protocol(self, offered: Sequence[bytes]) -> bytes | object:

@@ -1,10 +1,15 @@
 """Pick the certificate for each handshake by server name, and swap it live.
 
-Every connection starts on one front context that never changes: it holds the
-session cache and ticket keys, so resumption survives certificate swaps.  The
-SNI callback then moves the connection to its site's context.  Swapping a
-certificate is replacing one entry of :class:`SniMap`; connections already past
-their handshake keep the context they were given.
+Every connection starts on a front context: it holds the session cache and
+ticket keys, so resumption survives certificate swaps.  The front changes only
+when the ticket keys rotate (see :mod:`tlsproxy.tls.tickets`); a ClientHello
+that offers a ticket of the previous key starts on the previous front.  Before
+OpenSSL reads the ClientHello the connection is moved to the context of the
+site it names, whose session id context is derived from its certificate's
+names (a renewal keeps it), so a session of one certificate is never resumed
+under another.  The SNI callback then settles the context as OpenSSL sees it.
+Swapping a certificate is replacing one entry of :class:`SniMap`; connections
+already past their handshake keep the context they were given.
 """
 
 from __future__ import annotations
@@ -17,7 +22,13 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from tlsproxy.acme.challenges import TLSALPN01Answers
+from tlsproxy.tls.hello import ClientHello
 from tlsproxy.tls.policy import ACME_TLS_ALPN, TLSPolicy
+from tlsproxy.tls.tickets import TicketKeyRing, learn_key_name
+
+
+class NoChallengePending(SSL.Error):
+    """An ``acme-tls/1`` handshake for a name with no TLS-ALPN-01 challenge pending."""
 
 
 def normalise_host(name: str | bytes | None) -> str | None:
@@ -117,15 +128,29 @@ class SniServer:
         self.policy = policy
         self.sni_map = sni_map
         self.alpn_answers = alpn_answers if alpn_answers is not None else TLSALPN01Answers()
-        self._front = policy.new_context(self.choose_alpn)
-        self._front.set_tlsext_servername_callback(self._on_server_name)
+        self.tickets = TicketKeyRing(self._new_front, learn_key_name)
+
+    def _new_front(self) -> SSL.Context:
+        front = self.policy.new_context(self.choose_alpn)
+        front.set_tlsext_servername_callback(self._on_server_name)
+        return front
+
+    def rotate_ticket_keys(self) -> None:
+        self.tickets.rotate()
 
     def context_for(self, certified):  # type: ignore[no-untyped-def]
         """A site context built with this server's policy and ALPN chooser."""
         return self.policy.context_for(certified, self.choose_alpn)
 
     def serverConnectionForTLS(self, protocol: object) -> SSL.Connection:
-        return SSL.Connection(self._front, None)
+        """A connection on the front its ticket asks for, already on the context of the site it names."""
+        hello: ClientHello | None = getattr(protocol, "client_hello", None)
+        connection = SSL.Connection(self.tickets.front_for(hello), None)
+        if hello is not None:
+            context = self.sni_map.lookup(hello.server_name)
+            if context is not None:
+                connection.set_context(context)
+        return connection
 
     def _on_server_name(self, connection: SSL.Connection) -> None:
         context = self.sni_map.lookup(connection.get_servername())
@@ -139,7 +164,11 @@ class SniServer:
             challenge = self.alpn_answers.get(host) if host else None
             if challenge is None:
                 self.log.info("acme-tls/1 handshake for {host} with no challenge pending", host=host)
-                return b""
+                # pyOpenSSL turns a raise into SSL_TLSEXT_ERR_ALERT_FATAL, which
+                # OpenSSL sends as no_application_protocol (an empty choice
+                # was an internal_error); the transport reports it as a failed
+                # handshake.
+                raise NoChallengePending(host)
             connection.set_context(challenge)
             return ACME_TLS_ALPN
         return self.policy.choose_protocol(offered)

@@ -31,8 +31,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
+from OpenSSL.SSL import RECEIVED_SHUTDOWN as SSL_RECEIVED_SHUTDOWN
+from OpenSSL.SSL import SENT_SHUTDOWN as SSL_SENT_SHUTDOWN
 from OpenSSL.SSL import Error
 from twisted.internet.interfaces import IPushProducer, ITransport
 from twisted.internet.protocol import Factory, Protocol, connectionDone
@@ -40,7 +40,14 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from tlsproxy.certs.model import ServedNames
+from tlsproxy.compat.openssl import connection_handles, raise_ssl_error
+from tlsproxy.compat.openssl import ffi as _ffi
+from tlsproxy.compat.openssl import lib as _lib
 from tlsproxy.deadline import Deadline
+from tlsproxy.eventloop import send_now
+from tlsproxy.tls.hello import ClientHello, PlainHTTP, sniff
+from tlsproxy.tls.policy import served_names
 
 # One scratch buffer for every connection: all TLS I/O runs on the reactor
 # thread, and each read is copied out before the next one starts.
@@ -64,30 +71,15 @@ _NULL = _ffi.NULL
 _unpack = _ffi.unpack  # char array -> bytes, in one call
 
 
-def send_now(transport: Any, data: bytes) -> None:
-    """Write ``data`` to a TCP or unix transport, on the socket at once if idle.
-
-    Falls back to the transport's own buffering whenever anything is queued,
-    the socket is full, or the transport is not a plain socket transport.
-    """
-    sock = getattr(transport, "socket", None)
-    if (
-        sock is not None
-        and not transport.dataBuffer
-        and not getattr(transport, "_tempDataBuffer", True)
-        and transport.connected
-        and not transport.disconnecting
-    ):
-        try:
-            sent = sock.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            sent = 0  # let the transport's own write path see and report it
-        if sent == len(data):
-            return
-        data = data[sent:]
-    transport.write(data)
+_PLAIN_HTTP_BODY = (
+    b'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>400 Bad Request</title></head>\n'
+    b"<body><h1>400 Bad Request</h1>\n<p>The plain HTTP request was sent to the HTTPS port. "
+    b"Use an https:// address.</p></body></html>\n"
+)
+PLAIN_HTTP_ANSWER = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/html; charset=utf-8\r\nCache-Control: no-store\r\n"
+    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_PLAIN_HTTP_BODY), _PLAIN_HTTP_BODY)
+)
 
 
 class TLSError(Exception):
@@ -110,6 +102,12 @@ class TLSServerProtocol(Protocol):
     connected = False
     _corked: list[bytes] | None = None
     _timer: Deadline | None = None  # the handshake's
+    _tls: Any = None  # the SSL.Connection, made once the ClientHello is read
+    _first: bytes = b""  # bytes read before that
+    client_hello: ClientHello | None = None  # for the connection creator
+    # What the certificate this connection was served covers (None: not
+    # known, no 421 check); a request for any other host gets 421.
+    served_names: ServedNames | None = None
 
     def __init__(self, factory: TLSServerFactory) -> None:
         self.factory = factory
@@ -118,25 +116,67 @@ class TLSServerProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.connected = True
+        # Nagle's algorithm would hold a second small record (an HTTP/2 DATA
+        # frame after its HEADERS) until the client ACKs the first, which a
+        # client waiting for the rest delays by 40 ms: every answer on a
+        # one-stream HTTP/2 connection took 40 ms.  nginx sets it too.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            set_no_delay(True)
         factory = self.factory
-        tls = self._tls = factory.creator.serverConnectionForTLS(self)
-        tls.set_accept_state()
-        self._ssl = tls._ssl
-        self._into = tls._into_ssl
-        self._from = tls._from_ssl
         self._timer = Deadline(factory.clock)
         self._timer.set(factory.app.limits.handshake_timeout, self._handshake_timed_out)
         factory.app.connection_made(self)
 
+    def _start_tls(self, hello: ClientHello | None) -> None:
+        """The ClientHello is read (or unreadable): make the TLS connection; the hello may pick its context."""
+        self.client_hello = hello
+        tls = self._tls = self.factory.creator.serverConnectionForTLS(self)
+        tls.set_accept_state()
+        self._ssl, self._into, self._from = connection_handles(tls)
+
+    def _sniff(self, data: bytes) -> bytes | None:
+        """Read ahead until the ClientHello is whole; then set TLS up and give back every byte read so far."""
+        data = self._first + data
+        seen = sniff(data)
+        if seen is None:
+            self._first = data
+            return None
+        self._first = b""
+        if isinstance(seen, PlainHTTP):
+            self.log.debug("plain HTTP from {peer} on the HTTPS port", peer=self.transport.getPeer())
+            if self._timer is not None:
+                self._timer.clear()
+                self._timer = None
+            self.disconnecting = True
+            self.transport.write(PLAIN_HTTP_ANSWER)
+            self.transport.loseConnection()
+            return None
+        self._start_tls(seen if isinstance(seen, ClientHello) else None)
+        return data
+
     def dataReceived(self, data: bytes) -> None:
         if self.aborted:
             return  # bytes read in the same poll as the abort
+        if self._tls is None:
+            if self.disconnecting:
+                return  # after the plain HTTP answer
+            first = self._sniff(data)
+            if first is None:
+                return
+            data = first
         if _BIO_write(self._into, data, len(data)) <= 0:
             self._tls.bio_write(data)  # raises the appropriate error
         if self.handshake_done or self._handshake():
             self._read()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self.handshake_done and not self.disconnecting:
+            # The client went without close_notify.  OpenSSL would drop the
+            # session from its cache when it frees a connection it never
+            # shut down; since TLS 1.1 that is no reason not to resume it
+            # (RFC 5246 7.2.1), and clients that just close are common.
+            self._tls.set_shutdown(SSL_SENT_SHUTDOWN | SSL_RECEIVED_SHUTDOWN)
         self.lost = True
         self.connected = False
         self._corked = None
@@ -165,6 +205,9 @@ class TLSServerProtocol(Protocol):
             self._tls_failed(result, "handshake", graceful=True)
             return False
         self.handshake_done = True
+        # The context the SNI callback settled on; for a resumed TLS 1.2
+        # session that is the site of the session's own server name.
+        self.served_names = served_names(self._tls.get_context())
         if self._timer is not None:
             self._timer.clear()
             self._timer = None
@@ -257,7 +300,7 @@ class TLSServerProtocol(Protocol):
         alert (a protocol version, no shared cipher) before the close.
         """
         try:
-            self._tls._raise_ssl_error(self._ssl, result)  # pyOpenSSL's account of it
+            raise_ssl_error(self._tls, result)  # pyOpenSSL's account of it
             reason: Failure = Failure(TLSError(f"TLS {doing} failed"))
         except Error:
             reason = Failure()

@@ -5,9 +5,11 @@ urlpatterns = [
     path("whoami", views.whoami),
     path("form", views.form),
     path("upload", views.upload),
+    path("body-hash", views.body_hash),
     path("download", views.download),
     path("download-fixed", views.download_fixed),
     path("slow", views.slow),
+    path("events", views.events),
     path("own-hsts", views.own_hsts),
     path("cookie", views.cookie),
 ]

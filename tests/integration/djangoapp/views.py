@@ -81,6 +81,21 @@ def upload(request):
     )
 
 
+@csrf_exempt
+def body_hash(request):
+    """What a plain Django view sees of the body: request.body, nothing gunicorn-specific."""
+    body = request.body
+    return JsonResponse(
+        {
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "length": len(body),
+            "content_length": request.META.get("CONTENT_LENGTH"),
+            "transfer_encoding": request.META.get("HTTP_TRANSFER_ENCODING"),
+            "expect": request.META.get("HTTP_EXPECT"),
+        }
+    )
+
+
 def _size(request):
     return int(request.GET.get("size", "0"))
 
@@ -93,6 +108,23 @@ def download_fixed(request):
     size = _size(request)
     response = StreamingHttpResponse(blocks(size), content_type="application/octet-stream")
     response["Content-Length"] = str(size)
+    if request.GET.get("accel") == "no":
+        response["X-Accel-Buffering"] = "no"
+    return response
+
+
+def events(request):
+    """Server-sent events with a pause between them, streamed at once (X-Accel-Buffering: no)."""
+    pause = float(request.GET.get("pause", "2"))
+
+    def stream():
+        yield b"data: first\n\n"
+        time.sleep(pause)
+        yield b"data: second\n\n"
+
+    response = StreamingHttpResponse(stream(), content_type="text/event-stream")
+    response["Cache-Control"] = "no-cache"
+    response["X-Accel-Buffering"] = "no"
     return response
 
 

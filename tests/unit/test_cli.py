@@ -1,0 +1,73 @@
+"""The tlsproxy command in process: exit statuses (0 ok, 1 failed, 2 bad usage or config) and streams."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+
+from tlsproxy import cli
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(os.environ):
+        if name.startswith("TLSPROXY_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("TLSPROXY_CAROOT", str(tmp_path / "ca"))
+
+
+def run(*argv: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    status = cli.main(list(argv), out, err)
+    return status, out.getvalue(), err.getvalue()
+
+
+def acme_config(tmp_path: Path) -> str:
+    config = tmp_path / "acme.toml"
+    config.write_text(
+        f'[server]\nstate_dir = "{tmp_path / "state"}"\n[acme]\nagree_tos = true\n'
+        '[[site]]\nhosts = ["example.com"]\nupstream = "http://127.0.0.1:8000"\n'
+    )
+    return str(config)
+
+
+def test_bad_config_is_2_on_stderr_for_every_command(tmp_path: Path) -> None:
+    """check, certs, renew, revoke and account all exit 2 on a bad config, the reason on stderr only."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[site]]\nhosts = ["a.test"]\nupstream = "http://127.0.0.1:8000"\ntls = "local"\nwat = 1\n')
+    for argv in (["check"], ["certs"], ["renew", "a.test"], ["revoke", "a.test"], ["account", "rollover"]):
+        status, out, err = run(*argv, "-c", str(bad))
+        assert (status, out) == (2, ""), argv
+        assert "site[0].wat: unknown key" in err, argv
+
+
+def test_renew_unknown_site_is_2_on_stderr(tmp_path: Path) -> None:
+    """renew with a name no site has: exit 2, the error on stderr, nothing on stdout."""
+    status, out, err = run("renew", "nope.example", "-c", acme_config(tmp_path))
+    assert (status, out) == (2, "")
+    assert err.startswith("error: no site has the name 'nope.example' (names: example.com)")
+
+
+def test_account_rollover_without_account_is_1_on_stderr(tmp_path: Path) -> None:
+    """An operation that cannot be done (no ACME account yet) exits 1 with the error on stderr."""
+    status, out, err = run("account", "rollover", "-c", acme_config(tmp_path))
+    assert (status, out) == (1, "")
+    assert err.startswith("error: no ACME account in")
+
+
+def test_certs_in_dev_mode_lists_the_local_site() -> None:
+    """`tlsproxy certs` with no configuration shows the dev proxy's local site and where its leaves come from."""
+    status, out, err = run("certs")
+    assert (status, err) == (0, "")
+    assert out.startswith("localhost\n")
+    assert "source:       local" in out and "issuer:       none yet" in out
+
+
+def test_usage_error_is_2() -> None:
+    """A command line argparse refuses exits 2, like a bad configuration."""
+    with pytest.raises(SystemExit) as info:
+        run("renew")
+    assert info.value.code == 2

@@ -1,0 +1,335 @@
+"""Canaries for every private API tlsproxy uses (tlsproxy/compat/), and the rule that keeps them there.
+
+Each canary exercises the private name the way tlsproxy uses it, so a release
+of a dependency that moves it fails here, naming the compat module to update,
+rather than in production.
+"""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import requests
+import trustme
+from acme import client as acme_client
+from h2.config import H2Configuration
+from h2.events import RequestReceived
+from hyperframe.frame import DataFrame
+from OpenSSL import SSL
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from twisted.internet import base
+from twisted.internet.abstract import FileDescriptor
+from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.tlsutil import certified
+from tlsproxy.compat import acme as compat_acme
+from tlsproxy.compat import h2 as compat_h2
+from tlsproxy.compat import openssl as compat_openssl
+from tlsproxy.compat import twisted as compat_twisted
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGE = ROOT / "tlsproxy"
+
+# Attribute names private to a dependency that tlsproxy reads somewhere (in compat/ only).
+PRIVATE_ATTRIBUTES = frozenset(
+    {
+        "_ssl",
+        "_into_ssl",
+        "_from_ssl",
+        "_context",
+        "_raise_ssl_error",
+        "_receive_data_frame",
+        "_send_request",
+        "_post",
+        "_poller",
+        "_selectables",
+        "_doReadOrWrite",
+        "_disconnectSelectable",
+        "dataBuffer",
+        "_tempDataBuffer",
+        "_parseServer",
+        "_logger",
+        "_post_once",
+    }
+)
+THIRD_PARTY = ("OpenSSL", "twisted", "h2", "hpack", "hyperframe", "acme", "josepy", "cryptography", "service_identity")
+
+
+class BoundsTests(SynchronousTestCase):
+    def test_installed_versions_within_tested_bounds(self) -> None:
+        """Every installed runtime dependency satisfies pyproject's bounds, and each bound has an upper limit."""
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        for line in project["dependencies"]:
+            requirement = Requirement(line)
+            if requirement.name == "certifi":
+                continue  # a data package: newer is always better
+            self.assertTrue(
+                any(spec.operator in ("<", "<=", "==", "~=") for spec in requirement.specifier),
+                f"{requirement.name} has no upper bound in pyproject.toml",
+            )
+            installed = metadata.version(requirement.name)
+            self.assertIn(installed, requirement.specifier, f"{requirement.name} {installed} is outside {line}")
+
+    def test_constraints_pin_what_is_installed(self) -> None:
+        """constraints.txt pins each runtime dependency, within pyproject's bounds."""
+        pins = {}
+        for raw in (ROOT / "constraints.txt").read_text().splitlines():
+            line = raw.split("#", 1)[0].strip()
+            if line:
+                requirement = Requirement(line)
+                pins[canonicalize_name(requirement.name)] = requirement
+        project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+        for line in project["dependencies"]:
+            requirement = Requirement(line)
+            pin = pins.get(canonicalize_name(requirement.name))
+            self.assertIsNotNone(pin, f"constraints.txt does not pin {requirement.name}")
+            assert pin is not None
+            (spec,) = pin.specifier
+            self.assertEqual(spec.operator, "==")
+            self.assertIn(spec.version, requirement.specifier, f"constraints.txt pins {pin} outside {line}")
+
+
+def _memory_pair() -> tuple[SSL.Connection, SSL.Connection]:
+    ca = trustme.CA()
+    server_ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+    leaf = certified(ca, "canary.test")
+    server_ctx.use_certificate(leaf.leaf)
+    server_ctx.use_privatekey(leaf.key)
+    client_ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(client_ctx, None)
+    client.set_connect_state()
+    return server, client
+
+
+class OpenSSLCanaryTests(SynchronousTestCase):
+    """pyOpenSSL: see tlsproxy/compat/openssl.py if one of these fails."""
+
+    def test_handles_drive_a_handshake(self) -> None:
+        """SSL_do_handshake and the BIOs through compat's handles complete a real handshake."""
+        server, client = _memory_pair()
+        ssl, into, out = compat_openssl.connection_handles(server)
+        lib, ffi = compat_openssl.lib, compat_openssl.ffi
+        buffer = ffi.new("char[]", 1 << 16)
+        for _ in range(10):
+            try:
+                client.do_handshake()
+            except SSL.WantReadError:
+                pass
+            while True:
+                try:
+                    data = client.bio_read(1 << 16)
+                except SSL.WantReadError:
+                    break
+                with ffi.from_buffer(data) as view:
+                    self.assertEqual(lib.BIO_write(into, view, len(data)), len(data))
+            result = lib.SSL_do_handshake(ssl)
+            if result != 1:
+                self.assertEqual(lib.SSL_get_error(ssl, result), lib.SSL_ERROR_WANT_READ)
+            pending = lib.BIO_get_mem_data(out, ffi.NULL)
+            if pending:
+                n = lib.BIO_read(out, buffer, pending)
+                client.bio_write(ffi.unpack(buffer, n))
+            if result == 1 and client.get_peer_certificate() is not None:
+                break
+        self.assertEqual(result, 1)
+        self.assertEqual(lib.SSL_write(ssl, b"hi", 2), 2)
+        self.assertEqual(lib.SSL_pending(ssl), 0)
+        self.assertTrue(callable(lib.SSL_read) and callable(lib.SSL_shutdown))
+        self.assertEqual(lib.SSL_ERROR_ZERO_RETURN, 6)
+
+    def test_raise_ssl_error(self) -> None:
+        """pyOpenSSL's error translation raises SSL.Error for a failed handshake."""
+        server, _client = _memory_pair()
+        ssl, into, _out = compat_openssl.connection_handles(server)
+        junk = b"\x16\x03\x01\x00\x05hello"
+        compat_openssl.lib.BIO_write(into, junk, len(junk))
+        result = compat_openssl.lib.SSL_do_handshake(ssl)
+        with self.assertRaises(SSL.Error):
+            compat_openssl.raise_ssl_error(server, result)
+
+    def test_set_groups(self) -> None:
+        """Groups OpenSSL knows are taken; a made-up one is refused, not ignored."""
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
+        self.assertNotEqual(compat_openssl.context_handle(ctx), compat_openssl.ffi.NULL)
+        self.assertTrue(compat_openssl.set_groups(ctx, "X25519:P-256:P-384"))
+        self.assertFalse(compat_openssl.set_groups(SSL.Context(SSL.TLS_SERVER_METHOD), "no-such-group"))
+
+
+class TwistedCanaryTests(SynchronousTestCase):
+    """Twisted: see tlsproxy/compat/twisted.py if one of these fails."""
+
+    def test_parse_server_endpoint(self) -> None:
+        """Endpoint strings split into kind, arguments and options."""
+        kind, args, kwargs = compat_twisted.parse_server_endpoint("tcp:443:interface=127.0.0.1")
+        self.assertEqual((kind.lower(), args[0], kwargs["interface"]), ("tcp", 443, "127.0.0.1"))
+        kind, args, kwargs = compat_twisted.parse_server_endpoint("unix:/run/x.sock")
+        self.assertEqual((kind.lower(), args[0]), ("unix", "/run/x.sock"))
+
+    def test_reactor_poll_state(self) -> None:
+        """An epoll reactor has the poller, selectable map and dispatch methods the fast loop uses."""
+        reactor = EPollReactor()
+        try:
+            poller, selectables, dispatch, disconnect = compat_twisted.reactor_poll_state(reactor)
+            self.assertEqual(poller.poll(0, 1), [])
+            self.assertIsInstance(selectables, dict)
+            self.assertEqual(list(inspect.signature(dispatch).parameters), ["selectable", "fd", "event"])
+            self.assertEqual(list(inspect.signature(disconnect).parameters)[:3], ["selectable", "why", "isRead"])
+        finally:
+            reactor._poller.close()
+
+    def test_transport_buffers(self) -> None:
+        """A FileDescriptor keeps unsent bytes in dataBuffer and _tempDataBuffer."""
+        fd: Any = FileDescriptor()
+        self.assertTrue(compat_twisted.nothing_buffered(fd))
+        fd._tempDataBuffer.append(b"x")
+        self.assertFalse(compat_twisted.nothing_buffered(fd))
+
+    def test_port_logs_accept_events_through_its_logger(self) -> None:
+        """A TCP port keeps a Logger as _logger, and its accept loop logs the EMFILE events we count."""
+        from twisted.internet import tcp
+
+        reactor = EPollReactor()
+        try:
+            port = tcp.Port(0, None, interface="127.0.0.1", reactor=reactor)
+            self.assertIsInstance(port._logger, Logger)
+            seen: list[Any] = []
+            self.assertTrue(compat_twisted.observe_port_log(port, seen.append))
+            port._logger.info("x")
+            self.assertEqual(len(seen), 1)
+        finally:
+            reactor._poller.close()
+
+    def test_accept_loop_logs_the_emfile_events_we_count(self) -> None:
+        """Out of descriptors, Twisted's accept loop logs the events listening.py counts, by these formats."""
+        import errno
+
+        from twisted.internet import tcp
+
+        class Client:
+            def close(self) -> None:
+                pass
+
+        class Listener:
+            def __init__(self) -> None:
+                self.outcomes: list[Any] = [OSError(errno.EMFILE, "x"), (Client(), ("192.0.2.1", 1))]
+                self.outcomes.append(OSError(errno.EAGAIN, "x"))
+
+            def accept(self) -> Any:
+                outcome = self.outcomes.pop(0)
+                if isinstance(outcome, OSError):
+                    raise outcome
+                return outcome
+
+        class Reserved:
+            def available(self) -> bool:
+                return True
+
+            def __enter__(self) -> None:
+                pass
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+        events: list[Any] = []
+        list(tcp._accept(Logger(observer=events.append), range(5), Listener(), Reserved()))
+        formats = [event["log_format"] for event in events]
+        expected = [compat_twisted.EMFILE_NOISE[0], compat_twisted.EMFILE_REFUSED, compat_twisted.EMFILE_NOISE[1]]
+        self.assertEqual(formats, expected)
+        events.clear()
+        listener = Listener()
+        listener.outcomes = [OSError(errno.ENOBUFS, "x")]
+        list(tcp._accept(Logger(observer=events.append), range(5), listener, Reserved()))
+        self.assertEqual([event["log_format"] for event in events], [compat_twisted.CANNOT_ACCEPT])
+
+    def test_connector_refers_to_transport(self) -> None:
+        """A connector keeps its transport as .transport (the cycle compat breaks)."""
+        self.assertRegex(inspect.getsource(base.BaseConnector.connect), r"self\.transport\b[^=\n]*= ")
+
+
+class H2CanaryTests(SynchronousTestCase):
+    """h2: see tlsproxy/compat/h2.py if this fails."""
+
+    def test_body_length_error_reaches_the_hook(self) -> None:
+        """A DATA frame longer than the stream's content-length goes to body_length_error."""
+        seen = []
+
+        class Conn(compat_h2.StreamErrorConnection):
+            def body_length_error(self, frame: Any) -> tuple[list[Any], list[Any]]:
+                seen.append(frame.stream_id)
+                return [], []
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        server = Conn(H2Configuration(client_side=False))
+        server.initiate_connection()
+        headers = [(":method", "POST"), (":path", "/"), (":scheme", "https"), (":authority", "a")]
+        headers.append(("content-length", "1"))
+        client.send_headers(1, headers)
+        events = server.receive_data(client.data_to_send())
+        self.assertTrue(any(isinstance(e, RequestReceived) for e in events))
+        frame = DataFrame(1, data=b"too long")
+        server.receive_data(frame.serialize())
+        self.assertEqual(seen, [1])
+
+
+class AcmeCanaryTests(SynchronousTestCase):
+    """acme: see tlsproxy/compat/acme.py if these fail."""
+
+    def test_send_request_hook_sees_responses(self) -> None:
+        """Every response passes through _send_request, where Retry-After is kept."""
+
+        class Adapter(requests.adapters.BaseAdapter):
+            def send(self, request: Any, **kwargs: Any) -> requests.Response:
+                response = requests.Response()
+                response.status_code = 200
+                response.headers["Retry-After"] = "120"
+                response.headers["Content-Type"] = "application/json"
+                response._content = b"{}"
+                response.url = request.url
+                return response
+
+            def close(self) -> None:
+                pass
+
+        net = compat_acme.RetryingNetwork(key=None)
+        net.session.mount("https://", Adapter())
+        net.get("https://ca.test/directory")
+        self.assertEqual(net.last_retry_after, "120")
+
+    def test_post_once_is_the_single_attempt(self) -> None:
+        """ClientNetwork.post is _post_once with a retry: our post retries _post_once on badNonce."""
+        self.assertIn("self._post_once(", inspect.getsource(acme_client.ClientNetwork.post))
+        attempts = []
+
+        class Net(compat_acme.RetryingNetwork):
+            def _post_once(self, *args: Any, **kwargs: Any) -> Any:
+                attempts.append(args)
+                if len(attempts) < 3:
+                    raise acme_client.messages.Error(typ="urn:ietf:params:acme:error:badNonce")
+                return "response"
+
+        self.assertEqual(Net(key=None).post("https://ca.test/x", None), "response")
+        self.assertEqual(len(attempts), 3)
+
+    def test_signed_post_goes_through_the_network(self) -> None:
+        """ClientV2._post hands the URL and body to the network's post."""
+        posted = []
+
+        class Net(acme_client.ClientNetwork):
+            def post(self, *args: Any, **kwargs: Any) -> Any:
+                posted.append(args[:2])
+                return "response"
+
+        directory = acme_client.messages.Directory.from_json({"newNonce": "https://ca.test/nonce"})
+        client = acme_client.ClientV2(directory, Net(key=None))
+        self.assertEqual(compat_acme.signed_post(client, "https://ca.test/order", None), "response")
+        self.assertEqual(posted, [("https://ca.test/order", None)])

@@ -1,0 +1,32 @@
+"""h2's private parts: the per-frame handler for DATA.
+
+Tested with h2 4.1 to 4.4.  h2 raises a body-length error from inside its
+frame loop, where every ProtocolError ends the connection; RFC 9113 (8.1.1)
+makes it a stream error, and the only place to catch it for one stream is
+the DATA frame's handler.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from h2.connection import H2Connection
+from h2.exceptions import InvalidBodyLengthError
+
+
+class StreamErrorConnection(H2Connection):
+    """An H2Connection that hands a DATA frame breaking its stream's Content-Length to a method.
+
+    ``body_length_error(frame)`` returns what the frame handler returns:
+    (frames to send, events).
+    """
+
+    def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        try:
+            result: tuple[list[Any], list[Any]] = super()._receive_data_frame(frame)  # type: ignore[misc]
+        except InvalidBodyLengthError:
+            return self.body_length_error(frame)
+        return result
+
+    def body_length_error(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        raise NotImplementedError

@@ -1,0 +1,92 @@
+"""What the machine must offer a valid configuration: a writable state_dir, the app's socket.
+
+:mod:`tlsproxy.config` decides what a configuration means; this module asks
+whether this process, as the user it runs as, can use it here.  ``tlsproxy
+check`` and ``twist tlsproxy`` both ask before they start, so a state
+directory the service user cannot write is one line at start-up, not a
+traceback at the first renewal.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from tlsproxy.config import Config, Problem
+
+
+def _user() -> str:
+    try:
+        import pwd
+
+        return f"{pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()})"
+    except (ImportError, KeyError):  # pragma: no cover - no pwd entry (a container's arbitrary uid)
+        return f"uid {os.geteuid()}"
+
+
+def state_dir_problem(path: str) -> str | None:
+    """Why this process cannot keep its ACME account, keys and certificates in ``path``, or None."""
+    root = Path(path)
+    try:
+        return _state_dir_problem(root, path)
+    except OSError as e:  # a parent this user may not even look into
+        return f"{e.filename or path}: {e.strerror} for {_user()}"
+
+
+def _state_dir_problem(root: Path, path: str) -> str | None:
+    if not root.exists():
+        parent = root.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"{path} does not exist, and {_user()} cannot create it in {parent}"
+        return None
+    if not root.is_dir():
+        return f"{path} is not a directory"
+    unusable: list[str] = []
+    for directory, _, _ in os.walk(root, onerror=lambda e: unusable.append(str(e.filename))):
+        if not os.access(directory, os.R_OK | os.W_OK | os.X_OK):
+            unusable.append(directory)
+    if unusable:
+        where = unusable[0] + (f" (and {len(unusable) - 1} more)" if len(unusable) > 1 else "")
+        return (
+            f"{where} is not writable by {_user()}, which keeps the ACME account, keys and certificates"
+            f" there: give {path} to that user (chown -R; systemd's StateDirectory= does it) or set another state_dir"
+        )
+    return None
+
+
+def problems(config: Config) -> list[Problem]:
+    """What stops this configuration from running here (only ACME sites need state_dir)."""
+    found = []
+    if any(site.tls == "acme" for site in config.sites):
+        why = state_dir_problem(config.server.state_dir)
+        if why:
+            found.append(Problem(config.source, "server.state_dir", why))
+    return found
+
+
+def warnings(config: Config) -> list[str]:
+    """What may be fine at start-up but worth a look: an app socket that is not there (yet)."""
+    found = []
+    for index, site in enumerate(config.sites):
+        path = site.upstream.unix_path
+        if not path:
+            continue
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            found.append(
+                f"site[{index}].upstream: {path} does not exist (yet): requests get 502 until the app"
+                " listens there (gunicorn --bind unix:PATH, or gunicorn.socket with socket activation)"
+            )
+            continue
+        except OSError as e:
+            found.append(f"site[{index}].upstream: cannot reach {path}: {e.strerror}")
+            continue
+        if not stat.S_ISSOCK(mode):
+            found.append(f"site[{index}].upstream: {path} is not a unix socket")
+        elif not os.access(path, os.R_OK | os.W_OK):
+            found.append(f"site[{index}].upstream: {_user()} may not connect to {path} (it needs write access)")
+    return found
