@@ -13,7 +13,6 @@ from collections import deque
 from typing import Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -23,7 +22,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import FlowControlError, InvalidBodyLengthError, ProtocolError, StreamClosedError
+from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -31,6 +30,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tlsproxy.compat.h2 import StreamErrorConnection
 from tlsproxy.deadline import Deadline
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
@@ -234,7 +234,7 @@ def parse_request(fields: Headers, ended: bool, limits: Limits) -> RequestHead:
     )
 
 
-class _Connection(H2Connection):
+class _Connection(StreamErrorConnection):
     """h2's server connection, with one malformed request a stream error, not a connection error.
 
     A request whose DATA frames do not add up to its Content-Length is
@@ -248,15 +248,12 @@ class _Connection(H2Connection):
     # event would do, but h2's event constructors differ between versions).
     reset_here: list[int]
 
-    def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
-        try:
-            return super()._receive_data_frame(frame)  # type: ignore[misc]
-        except InvalidBodyLengthError:
-            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
-            # Nobody will take these bytes: give their connection window back.
-            self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
-            self.reset_here.append(frame.stream_id)
-            return [], []
+    def body_length_error(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+        # Nobody will take these bytes: give their connection window back.
+        self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
+        self.reset_here.append(frame.stream_id)
+        return [], []
 
 
 class StreamDeadline(Deadline):
