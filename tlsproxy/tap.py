@@ -31,8 +31,8 @@ from zope.interface import implementer
 
 from tlsproxy import config as configuration
 from tlsproxy import preflight
-from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.admin import AdminHandler
+from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.certs.model import CertificateError, CertifiedKey, certificate_warnings
 from tlsproxy.config import Config, ConfigError
 from tlsproxy.eventloop import streamline, tune_collector

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tlsproxy.acme import commands
-from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.acme.issuer import TableResponder
 from tlsproxy.acme.testing import FakeCA
+from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.certs.store import CertificateStore
 from tlsproxy.config import ACME, Config, Server, Site, Upstream
 

@@ -6,7 +6,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.acme.challenges import HTTP01Answers
+from tlsproxy.certs.challenges import HTTP01Answers
 from tlsproxy.http.plain import PlainHTTPHandler, redirect_location, split_host_port
 from tlsproxy.http.server import HTTP11ServerProtocol, Limits
 

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.tlsutil import certified, challenge_context, client_context
-from tlsproxy.acme.challenges import TLSALPN01Answers
+from tlsproxy.certs.challenges import TLSALPN01Answers
 from tlsproxy.http.h2 import H2ServerProtocol
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.server import HTTP11ServerProtocol, Limits

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from twisted.logger import Logger
 
-from tlsproxy.acme.challenges import HTTP01Answers, is_valid_token
+from tlsproxy.certs.challenges import HTTP01Answers, is_valid_token
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 
