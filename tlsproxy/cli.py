@@ -11,9 +11,9 @@ from typing import TextIO
 
 from tlsproxy import config as configuration
 from tlsproxy import preflight
+from tlsproxy.audit import configuration_warnings
 from tlsproxy.certs.model import CertificateError
 from tlsproxy.config import Config, ConfigError
-from tlsproxy.tls.audit import configuration_warnings
 from tlsproxy.tls.policy import GROUPS, cipher_names
 
 # Exit statuses of every command (README, "Exit statuses"): 0 done; 1 the
