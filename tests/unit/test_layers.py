@@ -116,6 +116,29 @@ def within(module: str, prefix: str) -> bool:
     return module == prefix or module.startswith(prefix + ".")
 
 
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of ``graph`` (node -> the nodes it imports), or None."""
+    done: set[str] = set()
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        if node in path:
+            return [*path[path.index(node) :], node]
+        if node in done:
+            return None
+        for nxt in sorted(graph.get(node, ())):
+            cycle = visit(nxt, [*path, node])
+            if cycle:
+                return cycle
+        done.add(node)
+        return None
+
+    for node in sorted(graph):
+        cycle = visit(node, [])
+        if cycle:
+            return cycle
+    return None
+
+
 def package_cycle(edges: list[Edge]) -> list[str] | None:
     """One cycle among the units, or None."""
     graph: dict[str, set[str]] = {}
@@ -123,25 +146,19 @@ def package_cycle(edges: list[Edge]) -> list[str] | None:
         a, b = unit_of(e.source), unit_of(e.target)
         if a and b and a != b:
             graph.setdefault(a, set()).add(b)
-    done: set[str] = set()
+    return find_cycle(graph)
 
-    def visit(unit: str, path: list[str]) -> list[str] | None:
-        if unit in path:
-            return [*path[path.index(unit) :], unit]
-        if unit in done:
-            return None
-        for nxt in sorted(graph.get(unit, ())):
-            cycle = visit(nxt, [*path, unit])
-            if cycle:
-                return cycle
-        done.add(unit)
-        return None
 
-    for unit in sorted(graph):
-        cycle = visit(unit, [])
-        if cycle:
-            return cycle
-    return None
+def module_cycle(edges: list[Edge], modules: set[str]) -> list[str] | None:
+    """One cycle among the modules, or None (``from package import name`` counts as importing the package)."""
+    graph: dict[str, set[str]] = {}
+    for e in edges:
+        target = e.target
+        while target not in modules and "." in target:
+            target = target.rsplit(".", 1)[0]
+        if target in modules and not within(e.source, target):  # a module's own package is no cycle
+            graph.setdefault(e.source, set()).add(target)
+    return find_cycle(graph)
 
 
 def where(edge: Edge) -> str:
@@ -167,10 +184,17 @@ def test_imports_found_at_any_depth() -> None:
 
 
 def test_cycle_finder_finds_a_cycle() -> None:
-    """Two packages that import each other are reported as a cycle."""
+    """Two packages, or two modules, that import each other are reported as a cycle."""
     edges = [Edge("tlsproxy.tls.sni", "tlsproxy.acme.challenges", 1), Edge("tlsproxy.acme.x", "tlsproxy.tls.y", 1)]
     assert package_cycle(edges) == ["acme", "tls", "acme"]
     assert package_cycle(edges[:1]) is None
+    modules = {"tlsproxy.http.server", "tlsproxy.http.h2", "tlsproxy.http"}
+    loop = [
+        Edge("tlsproxy.http.h2", "tlsproxy.http.server.Limits", 1),
+        Edge("tlsproxy.http.server", "tlsproxy.http.h2", 9),
+    ]
+    assert module_cycle(loop, modules) == ["tlsproxy.http.h2", "tlsproxy.http.server", "tlsproxy.http.h2"]
+    assert module_cycle([Edge("tlsproxy.http.server", "tlsproxy.http.pages", 1), *loop[:1]], modules) is None
 
 
 # -- the rules ----------------------------------------------------------------
@@ -203,6 +227,12 @@ def test_forbidden_imports(importer: str, imported: str, why: str) -> None:
 def test_no_cycle_between_units() -> None:
     """The units import each other without a cycle, within a layer too."""
     cycle = package_cycle(all_edges())
+    assert cycle is None, " -> ".join(cycle or ())
+
+
+def test_no_cycle_between_modules() -> None:
+    """No two modules import each other, even through others or inside functions."""
+    cycle = module_cycle(all_edges(), {module_name(p) for p in PACKAGE.rglob("*.py")})
     assert cycle is None, " -> ".join(cycle or ())
 
 
