@@ -124,6 +124,15 @@ class HandlerTests(SynchronousTestCase):
         self.assertEqual((exchange.status, exchange.body, exchange.finished), (200, b"hi", True))
         self.assertIn((b"strict-transport-security", b"max-age=60"), exchange.headers)
 
+    def test_closed_handler_keeps_no_connection_of_a_request_in_flight(self) -> None:
+        """After a reload closes the old handler, the app connection of a request in flight ends with it."""
+        exchange = self.request()
+        app, wire = self.connect()
+        self.handler.close()
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+        self.assertEqual((exchange.status, exchange.body), (200, b"hi"))
+        self.assertTrue(wire.disconnecting, "kept open in a pool nobody uses any more")
+
     def test_connection_refused_is_502(self) -> None:
         """An app that refuses the connection gets a short 502 page."""
         exchange = self.request()

@@ -471,6 +471,7 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self._idle: list[UpstreamConnection] = []
+        self.closed = False  # a reload replaced this pool's configuration
         # An IP address on a real reactor is dialled on a bare socket (see _SocketDial); a
         # host name (resolved by the reactor), a unix socket or a fake reactor goes through
         # the reactor's connectTCP/connectUNIX.
@@ -514,7 +515,9 @@ class UpstreamPool:
         return ready
 
     def release(self, conn: UpstreamConnection) -> None:
-        if len(self._idle) >= self.max_idle:
+        if self.closed or len(self._idle) >= self.max_idle:
+            # A closed pool belongs to an old configuration: its connections
+            # end with the requests they were serving, or none would ever end.
             conn.loseConnection()
             return
         conn.set_request_producer(None)
@@ -527,6 +530,8 @@ class UpstreamPool:
             pass
 
     def close(self) -> None:
+        """Close the idle connections now, and each busy one when its request is done."""
+        self.closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.loseConnection()
