@@ -554,6 +554,15 @@ def test_dockerfile_builds_the_accelerator_and_refuses_an_image_without_it() -> 
     assert install.index("pip install") < install.index('python -c "import tlsproxy._speedups"')
 
 
+def test_dockerfile_installs_what_ci_tested() -> None:
+    """The image's dependencies are pinned by the constraints.txt that CI installs from."""
+    image = parse_dockerfile(DOCKER / "Dockerfile")
+    assert "constraints.txt" in image.copied
+    (wheel,) = [run for run in image.run if "pip wheel" in run]
+    assert "--constraint /src/constraints.txt" in wheel
+    assert "-c constraints.txt" in (ROOT / "scripts" / "test.sh").read_text()
+
+
 def test_compose_shares_the_gunicorn_socket_and_configures_by_environment() -> None:
     """compose: the app and tlsproxy mount one socket volume; tlsproxy's env is a complete one-site config."""
     compose = load_compose(DOCKER / "compose.example.yaml")
