@@ -104,7 +104,19 @@ def _from(alphabet: bytes, min_size: int, max_size: int) -> st.SearchStrategy[by
 # share; the mutations below and the odd value take care of the grammar.
 name = st.one_of(st.sampled_from(_NAMES), st.sampled_from(_NAMES), _from(_TOKEN_BYTES, 1, 6))
 value = st.one_of(st.sampled_from(_VALUES), st.sampled_from(_VALUES), _from(_FIELD_BYTES, 0, 10), st.binary(max_size=4))
-fields = st.lists(st.tuples(name, value), max_size=8)
+# Mostly a few fields; now and then up to 300, past every count limit and
+# past the C side's small-block fast paths.
+fields = st.one_of(
+    st.lists(st.tuples(name, value), max_size=8),
+    st.lists(st.tuples(name, value), max_size=8),
+    st.lists(st.tuples(name, value), min_size=9, max_size=300),
+)
+# Hosts as clients write them: names, IPv4, IPv6 literals, with or without a port.
+host = st.one_of(
+    st.sampled_from([b"example.com", b"a.test.", b"127.0.0.1", b"[::1]", b"[2001:db8::1]", b"xn--bcher-kva.test"]),
+    _from(_TOKEN_BYTES + b"[]:", 0, 12),
+)
+port = st.one_of(st.none(), st.integers(0, 70000).map(lambda n: b"%d" % n), _from(b"0123456789:x", 0, 6))
 
 
 def _block(pairs: list[tuple[bytes, bytes]]) -> bytes:
@@ -132,14 +144,27 @@ def mutated(draw: Any, head: bytes) -> bytes:
 
 @st.composite
 def request_heads(draw: Any) -> bytes:
-    method = draw(st.sampled_from([b"GET", b"GET", b"POST", b"HEAD", b"OPTIONS", b"CONNECT", b"get", b"PUT"]))
+    method = draw(
+        st.one_of(
+            st.sampled_from([b"GET", b"GET", b"POST", b"HEAD", b"OPTIONS", b"CONNECT", b"get", b"PUT"]),
+            _from(_TOKEN_BYTES, 1, 10),
+        )
+    )
     target = draw(
-        st.sampled_from(
-            [b"/", b"/", b"/a?b=1", b"*", b"http://other.test/x", b"https://h:1", b"ftp://x/", b"http:///x", b"x"]
+        st.one_of(
+            st.sampled_from(
+                [b"/", b"/", b"/a?b=1", b"*", b"http://other.test/x", b"https://h:1", b"ftp://x/", b"http:///x", b"x"]
+            ),
+            _from(_FIELD_BYTES, 1, 20).map(lambda path: b"/" + path),
         )
     )
     version = draw(st.sampled_from([b"1.1", b"1.1", b"1.1", b"1.0", b"2.0", b"0.9"]))
-    head = method + b" " + target + b" HTTP/" + version + b"\r\n" + _block(draw(fields))
+    pairs = draw(fields)
+    if draw(st.booleans()):
+        where = draw(host)
+        at = draw(port)
+        pairs.insert(draw(st.integers(0, len(pairs))), (b"Host", where if at is None else where + b":" + at))
+    head = method + b" " + target + b" HTTP/" + version + b"\r\n" + _block(pairs)
     if draw(st.integers(0, 3)) == 0:
         head = draw(mutated(head))
     return head
@@ -204,14 +229,22 @@ def test_parse_response_head_same(head: bytes) -> None:
 
 @SETTINGS
 @given(response_heads(), st.one_of(st.none(), st.just(b"max-age=60")), st.booleans(), st.booleans())
+@example(b"HTTP/1.1 200 OK\r\nA b\r\n", None, False, False)
+@example(b"HTTP/1.1 200 OK\r\nX: 1\r\n\r\n", None, True, False)
 def test_response_block_same(head: bytes, hsts: bytes | None, secure_cookies: bool, keep_upgrade: bool) -> None:
-    """The response header policy gives the same bytes in C as in Python."""
+    """The response header policy gives the same bytes in C as in Python, and refuses the same malformed blocks."""
     try:
         block = wire.py_parse_response_head(head)[2]
     except wire.ResponseError:
-        return
-    c = speedups.response_block(block, hsts, secure_cookies, keep_upgrade)
-    assert c == headers.py_response_block(block, hsts, secure_cookies, keep_upgrade)
+        block = head.split(b"\r\n", 1)[-1]  # malformed: the policy must refuse it the same way
+
+    def run(fn: Any) -> Any:
+        try:
+            return ("ok", fn(block, hsts, secure_cookies, keep_upgrade))
+        except ValueError as e:
+            return ("ValueError", str(e))
+
+    assert run(speedups.response_block) == run(headers.py_response_block)
 
 
 lower_name = st.one_of(st.sampled_from([n.lower() for n in _NAMES]), st.binary(min_size=1, max_size=6))

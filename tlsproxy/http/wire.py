@@ -30,6 +30,7 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _FIELD_CONTENT = _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*"
 _FIELD_LINE = _FIELD_CONTENT + rb"\r\n"
 _FIELD = re.compile(rb"(" + _TOKEN + rb"):[\t ]*([\t\x20-\x7e\x80-\xff]*)\r\n")
+_FIELD_BLOCK = re.compile(rb"(?:" + _FIELD_LINE + rb")*")
 _REQUEST_HEAD = re.compile(
     rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/([0-9])\.([0-9])\r\n((?:" + _FIELD_LINE + rb")*)"
 )
@@ -103,6 +104,11 @@ def valid_field(name: bytes, value: bytes) -> bool:
     versions refuse the same bytes.
     """
     return b":" not in name and _TRAILER_LINE.fullmatch(name + b":" + value) is not None
+
+
+def is_field_block(block: bytes) -> bool:
+    """Whether ``block`` is nothing but field lines (each ending in CRLF)."""
+    return _FIELD_BLOCK.fullmatch(block) is not None
 
 
 def split_fields(block: bytes) -> Headers:

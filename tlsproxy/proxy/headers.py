@@ -10,7 +10,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-from tlsproxy.http.wire import split_fields
+from tlsproxy.http.wire import is_field_block, split_fields
 from tlsproxy.speedups import speedups
 
 Headers = list[tuple[bytes, bytes]]
@@ -184,7 +184,13 @@ def upstream_request_head(
 
 
 def response_block(block: bytes, hsts: bytes | None, secure_cookies: bool, keep_upgrade: bool = False) -> bytes:
-    """The app's field lines (as :func:`tlsproxy.http.wire.parse_response_head` gave them) for the client."""
+    """The app's field lines (as :func:`tlsproxy.http.wire.parse_response_head` gave them) for the client.
+
+    A block that is not wholly field lines is refused (ValueError), as the C
+    version refuses it, rather than passed on without the lines that failed.
+    """
+    if not is_field_block(block):
+        raise ValueError("response_block: the block is not field lines")
     return serialize_fields(response_headers(split_fields(block), hsts, secure_cookies, keep_upgrade))
 
 
