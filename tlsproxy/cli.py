@@ -7,7 +7,9 @@ import datetime
 import os
 import sys
 from collections.abc import Sequence
-from typing import TextIO
+from typing import Any, TextIO
+
+from twisted.logger import LogBeginner, LogLevel
 
 from tlsproxy import config as configuration
 from tlsproxy import preflight
@@ -114,14 +116,21 @@ def cmd_dev(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from twisted.internet import reactor
     from twisted.logger import LogLevel, globalLogBeginner
 
-    from tlsproxy.eventloop import streamline
-    from tlsproxy.logs import LogOutput
-    from tlsproxy.tap import build_service
+    return run_dev(reactor, globalLogBeginner, config, LogLevel.levelWithName(args.log_level), out, err)
 
-    streamline(reactor)
-    level = LogLevel.levelWithName(args.log_level)
-    globalLogBeginner.beginLoggingTo([LogOutput("text", level)(out)], redirectStandardIO=False)
-    service = build_service(reactor, config)
+
+def run_dev(reactor: Any, log_beginner: LogBeginner, config: Config, level: LogLevel, out: TextIO, err: TextIO) -> int:
+    """Serve ``config`` on ``reactor`` until it stops; the service comes from tap, as twist's does."""
+    from tlsproxy import tap
+    from tlsproxy.logs import LogOutput
+
+    log_beginner.beginLoggingTo([LogOutput("text", level)(out)], redirectStandardIO=False)
+    try:
+        service = tap.prepare_service(reactor, config)
+    except tap.CANNOT_RUN as e:
+        for line in tap.cannot_run(e):
+            print(f"tlsproxy: {line}", file=err)
+        return BAD_CONFIG
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

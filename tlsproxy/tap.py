@@ -486,6 +486,36 @@ def build_service(reactor: Any, config: Config, config_path: str | None = None) 
     return ProxyService(reactor, config, config_path)
 
 
+# What prepare_service (and loading a configuration) raise for a configuration
+# that cannot run here: exit status 2, one line per problem (cannot_run).
+CANNOT_RUN = (ConfigError, CertificateError, OSError)
+
+
+def cannot_run(error: BaseException) -> list[str]:
+    """The lines that tell a user why the configuration cannot run here."""
+    if isinstance(error, ConfigError):
+        return [str(problem) for problem in error.problems]
+    return [str(error)]
+
+
+def prepare_service(reactor: Any, config: Config, config_path: str | None = None) -> ProxyService:
+    """Tune the process for proxying and build its service.
+
+    The one path from a configuration to a service, for ``twist tlsproxy`` and
+    ``tlsproxy dev`` alike, so the dev proxy runs what production runs (the
+    direct event dispatch, the collector thresholds, the preflight checks).
+    Raises one of CANNOT_RUN when the configuration cannot run here.
+    """
+    streamline(reactor)
+    tune_collector()
+    problems = preflight.problems(config)
+    if problems:
+        raise ConfigError(problems)
+    for warning in preflight.warnings(config):
+        log.warn("{warning}", warning=warning)
+    return build_service(reactor, config, config_path)
+
+
 def exit_with_status(service: ProxyService) -> None:
     """After shutdown, leave with the service's exit status when it is not 0.
 
@@ -502,31 +532,21 @@ def exit_with_status(service: ProxyService) -> None:
 def makeService(options: Options) -> ProxyService:
     from twisted.internet import reactor
 
-    streamline(reactor)
-    tune_collector()
-
     try:
         config = configuration.load(options["config"])
-        problems = preflight.problems(config)
-        if problems:
-            raise ConfigError(problems)
-        for warning in preflight.warnings(config):
-            log.warn("{warning}", warning=warning)
         twist_options = getattr(options, "parent", None)
         output = None
         if twist_options is not None and not any(a.startswith("--log-format") for a in sys.argv):
             output = LogOutput(config.server.log_format, twist_options.get("logLevel") or LogLevel.info)
             twist_options["fileLogObserverFactory"] = output
             twist_options["logFormat"] = config.server.log_format
-        service = build_service(reactor, config, options["config"])
-        service.log_output = output
-        reactor.addSystemEventTrigger("after", "shutdown", exit_with_status, service)
-        return service
-    except ConfigError as e:
-        for problem in e.problems:
-            print(f"tlsproxy: {problem}", file=sys.stderr)
-    except (CertificateError, OSError) as e:
-        print(f"tlsproxy: {e}", file=sys.stderr)
-    # 2: a configuration that cannot run here; a restart will not help
-    # (deploy/systemd's units say RestartPreventExitStatus=2).
-    raise SystemExit(2)
+        service = prepare_service(reactor, config, options["config"])
+    except CANNOT_RUN as e:
+        for line in cannot_run(e):
+            print(f"tlsproxy: {line}", file=sys.stderr)
+        # 2: a configuration that cannot run here; a restart will not help
+        # (deploy/systemd's units say RestartPreventExitStatus=2).
+        raise SystemExit(2) from None
+    service.log_output = output
+    reactor.addSystemEventTrigger("after", "shutdown", exit_with_status, service)
+    return service
