@@ -15,6 +15,7 @@ import errno
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.admin import AdminHandler
 from tlsproxy.certs.model import CertificateError, CertifiedKey, certificate_warnings
 from tlsproxy.config import Config, ConfigError
+from tlsproxy.devca import CAError
 from tlsproxy.eventloop import streamline, tune_collector
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.plain import PlainHTTPHandler
@@ -276,15 +278,37 @@ class Listener(Service):
         return None
 
 
+# What loading a configuration and building its service raise when it cannot
+# run here (the local CA's directory too): exit status 2 at start, a refused
+# reload later; one line per problem (cannot_run).
+CANNOT_RUN = (ConfigError, CertificateError, CAError, OSError)
+
+
+def cannot_run(error: BaseException) -> list[str]:
+    """The lines that tell a user why the configuration cannot run here."""
+    if isinstance(error, ConfigError):
+        return [str(problem) for problem in error.problems]
+    return [str(error)]
+
+
 class ProxyService(MultiService):
     """Everything one tlsproxy process runs."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, config: Config, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        config_path: str | None = None,
+        load_config: Callable[[], Config] | None = None,
+    ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config_path = config_path
+        # What SIGHUP re-reads: the file (or environment), unless the caller made
+        # the configuration itself (tlsproxy dev's --upstream and --listen).
+        self.load_config = load_config or (lambda: configuration.load(config_path))
         self.ready = False
         # What the process should exit with once the reactor stops: 1 when a
         # listener could not bind, so a supervisor (systemd Restart=on-failure) sees it.
@@ -425,17 +449,14 @@ class ProxyService(MultiService):
         """SIGHUP: re-read the configuration; swap it in, or keep the old one."""
         self.log.info("SIGHUP: reloading the configuration")
         try:
-            config = configuration.load(self.config_path)
+            config = self.load_config()
             problems = preflight.problems(config)
             if problems:
                 raise ConfigError(problems)
             generation = build_generation(self.reactor, config, self.http01, self.alpn01, self.metrics)
-        except ConfigError as e:
-            for problem in e.problems:
-                self.log.error("reload refused, the running configuration stays: {problem}", problem=str(problem))
-            return
-        except (CertificateError, OSError) as e:
-            self.log.error("reload refused, the running configuration stays: {problem}", problem=str(e))
+        except CANNOT_RUN as e:
+            for problem in cannot_run(e):
+                self.log.error("reload refused, the running configuration stays: {problem}", problem=problem)
             return
         old = self.generation
         self.generation = generation
@@ -482,23 +503,15 @@ class ProxyService(MultiService):
         return done.addBoth(finish)
 
 
-def build_service(reactor: Any, config: Config, config_path: str | None = None) -> ProxyService:
-    return ProxyService(reactor, config, config_path)
+def build_service(
+    reactor: Any, config: Config, config_path: str | None = None, load_config: Callable[[], Config] | None = None
+) -> ProxyService:
+    return ProxyService(reactor, config, config_path, load_config)
 
 
-# What prepare_service (and loading a configuration) raise for a configuration
-# that cannot run here: exit status 2, one line per problem (cannot_run).
-CANNOT_RUN = (ConfigError, CertificateError, OSError)
-
-
-def cannot_run(error: BaseException) -> list[str]:
-    """The lines that tell a user why the configuration cannot run here."""
-    if isinstance(error, ConfigError):
-        return [str(problem) for problem in error.problems]
-    return [str(error)]
-
-
-def prepare_service(reactor: Any, config: Config, config_path: str | None = None) -> ProxyService:
+def prepare_service(
+    reactor: Any, config: Config, config_path: str | None = None, load_config: Callable[[], Config] | None = None
+) -> ProxyService:
     """Tune the process for proxying and build its service.
 
     The one path from a configuration to a service, for ``twist tlsproxy`` and
@@ -513,7 +526,7 @@ def prepare_service(reactor: Any, config: Config, config_path: str | None = None
         raise ConfigError(problems)
     for warning in preflight.warnings(config):
         log.warn("{warning}", warning=warning)
-    return build_service(reactor, config, config_path)
+    return build_service(reactor, config, config_path, load_config)
 
 
 def exit_with_status(service: ProxyService) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import twisted.internet
+import twisted.logger
 from twisted.internet.epollreactor import EPollReactor
 from twisted.logger import LogBeginner, LogLevel, LogPublisher
 
@@ -77,9 +78,13 @@ def start_dev(reactor: IdleEPollReactor, tmp_path: Path, monkeypatch: pytest.Mon
         reactor, quiet_beginner(), dev_config(listen=("tcp:0",)), LogLevel.info, io.StringIO(), io.StringIO()
     )
     assert status == 0 and reactor.ran
-    (service,) = [
-        f.__self__ for f in reactor.when_running if isinstance(getattr(f, "__self__", None), tap.ProxyService)
-    ]
+    return service_of(reactor)
+
+
+def service_of(reactor: IdleEPollReactor) -> tap.ProxyService:
+    """The service a command asked ``reactor`` to start once running."""
+    bound = [getattr(f, "__self__", None) for f in reactor.when_running]
+    (service,) = [s for s in bound if isinstance(s, tap.ProxyService)]
     return service
 
 
@@ -122,3 +127,28 @@ def test_dev_command_runs_the_preflight_checks(
     assert status == cli.BAD_CONFIG
     assert f"{not_a_directory} is not a directory" in err.getvalue()
     assert not reactor.ran
+
+
+def test_an_unusable_local_ca_is_one_line_and_status_2(
+    reactor: IdleEPollReactor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A CA directory that cannot be made stops the dev proxy with its path and reason, not a traceback."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("TLSPROXY_CAROOT", str(blocker / "ca"))
+    err = io.StringIO()
+    status = cli.run_dev(reactor, quiet_beginner(), dev_config(listen=("tcp:0",)), LogLevel.info, io.StringIO(), err)
+    assert status == cli.BAD_CONFIG
+    assert err.getvalue() == f"tlsproxy: {blocker / 'ca'}: cannot create the CA directory: Not a directory\n"
+    assert not reactor.ran
+
+
+def test_dev_reload_keeps_the_command_line(reactor: IdleEPollReactor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGHUP in `tlsproxy dev --upstream URL` re-reads that command line, not the dev default's port 8000."""
+    upstream = "http://127.0.0.1:9000"
+    monkeypatch.setattr(twisted.internet, "reactor", reactor, raising=False)
+    monkeypatch.setattr(twisted.logger, "globalLogBeginner", quiet_beginner())
+    assert cli.main(["dev", "--upstream", upstream, "--listen", "tcp:0"], io.StringIO(), io.StringIO()) == 0
+    service = service_of(reactor)
+    service.reload()
+    assert [site.upstream.url for site in service.generation.config.sites] == [upstream]
