@@ -37,7 +37,9 @@ class Timeouts:
     def __init__(self, clock: IReactorTime, tick: float = TICK) -> None:
         self.clock = clock
         self.tick = tick
-        self._buckets: dict[int, list[Deadline]] = {}
+        # Each bucket is a dict used as an ordered set, so a stopped deadline
+        # leaves its bucket at once rather than when its tick comes.
+        self._buckets: dict[int, dict[Deadline, None]] = {}
         self._call: Any = None
         self._next: int | None = None  # the bucket the reactor will wake us for
 
@@ -51,14 +53,26 @@ class Timeouts:
     def file(self, deadline: Deadline, when: float) -> None:
         """Put ``deadline`` in the bucket of the first tick at or after ``when``."""
         index = math.ceil(when / self.tick)
+        if deadline._bucket is not None:
+            self.drop(deadline)  # moved earlier: out of the later bucket
         deadline._bucket = index
         bucket = self._buckets.get(index)
         if bucket is None:
-            self._buckets[index] = [deadline]
+            self._buckets[index] = {deadline: None}
         else:
-            bucket.append(deadline)
+            bucket[deadline] = None
         if self._next is None or index < self._next:
             self._wake_at(index)
+
+    def drop(self, deadline: Deadline) -> None:
+        """Take ``deadline`` out of the bucket it is filed in."""
+        index = deadline._bucket
+        deadline._bucket = None
+        bucket = self._buckets.get(index) if index is not None else None
+        if bucket is not None:
+            bucket.pop(deadline, None)
+            if not bucket:
+                del self._buckets[index]  # type: ignore[arg-type]
 
     def _wake_at(self, index: int) -> None:
         if self._call is not None and self._call.active():
@@ -116,8 +130,14 @@ class Deadline:
         self._action = None
 
     def stop(self) -> None:
-        """The owner is going away: as clear."""
+        """The owner is going away: as clear, and its place on the wheel is given back now.
+
+        A connection or stream that ends before its deadline would otherwise
+        keep a place on the wheel until that tick (an idle timeout away).
+        """
         self.clear()
+        if self._bucket is not None:
+            self._wheel.drop(self)
 
     @property
     def pending(self) -> bool:

@@ -119,6 +119,12 @@ class Metrics:
         self.renewal_failures = Family(
             "counter", "tlsproxy_certificate_renewal_failures", "Certificate orders that failed", ("site",)
         )
+        self.refused_connections = Family(
+            "counter",
+            "tlsproxy_refused_connections",
+            "Connections refused at accept (out of file descriptors)",
+            ("listener",),
+        )
         self.handshakes.labels()
         self.handshake_failures.labels()
         self._families = [
@@ -129,6 +135,7 @@ class Metrics:
             self.handshake_failures,
             self.renewal_attempts,
             self.renewal_failures,
+            self.refused_connections,
         ]
         self._contexts: Callable[[], dict[str, Any]] = dict
         self.registry = CollectorRegistry(auto_describe=False)

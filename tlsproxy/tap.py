@@ -42,6 +42,7 @@ from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.plain import PlainHTTPHandler
 from tlsproxy.http.server import HTTP11Factory, Limits
 from tlsproxy.http.tracker import ConnectionTracker
+from tlsproxy.listening import watch_refusals, with_backlog
 from tlsproxy.logs import LogOutput
 from tlsproxy.metrics import Metrics
 from tlsproxy.proxy.accesslog import AccessLog
@@ -243,8 +244,9 @@ class Listener(Service):
 
     log = Logger()
 
-    def __init__(self, reactor: Any, description: str, factory: Any, label: str) -> None:
+    def __init__(self, reactor: Any, description: str, factory: Any, label: str, refused: Any = None) -> None:
         self.reactor = reactor
+        self.refused = refused  # counts connections refused at accept (out of file descriptors)
         self.description = description
         self.factory = factory
         self.label = label
@@ -255,7 +257,7 @@ class Listener(Service):
         super().startService()
         try:
             # A systemd: endpoint looks its socket up right here, and raises if none was passed.
-            endpoint = serverFromString(self.reactor, self.description)
+            endpoint = serverFromString(self.reactor, with_backlog(self.description))
         except Exception as e:  # KeyError, IndexError, ValueError: whatever the parser met
             self.listening = fail(e)
             return
@@ -264,6 +266,7 @@ class Listener(Service):
 
     def _listening(self, port: Any) -> Any:
         self.port = port
+        watch_refusals(port, self.reactor, self.label, self.refused)
         host = port.getHost()
         where = f"{getattr(host, 'host', '')}:{host.port}" if hasattr(host, "port") else str(host)
         self.log.info(
@@ -368,7 +371,8 @@ class ProxyService(MultiService):
                 listener.disownServiceParent()
         for key, factory in wanted.items():
             if key not in self.listeners:
-                listener = Listener(self.reactor, key[1], factory, key[0])
+                refused = self.metrics.refused_connections.labels(key[0].split()[0])
+                listener = Listener(self.reactor, key[1], factory, key[0], refused)
                 self.listeners[key] = listener
                 listener.setServiceParent(self)
                 if listener.listening is not None:

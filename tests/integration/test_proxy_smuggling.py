@@ -7,12 +7,16 @@ framing would allow one, carries the same marker so that neither reaching the ap
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import App, Proxy, marker
+from tests.integration.conftest import PKI, App, Proxy, marker, start_proxy
+from tests.integration.procs import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -155,3 +159,53 @@ def test_300k_header_block_reads_431_every_time(proxy: Proxy, app: App) -> None:
         outcomes.append((outcome, reply.status, reply.reset))
     assert outcomes == [("sent", 431, False)] * 10
     assert m not in app.hits()
+
+
+@pytest.fixture(scope="module")
+def short_body_proxy(app: App, pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+    """tlsproxy with body_timeout = 1, in front of the module's gunicorn."""
+    with start_proxy(tmp_path_factory.mktemp("body-proxy"), app.url, pki, server={"body_timeout": 1}) as proxy:
+        yield proxy
+
+
+def test_stalled_body_gets_408_and_close(short_body_proxy: Proxy, app: App) -> None:
+    """A request body that stops arriving is answered 408 and closed after body_timeout, not held."""
+    m = marker()
+    head = f"POST /upload?m={m} HTTP/1.1\r\nHost: localhost:{short_body_proxy.port}\r\nContent-Length: 100\r\n\r\n"
+    with short_body_proxy.raw() as conn:
+        conn.send(head.encode() + b"only ten b")
+        reply = conn.read_until_closed(timeout=8)
+    assert reply.status_line.startswith("HTTP/1.1 408"), (reply.elapsed, reply.data[:300])
+    assert reply.closed and reply.elapsed < 5
+
+
+def test_bad_chunk_size_after_dispatch_gets_400_and_close(short_body_proxy: Proxy, app: App) -> None:
+    """A malformed chunk-size line after the request went to the handler is answered 400 and the connection closes."""
+    m = marker()
+    head = (
+        f"POST /upload?m={m} HTTP/1.1\r\nHost: localhost:{short_body_proxy.port}\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n"
+    )
+    with short_body_proxy.raw() as conn:
+        conn.send(head.encode())
+        time.sleep(0.2)  # the head and first chunk are taken before the bad line comes
+        conn.send(b"zz\r\n")
+        reply = conn.read_until_closed(timeout=8)
+    assert reply.status_line.startswith("HTTP/1.1 400"), (reply.elapsed, reply.data[:300])
+    assert reply.closed and reply.elapsed < 3
+
+
+def test_plain_port_refusal_ends_at_once_for_the_client(app: App, pki: PKI, tmp_path: Path) -> None:
+    """On the plain HTTP port a refused request's answer is followed by the end of the stream at once (half-close)."""
+    http_port = free_port()
+    server = {"http": [f"tcp:{http_port}:interface=127.0.0.1"]}
+    with start_proxy(tmp_path, app.url, pki, server=server):
+        with socket.create_connection(("127.0.0.1", http_port), timeout=5) as sock:
+            start = time.monotonic()
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+            elapsed = time.monotonic() - start
+    assert data.startswith(b"HTTP/1.1 400 "), data[:200]
+    assert elapsed < 0.9  # not the second of quiet lingering waits for before closing

@@ -304,3 +304,76 @@ def test_unknown_length_is_buffered_with_buffering_off(app: App, pki: PKI, tmp_p
             sized = client.post("/body-hash", content=data)
     assert (chunked.status_code, chunked.json()) == (200, expected(data))
     assert (sized.status_code, sized.json()) == (200, expected(data))
+
+
+def test_concurrent_http2_uploads_on_one_connection(proxy: Proxy) -> None:
+    """Four unsized 3 MB uploads multiplexed on one HTTP/2 connection (past its memory budget) all arrive whole."""
+    bodies = [payload(3 * MB + i) for i in range(4)]
+    results: dict[int, object] = {}
+    with proxy.client(http2=True, timeout=90) as client:
+        client.get("/whoami")  # one connection, opened before the uploads share it
+
+        def upload(i: int) -> None:
+            try:
+                response = client.post("/body-hash", content=pieces(bodies[i]))
+                results[i] = (response.status_code, response.json(), response.http_version)
+            except Exception as e:  # shown by the assertion below
+                results[i] = repr(e)
+
+        threads = [threading.Thread(target=upload, args=(i,)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    assert results == {i: (200, expected(bodies[i]), "HTTP/2") for i in range(4)}
+
+
+def test_slow_http2_upload_does_not_hold_the_worker(proxy: Proxy) -> None:
+    """While an unsized HTTP/2 upload trickles in, a GET to the same one-worker app answers in under a second."""
+    data = payload(3 * MB + 3)
+    outcome: list[object] = []
+
+    def trickle() -> Iterator[bytes]:
+        for piece in pieces(data):
+            time.sleep(4 / (len(data) / PIECE))
+            yield piece
+
+    def upload() -> None:
+        with proxy.client(http2=True) as client:
+            response = client.post("/body-hash", content=trickle())
+            outcome.append((response.status_code, response.json()))
+
+    thread = threading.Thread(target=upload)
+    thread.start()
+    time.sleep(1.5)
+    with proxy.client(http2=True) as client:
+        start = time.monotonic()
+        response = client.get("/whoami")
+        elapsed = time.monotonic() - start
+    thread.join(60)
+    assert response.status_code == 200
+    assert elapsed < 1.0, f"GET took {elapsed:.2f}s: the worker was held by the upload"
+    assert outcome == [(200, expected(data))]
+
+
+def test_chunked_body_over_max_body_size_is_413(app: App, pki: PKI, tmp_path: Path) -> None:
+    """A chunked upload passing max_body_size gets 413 while it is still sending, and never reaches Django."""
+    tag = marker()
+    server = {"buffer_dir": str(tmp_path / "bufs")}
+    with start_proxy(tmp_path, app.url, pki, server=server, max_body_size="2M") as proxy:
+        with proxy.raw(timeout=10) as conn:
+            conn.send(
+                f"POST /body-hash?m={tag} HTTP/1.1\r\nHost: localhost:{proxy.port}\r\n"
+                "Transfer-Encoding: chunked\r\n\r\n".encode()
+            )
+            chunk = payload(PIECE)
+            with suppress(OSError):
+                for _ in range(3 * MB // PIECE):
+                    conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            reply = conn.read_until_closed(timeout=10)
+        with proxy.client() as client:
+            assert client.get(f"/whoami?m={tag}-control").status_code == 200
+    assert reply.status == 413, reply.data[:300]
+    hits = app.hits()
+    assert f"{tag}-control" in hits
+    assert f"m={tag}\n" not in hits

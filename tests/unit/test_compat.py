@@ -25,6 +25,7 @@ from packaging.utils import canonicalize_name
 from twisted.internet import base
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.epollreactor import EPollReactor
+from twisted.logger import Logger
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.tlsutil import certified
@@ -54,6 +55,8 @@ PRIVATE_ATTRIBUTES = frozenset(
         "dataBuffer",
         "_tempDataBuffer",
         "_parseServer",
+        "_logger",
+        "_post_once",
     }
 )
 THIRD_PARTY = ("OpenSSL", "twisted", "h2", "hpack", "hyperframe", "acme", "josepy", "cryptography", "service_identity")
@@ -189,6 +192,63 @@ class TwistedCanaryTests(SynchronousTestCase):
         self.assertTrue(compat_twisted.nothing_buffered(fd))
         fd._tempDataBuffer.append(b"x")
         self.assertFalse(compat_twisted.nothing_buffered(fd))
+
+    def test_port_logs_accept_events_through_its_logger(self) -> None:
+        """A TCP port keeps a Logger as _logger, and its accept loop logs the EMFILE events we count."""
+        from twisted.internet import tcp
+
+        reactor = EPollReactor()
+        try:
+            port = tcp.Port(0, None, interface="127.0.0.1", reactor=reactor)
+            self.assertIsInstance(port._logger, Logger)
+            seen: list[Any] = []
+            self.assertTrue(compat_twisted.observe_port_log(port, seen.append))
+            port._logger.info("x")
+            self.assertEqual(len(seen), 1)
+        finally:
+            reactor._poller.close()
+
+    def test_accept_loop_logs_the_emfile_events_we_count(self) -> None:
+        """Out of descriptors, Twisted's accept loop logs the events listening.py counts, by these formats."""
+        import errno
+
+        from twisted.internet import tcp
+
+        class Client:
+            def close(self) -> None:
+                pass
+
+        class Listener:
+            def __init__(self) -> None:
+                self.outcomes: list[Any] = [OSError(errno.EMFILE, "x"), (Client(), ("192.0.2.1", 1))]
+                self.outcomes.append(OSError(errno.EAGAIN, "x"))
+
+            def accept(self) -> Any:
+                outcome = self.outcomes.pop(0)
+                if isinstance(outcome, OSError):
+                    raise outcome
+                return outcome
+
+        class Reserved:
+            def available(self) -> bool:
+                return True
+
+            def __enter__(self) -> None:
+                pass
+
+            def __exit__(self, *exc: object) -> None:
+                pass
+
+        events: list[Any] = []
+        list(tcp._accept(Logger(observer=events.append), range(5), Listener(), Reserved()))
+        formats = [event["log_format"] for event in events]
+        expected = [compat_twisted.EMFILE_NOISE[0], compat_twisted.EMFILE_REFUSED, compat_twisted.EMFILE_NOISE[1]]
+        self.assertEqual(formats, expected)
+        events.clear()
+        listener = Listener()
+        listener.outcomes = [OSError(errno.ENOBUFS, "x")]
+        list(tcp._accept(Logger(observer=events.append), range(5), listener, Reserved()))
+        self.assertEqual([event["log_format"] for event in events], [compat_twisted.CANNOT_ACCEPT])
 
     def test_connector_refers_to_transport(self) -> None:
         """A connector keeps its transport as .transport (the cycle compat breaks)."""

@@ -190,6 +190,35 @@ def test_wildcard_acme_refused() -> None:
     assert "DNS-01" in message
 
 
+def test_request_buffering_keys() -> None:
+    """Request buffering is on by default, budgets take sizes like "2M", and the directory defaults under state_dir."""
+    cfg = parse({"acme": ACME, "site": [SITE], "server": {"state_dir": "/srv/tp"}}, "site.toml", {})
+    assert cfg.sites[0].request_buffering is True
+    assert cfg.server.request_buffer_memory == 1024 * 1024
+    assert cfg.server.buffer_directory == "/srv/tp/buffers"
+    server = {
+        "buffer_dir": "/var/tmp/bufs",
+        "request_buffer_memory": "2M",
+        "request_buffer_connection_memory": 8388608,
+        "request_buffer_total_memory": "1G",
+    }
+    site = {**SITE, "request_buffering": False}
+    cfg = parse({"acme": ACME, "site": [site], "server": server}, "site.toml", {})
+    assert cfg.sites[0].request_buffering is False
+    assert cfg.server.buffer_directory == "/var/tmp/bufs"
+    assert (cfg.server.request_buffer_memory, cfg.server.request_buffer_connection_memory) == (2 * 2**20, 8 * 2**20)
+    assert cfg.server.request_buffer_total_memory == 2**30
+
+
+def test_request_buffering_bad_values_named() -> None:
+    """A budget that is not a size and a non-boolean request_buffering are each named."""
+    found = problems(
+        {"acme": ACME, "site": [{**SITE, "request_buffering": "yes"}], "server": {"request_buffer_memory": "lots"}}
+    )
+    assert any(m.startswith("site.toml: server.request_buffer_memory:") and "'lots'" in m for m in found), found
+    assert any("site[0].request_buffering" in m and "true or false" in m for m in found), found
+
+
 def test_body_timeout_reaches_the_server_limits() -> None:
     """server.body_timeout is read, must be positive, and becomes the HTTP/1.1 body deadline."""
     from tlsproxy.tap import limits_of

@@ -121,3 +121,29 @@ def test_a_failing_action_does_not_drop_the_others_of_its_tick() -> None:
     assert any(isinstance(event.get("log_failure"), Failure) for event in logged)
     clock.advance(2)
     assert fired == ["same tick", "later"]
+
+
+def test_stopped_deadlines_leave_the_wheel_at_once() -> None:
+    """Deadlines stopped before their time hold no place on the wheel (one per ended h2 stream adds up)."""
+    clock = Clock()
+    kept = Deadline(clock)
+    kept.set(60, lambda: None)
+    wheel = kept._wheel
+    for _ in range(1000):
+        deadline = Deadline(clock)
+        deadline.set(60, lambda: None)
+        deadline.stop()
+    assert sum(len(bucket) for bucket in wheel._buckets.values()) == 1
+    kept.stop()
+    assert wheel._buckets == {}
+
+
+def test_moving_earlier_leaves_the_later_bucket() -> None:
+    """A deadline moved earlier is filed once, not also left behind in its later bucket."""
+    clock, fired = Clock(), []
+    deadline = Deadline(clock)
+    deadline.set(60, lambda: fired.append("late"))
+    deadline.set(5, lambda: fired.append("early"))
+    assert sum(len(bucket) for bucket in deadline._wheel._buckets.values()) == 1
+    clock.advance(60)
+    assert fired == ["early"]

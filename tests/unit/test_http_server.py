@@ -7,6 +7,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.http import pages, server
+from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.server import HTTP11ServerProtocol, Limits
 
 
@@ -426,6 +427,48 @@ class LingeringCloseTests(ServerTestCase):
         self.feed(b"x" * 500)
         self.assertFalse(self.transport.disconnecting)
         self.clock.advance(self.limits.linger)
+        self.assertTrue(self.transport.disconnecting)
+
+
+class FakeTLS:
+    """What NegotiatingFactory sees of a TLS connection."""
+
+    negotiatedProtocol = b"http/1.1"
+    handshake_done = True
+
+
+class FirstHeadDeadlineTests(ServerTestCase):
+    def test_silent_connection_closed_after_header_timeout(self) -> None:
+        """A client that sends nothing is closed after header_timeout (not idle_timeout), without an answer."""
+        self.clock.advance(self.limits.header_timeout - 0.5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.5)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_first_head_deadline_counts_from_the_tls_connection(self) -> None:
+        """Over TLS the first head is due header_timeout after the TCP connection, the handshake included."""
+        app = NegotiatingFactory(Recorder(), self.clock, self.limits)
+        tls = FakeTLS()
+        app.connection_made(tls)
+        self.clock.advance(3)  # the handshake
+        proto = app.protocol_for(tls)
+        assert isinstance(proto, HTTP11ServerProtocol)
+        transport = StringTransport()
+        proto.makeConnection(transport)
+        app.handshake_done(tls, proto)
+        proto.dataReceived(b"GET / HTTP/1.1\r\n")  # a head begun is no reason to wait longer
+        self.clock.advance(self.limits.header_timeout - 3 - 0.5)
+        self.assertEqual(transport.value(), b"")
+        self.clock.advance(0.5)
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 408 "))
+
+    def test_keep_alive_wait_is_idle_timeout(self) -> None:
+        """Between requests on a kept-alive connection the wait is idle_timeout, as before."""
+        self.feed(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        self.clock.advance(self.limits.idle_timeout - 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
         self.assertTrue(self.transport.disconnecting)
 
 

@@ -10,6 +10,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
+from tests.unit.test_reqbuffer import FakeThreads, scratch
 from tlsproxy.config import HSTS, Server, Site, parse_upstream
 from tlsproxy.deadline import Deadline
 from tlsproxy.http.exchange import RequestHead
@@ -255,7 +256,7 @@ class ResponseSideTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.patch(FakeExchange, "clock", self.reactor)
-        self.server = Server(connect_timeout=5, upstream_timeout=30, send_timeout=20, buffer_dir=self.mktemp())
+        self.server = Server(connect_timeout=5, upstream_timeout=30, send_timeout=20, buffer_dir=scratch(self))
         self.handler = self.make_handler()
 
     def make_handler(self, **site: Any) -> ProxyHandler:
@@ -322,7 +323,7 @@ class ResponseSideTests(SynchronousTestCase):
 
     def test_past_the_cap_the_app_waits(self) -> None:
         """Past max_response_buffer, the app is paused until the client reads (back-pressure as before)."""
-        self.server = Server(upstream_timeout=30, max_response_buffer=300_000, buffer_dir=self.mktemp())
+        self.server = Server(upstream_timeout=30, max_response_buffer=300_000, buffer_dir=scratch(self))
         self.handler = self.make_handler()
         exchange = self.request()
         app, _ = self.connect()
@@ -489,7 +490,7 @@ class H2WindowTests(SynchronousTestCase):
 
         self.reactor = MemoryReactorClock()
         site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
-        server = Server(upstream_timeout=30, send_timeout=20, buffer_dir=self.mktemp())
+        server = Server(upstream_timeout=30, send_timeout=20, buffer_dir=scratch(self))
         self.records = Records()
         self.handler = ProxyHandler(self.reactor, [site], server, access_log=self.records)  # type: ignore[arg-type]
         self.proto = H2ServerProtocol(self.handler, self.reactor, Limits())
@@ -557,6 +558,15 @@ class H2WindowTests(SynchronousTestCase):
 class GarbageTests(SynchronousTestCase):
     def test_finished_requests_leave_no_reference_cycles(self) -> None:
         """Each proxied request is freed by reference counting alone: nothing is left for the GC."""
+        self.check_no_cycles(b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n")
+
+    def test_requests_with_bodies_leave_no_reference_cycles(self) -> None:
+        """A request whose body was held (chunked, then sent with a length) is freed by reference counting too."""
+        self.check_no_cycles(
+            b"POST /x HTTP/1.1\r\nHost: app.test\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        )
+
+    def check_no_cycles(self, request: bytes) -> None:
         import gc
 
         from tlsproxy.http.server import HTTP11ServerProtocol, Limits
@@ -566,7 +576,6 @@ class GarbageTests(SynchronousTestCase):
         handler = ProxyHandler(reactor, [site], Server())
         client = HTTP11ServerProtocol(handler, reactor, Limits(), secure=True)
         client.makeConnection(StringTransport())
-        request = b"GET /x HTTP/1.1\r\nHost: app.test\r\n\r\n"
         response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi"
         client.dataReceived(request)
         app = reactor.tcpClients[-1][2].buildProtocol(None)
@@ -658,7 +667,7 @@ class BufferingTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.reactor = MemoryReactorClock()
         self.patch(FakeExchange, "clock", self.reactor)
-        self.server = Server(connect_timeout=5, upstream_timeout=30, idle_timeout=60, state_dir=self.mktemp())
+        self.server = Server(connect_timeout=5, upstream_timeout=30, body_timeout=20, state_dir=scratch(self))
 
     def handler(self, **site: Any) -> ProxyHandler:
         upstream = parse_upstream("http://127.0.0.1:8000")
@@ -705,11 +714,21 @@ class BufferingTests(SynchronousTestCase):
         self.assertTrue(wire.value().endswith(b"x" * 2_000_000))
 
     def test_buffering_off_streams_a_known_length(self) -> None:
-        """With request_buffering = false a large body of known length goes to the app as it comes."""
-        head = RequestHead(b"POST", b"/x", b"1.1", b"app.test", [(b"host", b"app.test")], 3_000_000)
-        exchange, consumer = self.open_upload(self.handler(request_buffering=False), head)
-        self.assertIsNone(consumer, "the body is taken only once the app is connected")
-        self.assertEqual(len(self.reactor.tcpClients), 1)
+        """With request_buffering = false a large body of known length goes to the app as it comes, 100 first."""
+        headers = [(b"host", b"app.test"), (b"expect", b"100-continue")]
+        head = RequestHead(b"POST", b"/x", b"1.1", b"app.test", headers, 3_000_000)
+        exchange = FakeExchange(head)
+        continues: list[bool] = []
+        exchange.send_continue = lambda: continues.append(True)  # type: ignore[attr-defined]
+        consumers: list[Any] = []
+        exchange.set_body_consumer = consumers.append  # type: ignore[method-assign]
+        self.handler(request_buffering=False).handle(exchange)
+        self.assertEqual((consumers, continues), ([], [True]), "the body is taken only once the app is connected")
+        _, wire = self.app()
+        self.assertIn(b"content-length: 3000000\r\n", wire.value())
+        self.assertNotIn(b"expect", wire.value().lower())
+        consumers[0].body_data(b"x" * 1000)
+        self.assertTrue(wire.value().endswith(b"\r\n\r\n" + b"x" * 1000), "streamed at once, not held")
 
     def test_chunked_body_over_the_limit_is_413(self) -> None:
         """A body of unknown length is refused with 413 as soon as it passes max_body_size, without the app."""
@@ -741,12 +760,12 @@ class BufferingTests(SynchronousTestCase):
         self.assertEqual((exchange.status, continues), (413, []))
 
     def test_stalled_body_is_408(self) -> None:
-        """A body that stops arriving is answered 408 after idle_timeout, and the app is never contacted."""
+        """A body that stops arriving is answered 408 after body_timeout, and the app is never contacted."""
         exchange, consumer = self.open_upload(self.handler(), chunked_head())
         consumer.body_data(b"x" * 10)
-        self.reactor.advance(59)
+        self.reactor.advance(19)
         consumer.body_data(b"x" * 10)
-        self.reactor.advance(59)
+        self.reactor.advance(19)
         self.assertIsNone(exchange.status, "bytes still arriving keep the request alive")
         self.reactor.advance(2)
         self.assertEqual((exchange.status, self.reactor.tcpClients), (408, []))
@@ -774,12 +793,10 @@ class BufferingTests(SynchronousTestCase):
 class SlowDiskTests(SynchronousTestCase):
     def test_slow_disk_is_not_a_408(self) -> None:
         """A whole body still being written by a slow disk is not timed out as the client's fault."""
-        from tests.unit.test_reqbuffer import FakeThreads
-
         reactor = MemoryReactorClock()
         self.patch(FakeExchange, "clock", reactor)
         site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
-        handler = ProxyHandler(reactor, [site], Server(idle_timeout=60, state_dir=self.mktemp()))
+        handler = ProxyHandler(reactor, [site], Server(body_timeout=60, state_dir=scratch(self)))
         threads = FakeThreads()
         handler.request_buffers.run_in_thread = threads
         exchange = FakeExchange(chunked_head(), b"x" * 2_000_000)
@@ -788,3 +805,42 @@ class SlowDiskTests(SynchronousTestCase):
         self.assertEqual((exchange.status, reactor.tcpClients), (None, []))
         threads.run_all()
         self.assertEqual(len(reactor.tcpClients), 1, "dialled once the body is on disk")
+
+
+class ContinueOnTheWireTests(SynchronousTestCase):
+    """Expect: 100-continue through the real HTTP/1.1 server protocol."""
+
+    def client(self) -> tuple[Any, StringTransport, MemoryReactorClock]:
+        from tlsproxy.http.server import HTTP11ServerProtocol, Limits
+
+        reactor = MemoryReactorClock()
+        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
+        handler = ProxyHandler(reactor, [site], Server(state_dir=scratch(self)))
+        protocol = HTTP11ServerProtocol(handler, reactor, Limits(), secure=True)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return protocol, transport, reactor
+
+    def test_100_continue_before_the_body_then_the_answer(self) -> None:
+        """An HTTP/1.1 client waiting on Expect gets exactly one 100 Continue, and then the app's answer."""
+        protocol, transport, reactor = self.client()
+        protocol.dataReceived(
+            b"POST /x HTTP/1.1\r\nHost: app.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+        self.assertEqual(transport.value(), b"HTTP/1.1 100 Continue\r\n\r\n")
+        protocol.dataReceived(b"hello")
+        app = reactor.tcpClients[-1][2].buildProtocol(None)
+        wire = StringTransport()
+        app.makeConnection(wire)
+        self.assertNotIn(b"expect", wire.value().lower())
+        app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        self.assertEqual(transport.value().count(b"100 Continue"), 1)
+        self.assertTrue(transport.value().endswith(b"\r\n\r\nok"))
+
+    def test_no_100_for_http_10(self) -> None:
+        """An HTTP/1.0 client never gets a 100 (RFC 9110 15.2), Expect or not."""
+        protocol, transport, _ = self.client()
+        protocol.dataReceived(
+            b"POST /x HTTP/1.0\r\nHost: app.test\r\nExpect: 100-continue\r\nContent-Length: 5\r\n\r\n"
+        )
+        self.assertEqual(transport.value(), b"")

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
+import tempfile
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tlsproxy.proxy.reqbuffer import BufferError, BufferLimits, BufferPool, RequestBody, open_buffer_file
+from tlsproxy.proxy.reqbuffer import BodyStoreError, BufferLimits, BufferPool, RequestBody, open_buffer_file
 
 
 class FakeThreads:
@@ -66,7 +68,7 @@ class Recorder:
     def __init__(self) -> None:
         self.paused = 0
         self.resumed = 0
-        self.errors: list[BufferError] = []
+        self.errors: list[BodyStoreError] = []
         self.stored = 0
         self.sent: list[Any] = []
 
@@ -76,7 +78,7 @@ class Recorder:
     def resume(self) -> None:
         self.resumed += 1
 
-    def failed(self, error: BufferError) -> None:
+    def failed(self, error: BodyStoreError) -> None:
         self.errors.append(error)
 
     def done(self) -> None:
@@ -86,13 +88,20 @@ class Recorder:
         self.sent.append(conn)
 
 
+def scratch(case: SynchronousTestCase) -> str:
+    """A new empty directory, removed after the test."""
+    where = tempfile.mkdtemp(prefix="tlsproxy-test-")
+    case.addCleanup(shutil.rmtree, where, True)
+    return where
+
+
 LIMITS = BufferLimits(memory=10, connection_memory=16, total_memory=24, write_behind=8, read_chunk=5)
 
 
 class BodyTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.threads = FakeThreads()
-        self.dir = os.path.join(self.mktemp(), "buffers")
+        self.dir = os.path.join(scratch(self), "buffers")
         self.pool = BufferPool(self.dir, LIMITS, self.threads)
         self.closed: list[int] = []
         close_file = self.pool.close_file
@@ -213,7 +222,6 @@ class BodyTests(SynchronousTestCase):
 
     def test_unwritable_directory_is_a_500(self) -> None:
         """A buffer directory that cannot be made is our fault (500), not a full disk."""
-        os.makedirs(os.path.dirname(self.dir))
         with open(self.dir, "w"):
             pass  # a file where the directory should be
         body, seen = self.body()
@@ -237,7 +245,7 @@ class BodyTests(SynchronousTestCase):
 class FileTests(SynchronousTestCase):
     def test_buffer_file_is_unlinked_in_a_private_directory(self) -> None:
         """Buffer files have no name from the start (nothing left after kill -9), in a 0700 directory."""
-        where = os.path.join(self.mktemp(), "buffers")
+        where = os.path.join(scratch(self), "buffers")
         os.makedirs(where, mode=0o755)
         os.chmod(where, 0o755)
         fd = open_buffer_file(where)
@@ -249,3 +257,46 @@ class FileTests(SynchronousTestCase):
             self.assertEqual(os.pread(fd, 10, 0), b"data")
         finally:
             os.close(fd)
+
+
+class SynchronousFailureTests(SynchronousTestCase):
+    def test_failure_inside_add_leaves_nothing_counted(self) -> None:
+        """A failure reported while a chunk is being added (threads that run at once) leaves no memory counted."""
+        from tlsproxy.proxy.reqbuffer import threaded
+
+        where = os.path.join(scratch(self), "buffers")
+        with open(where, "w"):
+            pass  # the directory cannot be made: opening fails
+        pool = BufferPool(where, LIMITS, threaded(object()))
+        bodies: list[RequestBody] = []
+        seen = Recorder()
+
+        def failed(error: BodyStoreError) -> None:
+            seen.failed(error)
+            bodies[0].close()  # as the handler does: answer, then drop the body
+
+        bodies.append(pool.body("c1", seen.pause, seen.resume, failed))
+        bodies[0].add(b"x" * 20)
+        self.assertEqual([e.status for e in seen.errors], [500])
+        self.assertEqual((pool.held, pool.files), (0, 0))
+
+
+class DirectoryTests(SynchronousTestCase):
+    def test_default_directory_falls_back_when_not_ours(self) -> None:
+        """A default directory this user cannot own sends bodies to the fallback (0700), never into it."""
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to give the directory to another user")
+        root = scratch(self)
+        primary, fallback = os.path.join(root, "state", "buffers"), os.path.join(root, "tmp", "buffers")
+        os.makedirs(primary)
+        os.chown(primary, 65534, 65534)
+        pool = BufferPool(primary, LIMITS, FakeThreads(), fallback=fallback)
+        fd = pool.open_file()
+        try:
+            self.assertTrue(os.path.samefile(os.path.dirname(os.readlink(f"/proc/self/fd/{fd}")), fallback))
+            self.assertEqual(stat.S_IMODE(os.stat(fallback).st_mode), 0o700)
+        finally:
+            os.close(fd)
+        explicit = BufferPool(primary, LIMITS, FakeThreads())
+        with self.assertRaises(PermissionError):
+            explicit.open_file()

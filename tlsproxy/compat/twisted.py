@@ -8,6 +8,15 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet import endpoints
+from twisted.logger import ILogObserver, Logger
+
+# The accept-time events a TCP port logs through its _logger (twisted.internet.tcp._accept).
+EMFILE_REFUSED = "EMFILE recovery: Closed socket from {address}"
+EMFILE_NOISE = (
+    "EMFILE encountered; releasing reserved file descriptor.",
+    "Re-reserving EMFILE recovery file descriptor.",
+)
+CANNOT_ACCEPT = "Could not accept new connection ({acceptError})"
 
 
 def parse_server_endpoint(description: str) -> tuple[str, tuple[Any, ...], dict[str, Any]]:
@@ -35,3 +44,16 @@ def break_connector_cycle(transport: Any) -> None:
     connector = getattr(transport, "connector", None)
     if connector is not None:
         connector.transport = None
+
+
+def observe_port_log(port: Any, observer: ILogObserver) -> bool:
+    """Send the log events a listening port writes while accepting to ``observer``.
+
+    Twisted's TCP and UNIX ports log through a private ``_logger``; False (and
+    nothing changed) for a port without one.
+    """
+    logger = getattr(port, "_logger", None)
+    if not isinstance(logger, Logger):
+        return False
+    port._logger = Logger(namespace=logger.namespace, observer=observer)
+    return True

@@ -40,12 +40,15 @@ class NegotiatingFactory:
         self.limits = limits
         self.tracker = tracker if tracker is not None else ConnectionTracker()
         self.metrics = metrics
+        self._accepted: dict[Any, float] = {}  # TLS connections still handshaking: when they connected
 
     def connection_made(self, tls: Any) -> None:
         self.tracker.add(tls)
+        self._accepted[tls] = self.clock.seconds()  # the first request's deadline counts from here
 
     def protocol_for(self, tls: Any) -> Protocol | None:
         """The protocol for a connection whose handshake just ended (None: close it)."""
+        started = self._accepted.pop(tls, None)
         negotiated = tls.negotiatedProtocol
         if negotiated == ACME_TLS_ALPN:
             return None
@@ -53,6 +56,7 @@ class NegotiatingFactory:
             return H2ServerProtocol(self.handler, self.clock, self.limits)
         protocol = HTTP11ServerProtocol(self.handler, self.clock, self.limits, secure=True)
         protocol.handshake_done = True
+        protocol.started = started
         return protocol
 
     def handshake_done(self, tls: Any, protocol: Any) -> None:
@@ -64,6 +68,7 @@ class NegotiatingFactory:
             protocol.drain()
 
     def connection_lost(self, tls: Any) -> None:
+        self._accepted.pop(tls, None)
         if not tls.handshake_done and self.metrics is not None:
             self.metrics.handshake_failures.inc()
         self.tracker.remove(tls)

@@ -246,6 +246,7 @@ class HTTP11ServerProtocol(Protocol):
     client_address = ""
     server_port = 0
     handshake_done = False  # set when the protocol takes over after the TLS handshake
+    started: float | None = None  # when the client connected, if before this protocol took over
     _current: HTTP11Exchange | None = None  # its body is being read
     _active: HTTP11Exchange | None = None  # being answered
     _body: LengthBody | ChunkedBody | None = None  # framing of _current's body
@@ -281,10 +282,20 @@ class HTTP11ServerProtocol(Protocol):
         if self.secure and not self.handshake_done:
             self._timer.set(self.limits.handshake_timeout, self._handshake_timeout)
         else:
-            self._timer.set(self.limits.idle_timeout, self._idle_timeout)
+            self._await_first_head()
 
     def handshakeCompleted(self) -> None:
-        self._timer.set(self.limits.idle_timeout, self._idle_timeout)
+        self._await_first_head()
+
+    def _await_first_head(self) -> None:
+        """The first request head is due header_timeout after the client connected.
+
+        A client that has sent nothing yet is not an idle keep-alive client:
+        holding it for idle_timeout would let silent connections pile up.
+        """
+        elapsed = self.clock.seconds() - self.started if self.started is not None else 0.0
+        self._head_armed = True
+        self._timer.set(max(self.limits.header_timeout - elapsed, 0.0), self._head_timeout)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
         self._timer.stop()
@@ -310,6 +321,9 @@ class HTTP11ServerProtocol(Protocol):
         self._close()
 
     def _head_timeout(self) -> None:
+        if self._pending is None:
+            self._close()  # not a byte of a request: nobody to answer
+            return
         self._refuse(RequestError(408, "the request head did not arrive in time"))
 
     def _body_timeout(self) -> None:
@@ -430,10 +444,10 @@ class HTTP11ServerProtocol(Protocol):
         if head.chunked:
             self._body = ChunkedBody()
             self._current = exchange
+            self._body_timer.set(limits.body_timeout, self._body_timeout)
         elif head.content_length:
             self._body = LengthBody(head.content_length)
             self._current = exchange
-        if self._body is not None:
             self._body_timer.set(limits.body_timeout, self._body_timeout)
         elif head.upgrade:
             self._upgrading = True

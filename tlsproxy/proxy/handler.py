@@ -31,7 +31,14 @@ from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.plain import split_host_port
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
-from tlsproxy.proxy.reqbuffer import BufferError, BufferLimits, BufferPool, RequestBody, threaded
+from tlsproxy.proxy.reqbuffer import (
+    BodyStoreError,
+    BufferLimits,
+    BufferPool,
+    RequestBody,
+    fallback_directory,
+    threaded,
+)
 from tlsproxy.proxy.respbuffer import BufferSpace, ResponseBuffer, accel_buffering
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
 
@@ -103,6 +110,8 @@ class ProxyHandler:
                 total_memory=server.request_buffer_total_memory,
             ),
             threaded(reactor),
+            # The default place may not be writable (a dev run as a user): then the temp dir.
+            fallback=None if server.buffer_dir else fallback_directory(),
         )
         self.response_buffers = BufferSpace(reactor, server.buffer_directory, server.max_response_buffer)
 
@@ -166,6 +175,7 @@ class ProxiedRequest:
     # (one of these is made per request, so fewer assignments count).
     conn: UpstreamConnection | None = None
     body: RequestBody | None = None  # the request body, held whole
+    sink: _BodySink | None = None  # what the exchange hands the body to
     streaming = False  # request_buffering = false: the body goes to the app as it comes
     dialled = False
     received = 0
@@ -217,9 +227,9 @@ class ProxiedRequest:
             exchange.transport, exchange.pause_body, exchange.resume_body, self.body_failed
         )
         # A body that stops arriving is the client's fault (408), not the app's.
-        self.set_timer(self.handler.server.idle_timeout)
+        self.set_timer(self.handler.server.body_timeout)
         self.send_continue()
-        exchange.set_body_consumer(self)
+        exchange.set_body_consumer(self.body_sink())
 
     def send_continue(self) -> None:
         """Answer ``Expect: 100-continue`` ourselves: we take the body, the app never sees Expect."""
@@ -255,15 +265,21 @@ class ProxiedRequest:
         assert self.body is not None
         self.body.stored(self.dial)
 
-    def body_failed(self, error: BufferError) -> None:
+    def body_failed(self, error: BodyStoreError) -> None:
         """The body could not be stored (a full disk: 507) or read back."""
         self.fail_request(error.status)  # RequestBody logged why
 
     def body_sent(self, conn: UpstreamConnection) -> None:
         conn.request_complete = True
 
+    def body_sink(self) -> _BodySink:
+        sink = self.sink = _BodySink(self)
+        return sink
+
     def drop_body(self) -> None:
         """The request is over: its body's memory and file are given back."""
+        if self.sink is not None:
+            self.sink.request = None
         body = self.body
         if body is not None:
             self.body = None
@@ -330,7 +346,7 @@ class ProxiedRequest:
             if self.body_complete:
                 conn.request_complete = True
             else:
-                self.exchange.set_body_consumer(self)
+                self.exchange.set_body_consumer(self.body_sink())
                 self.exchange.resume_body()
         elif self.body is not None:
             # The whole body, again on a retry; the app's socket paces it.
@@ -531,7 +547,7 @@ class ProxiedRequest:
         self.logged(error.status)
         pages.send(self.exchange, error.status, message)
 
-    def fail_request(self, status: int, message: str | None = None) -> None:
+    def fail_request(self, status: int) -> None:
         if self.finished:
             return
         self.abandon()
@@ -539,7 +555,7 @@ class ProxiedRequest:
         if self.exchange.response_started:
             self.exchange.abort()
         else:
-            pages.send(self.exchange, status, message)
+            pages.send(self.exchange, status)
 
     def client_gone(self) -> None:
         """The client left first: 499 in the log, as nginx writes it."""
@@ -658,6 +674,27 @@ class ProxiedRequest:
     def stopProducing(self) -> None:
         if self.conn is not None:
             self.conn.close()
+
+
+class _BodySink:
+    """Passes body bytes on until the request is over, then lets go of it.
+
+    The exchange keeps its body consumer; through this, that is no cycle
+    back to the request, which reference counting alone can then free.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: ProxiedRequest | None) -> None:
+        self.request = request
+
+    def body_data(self, data: bytes) -> None:
+        if self.request is not None:
+            self.request.body_data(data)
+
+    def body_end(self) -> None:
+        if self.request is not None:
+            self.request.body_end()
 
 
 @implementer(IPushProducer)

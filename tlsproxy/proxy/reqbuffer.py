@@ -33,7 +33,7 @@ _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 RunInThread = Callable[..., "Deferred[Any]"]
 
 
-class BufferError(Exception):
+class BodyStoreError(Exception):
     """A body could not be stored or read back; ``status`` is what the client gets."""
 
     def __init__(self, status: int, detail: str) -> None:
@@ -68,16 +68,32 @@ def threaded(reactor: Any) -> RunInThread:
     return lambda f, *args: deferToThreadPool(reactor, get_pool(), f, *args)
 
 
+# Why a directory may not be ours to use, so that the default falls back to the temp dir.
+_NOT_OURS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def fallback_directory() -> str:
+    """Where bodies go when the default place under ``state_dir`` is not writable (say, a dev run)."""
+    return os.path.join(tempfile.gettempdir(), f"tlsproxy-{os.geteuid()}-buffers")
+
+
+def prepare_directory(directory: str) -> None:
+    """Make ``directory`` a private directory of ours (0700), or raise OSError; blocking."""
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    info = os.lstat(directory)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        raise PermissionError(errno.EPERM, "not a directory owned by this process's user", directory)
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+
+
 def open_buffer_file(directory: str) -> int:
     """A new temporary file in ``directory`` (made 0700), already unlinked; blocking.
 
     ``TemporaryFile`` uses O_TMPFILE where the file system has it (the file
     never has a name) and otherwise unlinks right after creating it.
     """
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    info = os.stat(directory)
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        os.chmod(directory, 0o700)
+    prepare_directory(directory)
     handle = tempfile.TemporaryFile(dir=directory, buffering=0)
     fd = os.dup(handle.fileno())
     handle.close()
@@ -96,13 +112,13 @@ def read_at(fd: int, size: int, offset: int) -> bytes:
     return os.pread(fd, size, offset)
 
 
-def describe(error: object) -> BufferError:
+def describe(error: object) -> BodyStoreError:
     """The client's answer to a failed file operation: 507 when the disk is full."""
-    if isinstance(error, BufferError):
+    if isinstance(error, BodyStoreError):
         return error
     if isinstance(error, OSError) and error.errno in _NO_ROOM:
-        return BufferError(507, f"no room to buffer the request body: {error.strerror}")
-    return BufferError(500, f"cannot buffer the request body: {error}")
+        return BodyStoreError(507, f"no room to buffer the request body: {error.strerror}")
+    return BodyStoreError(500, f"cannot buffer the request body: {error}")
 
 
 class BufferPool:
@@ -110,8 +126,11 @@ class BufferPool:
 
     log = Logger()
 
-    def __init__(self, directory: str, limits: BufferLimits, run_in_thread: RunInThread) -> None:
+    def __init__(
+        self, directory: str, limits: BufferLimits, run_in_thread: RunInThread, fallback: str | None = None
+    ) -> None:
         self.directory = directory
+        self.fallback = fallback  # used when ``directory`` cannot be ours
         self.limits = limits
         self.run_in_thread = run_in_thread
         self.held = 0  # bytes of bodies in memory, all requests
@@ -123,7 +142,7 @@ class BufferPool:
         connection: Any,
         pause: Callable[[], None],
         resume: Callable[[], None],
-        failed: Callable[[BufferError], None],
+        failed: Callable[[BodyStoreError], None],
     ) -> RequestBody:
         """A new, empty body for a request on the client ``connection``."""
         return RequestBody(self, connection, pause, resume, failed)
@@ -152,7 +171,12 @@ class BufferPool:
 
     # The blocking parts, run in a thread (a test may replace them).
     def open_file(self) -> int:
-        return open_buffer_file(self.directory)
+        try:
+            return open_buffer_file(self.directory)
+        except OSError as e:
+            if self.fallback is None or e.errno not in _NOT_OURS:
+                raise
+        return open_buffer_file(self.fallback)
 
     def write(self, fd: int, data: bytes) -> None:
         write_all(fd, data)
@@ -183,7 +207,7 @@ class RequestBody:
     _writing = False
     _paused = False
     _closed = False
-    _error: BufferError | None = None
+    _error: BodyStoreError | None = None
     _on_stored: Callable[[], None] | None = None
     _sender: _Sender | None = None
 
@@ -193,13 +217,13 @@ class RequestBody:
         connection: Any,
         pause: Callable[[], None],
         resume: Callable[[], None],
-        failed: Callable[[BufferError], None],
+        failed: Callable[[BodyStoreError], None],
     ) -> None:
         self.pool = pool
         self.connection = connection
         self._pause = pause
         self._resume = resume
-        self._failed: Callable[[BufferError], None] | None = failed
+        self._failed: Callable[[BodyStoreError], None] | None = failed
         self._chunks: list[bytes] = []  # in memory: the body; spilled: bytes not yet written
 
     @property
@@ -216,15 +240,16 @@ class RequestBody:
             return
         self.size += len(data)
         pool = self.pool
-        if not self._spilled and not pool.may_hold(self.connection, self._held, len(data)):
+        spill = not self._spilled and not pool.may_hold(self.connection, self._held, len(data))
+        pool.hold(self.connection, len(data))
+        self._held += len(data)
+        self._chunks.append(data)
+        if spill:
             self._spilled = True
             pool.files += 1
             self._busy += 1
             pool.run_in_thread(pool.open_file).addBoth(self._opened)
-        pool.hold(self.connection, len(data))
-        self._held += len(data)
-        self._chunks.append(data)
-        if self._spilled:
+        if self._spilled and not self._closed and self._error is None:
             if self._held > pool.limits.write_behind and not self._paused:
                 self._paused = True
                 self._pause()
@@ -373,7 +398,7 @@ class _Sender:
             done(conn)
             return
         if body._fd < 0:
-            self._stop_with(BufferError(500, "the request body's file is gone"))
+            self._stop_with(BodyStoreError(500, "the request body's file is gone"))
             return
         self._reading = True
         body._busy += 1
@@ -393,13 +418,13 @@ class _Sender:
             self._stop_with(describe(result.value))
             return
         if not result:
-            self._stop_with(BufferError(500, "the request body's file is shorter than the body"))
+            self._stop_with(BodyStoreError(500, "the request body's file is shorter than the body"))
             return
         self._offset += len(result)
         self.conn.write(result)  # may pause us at once, if the app's socket is full
         self._read_next()
 
-    def _stop_with(self, error: BufferError) -> None:
+    def _stop_with(self, error: BodyStoreError) -> None:
         self._stopped = True
         self.body._fail(error)
 
