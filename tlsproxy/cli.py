@@ -13,9 +13,9 @@ from twisted.logger import LogBeginner, LogLevel
 
 from tlsproxy import config as configuration
 from tlsproxy import preflight
+from tlsproxy.audit import configuration_warnings
 from tlsproxy.certs.model import CertificateError
 from tlsproxy.config import Config, ConfigError
-from tlsproxy.tls.audit import configuration_warnings
 from tlsproxy.tls.policy import GROUPS, cipher_names
 
 # Exit statuses of every command (README, "Exit statuses"): 0 done; 1 the
@@ -153,11 +153,23 @@ def run_dev(
     return service.exit_status
 
 
+def _dev_ca_issuer() -> str:
+    """Who issues the leaves of ``tls = "local"`` sites, as ``tlsproxy certs`` shows it."""
+    from tlsproxy import devca
+
+    caroot = devca.default_caroot()
+    try:
+        root = devca.read_root_only(caroot)
+    except devca.CAError as e:
+        return f"cannot read: {e}"
+    return root.subject.rfc4514_string() if root is not None else f"none yet (made in {caroot} on first start)"
+
+
 def cmd_certs(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     from tlsproxy.acme import commands
 
     config = _load(args.config, err)
-    return BAD_CONFIG if config is None else commands.certs(config, out)
+    return BAD_CONFIG if config is None else commands.certs(config, out, local_issuer=_dev_ca_issuer)
 
 
 def cmd_renew(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

@@ -18,7 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from tlsproxy.compat.twisted import parse_server_endpoint
-from tlsproxy.tls.policy import MOZILLA_INTERMEDIATE_CIPHERS, PolicyError, cipher_names, load_dhparams
+from tlsproxy.http.server import Limits
+from tlsproxy.tls.policy import PolicyError, TLSPolicy, cipher_names, load_dhparams
 
 DEFAULT_DEV_UPSTREAM = "http://127.0.0.1:8000"
 DEFAULT_DEV_HTTPS = ("tcp:8443:interface=127.0.0.1", r"tcp:8443:interface=\:\:1")
@@ -32,6 +33,10 @@ KEY_TYPES = ("ec256", "rsa2048", "rsa3072")
 TLS_SOURCES = ("acme", "files", "local")
 DEFAULT_MAX_BODY_SIZE = 100 * 1024 * 1024
 DEFAULT_MAX_RESPONSE_BUFFER = 1024**3
+# The HTTP limits and the TLS policy keep their own defaults; the keys that
+# set them take theirs from there, so a default is written in one place.
+_LIMITS = Limits()
+_POLICY = TLSPolicy()
 
 
 @dataclass(frozen=True)
@@ -115,14 +120,14 @@ class Server:
     log_format: str = "text"
     connect_timeout: float = 5.0
     upstream_timeout: float = 60.0
-    idle_timeout: float = 60.0
-    handshake_timeout: float = 10.0
-    header_timeout: float = 10.0
-    body_timeout: float = 60.0
+    idle_timeout: float = _LIMITS.idle_timeout
+    handshake_timeout: float = _LIMITS.handshake_timeout
+    header_timeout: float = _LIMITS.header_timeout
+    body_timeout: float = _LIMITS.body_timeout
     shutdown_grace: float = 30.0
-    max_request_line: int = 8192
-    max_header_size: int = 32768
-    max_header_count: int = 100
+    max_request_line: int = _LIMITS.max_request_line
+    max_header_size: int = _LIMITS.max_header_size
+    max_header_count: int = _LIMITS.max_header_count
     # Temporary files of request and response buffering: buffer_dir ("" = state_dir/buffers).
     buffer_dir: str = ""
     # Request bodies: held whole before the app is contacted (tlsproxy/proxy/reqbuffer.py).
@@ -149,10 +154,10 @@ _SERVER_SIZES = (
 
 @dataclass(frozen=True)
 class TLS:
-    min_version: str = "1.2"
-    ciphers: str = MOZILLA_INTERMEDIATE_CIPHERS
-    dhparams: str = ""
-    alpn: tuple[str, ...] = ("h2", "http/1.1")
+    min_version: str = _POLICY.min_version
+    ciphers: str = _POLICY.ciphers
+    dhparams: str = _POLICY.dhparams
+    alpn: tuple[str, ...] = _POLICY.alpn
     ticket_key_rotation: float = 43200.0  # seconds a session ticket key issues tickets
 
 

@@ -96,8 +96,12 @@ class Timeouts:
                         # One connection's failing timeout must not cost the
                         # others of its tick theirs: they would never fire.
                         self.log.failure("a timeout action failed")
-        if self._buckets and self._next is None:
-            self._wake_at(min(self._buckets))
+        # A deadline filed again above (it had moved later) may have set the
+        # wake-up past a bucket that is due before it.
+        if self._buckets:
+            first = min(self._buckets)
+            if self._next is None or first < self._next:
+                self._wake_at(first)
 
 
 class Deadline:

@@ -32,8 +32,8 @@ from zope.interface import implementer
 
 from tlsproxy import config as configuration
 from tlsproxy import preflight
-from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.admin import AdminHandler
+from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.certs.model import CertificateError, CertifiedKey, certificate_warnings
 from tlsproxy.config import Config, ConfigError
 from tlsproxy.devca import CAError
@@ -334,7 +334,9 @@ class ProxyService(MultiService):
         self.https_app = NegotiatingFactory(
             generation.handler, reactor, generation.limits, self.https_trackers, self.metrics
         )
-        self.https_factory = TLSServerFactory(self.creator, self.https_app, reactor)
+        self.https_factory = TLSServerFactory(
+            self.creator, self.https_app, reactor, handshake_timeout=generation.limits.handshake_timeout
+        )
         self.plain = PlainHTTPHandler(self.http01, self._is_our_host, https_port_of(config))
         self.plain_factory = HTTP11Factory(
             self.plain, reactor, generation.limits, secure=False, tracker=self.http_trackers
@@ -469,6 +471,7 @@ class ProxyService(MultiService):
         self.creator.sni = generation.sni
         self.https_app.handler = generation.handler
         self.https_app.limits = generation.limits
+        self.https_factory.handshake_timeout = generation.limits.handshake_timeout
         self.plain_factory.limits = generation.limits
         self.plain.https_port = https_port_of(config)
         self._update_https_port()

@@ -203,7 +203,7 @@ class ChallengeListeners:
     """
 
     def __init__(self, http_port: int, tls_port: int, sites: list[tuple[str, list[str]]]) -> None:
-        from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
+        from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
         from tlsproxy.tls.policy import TLSPolicy
         from tlsproxy.tls.sni import SniMap, SniServer
 

@@ -84,7 +84,7 @@ def test_ca_down_is_an_acme_error() -> None:
 
 
 def _tables():  # type: ignore[no-untyped-def]
-    from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
+    from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 
     return HTTP01Answers(), TLSALPN01Answers()
 

@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 from hpack import Encoder
 from hyperframe.frame import (
+    ContinuationFrame,
     Frame,
     GoAwayFrame,
     HeadersFrame,
+    PingFrame,
     RstStreamFrame,
     SettingsFrame,
     WindowUpdateFrame,
@@ -55,6 +57,9 @@ class Counts:
 class CountingBackend(ThreadingHTTPServer):
     daemon_threads = True
     counts: Counts
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # the proxy closing an idle connection (or one we made it cut) is no news
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -201,7 +206,10 @@ class RawH2:
                 if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
                     ack = SettingsFrame(0)
                     ack.flags.add("ACK")
-                    self.send(ack)
+                    try:
+                        self.send(ack)
+                    except OSError:
+                        pass  # a write of ours the server cut short: nothing more can be sent
                 if until is not None and until(frame):
                     return out, False
             left = end - time.monotonic()
@@ -352,3 +360,112 @@ def test_idle_close_of_a_non_reading_client_ends(proxy: Proxy, raw: Any, counts:
     conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     conn.send(*big_windows(), conn.headers_frame(conn.request("/big")))
     wait_closed(proxy, conn, deadline=20)
+
+
+def rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def test_ping_flood_from_a_non_reading_client_is_bounded_and_cut_off(proxy: Proxy, raw: Any) -> None:
+    """PINGs as fast as TLS takes them, answers never read: the proxy's memory stays bounded and it lets go."""
+    pid = proxy.process.proc.pid
+    before = peak = rss(pid)
+    conn = raw(timeout=0.5)
+    # A small receive buffer (not a tiny one: that stalls loopback TCP itself) fills sooner.
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    client_port = conn.sock.getsockname()[1]
+    # An upload left open, so the idle timeout is not what ends the connection.
+    conn.send(conn.headers_frame(conn.request("/upload", method=b"POST"), end=False))
+    batch = b"".join(PingFrame(0, opaque_data=i.to_bytes(8, "big")).serialize() for i in range(1000))
+    start = time.monotonic()
+    while server_side_open(proxy.port, client_port):
+        assert time.monotonic() - start < 25, "the proxy kept the flooding connection for 25 s"
+        try:
+            conn.sock.sendall(batch)
+        except TimeoutError:
+            pass  # the proxy stopped reading: keep trying, as an attacker would
+        except (OSError, ssl.SSLError):
+            time.sleep(0.2)
+        peak = max(peak, rss(pid))
+    assert peak - before < 16 * 1024 * 1024, (before, peak)
+
+
+def test_continuation_flood_gets_goaway(raw: Any) -> None:
+    """CONTINUATION frames without END_HEADERS (CVE-2024-27316) are cut off at the header limit with GOAWAY."""
+    conn = raw()
+    headers = conn.headers_frame(conn.request("/flood"), end=False)
+    headers.flags.discard("END_HEADERS")
+    flood: list[Frame] = [headers]
+    for _ in range(20):  # 320 KB: far past the limit, well under h2's own 64-frame cap
+        continuation = ContinuationFrame(headers.stream_id)
+        continuation.data = b"\x00" * 16000
+        flood.append(continuation)
+    try:
+        conn.send(*flood)
+    except OSError:
+        pass
+    frames, _ = conn.frames(until=lambda f: isinstance(f, GoAwayFrame))
+    assert [f.error_code for f in frames if isinstance(f, GoAwayFrame)] == [11], frames
+
+
+def test_single_20k_field_gets_431(raw: Any, counts: Counts) -> None:
+    """A single 20 KB field gets 431 from the proxy, as on HTTP/1.1, and is not forwarded."""
+    m = marker()
+    conn = raw()
+    frame = conn.headers_frame(conn.request(f"/big-field?m={m}", [(b"x-big", b"a" * 20 * 1024)]))
+    conn.send(frame)
+    frames, _ = conn.frames(until=lambda f: f.stream_id == frame.stream_id)
+    assert answer_of(frames, frame.stream_id) == "status 431"
+    assert not [t for t in counts.targets if m in t]
+
+
+def test_shut_window_frees_the_app_connection(raw: Any, counts: Counts) -> None:
+    """A client that keeps its stream window at 0 gets the stream reset after the idle timeout; the app is let go."""
+    conn = raw(timeout=15)
+    settings = SettingsFrame(0)
+    settings.settings = {SettingsFrame.INITIAL_WINDOW_SIZE: 0}
+    frame = conn.headers_frame(conn.request("/big?shut"))
+    conn.send(settings, frame)
+    frames, _ = conn.frames(until=lambda f: isinstance(f, RstStreamFrame) and f.stream_id == frame.stream_id)
+    assert [f.error_code for f in frames if isinstance(f, RstStreamFrame)] == [8], frames  # CANCEL
+    end = time.monotonic() + 5
+    while counts.in_flight and time.monotonic() < end:
+        time.sleep(0.1)
+    assert counts.in_flight == 0, "the app is still held by a stream whose window never opened"
+
+
+def test_unsized_5mb_upload_arrives_whole(proxy: Proxy, counts: Counts) -> None:
+    """A 5 MB HTTP/2 upload without content-length reaches the app whole, with no GOAWAY on the way."""
+
+    def body() -> Iterator[bytes]:
+        for _ in range(80):
+            yield b"u" * 65536
+
+    with proxy.client(http2=True) as client:
+        response = client.post("/upload-unsized", content=body())
+    assert response.http_version == "HTTP/2"
+    assert (response.status_code, response.text) == (200, f"{80 * 65536}\n")
+    assert counts.bodies == [80 * 65536]
+
+
+def test_ping_flood_from_a_reading_client_gets_goaway(raw: Any) -> None:
+    """15,000 PINGs from a client that reads every answer: GOAWAY with ENHANCE_YOUR_CALM."""
+    conn = raw(timeout=10)
+    batch = PingFrame(0).serialize() * 1000
+    seen: list[Frame] = []
+    for _ in range(15):
+        try:
+            conn.sock.sendall(batch)
+        except OSError:
+            break
+        frames, closed = conn.frames(until=lambda f: isinstance(f, GoAwayFrame), timeout=0.3)
+        seen += frames
+        if closed or any(isinstance(f, GoAwayFrame) for f in frames):
+            break
+    if not any(isinstance(f, GoAwayFrame) for f in seen):
+        frames, _ = conn.frames(until=lambda f: isinstance(f, GoAwayFrame), timeout=5)
+        seen += frames
+    assert [f.error_code for f in seen if isinstance(f, GoAwayFrame)] == [11]

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tlsproxy.acme import commands
-from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.acme.issuer import TableResponder
 from tlsproxy.acme.testing import FakeCA
+from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.certs.store import CertificateStore
 from tlsproxy.config import ACME, Config, Server, Site, Upstream
 
@@ -61,15 +61,25 @@ def test_renew_error_is_reported(env) -> None:  # type: ignore[no-untyped-def]
     assert "connection refused" in store.load_meta("example.com").last_error
 
 
+def test_certs_asks_the_caller_who_issues_local_leaves(tmp_path: Path) -> None:
+    """A tls = "local" site is listed with the issuer the command line describes, and no store is read for it."""
+    local = Site(hosts=("app.test",), upstream=UP, tls="local")
+    config = Config(server=Server(state_dir=str(tmp_path / "state")), sites=(local,))
+    out = io.StringIO()
+    assert commands.certs(config, out, local_issuer=lambda: "CN=dev root") == 0
+    assert out.getvalue().startswith("app.test\n")
+    assert "  source:       local (" in out.getvalue() and "  issuer:       CN=dev root\n" in out.getvalue()
+
+
 def test_certs_lists_sites(env) -> None:  # type: ignore[no-untyped-def]
     """certs shows each site's hosts, source, issuer, not-after and next renewal."""
     config, ca, kw, store = env
     out = io.StringIO()
-    commands.certs(config, out)
+    commands.certs(config, out, local_issuer=str)
     assert "none yet" in out.getvalue()
     commands.renew(config, "example.com", False, io.StringIO(), **kw)
     out = io.StringIO()
-    assert commands.certs(config, out) == 0
+    assert commands.certs(config, out, local_issuer=str) == 0
     text = out.getvalue()
     for needle in (
         "example.com, www.example.com",

@@ -13,10 +13,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.acme.client import AcmeError, CertificateAuthority
 from tlsproxy.acme.issuer import TableResponder, ValidationFailed, issue
 from tlsproxy.acme.testing import FakeCA
+from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 
 
 @dataclass

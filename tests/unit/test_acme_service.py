@@ -12,11 +12,11 @@ from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 
 from tlsproxy.acme.ari import cert_id
-from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.acme.client import AcmeError
 from tlsproxy.acme.scheduler import Window
 from tlsproxy.acme.service import CertificateService
 from tlsproxy.acme.testing import FakeCA
+from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.certs.store import CertificateStore
 from tlsproxy.config import ACME, Config, Server, Site, Upstream
 from tlsproxy.tls.policy import TLSPolicy

@@ -9,9 +9,9 @@ from pathlib import Path
 import trustme
 from twisted.trial.unittest import SynchronousTestCase
 
+from tlsproxy.audit import configuration_warnings
 from tlsproxy.certs.model import CertificateError, CertifiedKey, certificate_warnings, leaf_first
 from tlsproxy.config import parse
-from tlsproxy.tls.audit import configuration_warnings
 from tlsproxy.tls.policy import MOZILLA_INTERMEDIATE_CIPHERS, cipher_warnings
 
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)

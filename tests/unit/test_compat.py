@@ -7,6 +7,7 @@ rather than in production.
 
 from __future__ import annotations
 
+import ast
 import inspect
 import tomllib
 from importlib import metadata
@@ -94,6 +95,34 @@ class BoundsTests(SynchronousTestCase):
             (spec,) = pin.specifier
             self.assertEqual(spec.operator, "==")
             self.assertIn(spec.version, requirement.specifier, f"constraints.txt pins {pin} outside {line}")
+
+
+class PrivateApiRuleTests(SynchronousTestCase):
+    def test_no_private_api_outside_compat(self) -> None:
+        """Outside tlsproxy/compat, no module imports or reads a dependency's private name."""
+        offences = []
+        for path in sorted(PACKAGE.rglob("*.py")):
+            if "compat" in path.relative_to(PACKAGE).parts:
+                continue
+            tree = ast.parse(path.read_text(), str(path))
+            for node in ast.walk(tree):
+                where = f"{path.relative_to(ROOT)}:{getattr(node, 'lineno', 0)}"
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in THIRD_PARTY:
+                    if any(part.startswith("_") for part in node.module.split(".")):
+                        offences.append(f"{where} imports from {node.module}")
+                    offences.extend(
+                        f"{where} imports {alias.name}" for alias in node.names if alias.name in PRIVATE_ATTRIBUTES
+                    )
+                elif isinstance(node, ast.Attribute) and node.attr in PRIVATE_ATTRIBUTES:
+                    if not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                        offences.append(f"{where} reads .{node.attr}")
+        self.assertEqual(offences, [], "private APIs belong in tlsproxy/compat/")
+
+    def test_rule_catches_an_offence(self) -> None:
+        """The rule above is not vacuous: compat itself is full of what it forbids."""
+        text = (PACKAGE / "compat" / "openssl.py").read_text()
+        self.assertIn("from OpenSSL._util import", text)
+        self.assertIn("conn._ssl", text)
 
 
 def _memory_pair() -> tuple[SSL.Connection, SSL.Connection]:

@@ -99,6 +99,20 @@ def test_never_early_at_most_a_tick_late(moves: list[tuple[float, float]]) -> No
         assert due - 1e-6 <= fired[0] <= due + TICK + step + 1e-6
 
 
+def test_a_deadline_moved_later_does_not_hide_an_earlier_one() -> None:
+    """When a tick refiles a deadline that moved later, another one due before it still fires on time."""
+    clock, fired = Clock(), []
+    moved, other = Deadline(clock), Deadline(clock)
+    moved.set(5, lambda: fired.append("moved"))
+    other.set(10, lambda: fired.append("other"))
+    moved.set(20, lambda: fired.append("moved"))
+    clock.advance(5)  # moved's old tick: it is filed again, for 20
+    clock.advance(5 + TICK)
+    assert fired == ["other"]
+    clock.advance(10)
+    assert fired == ["other", "moved"]
+
+
 def test_a_failing_action_does_not_drop_the_others_of_its_tick() -> None:
     """An action that raises is logged; the other deadlines of its tick and later ones still fire."""
     clock, fired = Clock(), []

@@ -13,7 +13,15 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.http import pages
-from tlsproxy.http.h2 import MAX_STREAMS, RESET_BURST, STREAM_WINDOW, H2ServerProtocol
+from tlsproxy.http.h2 import (
+    CONNECTION_WINDOW,
+    CONTROL_BURST,
+    MAX_STREAMS,
+    RESET_BURST,
+    RESET_WINDOW,
+    STREAM_WINDOW,
+    H2ServerProtocol,
+)
 from tlsproxy.http.server import Limits
 
 
@@ -264,6 +272,34 @@ class H2Tests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertLessEqual(len(self.handler.exchanges), RESET_BURST + 1)
 
+    def test_provoked_resets_count_too(self) -> None:
+        """Malformed requests that make us reset their streams (MadeYouReset) also end in ENHANCE_YOUR_CALM."""
+        from h2.events import ConnectionTerminated
+
+        fields = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+        for _ in range(RESET_BURST + 50):
+            self.send_fields([*fields, (b"connection", b"close")])
+            if self.transport.disconnecting:
+                break
+        self.assertEqual([e.error_code for e in self.events if isinstance(e, ConnectionTerminated)], [11])
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_ping_flood_gets_goaway(self) -> None:
+        """More PINGs in a window than any client needs (a flood from one that reads) end in ENHANCE_YOUR_CALM."""
+        from hyperframe.frame import PingFrame
+
+        batch = PingFrame(0).serialize() * 1000
+        for _ in range(CONTROL_BURST // 1000 - 1):
+            self.server.dataReceived(batch)
+        self.clock.advance(RESET_WINDOW)  # a new window: the allowance starts again
+        for _ in range(CONTROL_BURST // 1000 - 1):
+            self.server.dataReceived(batch)
+        self.assertFalse(self.transport.disconnecting)
+        self.server.dataReceived(batch * 2)
+        self.assertTrue(self.transport.disconnecting)
+        goaway = frames(self.transport.value())[-1]
+        self.assertEqual((type(goaway).__name__, goaway.error_code), ("GoAwayFrame", 11))
+
     def test_answered_streams_earn_resets(self) -> None:
         """A client whose streams are answered may cancel as many as it was served without being cut off."""
         for _ in range(RESET_BURST * 2):
@@ -329,3 +365,220 @@ class H2Tests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.clock.advance(self.limits.linger + 1)
         self.assertTrue(self.transport.disconnected)
+
+    def test_client_that_does_not_read_is_not_read_and_then_cut_off(self) -> None:
+        """While our writes back up we stop reading (its PINGs would queue answers); no progress for long: abort."""
+        self.server.pauseProducing()  # the transport's buffer is full
+        self.assertEqual(self.transport.producerState, "paused")
+        self.clock.advance(self.limits.idle_timeout - 1)
+        self.server.resumeProducing()  # it took some
+        self.assertEqual(self.transport.producerState, "producing")
+        self.server.pauseProducing()
+        self.clock.advance(self.limits.idle_timeout - 1)
+        self.assertFalse(self.transport.disconnected)
+        self.clock.advance(2)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_single_field_over_the_line_limit_gets_431(self) -> None:
+        """A single 20 KB field is refused with 431, as HTTP/1.1 refuses a header line over 16 KB."""
+        stream = self.request(extra=[(b"x-big", b"a" * 20 * 1024)])
+        self.assertEqual(self.status_of(stream), b"431")
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_header_list_over_max_header_size_gets_431(self) -> None:
+        """A header list larger than the SETTINGS_MAX_HEADER_LIST_SIZE we advertise gets 431, not the app."""
+        fields = [(b"x-h%d" % i, b"v" * 1000) for i in range(40)]  # ~41 KB: over 32 KB, under h2's 64 KB
+        stream = self.request(extra=fields)
+        self.assertEqual(self.status_of(stream), b"431")
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_continuation_flood_is_cut_off_at_the_limit(self) -> None:
+        """HEADERS then CONTINUATIONs without END_HEADERS (CVE-2024-27316) end the connection once past the limit."""
+        from hyperframe.frame import ContinuationFrame, HeadersFrame
+
+        headers = HeadersFrame(1)
+        headers.data = b"\x82"  # :method GET, and no END_HEADERS
+        self.server.dataReceived(headers.serialize())
+        sent = 0
+        while not self.transport.disconnecting:
+            continuation = ContinuationFrame(1)
+            continuation.data = b"\x00" * 16000
+            self.server.dataReceived(continuation.serialize())
+            sent += 16000
+            self.assertLessEqual(sent, 2 * self.limits.max_header_size + 16000, "the block is still being held")
+        goaway = frames(self.transport.value())[-1]
+        self.assertEqual((type(goaway).__name__, goaway.error_code), ("GoAwayFrame", 11))  # ENHANCE_YOUR_CALM
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_hpack_bomb_is_bounded(self) -> None:
+        """A small header block that decodes into a huge list (an HPACK bomb) ends the connection unanswered."""
+        from h2.events import ConnectionTerminated
+
+        stream = self.client.get_next_available_stream_id()
+        fields = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+        self.client.send_headers(stream, [*fields, *[(b"x-bomb", b"b" * 4000)] * 100], end_stream=True)
+        block = self.client.data_to_send()
+        self.assertLess(len(block), 10000)  # the value is sent once, then referenced: 400 KB decoded
+        self.server.dataReceived(block)
+        self.pump()
+        self.assertTrue(any(isinstance(e, ConnectionTerminated) for e in self.events))
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_decoder_limit_follows_max_header_size(self) -> None:
+        """The limit h2 decodes up to is ours: with max_header_size 100 KB, a 70 KB header list is served."""
+        self.limits = Limits(idle_timeout=30, max_header_size=100_000)
+        self.server = H2ServerProtocol(self.handler, self.clock, self.limits)
+        self.transport = StringTransport()
+        self.server.makeConnection(self.transport)
+        self.client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.client.initiate_connection()
+        self.pump()
+        fields = [(b"x-h%d" % i, b"%d" % i + b"v" * 1000) for i in range(70)]
+        self.request(extra=fields)
+        self.assertEqual(len(self.handler.exchanges), 1)
+
+    def test_finished_streams_leave_no_timers_queued(self) -> None:
+        """Streams whose handler set a 60 s deadline and then finished leave nothing on the timer wheel."""
+        from tlsproxy.deadline import Timeouts
+
+        wheel = Timeouts.of(self.clock)
+        queued = sum(len(b) for b in wheel._buckets.values())
+        for _ in range(300):
+            self.request()
+            exchange = self.handler.exchanges[-1]
+            exchange.deadline.set(60, lambda: None)
+            pages.send(exchange, 200)
+            self.pump()
+        self.assertLessEqual(sum(len(b) for b in wheel._buckets.values()) - queued, 1)
+
+    def test_stream_deadlines_fire(self) -> None:
+        """A stream's deadline fires when due, however many others moved or finished meanwhile."""
+        fired: list[int] = []
+        for _ in range(3):
+            self.request()
+        first, second, third = self.handler.exchanges
+        first.deadline.set(10, lambda: fired.append(1))
+        second.deadline.set(5, lambda: fired.append(2))
+        third.deadline.set(1, lambda: fired.append(3))
+        pages.send(third, 200)  # finished: its deadline goes with it
+        second.deadline.set(20, lambda: fired.append(2))  # moved later
+        self.clock.advance(6)
+        self.assertEqual(fired, [])
+        self.clock.advance(5)
+        self.assertEqual(fired, [1])
+        self.clock.advance(10)
+        self.assertEqual(fired, [1, 2])
+
+    def test_window_that_stays_shut_frees_the_app(self) -> None:
+        """An answer stuck behind a client window of 0 for an idle timeout resets the stream and lets the app go."""
+        from h2.settings import SettingCodes
+
+        gone: list[bool] = []
+
+        class Observer:
+            def client_gone(self) -> None:
+                gone.append(True)
+
+        self.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 0})
+        self.pump()
+        stream = self.request()
+        exchange = self.handler.exchanges[0]
+        exchange.set_observer(Observer())
+        exchange.start_response(200, b"OK", [], 100)
+        exchange.write(b"x" * 100)
+        self.pump()
+        self.clock.advance(self.limits.idle_timeout - 1)
+        self.assertEqual(gone, [])
+        self.clock.advance(2)
+        self.assertEqual(gone, [True])
+        self.pump()
+        self.assertEqual(self.status_of(stream), b"200")  # the head went out; then the reset
+        from h2.events import StreamReset
+
+        self.assertIn((stream, 8), [(e.stream_id, e.error_code) for e in self.events if isinstance(e, StreamReset)])
+        self.assertEqual(self.server.streams, {})
+
+    def test_unsized_upload_that_pauses_arrives_whole(self) -> None:
+        """A 5 MB upload without content-length, read by a consumer that pauses every 256 KB, arrives whole."""
+        from h2.events import ConnectionTerminated
+
+        stream = self.request(b"POST", [], end=False)
+        exchange = self.handler.exchanges[0]
+        self.assertTrue(exchange.head.chunked)
+        clock = self.clock
+        got = bytearray()
+        ended: list[bool] = []
+
+        class Buffering:
+            held = 0
+
+            def body_data(self, data: bytes) -> None:
+                got.extend(data)
+                self.held += len(data)
+                if self.held > 256 * 1024:
+                    self.held = 0
+                    exchange.pause_body()
+                    clock.callLater(0.01, exchange.resume_body)  # the file write is done
+
+            def body_end(self) -> None:
+                ended.append(True)
+
+        exchange.set_body_consumer(Buffering())
+        total, sent = 5 * 1024 * 1024, 0
+        while sent < total:
+            window = min(self.client.local_flow_control_window(stream), total - sent, 16384)
+            if window <= 0:
+                self.clock.advance(0.01)
+                self.pump()
+                continue
+            self.client.send_data(stream, b"u" * window, end_stream=sent + window == total)
+            sent += window
+            self.pump()
+        self.clock.advance(0.01)
+        self.pump()
+        self.assertEqual((len(got), ended), (total, [True]))
+        self.assertFalse(any(isinstance(e, ConnectionTerminated) for e in self.events))
+        self.assertFalse(self.transport.disconnecting)
+
+    def test_bodies_nobody_reads_are_bounded_per_connection(self) -> None:
+        """Bodies held for streams whose handler takes nothing stay within the connection window, not 100 x 1 MB."""
+        streams = []
+        for _ in range(20):
+            streams.append(self.request(b"POST", [(b"content-length", b"1000000")], end=False))
+        for _ in range(80):
+            progressed = False
+            for stream in streams:
+                window = min(self.client.local_flow_control_window(stream), 16384)
+                if window > 0:
+                    self.client.send_data(stream, b"b" * window)
+                    progressed = True
+            self.pump()
+            if not progressed:
+                break
+        held = sum(sum(len(c) for c in e._body) for e in self.handler.exchanges)
+        self.assertLessEqual(held, CONNECTION_WINDOW)
+        self.assertEqual(self.client.outbound_flow_control_window, 0)  # the client was told to wait
+
+
+def test_frame_watch_across_any_split() -> None:
+    """The header-block size and the count of control frames are the same however the bytes are cut into reads."""
+    from hyperframe.frame import ContinuationFrame, DataFrame, HeadersFrame, PingFrame, PriorityFrame, SettingsFrame
+
+    from tlsproxy.http.h2 import FrameWatch
+
+    headers = HeadersFrame(1)
+    headers.data = b"h" * 100
+    middle = ContinuationFrame(1)
+    middle.data = b"c" * 300
+    last = ContinuationFrame(1, flags=["END_HEADERS"])
+    last.data = b"c" * 50
+    data = DataFrame(1)
+    data.data = b"d" * 5000
+    control = [PingFrame(0), SettingsFrame(0), PriorityFrame(1), DataFrame(1)]  # 4 counted
+    answers = [PingFrame(0, flags=["ACK"]), SettingsFrame(0, flags=["ACK"]), DataFrame(1, flags=["END_STREAM"])]
+    frames = [data, *control, headers, middle, last, *answers, data]
+    wire = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"".join(f.serialize() for f in frames)
+    for size in (1, 7, 9, 10, 100, len(wire)):
+        watch = FrameWatch()
+        largest = max(watch.feed(wire[i : i + size]) for i in range(0, len(wire), size))
+        assert (largest, watch.block, watch.control) == (450, -1, 4), size

@@ -93,7 +93,7 @@ class TransportTests(SynchronousTestCase):
         sni_map.set_context("a", self.sni.context_for(certified(ca, "a.test", "www.a.test")))
         sni_map.set_context("b", self.sni.context_for(certified(ca, "b.test")))
         app = NegotiatingFactory(SimpleNamespace(handle=lambda exchange: None), Clock(), Limits())  # type: ignore[arg-type]
-        self.factory = TLSServerFactory(self.sni, app, Clock())
+        self.factory = TLSServerFactory(self.sni, app, Clock(), handshake_timeout=10)
 
     def handshake(self, name: str) -> TLSServerProtocol:
         server = self.factory.buildProtocol(None)

@@ -6,8 +6,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.acme.challenges import HTTP01Answers
-from tlsproxy.http.plain import PlainHTTPHandler, redirect_location, split_host_port
+from tlsproxy.certs.challenges import HTTP01Answers
+from tlsproxy.http.plain import PlainHTTPHandler, redirect_location
 from tlsproxy.http.server import HTTP11ServerProtocol, Limits
 
 
@@ -64,12 +64,3 @@ class PlainTests(SynchronousTestCase):
         """A non-default HTTPS port is kept in the Location."""
         self.assertEqual(redirect_location("example.com", 8443, b"/x"), b"https://example.com:8443/x")
         self.assertEqual(redirect_location("::1", 443, b"/"), b"https://[::1]/")
-
-    def test_split_host_port(self) -> None:
-        """Host headers split into name and port, IPv6 included."""
-        self.assertEqual(split_host_port(b"Example.com:80"), ("example.com", 80))
-        self.assertEqual(split_host_port(b"[::1]:8080"), ("::1", 8080))
-        self.assertEqual(split_host_port(b"example.com"), ("example.com", None))
-        self.assertEqual(split_host_port(b"Example.com."), ("example.com", None))
-        self.assertEqual(split_host_port(b"example.com.:8443"), ("example.com", 8443))
-        self.assertEqual(split_host_port(b"example.com.."), ("example.com.", None))

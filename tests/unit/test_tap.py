@@ -1,13 +1,17 @@
-"""What `twist tlsproxy` says when a listener cannot bind: which one, why, and what to do."""
+"""What `twist tlsproxy` says when a listener cannot bind, and what a reload hands the listeners."""
 
 from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
+import trustme
 from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock
 
-from tlsproxy.tap import cannot_listen
+from tlsproxy import config as configuration
+from tlsproxy.tap import ProxyService, cannot_listen
 
 
 def failed(code: int) -> CannotListenError:
@@ -39,3 +43,27 @@ def test_systemd_socket_not_passed() -> None:
 def test_other_failures_keep_their_own_words() -> None:
     """A failure that is neither a socket error nor systemd's is said as it is."""
     assert cannot_listen("https", "unix:/x", ValueError("bad")) == "cannot listen on unix:/x (https): bad"
+
+
+def test_reload_hands_the_tls_listener_its_new_handshake_timeout(tmp_path: Path) -> None:
+    """SIGHUP's reload gives the TLS listener the new handshake_timeout (a number, not the HTTP limits)."""
+    leaf = trustme.CA().issue_cert("a.test")
+    leaf.cert_chain_pems[0].write_to_path(str(tmp_path / "cert.pem"))
+    leaf.private_key_pem.write_to_path(str(tmp_path / "key.pem"))
+    path = tmp_path / "config.toml"
+
+    def write(handshake_timeout: float) -> None:
+        path.write_text(
+            f'[server]\nhttps = ["tcp:0:interface=127.0.0.1"]\nhttp = []\nstate_dir = "{tmp_path}"\n'
+            f"handshake_timeout = {handshake_timeout}\n"
+            f'[[site]]\nhosts = ["a.test"]\nupstream = "http://127.0.0.1:1"\ntls = "files"\n'
+            f'cert = "{tmp_path / "cert.pem"}"\nkey = "{tmp_path / "key.pem"}"\n'
+        )
+
+    write(7)
+    service = ProxyService(MemoryReactorClock(), configuration.load(str(path), environ={}), str(path))
+    assert service.https_factory.handshake_timeout == 7
+    write(3)
+    service.reload()
+    assert service.https_factory.handshake_timeout == 3
+    assert service.https_app.limits.handshake_timeout == 3

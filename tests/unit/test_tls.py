@@ -9,7 +9,7 @@ from OpenSSL import SSL
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.tlsutil import Outcome, certified, client_context, handshake
-from tlsproxy.acme.challenges import TLSALPN01Answers
+from tlsproxy.certs.challenges import TLSALPN01Answers
 from tlsproxy.tls.policy import TLSPolicy, cipher_names, supported_groups
 from tlsproxy.tls.sni import NoChallengePending, SniMap, SniServer
 

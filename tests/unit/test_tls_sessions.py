@@ -43,7 +43,7 @@ class Sessions(SynchronousTestCase):
         sni_map.set_context("b", self.sni.context_for(self.b))
         self.clock = Clock()
         app = NegotiatingFactory(SimpleNamespace(handle=lambda exchange: None), self.clock, Limits())  # type: ignore[arg-type]
-        self.factory = TLSServerFactory(self.sni, app, self.clock)
+        self.factory = TLSServerFactory(self.sni, app, self.clock, handshake_timeout=10)
         # One client context per version: a client offers a session only on the context that made it.
         self.clients = {v: client_context(max_version=v, min_version=v) for v in (TLS12, TLS13)}
 

@@ -12,7 +12,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.tlsutil import certified, challenge_context, client_context
-from tlsproxy.acme.challenges import TLSALPN01Answers
+from tlsproxy.certs.challenges import TLSALPN01Answers
 from tlsproxy.http.h2 import H2ServerProtocol
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.server import HTTP11ServerProtocol, Limits
@@ -81,8 +81,8 @@ class TransportTests(SynchronousTestCase):
         sni_map.set_context("a.test", self.sni.context_for(certified(ca, "a.test")))
         self.clock = Clock()
         self.metrics = Metrics()
-        self.app = NegotiatingFactory(Answer(), self.clock, Limits(handshake_timeout=10), metrics=self.metrics)
-        self.factory = TLSServerFactory(self.sni, self.app, self.clock)
+        self.app = NegotiatingFactory(Answer(), self.clock, Limits(), metrics=self.metrics)
+        self.factory = TLSServerFactory(self.sni, self.app, self.clock, handshake_timeout=10)
 
     def connect(self, **client: Any) -> tuple[TLSServerProtocol, StringTransport, Client]:
         server = self.factory.buildProtocol(None)
@@ -188,6 +188,21 @@ class TransportTests(SynchronousTestCase):
         """A client that never finishes its handshake is cut after handshake_timeout."""
         server, tcp, _ = self.connect()
         self.clock.advance(9.9)
+        self.assertFalse(server.aborted)
+        self.clock.advance(0.1)
+        self.assertTrue(server.aborted)
+
+    def test_handshake_timeout_is_the_factorys(self) -> None:
+        """The handshake deadline is the factory's number (a reload may change it), not the HTTP limits'."""
+        self.app.limits = Limits(handshake_timeout=60)
+        server, _, _ = self.connect()
+        self.factory.handshake_timeout = 3
+        late, _, _ = self.connect()
+        self.clock.advance(2.9)
+        self.assertFalse(server.aborted or late.aborted)
+        self.clock.advance(0.1)
+        self.assertEqual((server.aborted, late.aborted), (False, True))
+        self.clock.advance(6.9)
         self.assertFalse(server.aborted)
         self.clock.advance(0.1)
         self.assertTrue(server.aborted)

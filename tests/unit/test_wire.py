@@ -19,6 +19,7 @@ from tlsproxy.http.wire import (
     check_head_limits,
     py_parse_request_head,
     py_parse_response_head,
+    split_host_port,
 )
 
 
@@ -222,3 +223,13 @@ def test_response_heads_refused(head: bytes) -> None:
 def test_split_fields_of_a_block() -> None:
     """A block of field lines splits into lower-case names and trimmed values."""
     assert wire.split_fields(b"A: 1\r\nB-C:two \r\n") == [(b"a", b"1"), (b"b-c", b"two")]
+
+
+def test_split_host_port() -> None:
+    """Host headers split into name and port, IPv6 included."""
+    assert split_host_port(b"Example.com:80") == ("example.com", 80)
+    assert split_host_port(b"[::1]:8080") == ("::1", 8080)
+    assert split_host_port(b"example.com") == ("example.com", None)
+    assert split_host_port(b"Example.com.") == ("example.com", None)
+    assert split_host_port(b"example.com.:8443") == ("example.com", 8443)
+    assert split_host_port(b"example.com..") == ("example.com.", None)

@@ -53,16 +53,8 @@ def _find_site(config: Config, name: str, err: TextIO, want_acme: bool) -> Site 
     return site
 
 
-def _local_site(site: Site, out: TextIO) -> None:
+def _local_site(site: Site, out: TextIO, issuer: str) -> None:
     """A tls = "local" site: its leaves live in the running proxy's memory only, so say where they come from."""
-    from tlsproxy import devca
-
-    caroot = devca.default_caroot()
-    try:
-        root = devca.read_root_only(caroot)
-        issuer = root.subject.rfc4514_string() if root is not None else f"none yet (made in {caroot} on first start)"
-    except devca.CAError as e:
-        issuer = f"cannot read: {e}"
     out.write(f"{site.name}\n")
     out.write(f"  hosts:        {', '.join(site.hosts)}\n")
     out.write("  source:       local (leaves issued in memory by the running proxy, never stored)\n")
@@ -70,13 +62,17 @@ def _local_site(site: Site, out: TextIO) -> None:
     out.write("  next renewal: by the running proxy, a third of a leaf's 7 days before it ends\n")
 
 
-def certs(config: Config, out: TextIO) -> int:
-    """One block per site: hosts, source, issuer, not-after, next renewal, last error."""
+def certs(config: Config, out: TextIO, *, local_issuer: Callable[[], str]) -> int:
+    """One block per site: hosts, source, issuer, not-after, next renewal, last error.
+
+    ``local_issuer()`` describes the dev CA behind ``tls = "local"`` sites; the
+    command line passes it in, so this module needs no dev CA of its own.
+    """
     store = CertificateStore(config.server.state_dir)
     now = _now()
     for site in config.sites:
         if site.tls == "local":
-            _local_site(site, out)
+            _local_site(site, out, local_issuer())
             continue
         certified: CertifiedKey | None = None
         problem = ""

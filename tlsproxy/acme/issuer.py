@@ -23,10 +23,10 @@ from twisted.logger import Logger
 
 from tlsproxy.acme.alpn01 import challenge_context
 from tlsproxy.acme.ari import AriError, cert_id
-from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.acme.client import AcmeError, Authorization, CertificateAuthority, Challenge
 from tlsproxy.acme.scheduler import CertificateState, RenewalPolicy, Window, backoff_delay, decide, renewal_time
 from tlsproxy.acme.selfcheck import Answer
+from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.certs.model import CertificateError, CertifiedKey, PrivateKey
 from tlsproxy.certs.store import CertificateStore, SiteMeta, StoreError
 

@@ -42,10 +42,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from tlsproxy.acme.alpn01 import challenge_context
-from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers, is_valid_token
 from tlsproxy.acme.client import AcmeClient, AcmeError, CertificateAuthority
 from tlsproxy.acme.issuer import Outcome, SiteRequest, TableResponder, renew_site
 from tlsproxy.acme.scheduler import RenewalPolicy, backoff_delay, next_check
+from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers, is_valid_token
 from tlsproxy.certs.model import CertificateError, CertifiedKey
 from tlsproxy.certs.store import CertificateStore, FileSignature, StoreError, read_certificate_files
 from tlsproxy.config import Config, Site

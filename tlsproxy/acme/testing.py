@@ -22,9 +22,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tlsproxy.acme.ari import RenewalInfo, cert_id
-from tlsproxy.acme.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.acme.client import AcmeError, Authorization, Challenge, Order
 from tlsproxy.acme.scheduler import Window
+from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 
 
 def _utcnow() -> datetime.datetime:

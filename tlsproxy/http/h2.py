@@ -13,7 +13,6 @@ from collections import deque
 from typing import Any
 
 from h2.config import H2Configuration
-from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
@@ -23,7 +22,7 @@ from h2.events import (
     StreamReset,
     WindowUpdated,
 )
-from h2.exceptions import FlowControlError, InvalidBodyLengthError, ProtocolError, StreamClosedError
+from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer, IReactorTime
@@ -31,6 +30,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from tlsproxy.compat.h2 import StreamErrorConnection
 from tlsproxy.deadline import Deadline
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
@@ -39,12 +39,19 @@ from tlsproxy.http.wire import RequestError, split_fields, valid_field
 
 MAX_STREAMS = 100
 STREAM_WINDOW = 1024 * 1024
+# The connection's receive window.  Body bytes are acknowledged only as a
+# handler takes them (and not while it has paused the body), so this bounds
+# what one client can make us hold unread, over all its streams together.
+CONNECTION_WINDOW = 4 * 1024 * 1024 + 65535
 # Rapid reset (CVE-2023-44487) and MadeYouReset (CVE-2025-8671): a client may
 # have RESET_BURST more streams reset (by itself, or by us for its errors)
 # than it had answered within one RESET_WINDOW; past that it gets GOAWAY
 # with ENHANCE_YOUR_CALM.
 RESET_BURST = 200
 RESET_WINDOW = 10.0
+# Frames that carry no request (PING, SETTINGS, PRIORITY, empty DATA) a
+# client may send within one RESET_WINDOW; a flood of them is all cost.
+CONTROL_BURST = 10_000
 
 # Connection-specific fields are forbidden in HTTP/2 (RFC 9113 8.2.2); we
 # frame responses ourselves, so the app's Content-Length goes too.
@@ -54,6 +61,78 @@ _CONNECTION_SPECIFIC = frozenset(
 _REQUEST_PSEUDO = frozenset({b":method", b":path", b":scheme", b":authority"})
 _FORBIDDEN_IN_REQUEST = _CONNECTION_SPECIFIC - {b"content-length"}
 _WHITESPACE = (0x09, 0x20)
+
+
+_DATA, _HEADERS, _PRIORITY, _SETTINGS, _PUSH_PROMISE, _PING, _CONTINUATION = 0x0, 0x1, 0x2, 0x4, 0x5, 0x6, 0x9
+_END_HEADERS = 0x4
+_ACK = _END_STREAM = 0x1
+
+
+class FrameWatch:
+    """What a client's frames ask of us, read from their 9-byte headers alone.
+
+    h2 buffers HEADERS and CONTINUATION frames until END_HEADERS before it
+    decodes (or counts) anything; endless CONTINUATIONs (CVE-2024-27316)
+    would be held that long, so the open header block is measured as it
+    grows.  And frames that cost us work but carry no request (PING and
+    SETTINGS that want an answer, PRIORITY, empty DATA) are counted, so a
+    flood of them can be told from use.
+    """
+
+    __slots__ = ("_head", "_skip", "block", "control")
+
+    def __init__(self) -> None:
+        self._skip = 24  # the client's connection preface
+        self._head = b""  # a frame header split between reads
+        self.block = -1  # bytes of the open header block; -1: none open
+        self.control = 0  # frames that carry no request, so far
+
+    def feed(self, data: bytes) -> int:
+        """Take the next bytes from the client; the largest a header block grew in them (-1: none open)."""
+        n = len(data)
+        pos = self._skip
+        if pos >= n:
+            self._skip = pos - n
+            return self.block
+        block = largest = self.block
+        head = self._head
+        while pos < n:
+            if head or n - pos < 9:
+                part = data[pos : pos + 9 - len(head)]
+                head += part
+                pos += len(part)
+                if len(head) < 9:
+                    break
+                frame, head = head, b""
+            else:
+                frame = data[pos : pos + 9]
+                pos += 9
+            length = int.from_bytes(frame[:3], "big")
+            kind = frame[3]
+            if (
+                kind == _PRIORITY
+                or ((kind == _PING or kind == _SETTINGS) and not frame[4] & _ACK)
+                or (kind == _DATA and not length and not frame[4] & _END_STREAM)
+            ):
+                self.control += 1
+            if kind == _CONTINUATION:
+                header_frame = block >= 0
+                if header_frame:
+                    block += length
+            elif kind == _HEADERS or kind == _PUSH_PROMISE:
+                header_frame = True
+                block = length
+            else:
+                header_frame = False
+            if block > largest:
+                largest = block
+            if header_frame and frame[4] & _END_HEADERS:
+                block = -1
+            pos += length
+        self._head = head
+        self._skip = pos - n if pos > n else 0
+        self.block = block
+        return largest
 
 
 class MalformedRequest(Exception):
@@ -155,7 +234,7 @@ def parse_request(fields: Headers, ended: bool, limits: Limits) -> RequestHead:
     )
 
 
-class _Connection(H2Connection):
+class _Connection(StreamErrorConnection):
     """h2's server connection, with one malformed request a stream error, not a connection error.
 
     A request whose DATA frames do not add up to its Content-Length is
@@ -169,15 +248,38 @@ class _Connection(H2Connection):
     # event would do, but h2's event constructors differ between versions).
     reset_here: list[int]
 
-    def _receive_data_frame(self, frame: Any) -> tuple[list[Any], list[Any]]:
-        try:
-            return super()._receive_data_frame(frame)  # type: ignore[misc]
-        except InvalidBodyLengthError:
-            self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
-            # Nobody will take these bytes: give their connection window back.
-            self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
-            self.reset_here.append(frame.stream_id)
-            return [], []
+    def body_length_error(self, frame: Any) -> tuple[list[Any], list[Any]]:
+        self.reset_stream(frame.stream_id, ErrorCodes.PROTOCOL_ERROR)
+        # Nobody will take these bytes: give their connection window back.
+        self.acknowledge_received_data(frame.flow_controlled_length, frame.stream_id)
+        self.reset_here.append(frame.stream_id)
+        return [], []
+
+
+class StreamDeadline(Deadline):
+    """A stream's deadline, kept by its connection rather than filed on the timer wheel.
+
+    A Deadline on the wheel stays there until its time comes, cleared or
+    not: a stream that lived for a millisecond would leave its entry for the
+    whole upstream timeout (200,000 of them under h2load).  The connection
+    files one entry, for the earliest of its streams, and looks through them
+    when it comes; a finished stream leaves nothing behind.
+    """
+
+    __slots__ = ("_proto",)
+
+    def __init__(self, proto: H2ServerProtocol) -> None:  # not Deadline's: no wheel of its own
+        self._proto = proto
+        self._when: float | None = None
+        self._action: Any = None
+        self._bucket = None
+
+    def set(self, seconds: float, action: Any) -> float:
+        now = self._proto.clock.seconds()
+        self._when = now + seconds
+        self._action = action
+        self._proto.stream_due_at(self._when)
+        return now
 
 
 class H2Exchange:
@@ -210,7 +312,9 @@ class H2Exchange:
         # Streams run side by side: each is its own one-request "connection",
         # with a deadline of its own.
         self.connection = self
-        self.deadline = Deadline(proto.clock)
+        self.deadline: Deadline = StreamDeadline(proto)
+        # Since when our answer has waited for a window that does not open.
+        self._stalled_since: float | None = None
 
     # -- request body --------------------------------------------------------
 
@@ -307,7 +411,11 @@ class H2Exchange:
                 if self._producer is not None and not self._producer_paused:
                     self._producer_paused = True
                     self._producer.pauseProducing()
+                if self._stalled_since is None:
+                    self._stalled_since = now = proto.clock.seconds()
+                    proto.stream_due_at(now + proto.limits.idle_timeout)
                 return
+            self._stalled_since = None
             chunk = self._outbound.popleft()
             if len(chunk) > window:
                 self._outbound.appendleft(chunk[window:])
@@ -326,6 +434,17 @@ class H2Exchange:
             self._finished = True
             self._proto.reset_stream(self.stream_id, ErrorCodes.INTERNAL_ERROR)
             self._proto.stream_done(self)
+
+    def _window_stalled(self) -> None:
+        """The client has kept our window shut for an idle timeout: give up the stream and the app's connection."""
+        if self._finished:
+            return
+        self._finished = True
+        observer = self._observer
+        self._proto.reset_stream(self.stream_id, ErrorCodes.CANCEL)
+        self._proto._forget(self)
+        if observer is not None:
+            observer.client_gone()
 
     def register_producer(self, producer: IPushProducer) -> None:
         self._producer = producer
@@ -370,10 +489,17 @@ class H2ServerProtocol(Protocol):
         self._closed = False
         self._draining = False
         self._closing: Deadline | None = None  # armed by _close: the abort if a close takes too long
+        self._reading_paused = False
+        self._stall = Deadline(clock)  # armed while the client takes none of our bytes
         self.tracker: Any = None
         self._resets = 0
+        self._streams_timer = Deadline(clock)  # for the earliest thing due on any stream
+        self._streams_due_at: float | None = None
+        self._frames = FrameWatch()
+        self._control_base = 0  # the count of control frames when this window began
+        self._max_block = 2 * limits.max_header_size
         self._served = 0
-        self._reset_window_start = clock.seconds()
+        self._reset_window_start = self._control_window_start = clock.seconds()
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
@@ -390,8 +516,14 @@ class H2ServerProtocol(Protocol):
                 SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             },
         )
+        # h2 keeps its own limit for the decoded list (the settings object
+        # above replaced the one it reads): make it ours.  A list over
+        # max_header_size is answered 431 (parse_request); one past twice
+        # that, or an encoded block that large, ends the connection, for
+        # HPACK state cannot be kept without decoding all of it.
+        self.conn.decoder.max_header_list_size = self._max_block
         self.conn.initiate_connection()
-        self.conn.increment_flow_control_window(4 * 1024 * 1024)
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self.transport.registerProducer(self, True)
         self._flush()
         self._idle()
@@ -419,6 +551,14 @@ class H2ServerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
+            return
+        watch = self._frames
+        before = watch.control
+        if watch.feed(data) > self._max_block:
+            self.log.info("HTTP/2 client {client} sent a header block over the limit", client=self.client_address)
+            self._calm_down()
+            return
+        if watch.control != before and self._too_many_control_frames(before):
             return
         try:
             events = self.conn.receive_data(data)
@@ -582,6 +722,39 @@ class H2ServerProtocol(Protocol):
             self._flush()
             self._close()
 
+    def stream_due_at(self, when: float) -> None:
+        """A stream has something due at ``when``: make sure the connection's one timer comes by then."""
+        due = self._streams_due_at
+        if due is None or when < due:
+            self._streams_due_at = when
+            self._streams_timer.set(when - self.clock.seconds(), self._streams_due)
+
+    def _streams_due(self) -> None:
+        """Run what has come due on any stream (its deadline, or a send stalled on a shut window)."""
+        self._streams_due_at = None
+        now = self.clock.seconds() + 1e-9
+        stall = self.limits.idle_timeout
+        later: float | None = None
+        for exchange in list(self.streams.values()):
+            deadline = exchange.deadline
+            when = deadline._when
+            if when is not None:
+                if when <= now:
+                    action = deadline._action
+                    deadline._when = deadline._action = None
+                    if action is not None:
+                        action()
+                elif later is None or when < later:
+                    later = when
+            since = exchange._stalled_since
+            if since is not None and exchange.stream_id in self.streams:
+                if since + stall <= now:
+                    exchange._window_stalled()
+                elif later is None or since + stall < later:
+                    later = since + stall
+        if later is not None:
+            self.stream_due_at(later)
+
     def _count_reset(self) -> None:
         """One more stream reset by the client or for its error; GOAWAY if they come too fast."""
         now = self.clock.seconds()
@@ -593,13 +766,29 @@ class H2ServerProtocol(Protocol):
             self.log.info(
                 "HTTP/2 client {client} reset {n} streams: GOAWAY", client=self.client_address, n=self._resets
             )
-            self._closed = True
-            try:
-                self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
-            except ProtocolError:
-                pass
-            self._flush()
-            self._close(self.limits.linger)
+            self._calm_down()
+
+    def _too_many_control_frames(self, before: int) -> bool:
+        """GOAWAY if this read took the window's PING, SETTINGS, PRIORITY and empty DATA frames past CONTROL_BURST."""
+        now = self.clock.seconds()
+        if now - self._control_window_start >= RESET_WINDOW:
+            self._control_window_start = now
+            self._control_base = before  # this read's frames count in the new window
+        if self._frames.control - self._control_base <= CONTROL_BURST:
+            return False
+        self.log.info("HTTP/2 client {client} flooded control frames: GOAWAY", client=self.client_address)
+        self._calm_down()
+        return True
+
+    def _calm_down(self) -> None:
+        """GOAWAY with ENHANCE_YOUR_CALM, and close."""
+        self._closed = True
+        try:
+            self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
+        except ProtocolError:
+            pass
+        self._flush()
+        self._close(self.limits.linger)
 
     def stream_done(self, exchange: H2Exchange) -> None:
         self._served += 1
@@ -640,6 +829,8 @@ class H2ServerProtocol(Protocol):
         self._closed = True
         if self._closing is not None:
             self._closing.stop()
+        self._stall.stop()
+        self._streams_timer.stop()
         if self.tracker is not None:
             self.tracker.remove(self)
         if self._timer is not None and self._timer.active():
@@ -667,13 +858,31 @@ class H2ServerProtocol(Protocol):
         self._closing = Deadline(self.clock)
         self._closing.set(self.limits.idle_timeout if grace is None else grace, self._abort)
 
+    def _stalled(self) -> None:
+        self.log.info(
+            "HTTP/2 client {client} took nothing for {s:g}s: cut off",
+            client=self.client_address,
+            s=self.limits.idle_timeout,
+        )
+        self.transport.abortConnection()
+
     def _abort(self) -> None:
         self.log.info("HTTP/2 client {client} did not read our last bytes: cut off", client=self.client_address)
         self.transport.abortConnection()
 
     # IPushProducer on our transport.
     def pauseProducing(self) -> None:
+        """The client is not taking what we write: stop reading from it too.
+
+        Each PING or SETTINGS it sends queues an answer; a client that sends
+        them and never reads would otherwise grow our buffer without bound.
+        If it takes nothing for an idle timeout, it is cut off.
+        """
         self.transport_paused = True
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+            self._stall.set(self.limits.idle_timeout, self._stalled)
         for exchange in self.streams.values():
             if exchange._producer is not None and not exchange._producer_paused:
                 exchange._producer_paused = True
@@ -681,6 +890,11 @@ class H2ServerProtocol(Protocol):
 
     def resumeProducing(self) -> None:
         self.transport_paused = False
+        if self._reading_paused:
+            self._reading_paused = False
+            self._stall.clear()
+            if not self._closed:
+                self.transport.resumeProducing()
         for exchange in list(self.streams.values()):
             exchange._flush()
 

@@ -10,27 +10,12 @@ from collections.abc import Callable
 
 from twisted.logger import Logger
 
-from tlsproxy.acme.challenges import HTTP01Answers, is_valid_token
+from tlsproxy.certs.challenges import HTTP01Answers, is_valid_token
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
+from tlsproxy.http.wire import split_host_port
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
-
-
-def split_host_port(host: bytes) -> tuple[str, int | None]:
-    """``example.com:8080`` -> (``example.com``, 8080); IPv6 in brackets.
-
-    A fully qualified name's trailing dot is dropped: ``a.test.`` is ``a.test``.
-    """
-    text = host.decode("ascii", "replace").lower()
-    if text.startswith("["):
-        addr, _, rest = text[1:].partition("]")
-        port = rest[1:] if rest.startswith(":") else ""
-        return addr, int(port) if port.isdigit() else None
-    name, sep, port = text.rpartition(":")
-    if sep and port.isdigit():
-        return name.removesuffix("."), int(port)
-    return text.removesuffix("."), None
 
 
 def redirect_location(host: str, https_port: int, target: bytes) -> bytes:

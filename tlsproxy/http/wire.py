@@ -80,6 +80,22 @@ def valid_host(host: bytes) -> bool:
     return not host.translate(None, _HOST_BYTES)
 
 
+def split_host_port(host: bytes) -> tuple[str, int | None]:
+    """``example.com:8080`` -> (``example.com``, 8080); IPv6 in brackets.
+
+    A fully qualified name's trailing dot is dropped: ``a.test.`` is ``a.test``.
+    """
+    text = host.decode("ascii", "replace").lower()
+    if text.startswith("["):
+        addr, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else ""
+        return addr, int(port) if port.isdigit() else None
+    name, sep, port = text.rpartition(":")
+    if sep and port.isdigit():
+        return name.removesuffix("."), int(port)
+    return text.removesuffix("."), None
+
+
 def valid_field(name: bytes, value: bytes) -> bool:
     """Whether ``name: value`` is a field line of this grammar: a token name, no CTL but HTAB in the value.
 

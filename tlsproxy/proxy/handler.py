@@ -28,7 +28,7 @@ from zope.interface import implementer
 from tlsproxy.config import Server, Site, dev_app_hint
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
-from tlsproxy.http.plain import split_host_port
+from tlsproxy.http.wire import split_host_port
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
 from tlsproxy.proxy.reqbuffer import (

@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from tlsproxy.acme.challenges import TLSALPN01Answers
+from tlsproxy.certs.challenges import TLSALPN01Answers
 from tlsproxy.tls.hello import ClientHello
 from tlsproxy.tls.policy import ACME_TLS_ALPN, TLSPolicy
 from tlsproxy.tls.tickets import TicketKeyRing, learn_key_name

@@ -125,7 +125,7 @@ class TLSServerProtocol(Protocol):
             set_no_delay(True)
         factory = self.factory
         self._timer = Deadline(factory.clock)
-        self._timer.set(factory.app.limits.handshake_timeout, self._handshake_timed_out)
+        self._timer.set(factory.handshake_timeout, self._handshake_timed_out)
         factory.app.connection_made(self)
 
     def _start_tls(self, hello: ClientHello | None) -> None:
@@ -396,15 +396,18 @@ class TLSServerFactory(Factory):
     ``creator`` makes each connection's ``SSL.Connection`` (SNI and ALPN live
     in its contexts); ``app`` picks the protocol above once the handshake is
     done and keeps count of the connections (see
-    :class:`tlsproxy.http.negotiate.NegotiatingFactory`).
+    :class:`tlsproxy.http.negotiate.NegotiatingFactory`).  A connection not
+    through its handshake ``handshake_timeout`` seconds after accept is cut:
+    a plain number, which a reload may replace, so TLS reads no HTTP limits.
     """
 
     noisy = False
 
-    def __init__(self, creator: Any, app: Any, clock: Any) -> None:
+    def __init__(self, creator: Any, app: Any, clock: Any, *, handshake_timeout: float) -> None:
         self.creator = creator
         self.app = app
         self.clock = clock
+        self.handshake_timeout = handshake_timeout
 
     def buildProtocol(self, addr: Any) -> TLSServerProtocol:
         return TLSServerProtocol(self)

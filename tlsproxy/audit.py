@@ -3,7 +3,8 @@
 For ``tlsproxy check`` (and the start-up log): expired or incomplete
 certificate files, chains out of order, weak TLS 1.2 suites.  Reads the
 certificate files of ``tls = "files"`` sites, so it runs where blocking is
-fine (the command line), never on the reactor.
+fine (the command line), never on the reactor.  It reads the whole
+configuration, so it sits at the top with the command line, not in tls/.
 """
 
 from __future__ import annotations

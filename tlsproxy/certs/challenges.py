@@ -4,6 +4,9 @@ The issuer puts an answer in before it tells the CA to validate and takes it out
 afterwards; the port-80 side (HTTP-01) and the TLS listener (TLS-ALPN-01) only
 read.  Both tables are plain in-memory dicts: every listener of one process
 shares them, and nothing in them outlives the process.
+
+They live in certs/, below both sides: the issuer (acme/) writes them and the
+listeners (tls/, http/) read them, so neither listener imports the issuer.
 """
 
 from __future__ import annotations
