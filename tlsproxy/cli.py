@@ -6,8 +6,10 @@ import argparse
 import datetime
 import os
 import sys
-from collections.abc import Sequence
-from typing import TextIO
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from twisted.logger import LogBeginner, LogLevel
 
 from tlsproxy import config as configuration
 from tlsproxy import preflight
@@ -102,26 +104,49 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def cmd_dev(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run the dev proxy in this process (what ``twist tlsproxy`` does with no config)."""
-    try:
-        config = configuration.dev_config(
+
+    def dev_config() -> Config:
+        return configuration.dev_config(
             upstream=args.upstream or configuration.DEFAULT_DEV_UPSTREAM,
             listen=tuple(args.listen) if args.listen else configuration.DEFAULT_DEV_HTTPS,
         )
+
+    try:
+        config = dev_config()
     except ConfigError as e:
         for problem in e.problems:
             print(f"tlsproxy: {problem}", file=err)
         return BAD_CONFIG
     from twisted.internet import reactor
-    from twisted.logger import LogLevel, globalLogBeginner
+    from twisted.logger import globalLogBeginner
 
-    from tlsproxy.eventloop import streamline
-    from tlsproxy.logs import LogOutput
-    from tlsproxy.tap import build_service
-
-    streamline(reactor)
     level = LogLevel.levelWithName(args.log_level)
-    globalLogBeginner.beginLoggingTo([LogOutput("text", level)(out)], redirectStandardIO=False)
-    service = build_service(reactor, config)
+    return run_dev(reactor, globalLogBeginner, config, level, out, err, load_config=dev_config)
+
+
+def run_dev(
+    reactor: Any,
+    log_beginner: LogBeginner,
+    config: Config,
+    level: LogLevel,
+    out: TextIO,
+    err: TextIO,
+    load_config: Callable[[], Config] | None = None,
+) -> int:
+    """Serve ``config`` on ``reactor`` until it stops; the service comes from tap, as twist's does.
+
+    ``load_config`` is what SIGHUP re-reads (the same command line's configuration).
+    """
+    from tlsproxy import tap
+    from tlsproxy.logs import LogOutput
+
+    log_beginner.beginLoggingTo([LogOutput("text", level)(out)], redirectStandardIO=False)
+    try:
+        service = tap.prepare_service(reactor, config, load_config=load_config)
+    except tap.CANNOT_RUN as e:
+        for line in tap.cannot_run(e):
+            print(f"tlsproxy: {line}", file=err)
+        return BAD_CONFIG
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

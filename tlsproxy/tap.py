@@ -15,6 +15,7 @@ import errno
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from tlsproxy.admin import AdminHandler
 from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.certs.model import CertificateError, CertifiedKey, certificate_warnings
 from tlsproxy.config import Config, ConfigError
+from tlsproxy.devca import CAError
 from tlsproxy.eventloop import streamline, tune_collector
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.plain import PlainHTTPHandler
@@ -279,15 +281,37 @@ class Listener(Service):
         return None
 
 
+# What loading a configuration and building its service raise when it cannot
+# run here (the local CA's directory too): exit status 2 at start, a refused
+# reload later; one line per problem (cannot_run).
+CANNOT_RUN = (ConfigError, CertificateError, CAError, OSError)
+
+
+def cannot_run(error: BaseException) -> list[str]:
+    """The lines that tell a user why the configuration cannot run here."""
+    if isinstance(error, ConfigError):
+        return [str(problem) for problem in error.problems]
+    return [str(error)]
+
+
 class ProxyService(MultiService):
     """Everything one tlsproxy process runs."""
 
     log = Logger()
 
-    def __init__(self, reactor: Any, config: Config, config_path: str | None = None) -> None:
+    def __init__(
+        self,
+        reactor: Any,
+        config: Config,
+        config_path: str | None = None,
+        load_config: Callable[[], Config] | None = None,
+    ) -> None:
         super().__init__()
         self.reactor = reactor
         self.config_path = config_path
+        # What SIGHUP re-reads: the file (or environment), unless the caller made
+        # the configuration itself (tlsproxy dev's --upstream and --listen).
+        self.load_config = load_config or (lambda: configuration.load(config_path))
         self.ready = False
         # What the process should exit with once the reactor stops: 1 when a
         # listener could not bind, so a supervisor (systemd Restart=on-failure) sees it.
@@ -431,17 +455,14 @@ class ProxyService(MultiService):
         """SIGHUP: re-read the configuration; swap it in, or keep the old one."""
         self.log.info("SIGHUP: reloading the configuration")
         try:
-            config = configuration.load(self.config_path)
+            config = self.load_config()
             problems = preflight.problems(config)
             if problems:
                 raise ConfigError(problems)
             generation = build_generation(self.reactor, config, self.http01, self.alpn01, self.metrics)
-        except ConfigError as e:
-            for problem in e.problems:
-                self.log.error("reload refused, the running configuration stays: {problem}", problem=str(problem))
-            return
-        except (CertificateError, OSError) as e:
-            self.log.error("reload refused, the running configuration stays: {problem}", problem=str(e))
+        except CANNOT_RUN as e:
+            for problem in cannot_run(e):
+                self.log.error("reload refused, the running configuration stays: {problem}", problem=problem)
             return
         old = self.generation
         self.generation = generation
@@ -489,8 +510,30 @@ class ProxyService(MultiService):
         return done.addBoth(finish)
 
 
-def build_service(reactor: Any, config: Config, config_path: str | None = None) -> ProxyService:
-    return ProxyService(reactor, config, config_path)
+def build_service(
+    reactor: Any, config: Config, config_path: str | None = None, load_config: Callable[[], Config] | None = None
+) -> ProxyService:
+    return ProxyService(reactor, config, config_path, load_config)
+
+
+def prepare_service(
+    reactor: Any, config: Config, config_path: str | None = None, load_config: Callable[[], Config] | None = None
+) -> ProxyService:
+    """Tune the process for proxying and build its service.
+
+    The one path from a configuration to a service, for ``twist tlsproxy`` and
+    ``tlsproxy dev`` alike, so the dev proxy runs what production runs (the
+    direct event dispatch, the collector thresholds, the preflight checks).
+    Raises one of CANNOT_RUN when the configuration cannot run here.
+    """
+    streamline(reactor)
+    tune_collector()
+    problems = preflight.problems(config)
+    if problems:
+        raise ConfigError(problems)
+    for warning in preflight.warnings(config):
+        log.warn("{warning}", warning=warning)
+    return build_service(reactor, config, config_path, load_config)
 
 
 def exit_with_status(service: ProxyService) -> None:
@@ -509,31 +552,21 @@ def exit_with_status(service: ProxyService) -> None:
 def makeService(options: Options) -> ProxyService:
     from twisted.internet import reactor
 
-    streamline(reactor)
-    tune_collector()
-
     try:
         config = configuration.load(options["config"])
-        problems = preflight.problems(config)
-        if problems:
-            raise ConfigError(problems)
-        for warning in preflight.warnings(config):
-            log.warn("{warning}", warning=warning)
         twist_options = getattr(options, "parent", None)
         output = None
         if twist_options is not None and not any(a.startswith("--log-format") for a in sys.argv):
             output = LogOutput(config.server.log_format, twist_options.get("logLevel") or LogLevel.info)
             twist_options["fileLogObserverFactory"] = output
             twist_options["logFormat"] = config.server.log_format
-        service = build_service(reactor, config, options["config"])
-        service.log_output = output
-        reactor.addSystemEventTrigger("after", "shutdown", exit_with_status, service)
-        return service
-    except ConfigError as e:
-        for problem in e.problems:
-            print(f"tlsproxy: {problem}", file=sys.stderr)
-    except (CertificateError, OSError) as e:
-        print(f"tlsproxy: {e}", file=sys.stderr)
-    # 2: a configuration that cannot run here; a restart will not help
-    # (deploy/systemd's units say RestartPreventExitStatus=2).
-    raise SystemExit(2)
+        service = prepare_service(reactor, config, options["config"])
+    except CANNOT_RUN as e:
+        for line in cannot_run(e):
+            print(f"tlsproxy: {line}", file=sys.stderr)
+        # 2: a configuration that cannot run here; a restart will not help
+        # (deploy/systemd's units say RestartPreventExitStatus=2).
+        raise SystemExit(2) from None
+    service.log_output = output
+    reactor.addSystemEventTrigger("after", "shutdown", exit_with_status, service)
+    return service

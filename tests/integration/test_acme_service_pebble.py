@@ -8,9 +8,13 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import globalLogPublisher
 
 from tests.integration.pebble import (  # noqa: F401 (pebble, pebble_factory are fixtures)
     ChallengeListeners,
@@ -62,6 +66,21 @@ def wait_until(predicate, deadline: float = 30.0) -> None:  # type: ignore[no-un
         time.sleep(0.05)
 
 
+@contextmanager
+def logged() -> Iterator[list[dict[str, Any]]]:
+    """The log events of every thread (the service's reactor runs in its own) while the block runs."""
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        yield events
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+
+
+def is_not_due(event: dict[str, Any]) -> bool:
+    return str(event.get("log_format", "")).startswith("certificate of {site} not due for renewal")
+
+
 def start_service(listeners: ChallengeListeners, config) -> CertificateService:  # type: ignore[no-untyped-def]
     reactor = reactor_in_thread()
     svc = CertificateService(reactor, config, listeners.sni, listeners.http01, listeners.alpn01, poll_interval=0.2)
@@ -88,12 +107,12 @@ def test_service_issues_serves_and_restart_reuses(pebble: Pebble, tmp_path: Path
             assert served.serial_number == stored.leaf.serial_number
         finally:
             stop_service(svc)
-    with ChallengeListeners(pebble.http_port, pebble.tls_port, [(hosts[0], list(hosts))]) as ls:
+    with ChallengeListeners(pebble.http_port, pebble.tls_port, [(hosts[0], list(hosts))]) as ls, logged() as events:
         svc = start_service(ls, config)
         try:
             wait_until(lambda: ls.sni.sni_map.context_of(hosts[0]) is not None)
-            wait_until(lambda: not svc._acme[hosts[0]].busy and svc._acme[hosts[0]].next_check is not None)
-            time.sleep(0.5)  # let the first check finish
+            # The first check after the restart has decided: the stored certificate is not due.
+            wait_until(lambda: any(e.get("site") == hosts[0] for e in list(events) if is_not_due(e)))
             assert store.load_certificate(hosts[0]).leaf.serial_number == stored.leaf.serial_number
             assert served_certificate(pebble.tls_port, hosts[0]).serial_number == stored.leaf.serial_number
         finally:
@@ -211,7 +230,7 @@ def test_two_processes_order_once(pebble: Pebble, tmp_path: Path) -> None:
             while not stop.is_set():
                 for token, keyauth in store.challenges("http-01").items():
                     ls.http01.put(token, keyauth)
-                time.sleep(0.05)
+                stop.wait(0.05)
 
         t = threading.Thread(target=relay, daemon=True)
         t.start()

@@ -163,10 +163,6 @@ def test_chromium_through_twist_tlsproxy_dev_default(
     tmp_path: Path, installed_home: tuple[Path, Path], marker: str
 ) -> None:
     """`twist tlsproxy` with no config serves https://localhost:8443 from the app on :8000 with a trusted leaf."""
-    try:
-        import tlsproxy.tap  # noqa: F401
-    except ImportError:
-        pytest.skip("twist tlsproxy not wired yet")
     for port in (8000, 8443):
         if not port_is_free(port):
             pytest.skip(f"127.0.0.1:{port} is busy; the dev default needs it (upstream :8000, https :8443)")

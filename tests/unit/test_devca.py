@@ -21,10 +21,8 @@ from OpenSSL import SSL
 from twisted.internet.task import Clock
 from twisted.logger import capturedLogs
 
-from tlsproxy import devca
 from tlsproxy.config import LOCAL_HOSTS, Site, Upstream, dev_config
 from tlsproxy.devca import (
-    LEAF_LIFETIME,
     CAError,
     LocalCA,
     LocalCertificateService,
@@ -33,9 +31,9 @@ from tlsproxy.devca import (
     ca_path,
     ca_uninstall,
     default_caroot,
-    renewal_time,
-    split_hosts,
 )
+from tlsproxy.devca.certificates import LEAF_LIFETIME, ignored_wildcards, renewal_time, split_hosts
+from tlsproxy.devca.service import RETRY_AFTER
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
 
@@ -227,9 +225,8 @@ def test_leaf_chains_to_root_with_sans_and_server_auth(shared_ca: LocalCA) -> No
 def test_leaf_lifetime_is_short_and_backdated(shared_ca: LocalCA) -> None:
     """A leaf is valid from a few minutes before now for the default seven days."""
     certified = shared_ca.issue(["localhost"], NOW)
-    assert certified.not_after == NOW + LEAF_LIFETIME
+    assert certified.not_after == NOW + datetime.timedelta(days=7)
     assert NOW - datetime.timedelta(minutes=10) < certified.not_before < NOW
-    assert LEAF_LIFETIME == datetime.timedelta(days=7)
 
 
 def test_each_leaf_has_a_fresh_key(shared_ca: LocalCA) -> None:
@@ -269,8 +266,8 @@ def test_split_hosts_normalises() -> None:
 
 def test_second_level_wildcards_are_flagged() -> None:
     """*.localhost is flagged: Chromium and OpenSSL match no name against a wildcard over one label."""
-    assert devca.ignored_wildcards(LOCAL_HOSTS) == ["*.localhost"]
-    assert devca.ignored_wildcards(["*.app.localhost", "localhost"]) == []
+    assert ignored_wildcards(LOCAL_HOSTS) == ["*.localhost"]
+    assert ignored_wildcards(["*.app.localhost", "localhost"]) == []
 
 
 def test_renewal_time_is_a_third_before_the_end(shared_ca: LocalCA) -> None:
@@ -404,7 +401,7 @@ def test_failed_issue_is_logged_and_retried(shared_ca: LocalCA) -> None:
         service.startService()
     assert local.name not in service.current
     assert any(e.get("log_failure") is not None for e in events)
-    clock.advance(devca.RETRY_AFTER)
+    clock.advance(RETRY_AFTER)
     assert local.name in service.current
     service.stopService()
 

@@ -49,10 +49,7 @@ def test_certificate_expiry_from_served_context() -> None:
 
 
 def test_process_metrics_are_exported() -> None:
-    """/metrics shows the process's resident memory and open file descriptors (Linux /proc)."""
-    import os
-
-    got = samples(Metrics())
-    assert got[("process_resident_memory_bytes", ())] > 1_000_000
-    fds = got[("process_open_fds", ())]
-    assert fds >= 3 and abs(fds - len(os.listdir("/proc/self/fd"))) <= 2
+    """/metrics carries the process collector's families (memory, descriptors, CPU) beside ours."""
+    names = {family.name for family in text_string_to_metric_families(Metrics().render().decode())}
+    assert {"process_resident_memory_bytes", "process_open_fds", "process_cpu_seconds"} <= names
+    assert "tlsproxy_requests" in names

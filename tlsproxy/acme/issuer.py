@@ -180,25 +180,6 @@ def _listing(reasons: dict[Answer, str]) -> str:
     return ", ".join(f"{a.host} ({a.kind}: {why})" if why else f"{a.host} ({a.kind})" for a, why in reasons.items())
 
 
-class MultiResponder:
-    """Publish through several responders at once (in-process tables and the store)."""
-
-    def __init__(self, *responders: ChallengeResponder) -> None:
-        self.responders = responders
-
-    def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
-        for r in self.responders:
-            r.publish(kind, host, token, key_authorization)
-
-    def withdraw(self, kind: str, host: str, token: str) -> None:
-        for r in self.responders:
-            r.withdraw(kind, host, token)
-
-    def ready(self) -> None:
-        for r in self.responders:
-            r.ready()
-
-
 class ValidationFailed(AcmeError):
     """The CA could not validate ``kind`` for a name."""
 

@@ -562,12 +562,6 @@ class CertificateStore:
             except OSError:
                 _remove(link)
 
-    def site_names(self) -> list[str]:
-        try:
-            return sorted(p.name for p in (self.root / "certs").iterdir() if p.is_dir())
-        except FileNotFoundError:
-            return []
-
     # -- challenges published for a running proxy -----------------------------------
 
     def publish_challenge(self, kind: str, name: str, key_authorization: str) -> None:

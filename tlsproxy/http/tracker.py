@@ -31,10 +31,6 @@ class ConnectionTracker:
         if self.draining:
             protocol.drain()
 
-    def replace(self, old: Drainable, new: Drainable) -> None:
-        self.protocols.discard(old)
-        self.protocols.add(new)
-
     def remove(self, protocol: Drainable) -> None:
         if protocol in self.protocols:
             self.protocols.discard(protocol)
