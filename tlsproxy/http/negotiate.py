@@ -55,7 +55,6 @@ class NegotiatingFactory:
         if negotiated == b"h2":
             return H2ServerProtocol(self.handler, self.clock, self.limits)
         protocol = HTTP11ServerProtocol(self.handler, self.clock, self.limits, secure=True)
-        protocol.handshake_done = True
         protocol.started = started
         return protocol
 

@@ -26,12 +26,14 @@ from tlsproxy.deadline import Deadline
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, RequestHead, ResponseFields
 from tlsproxy.http.wire import (
+    LAST_CHUNK,
     ChunkedBody,
     FramingError,
     HeadScanner,
     LengthBody,
     RequestError,
     check_head_limits,
+    chunk,
     parse_request_head,
     valid_host,
 )
@@ -95,8 +97,8 @@ class HTTP11Exchange:
     def set_body_consumer(self, consumer: BodyConsumer) -> None:
         self._consumer = consumer
         body, self._body = self._body, None
-        for chunk in body or ():
-            consumer.body_data(chunk)
+        for piece in body or ():
+            consumer.body_data(piece)
         if self._body_done:
             consumer.body_end()
         else:
@@ -196,7 +198,7 @@ class HTTP11Exchange:
         elif self.no_body:
             return
         elif self._chunked_out:
-            self.transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+            self.transport.write(chunk(data))
         else:
             self.transport.write(data)
 
@@ -205,7 +207,7 @@ class HTTP11Exchange:
             return
         self._finished = True
         if self._chunked_out:
-            self.transport.write(b"0\r\n\r\n")
+            self.transport.write(LAST_CHUNK)
         self._proto.exchange_finished(self)
 
     def abort(self) -> None:
@@ -245,7 +247,6 @@ class HTTP11ServerProtocol(Protocol):
     tracker: Any = None
     client_address = ""
     server_port = 0
-    handshake_done = False  # set when the protocol takes over after the TLS handshake
     started: float | None = None  # when the client connected, if before this protocol took over
     _current: HTTP11Exchange | None = None  # its body is being read
     _active: HTTP11Exchange | None = None  # being answered
@@ -279,13 +280,12 @@ class HTTP11ServerProtocol(Protocol):
         self.client_address = client_address_of(peer)
         self.server_port = getattr(self.transport.getHost(), "port", 0)
         self.transport.registerProducer(self, True)
-        if self.secure and not self.handshake_done:
-            self._timer.set(self.limits.handshake_timeout, self._handshake_timeout)
-        else:
-            self._await_first_head()
+        # Over TLS this protocol is made once the handshake is over (the TLS
+        # listener times the handshake): the first head is due either way.
+        self._await_first_head()
 
     def handshakeCompleted(self) -> None:
-        self._await_first_head()
+        pass
 
     def _await_first_head(self) -> None:
         """The first request head is due header_timeout after the client connected.
@@ -312,10 +312,6 @@ class HTTP11ServerProtocol(Protocol):
         self._queue.clear()
 
     # -- timers --------------------------------------------------------------
-
-    def _handshake_timeout(self) -> None:
-        self.log.debug("TLS handshake from {client} timed out", client=self.client_address)
-        self.transport.abortConnection()
 
     def _idle_timeout(self) -> None:
         self._close()
