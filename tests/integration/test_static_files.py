@@ -1,0 +1,161 @@
+"""Django's admin static files after a real `collectstatic`, served by the real `twist tlsproxy` (issue 15)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import APP_ENV, HERE, PKI, App, Proxy, gunicorn, start_proxy
+from tests.integration.test_proxy_django import raw_get
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Setup:
+    proxy: Proxy
+    app: App
+    root: Path
+    media: Path
+    css: str  # the hashed URL path of the admin's base.css
+
+    def file(self, url_path: str) -> bytes:
+        return (self.root / url_path.removeprefix("/static/")).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def setup(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    """collectstatic (ManifestStaticFilesStorage) into a tmp STATIC_ROOT, gunicorn, and tlsproxy serving it."""
+    where = tmp_path_factory.mktemp("static")
+    root, media = where / "staticfiles", where / "media"
+    media.mkdir()
+    env = {
+        **os.environ,
+        **APP_ENV,
+        "DJANGO_SETTINGS_MODULE": "djangoapp.static_settings",
+        "DJANGOAPP_STATIC_ROOT": str(root),
+    }
+    subprocess.run([sys.executable, "-m", "django", "collectstatic", "--noinput", "-v0"], env=env, cwd=HERE, check=True)
+    manifest = json.loads((root / "staticfiles.json").read_text())
+    css = "/static/" + manifest["paths"]["admin/css/base.css"]
+    # A precompressed sibling, as whitenoise or `compress` would leave it.
+    hashed = root / css.removeprefix("/static/")
+    Path(f"{hashed}.gz").write_bytes(gzip.compress(hashed.read_bytes()))
+    (root / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024))
+    (media / "upload.html").write_bytes(b"<script>alert(document.cookie)</script>")
+    static = {"/static/": str(root), "/media/": {"root": str(media), "media": True}}
+    with gunicorn("tcp", where) as app, start_proxy(where, app.url, pki, static=static) as proxy:
+        yield Setup(proxy, app, root, media, css)
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+def test_admin_css_is_served_and_revalidated(setup: Setup, http2: bool) -> None:
+    """The admin's hashed base.css comes back 200 text/css with the exact bytes, cached a year; then 304."""
+    with setup.proxy.client(http2=http2) as client:
+        first = client.get(setup.css, headers={"accept-encoding": "identity"})
+        assert first.http_version == ("HTTP/2" if http2 else "HTTP/1.1")
+        assert first.status_code == 200
+        assert first.content == setup.file(setup.css)
+        assert first.headers["content-type"] == "text/css; charset=utf-8"
+        assert first.headers["cache-control"] == "public, max-age=31536000, immutable"
+        assert first.headers["strict-transport-security"] == "max-age=31536000; includeSubDomains"
+        again = client.get(setup.css, headers={"if-none-match": first.headers["etag"], "accept-encoding": "identity"})
+        assert (again.status_code, again.content) == (304, b"")
+        since = client.get(setup.css, headers={"if-modified-since": first.headers["last-modified"]})
+        assert since.status_code == 304
+        part = client.get(setup.css, headers={"range": "bytes=10-19", "accept-encoding": "identity"})
+        assert part.status_code == 206
+        assert part.content == setup.file(setup.css)[10:20]
+        assert part.headers["content-range"] == f"bytes 10-19/{len(setup.file(setup.css))}"
+        past = client.get(setup.css, headers={"range": "bytes=99999999-", "accept-encoding": "identity"})
+        assert past.status_code == 416
+    assert "/static/" not in setup.app.hits()
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+def test_a_large_file_streams_whole(setup: Setup, http2: bool) -> None:
+    """A 3 MiB file (read in chunks in threads) arrives byte for byte over HTTP/1.1 and HTTP/2."""
+    with setup.proxy.client(http2=http2) as client:
+        got = client.get("/static/big.bin")
+    assert got.status_code == 200
+    assert hashlib.sha256(got.content).digest() == hashlib.sha256(setup.file("/static/big.bin")).digest()
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+def test_curl_compressed_decodes_to_the_same_bytes(setup: Setup, http2: bool) -> None:
+    """curl --compressed gets the .gz sibling (Content-Encoding: gzip, Vary) and decodes it to the file."""
+    proxy = setup.proxy
+    url = f"{proxy.origin()}{setup.css}"
+    argv = ["curl", "-sS", "--cacert", str(proxy.pki.ca_pem), "--compressed", "-D", "-", "-o", "-", url]
+    argv.insert(1, "--http2" if http2 else "--http1.1")
+    out = subprocess.run(argv, capture_output=True, check=True, timeout=30).stdout
+    head, _, body = out.partition(b"\r\n\r\n")
+    assert b"content-encoding: gzip" in head.lower()
+    assert b"vary: accept-encoding" in head.lower()
+    assert body == setup.file(setup.css)
+
+
+TRAVERSALS = [
+    "/static/../../../../etc/passwd",
+    "/static/%2e%2e/%2e%2e/%2e%2e/%2e%2e/etc/passwd",
+    "/static/%2E%2E/%2E%2E/%2E%2E/%2E%2E/etc/passwd",
+    "/static/..%2f..%2f..%2f..%2fetc%2fpasswd",
+    "/static/..%2F..%2F..%2F..%2Fetc%2Fpasswd",
+    "/static/%2e%2e%2f%2e%2e%2f%2e%2e%2f%2e%2e%2fetc%2fpasswd",
+    "/static/..%5c..%5c..%5c..%5cetc%5cpasswd",
+    "/static/..\\..\\..\\..\\etc\\passwd",
+    "/static/%252e%252e/%252e%252e/%252e%252e/etc/passwd",
+    "/static/..%252f..%252f..%252fetc%252fpasswd",
+    "/static/%c0%ae%c0%ae/%c0%ae%c0%ae/etc/passwd",
+    "/static/.%2e/.%2e/.%2e/.%2e/etc/passwd",
+    "/static//etc/passwd",
+    "/static/%2fetc%2fpasswd",
+    "/static/admin/css/base.css%00.png",
+    "/static/staticfiles.json%00",
+    "/static/admin/../../../../etc/passwd",
+    "/static/./../../../../etc/passwd",
+    "/static/admin/",
+    "/static/admin",
+    "/static/.env",
+    "/static/%2eenv",
+    "/media/../staticfiles/staticfiles.json",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_traversals_are_refused(setup: Setup, path: str) -> None:
+    """Every traversal encoding, sent as raw bytes, is 400 or 404 from tlsproxy and never leaks a file."""
+    status, headers, body = raw_get(setup.proxy, path)
+    assert status in (400, 404), (path, status)
+    assert b"root:" not in body
+    assert headers["content-type"] == "text/html; charset=utf-8"
+    assert path.split("?")[0] not in setup.app.hits()
+
+
+def test_uploaded_html_is_a_download(setup: Setup) -> None:
+    """An HTML upload under a media prefix is application/octet-stream, attachment, nosniff."""
+    status, headers, body = raw_get(setup.proxy, "/media/upload.html")
+    assert status == 200
+    assert body == (setup.media / "upload.html").read_bytes()
+    assert headers["content-type"] == "application/octet-stream"
+    assert headers["content-disposition"] == "attachment"
+    assert headers["x-content-type-options"] == "nosniff"
+
+
+def test_missing_static_file_is_ours_and_the_rest_goes_to_the_app(setup: Setup) -> None:
+    """A missing file under /static/ is tlsproxy's 404 (the app never sees it); other paths still reach Django."""
+    status, _, body = raw_get(setup.proxy, "/static/nope.css")
+    assert status == 404 and b"no such file" in body
+    assert "/static/nope.css" not in setup.app.hits()
+    status, _, _ = raw_get(setup.proxy, "/whoami")
+    assert status == 200
+    assert "/whoami" in setup.app.hits()
