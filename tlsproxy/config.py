@@ -8,6 +8,7 @@ environment variable), the key, what was expected and what was found.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -600,7 +601,7 @@ def _static(reader: _Reader, site: str, raw: Any) -> tuple[StaticDir, ...]:
         return ()
     found = []
     for prefix, value in raw.items():
-        key = f"{site}.static.{prefix!r}" if not _PREFIX.match(prefix) else f'{site}.static."{prefix}"'
+        key = f"{site}.static.{json.dumps(prefix)}"
         options: dict[str, Any] = {}
         if isinstance(value, Mapping):
             options = reader.table(value, key, _STATIC_OPTIONS)

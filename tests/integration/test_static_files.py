@@ -82,6 +82,18 @@ def test_admin_css_is_served_and_revalidated(setup: Setup, http2: bool) -> None:
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
+def test_head_has_the_length_and_no_body(setup: Setup, http2: bool) -> None:
+    """HEAD answers 200 with the file's Content-Length and type, and no body."""
+    with setup.proxy.client(http2=http2) as client:
+        got = client.head(setup.css, headers={"accept-encoding": "identity"})
+        after = client.get("/static/big.bin")  # the connection is still in step
+    assert (got.status_code, got.content) == (200, b"")
+    assert got.headers["content-length"] == str(len(setup.file(setup.css)))
+    assert got.headers["content-type"] == "text/css; charset=utf-8"
+    assert after.status_code == 200 and len(after.content) == 3 * 1024 * 1024
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["h1", "h2"])
 def test_a_large_file_streams_whole(setup: Setup, http2: bool) -> None:
     """A 3 MiB file (read in chunks in threads) arrives byte for byte over HTTP/1.1 and HTTP/2."""
     with setup.proxy.client(http2=http2) as client:
