@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -356,12 +357,48 @@ class StreamingTests(SynchronousTestCase):
         self.threads.run_one()
         self.assertEqual(len(got.body), static.CHUNK)
         got.producer.pauseProducing()
-        self.threads.run_all()  # the read queued before the pause
+        self.threads.run_all()  # the read queued before the pause: held, not written
         self.assertEqual(self.threads.pending, [])
+        self.assertEqual(len(got.body), static.CHUNK)
         got.producer.resumeProducing()
         self.threads.run_all()
         self.assertEqual((got.body, got.finished), (self.data, True))
         self.assertIsNone(got.producer)
+
+    def test_small_files_are_answered_from_memory_for_a_second(self) -> None:
+        """A small file just read is served again with no thread hop; after CACHE_SECONDS the disk is asked."""
+        root = Path(self.mktemp()).absolute()
+        write(root / "a.css", b"one")
+        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"))
+        site = dataclasses.replace(site, static=(StaticDir("/c/", str(root)),))
+        self.handler = ProxyHandler(self.reactor, [site], Server())
+
+        def fetch() -> FakeExchange:
+            exchange = FakeExchange(RequestHead(b"GET", b"/c/a.css", b"1.1", b"app.test", [(b"host", b"app.test")]))
+            self.handler.handle(exchange)
+            self.threads.run_all()
+            return exchange
+
+        self.assertEqual(fetch().body, b"one")
+        write(root / "a.css", b"two", mtime=1_800_000_000)
+        before = len(static.cache.entries)
+        got = fetch()
+        self.assertEqual((got.status, got.body, self.threads.pending), (200, b"one", []))
+        self.assertEqual(len(static.cache.entries), before)
+        self.reactor.advance(static.CACHE_SECONDS + 0.1)
+        self.assertEqual(fetch().body, b"two")
+
+    def test_cache_is_bounded(self) -> None:
+        """The cache drops its oldest entries past its byte and entry caps."""
+        cache = static.FileCache(max_bytes=10, max_entries=2)
+        mount = StaticDir("/s/", "/srv")
+        for i in range(3):
+            cache.put((mount, 0, b"%d" % i, None), 0.0, "x", static.Opened(200, INFO, data=b"abcd"))
+        self.assertEqual([k[2] for k in cache.entries], [b"1", b"2"])
+        cache.put((mount, 0, b"big", None), 0.0, "x", static.Opened(200, INFO, data=b"0123456789"))
+        self.assertEqual(([k[2] for k in cache.entries], cache.bytes), ([b"big"], 10))
+        cache.put((mount, 0, b"404", None), 0.0, "x", static.Opened(404))
+        self.assertEqual(len(cache.entries), 1)
 
     def test_range_of_a_large_file(self) -> None:
         """A range deep into a large file reads just that slice."""

@@ -31,7 +31,12 @@ from tlsproxy.http.exchange import Exchange, Headers
 from tlsproxy.proxy.reqbuffer import threaded
 
 WHOLE_BELOW = 256 * 1024  # files up to this size are read in the same thread call as the stat
-CHUNK = 128 * 1024
+CHUNK = 256 * 1024
+# Small files just read are answered from memory for this long (no thread hop
+# for a hot admin CSS); a file replaced on disk is seen within that time.
+CACHE_SECONDS = 1.0
+CACHE_BYTES = 32 * 1024 * 1024
+CACHE_ENTRIES = 4096
 YEAR = 31536000
 
 REASONS = {200: b"OK", 206: b"Partial Content", 304: b"Not Modified", 400: b"Bad Request", 403: b"Forbidden"}
@@ -317,6 +322,7 @@ class Opened:
     varies: bool = False
     file: IO[bytes] | None = None
     data: bytes | None = None
+    fields: Headers | None = None  # file_headers, made once for a cached read
 
 
 def _inside(path: str, root: str) -> bool:
@@ -379,6 +385,49 @@ def _read(handle: IO[bytes], offset: int, size: int) -> bytes:
 # -- serving -----------------------------------------------------------------
 
 
+CacheKey = tuple[StaticDir, int, bytes, bytes | None]  # mount, max-age, raw path, Accept-Encoding
+
+
+class FileCache:
+    """Small files read in the last :data:`CACHE_SECONDS`, by mount, raw path and Accept-Encoding.
+
+    Bounded in entries and bytes; the oldest go first.  Only whole 200 reads
+    are kept, so a refusal or a missing file always looks at the disk again.
+    """
+
+    def __init__(self, max_bytes: int = CACHE_BYTES, max_entries: int = CACHE_ENTRIES) -> None:
+        self.max_bytes = max_bytes
+        self.max_entries = max_entries
+        self.bytes = 0
+        self.entries: dict[CacheKey, tuple[float, str, Opened]] = {}
+
+    def get(self, key: CacheKey, now: float) -> tuple[str, Opened] | None:
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if now - entry[0] > CACHE_SECONDS or now < entry[0]:
+            self.drop(key)
+            return None
+        return entry[1], entry[2]
+
+    def put(self, key: CacheKey, now: float, name: str, found: Opened) -> None:
+        if found.data is None or found.status != 200:
+            return
+        self.drop(key)
+        while self.entries and (len(self.entries) >= self.max_entries or self.bytes + len(found.data) > self.max_bytes):
+            self.drop(next(iter(self.entries)))
+        self.entries[key] = (now, name, found)
+        self.bytes += len(found.data)
+
+    def drop(self, key: CacheKey) -> None:
+        entry = self.entries.pop(key, None)
+        if entry is not None and entry[2].data is not None:
+            self.bytes -= len(entry[2].data)
+
+
+cache = FileCache()
+
+
 def serve(handler: Any, route: Any, exchange: Exchange) -> bool:
     """Answer ``exchange`` from the site's static directories; False if its path is not one of theirs."""
     mounts = route.site.static
@@ -399,6 +448,7 @@ class StaticRequest:
     log = Logger()
 
     file: IO[bytes] | None = None
+    ready: bytes | None = None  # a chunk read while the client was paused
     reading = False
     paused = False
     done = False
@@ -421,6 +471,14 @@ class StaticRequest:
         if head.method not in (b"GET", b"HEAD"):
             self.error(405, [(b"allow", b"GET, HEAD")])
             return
+        accept = head.get(b"accept-encoding")
+        key = (self.mount, self.route.site.static_max_age, self.rest, accept)
+        now = self.handler.reactor.seconds()
+        hit = cache.get(key, now)
+        if hit is not None:
+            self.name = hit[0]
+            self.opened(hit[1])
+            return
         try:
             parts = relative_parts(self.rest)
         except Refused as e:
@@ -428,9 +486,15 @@ class StaticRequest:
             return
         self.name = parts[-1]
         self.exchange.set_observer(self)
-        codings = accepted_codings(head.get(b"accept-encoding"))
-        d = self.run(open_file, self.mount, parts, codings, head.method == b"HEAD")
+        head_only = head.method == b"HEAD"
+        d = self.run(open_file, self.mount, parts, accepted_codings(accept), head_only)
+        if not head_only:
+            d.addCallback(self.remember, key, now)
         d.addCallbacks(self.opened, self.failed)
+
+    def remember(self, found: Opened, key: CacheKey, now: float) -> Opened:
+        cache.put(key, now, self.name, found)
+        return found
 
     def failed(self, failure: Failure) -> None:
         self.log.failure("serving a static file failed", failure)
@@ -462,7 +526,11 @@ class StaticRequest:
             return
         info = found.info
         head = self.exchange.head
-        headers = file_headers(self.mount, self.name, info, self.route.site.static_max_age, found.varies)
+        fields = found.fields
+        if fields is None:
+            max_age = self.route.site.static_max_age
+            fields = found.fields = file_headers(self.mount, self.name, info, max_age, found.varies)
+        headers = list(fields)
         if self.hsts is not None:
             headers.append((b"strict-transport-security", self.hsts))
         self.file = found.file
@@ -507,7 +575,8 @@ class StaticRequest:
         self.record(status, len(body))
 
     def read_next(self) -> None:
-        if self.done or self.paused or self.reading or self.file is None:
+        """Keep one read in flight, and one chunk ready while the client is paused (read-ahead)."""
+        if self.done or self.reading or self.file is None or self.ready is not None:
             return
         if self.position >= self.end:
             self.finish()
@@ -526,6 +595,12 @@ class StaticRequest:
             self.stop(abort=True)
             return
         self.position += len(data)
+        if self.paused:
+            self.ready = data  # goes out the moment the client takes more
+            return
+        self.send(data)
+
+    def send(self, data: bytes) -> None:
         self.sent += len(data)
         self.exchange.write(data)  # may pause us
         self.read_next()
@@ -571,7 +646,11 @@ class StaticRequest:
     def resumeProducing(self) -> None:
         self.paused = False
         self.exchange.deadline.clear()
-        self.read_next()
+        ready, self.ready = self.ready, None
+        if ready is not None and not self.done:
+            self.send(ready)
+        else:
+            self.read_next()
 
     def stopProducing(self) -> None:
         self.stop(abort=False)
