@@ -478,3 +478,13 @@ def test_missing_directory_is_a_warning(tmp_path: Path) -> None:
     cfg = parse_site(f'static = {{ "/static/" = "{tmp_path}/gone", "/m/" = "{tmp_path}/here" }}', tmp_path)
     (warning,) = preflight.static_warnings(cfg)
     assert "t.toml" in warning and 'site[0].static."/static/"' in warning and "does not exist" in warning
+
+
+def test_check_describes_the_static_prefixes(tmp_path: Path) -> None:
+    """`tlsproxy check` lists each static prefix, its directory and whether it holds uploads."""
+    from tlsproxy import cli
+
+    cfg = parse_site('static = { "/static/" = "/srv/s", "/media/" = { root = "/srv/m", media = true } }', tmp_path)
+    text = cli.describe(cfg)
+    assert "static /static/ = /srv/s, max-age 3600s unless hashed" in text
+    assert "static /media/ = /srv/m (media: uploads)" in text
