@@ -230,6 +230,25 @@ class ServeTests(SynchronousTestCase):
         self.assertIsNone(self.field(got, b"content-encoding"))
         self.assertEqual(self.reactor.tcpClients, [])  # the app was never asked
 
+    def test_no_hsts_over_plain_http(self) -> None:
+        """HSTS goes only on HTTPS answers, as for proxied ones."""
+        exchange = FakeExchange(RequestHead(b"GET", b"/static/plain.txt", b"1.1", b"app.test", []))
+        exchange.secure = False
+        self.handler.handle(exchange)
+        self.assertEqual(exchange.status, 200)
+        self.assertIsNone(self.field(exchange, b"strict-transport-security"))
+
+    def test_a_failure_in_a_thread_is_a_500(self) -> None:
+        """An unexpected error once the file is open is logged and answered 500, never left hanging."""
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("disk on fire")
+
+        self.patch(static, "file_headers", broken)
+        got = self.get(b"/static/plain.txt?fresh")
+        self.assertEqual((got.status, got.finished), (500, True))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
     def test_head_sends_no_body(self) -> None:
         """HEAD has the GET's fields and no body."""
         got = self.get(b"/static/plain.txt", b"HEAD")

@@ -490,7 +490,7 @@ class StaticRequest:
         d = self.run(open_file, self.mount, parts, accepted_codings(accept), head_only)
         if not head_only:
             d.addCallback(self.remember, key, now)
-        d.addCallbacks(self.opened, self.failed)
+        d.addCallback(self.opened).addErrback(self.failed)  # a bug in opened too: 500, not a silent hang
 
     def remember(self, found: Opened, key: CacheKey, now: float) -> Opened:
         cache.put(key, now, self.name, found)
@@ -583,7 +583,7 @@ class StaticRequest:
             return
         self.reading = True
         size = min(CHUNK, self.end - self.position)
-        self.run(_read, self.file, self.position, size).addCallbacks(self.chunk_read, self.failed)
+        self.run(_read, self.file, self.position, size).addCallback(self.chunk_read).addErrback(self.failed)
 
     def chunk_read(self, data: bytes) -> None:
         self.reading = False
