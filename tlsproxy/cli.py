@@ -87,6 +87,9 @@ def describe(config: Config) -> str:
             f"  secure_cookies = {str(site.secure_cookies).lower()}",
             f"  max_body_size = {site.max_body_size}",
         ]
+        for mount in site.static:  # what tlsproxy serves itself, not the app
+            note = " (media: uploads)" if mount.media else ""
+            lines.append(f"  static {mount.prefix} = {mount.root}{note}, max-age {site.static_max_age}s unless hashed")
     return "\n".join(lines)
 
 

@@ -8,6 +8,7 @@ environment variable), the key, what was expected and what was found.
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import re
 import tomllib
@@ -91,6 +92,22 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class StaticDir:
+    """A URL prefix served from a directory by tlsproxy itself (``[site.static]``)."""
+
+    prefix: str  # starts and ends with "/"
+    root: str  # an absolute path
+    # Uploads: never served as HTML, SVG or script on the site's origin (unless trusted).
+    media: bool = False
+    trusted: bool = False
+    # A symlink may lead out of root (``collectstatic --link``); off, such files are 404.
+    follow_symlinks: bool = False
+
+
+DEFAULT_STATIC_MAX_AGE = 3600
+
+
+@dataclass(frozen=True)
 class Site:
     hosts: tuple[str, ...]
     upstream: Upstream
@@ -102,6 +119,8 @@ class Site:
     max_body_size: int = DEFAULT_MAX_BODY_SIZE
     request_buffering: bool = True
     response_buffering: bool = True  # False: answers stream with back-pressure, as with X-Accel-Buffering: no
+    static: tuple[StaticDir, ...] = ()  # longest prefix first
+    static_max_age: int = DEFAULT_STATIC_MAX_AGE  # seconds, for file names without a content hash
 
     @property
     def name(self) -> str:
@@ -499,6 +518,8 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "max_body_size": "",
     "request_buffering": True,
     "response_buffering": True,
+    "static": {},
+    "static_max_age": DEFAULT_STATIC_MAX_AGE,
 }
 
 
@@ -561,7 +582,53 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         max_body_size=max_body_size,
         request_buffering=request_buffering,
         response_buffering=response_buffering,
+        static=_static(reader, prefix, values.get("static", {})),
+        static_max_age=_coerce(
+            reader, f"{prefix}.static_max_age", values.get("static_max_age", DEFAULT_STATIC_MAX_AGE), 0
+        ),
     )
+
+
+_STATIC_OPTIONS: Mapping[str, Any] = {"root": "", "media": False, "trusted": False, "follow_symlinks": False}
+_PREFIX = re.compile(r"\A/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]+/)*\Z")
+
+
+def _static(reader: _Reader, site: str, raw: Any) -> tuple[StaticDir, ...]:
+    """``[site.static]``: "/prefix/" = "/dir" or = { root = "/dir", media = true, ... }."""
+    if not isinstance(raw, Mapping):
+        example = '{ "/static/" = "/srv/app/staticfiles" }'
+        reader.fail(f"{site}.static", f"expected a table like {example}, found {_describe(raw)}")
+        return ()
+    found = []
+    for prefix, value in raw.items():
+        key = f"{site}.static.{json.dumps(prefix)}"
+        options: dict[str, Any] = {}
+        if isinstance(value, Mapping):
+            options = reader.table(value, key, _STATIC_OPTIONS)
+            options = {k: _coerce(reader, f"{key}.{k}", v, _STATIC_OPTIONS[k]) for k, v in options.items()}
+            root = options.pop("root", "")
+            if not root:
+                reader.fail(key, 'a table needs root = "/path/to/directory"')
+                continue
+        elif isinstance(value, str):
+            root = value
+        else:
+            example = '{ root = "/srv/app/media", media = true }'
+            reader.fail(key, f"expected a directory path or a table like {example}, found {_describe(value)}")
+            continue
+        if not _PREFIX.match(prefix) or any(part in (".", "..") for part in prefix.split("/")):
+            reader.fail(key, f'a URL prefix starts and ends with /, like "/static/"; not {prefix!r}')
+            continue
+        if prefix == "/":
+            reader.fail(key, 'the prefix "/" would take the whole site from the app: use one like "/static/"')
+            continue
+        if not os.path.isabs(root) or "\0" in root:
+            reader.fail(key, f"the directory must be an absolute path, found {root!r}")
+            continue
+        if options.get("trusted") and not options.get("media"):
+            reader.fail(f"{key}.trusted", "trusted applies only to media = true (static files are served as they are)")
+        found.append(StaticDir(prefix=prefix, root=os.path.normpath(root), **options))
+    return tuple(sorted(found, key=lambda d: len(d.prefix), reverse=True))
 
 
 def _check_files(reader: _Reader, prefix: str, cert: str, key: str, hosts: tuple[str, ...]) -> None:

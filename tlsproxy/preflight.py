@@ -67,9 +67,23 @@ def problems(config: Config) -> list[Problem]:
     return found
 
 
+def static_warnings(config: Config) -> list[str]:
+    """A static directory that is not there (yet): its files are 404 until collectstatic runs."""
+    found = []
+    for index, site in enumerate(config.sites):
+        for mount in site.static:
+            key = f'site[{index}].static."{mount.prefix}"'
+            if not os.path.isdir(mount.root):
+                why = "is not a directory" if os.path.exists(mount.root) else "does not exist (yet)"
+                found.append(f"{config.source}: {key}: {mount.root} {why}: {mount.prefix} answers 404 until it does")
+            elif not os.access(mount.root, os.R_OK | os.X_OK):
+                found.append(f"{config.source}: {key}: {_user()} may not read {mount.root}")
+    return found
+
+
 def warnings(config: Config) -> list[str]:
     """What may be fine at start-up but worth a look: an app socket that is not there (yet)."""
-    found = []
+    found = static_warnings(config)
     for index, site in enumerate(config.sites):
         path = site.upstream.unix_path
         if not path:

@@ -185,6 +185,11 @@ def app(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 # The proxy
 
 
+def _toml_key(key: str) -> str:
+    """A bare key as is; any other (a URL prefix like "/static/") quoted."""
+    return key if key.replace("_", "").replace("-", "").isalnum() else _toml(key)
+
+
 def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
@@ -195,7 +200,7 @@ def _toml(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml(v)}" for k, v in value.items()) + " }"
     raise TypeError(value)
 
 

@@ -29,6 +29,7 @@ from tlsproxy.config import Server, Site, dev_app_hint
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.wire import split_host_port
+from tlsproxy.proxy import static
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
 from tlsproxy.proxy.reqbuffer import (
@@ -142,6 +143,8 @@ class ProxyHandler:
             self.record(exchange, "-", 404, 0)
             pages.send(exchange, 404)
             return
+        if route.site.static and static.serve(self, route, exchange):
+            return  # a file under one of the site's [site.static] prefixes: ours, not the app's
         length = exchange.head.content_length
         if length is not None and length > route.site.max_body_size:
             self.record(exchange, route.site.name, 413, 0)
