@@ -121,6 +121,9 @@ class Site:
     response_buffering: bool = True  # False: answers stream with back-pressure, as with X-Accel-Buffering: no
     static: tuple[StaticDir, ...] = ()  # longest prefix first
     static_max_age: int = DEFAULT_STATIC_MAX_AGE  # seconds, for file names without a content hash
+    # Names redirected to the site's first host (www.example.com -> example.com). They are in
+    # hosts too, at the end: certificates, SNI and port 80 cover them like any other name.
+    redirect_from: tuple[str, ...] = ()
 
     @property
     def name(self) -> str:
@@ -266,7 +269,7 @@ def _coerce(reader: _Reader, key: str, value: Any, default: Any) -> Any:
     elif isinstance(default, tuple):
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
             return tuple(value)
         reader.fail(key, f"expected a list of strings, found {_describe(value)}")
     return default
@@ -520,6 +523,7 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "response_buffering": True,
     "static": {},
     "static_max_age": DEFAULT_STATIC_MAX_AGE,
+    "redirect_from": (),
 }
 
 
@@ -536,6 +540,18 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         why = check_host(host)
         if why:
             reader.fail(f"{prefix}.hosts", f"{host!r}: {why}")
+    redirect_from = tuple(
+        h.lower().rstrip(".") for h in _coerce(reader, f"{prefix}.redirect_from", values.get("redirect_from", ()), ())
+    )
+    for host in redirect_from:
+        why = check_host(host)
+        if not why and host.startswith("*."):
+            why = "a redirected name is one host, not a wildcard"
+        if not why and host in hosts:
+            why = "it is one of hosts already: a name is either served or redirected"
+        if why:
+            reader.fail(f"{prefix}.redirect_from", f"{host!r}: {why}")
+    hosts += tuple(dict.fromkeys(h for h in redirect_from if h not in hosts))
     upstream_url = _coerce(reader, f"{prefix}.upstream", values.get("upstream", ""), "")
     upstream = parse_upstream(upstream_url) if upstream_url else "missing (http://HOST:PORT or unix:/PATH)"
     if isinstance(upstream, str):
@@ -582,6 +598,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         max_body_size=max_body_size,
         request_buffering=request_buffering,
         response_buffering=response_buffering,
+        redirect_from=redirect_from,
         static=_static(reader, prefix, values.get("static", {})),
         static_max_age=_coerce(
             reader, f"{prefix}.static_max_age", values.get("static_max_age", DEFAULT_STATIC_MAX_AGE), 0

@@ -337,7 +337,7 @@ class ProxyService(MultiService):
         self.https_factory = TLSServerFactory(
             self.creator, self.https_app, reactor, handshake_timeout=generation.limits.handshake_timeout
         )
-        self.plain = PlainHTTPHandler(self.http01, self._is_our_host, https_port_of(config))
+        self.plain = PlainHTTPHandler(self.http01, self._is_our_host, https_port_of(config), self._canonical)
         self.plain_factory = HTTP11Factory(
             self.plain, reactor, generation.limits, secure=False, tracker=self.http_trackers
         )
@@ -350,6 +350,9 @@ class ProxyService(MultiService):
 
     def _is_our_host(self, host: str) -> bool:
         return self.generation.handler.is_our_host(host)
+
+    def _canonical(self, host: str) -> str | None:
+        return self.generation.handler.canonical.get(host)
 
     # -- listeners -------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 
 from tests.integration.conftest import (
     HSTS_VALUE,
+    PKI,
     UPSTREAM_KINDS,
     App,
     Proxy,
@@ -287,3 +289,22 @@ def test_idle_upstream_keepalive_closed_is_retried(kind: str, pki, tmp_path: Pat
             assert second.status_code == 200, second.text[:500]
             with proxy.client() as other:
                 assert other.get("/whoami").status_code == 200
+
+
+@pytest.mark.parametrize("version", ["--http1.1", "--http2"])
+def test_redirect_from_name_goes_to_the_canonical_name(app: App, pki: PKI, tmp_path: Path, version: str) -> None:
+    """A redirect_from name answers 301 to the site's first host, port, path and query kept; the app never sees it."""
+    with start_proxy(tmp_path, app.url, pki, hosts=["localhost"], redirect_from=["app.test"]) as proxy:
+        url = f"https://app.test:{proxy.port}/whoami?x=1&y=2"
+        out = subprocess.run(
+            ["curl", "-sS", version, "--cacert", str(pki.ca_pem), "--resolve", f"app.test:{proxy.port}:127.0.0.1",
+             "-o", "/dev/null", "-w", "%{http_code} %{redirect_url} %{http_version}", url],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        assert out == f"301 https://localhost:{proxy.port}/whoami?x=1&y=2 {version[6:]}"
+        followed = subprocess.run(
+            ["curl", "-sS", version, "--cacert", str(pki.ca_pem), "--resolve", f"app.test:{proxy.port}:127.0.0.1",
+             "-L", url],
+            capture_output=True, text=True, timeout=30, check=True,
+        ).stdout  # fmt: skip
+        assert json.loads(followed)["host"] == f"localhost:{proxy.port}"

@@ -365,3 +365,18 @@ def test_host_port_endpoint_says_how_to_write_it() -> None:
     (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_ADMIN": "127.0.0.1:9000"})
     assert message.startswith("environment TLSPROXY_SERVER_ADMIN: server.admin:")
     assert "tcp:9000:interface=127.0.0.1" in message
+
+
+def test_redirect_from_names_are_covered_and_checked() -> None:
+    """redirect_from names join the site's hosts (certificates, SNI) after its own; bad ones are named."""
+    cfg = parse({"acme": ACME, "site": [{**SITE, "redirect_from": ["WWW.example.com."]}]}, "site.toml", {})
+    site = cfg.sites[0]
+    assert (site.hosts, site.redirect_from, site.name) == (
+        ("example.com", "www.example.com"),
+        ("www.example.com",),
+        "example.com",
+    )
+    found = problems({"acme": ACME, "site": [{**SITE, "redirect_from": ["example.com", "*.example.com", "bad host"]}]})
+    assert any("'example.com': it is one of hosts already" in p for p in found)
+    assert any("'*.example.com': a redirected name is one host, not a wildcard" in p for p in found)
+    assert any(p.startswith("site.toml: site[0].redirect_from: 'bad host'") for p in found)

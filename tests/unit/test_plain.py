@@ -7,8 +7,9 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.certs.challenges import HTTP01Answers
-from tlsproxy.http.plain import PlainHTTPHandler, redirect_location
+from tlsproxy.http.plain import PlainHTTPHandler
 from tlsproxy.http.server import HTTP11ServerProtocol, Limits
+from tlsproxy.http.wire import redirect_location
 
 
 class PlainTests(SynchronousTestCase):
@@ -42,6 +43,12 @@ class PlainTests(SynchronousTestCase):
         out = self.request(b"GET /a/b?c=d&e HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
         self.assertTrue(out.startswith(b"HTTP/1.1 301"))
         self.assertIn(b"Location: https://www.example.com/a/b?c=d&e\r\n", out)
+
+    def test_redirect_from_name_goes_straight_to_the_canonical_name(self) -> None:
+        """A site's redirect_from name is sent to https on the canonical name: one hop, path and query kept."""
+        self.handler.canonical = {"www.example.com": "example.com"}.get
+        out = self.request(b"GET /a?b=1 HTTP/1.1\r\nHost: www.example.com\r\n\r\n")
+        self.assertIn(b"Location: https://example.com/a?b=1\r\n", out)
 
     def test_host_with_trailing_dot_is_the_same_host(self) -> None:
         """Host: www.example.com. is routed as www.example.com (the absolute form of the same name)."""

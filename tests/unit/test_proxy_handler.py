@@ -83,11 +83,11 @@ class FakeExchange:
         self.producer = None
 
 
-def head(method: bytes = b"GET", body: bytes = b"") -> RequestHead:
-    headers = [(b"host", b"app.test")]
+def head(method: bytes = b"GET", body: bytes = b"", host: bytes = b"app.test", target: bytes = b"/x") -> RequestHead:
+    headers = [(b"host", host)]
     if body:
         headers.append((b"content-length", b"%d" % len(body)))
-    return RequestHead(method, b"/x", b"1.1", b"app.test", headers, len(body) if body else None)
+    return RequestHead(method, target, b"1.1", host, headers, len(body) if body else None)
 
 
 class HandlerTests(SynchronousTestCase):
@@ -132,6 +132,29 @@ class HandlerTests(SynchronousTestCase):
         app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
         self.assertEqual((exchange.status, exchange.body), (200, b"hi"))
         self.assertTrue(wire.disconnecting, "kept open in a pool nobody uses any more")
+
+    def test_redirect_from_name_is_sent_to_the_canonical_name(self) -> None:
+        """A request for a redirect_from name gets 301 (308 for POST) to the first host, port, path and query kept."""
+        site = Site(
+            hosts=("app.test", "www.app.test"),
+            redirect_from=("www.app.test",),
+            upstream=parse_upstream("http://127.0.0.1:8000"),
+            tls="files",
+        )
+        handler = ProxyHandler(self.reactor, [site], self.server)
+        exchange = FakeExchange(head(b"GET", b"", host=b"www.app.test:8443", target=b"/a?b=1"), b"")
+        handler.handle(exchange)
+        self.assertEqual(exchange.status, 301)
+        self.assertIn((b"Location", b"https://app.test:8443/a?b=1"), exchange.headers)
+        self.assertEqual(self.reactor.tcpClients, [], "the app never sees it")
+        post = FakeExchange(head(b"POST", b"x", host=b"www.app.test", target=b"/f"), b"x")
+        handler.handle(post)
+        self.assertEqual(post.status, 308)
+        self.assertIn((b"Location", b"https://app.test/f"), post.headers)
+        same = FakeExchange(head(b"GET", b"", host=b"app.test"), b"")
+        handler.handle(same)
+        self.assertIsNone(same.status)  # proxied as usual
+        self.assertEqual(len(self.reactor.tcpClients), 1)
 
     def test_connection_refused_is_502(self) -> None:
         """An app that refuses the connection gets a short 502 page."""

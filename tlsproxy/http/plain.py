@@ -13,17 +13,9 @@ from twisted.logger import Logger
 from tlsproxy.certs.challenges import HTTP01Answers, is_valid_token
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
-from tlsproxy.http.wire import split_host_port
+from tlsproxy.http.wire import redirect_location, split_host_port
 
 CHALLENGE_PREFIX = b"/.well-known/acme-challenge/"
-
-
-def redirect_location(host: str, https_port: int, target: bytes) -> bytes:
-    """The https:// URL for ``target`` on ``host`` (port left out when 443)."""
-    authority = f"[{host}]" if ":" in host else host
-    if https_port != 443:
-        authority += f":{https_port}"
-    return b"https://" + authority.encode("ascii") + target
 
 
 class PlainHTTPHandler:
@@ -31,10 +23,18 @@ class PlainHTTPHandler:
 
     log = Logger()
 
-    def __init__(self, answers: HTTP01Answers, is_our_host: Callable[[str], bool], https_port: int) -> None:
+    def __init__(
+        self,
+        answers: HTTP01Answers,
+        is_our_host: Callable[[str], bool],
+        https_port: int,
+        canonical: Callable[[str], str | None] = lambda host: None,
+    ) -> None:
         self.answers = answers
         self.is_our_host = is_our_host
         self.https_port = https_port
+        # A redirect_from name goes straight to its site's canonical name: one hop, not two.
+        self.canonical = canonical
 
     def handle(self, exchange: Exchange) -> None:
         head = exchange.head
@@ -54,6 +54,6 @@ class PlainHTTPHandler:
         if not host or not self.is_our_host(host) or not head.target.startswith(b"/"):
             pages.send(exchange, 404)
             return
-        location = redirect_location(host, self.https_port, head.target)
+        location = redirect_location(self.canonical(host) or host, self.https_port, head.target)
         status = 301 if head.method in (b"GET", b"HEAD") else 308
         pages.send(exchange, status, "This site is served over HTTPS.", [(b"Location", location)])

@@ -81,6 +81,14 @@ def valid_host(host: bytes) -> bool:
     return not host.translate(None, _HOST_BYTES)
 
 
+def redirect_location(host: str, https_port: int, target: bytes) -> bytes:
+    """The https:// URL for ``target`` on ``host`` (port left out when 443)."""
+    authority = f"[{host}]" if ":" in host else host
+    if https_port != 443:
+        authority += f":{https_port}"
+    return b"https://" + authority.encode("ascii") + target
+
+
 def split_host_port(host: bytes) -> tuple[str, int | None]:
     """``example.com:8080`` -> (``example.com``, 8080); IPv6 in brackets.
 

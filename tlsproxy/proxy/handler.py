@@ -28,7 +28,7 @@ from zope.interface import implementer
 from tlsproxy.config import Server, Site, dev_app_hint
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
-from tlsproxy.http.wire import split_host_port
+from tlsproxy.http.wire import redirect_location, split_host_port
 from tlsproxy.proxy import static
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
@@ -89,6 +89,8 @@ class ProxyHandler:
         self._exact: dict[str, Route] = {}
         self._wild: dict[str, Route] = {}
         self.routes: list[Route] = []
+        # A site's redirect_from name -> the site's own first host (its canonical name).
+        self.canonical: dict[str, str] = {name: site.name for site in sites for name in site.redirect_from}
         for site in sites:
             pool = pools.get(site.upstream.url)
             if pool is None:
@@ -143,6 +145,8 @@ class ProxyHandler:
             self.record(exchange, "-", 404, 0)
             pages.send(exchange, 404)
             return
+        if self.canonical and self._redirect_to_canonical(route, exchange):
+            return
         if route.site.static and static.serve(self, route, exchange):
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
         length = exchange.head.content_length
@@ -151,6 +155,19 @@ class ProxyHandler:
             pages.send(exchange, 413)
             return
         ProxiedRequest(self, route, exchange).start()
+
+    def _redirect_to_canonical(self, route: Route, exchange: Exchange) -> bool:
+        """A request for one of the site's redirect_from names: 301/308 to its canonical name."""
+        head = exchange.head
+        host, port = split_host_port(head.host)
+        canonical = self.canonical.get(host)
+        if canonical is None:
+            return False
+        location = redirect_location(canonical, port or 443, head.target if head.target.startswith(b"/") else b"/")
+        status = 301 if head.method in (b"GET", b"HEAD") else 308
+        self.record(exchange, route.site.name, status, 0)
+        pages.send(exchange, status, f"This site is {canonical}.", [(b"Location", location)])
+        return True
 
     def record(self, exchange: Exchange, site: str, status: int, size: int) -> None:
         """One finished request: the access log line and the request counter."""
