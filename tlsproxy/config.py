@@ -108,6 +108,14 @@ DEFAULT_STATIC_MAX_AGE = 3600
 
 
 @dataclass(frozen=True)
+class PathRoute:
+    """Requests whose path starts with ``prefix`` go to ``upstream`` (``[site.routes]``), path unchanged."""
+
+    prefix: str  # starts and ends with "/"
+    upstream: Upstream
+
+
+@dataclass(frozen=True)
 class Site:
     hosts: tuple[str, ...]
     upstream: Upstream
@@ -124,6 +132,8 @@ class Site:
     # Names redirected to the site's first host (www.example.com -> example.com). They are in
     # hosts too, at the end: certificates, SNI and port 80 cover them like any other name.
     redirect_from: tuple[str, ...] = ()
+    # Path prefixes proxied to another app (``[site.routes]``), longest first; the rest goes to upstream.
+    routes: tuple[PathRoute, ...] = ()
 
     @property
     def name(self) -> str:
@@ -524,6 +534,7 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "static": {},
     "static_max_age": DEFAULT_STATIC_MAX_AGE,
     "redirect_from": (),
+    "routes": {},
 }
 
 
@@ -599,6 +610,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         request_buffering=request_buffering,
         response_buffering=response_buffering,
         redirect_from=redirect_from,
+        routes=_routes(reader, prefix, values.get("routes", {})),
         static=_static(reader, prefix, values.get("static", {})),
         static_max_age=_coerce(
             reader, f"{prefix}.static_max_age", values.get("static_max_age", DEFAULT_STATIC_MAX_AGE), 0
@@ -608,6 +620,29 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
 
 _STATIC_OPTIONS: Mapping[str, Any] = {"root": "", "media": False, "trusted": False, "follow_symlinks": False}
 _PREFIX = re.compile(r"\A/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]+/)*\Z")
+
+
+def _routes(reader: _Reader, site: str, raw: Any) -> tuple[PathRoute, ...]:
+    """``[site.routes]``: "/prefix/" = "http://HOST:PORT" or "unix:/PATH", longest prefix first."""
+    if not isinstance(raw, Mapping):
+        example = '{ "/ws/" = "http://127.0.0.1:8001" }'
+        reader.fail(f"{site}.routes", f"expected a table like {example}, found {_describe(raw)}")
+        return ()
+    found = []
+    for prefix, value in raw.items():
+        key = f"{site}.routes.{json.dumps(prefix)}"
+        if not _PREFIX.match(prefix) or prefix == "/":
+            reader.fail(key, 'a route is a path prefix that starts and ends with "/", like "/ws/" (not "/" itself)')
+            continue
+        if not isinstance(value, str):
+            reader.fail(key, f'expected an upstream like "http://127.0.0.1:8001", found {_describe(value)}')
+            continue
+        upstream = parse_upstream(value)
+        if isinstance(upstream, str):
+            reader.fail(key, f"{value!r}: {upstream}")
+            continue
+        found.append(PathRoute(prefix=prefix, upstream=upstream))
+    return tuple(sorted(found, key=lambda r: len(r.prefix), reverse=True))
 
 
 def _static(reader: _Reader, site: str, raw: Any) -> tuple[StaticDir, ...]:

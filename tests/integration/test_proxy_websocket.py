@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect
 
 from tests.integration.conftest import PKI, App, Proxy, start_proxy, uvicorn
+from tests.integration.procs import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -57,3 +59,18 @@ def test_plain_http_still_works_beside_websocket(ws_proxy: Proxy) -> None:
         response = client.get("/whoami")
     assert response.status_code == 200
     assert response.json()["is_secure"] is True
+
+
+def test_websocket_through_a_path_route(asgi_app: App, pki: PKI, tmp_path: Path) -> None:
+    """[site.routes] "/ws/" sends WebSockets and HTTP under it to uvicorn, path unchanged; the rest to the site."""
+    nobody = f"http://127.0.0.1:{free_port()}"  # the site's own upstream: nothing listens there
+    with start_proxy(tmp_path, nobody, pki, routes={"/ws/": asgi_app.url}) as proxy:
+        uri = f"wss://localhost:{proxy.port}/ws/echo"
+        with connect(uri, ssl=proxy.pki.client_context(), open_timeout=10, close_timeout=5, proxy=None) as ws:
+            ws.send("through the route")
+            assert ws.recv(timeout=10) == "through the route"
+        with proxy.client() as client:
+            routed = client.get("/ws/whoami")
+            rest = client.get("/whoami")
+    assert routed.status_code == 404  # Django under uvicorn answered: it has no /ws/whoami (path unchanged)
+    assert rest.status_code == 502  # the site's own app is down

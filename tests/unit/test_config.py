@@ -380,3 +380,19 @@ def test_redirect_from_names_are_covered_and_checked() -> None:
     assert any("'example.com': it is one of hosts already" in p for p in found)
     assert any("'*.example.com': a redirected name is one host, not a wildcard" in p for p in found)
     assert any(p.startswith("site.toml: site[0].redirect_from: 'bad host'") for p in found)
+
+
+def test_routes_are_prefixes_to_upstreams() -> None:
+    """[site.routes] maps path prefixes to upstreams, longest first; a bad prefix or upstream is named."""
+    routes = {"/ws/": "http://127.0.0.1:8001", "/ws/admin/": "unix:/run/admin.sock"}
+    cfg = parse({"acme": ACME, "site": [{**SITE, "routes": routes}]}, "site.toml", {})
+    assert [(r.prefix, r.upstream.url) for r in cfg.sites[0].routes] == [
+        ("/ws/admin/", "unix:/run/admin.sock"),
+        ("/ws/", "http://127.0.0.1:8001"),
+    ]
+    found = problems(
+        {"acme": ACME, "site": [{**SITE, "routes": {"ws": "http://a:1", "/x/": "ftp://a", "/": "http://a:1"}}]}
+    )
+    assert any(p.startswith('site.toml: site[0].routes."ws": a route is a path prefix') for p in found)
+    assert any(p.startswith('site.toml: site[0].routes."/": a route is a path prefix') for p in found)
+    assert any(p.startswith("site.toml: site[0].routes.\"/x/\": 'ftp://a'") for p in found)

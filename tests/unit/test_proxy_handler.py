@@ -11,7 +11,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_reqbuffer import FakeThreads, scratch
-from tlsproxy.config import HSTS, Server, Site, parse_upstream
+from tlsproxy.config import HSTS, PathRoute, Server, Site, parse_upstream
 from tlsproxy.deadline import Deadline
 from tlsproxy.http.exchange import RequestHead
 from tlsproxy.http.wire import split_fields
@@ -155,6 +155,24 @@ class HandlerTests(SynchronousTestCase):
         handler.handle(same)
         self.assertIsNone(same.status)  # proxied as usual
         self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_path_routes_pick_another_app_longest_prefix_first(self) -> None:
+        """[site.routes]: /ws/ and /ws/admin/ go to their own apps with the path unchanged; the rest to the site's."""
+        site = Site(
+            hosts=("app.test",),
+            upstream=parse_upstream("http://127.0.0.1:8000"),
+            tls="files",
+            routes=(
+                PathRoute("/ws/admin/", parse_upstream("http://127.0.0.1:8002")),
+                PathRoute("/ws/", parse_upstream("http://127.0.0.1:8001")),
+            ),
+        )
+        handler = ProxyHandler(self.reactor, [site], self.server)
+        for target, port in ((b"/ws/chat", 8001), (b"/ws/admin/x", 8002), (b"/wsx", 8000), (b"/", 8000)):
+            handler.handle(FakeExchange(head(target=target), b""))
+            self.assertEqual(self.reactor.tcpClients[-1][:2], ("127.0.0.1", port), target)
+            _, wire = self.connect()
+            self.assertTrue(wire.value().startswith(b"GET " + target + b" HTTP/1.1\r\n"))
 
     def test_connection_refused_is_502(self) -> None:
         """An app that refuses the connection gets a short 502 page."""

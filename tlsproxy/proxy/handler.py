@@ -25,7 +25,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from tlsproxy.config import Server, Site, dev_app_hint
+from tlsproxy.config import Server, Site, Upstream, dev_app_hint
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.wire import redirect_location, split_host_port
@@ -57,9 +57,16 @@ class Route:
     dev: bool = False
     latency: Any = None
     name: str = ""
+    route_upstream: Upstream | None = None  # a [site.routes] prefix's app; None: the site's
+    # (path prefix, route) for the site's [site.routes], longest prefix first.
+    paths: tuple[tuple[bytes, Route], ...] = ()
 
     def __post_init__(self) -> None:
         self.name = self.site.name
+
+    @property
+    def upstream(self) -> Upstream:
+        return self.route_upstream or self.site.upstream
 
 
 class ProxyHandler:
@@ -92,12 +99,23 @@ class ProxyHandler:
         # A site's redirect_from name -> the site's own first host (its canonical name).
         self.canonical: dict[str, str] = {name: site.name for site in sites for name in site.redirect_from}
         for site in sites:
-            pool = pools.get(site.upstream.url)
-            if pool is None:
-                pool = pools[site.upstream.url] = UpstreamPool(reactor, site.upstream, server.connect_timeout)
-            route = Route(site=site, pool=pool, hsts=site.hsts.header_value(), dev=dev)
-            if metrics is not None:
-                route.latency = metrics.upstream_latency.labels(site.name)
+
+            def pool_for(upstream: Upstream) -> UpstreamPool:
+                pool = pools.get(upstream.url)
+                if pool is None:
+                    pool = pools[upstream.url] = UpstreamPool(reactor, upstream, server.connect_timeout)
+                return pool
+
+            hsts = site.hsts.header_value()
+            latency = metrics.upstream_latency.labels(site.name) if metrics is not None else None
+            paths = tuple(
+                (
+                    path.prefix.encode("ascii"),
+                    Route(site, pool_for(path.upstream), hsts, dev, latency, route_upstream=path.upstream),
+                )
+                for path in site.routes
+            )
+            route = Route(site, pool_for(site.upstream), hsts, dev, latency, paths=paths)
             self.routes.append(route)
             for host in site.hosts:
                 if host.startswith("*."):
@@ -149,6 +167,12 @@ class ProxyHandler:
             return
         if route.site.static and static.serve(self, route, exchange):
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
+        if route.paths:
+            target = exchange.head.target
+            for prefix, path_route in route.paths:
+                if target.startswith(prefix):
+                    route = path_route  # [site.routes]: another app for this prefix, path unchanged
+                    break
         length = exchange.head.content_length
         if length is not None and length > route.site.max_body_size:
             self.record(exchange, route.site.name, 413, 0)
@@ -333,7 +357,7 @@ class ProxiedRequest:
     def connect_failed(self, failure: Failure) -> None:
         if self.finished:
             return
-        self.fail(describe_connect_failure(failure, self.route.site.upstream))
+        self.fail(describe_connect_failure(failure, self.route.upstream))
 
     def connected(self, conn: UpstreamConnection) -> None:
         if self.finished:
@@ -526,7 +550,7 @@ class ProxiedRequest:
             self.conn.resume_response()
 
     def buffer_failed(self, detail: str) -> None:
-        self.log.warn("{upstream}: {detail}; response cut short", upstream=self.route.site.upstream.url, detail=detail)
+        self.log.warn("{upstream}: {detail}; response cut short", upstream=self.route.upstream.url, detail=detail)
         self.cut(502)
 
     # -- failures --------------------------------------------------------------
@@ -554,15 +578,15 @@ class ProxiedRequest:
     def fail(self, error: UpstreamError) -> None:
         if self.exchange.response_started:
             self.log.warn(
-                "{upstream}: {detail}; response cut short", upstream=self.route.site.upstream.url, detail=error.detail
+                "{upstream}: {detail}; response cut short", upstream=self.route.upstream.url, detail=error.detail
             )
             self.cut(502)
             return
         self.abandon()
-        self.log.warn("{upstream}: {detail}", upstream=self.route.site.upstream.url, detail=error.detail)
+        self.log.warn("{upstream}: {detail}", upstream=self.route.upstream.url, detail=error.detail)
         message = None
         if self.route.dev and error.status == 502 and error.detail.startswith("cannot connect"):
-            upstream = self.route.site.upstream
+            upstream = self.route.upstream
             message = f"Nothing is listening on {upstream.url}: {dev_app_hint(upstream)} and reload this page."
         self.logged(error.status)
         pages.send(self.exchange, error.status, message)
