@@ -7,6 +7,7 @@ from typing import Any
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ResponseReceived
+from h2.settings import SettingCodes
 from hyperframe.frame import Frame
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -558,6 +559,64 @@ class H2Tests(SynchronousTestCase):
         held = sum(sum(len(c) for c in e._body) for e in self.handler.exchanges)
         self.assertLessEqual(held, CONNECTION_WINDOW)
         self.assertEqual(self.client.outbound_flow_control_window, 0)  # the client was told to wait
+
+    def test_whole_answer_is_one_write_with_end_stream_on_its_data(self) -> None:
+        """HEADERS and the DATA frame carrying END_STREAM go out in one write, with no empty DATA frame after."""
+        stream = self.request()
+        writes: list[bytes] = []
+        self.transport.write = writes.append  # type: ignore[method-assign]
+        self.handler.exchanges[0].respond(200, b"OK", [(b"content-type", b"text/plain")], b"x" * 100)
+        self.assertEqual(len(writes), 1)
+        sent = frames(writes[0])
+        self.assertEqual([type(f).__name__ for f in sent], ["HeadersFrame", "DataFrame"])
+        self.assertEqual((sent[1].stream_id, sent[1].data, "END_STREAM" in sent[1].flags), (stream, b"x" * 100, True))
+
+    def test_answers_given_during_one_read_share_one_write(self) -> None:
+        """Ten requests in one read, each answered at once by the handler, cost one write."""
+
+        class Answering:
+            def handle(self, exchange: Any) -> None:
+                exchange.respond(200, b"OK", [], b"hi")
+
+        self.server.handler = Answering()
+        streams = []
+        for _ in range(10):
+            stream = self.client.get_next_available_stream_id()
+            self.client.send_headers(
+                stream,
+                [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https"), (b":authority", b"app.test")],
+                end_stream=True,
+            )
+            streams.append(stream)
+        writes: list[bytes] = []
+        self.transport.write = writes.append  # type: ignore[method-assign]
+        self.server.dataReceived(self.client.data_to_send())
+        self.assertEqual(len(writes), 1)
+        ended = [f.stream_id for f in frames(writes[0]) if "END_STREAM" in f.flags]
+        self.assertEqual(ended, streams)
+
+    def test_answer_larger_than_the_window_ends_once_the_window_opens(self) -> None:
+        """A whole answer bigger than the stream window waits for WINDOW_UPDATE and ends on its last DATA frame."""
+        self.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+        self.pump()
+        stream = self.request()
+        self.handler.exchanges[0].respond(200, b"OK", [], b"y" * 2500)
+        sent = frames(self.transport.value())
+        self.transport.clear()
+        self.assertEqual(sum(len(f.data) for f in sent if type(f).__name__ == "DataFrame"), 1000)
+        self.assertFalse(any("END_STREAM" in f.flags for f in sent))
+        received = b""
+        for _ in range(5):
+            self.client.increment_flow_control_window(1000, stream)
+            self.client.increment_flow_control_window(1000)
+            self.server.dataReceived(self.client.data_to_send())
+            more = frames(self.transport.value())
+            self.transport.clear()
+            received += b"".join(f.data for f in more if type(f).__name__ == "DataFrame")
+            if any("END_STREAM" in f.flags for f in more):
+                break
+        self.assertEqual(len(received), 1500)
+        self.assertTrue("END_STREAM" in more[-1].flags and more[-1].data)
 
 
 def test_frame_watch_across_any_split() -> None:

@@ -387,9 +387,17 @@ class H2Exchange:
             self._proto.stream_done(self)
 
     def respond(self, status: int, reason: bytes, headers: ResponseFields, body: bytes) -> None:
-        self.start_response(status, reason, headers, len(body))
-        self.write(body)
-        self.finish()
+        """A whole answer: HEADERS and one DATA frame that ends the stream, in one write if the window allows."""
+        proto = self._proto
+        proto.hold()
+        try:
+            self.start_response(status, reason, headers, len(body))
+            if not self._finished:
+                self._end_pending = True  # the last DATA frame carries END_STREAM
+            self.write(body)
+            self.finish()
+        finally:
+            proto.release()
 
     def write(self, data: bytes) -> None:
         if self._finished or not data or self.no_body:
@@ -405,6 +413,7 @@ class H2Exchange:
 
     def _flush(self) -> None:
         proto = self._proto
+        ended = False  # END_STREAM went out on the last DATA frame
         while self._outbound:
             window = proto.window(self.stream_id)
             if window <= 0:
@@ -420,13 +429,15 @@ class H2Exchange:
             if len(chunk) > window:
                 self._outbound.appendleft(chunk[window:])
                 chunk = chunk[:window]
-            proto.send_data(self.stream_id, chunk)
+            ended = self._end_pending and not self._outbound and not self._finished
+            proto.send_data(self.stream_id, chunk, ended)
         if self._producer is not None and self._producer_paused and not proto.transport_paused:
             self._producer_paused = False
             self._producer.resumeProducing()
         if self._end_pending and not self._finished:
             self._finished = True
-            proto.end_stream(self.stream_id)
+            if not ended:
+                proto.end_stream(self.stream_id)
             proto.stream_done(self)
 
     def abort(self) -> None:
@@ -496,6 +507,8 @@ class H2ServerProtocol(Protocol):
         self._streams_timer = Deadline(clock)  # for the earliest thing due on any stream
         self._streams_due_at: float | None = None
         self._frames = FrameWatch()
+        # While above zero, frames wait in h2's buffer for one TLS write (see hold).
+        self._held = 0
         self._control_base = 0  # the count of control frames when this window began
         self._max_block = 2 * limits.max_header_size
         self._served = 0
@@ -549,9 +562,30 @@ class H2ServerProtocol(Protocol):
 
     # -- inbound ---------------------------------------------------------------
 
+    def hold(self) -> None:
+        """Keep frames in h2's buffer until the matching :meth:`release`, to write them as one.
+
+        Each TLS write is a record and a send(): three per answer (HEADERS,
+        DATA, END_STREAM) cost more than the HTTP/2 work for it.  What is
+        held is bounded by what one read or one answer produces.
+        """
+        self._held += 1
+
+    def release(self) -> None:
+        self._held -= 1
+        if not self._held:
+            self._flush()
+
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        self._held += 1
+        try:
+            self._received(data)
+        finally:
+            self.release()
+
+    def _received(self, data: bytes) -> None:
         watch = self._frames
         before = watch.control
         if watch.feed(data) > self._max_block:
@@ -614,7 +648,6 @@ class H2ServerProtocol(Protocol):
                     exchange._client_gone()
                     self._forget(exchange)
             self.conn.reset_here.clear()
-        self._flush()
 
     def _request(self, stream_id: int, fields: Headers, ended: bool) -> None:
         if len(self.streams) >= MAX_STREAMS:
@@ -669,35 +702,40 @@ class H2ServerProtocol(Protocol):
             self.conn.send_headers(stream_id, fields, end_stream=end)
         except (StreamClosedError, ProtocolError):
             return
-        self._flush()
+        if not self._held:
+            self._flush()
 
-    def send_data(self, stream_id: int, data: bytes) -> None:
+    def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
         try:
-            self.conn.send_data(stream_id, data)
+            self.conn.send_data(stream_id, data, end_stream=end)
         except (StreamClosedError, ProtocolError, FlowControlError):
             return
-        self._flush()
+        if not self._held:
+            self._flush()
 
     def end_stream(self, stream_id: int) -> None:
         try:
             self.conn.end_stream(stream_id)
         except (StreamClosedError, ProtocolError):
             return
-        self._flush()
+        if not self._held:
+            self._flush()
 
     def reset_stream(self, stream_id: int, code: ErrorCodes) -> None:
         try:
             self.conn.reset_stream(stream_id, code)
         except (StreamClosedError, ProtocolError):
             return
-        self._flush()
+        if not self._held:
+            self._flush()
 
     def acknowledge(self, stream_id: int, length: int) -> None:
         try:
             self.conn.acknowledge_received_data(length, stream_id)
         except (StreamClosedError, ProtocolError):
             return
-        self._flush()
+        if not self._held:
+            self._flush()
 
     def drain(self) -> None:
         """Shutting down: GOAWAY, let open streams finish, then close.
@@ -709,6 +747,7 @@ class H2ServerProtocol(Protocol):
         self._draining = True
         if self._closed:
             return
+        self._flush()  # what h2 holds goes before the GOAWAY
         goaway = GoAwayFrame(0)
         goaway.last_stream_id = self.conn.highest_inbound_stream_id
         goaway.error_code = ErrorCodes.NO_ERROR
@@ -816,7 +855,8 @@ class H2ServerProtocol(Protocol):
                 self.conn.acknowledge_received_data(held, exchange.stream_id)
             except (StreamClosedError, ProtocolError):
                 pass
-        self._flush()
+        if not self._held:
+            self._flush()
         self._idle()
         self._close_if_drained()
 
@@ -895,8 +935,12 @@ class H2ServerProtocol(Protocol):
             self._stall.clear()
             if not self._closed:
                 self.transport.resumeProducing()
-        for exchange in list(self.streams.values()):
-            exchange._flush()
+        self.hold()
+        try:
+            for exchange in list(self.streams.values()):
+                exchange._flush()
+        finally:
+            self.release()
 
     def stopProducing(self) -> None:
         pass
