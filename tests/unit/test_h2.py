@@ -8,7 +8,10 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ResponseReceived
 from h2.settings import SettingCodes
+from hpack import Decoder, NeverIndexedHeaderTuple
 from hyperframe.frame import Frame
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -22,6 +25,7 @@ from tlsproxy.http.h2 import (
     RESET_WINDOW,
     STREAM_WINDOW,
     H2ServerProtocol,
+    ResponseEncoder,
 )
 from tlsproxy.http.server import Limits
 
@@ -472,7 +476,6 @@ class H2Tests(SynchronousTestCase):
 
     def test_window_that_stays_shut_frees_the_app(self) -> None:
         """An answer stuck behind a client window of 0 for an idle timeout resets the stream and lets the app go."""
-        from h2.settings import SettingCodes
 
         gone: list[bool] = []
 
@@ -618,6 +621,33 @@ class H2Tests(SynchronousTestCase):
         self.assertEqual(len(received), 1500)
         self.assertTrue("END_STREAM" in more[-1].flags and more[-1].data)
 
+    def test_answer_fields_are_cleaned_as_h2_would(self) -> None:
+        """Connection-specific, TE and pseudo fields are dropped, blanks trimmed, credentials never indexed."""
+        stream = self.request()
+        fields = [
+            (b"X-Kept", b" v "),
+            (b"TE", b"gzip"),
+            (b"Connection", b"close"),
+            (b":path", b"/x"),
+            (b"Authorization", b"Basic eA=="),
+            (b"content-type", b"text/plain"),
+        ]
+        self.handler.exchanges[0].respond(200, b"OK", fields, b"x")
+        self.pump()
+        [got] = [e for e in self.events if isinstance(e, ResponseReceived)]
+        self.assertEqual(got.stream_id, stream)
+        self.assertEqual(
+            list(got.headers),
+            [
+                (b":status", b"200"),
+                (b"x-kept", b"v"),
+                (b"authorization", b"Basic eA=="),
+                (b"content-type", b"text/plain"),
+                (b"content-length", b"1"),
+            ],
+        )
+        self.assertIsInstance(got.headers[2], NeverIndexedHeaderTuple)
+
 
 def test_frame_watch_across_any_split() -> None:
     """The header-block size and the count of control frames are the same however the bytes are cut into reads."""
@@ -641,3 +671,23 @@ def test_frame_watch_across_any_split() -> None:
         watch = FrameWatch()
         largest = max(watch.feed(wire[i : i + size]) for i in range(0, len(wire), size))
         assert (largest, watch.block, watch.control) == (450, -1, 4), size
+
+
+_STATIC_NAMES = [b":status", b"content-type", b"date", b"server", b"set-cookie", b"cache-control", b"authorization"]
+_names = st.one_of(st.sampled_from(_STATIC_NAMES), st.binary(min_size=1, max_size=40))
+_values = st.one_of(st.sampled_from([b"", b"200", b"404", b"gzip, deflate", b"nginx"]), st.binary(max_size=300))
+_fields = st.tuples(_names, _values, st.booleans())
+
+
+@given(st.lists(st.lists(_fields, max_size=12), min_size=1, max_size=5), st.sampled_from([0, 100, 4096, 65536]))
+def test_response_encoder_decodes_to_what_was_sent(blocks: list, table_size: int) -> None:
+    """Whatever the fields and the client's table size, an HPACK decoder reads each block back as sent."""
+    decoder = Decoder()
+    decoder.max_allowed_table_size = table_size  # the client's SETTINGS_HEADER_TABLE_SIZE
+    encoder = ResponseEncoder(cache_size=3)  # the cache is cleared on the way, too
+    for block in blocks:
+        fields = [NeverIndexedHeaderTuple(n, v) if secret else (n, v) for n, v, secret in block]
+        got = decoder.decode(encoder.encode(fields), raw=True)
+        assert [tuple(f) for f in got] == [(n, v) for n, v, _ in block]
+        assert [isinstance(f, NeverIndexedHeaderTuple) for f in got] == [secret for _, _, secret in block]
+        assert decoder.header_table_size == 0  # nothing was ever added to the client's table

@@ -24,13 +24,14 @@ from h2.events import (
 )
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tlsproxy.compat.h2 import StreamErrorConnection
+from tlsproxy.compat.h2 import StreamErrorConnection, hpack_huffman, hpack_static_table
 from tlsproxy.deadline import Deadline
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
@@ -58,9 +59,14 @@ CONTROL_BURST = 10_000
 _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"content-length"}
 )
+# Never to be sent in an answer either: TE is a request field (RFC 9113 8.2.2).
+_NOT_IN_RESPONSE = _CONNECTION_SPECIFIC | {b"te"}
+# Kept out of any compression context (RFC 7541 7.1.3), as h2 itself would.
+_SENSITIVE = frozenset({b"authorization", b"proxy-authorization"})
 _REQUEST_PSEUDO = frozenset({b":method", b":path", b":scheme", b":authority"})
 _FORBIDDEN_IN_REQUEST = _CONNECTION_SPECIFIC - {b"content-length"}
 _WHITESPACE = (0x09, 0x20)
+_BLANK = (b" ", b"\t")
 
 
 _DATA, _HEADERS, _PRIORITY, _SETTINGS, _PUSH_PROMISE, _PING, _CONTINUATION = 0x0, 0x1, 0x2, 0x4, 0x5, 0x6, 0x9
@@ -133,6 +139,89 @@ class FrameWatch:
         self._skip = pos - n if pos > n else 0
         self.block = block
         return largest
+
+
+_STATIC = hpack_static_table()
+_STATIC_FIELD: dict[tuple[bytes, bytes], int] = {}
+_STATIC_NAME: dict[bytes, int] = {}
+for _i, _field in enumerate(_STATIC, 1):
+    _STATIC_FIELD.setdefault(_field, _i)
+    _STATIC_NAME.setdefault(_field[0], _i)
+_huffman = hpack_huffman()
+
+
+def _hpack_integer(value: int, prefix: int, first: int) -> bytes:
+    """An HPACK integer (RFC 7541 5.1) in a ``prefix``-bit prefix, its first byte ORed into ``first``."""
+    limit = (1 << prefix) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_string(data: bytes) -> bytes:
+    """An HPACK string literal (RFC 7541 5.2), Huffman-coded when that is shorter."""
+    coded = _huffman(data)
+    if len(coded) < len(data):
+        return _hpack_integer(len(coded), 7, 0x80) + coded
+    return _hpack_integer(len(data), 7, 0) + data
+
+
+def _hpack_field(name: bytes, value: bytes, sensitive: bool) -> bytes:
+    """One field: a static-table index, or a literal that is never added to a table."""
+    if not sensitive:
+        index = _STATIC_FIELD.get((name, value))
+        if index is not None:
+            return _hpack_integer(index, 7, 0x80)
+    first = 0x10 if sensitive else 0x00  # never indexed, or without indexing (RFC 7541 6.2.3, 6.2.2)
+    index = _STATIC_NAME.get(name)
+    if index is not None:
+        return _hpack_integer(index, 4, first) + _hpack_string(value)
+    return bytes((first,)) + _hpack_string(name) + _hpack_string(value)
+
+
+class ResponseEncoder:
+    """HPACK for our answers without a dynamic table, as nginx does it.
+
+    h2's encoder runs the full dynamic-table logic in Python for every field
+    of every answer, a sixth of the cost of an HTTP/2 request.  Without a
+    dynamic table a field's encoding never changes, so it is cached.  The
+    first block sets the client's table for our answers to size 0 (RFC 7541
+    6.3), which is within any SETTINGS_HEADER_TABLE_SIZE it sends, now or
+    later.  The client's own table for its requests is a separate one, which
+    h2's decoder keeps.
+    """
+
+    __slots__ = ("_cache", "_cache_size", "_started", "header_table_size")
+
+    def __init__(self, cache_size: int = 1024) -> None:
+        self._cache_size = cache_size
+        self.header_table_size = 4096  # h2 stores the client's setting here: we use none of it
+        self._started = False
+        self._cache: dict[tuple[bytes, bytes], bytes] = {}
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        cache = self._cache
+        parts = []
+        if not self._started:
+            self._started = True
+            parts.append(b"\x20")  # dynamic table size update: 0
+        for field in headers:
+            if type(field) is tuple:
+                code = cache.get(field)
+                if code is None:
+                    if len(cache) >= self._cache_size:
+                        cache.clear()
+                    code = cache[field] = _hpack_field(field[0], field[1], False)
+            else:
+                code = _hpack_field(field[0], field[1], isinstance(field, NeverIndexedHeaderTuple))
+            parts.append(code)
+        return b"".join(parts)
 
 
 class MalformedRequest(Exception):
@@ -374,9 +463,16 @@ class H2Exchange:
         fields: Headers = [(b":status", b"%d" % status)]
         if isinstance(headers, bytes):
             headers = split_fields(headers)
+        # h2's outbound normalisation and checks are off (see H2ServerProtocol): this is all of them.
         for name, value in headers:
             name = name.lower()
-            if name not in _CONNECTION_SPECIFIC:
+            if name in _NOT_IN_RESPONSE or name[:1] == b":":
+                continue
+            if value[:1] in _BLANK or value[-1:] in _BLANK:
+                value = value.strip(b" \t")
+            if name in _SENSITIVE:
+                fields.append(NeverIndexedHeaderTuple(name, value))
+            else:
                 fields.append((name, value))
         if content_length is not None and status not in (204, 304):
             fields.append((b"content-length", b"%d" % content_length))
@@ -491,10 +587,20 @@ class H2ServerProtocol(Protocol):
         self.transport_paused = False
         self.streams: dict[int, H2Exchange] = {}
         # h2's own header checks are off: parse_request does them, the same
-        # whatever h2's version, and refuses one stream rather than the connection.
+        # whatever h2's version, and refuses one stream rather than the
+        # connection.  Outbound, start_response does what h2 would (lower-case
+        # names, no connection-specific fields, no pseudo-fields from the app,
+        # no surrounding blanks, credentials never indexed), once.
         self.conn = _Connection(
-            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False)
+            H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                validate_inbound_headers=False,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
+        self.conn.encoder = ResponseEncoder()  # type: ignore[assignment]
         self.conn.reset_here = []
         self._timer: Any = None
         self._closed = False
