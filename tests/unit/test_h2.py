@@ -10,14 +10,18 @@ from h2.events import ResponseReceived
 from h2.settings import SettingCodes
 from hpack import Decoder, NeverIndexedHeaderTuple
 from hyperframe.frame import Frame
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.http import pages
+from tlsproxy.http.exchange import Headers, RequestHead
 from tlsproxy.http.h2 import (
+    _FORBIDDEN_IN_REQUEST,
+    _REQUEST_PSEUDO,
+    _WHITESPACE,
     CONNECTION_WINDOW,
     CONTROL_BURST,
     MAX_STREAMS,
@@ -25,9 +29,12 @@ from tlsproxy.http.h2 import (
     RESET_WINDOW,
     STREAM_WINDOW,
     H2ServerProtocol,
+    MalformedRequest,
     ResponseEncoder,
+    parse_request,
 )
-from tlsproxy.http.server import Limits
+from tlsproxy.http.server import Limits, valid_host
+from tlsproxy.http.wire import RequestError, valid_field
 
 
 def frames(data: bytes) -> list[Any]:
@@ -691,3 +698,138 @@ def test_response_encoder_decodes_to_what_was_sent(blocks: list, table_size: int
         assert [tuple(f) for f in got] == [(n, v) for n, v, _ in block]
         assert [isinstance(f, NeverIndexedHeaderTuple) for f in got] == [secret for _, _, secret in block]
         assert decoder.header_table_size == 0  # nothing was ever added to the client's table
+
+
+def reference_parse_request(fields: Headers, ended: bool, limits: Limits) -> RequestHead:
+    """parse_request as it was: one field at a time (the specification the fast one is held to)."""
+    pseudo: dict[bytes, bytes] = {}
+    headers: Headers = []
+    hosts: list[bytes] = []
+    content_length: int | None = None
+    size = 0
+    longest = 0
+    for name, value in fields:
+        field_size = len(name) + len(value)
+        size += field_size + 32  # as SETTINGS_MAX_HEADER_LIST_SIZE counts (RFC 9113 6.5.2)
+        if field_size > longest:
+            longest = field_size
+        if name[:1] == b":":
+            if headers or name not in _REQUEST_PSEUDO or name in pseudo:
+                raise MalformedRequest("misplaced, unknown or repeated pseudo-header")
+            if not valid_field(b"p", value):
+                raise MalformedRequest("control bytes in a pseudo-header")
+            pseudo[name] = value
+            continue
+        if not valid_field(name, value) or name != name.lower():
+            raise MalformedRequest("malformed field name or value")
+        if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE):
+            raise MalformedRequest("whitespace around a field value")
+        if name in _FORBIDDEN_IN_REQUEST:
+            raise MalformedRequest("connection-specific field")
+        if name == b"te" and value.lower() != b"trailers":
+            raise MalformedRequest("TE other than trailers")
+        if name == b"content-length":
+            if content_length is not None:
+                raise MalformedRequest("more than one content-length")
+            if not value.isdigit() or len(value) > 18:
+                raise MalformedRequest("malformed content-length")
+            content_length = int(value)
+        elif name == b"host":
+            hosts.append(value)
+        headers.append((name, value))
+    method = pseudo.get(b":method", b"")
+    if method == b"CONNECT":
+        raise RequestError(405, "CONNECT is not supported: this is a reverse proxy")
+    path = pseudo.get(b":path", b"")
+    scheme = pseudo.get(b":scheme")
+    if not method or not path or scheme is None:
+        raise MalformedRequest("missing :method, :path or :scheme")
+    if not valid_field(method, b""):
+        raise MalformedRequest("malformed :method")
+    if b" " in path or b"#" in path or b"\t" in path:
+        raise MalformedRequest("space or # in :path")
+    if ended and content_length:
+        raise MalformedRequest("content-length without a body")
+    if size > limits.max_header_size or longest + 2 > limits.max_header_line:
+        raise RequestError(431, "header fields too large")
+    if len(headers) > limits.max_header_count:
+        raise RequestError(431, "too many header fields")
+    if scheme not in (b"https", b"http"):
+        raise RequestError(400, "unknown :scheme")
+    if not (path[:1] == b"/" or (path == b"*" and method == b"OPTIONS")):
+        raise RequestError(400, "malformed :path")
+    if len(path) > limits.max_request_line:
+        raise RequestError(414, ":path too long")
+    authority = pseudo.get(b":authority", b"")
+    if authority:
+        if any(h.lower() != authority.lower() for h in hosts):
+            raise RequestError(400, "host differs from :authority")
+        host = authority
+        headers = [(n, v) for n, v in headers if n != b"host"]
+    elif len(hosts) == 1:
+        host = hosts[0]
+        headers = [(n, v) for n, v in headers if n != b"host"]
+    else:
+        raise RequestError(400, "no host, or more than one")
+    if not valid_host(host):
+        raise RequestError(400, "malformed host")
+    return RequestHead(
+        method=method,
+        target=path,
+        version=b"2",
+        host=host.lower(),
+        headers=[(b"host", host), *headers],
+        content_length=None if ended else content_length,
+        chunked=not ended and content_length is None,
+    )
+
+
+_valid_names = st.sampled_from([b"x-a", b"accept", b"host", b"te", b"content-length"])
+_bad_names = st.sampled_from([b"connection", b"X-A", b"a:b", b"a\nb", b"", b"a b", b"a\x00"])
+_name_bytes = st.one_of(_valid_names, _valid_names, _bad_names)
+_odd_values = [b"", b"1", b"trailers", b"app.test", b" 1", b"1\t", b"a\tb", b"1\nx: 2", b"+0", b"5", b"a\rb"]
+_value_bytes = st.one_of(st.sampled_from(_odd_values), st.sampled_from(_odd_values), st.binary(max_size=8))
+_pseudo = st.sampled_from(
+    [
+        (b":method", b"GET"),
+        (b":path", b"/x"),
+        (b":scheme", b"https"),
+        (b":authority", b"app.test"),
+        (b":path", b"/y\n"),
+        (b":method", b"G:T"),
+        (b":method", b"G T"),
+        (b":method", b""),
+        (b":path", b"/a#b"),
+        (b":path", b"/a\tb"),
+        (b":path", b"/a b"),
+        (b":path", b"/\x7f"),
+    ]
+)
+
+
+def _outcome(parse: Any, fields: list, ended: bool, limits: Limits) -> Any:
+    try:
+        return parse(fields, ended, limits)
+    except MalformedRequest:
+        return "reset"
+    except RequestError as e:
+        return e.status
+
+
+_BASE = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+
+
+@given(
+    st.one_of(st.permutations(_BASE), st.lists(_pseudo, max_size=5)),
+    st.lists(st.tuples(_name_bytes, _value_bytes), max_size=6),
+    st.lists(_pseudo, max_size=1),
+    st.booleans(),
+    st.sampled_from([Limits(), Limits(max_header_size=150, max_header_line=40, max_header_count=3)]),
+)
+@settings(max_examples=400)
+def test_parse_request_agrees_with_the_field_by_field_version(
+    first: list, fields: list, late: list, ended: bool, limits: Limits
+) -> None:
+    """The one-match field check refuses, answers and passes exactly what the field-by-field one did."""
+    request = [*first, *fields, *late]
+    assert _outcome(parse_request, request, ended, limits) == _outcome(reference_parse_request, request, ended, limits)
