@@ -349,15 +349,15 @@ def parse_request(fields: Headers, ended: bool, limits: Limits) -> RequestHead:
         raise RequestError(414, ":path too long")
     authority = pseudo.get(b":authority", b"")
     if authority:
-        if any(h.lower() != authority.lower() for h in hosts):
+        if hosts and any(h.lower() != authority.lower() for h in hosts):
             raise RequestError(400, "host differs from :authority")
         host = authority
-        headers = [(n, v) for n, v in headers if n != b"host"]
     elif len(hosts) == 1:
         host = hosts[0]
-        headers = [(n, v) for n, v in headers if n != b"host"]
     else:
         raise RequestError(400, "no host, or more than one")
+    if hosts:  # the one host field is put first below
+        headers = [field for field in headers if field[0] != b"host"]
     if not valid_host(host):
         raise RequestError(400, "malformed host")
     return RequestHead(
