@@ -237,7 +237,8 @@ _H2_VALUES = re.compile(rb"(?:" + _H2_VALUE + rb"\n)*" + _H2_VALUE)
 # valid_field's grammar for a pseudo-field's value and for :method, and
 # what :path must not hold.  Matches, not ``b" " in path``: CPython 3.11
 # tries a bytes operand of ``in`` as an integer first, and formats (then
-# drops) a TypeError each time, about 2k instructions.
+# drops) a TypeError each time: over a thousand instructions more than a
+# search (measured with callgrind).
 _H2_PSEUDO_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
 _H2_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _NOT_IN_PATH = re.compile(rb"[ #\t]")
