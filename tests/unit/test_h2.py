@@ -16,6 +16,7 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from tlsproxy.eventloop import as_one_batch
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Headers, RequestHead
 from tlsproxy.http.h2 import (
@@ -604,6 +605,21 @@ class H2Tests(SynchronousTestCase):
         self.assertEqual(len(writes), 1)
         ended = [f.stream_id for f in frames(writes[0]) if "END_STREAM" in f.flags]
         self.assertEqual(ended, streams)
+
+    def test_answers_from_one_poll_share_one_write(self) -> None:
+        """Answers given while one poll's events are handled (one per app connection) leave in one write after it."""
+        first, second = self.request(), self.request()
+        writes: list[bytes] = []
+        self.transport.write = writes.append  # type: ignore[method-assign]
+
+        def answer_both() -> None:
+            for exchange in self.handler.exchanges:
+                exchange.respond(200, b"OK", [], b"hi")
+            self.assertEqual(writes, [])
+
+        as_one_batch(answer_both)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual([f.stream_id for f in frames(writes[0]) if "END_STREAM" in f.flags], [first, second])
 
     def test_answer_larger_than_the_window_ends_once_the_window_opens(self) -> None:
         """A whole answer bigger than the stream window waits for WINDOW_UPDATE and ends on its last DATA frame."""

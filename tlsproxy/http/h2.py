@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 
 from tlsproxy.compat.h2 import StreamErrorConnection, hpack_huffman, hpack_static_table
 from tlsproxy.deadline import Deadline
+from tlsproxy.eventloop import at_batch_end
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
 from tlsproxy.http.server import Limits, client_address_of, valid_host
@@ -664,6 +665,7 @@ class H2ServerProtocol(Protocol):
         self._frames = FrameWatch()
         # While above zero, frames wait in h2's buffer for one TLS write (see hold).
         self._held = 0
+        self._flush_queued = False  # a _batch_flush is queued for the end of this poll
         self._control_base = 0  # the count of control frames when this window began
         self._max_block = 2 * limits.max_header_size
         self._served = 0
@@ -729,7 +731,23 @@ class H2ServerProtocol(Protocol):
     def release(self) -> None:
         self._held -= 1
         if not self._held:
-            self._flush()
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Write what h2 holds once this poll's events are handled (at once outside a poll).
+
+        With many streams, the app's answers to one client arrive together:
+        each is written in the same TLS write, not one write apiece.
+        """
+        if not self._flush_queued:
+            if at_batch_end(self._batch_flush):
+                self._flush_queued = True
+            else:
+                self._flush()
+
+    def _batch_flush(self) -> None:
+        self._flush_queued = False
+        self._flush()
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -858,7 +876,7 @@ class H2ServerProtocol(Protocol):
         except (StreamClosedError, ProtocolError):
             return
         if not self._held:
-            self._flush()
+            self._flush_soon()
 
     def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
         try:
@@ -866,7 +884,7 @@ class H2ServerProtocol(Protocol):
         except (StreamClosedError, ProtocolError, FlowControlError):
             return
         if not self._held:
-            self._flush()
+            self._flush_soon()
 
     def end_stream(self, stream_id: int) -> None:
         try:
@@ -874,7 +892,7 @@ class H2ServerProtocol(Protocol):
         except (StreamClosedError, ProtocolError):
             return
         if not self._held:
-            self._flush()
+            self._flush_soon()
 
     def reset_stream(self, stream_id: int, code: ErrorCodes) -> None:
         try:
@@ -882,7 +900,7 @@ class H2ServerProtocol(Protocol):
         except (StreamClosedError, ProtocolError):
             return
         if not self._held:
-            self._flush()
+            self._flush_soon()
 
     def acknowledge(self, stream_id: int, length: int) -> None:
         try:
@@ -890,7 +908,7 @@ class H2ServerProtocol(Protocol):
         except (StreamClosedError, ProtocolError):
             return
         if not self._held:
-            self._flush()
+            self._flush_soon()
 
     def drain(self) -> None:
         """Shutting down: GOAWAY, let open streams finish, then close.
@@ -1011,7 +1029,7 @@ class H2ServerProtocol(Protocol):
             except (StreamClosedError, ProtocolError):
                 pass
         if not self._held:
-            self._flush()
+            self._flush_soon()
         self._idle()
         self._close_if_drained()
 
