@@ -1,13 +1,15 @@
 """Instructions per proxied request and per new connection, counted by callgrind.
 
-    python bench/instructions.py [--only tlsproxy|nginx] [--requests N] [--connections N]
+    python bench/instructions.py [--only tlsproxy|nginx] [--requests N] [--connections N] [--h2]
 
 Timings on a shared VM swing by a fifth between runs; instruction counts do not, so a change to
 the hot path can be judged by them. Each proxy runs under `valgrind --tool=callgrind` with
 instrumentation off; it is switched on only while the load runs:
 
 - keep-alive: `h2load --h1 -n N -c 8` (8 connections, N requests, 8 handshakes included);
-- new connections: `h2load --h1 -n N -c N` (each a full handshake, one request, a close).
+- new connections: `h2load --h1 -n N -c N` (each a full handshake, one request, a close);
+- with --h2, HTTP/2 instead: `h2load -n N -c 10 -m 1` and `-m 10` (10 connections, 1 or 10
+  concurrent streams each, 10 handshakes included).
 
 User-space instructions only: the kernel's work and cache misses are not in these numbers (see
 bench/README.md). Needs valgrind, h2load, nginx and the project's virtualenv, like run.py.
@@ -78,6 +80,7 @@ def main() -> int:
     ap.add_argument("--only", choices=["tlsproxy", "nginx"], action="append")
     ap.add_argument("--requests", type=int, default=3000, help="keep-alive requests (default 3000)")
     ap.add_argument("--connections", type=int, default=200, help="new connections (default 200)")
+    ap.add_argument("--h2", action="store_true", help="HTTP/2 requests, 1 and 10 streams per connection")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_annotate", "callgrind_control", "h2load", bench.NGINX):
         if not bench.shutil.which(tool):
@@ -94,10 +97,18 @@ def main() -> int:
         conf = bench.backend_conf(tmp / "backend", port, big)
         backend = bench.start_nginx("backend", tmp / "backend", conf, port, bench.LOAD_CPU, tmp / "logs")
         try:
-            print("| proxy | instructions per keep-alive request | per new connection (handshake + 1 request) |")
+            if args.h2:
+                print("| proxy | instructions per h2 request, 10 conns x 1 stream | 10 conns x 10 streams |")
+            else:
+                print("| proxy | instructions per keep-alive request | per new connection (handshake + 1 request) |")
             print("|---|---:|---:|")
             for name in names:
                 r, c = args.requests, args.connections
+                if args.h2:
+                    one = count(name, tmp, port, cert, str(key), ["h2load", "-n", str(r), "-c", "10", "-m", "1"], r)
+                    ten = count(name, tmp, port, cert, str(key), ["h2load", "-n", str(r), "-c", "10", "-m", "10"], r)
+                    print(f"| {name} | {one:,.0f} | {ten:,.0f} |", flush=True)
+                    continue
                 keep_alive = count(name, tmp, port, cert, str(key), ["h2load", "--h1", "-n", str(r), "-c", "8"], r)
                 fresh = count(name, tmp, port, cert, str(key), ["h2load", "--h1", "-n", str(c), "-c", str(c)], c)
                 print(f"| {name} | {keep_alive:,.0f} | {fresh:,.0f} |", flush=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import gc
+from collections.abc import Callable
 from select import EPOLLIN
 from typing import Any
 
@@ -65,6 +66,48 @@ def send_now(transport: Any, data: bytes) -> None:
     transport.write(data)
 
 
+# Actions queued by at_batch_end, run once the events of one poll are handled.
+_batch_end: list[Callable[[], None]] = []
+_in_batch = False
+
+
+def at_batch_end(action: Callable[[], None]) -> bool:
+    """Run ``action`` once the events of the current poll are all handled; False outside a poll.
+
+    So that a protocol writing once per event (an HTTP/2 connection, for each
+    app connection that answered in this poll) can write once per poll.
+    Outside the streamlined poll (timers, other reactors, tests) nothing is
+    queued, and the caller does the work at once.
+    """
+    if not _in_batch:
+        return False
+    _batch_end.append(action)
+    return True
+
+
+def as_one_batch(handle: Callable[..., None], *args: Any) -> None:
+    """``handle(*args)`` as one batch of events: what it queues with at_batch_end runs after it."""
+    global _in_batch
+    _in_batch = True
+    try:
+        handle(*args)
+    finally:
+        _in_batch = False
+        if _batch_end:
+            _run_batch_end()
+
+
+def _run_batch_end() -> None:
+    while _batch_end:
+        actions = _batch_end[:]
+        _batch_end.clear()
+        for action in actions:
+            try:
+                action()
+            except Exception:
+                _log.failure("error at the end of a batch of events")
+
+
 def _direct_poll(reactor: EPollReactor) -> Any:
     """The reactor's poll step, dispatching each event directly (see the module docstring)."""
     poller, selectables, dispatch, disconnect = reactor_poll_state(reactor)
@@ -78,6 +121,9 @@ def _direct_poll(reactor: EPollReactor) -> Any:
             if err.errno == errno.EINTR:
                 return
             raise
+        as_one_batch(handle, events)
+
+    def handle(events: list[tuple[int, int]]) -> None:
         for fd, event in events:
             selectable = selectables.get(fd)
             if selectable is None:

@@ -309,6 +309,15 @@ class H2CanaryTests(SynchronousTestCase):
         server.receive_data(frame.serialize())
         self.assertEqual(seen, [1])
 
+    def test_hpack_tables(self) -> None:
+        """hpack's static table and Huffman coder are RFC 7541's (Appendix A; the example in C.4.1)."""
+        table = compat_h2.hpack_static_table()
+        self.assertEqual(
+            (len(table), table[0], table[7], table[60]),
+            (61, (b":authority", b""), (b":status", b"200"), (b"www-authenticate", b"")),
+        )
+        self.assertEqual(compat_h2.hpack_huffman()(b"www.example.com").hex(), "f1e3c2e5f23a6ba0ab90f4ff")
+
 
 class AcmeCanaryTests(SynchronousTestCase):
     """acme: see tlsproxy/compat/acme.py if these fail."""

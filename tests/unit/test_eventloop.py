@@ -10,7 +10,7 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.tcp import Connection
 from twisted.trial.unittest import SynchronousTestCase
 
-from tlsproxy.eventloop import COLLECTOR_THRESHOLDS, streamline, tune_collector
+from tlsproxy.eventloop import COLLECTOR_THRESHOLDS, at_batch_end, streamline, tune_collector
 
 
 class Collect(Protocol):
@@ -42,6 +42,40 @@ class StreamlineTests(SynchronousTestCase):
         theirs.close()
         reactor.doIteration(1)
         self.assertTrue(protocol.lost)
+        reactor.removeAll()
+
+    def test_batch_end_actions_run_after_all_events_of_a_poll(self) -> None:
+        """What protocols queue with at_batch_end runs once every event of the poll is handled, failures apart."""
+        reactor = EPollReactor()
+        streamline(reactor)
+        seen: list[str] = []
+
+        class Queueing(Protocol):
+            def __init__(self, name: str) -> None:
+                self.name = name
+
+            def dataReceived(self, data: bytes) -> None:
+                seen.append(self.name)
+                at_batch_end(lambda: 1 / 0)  # logged, and the others still run
+                at_batch_end(lambda: seen.append("end " + self.name))
+
+        peers = []
+        for name in ("a", "b"):
+            ours, theirs = socket.socketpair()
+            ours.setblocking(False)
+            protocol = Queueing(name)
+            transport = Connection(ours, protocol, reactor)
+            protocol.makeConnection(transport)
+            transport.startReading()
+            theirs.sendall(b"x")
+            peers.append(theirs)
+        reactor.doIteration(1)
+        self.assertEqual(sorted(seen[:2]), ["a", "b"])
+        self.assertEqual(sorted(seen[2:]), ["end a", "end b"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 2)
+        self.assertFalse(at_batch_end(lambda: None))  # outside a poll: nothing queued
+        for peer in peers:
+            peer.close()
         reactor.removeAll()
 
     def test_other_reactors_untouched(self) -> None:

@@ -7,13 +7,22 @@ from typing import Any
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ResponseReceived
+from h2.settings import SettingCodes
+from hpack import Decoder, NeverIndexedHeaderTuple
 from hyperframe.frame import Frame
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
+from tlsproxy.eventloop import as_one_batch
 from tlsproxy.http import pages
+from tlsproxy.http.exchange import Headers, RequestHead
 from tlsproxy.http.h2 import (
+    _FORBIDDEN_IN_REQUEST,
+    _REQUEST_PSEUDO,
+    _WHITESPACE,
     CONNECTION_WINDOW,
     CONTROL_BURST,
     MAX_STREAMS,
@@ -21,8 +30,12 @@ from tlsproxy.http.h2 import (
     RESET_WINDOW,
     STREAM_WINDOW,
     H2ServerProtocol,
+    MalformedRequest,
+    ResponseEncoder,
+    parse_request,
 )
-from tlsproxy.http.server import Limits
+from tlsproxy.http.server import Limits, valid_host
+from tlsproxy.http.wire import RequestError, valid_field
 
 
 def frames(data: bytes) -> list[Any]:
@@ -471,7 +484,6 @@ class H2Tests(SynchronousTestCase):
 
     def test_window_that_stays_shut_frees_the_app(self) -> None:
         """An answer stuck behind a client window of 0 for an idle timeout resets the stream and lets the app go."""
-        from h2.settings import SettingCodes
 
         gone: list[bool] = []
 
@@ -559,6 +571,106 @@ class H2Tests(SynchronousTestCase):
         self.assertLessEqual(held, CONNECTION_WINDOW)
         self.assertEqual(self.client.outbound_flow_control_window, 0)  # the client was told to wait
 
+    def test_whole_answer_is_one_write_with_end_stream_on_its_data(self) -> None:
+        """HEADERS and the DATA frame carrying END_STREAM go out in one write, with no empty DATA frame after."""
+        stream = self.request()
+        writes: list[bytes] = []
+        self.transport.write = writes.append  # type: ignore[method-assign]
+        self.handler.exchanges[0].respond(200, b"OK", [(b"content-type", b"text/plain")], b"x" * 100)
+        self.assertEqual(len(writes), 1)
+        sent = frames(writes[0])
+        self.assertEqual([type(f).__name__ for f in sent], ["HeadersFrame", "DataFrame"])
+        self.assertEqual((sent[1].stream_id, sent[1].data, "END_STREAM" in sent[1].flags), (stream, b"x" * 100, True))
+
+    def test_answers_given_during_one_read_share_one_write(self) -> None:
+        """Ten requests in one read, each answered at once by the handler, cost one write."""
+
+        class Answering:
+            def handle(self, exchange: Any) -> None:
+                exchange.respond(200, b"OK", [], b"hi")
+
+        self.server.handler = Answering()
+        streams = []
+        for _ in range(10):
+            stream = self.client.get_next_available_stream_id()
+            self.client.send_headers(
+                stream,
+                [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https"), (b":authority", b"app.test")],
+                end_stream=True,
+            )
+            streams.append(stream)
+        writes: list[bytes] = []
+        self.transport.write = writes.append  # type: ignore[method-assign]
+        self.server.dataReceived(self.client.data_to_send())
+        self.assertEqual(len(writes), 1)
+        ended = [f.stream_id for f in frames(writes[0]) if "END_STREAM" in f.flags]
+        self.assertEqual(ended, streams)
+
+    def test_answers_from_one_poll_share_one_write(self) -> None:
+        """Answers given while one poll's events are handled (one per app connection) leave in one write after it."""
+        first, second = self.request(), self.request()
+        writes: list[bytes] = []
+        self.transport.write = writes.append  # type: ignore[method-assign]
+
+        def answer_both() -> None:
+            for exchange in self.handler.exchanges:
+                exchange.respond(200, b"OK", [], b"hi")
+            self.assertEqual(writes, [])
+
+        as_one_batch(answer_both)
+        self.assertEqual(len(writes), 1)
+        self.assertEqual([f.stream_id for f in frames(writes[0]) if "END_STREAM" in f.flags], [first, second])
+
+    def test_answer_larger_than_the_window_ends_once_the_window_opens(self) -> None:
+        """A whole answer bigger than the stream window waits for WINDOW_UPDATE and ends on its last DATA frame."""
+        self.client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+        self.pump()
+        stream = self.request()
+        self.handler.exchanges[0].respond(200, b"OK", [], b"y" * 2500)
+        sent = frames(self.transport.value())
+        self.transport.clear()
+        self.assertEqual(sum(len(f.data) for f in sent if type(f).__name__ == "DataFrame"), 1000)
+        self.assertFalse(any("END_STREAM" in f.flags for f in sent))
+        received = b""
+        for _ in range(5):
+            self.client.increment_flow_control_window(1000, stream)
+            self.client.increment_flow_control_window(1000)
+            self.server.dataReceived(self.client.data_to_send())
+            more = frames(self.transport.value())
+            self.transport.clear()
+            received += b"".join(f.data for f in more if type(f).__name__ == "DataFrame")
+            if any("END_STREAM" in f.flags for f in more):
+                break
+        self.assertEqual(len(received), 1500)
+        self.assertTrue("END_STREAM" in more[-1].flags and more[-1].data)
+
+    def test_answer_fields_are_cleaned_as_h2_would(self) -> None:
+        """Connection-specific, TE and pseudo fields are dropped, blanks trimmed, credentials never indexed."""
+        stream = self.request()
+        fields = [
+            (b"X-Kept", b" v "),
+            (b"TE", b"gzip"),
+            (b"Connection", b"close"),
+            (b":path", b"/x"),
+            (b"Authorization", b"Basic eA=="),
+            (b"content-type", b"text/plain"),
+        ]
+        self.handler.exchanges[0].respond(200, b"OK", fields, b"x")
+        self.pump()
+        [got] = [e for e in self.events if isinstance(e, ResponseReceived)]
+        self.assertEqual(got.stream_id, stream)
+        self.assertEqual(
+            list(got.headers),
+            [
+                (b":status", b"200"),
+                (b"x-kept", b"v"),
+                (b"authorization", b"Basic eA=="),
+                (b"content-type", b"text/plain"),
+                (b"content-length", b"1"),
+            ],
+        )
+        self.assertIsInstance(got.headers[2], NeverIndexedHeaderTuple)
+
 
 def test_frame_watch_across_any_split() -> None:
     """The header-block size and the count of control frames are the same however the bytes are cut into reads."""
@@ -582,3 +694,158 @@ def test_frame_watch_across_any_split() -> None:
         watch = FrameWatch()
         largest = max(watch.feed(wire[i : i + size]) for i in range(0, len(wire), size))
         assert (largest, watch.block, watch.control) == (450, -1, 4), size
+
+
+_STATIC_NAMES = [b":status", b"content-type", b"date", b"server", b"set-cookie", b"cache-control", b"authorization"]
+_names = st.one_of(st.sampled_from(_STATIC_NAMES), st.binary(min_size=1, max_size=40))
+_values = st.one_of(st.sampled_from([b"", b"200", b"404", b"gzip, deflate", b"nginx"]), st.binary(max_size=300))
+_fields = st.tuples(_names, _values, st.booleans())
+
+
+@given(st.lists(st.lists(_fields, max_size=12), min_size=1, max_size=5), st.sampled_from([0, 100, 4096, 65536]))
+def test_response_encoder_decodes_to_what_was_sent(blocks: list, table_size: int) -> None:
+    """Whatever the fields and the client's table size, an HPACK decoder reads each block back as sent."""
+    decoder = Decoder()
+    decoder.max_allowed_table_size = table_size  # the client's SETTINGS_HEADER_TABLE_SIZE
+    encoder = ResponseEncoder(cache_size=3)  # the cache is cleared on the way, too
+    for block in blocks:
+        fields = [NeverIndexedHeaderTuple(n, v) if secret else (n, v) for n, v, secret in block]
+        got = decoder.decode(encoder.encode(fields), raw=True)
+        assert [tuple(f) for f in got] == [(n, v) for n, v, _ in block]
+        assert [isinstance(f, NeverIndexedHeaderTuple) for f in got] == [secret for _, _, secret in block]
+        assert decoder.header_table_size == 0  # nothing was ever added to the client's table
+
+
+def reference_parse_request(fields: Headers, ended: bool, limits: Limits) -> RequestHead:
+    """parse_request as it was: one field at a time (the specification the fast one is held to)."""
+    pseudo: dict[bytes, bytes] = {}
+    headers: Headers = []
+    hosts: list[bytes] = []
+    content_length: int | None = None
+    size = 0
+    longest = 0
+    for name, value in fields:
+        field_size = len(name) + len(value)
+        size += field_size + 32  # as SETTINGS_MAX_HEADER_LIST_SIZE counts (RFC 9113 6.5.2)
+        if field_size > longest:
+            longest = field_size
+        if name[:1] == b":":
+            if headers or name not in _REQUEST_PSEUDO or name in pseudo:
+                raise MalformedRequest("misplaced, unknown or repeated pseudo-header")
+            if not valid_field(b"p", value):
+                raise MalformedRequest("control bytes in a pseudo-header")
+            pseudo[name] = value
+            continue
+        if not valid_field(name, value) or name != name.lower():
+            raise MalformedRequest("malformed field name or value")
+        if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE):
+            raise MalformedRequest("whitespace around a field value")
+        if name in _FORBIDDEN_IN_REQUEST:
+            raise MalformedRequest("connection-specific field")
+        if name == b"te" and value.lower() != b"trailers":
+            raise MalformedRequest("TE other than trailers")
+        if name == b"content-length":
+            if content_length is not None:
+                raise MalformedRequest("more than one content-length")
+            if not value.isdigit() or len(value) > 18:
+                raise MalformedRequest("malformed content-length")
+            content_length = int(value)
+        elif name == b"host":
+            hosts.append(value)
+        headers.append((name, value))
+    method = pseudo.get(b":method", b"")
+    if method == b"CONNECT":
+        raise RequestError(405, "CONNECT is not supported: this is a reverse proxy")
+    path = pseudo.get(b":path", b"")
+    scheme = pseudo.get(b":scheme")
+    if not method or not path or scheme is None:
+        raise MalformedRequest("missing :method, :path or :scheme")
+    if not valid_field(method, b""):
+        raise MalformedRequest("malformed :method")
+    if b" " in path or b"#" in path or b"\t" in path:
+        raise MalformedRequest("space or # in :path")
+    if ended and content_length:
+        raise MalformedRequest("content-length without a body")
+    if size > limits.max_header_size or longest + 2 > limits.max_header_line:
+        raise RequestError(431, "header fields too large")
+    if len(headers) > limits.max_header_count:
+        raise RequestError(431, "too many header fields")
+    if scheme not in (b"https", b"http"):
+        raise RequestError(400, "unknown :scheme")
+    if not (path[:1] == b"/" or (path == b"*" and method == b"OPTIONS")):
+        raise RequestError(400, "malformed :path")
+    if len(path) > limits.max_request_line:
+        raise RequestError(414, ":path too long")
+    authority = pseudo.get(b":authority", b"")
+    if authority:
+        if any(h.lower() != authority.lower() for h in hosts):
+            raise RequestError(400, "host differs from :authority")
+        host = authority
+        headers = [(n, v) for n, v in headers if n != b"host"]
+    elif len(hosts) == 1:
+        host = hosts[0]
+        headers = [(n, v) for n, v in headers if n != b"host"]
+    else:
+        raise RequestError(400, "no host, or more than one")
+    if not valid_host(host):
+        raise RequestError(400, "malformed host")
+    return RequestHead(
+        method=method,
+        target=path,
+        version=b"2",
+        host=host.lower(),
+        headers=[(b"host", host), *headers],
+        content_length=None if ended else content_length,
+        chunked=not ended and content_length is None,
+    )
+
+
+_valid_names = st.sampled_from([b"x-a", b"accept", b"host", b"te", b"content-length"])
+_bad_names = st.sampled_from([b"connection", b"X-A", b"a:b", b"a\nb", b"", b"a b", b"a\x00"])
+_name_bytes = st.one_of(_valid_names, _valid_names, _bad_names)
+_odd_values = [b"", b"1", b"trailers", b"app.test", b" 1", b"1\t", b"a\tb", b"1\nx: 2", b"+0", b"5", b"a\rb"]
+_value_bytes = st.one_of(st.sampled_from(_odd_values), st.sampled_from(_odd_values), st.binary(max_size=8))
+_pseudo = st.sampled_from(
+    [
+        (b":method", b"GET"),
+        (b":path", b"/x"),
+        (b":scheme", b"https"),
+        (b":authority", b"app.test"),
+        (b":path", b"/y\n"),
+        (b":method", b"G:T"),
+        (b":method", b"G T"),
+        (b":method", b""),
+        (b":path", b"/a#b"),
+        (b":path", b"/a\tb"),
+        (b":path", b"/a b"),
+        (b":path", b"/\x7f"),
+    ]
+)
+
+
+def _outcome(parse: Any, fields: list, ended: bool, limits: Limits) -> Any:
+    try:
+        return parse(fields, ended, limits)
+    except MalformedRequest:
+        return "reset"
+    except RequestError as e:
+        return e.status
+
+
+_BASE = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+
+
+@given(
+    st.one_of(st.permutations(_BASE), st.lists(_pseudo, max_size=5)),
+    st.lists(st.tuples(_name_bytes, _value_bytes), max_size=6),
+    st.lists(_pseudo, max_size=1),
+    st.booleans(),
+    st.sampled_from([Limits(), Limits(max_header_size=150, max_header_line=40, max_header_count=3)]),
+)
+@settings(max_examples=400)
+def test_parse_request_agrees_with_the_field_by_field_version(
+    first: list, fields: list, late: list, ended: bool, limits: Limits
+) -> None:
+    """The one-match field check refuses, answers and passes exactly what the field-by-field one did."""
+    request = [*first, *fields, *late]
+    assert _outcome(parse_request, request, ended, limits) == _outcome(reference_parse_request, request, ended, limits)

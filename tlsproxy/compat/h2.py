@@ -1,4 +1,4 @@
-"""h2's private parts: the per-frame handler for DATA.
+"""h2's private parts: the per-frame handler for DATA, and hpack's tables.
 
 Tested with h2 4.1 to 4.4.  h2 raises a body-length error from inside its
 frame loop, where every ProtocolError ends the connection; RFC 9113 (8.1.1)
@@ -8,6 +8,7 @@ the DATA frame's handler.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from h2.connection import H2Connection
@@ -30,3 +31,18 @@ class StreamErrorConnection(H2Connection):
 
     def body_length_error(self, frame: Any) -> tuple[list[Any], list[Any]]:
         raise NotImplementedError
+
+
+def hpack_static_table() -> tuple[tuple[bytes, bytes], ...]:
+    """HPACK's static table (RFC 7541 Appendix A), entry 1 first, as hpack keeps it."""
+    from hpack.table import HeaderTable
+
+    return tuple(HeaderTable.STATIC_TABLE)
+
+
+def hpack_huffman() -> Callable[[bytes], bytes]:
+    """HPACK's Huffman coder (RFC 7541 Appendix B), as hpack's encoder uses it."""
+    from hpack.huffman import HuffmanEncoder
+    from hpack.huffman_constants import REQUEST_CODES, REQUEST_CODES_LENGTH
+
+    return HuffmanEncoder(REQUEST_CODES, REQUEST_CODES_LENGTH).encode  # type: ignore[return-value]

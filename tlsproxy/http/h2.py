@@ -9,7 +9,9 @@ client's window is spent.
 
 from __future__ import annotations
 
+import re
 from collections import deque
+from operator import add
 from typing import Any
 
 from h2.config import H2Configuration
@@ -24,14 +26,16 @@ from h2.events import (
 )
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from hpack import NeverIndexedHeaderTuple
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tlsproxy.compat.h2 import StreamErrorConnection
+from tlsproxy.compat.h2 import StreamErrorConnection, hpack_huffman, hpack_static_table
 from tlsproxy.deadline import Deadline
+from tlsproxy.eventloop import at_batch_end
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
 from tlsproxy.http.server import Limits, client_address_of, valid_host
@@ -58,9 +62,14 @@ CONTROL_BURST = 10_000
 _CONNECTION_SPECIFIC = frozenset(
     {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade", b"content-length"}
 )
+# Never to be sent in an answer either: TE is a request field (RFC 9113 8.2.2).
+_NOT_IN_RESPONSE = _CONNECTION_SPECIFIC | {b"te"}
+# Kept out of any compression context (RFC 7541 7.1.3), as h2 itself would.
+_SENSITIVE = frozenset({b"authorization", b"proxy-authorization"})
 _REQUEST_PSEUDO = frozenset({b":method", b":path", b":scheme", b":authority"})
 _FORBIDDEN_IN_REQUEST = _CONNECTION_SPECIFIC - {b"content-length"}
 _WHITESPACE = (0x09, 0x20)
+_BLANK = (b" ", b"\t")
 
 
 _DATA, _HEADERS, _PRIORITY, _SETTINGS, _PUSH_PROMISE, _PING, _CONTINUATION = 0x0, 0x1, 0x2, 0x4, 0x5, 0x6, 0x9
@@ -135,6 +144,118 @@ class FrameWatch:
         return largest
 
 
+_STATIC = hpack_static_table()
+_STATIC_FIELD: dict[tuple[bytes, bytes], int] = {}
+_STATIC_NAME: dict[bytes, int] = {}
+for _i, _field in enumerate(_STATIC, 1):
+    _STATIC_FIELD.setdefault(_field, _i)
+    _STATIC_NAME.setdefault(_field[0], _i)
+_huffman = hpack_huffman()
+
+
+def _hpack_integer(value: int, prefix: int, first: int) -> bytes:
+    """An HPACK integer (RFC 7541 5.1) in a ``prefix``-bit prefix, its first byte ORed into ``first``."""
+    limit = (1 << prefix) - 1
+    if value < limit:
+        return bytes((first | value,))
+    out = bytearray((first | limit,))
+    value -= limit
+    while value >= 128:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _hpack_string(data: bytes) -> bytes:
+    """An HPACK string literal (RFC 7541 5.2), Huffman-coded when that is shorter."""
+    coded = _huffman(data)
+    if len(coded) < len(data):
+        return _hpack_integer(len(coded), 7, 0x80) + coded
+    return _hpack_integer(len(data), 7, 0) + data
+
+
+def _hpack_field(name: bytes, value: bytes, sensitive: bool) -> bytes:
+    """One field: a static-table index, or a literal that is never added to a table."""
+    if not sensitive:
+        index = _STATIC_FIELD.get((name, value))
+        if index is not None:
+            return _hpack_integer(index, 7, 0x80)
+    first = 0x10 if sensitive else 0x00  # never indexed, or without indexing (RFC 7541 6.2.3, 6.2.2)
+    index = _STATIC_NAME.get(name)
+    if index is not None:
+        return _hpack_integer(index, 4, first) + _hpack_string(value)
+    return bytes((first,)) + _hpack_string(name) + _hpack_string(value)
+
+
+class ResponseEncoder:
+    """HPACK for our answers without a dynamic table, as nginx does it.
+
+    h2's encoder runs the full dynamic-table logic in Python for every field
+    of every answer, a sixth of the cost of an HTTP/2 request.  Without a
+    dynamic table a field's encoding never changes, so it is cached.  The
+    first block sets the client's table for our answers to size 0 (RFC 7541
+    6.3), which is within any SETTINGS_HEADER_TABLE_SIZE it sends, now or
+    later.  The client's own table for its requests is a separate one, which
+    h2's decoder keeps.
+    """
+
+    __slots__ = ("_cache", "_cache_size", "_started", "header_table_size")
+
+    def __init__(self, cache_size: int = 1024) -> None:
+        self._cache_size = cache_size
+        self.header_table_size = 4096  # h2 stores the client's setting here: we use none of it
+        self._started = False
+        self._cache: dict[tuple[bytes, bytes], bytes] = {}
+
+    def encode(self, headers: Any, huffman: bool = True) -> bytes:
+        cache = self._cache
+        parts = []
+        if not self._started:
+            self._started = True
+            parts.append(b"\x20")  # dynamic table size update: 0
+        for field in headers:
+            if type(field) is tuple:
+                code = cache.get(field)
+                if code is None:
+                    if len(cache) >= self._cache_size:
+                        cache.clear()
+                    code = cache[field] = _hpack_field(field[0], field[1], False)
+            else:
+                code = _hpack_field(field[0], field[1], isinstance(field, NeverIndexedHeaderTuple))
+            parts.append(code)
+        return b"".join(parts)
+
+
+# Request fields as parse_request takes them: a name is a lower-case token,
+# a value visible bytes, spaces and tabs with none at either end; names (and
+# values) joined by "\n".  Each class is a single-byte run that cannot hold
+# the "\n", so a match (or a failed one) costs linear time.
+_H2_NAME = rb"[!#$%&'*+\-.^_`|~0-9a-z]+"
+_H2_VALUE = rb"(?:[\x21-\x7e\x80-\xff](?:[\t\x20-\x7e\x80-\xff]*[\x21-\x7e\x80-\xff])?)?"
+_H2_NAMES = re.compile(rb"(?:" + _H2_NAME + rb"\n)*" + _H2_NAME)
+_H2_VALUES = re.compile(rb"(?:" + _H2_VALUE + rb"\n)*" + _H2_VALUE)
+# valid_field's grammar for a pseudo-field's value and for :method, and
+# what :path must not hold.  Matches, not ``b" " in path``: CPython 3.11
+# tries a bytes operand of ``in`` as an integer first, and formats (then
+# drops) a TypeError each time: over a thousand instructions more than a
+# search (measured with callgrind).
+_H2_PSEUDO_VALUE = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")
+_H2_METHOD = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_NOT_IN_PATH = re.compile(rb"[ #\t]")
+_SPECIAL_IN_REQUEST = _FORBIDDEN_IN_REQUEST | {b"te", b"content-length", b"host"}
+
+
+def _refuse_field(headers: Headers) -> None:
+    """Raise for the first field of ``headers`` that breaks the grammar, saying how."""
+    for name, value in headers:
+        if not valid_field(name, value) or name != name.lower():
+            raise MalformedRequest("malformed field name or value")
+        if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE):
+            raise MalformedRequest("whitespace around a field value")
+    raise MalformedRequest("malformed field")  # pragma: no cover - the two agree (a property test)
+
+
 class MalformedRequest(Exception):
     """A request RFC 9113 (8.1.1) calls malformed: its stream is reset with PROTOCOL_ERROR, nothing is answered."""
 
@@ -154,39 +275,57 @@ def parse_request(fields: Headers, ended: bool, limits: Limits) -> RequestHead:
     """
     pseudo: dict[bytes, bytes] = {}
     headers: Headers = []
-    hosts: list[bytes] = []
-    content_length: int | None = None
-    size = 0
-    longest = 0
-    for name, value in fields:
+    size = longest = 0
+    for field in fields:
+        name, value = field
+        if name[:1] != b":":
+            headers.append(field)
+            continue
         field_size = len(name) + len(value)
         size += field_size + 32  # as SETTINGS_MAX_HEADER_LIST_SIZE counts (RFC 9113 6.5.2)
         if field_size > longest:
             longest = field_size
-        if name[:1] == b":":
-            if headers or name not in _REQUEST_PSEUDO or name in pseudo:
-                raise MalformedRequest("misplaced, unknown or repeated pseudo-header")
-            if not valid_field(b"p", value):
-                raise MalformedRequest("control bytes in a pseudo-header")
-            pseudo[name] = value
-            continue
-        if not valid_field(name, value) or name != name.lower():
-            raise MalformedRequest("malformed field name or value")
-        if value and (value[0] in _WHITESPACE or value[-1] in _WHITESPACE):
-            raise MalformedRequest("whitespace around a field value")
-        if name in _FORBIDDEN_IN_REQUEST:
-            raise MalformedRequest("connection-specific field")
-        if name == b"te" and value.lower() != b"trailers":
-            raise MalformedRequest("TE other than trailers")
-        if name == b"content-length":
-            if content_length is not None:
-                raise MalformedRequest("more than one content-length")
-            if not value.isdigit() or len(value) > 18:
-                raise MalformedRequest("malformed content-length")
-            content_length = int(value)
-        elif name == b"host":
-            hosts.append(value)
-        headers.append((name, value))
+        if headers or name not in _REQUEST_PSEUDO or name in pseudo:
+            raise MalformedRequest("misplaced, unknown or repeated pseudo-header")
+        if _H2_PSEUDO_VALUE.fullmatch(value) is None:
+            raise MalformedRequest("control bytes in a pseudo-header")
+        pseudo[name] = value
+    hosts: list[bytes] = []
+    content_length: int | None = None
+    if headers:
+        # All names against the grammar in one match, all values in another,
+        # not one per field.  Neither class holds "\n", so a name or value
+        # with one in it shows as a "\n" too many.
+        names, values = zip(*headers, strict=True)
+        name_block = b"\n".join(names)
+        value_block = b"\n".join(values)
+        count = len(headers)
+        if (
+            _H2_NAMES.fullmatch(name_block) is None
+            or _H2_VALUES.fullmatch(value_block) is None
+            or name_block.count(b"\n") != count - 1
+            or value_block.count(b"\n") != count - 1
+        ):
+            _refuse_field(headers)
+        size += len(name_block) + len(value_block) - 2 * (count - 1) + 32 * count
+        field_size = max(map(add, map(len, names), map(len, values)))
+        if field_size > longest:
+            longest = field_size
+        for name, value in headers:
+            if name not in _SPECIAL_IN_REQUEST:
+                continue
+            if name in _FORBIDDEN_IN_REQUEST:
+                raise MalformedRequest("connection-specific field")
+            if name == b"te" and value.lower() != b"trailers":
+                raise MalformedRequest("TE other than trailers")
+            if name == b"content-length":
+                if content_length is not None:
+                    raise MalformedRequest("more than one content-length")
+                if not value.isdigit() or len(value) > 18:
+                    raise MalformedRequest("malformed content-length")
+                content_length = int(value)
+            elif name == b"host":
+                hosts.append(value)
     method = pseudo.get(b":method", b"")
     if method == b"CONNECT":
         raise RequestError(405, "CONNECT is not supported: this is a reverse proxy")
@@ -194,9 +333,9 @@ def parse_request(fields: Headers, ended: bool, limits: Limits) -> RequestHead:
     scheme = pseudo.get(b":scheme")
     if not method or not path or scheme is None:
         raise MalformedRequest("missing :method, :path or :scheme")
-    if not valid_field(method, b""):
+    if _H2_METHOD.fullmatch(method) is None:
         raise MalformedRequest("malformed :method")
-    if b" " in path or b"#" in path or b"\t" in path:
+    if _NOT_IN_PATH.search(path) is not None:
         raise MalformedRequest("space or # in :path")
     if ended and content_length:
         raise MalformedRequest("content-length without a body")
@@ -212,15 +351,15 @@ def parse_request(fields: Headers, ended: bool, limits: Limits) -> RequestHead:
         raise RequestError(414, ":path too long")
     authority = pseudo.get(b":authority", b"")
     if authority:
-        if any(h.lower() != authority.lower() for h in hosts):
+        if hosts and any(h.lower() != authority.lower() for h in hosts):
             raise RequestError(400, "host differs from :authority")
         host = authority
-        headers = [(n, v) for n, v in headers if n != b"host"]
     elif len(hosts) == 1:
         host = hosts[0]
-        headers = [(n, v) for n, v in headers if n != b"host"]
     else:
         raise RequestError(400, "no host, or more than one")
+    if hosts:  # the one host field is put first below
+        headers = [field for field in headers if field[0] != b"host"]
     if not valid_host(host):
         raise RequestError(400, "malformed host")
     return RequestHead(
@@ -374,9 +513,16 @@ class H2Exchange:
         fields: Headers = [(b":status", b"%d" % status)]
         if isinstance(headers, bytes):
             headers = split_fields(headers)
+        # h2's outbound normalisation and checks are off (see H2ServerProtocol): this is all of them.
         for name, value in headers:
             name = name.lower()
-            if name not in _CONNECTION_SPECIFIC:
+            if name in _NOT_IN_RESPONSE or name[:1] == b":":
+                continue
+            if value[:1] in _BLANK or value[-1:] in _BLANK:
+                value = value.strip(b" \t")
+            if name in _SENSITIVE:
+                fields.append(NeverIndexedHeaderTuple(name, value))
+            else:
                 fields.append((name, value))
         if content_length is not None and status not in (204, 304):
             fields.append((b"content-length", b"%d" % content_length))
@@ -387,9 +533,17 @@ class H2Exchange:
             self._proto.stream_done(self)
 
     def respond(self, status: int, reason: bytes, headers: ResponseFields, body: bytes) -> None:
-        self.start_response(status, reason, headers, len(body))
-        self.write(body)
-        self.finish()
+        """A whole answer: HEADERS and one DATA frame that ends the stream, in one write if the window allows."""
+        proto = self._proto
+        proto.hold()
+        try:
+            self.start_response(status, reason, headers, len(body))
+            if not self._finished:
+                self._end_pending = True  # the last DATA frame carries END_STREAM
+            self.write(body)
+            self.finish()
+        finally:
+            proto.release()
 
     def write(self, data: bytes) -> None:
         if self._finished or not data or self.no_body:
@@ -405,6 +559,7 @@ class H2Exchange:
 
     def _flush(self) -> None:
         proto = self._proto
+        ended = False  # END_STREAM went out on the last DATA frame
         while self._outbound:
             window = proto.window(self.stream_id)
             if window <= 0:
@@ -420,13 +575,15 @@ class H2Exchange:
             if len(chunk) > window:
                 self._outbound.appendleft(chunk[window:])
                 chunk = chunk[:window]
-            proto.send_data(self.stream_id, chunk)
+            ended = self._end_pending and not self._outbound and not self._finished
+            proto.send_data(self.stream_id, chunk, ended)
         if self._producer is not None and self._producer_paused and not proto.transport_paused:
             self._producer_paused = False
             self._producer.resumeProducing()
         if self._end_pending and not self._finished:
             self._finished = True
-            proto.end_stream(self.stream_id)
+            if not ended:
+                proto.end_stream(self.stream_id)
             proto.stream_done(self)
 
     def abort(self) -> None:
@@ -480,10 +637,20 @@ class H2ServerProtocol(Protocol):
         self.transport_paused = False
         self.streams: dict[int, H2Exchange] = {}
         # h2's own header checks are off: parse_request does them, the same
-        # whatever h2's version, and refuses one stream rather than the connection.
+        # whatever h2's version, and refuses one stream rather than the
+        # connection.  Outbound, start_response does what h2 would (lower-case
+        # names, no connection-specific fields, no pseudo-fields from the app,
+        # no surrounding blanks, credentials never indexed), once.
         self.conn = _Connection(
-            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False)
+            H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                validate_inbound_headers=False,
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
         )
+        self.conn.encoder = ResponseEncoder()  # type: ignore[assignment]
         self.conn.reset_here = []
         self._timer: Any = None
         self._closed = False
@@ -496,6 +663,9 @@ class H2ServerProtocol(Protocol):
         self._streams_timer = Deadline(clock)  # for the earliest thing due on any stream
         self._streams_due_at: float | None = None
         self._frames = FrameWatch()
+        # While above zero, frames wait in h2's buffer for one TLS write (see hold).
+        self._held = 0
+        self._flush_queued = False  # a _batch_flush is queued for the end of this poll
         self._control_base = 0  # the count of control frames when this window began
         self._max_block = 2 * limits.max_header_size
         self._served = 0
@@ -549,9 +719,46 @@ class H2ServerProtocol(Protocol):
 
     # -- inbound ---------------------------------------------------------------
 
+    def hold(self) -> None:
+        """Keep frames in h2's buffer until the matching :meth:`release`, to write them as one.
+
+        Each TLS write is a record and a send(): three per answer (HEADERS,
+        DATA, END_STREAM) cost more than the HTTP/2 work for it.  What is
+        held is bounded by what one read or one answer produces.
+        """
+        self._held += 1
+
+    def release(self) -> None:
+        self._held -= 1
+        if not self._held:
+            self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Write what h2 holds once this poll's events are handled (at once outside a poll).
+
+        With many streams, the app's answers to one client arrive together:
+        each is written in the same TLS write, not one write apiece.
+        """
+        if not self._flush_queued:
+            if at_batch_end(self._batch_flush):
+                self._flush_queued = True
+            else:
+                self._flush()
+
+    def _batch_flush(self) -> None:
+        self._flush_queued = False
+        self._flush()
+
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        self._held += 1
+        try:
+            self._received(data)
+        finally:
+            self.release()
+
+    def _received(self, data: bytes) -> None:
         watch = self._frames
         before = watch.control
         if watch.feed(data) > self._max_block:
@@ -614,7 +821,6 @@ class H2ServerProtocol(Protocol):
                     exchange._client_gone()
                     self._forget(exchange)
             self.conn.reset_here.clear()
-        self._flush()
 
     def _request(self, stream_id: int, fields: Headers, ended: bool) -> None:
         if len(self.streams) >= MAX_STREAMS:
@@ -669,35 +875,40 @@ class H2ServerProtocol(Protocol):
             self.conn.send_headers(stream_id, fields, end_stream=end)
         except (StreamClosedError, ProtocolError):
             return
-        self._flush()
+        if not self._held:
+            self._flush_soon()
 
-    def send_data(self, stream_id: int, data: bytes) -> None:
+    def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
         try:
-            self.conn.send_data(stream_id, data)
+            self.conn.send_data(stream_id, data, end_stream=end)
         except (StreamClosedError, ProtocolError, FlowControlError):
             return
-        self._flush()
+        if not self._held:
+            self._flush_soon()
 
     def end_stream(self, stream_id: int) -> None:
         try:
             self.conn.end_stream(stream_id)
         except (StreamClosedError, ProtocolError):
             return
-        self._flush()
+        if not self._held:
+            self._flush_soon()
 
     def reset_stream(self, stream_id: int, code: ErrorCodes) -> None:
         try:
             self.conn.reset_stream(stream_id, code)
         except (StreamClosedError, ProtocolError):
             return
-        self._flush()
+        if not self._held:
+            self._flush_soon()
 
     def acknowledge(self, stream_id: int, length: int) -> None:
         try:
             self.conn.acknowledge_received_data(length, stream_id)
         except (StreamClosedError, ProtocolError):
             return
-        self._flush()
+        if not self._held:
+            self._flush_soon()
 
     def drain(self) -> None:
         """Shutting down: GOAWAY, let open streams finish, then close.
@@ -709,6 +920,7 @@ class H2ServerProtocol(Protocol):
         self._draining = True
         if self._closed:
             return
+        self._flush()  # what h2 holds goes before the GOAWAY
         goaway = GoAwayFrame(0)
         goaway.last_stream_id = self.conn.highest_inbound_stream_id
         goaway.error_code = ErrorCodes.NO_ERROR
@@ -816,7 +1028,8 @@ class H2ServerProtocol(Protocol):
                 self.conn.acknowledge_received_data(held, exchange.stream_id)
             except (StreamClosedError, ProtocolError):
                 pass
-        self._flush()
+        if not self._held:
+            self._flush_soon()
         self._idle()
         self._close_if_drained()
 
@@ -895,8 +1108,12 @@ class H2ServerProtocol(Protocol):
             self._stall.clear()
             if not self._closed:
                 self.transport.resumeProducing()
-        for exchange in list(self.streams.values()):
-            exchange._flush()
+        self.hold()
+        try:
+            for exchange in list(self.streams.values()):
+                exchange._flush()
+        finally:
+            self.release()
 
     def stopProducing(self) -> None:
         pass
