@@ -355,6 +355,18 @@ class H2Tests(SynchronousTestCase):
         self.request()
         self.assertEqual(len(self.handler.exchanges), MAX_STREAMS + 1)
 
+    def test_silent_connection_closed_after_header_timeout(self) -> None:
+        """A client silent since the handshake is closed after header_timeout; one that spoke, after idle_timeout."""
+        self.assertLess(self.limits.header_timeout, self.limits.idle_timeout)
+        silent = H2ServerProtocol(self.handler, self.clock, self.limits)
+        wire = StringTransport()
+        silent.makeConnection(wire)
+        self.clock.advance(self.limits.header_timeout)
+        self.assertTrue(wire.disconnecting)
+        self.assertFalse(self.transport.disconnecting, "the client of setUp sent its preface")
+        self.clock.advance(self.limits.idle_timeout - self.limits.header_timeout)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_graceful_closes_end_in_an_abort(self) -> None:
         """An idle close, or a drain, that a non-reading client never lets finish is cut off after a grace."""
         self.clock.advance(self.limits.idle_timeout)

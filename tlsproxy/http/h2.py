@@ -669,6 +669,7 @@ class H2ServerProtocol(Protocol):
         self._control_base = 0  # the count of control frames when this window began
         self._max_block = 2 * limits.max_header_size
         self._served = 0
+        self._heard = False
         self._reset_window_start = self._control_window_start = clock.seconds()
 
     def connectionMade(self) -> None:
@@ -706,7 +707,11 @@ class H2ServerProtocol(Protocol):
             self._timer.cancel()
         self._timer = None
         if not self.streams:
-            self._timer = self.clock.callLater(self.limits.idle_timeout, self._idle_timeout)
+            # A connection whose client has not sent a byte since the handshake
+            # (not even its preface) is not an idle keep-alive client: it gets
+            # header_timeout, as a silent HTTP/1.1 connection does.
+            wait = self.limits.idle_timeout if self._heard else self.limits.header_timeout
+            self._timer = self.clock.callLater(wait, self._idle_timeout)
 
     def _idle_timeout(self) -> None:
         self._timer = None
@@ -752,6 +757,9 @@ class H2ServerProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
+        if not self._heard:
+            self._heard = True
+            self._idle()  # from header_timeout to idle_timeout
         self._held += 1
         try:
             self._received(data)
