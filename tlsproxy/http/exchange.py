@@ -62,7 +62,6 @@ class Exchange(Protocol):
     # per connection or stream, however often it moves).
     deadline: Deadline
     transport: Any  # the client's transport
-    connection: Any  # lives as long as the client connection, one request at a time
 
     def set_body_consumer(self, consumer: BodyConsumer) -> None: ...
 

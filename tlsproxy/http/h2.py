@@ -448,9 +448,7 @@ class H2Exchange:
         self._producer_paused = False
         self.no_body = head.method == b"HEAD"
         self.transport = proto.transport
-        # Streams run side by side: each is its own one-request "connection",
-        # with a deadline of its own.
-        self.connection = self
+        # Streams run side by side, each with a deadline of its own.
         self.deadline: Deadline = StreamDeadline(proto)
         # Since when our answer has waited for a window that does not open.
         self._stalled_since: float | None = None

@@ -79,7 +79,6 @@ class HTTP11Exchange:
 
     def __init__(self, proto: HTTP11ServerProtocol, head: RequestHead, keep_alive: bool) -> None:
         self._proto = proto
-        self.connection = proto  # lives as long as the client connection, one request at a time
         self.transport = proto.transport  # the client's (for corking a burst of writes)
         # While a request is answered the connection's own deadline is free:
         # the handler times the app with it.
