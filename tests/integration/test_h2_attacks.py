@@ -407,8 +407,12 @@ def test_continuation_flood_gets_goaway(raw: Any) -> None:
         conn.send(*flood)
     except OSError:
         pass
-    frames, _ = conn.frames(until=lambda f: isinstance(f, GoAwayFrame))
-    assert [f.error_code for f in frames if isinstance(f, GoAwayFrame)] == [11], frames
+    frames, closed = conn.frames(until=lambda f: isinstance(f, GoAwayFrame))
+    goaways = [f.error_code for f in frames if isinstance(f, GoAwayFrame)]
+    # Cut off either way: our GOAWAY(ENHANCE_YOUR_CALM) read, or (on a loaded machine) the
+    # close that follows it arriving while this client was still sending, as a reset that
+    # destroys the unread GOAWAY. Without the cut-off neither happens within the timeout.
+    assert goaways == [11] or (closed and not goaways), frames
 
 
 def test_single_20k_field_gets_431(raw: Any, counts: Counts) -> None:
