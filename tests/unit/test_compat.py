@@ -319,6 +319,25 @@ class H2CanaryTests(SynchronousTestCase):
         self.assertEqual(compat_h2.hpack_huffman()(b"www.example.com").hex(), "f1e3c2e5f23a6ba0ab90f4ff")
 
 
+class H2DecoderLimitCanaryTests(SynchronousTestCase):
+    """h2.py sets conn.decoder.max_header_list_size (public in name, undocumented): see tlsproxy/http/h2.py."""
+
+    def test_decoder_limit_is_enforced(self) -> None:
+        """A header block decoding past the decoder's max_header_list_size is refused by h2."""
+        from h2.exceptions import ProtocolError
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        server = compat_h2.H2Connection(H2Configuration(client_side=False))
+        server.initiate_connection()
+        server.decoder.max_header_list_size = 100
+        server.receive_data(client.data_to_send())
+        headers = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a"), ("x", "v" * 200)]
+        client.send_headers(1, headers, end_stream=True)
+        with self.assertRaises(ProtocolError):
+            server.receive_data(client.data_to_send())
+
+
 class AcmeCanaryTests(SynchronousTestCase):
     """acme: see tlsproxy/compat/acme.py if these fail."""
 
