@@ -49,6 +49,7 @@ def describe(config: Config) -> str:
         f"  http = {list(server.http)}",
         f"  state_dir = {server.state_dir}",
         f"  admin = {server.admin or '(off)'}",
+        f"  workers = {server.workers}{' (one process)' if server.workers == 1 else ' (a supervisor and its workers)'}",
         f"  trusted_proxies = {[str(n) for n in server.trusted_proxies]}",
         f"  timeouts: connect {server.connect_timeout:g}s, upstream {server.upstream_timeout:g}s, "
         f"idle {server.idle_timeout:g}s, handshake {server.handshake_timeout:g}s, header {server.header_timeout:g}s",

@@ -170,6 +170,8 @@ class Server:
     # takes nothing of an answer for send_timeout seconds is cut off.
     max_response_buffer: int = DEFAULT_MAX_RESPONSE_BUFFER
     send_timeout: float = 60.0
+    # Worker processes behind one supervisor (tlsproxy/workers.py); 1 = this process serves.
+    workers: int = 1
 
     @property
     def buffer_directory(self) -> str:
@@ -442,6 +444,8 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
                 except ValueError:
                     reader.fail(f"server.{key}", f"expected CIDR ranges like 10.0.0.0/8, found {item!r}")
             out[key] = tuple(nets)
+        elif key == "workers":
+            out[key] = worker_count(reader, value)
         elif key in _SERVER_SIZES:
             size = parse_size(value)
             if size is None:
@@ -462,6 +466,24 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
     if out.get("log_format", "text") not in ("text", "json"):
         reader.fail("server.log_format", f'expected "text" or "json", found {out["log_format"]!r}')
     return Server(**out)
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), what workers = "auto" means."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def worker_count(reader: _Reader, value: Any) -> int:
+    """``[server] workers``: a whole number from 1 up, or "auto" (one per usable CPU)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return available_cpus()
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    reader.fail("server.workers", f'expected a whole number from 1 up or "auto", found {_describe(value)}')
+    return 1
 
 
 def _tls(reader: _Reader, raw: Mapping[str, Any]) -> TLS:

@@ -12,6 +12,7 @@ Twisted's own legacy chatter ("TLSServerFactory starting on 8443", "(TCP Port
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import IO, Any
 
@@ -62,7 +63,8 @@ def text_line(event: dict[str, Any]) -> str:
     namespace = event.get("log_namespace", "-")
     if namespace == "tlsproxy.access":
         return _message(event) + "\n"
-    return f"{_when(event)} [{namespace}#{name}] {_message(event)}\n"
+    worker = f"[worker {event['worker']} pid {event['pid']}] " if "worker" in event else ""
+    return f"{_when(event)} [{namespace}#{name}] {worker}{_message(event)}\n"
 
 
 def json_line(event: dict[str, Any]) -> str:
@@ -108,6 +110,8 @@ class LineObserver:
         if not visible(event, self.factory.level):
             return
         formatter = json_line if self.factory.log_format == "json" else text_line
+        if self.factory.worker is not None:
+            event = {**event, "worker": self.factory.worker, "pid": self.factory.pid}
         self.output.write(formatter(event))
         self.output.flush()
 
@@ -118,6 +122,9 @@ class LogOutput:
     def __init__(self, log_format: str = "text", level: LogLevel = LogLevel.info) -> None:
         self.log_format = log_format
         self.level = level
+        # Set in a worker process ([server] workers): its index and pid go on every line.
+        self.worker: int | None = None
+        self.pid = os.getpid()
 
     def __call__(self, output: IO[str]) -> LineObserver:
         return LineObserver(output, self)

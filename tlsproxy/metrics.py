@@ -125,6 +125,11 @@ class Metrics:
             "Connections refused at accept (out of file descriptors)",
             ("listener",),
         )
+        self.handed_off = Family(
+            "counter",
+            "tlsproxy_tls_handed_off",
+            "Resuming connections passed to the worker process whose ticket key made their ticket",
+        )
         self.handshakes.labels()
         self.handshake_failures.labels()
         self._families = [
@@ -136,6 +141,7 @@ class Metrics:
             self.renewal_attempts,
             self.renewal_failures,
             self.refused_connections,
+            self.handed_off,
         ]
         self._contexts: Callable[[], dict[str, Any]] = dict
         self.registry = CollectorRegistry(auto_describe=False)

@@ -68,6 +68,7 @@ class Options(usage.Options):
     )
     optParameters = [
         ["config", "c", None, "TOML configuration file (default: $TLSPROXY_CONFIG)."],
+        ["worker", None, None, "Internal: run as worker INDEX of a supervisor ([server] workers)."],
     ]
 
 
@@ -141,7 +142,12 @@ class Generation:
 
 
 def build_generation(
-    reactor: Any, config: Config, http01: HTTP01Answers, alpn01: TLSALPN01Answers, metrics: Metrics | None
+    reactor: Any,
+    config: Config,
+    http01: HTTP01Answers,
+    alpn01: TLSALPN01Answers,
+    metrics: Metrics | None,
+    acme_role: str = "alone",
 ) -> Generation:
     """Everything a configuration decides, ready to serve; raises on bad certificate files."""
     policy = policy_of(config)
@@ -167,7 +173,7 @@ def build_generation(
                 log.warn("site {site}: {cert}: {warning}", site=site.name, cert=site.cert, warning=warning)
     certificates = MultiService()
     TicketKeyRotation(reactor, sni.rotate_ticket_keys, config.tls.ticket_key_rotation).setServiceParent(certificates)
-    _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics)
+    _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics, acme_role)
     access_log = AccessLog(reactor) if config.server.access_log else None
     handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev, metrics=metrics)
     for site in config.sites:
@@ -198,12 +204,15 @@ def _add_certificate_services(
     http01: HTTP01Answers,
     alpn01: TLSALPN01Answers,
     metrics: Metrics | None,
+    acme_role: str = "alone",
 ) -> None:
     """Certificates that change while we run: ACME, watched files, the dev CA."""
     if any(site.tls in ("acme", "files") for site in config.sites):
         from tlsproxy.acme.service import CertificateService
 
-        CertificateService(reactor, config, sni, http01, alpn01, metrics=metrics).setServiceParent(parent)
+        CertificateService(reactor, config, sni, http01, alpn01, metrics=metrics, role=acme_role).setServiceParent(
+            parent
+        )
     local = [site for site in config.sites if site.tls == "local"]
     if local:
         from tlsproxy import devca
@@ -298,6 +307,8 @@ class ProxyService(MultiService):
     """Everything one tlsproxy process runs."""
 
     log = Logger()
+    # Who orders certificates (see CertificateService): a worker process says otherwise.
+    acme_role = "alone"
 
     def __init__(
         self,
@@ -322,7 +333,7 @@ class ProxyService(MultiService):
         self.metrics = Metrics()
         self.http01 = HTTP01Answers()
         self.alpn01 = TLSALPN01Answers()
-        self.generation = build_generation(reactor, config, self.http01, self.alpn01, self.metrics)
+        self.generation = build_generation(reactor, config, self.http01, self.alpn01, self.metrics, self.acme_role)
         generation = self.generation
         self.metrics.watch_certificates(
             lambda: {s: self.generation.sni_map.context_of(s) for s in self.generation.sni_map.sites}
@@ -377,12 +388,16 @@ class ProxyService(MultiService):
         for key, factory in wanted.items():
             if key not in self.listeners:
                 refused = self.metrics.refused_connections.labels(key[0].split()[0])
-                listener = Listener(self.reactor, key[1], factory, key[0], refused)
+                listener = self._listener(key, factory, refused)
                 self.listeners[key] = listener
                 listener.setServiceParent(self)
                 if listener.listening is not None:
                     started.append((key, listener.listening))
         return started
+
+    def _listener(self, key: tuple[str, str], factory: Any, refused: Any) -> Any:
+        """The service that listens for ``key`` (label, endpoint string)."""
+        return Listener(self.reactor, key[1], factory, key[0], refused)
 
     # -- life cycle ------------------------------------------------------------
 
@@ -430,6 +445,9 @@ class ProxyService(MultiService):
             return
         self._update_https_port()
         self.ready = True
+        self.announce_ready()
+
+    def announce_ready(self) -> None:
         self.log.info(READY)
 
     def _update_https_port(self) -> None:
@@ -462,7 +480,7 @@ class ProxyService(MultiService):
             problems = preflight.problems(config)
             if problems:
                 raise ConfigError(problems)
-            generation = build_generation(self.reactor, config, self.http01, self.alpn01, self.metrics)
+            generation = build_generation(self.reactor, config, self.http01, self.alpn01, self.metrics, self.acme_role)
         except CANNOT_RUN as e:
             for problem in cannot_run(e):
                 self.log.error("reload refused, the running configuration stays: {problem}", problem=problem)
@@ -552,7 +570,7 @@ def exit_with_status(service: ProxyService) -> None:
         os._exit(service.exit_status)
 
 
-def makeService(options: Options) -> ProxyService:
+def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
     try:
@@ -563,7 +581,12 @@ def makeService(options: Options) -> ProxyService:
             output = LogOutput(config.server.log_format, twist_options.get("logLevel") or LogLevel.info)
             twist_options["fileLogObserverFactory"] = output
             twist_options["logFormat"] = config.server.log_format
-        service = prepare_service(reactor, config, options["config"])
+        if options["worker"] is not None or (config.server.workers > 1 and not config.dev):
+            from tlsproxy.workers import process_service
+
+            service = process_service(reactor, config, options["config"], options["worker"], output)
+        else:
+            service = prepare_service(reactor, config, options["config"])
     except CANNOT_RUN as e:
         for line in cannot_run(e):
             print(f"tlsproxy: {line}", file=sys.stderr)

@@ -396,3 +396,28 @@ def test_routes_are_prefixes_to_upstreams() -> None:
     assert any(p.startswith('site.toml: site[0].routes."ws": a route is a path prefix') for p in found)
     assert any(p.startswith('site.toml: site[0].routes."/": a route is a path prefix') for p in found)
     assert any(p.startswith("site.toml: site[0].routes.\"/x/\": 'ftp://a'") for p in found)
+
+
+@pytest.mark.parametrize("value", [0, -2, "many", "", 1.5, True])
+def test_workers_refuses_what_is_not_a_count(value: object) -> None:
+    """[server] workers refuses 0, negatives, fractions and words other than "auto"."""
+    (message,) = problems({"acme": ACME, "site": [SITE], "server": {"workers": value}})
+    assert message.startswith("site.toml: server.workers:"), message
+    assert '"auto"' in message
+
+
+def test_workers_counts_and_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    """workers = 3 is 3; "auto" is the CPUs this process may use; the default is 1 (one process)."""
+    assert parse({"acme": ACME, "site": [SITE]}, "site.toml", {}).server.workers == 1
+    assert parse({"acme": ACME, "site": [SITE], "server": {"workers": 3}}, "site.toml", {}).server.workers == 3
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1, 5})
+    assert parse({"acme": ACME, "site": [SITE], "server": {"workers": "auto"}}, "s", {}).server.workers == 3
+
+
+def test_workers_from_the_environment() -> None:
+    """TLSPROXY_SERVER_WORKERS sets the count ("auto" too) and is refused when it is no count."""
+    env = {"TLSPROXY_SERVER_WORKERS": "2"}
+    assert parse({"acme": ACME, "site": [SITE]}, "site.toml", env).server.workers == 2
+    assert parse({"acme": ACME, "site": [SITE]}, "s", {"TLSPROXY_SERVER_WORKERS": "auto"}).server.workers >= 1
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_WORKERS": "0"})
+    assert "server.workers" in message

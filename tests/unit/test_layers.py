@@ -49,6 +49,7 @@ LAYERS: dict[str, int] = {
     "metrics": 8,
     "preflight": 8,
     "tap": 8,
+    "workers": 8,
 }
 
 # Imports the layers above would allow but the design does not.

@@ -175,6 +175,31 @@ class StoreResponder:
             self._sleep(self.settle)
 
 
+class SharedResponder:
+    """Answers for every worker process: in this process's tables at once, and in the store for the others.
+
+    With ``[server] workers``, one worker orders and the CA may reach any of
+    them; the others read the store's ``challenges/`` every poll interval,
+    so :meth:`ready` waits ``settle`` seconds (more than one interval).
+    """
+
+    def __init__(self, table: ChallengeResponder, store: StoreResponder) -> None:
+        self.table = table
+        self.store = store
+
+    def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
+        self.table.publish(kind, host, token, key_authorization)
+        self.store.publish(kind, host, token, key_authorization)
+
+    def withdraw(self, kind: str, host: str, token: str) -> None:
+        self.store.withdraw(kind, host, token)
+        self.table.withdraw(kind, host, token)
+
+    def ready(self) -> None:
+        self.table.ready()
+        self.store.ready()
+
+
 def _listing(reasons: dict[Answer, str]) -> str:
     """``a.example (http-01: 127.0.0.1:80 does not serve it yet), ...`` for messages."""
     return ", ".join(f"{a.host} ({a.kind}: {why})" if why else f"{a.host} ({a.kind})" for a, why in reasons.items())

@@ -43,7 +43,15 @@ from twisted.python.failure import Failure
 
 from tlsproxy.acme.alpn01 import challenge_context
 from tlsproxy.acme.client import AcmeClient, AcmeError, CertificateAuthority
-from tlsproxy.acme.issuer import Outcome, SiteRequest, TableResponder, renew_site
+from tlsproxy.acme.issuer import (
+    ChallengeResponder,
+    Outcome,
+    SharedResponder,
+    SiteRequest,
+    StoreResponder,
+    TableResponder,
+    renew_site,
+)
 from tlsproxy.acme.scheduler import RenewalPolicy, backoff_delay, next_check
 from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers, is_valid_token
 from tlsproxy.certs.model import CertificateError, CertifiedKey
@@ -145,7 +153,11 @@ class CertificateService(Service):
         rng: random.Random | None = None,
         metrics: Any = None,
         in_reactor: Callable[..., Any] | None = None,
+        role: str = "alone",
     ) -> None:
+        # "alone": the only process; with [server] workers, "issuer" (worker 0) orders
+        # and publishes its challenges in the store too, and a "watcher" only watches.
+        self.role = role
         self.reactor = reactor
         self.metrics = metrics
         self.config = config
@@ -220,8 +232,9 @@ class CertificateService(Service):
             watch.signature = FileSignature()  # (re)load once: installs if the lead has not
         self._apply(self._scan_blocking(self._wanted(), None), now)
         self._scanned_at_start = True
-        for watch in self._acme.values():
-            watch.next_check = now
+        if self.role != "watcher":
+            for watch in self._acme.values():
+                watch.next_check = now
         self._loop = LoopingCall(self.tick)
         self._loop.clock = self.reactor
         self._loop.start(self.poll_interval, now=True)
@@ -397,12 +410,18 @@ class CertificateService(Service):
             self.store,
             self._ca,
             site_request(self.config, watch.site),
-            TableResponder(self.http01, self.alpn01, self._in_reactor),
+            self._responder(),
             self.now,
             policy=self.policy,
             rand=watch.rand,
             unsaved=watch.unsaved,
         )
+
+    def _responder(self) -> ChallengeResponder:
+        table = TableResponder(self.http01, self.alpn01, self._in_reactor)
+        if self.role != "issuer":
+            return table
+        return SharedResponder(table, StoreResponder(self.store, settle=self.poll_interval + 1.5))
 
     def _start_check(self, watch: _Watch) -> None:
         watch.busy = True

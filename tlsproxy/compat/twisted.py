@@ -57,3 +57,14 @@ def observe_port_log(port: Any, observer: ILogObserver) -> bool:
         return False
     port._logger = Logger(namespace=logger.namespace, observer=observer)
     return True
+
+
+def close_without_shutdown(transport: Any) -> None:
+    """Close a TCP transport's descriptor with no ``shutdown(2)``: the socket lives on in another process.
+
+    Twisted's TCP connections call ``shutdown`` before ``close`` unless their
+    private ``_shouldShutdown`` says not to; a shutdown would end the TCP
+    connection for the process the socket was passed to as well.
+    """
+    transport._shouldShutdown = False
+    transport.loseConnection()

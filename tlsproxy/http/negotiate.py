@@ -68,6 +68,6 @@ class NegotiatingFactory:
 
     def connection_lost(self, tls: Any) -> None:
         self._accepted.pop(tls, None)
-        if not tls.handshake_done and self.metrics is not None:
+        if not tls.handshake_done and not getattr(tls, "handed_off", False) and self.metrics is not None:
             self.metrics.handshake_failures.inc()
         self.tracker.remove(tls)

@@ -105,6 +105,7 @@ class TLSServerProtocol(Protocol):
     _tls: Any = None  # the SSL.Connection, made once the ClientHello is read
     _first: bytes = b""  # bytes read before that
     client_hello: ClientHello | None = None  # for the connection creator
+    handed_off = False  # passed to the worker that made its session ticket
     # What the certificate this connection was served covers (None: not
     # known, no 421 check); a request for any other host gets 421.
     served_names: ServedNames | None = None
@@ -152,7 +153,16 @@ class TLSServerProtocol(Protocol):
             self.transport.write(PLAIN_HTTP_ANSWER)
             self.transport.loseConnection()
             return None
-        self._start_tls(seen if isinstance(seen, ClientHello) else None)
+        hello = seen if isinstance(seen, ClientHello) else None
+        handoff = self.factory.handoff
+        if handoff is not None and hello is not None and hello.tickets and handoff(self, hello, data):
+            # Another worker process made its ticket and serves it now (tlsproxy/tls/handoff.py).
+            self.handed_off = self.disconnecting = True
+            if self._timer is not None:
+                self._timer.clear()
+                self._timer = None
+            return None
+        self._start_tls(hello)
         return data
 
     def dataReceived(self, data: bytes) -> None:
@@ -402,6 +412,8 @@ class TLSServerFactory(Factory):
     """
 
     noisy = False
+    # With worker processes: passes on a connection whose ticket another worker made.
+    handoff: Any = None
 
     def __init__(self, creator: Any, app: Any, clock: Any, *, handshake_timeout: float) -> None:
         self.creator = creator

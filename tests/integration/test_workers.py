@@ -1,0 +1,322 @@
+"""`[server] workers = N` against the real `twist tlsproxy`: a supervisor and N worker processes."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trustme
+from cryptography import x509
+
+from tests.integration.procs import Process, free_port, running, tlsproxy
+
+pytestmark = pytest.mark.integration
+BACKEND = str(Path(__file__).with_name("backend.py"))
+WORKERS = 2
+
+
+def write_leaf(ca: trustme.CA, where: Path, name: str) -> int:
+    """A leaf for localhost in where/name.pem and .key; its serial number."""
+    leaf = ca.issue_cert(
+        "localhost",
+        not_before=datetime.datetime.now(datetime.UTC) - datetime.timedelta(days=1),
+        not_after=datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=90),
+    )
+    chain = b"".join(blob.bytes() for blob in leaf.cert_chain_pems)
+    (where / f"{name}.pem").write_bytes(chain)
+    (where / f"{name}.key").write_bytes(leaf.private_key_pem.bytes())
+    return x509.load_pem_x509_certificate(chain).serial_number
+
+
+def config_text(where: Path, https: int, admin: int, upstream: int, max_age: int, workers: int = WORKERS) -> str:
+    return f"""
+[server]
+https = ["tcp:{https}:interface=127.0.0.1"]
+http = []
+admin = "tcp:{admin}:interface=127.0.0.1"
+state_dir = "{where}/state"
+log_format = "json"
+workers = {workers}
+shutdown_grace = 5
+
+[tls]
+ticket_key_rotation = 3600
+
+[[site]]
+hosts = ["localhost"]
+upstream = "http://127.0.0.1:{upstream}"
+tls = "files"
+cert = "{where}/site.pem"
+key = "{where}/site.key"
+hsts = {{ max_age = {max_age} }}
+"""
+
+
+@dataclass
+class Running:
+    where: Path
+    https: int
+    admin: int
+    upstream: int
+    config: Path
+    process: Process
+    ca: trustme.CA
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context()
+        self.ca.configure_trust(ctx)
+        return ctx
+
+    def get(self, path: str = "/") -> tuple[int, dict[str, str], bytes]:
+        """One request on a new connection (no session resumed)."""
+        with socket.create_connection(("127.0.0.1", self.https), timeout=10) as raw:
+            with self.context().wrap_socket(raw, server_hostname="localhost") as tls:
+                tls.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n".encode())
+                data = b""
+                while chunk := tls.recv(65536):
+                    data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        return int(lines[0].split()[1]), headers, body
+
+    def records(self, start: int = 0) -> list[dict]:
+        out = []
+        for line in self.process.lines[start:]:
+            if line.startswith("{"):
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def served_by(self, start: int) -> list[int]:
+        """The worker of each access-log line since output line ``start``."""
+        return [r["worker"] for r in self.records(start) if r.get("logger") == "tlsproxy.access"]
+
+    def worker_pids(self) -> dict[int, int]:
+        """The pid now in each worker slot, from the supervisor's "worker N started (pid P)" lines."""
+        pids = {}
+        for record in self.records():
+            m = re.fullmatch(r"worker (\d+) started \(pid (\d+)\)", record.get("message", ""))
+            if m:
+                pids[int(m.group(1))] = int(m.group(2))
+        return pids
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/metrics", timeout=10) as answer:
+            return answer.read().decode()
+
+
+def counter(text: str, name: str) -> float:
+    """The sum of every sample of ``name`` in a Prometheus text."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def gone(pid: int) -> bool:
+    """No such process, or only its zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture(scope="module")
+def backend() -> Iterator[int]:
+    port = free_port()
+    with running([sys.executable, BACKEND, str(port)]) as process:
+        process.wait_for_line("backend ready")
+        yield port
+
+
+def start(where: Path, backend: int, workers: int = WORKERS) -> Iterator[Running]:
+    ca = trustme.CA()
+    write_leaf(ca, where, "site")
+    (where / "state").mkdir(mode=0o700, exist_ok=True)
+    https, admin = free_port(), free_port()
+    config = where / "config.toml"
+    config.write_text(config_text(where, https, admin, backend, 1000, workers))
+    with tlsproxy(config) as process:
+        yield Running(where, https, admin, backend, config, process, ca)
+
+
+@pytest.fixture(scope="module")
+def proxy(tmp_path_factory: pytest.TempPathFactory, backend: int) -> Iterator[Running]:
+    """A supervisor with two workers in front of the small backend; JSON logs name the worker of each line."""
+    yield from start(tmp_path_factory.mktemp("workers"), backend)
+
+
+def requests_until_every_worker(proxy: Running, check: object = None, at_least: int = 10, most: int = 200) -> set[int]:
+    """Requests on new connections until every worker answered some (``check`` each answer); who answered."""
+    start = len(proxy.process.lines)
+    for done in range(1, most + 1):
+        status, headers, body = proxy.get()
+        assert status == 200, (status, body)
+        if callable(check):
+            check(headers)
+        time.sleep(0.01)  # the access line is written after the answer
+        if done >= at_least and set(proxy.served_by(start)) == set(range(WORKERS)):
+            break
+    return set(proxy.served_by(start))
+
+
+def test_connections_land_on_every_worker(proxy: Running) -> None:
+    """New connections are accepted by every worker, and each worker's CPU time grows under load."""
+    pids = proxy.worker_pids()
+    assert sorted(pids) == list(range(WORKERS)), pids
+    before = {index: cpu_seconds(pid) for index, pid in pids.items()}
+    served = requests_until_every_worker(proxy, at_least=60)
+    assert served == set(range(WORKERS)), served
+    after = {index: cpu_seconds(pid) for index, pid in pids.items()}
+    assert all(after[index] > before[index] for index in pids), (before, after)
+
+
+def test_every_line_names_its_worker(proxy: Running) -> None:
+    """Worker log lines carry the worker index and pid, in JSON; the supervisor's carry none."""
+    records = proxy.records()
+    pids = proxy.worker_pids()
+    ready = [r for r in records if re.fullmatch(r"worker \d+ ready", r.get("message", ""))]
+    assert {(r["worker"], r["pid"]) for r in ready} >= {(i, pids[i]) for i in range(WORKERS)}
+    assert any(r["message"] == "tlsproxy: ready" and "worker" not in r for r in records)
+
+
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_sessions_resume_on_any_worker(proxy: Running, version: str, tmp_path: Path) -> None:
+    """A session made on one worker resumes 16 of 16 times, whichever worker accepts the reconnect."""
+    (tmp_path / "ca.pem").write_bytes(proxy.ca.cert_pem.bytes())
+    moved_before = counter(proxy.metrics(), "tlsproxy_tls_handed_off_total")
+    session = tmp_path / "session.pem"
+
+    def s_client(*args: str) -> str:
+        result = subprocess.run(
+            ["openssl", "s_client", "-connect", f"127.0.0.1:{proxy.https}", "-servername", "localhost", version,
+             "-CAfile", str(tmp_path / "ca.pem"), "-ign_eof", *args],
+            input="GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            capture_output=True, text=True, timeout=20,
+        )  # fmt: skip
+        return result.stdout
+
+    first = s_client("-sess_out", str(session))
+    assert "New, TLS" in first and "HTTP/1.1 200" in first, first
+    start = len(proxy.process.lines)
+    reused = sum("Reused, TLS" in s_client("-sess_in", str(session)) for _ in range(16))
+    assert reused == 16
+    time.sleep(0.1)
+    # Whichever worker accepted a reconnect, the one that made the session served it...
+    assert len(set(proxy.served_by(start))) == 1
+    # ...and some reconnects were accepted by another worker, which passed them on.
+    assert counter(proxy.metrics(), "tlsproxy_tls_handed_off_total") > moved_before
+
+
+def test_metrics_count_every_worker(proxy: Running) -> None:
+    """/metrics on the supervisor counts the requests of all workers, and has one process series per worker."""
+    before = counter(proxy.metrics(), "tlsproxy_requests_total")
+    start = len(proxy.process.lines)
+    served = requests_until_every_worker(proxy, at_least=20)
+    assert served == set(range(WORKERS))
+    made = len(proxy.served_by(start))
+    text = proxy.metrics()
+    assert counter(text, "tlsproxy_requests_total") - before == made
+    for index in range(WORKERS):
+        assert f'process_resident_memory_bytes{{worker="{index}"}}' in text
+
+
+def test_sighup_reaches_every_worker_and_a_bad_config_none(proxy: Running) -> None:
+    """A config that cannot run is refused by the supervisor (all keep the old one); a good one reaches all."""
+    good = proxy.config.read_text()
+    start = len(proxy.process.lines)
+    proxy.config.write_text(good.replace('cert = "', 'cert = "/nonexistent'))
+    proxy.process.signal(signal.SIGHUP)
+    proxy.process.wait_for_line("reload refused, every worker keeps the running configuration", start=start)
+    requests_until_every_worker(proxy, lambda h: h.get("strict-transport-security") == "max-age=1000")
+
+    start = len(proxy.process.lines)
+    proxy.config.write_text(good.replace("max_age = 1000", "max_age = 777"))
+    proxy.process.signal(signal.SIGHUP)
+    deadline = time.monotonic() + 20
+    while sum("configuration reloaded" in line for line in proxy.process.lines[start:]) < WORKERS:
+        assert time.monotonic() < deadline, proxy.process.output
+        time.sleep(0.1)
+
+    def new_value(headers: dict[str, str]) -> None:
+        assert headers.get("strict-transport-security") == "max-age=777", headers
+
+    assert requests_until_every_worker(proxy, new_value) == set(range(WORKERS))
+    proxy.config.write_text(good)
+
+
+def test_renamed_certificate_file_served_by_every_worker_within_5s(proxy: Running) -> None:
+    """A `files` certificate replaced by rename is what every worker serves 5 s later."""
+    ca = proxy.ca
+    serial = write_leaf(ca, proxy.where, "next")
+    os.rename(proxy.where / "next.key", proxy.where / "site.key")
+    os.rename(proxy.where / "next.pem", proxy.where / "site.pem")
+    time.sleep(5)
+    start = len(proxy.process.lines)
+    seen = set()
+    for _ in range(40):
+        with socket.create_connection(("127.0.0.1", proxy.https), timeout=10) as raw:
+            with proxy.context().wrap_socket(raw, server_hostname="localhost") as tls:
+                der = tls.getpeercert(binary_form=True)
+                tls.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                while tls.recv(65536):
+                    pass
+        assert der is not None
+        seen.add(x509.load_der_x509_certificate(der).serial_number)
+        time.sleep(0.01)
+    assert seen == {serial}
+    assert set(proxy.served_by(start)) == set(range(WORKERS))
+
+
+def test_killed_worker_is_replaced_and_service_goes_on(proxy: Running) -> None:
+    """kill -9 of a worker: requests keep succeeding, the supervisor says why it died and starts another."""
+    victim = proxy.worker_pids()[1]
+    start = len(proxy.process.lines)
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(20):
+        assert proxy.get()[0] == 200
+    proxy.process.wait_for_line(f"worker 1 (pid {victim}) was killed by SIGKILL", start=start)
+    proxy.process.wait_for_line("worker 1 started (pid", start=start)
+    proxy.process.wait_for_line("worker 1 ready", start=start)
+    assert proxy.worker_pids()[1] != victim
+    assert requests_until_every_worker(proxy) == set(range(WORKERS))
+
+
+def test_sigterm_drains_every_worker_and_exits_0(tmp_path: Path, backend: int) -> None:
+    """SIGTERM to the supervisor alone: every worker stops, then the supervisor exits 0."""
+    for running_proxy in start(tmp_path, backend, workers=3):
+        pids = list(running_proxy.worker_pids().values())
+        assert len(pids) == 3
+        os.kill(running_proxy.process.proc.pid, signal.SIGTERM)  # not the group: the supervisor does it
+        assert running_proxy.process.proc.wait(30) == 0, running_proxy.process.output
+        assert all(gone(pid) for pid in pids)
+        assert "stopped: no worker left" in running_proxy.process.output
+
+
+def test_workers_leave_when_the_supervisor_is_killed(tmp_path: Path, backend: int) -> None:
+    """kill -9 of the supervisor leaves no orphan: the workers notice and exit."""
+    for running_proxy in start(tmp_path, backend):
+        pids = list(running_proxy.worker_pids().values())
+        os.kill(running_proxy.process.proc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while not all(gone(pid) for pid in pids):
+            assert time.monotonic() < deadline, "a worker outlived its supervisor"
+            time.sleep(0.1)

@@ -1,0 +1,154 @@
+"""One admin endpoint for all the workers, served by the supervisor.
+
+/metrics asks every worker for its figures over the control pipe and adds
+them up: a counter, a histogram or a gauge of open connections is the sum
+over workers; a certificate's expiry is the earliest any worker serves (one
+that did not swap yet shows); the ``process_*`` figures keep one series per
+worker, with a ``worker`` label.  /readyz is ready when every worker is and
+says why not otherwise.  A worker that does not answer within
+:data:`ASK_TIMEOUT` is left out (and named by /readyz).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from tlsproxy.http import pages
+from tlsproxy.http.exchange import Exchange
+
+ASK_TIMEOUT = 2.0
+CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
+TEXT = b"text/plain; charset=utf-8"
+
+
+def _earliest(name: str) -> bool:
+    return name.startswith("tlsproxy_certificate_") or name.endswith("_created")
+
+
+def merge_metrics(texts: Mapping[int, str]) -> bytes:
+    """The Prometheus text of all workers as one proxy (see the module docstring)."""
+    families: dict[str, Metric] = {}
+    values: dict[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]] = {}
+    for index in sorted(texts):
+        for family in text_string_to_metric_families(texts[index]):
+            merged = families.get(family.name)
+            if merged is None:
+                merged = families[family.name] = Metric(family.name, family.documentation, family.type)
+                values[family.name] = {}
+            table = values[family.name]
+            per_worker = family.name.startswith("process_")
+            for sample in family.samples:
+                labels = dict(sample.labels)
+                if per_worker:
+                    labels["worker"] = str(index)
+                key = (sample.name, tuple(sorted(labels.items())))
+                if key not in table:
+                    table[key] = sample.value
+                elif _earliest(sample.name):
+                    table[key] = min(table[key], sample.value)
+                else:
+                    table[key] += sample.value
+    for name, merged in families.items():
+        for (sample_name, pairs), value in values[name].items():
+            merged.add_sample(sample_name, dict(pairs), value)
+
+    class _Merged:
+        def collect(self) -> Iterable[Metric]:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())  # type: ignore[arg-type]
+    return generate_latest(registry)
+
+
+class SupervisorAdmin:
+    """/healthz, /readyz and /metrics of a supervisor and its workers."""
+
+    log = Logger()
+
+    def __init__(self, supervisor: Any) -> None:
+        self.supervisor = supervisor
+        self._ids = itertools.count(1)
+        self._asking: dict[int, tuple[Deferred[dict[int, Any]], set[int], dict[int, Any]]] = {}
+
+    # -- asking the workers --------------------------------------------------------
+
+    def ask(self, kind: str) -> Deferred[dict[int, Any]]:
+        """Send ``kind`` to every live worker; fires with their answers by index (those in time)."""
+        ident = next(self._ids)
+        done: Deferred[dict[int, Any]] = Deferred()
+        processes = self.supervisor.live()
+        waiting = {process.slot.index for process in processes}
+        answers: dict[int, Any] = {}
+        if not waiting:
+            done.callback(answers)
+            return done
+        self._asking[ident] = (done, waiting, answers)
+        timer = self.supervisor.reactor.callLater(ASK_TIMEOUT, self._finish, ident)
+        done.addBoth(lambda result: (timer.cancel() if timer.active() else None, result)[1])
+        for process in processes:
+            process.send(kind, id=ident)
+        return done
+
+    def answer(self, index: int, message: dict[str, Any]) -> None:
+        """A worker's answer (``scraped`` or ``readiness``) came in."""
+        asking = self._asking.get(message.get("id"))  # type: ignore[arg-type]
+        if asking is None:
+            return  # too late
+        _, waiting, answers = asking
+        answers[index] = message
+        waiting.discard(index)
+        if not waiting:
+            self._finish(message["id"])
+
+    def _finish(self, ident: int) -> None:
+        asking = self._asking.pop(ident, None)
+        if asking is not None:
+            done, _, answers = asking
+            done.callback(answers)
+
+    # -- the endpoint ----------------------------------------------------------------
+
+    def handle(self, exchange: Exchange) -> None:
+        path = exchange.head.target.split(b"?", 1)[0]
+        if exchange.head.method not in (b"GET", b"HEAD"):
+            pages.send(exchange, 405)
+        elif path == b"/healthz":
+            self._send(exchange, 200, b"ok\n")
+        elif path == b"/metrics":
+            self.ask("scrape").addCallback(self._metrics, exchange)
+        elif path == b"/readyz":
+            self.ask("readiness").addCallback(self._readiness, exchange)
+        else:
+            pages.send(exchange, 404)
+
+    def _metrics(self, answers: dict[int, Any], exchange: Exchange) -> None:
+        texts = {index: str(message.get("text", "")) for index, message in answers.items()}
+        self._send(exchange, 200, merge_metrics(texts), CONTENT_TYPE)
+
+    def _readiness(self, answers: dict[int, Any], exchange: Exchange) -> None:
+        problems: list[str] = []
+        for slot in self.supervisor.slots:
+            if slot.index not in answers:
+                problems.append(f"worker {slot.index}: not running or not answering")
+                continue
+            for problem in answers[slot.index].get("problems") or []:
+                line = f"worker {slot.index}: {problem}"
+                problems.append(line)
+        if problems:
+            self._send(exchange, 503, ("\n".join(problems) + "\n").encode())
+        else:
+            self._send(exchange, 200, b"ready\n")
+
+    def _send(self, exchange: Exchange, status: int, body: bytes, content_type: bytes = TEXT) -> None:
+        exchange.start_response(status, pages.REASONS.get(status, b""), [(b"Content-Type", content_type)], len(body))
+        exchange.write(body)
+        exchange.finish()

@@ -1,0 +1,239 @@
+"""One worker process: the whole proxy, on listening sockets its supervisor passed.
+
+A worker is the single-process proxy (:class:`tlsproxy.tap.ProxyService`)
+with four differences: it adopts the listeners it inherited instead of
+binding them; it leaves the admin endpoint to the supervisor; it takes
+SIGHUP and Ctrl-C from the supervisor only (over the control pipe, after the
+supervisor checked the new configuration); and it passes a connection whose
+session ticket another worker made to that worker (:mod:`tlsproxy.tls.handoff`).
+It stops when the supervisor goes away (the control pipe closes, or the
+kernel's parent-death signal).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import signal
+import socket
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet.defer import fail
+from twisted.internet.endpoints import AdoptedStreamServerEndpoint
+from twisted.internet.protocol import Protocol
+from twisted.internet.stdio import StandardIO
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.protocols.haproxy import proxyEndpoint
+
+from tlsproxy import preflight
+from tlsproxy.admin import AdminHandler
+from tlsproxy.config import Config, ConfigError, Problem
+from tlsproxy.eventloop import streamline, tune_collector
+from tlsproxy.listening import watch_refusals
+from tlsproxy.tap import Listener, ProxyService
+from tlsproxy.tls.handoff import Handoff, HandoffReceiver
+from tlsproxy.workers.messages import LineReader, MessageError, encode
+
+# The descriptors every worker starts with (the supervisor's childFDs).
+CONTROL_IN = 3  # the supervisor writes, we read
+CONTROL_OUT = 4  # we write, the supervisor reads
+PR_SET_PDEATHSIG = 1
+KEY_NAMES_EVERY = 1.0  # seconds between looks at our ticket key names
+
+log = Logger(namespace="tlsproxy.worker")
+
+
+def read_spec(fd: int = CONTROL_IN) -> dict[str, Any]:
+    """The first message on the control pipe: which descriptor is what (read before the reactor runs)."""
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            raise ConfigError([Problem("worker", "", "the supervisor closed the control pipe before saying anything")])
+        data += chunk
+    (spec,) = LineReader().feed(data)
+    return spec
+
+
+def die_with_parent() -> None:
+    """Ask the kernel for SIGTERM when the supervisor dies (Linux), besides watching the pipe."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the pipe's end is enough
+        pass
+
+
+class AdoptedListener(Listener):
+    """Accept on a listening socket the supervisor bound (descriptor ``fd`` here)."""
+
+    def __init__(self, reactor: Any, fd: int, description: str, factory: Any, label: str, refused: Any) -> None:
+        super().__init__(reactor, description, factory, label, refused)
+        self.fd = fd
+
+    def startService(self) -> None:
+        Service.startService(self)  # we bind nothing
+        try:
+            probe = socket.socket(fileno=self.fd)
+            family = probe.family
+            probe.detach()
+            endpoint: Any = AdoptedStreamServerEndpoint(self.reactor, self.fd, family)
+        except OSError as e:
+            self.listening = fail(e)
+            return
+        if self.description.startswith("haproxy:"):
+            endpoint = proxyEndpoint(endpoint)
+        self.listening = endpoint.listen(self.factory).addCallback(self._listening)
+
+    def _listening(self, port: Any) -> Any:
+        self.port = port
+        watch_refusals(port, self.reactor, self.label, self.refused)
+        return port
+
+
+class NotPassed(Listener):
+    """A listener a reload added: only the supervisor binds, at its start."""
+
+    def startService(self) -> None:
+        Service.startService(self)
+        self.listening = fail(
+            OSError(f"{self.description} is new: with [server] workers, listeners change when tlsproxy restarts")
+        )
+
+
+class ControlProtocol(Protocol):
+    """The worker's end of the control pipe."""
+
+    def __init__(self, worker: WorkerService) -> None:
+        self.worker = worker
+        self.reader = LineReader()
+
+    def dataReceived(self, data: bytes) -> None:
+        try:
+            messages = self.reader.feed(data)
+        except MessageError as e:
+            log.error("the supervisor sent something unreadable: {error}", error=str(e))
+            return
+        for message in messages:
+            self.worker.on_message(message)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.worker.supervisor_gone()
+
+
+class WorkerService(ProxyService):
+    """The proxy of one worker process."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, config: Config, config_path: str | None, spec: dict[str, Any]) -> None:
+        self.index = int(spec["index"])
+        # One order per certificate whatever the number of workers: worker 0 orders, all serve.
+        self.acme_role = "issuer" if self.index == 0 else "watcher"
+        self.adopted = {(item["label"], item["description"]): int(item["fd"]) for item in spec["listeners"]}
+        super().__init__(reactor, config, config_path)
+        senders = {int(slot): socket.socket(fileno=int(fd)) for slot, fd in spec["handoff_out"].items()}
+        for sender in senders.values():
+            sender.setblocking(False)
+        self.handoff = Handoff(self.index, senders, self.metrics.handed_off)
+        self.https_factory.handoff = self.handoff
+        self.receiver = HandoffReceiver(reactor, socket.socket(fileno=int(spec["handoff_in"])), self.https_factory)
+        self.control: Any = None
+        self._names: list[str] = []
+        self._names_loop = LoopingCall(self._report_key_names)
+        self._names_loop.clock = reactor
+
+    # -- what differs from one process ----------------------------------------
+
+    def _wanted(self, config: Config) -> dict[tuple[str, str], Any]:
+        wanted = super()._wanted(config)
+        return {key: factory for key, factory in wanted.items() if factory is not self.admin_factory}
+
+    def _listener(self, key: tuple[str, str], factory: Any, refused: Any) -> Any:
+        fd = self.adopted.get(key)
+        if fd is None:
+            return NotPassed(self.reactor, key[1], factory, key[0], refused)
+        return AdoptedListener(self.reactor, fd, key[1], factory, key[0], refused)
+
+    def _install_signal_handlers(self) -> None:
+        # A terminal's Ctrl-C and SIGHUP reach the whole process group: the
+        # supervisor decides what they mean and tells us.
+        for name in ("SIGHUP", "SIGINT"):
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda signum, frame: self.reactor.callFromThread(self._terminate, signum))
+
+    def announce_ready(self) -> None:
+        self.log.info("worker {index} ready", index=self.index)
+        self.send("ready")
+
+    # -- life cycle ------------------------------------------------------------
+
+    def startService(self) -> None:
+        self.control = StandardIO(  # type: ignore[call-arg]  # (the POSIX one takes descriptors)
+            ControlProtocol(self), stdin=CONTROL_IN, stdout=CONTROL_OUT, reactor=self.reactor
+        )
+        self.receiver.start()
+        super().startService()
+        self._names_loop.start(KEY_NAMES_EVERY, now=True)
+
+    def stopService(self) -> Any:
+        if self._names_loop.running:
+            self._names_loop.stop()
+        self.receiver.stop()
+        return super().stopService()
+
+    def supervisor_gone(self) -> None:
+        if self.terminating:
+            return
+        self.log.warn("the supervisor is gone: stopping")
+        self._terminate(signal.SIGTERM)
+
+    # -- the control pipe --------------------------------------------------------
+
+    def send(self, kind: str, **fields: Any) -> None:
+        if self.control is not None:
+            self.control.write(encode(kind, **fields))
+
+    def on_message(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "reload":
+            self.reload()
+        elif kind == "tickets":
+            owners = message.get("owners", {})
+            self.handoff.update({int(slot): [bytes.fromhex(n) for n in names] for slot, names in owners.items()})
+        elif kind == "scrape":
+            self.send("scraped", id=message.get("id"), text=self.metrics.render().decode("utf-8", "replace"))
+        elif kind == "readiness":
+            ident = message.get("id")
+            AdminHandler(self, self.metrics.render).readiness().addCallback(
+                lambda problems: self.send("readiness", id=ident, problems=problems)
+            )
+        else:
+            self.log.warn("unknown message from the supervisor: {kind}", kind=kind)
+
+    def _report_key_names(self) -> None:
+        """Tell the supervisor which ticket key names are ours (after a rotation or a reload)."""
+        names = [g.key_name.hex() for g in self.generation.sni.tickets.generations if g.key_name is not None]
+        if names != self._names:
+            self._names = names
+            self.send("tickets", names=names)
+
+
+def build_worker(reactor: Any, config: Config, config_path: str | None, index: str, output: Any) -> WorkerService:
+    """Read what the supervisor passed, tune the process like a single one, and build its service."""
+    spec = read_spec()
+    if str(spec.get("index")) != str(index):
+        raise ConfigError([Problem(f"worker {index}", "", f"the supervisor's spec is for worker {spec.get('index')}")])
+    die_with_parent()
+    if output is not None:
+        output.worker = int(index)
+    streamline(reactor)
+    tune_collector()
+    problems = preflight.problems(config)
+    if problems:
+        raise ConfigError(problems)
+    return WorkerService(reactor, config, config_path, spec)
