@@ -248,7 +248,8 @@ class Supervisor(MultiService):
     # -- workers -----------------------------------------------------------------
 
     def argv(self, index: int) -> list[str]:
-        argv = [self.executable, "-m", "twisted", "tlsproxy", "--worker", str(index)]
+        # -P: the working directory is not put on sys.path (a stray tlsproxy/ there is not imported).
+        argv = [self.executable, "-P", "-m", "twisted", "tlsproxy", "--worker", str(index)]
         if self.config_path:
             argv += ["--config", self.config_path]
         return argv
