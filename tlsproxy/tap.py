@@ -570,7 +570,16 @@ def exit_with_status(service: ProxyService) -> None:
         os._exit(service.exit_status)
 
 
-def makeService(options: Options) -> Any:
+Build = Callable[[Any, Config, "Options", LogOutput | None], Any]
+
+
+def makeService(options: Options, build: Build | None = None) -> Any:
+    """``twist tlsproxy``: load the configuration, set the log output up, and ``build`` the service.
+
+    ``build`` (reactor, config, options, log output) defaults to the one-process
+    service; :mod:`tlsproxy.workers`, the plugin's entry, passes the one that
+    may be a supervisor or one of its workers.
+    """
     from twisted.internet import reactor
 
     try:
@@ -581,12 +590,10 @@ def makeService(options: Options) -> Any:
             output = LogOutput(config.server.log_format, twist_options.get("logLevel") or LogLevel.info)
             twist_options["fileLogObserverFactory"] = output
             twist_options["logFormat"] = config.server.log_format
-        if options["worker"] is not None or (config.server.workers > 1 and not config.dev):
-            from tlsproxy.workers import process_service
-
-            service = process_service(reactor, config, options["config"], options["worker"], output)
-        else:
+        if build is None:
             service = prepare_service(reactor, config, options["config"])
+        else:
+            service = build(reactor, config, options, output)
     except CANNOT_RUN as e:
         for line in cannot_run(e):
             print(f"tlsproxy: {line}", file=sys.stderr)

@@ -12,6 +12,7 @@ import inspect
 import tomllib
 from importlib import metadata
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import requests
@@ -221,6 +222,42 @@ class TwistedCanaryTests(SynchronousTestCase):
         self.assertTrue(compat_twisted.nothing_buffered(fd))
         fd._tempDataBuffer.append(b"x")
         self.assertFalse(compat_twisted.nothing_buffered(fd))
+
+    def test_tcp_connection_skips_shutdown_when_told(self) -> None:
+        """A TCP connection calls shutdown(2) before close unless _shouldShutdown is False (a handoff)."""
+        import socket as socket_module
+
+        from twisted.internet import tcp
+
+        calls: list[str] = []
+
+        class Socket:
+            def shutdown(self, how: int) -> None:
+                calls.append("shutdown")
+
+            def setsockopt(self, *args: Any) -> None:
+                calls.append("setsockopt")
+
+            def close(self) -> None:
+                calls.append("close")
+
+        reactor = EPollReactor()
+        try:
+            a, b = socket_module.socketpair()
+            self.addCleanup(a.close)
+            self.addCleanup(b.close)
+            connection = tcp.Connection(a, None, reactor=reactor)
+            self.assertTrue(connection._shouldShutdown)
+            connection.socket = Socket()
+            connection._shouldShutdown = False
+            connection._closeSocket(True)
+            self.assertEqual(calls, ["close"])
+            seen: list[bool] = []
+            fake: Any = SimpleNamespace(loseConnection=lambda: seen.append(fake._shouldShutdown))
+            compat_twisted.close_without_shutdown(fake)
+            self.assertEqual(seen, [False])
+        finally:
+            reactor._poller.close()
 
     def test_port_logs_accept_events_through_its_logger(self) -> None:
         """A TCP port keeps a Logger as _logger, and its accept loop logs the EMFILE events we count."""

@@ -48,3 +48,20 @@ def test_format_follows_the_output_as_it_changes() -> None:
     text, record = out.getvalue().splitlines()
     assert text.endswith("[tlsproxy#info] before")
     assert json.loads(record)["message"] == "after"
+
+
+def test_worker_lines_say_which_worker() -> None:
+    """In a worker process every line names the worker and its pid, in text and in JSON; else none do."""
+    out = io.StringIO()
+    output = LogOutput("text")
+    observer = output(out)
+    observer(event("alone"))
+    output.worker, output.pid = 2, 4242
+    observer(event("ready"))
+    output.log_format = "json"
+    observer(event("ready"))
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "1970-01-01T00:00:01Z [tlsproxy#info] alone"
+    assert lines[1] == "1970-01-01T00:00:01Z [tlsproxy#info] [worker 2 pid 4242] ready"
+    record = json.loads(lines[2])
+    assert (record["worker"], record["pid"], record["message"]) == (2, 4242, "ready")

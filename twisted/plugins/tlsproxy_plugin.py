@@ -1,3 +1,5 @@
 from twisted.application.service import ServiceMaker
 
-tlsproxy = ServiceMaker("tlsproxy", "tlsproxy.tap", "TLS-terminating reverse proxy with ACME certificates", "tlsproxy")
+tlsproxy = ServiceMaker(
+    "tlsproxy", "tlsproxy.workers", "TLS-terminating reverse proxy with ACME certificates", "tlsproxy"
+)

@@ -1,0 +1,261 @@
+"""The supervisor of `workers = N`: spawning, replacing, reloading, stopping; its messages and metrics."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import globalLogPublisher
+from twisted.python.failure import Failure
+
+from tlsproxy import config as configuration
+from tlsproxy.metrics import Metrics
+from tlsproxy.workers.admin import merge_metrics
+from tlsproxy.workers.messages import LineReader, MessageError, encode
+from tlsproxy.workers.supervisor import (
+    KILL_AFTER_GRACE,
+    LONGEST_PAUSE,
+    BoundListener,
+    Supervisor,
+    restart_delay,
+    why_ended,
+)
+from tlsproxy.workers.worker import CONTROL_IN, CONTROL_OUT
+
+
+class FakePort:
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.stopped = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def stopListening(self) -> None:
+        self.stopped = True
+
+
+class FakeProcess:
+    """What spawnProcess returns, as far as the supervisor uses it."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.written: list[tuple[int, bytes]] = []
+        self.signals: list[str] = []
+
+    def writeToChild(self, fd: int, data: bytes) -> None:
+        self.written.append((fd, data))
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+    def messages(self) -> list[dict[str, Any]]:
+        return LineReader().feed(b"".join(data for fd, data in self.written if fd == CONTROL_IN))
+
+
+class Spawner:
+    def __init__(self) -> None:
+        self.spawned: list[tuple[Any, FakeProcess, list[str], dict[int, Any]]] = []
+
+    def __call__(self, protocol: Any, executable: str, args: list[str], env: Any, childFDs: dict[int, Any]) -> None:
+        process = FakeProcess(1000 + len(self.spawned))
+        protocol.makeConnection(process)
+        self.spawned.append((protocol, process, args, childFDs))
+
+    def latest(self, index: int) -> tuple[Any, FakeProcess]:
+        for protocol, process, args, _ in reversed(self.spawned):
+            if args[args.index("--worker") + 1] == str(index):
+                return protocol, process
+        raise AssertionError(f"worker {index} never spawned")
+
+
+def write_config(tmp_path: Path, workers: int = 2, max_age: int = 1000) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[server]\nhttps = ["tcp:0:interface=127.0.0.1"]\nhttp = []\nstate_dir = "{tmp_path}"\n'
+        f"workers = {workers}\nshutdown_grace = 10\n"
+        '[acme]\nagree_tos = true\n[[site]]\nhosts = ["example.com"]\nupstream = "http://127.0.0.1:8000"\n'
+        f"hsts = {{ max_age = {max_age} }}\n"
+    )
+    return path
+
+
+class BoundSupervisor(Supervisor):
+    """A supervisor whose listener is a fake port (the memory reactor cannot stop reading)."""
+
+    def bind(self) -> bool:
+        self.listeners = [BoundListener("https", "tcp:0:interface=127.0.0.1", FakePort(42))]
+        return True
+
+
+def supervisor(tmp_path: Path, workers: int = 2) -> tuple[Supervisor, MemoryReactorClock, Spawner, Path]:
+    path = write_config(tmp_path, workers)
+    reactor = MemoryReactorClock()
+    spawner = Spawner()
+    service = BoundSupervisor(
+        reactor, configuration.load(str(path)), str(path), spawn=spawner, executable="/py", install_signals=False
+    )
+    service.startService()
+    return service, reactor, spawner, path
+
+
+def ended(protocol: Any, code: int | None = None, signum: int | None = None) -> None:
+    reason = ProcessDone(0) if code == 0 else ProcessTerminated(exitCode=code, signal=signum)
+    protocol.processEnded(Failure(reason))
+
+
+def test_restart_delay_grows_while_workers_die_young() -> None:
+    """The first death is replaced at once; deaths in a row wait 0.5 s, 1 s, 2 s... up to a cap."""
+    assert restart_delay(1) == 0.0
+    assert [restart_delay(n) for n in (2, 3, 4)] == [0.5, 1.0, 2.0]
+    assert restart_delay(50) == LONGEST_PAUSE
+
+
+def test_why_a_worker_ended() -> None:
+    """The log line says the exit status, or the signal by name."""
+    assert why_ended(Failure(ProcessTerminated(exitCode=3))) == "exited with status 3"
+    assert why_ended(Failure(ProcessTerminated(signal=signal.SIGKILL))) == "was killed by SIGKILL"
+    assert why_ended(Failure(ProcessDone(0))) == "exited with status 0"
+
+
+def test_each_worker_gets_listeners_handoff_sockets_and_its_spec(tmp_path: Path) -> None:
+    """N workers are spawned, each with the shared listener, its own handoff socket and the others' senders."""
+    service, _, spawner, path = supervisor(tmp_path, workers=3)
+    assert len(spawner.spawned) == 3
+    for index in range(3):
+        _, process = spawner.latest(index)
+        args, fds = next((a, f) for p, pr, a, f in spawner.spawned if pr is process)
+        assert args == ["/py", "-P", "-m", "twisted", "tlsproxy", "--worker", str(index), "--config", str(path)]
+        assert fds[CONTROL_IN] == "w" and fds[CONTROL_OUT] == "r"
+        (start,) = process.messages()
+        assert start["type"] == "start" and start["index"] == index
+        assert fds[start["handoff_in"]] == service.slots[index].handoff_in.fileno()
+        assert {int(k) for k in start["handoff_out"]} == set(range(3)) - {index}
+        for slot, fd in start["handoff_out"].items():
+            assert fds[fd] == service.slots[int(slot)].handoff_out.fileno()
+        (listener,) = start["listeners"]
+        assert fds[listener["fd"]] == 42 and listener["label"] == "https"
+
+
+def test_ready_is_said_once_every_worker_is(tmp_path: Path) -> None:
+    """"tlsproxy: ready" comes when the last worker says ready, not before."""
+    service, _, spawner, _ = supervisor(tmp_path)
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        spawner.latest(0)[0].childDataReceived(CONTROL_OUT, encode("ready"))
+        assert not service.announced
+        spawner.latest(1)[0].childDataReceived(CONTROL_OUT, encode("ready"))
+        assert service.announced
+        spawner.latest(1)[0].childDataReceived(CONTROL_OUT, encode("ready"))  # a replacement, later
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert [e["log_format"] for e in seen].count("tlsproxy: ready") == 1
+
+
+def test_dead_worker_replaced_at_once_then_with_backoff(tmp_path: Path) -> None:
+    """A worker that dies is replaced at once; one that keeps dying young waits longer each time."""
+    _, reactor, spawner, _ = supervisor(tmp_path)
+    reactor.advance(60)
+    protocol, _ = spawner.latest(1)
+    ended(protocol, signum=signal.SIGKILL)
+    reactor.advance(0)
+    replacement, process = spawner.latest(1)
+    assert replacement is not protocol
+    assert process.messages()[0]["index"] == 1
+    ended(replacement, code=1)  # died young: a second death in a row
+    reactor.advance(0.4)
+    assert spawner.latest(1)[0] is replacement
+    reactor.advance(0.2)
+    assert spawner.latest(1)[0] is not replacement
+    ended(spawner.latest(1)[0], code=1)
+    reactor.advance(0.9)
+    count = len(spawner.spawned)
+    reactor.advance(0.2)
+    assert len(spawner.spawned) == count + 1
+
+
+def test_key_names_go_to_every_worker_and_leave_with_a_dead_one(tmp_path: Path) -> None:
+    """Each worker's ticket key names are sent to all; a worker's names are withdrawn when it dies."""
+    _, reactor, spawner, _ = supervisor(tmp_path)
+    spawner.latest(0)[0].childDataReceived(CONTROL_OUT, encode("tickets", names=["aa" * 16]))
+    spawner.latest(1)[0].childDataReceived(CONTROL_OUT, encode("tickets", names=["bb" * 16, "cc" * 16]))
+    last = [m for m in spawner.latest(0)[1].messages() if m["type"] == "tickets"][-1]
+    assert last["owners"] == {"0": ["aa" * 16], "1": ["bb" * 16, "cc" * 16]}
+    ended(spawner.latest(1)[0], code=1)
+    last = [m for m in spawner.latest(0)[1].messages() if m["type"] == "tickets"][-1]
+    assert last["owners"] == {"0": ["aa" * 16]}
+
+
+def test_reload_reaches_workers_only_when_the_config_can_run(tmp_path: Path) -> None:
+    """SIGHUP: a config that does not load reaches no worker; a good one reaches every worker."""
+    service, _, spawner, path = supervisor(tmp_path)
+    path.write_text(path.read_text().replace("workers = 2", "workers = 0"))
+    service.reload()
+    for index in range(2):
+        assert all(m["type"] != "reload" for m in spawner.latest(index)[1].messages())
+    path.write_text(path.read_text().replace("workers = 0", "workers = 2").replace("1000", "5"))
+    service.reload()
+    for index in range(2):
+        assert [m["type"] for m in spawner.latest(index)[1].messages()].count("reload") == 1
+    assert service.config.sites[0].hsts.max_age == 5
+
+
+def test_stop_drains_every_worker_then_fires(tmp_path: Path) -> None:
+    """Stopping sends SIGTERM to each worker, replaces none of them, and fires once the last has gone."""
+    service, reactor, spawner, _ = supervisor(tmp_path)
+    stopping = service.stopService()
+    for index in range(2):
+        assert spawner.latest(index)[1].signals == ["TERM"]
+    ended(spawner.latest(0)[0], code=0)
+    assert not stopping.called
+    ended(spawner.latest(1)[0], code=0)
+    assert stopping.called
+    reactor.advance(100)
+    assert len(spawner.spawned) == 2
+    assert service.listeners[0].port.stopped
+
+
+def test_stop_kills_a_worker_past_the_grace(tmp_path: Path) -> None:
+    """A worker still there shutdown_grace + a few seconds after SIGTERM gets SIGKILL."""
+    service, reactor, spawner, _ = supervisor(tmp_path)
+    service.stopService()
+    ended(spawner.latest(0)[0], code=0)
+    reactor.advance(10 + KILL_AFTER_GRACE - 0.1)
+    assert spawner.latest(1)[1].signals == ["TERM"]
+    reactor.advance(0.2)
+    assert spawner.latest(1)[1].signals == ["TERM", "KILL"]
+
+
+def test_line_reader() -> None:
+    """Messages split at newlines whatever the chunks; garbage is an error, not a crash."""
+    reader = LineReader()
+    data = encode("ready") + encode("tickets", names=["ab"])
+    assert reader.feed(data[:5]) == []
+    assert [m["type"] for m in reader.feed(data[5:])] == ["ready", "tickets"]
+    with pytest.raises(MessageError):
+        reader.feed(b"[1, 2]\n")
+    with pytest.raises(MessageError):
+        reader.feed(b"{nope\n")
+
+
+def test_merged_metrics_sum_counters_and_keep_processes_apart() -> None:
+    """Requests add up over workers; certificate expiry is the earliest; process figures get a worker label."""
+    texts = {}
+    for index, (count, expiry) in enumerate(((3, 2000.0), (4, 1000.0))):
+        metrics = Metrics()
+        metrics.requests.labels("a", "200").inc(count)
+        metrics.upstream_latency.labels("a").observe(0.2)
+        text = metrics.render().decode()
+        text += f'tlsproxy_certificate_expiry_timestamp_seconds{{site="a"}} {expiry}\n'
+        texts[index] = text
+    merged = merge_metrics(texts).decode()
+    assert 'tlsproxy_requests_total{site="a",status="200"} 7.0' in merged
+    assert 'tlsproxy_upstream_latency_seconds_count{site="a"} 2.0' in merged
+    assert 'tlsproxy_certificate_expiry_timestamp_seconds{site="a"} 1000.0' in merged
+    assert 'process_resident_memory_bytes{worker="0"}' in merged
+    assert 'process_resident_memory_bytes{worker="1"}' in merged
