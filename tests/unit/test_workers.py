@@ -142,7 +142,7 @@ def test_each_worker_gets_listeners_handoff_sockets_and_its_spec(tmp_path: Path)
 
 
 def test_ready_is_said_once_every_worker_is(tmp_path: Path) -> None:
-    """"tlsproxy: ready" comes when the last worker says ready, not before."""
+    """ "tlsproxy: ready" comes when the last worker says ready, not before."""
     service, _, spawner, _ = supervisor(tmp_path)
     seen: list[dict[str, Any]] = []
     globalLogPublisher.addObserver(seen.append)
