@@ -21,6 +21,8 @@ import pytest
 import trustme
 from cryptography import x509
 
+from tests.integration import test_acme_e2e as e2e
+from tests.integration.pebble import Pebble, pebble, requires_pebble  # noqa: F401 (pebble is a fixture)
 from tests.integration.procs import Process, free_port, running, tlsproxy
 
 pytestmark = pytest.mark.integration
@@ -320,3 +322,49 @@ def test_workers_leave_when_the_supervisor_is_killed(tmp_path: Path, backend: in
         while not all(gone(pid) for pid in pids):
             assert time.monotonic() < deadline, "a worker outlived its supervisor"
             time.sleep(0.1)
+
+
+@requires_pebble
+@pytest.mark.parametrize("challenge", ["http-01", "tls-alpn-01"])
+def test_pebble_one_order_served_by_every_worker(pebble: Pebble, backend: int, tmp_path: Path, challenge: str) -> None:
+    """workers = 3: one order, whichever worker Pebble reaches answers its challenge, and every worker serves it."""
+    hosts = e2e.fresh_hosts()
+    https_port = free_port() if challenge == "http-01" else pebble.tls_port
+    config = e2e.write_config(
+        tmp_path / "tlsproxy.toml",
+        pebble,
+        hosts,
+        f"http://127.0.0.1:{backend}",
+        challenges=(challenge,),
+        http=challenge == "http-01",
+        https_port=https_port,
+    )
+    config.write_text(config.read_text().replace("[server]\n", '[server]\nworkers = 3\nlog_format = "json"\n', 1))
+    roots = pebble.roots_pem()
+    orders = e2e.orders_seen(pebble)
+    with tlsproxy(config) as process:
+        leaf = e2e.wait_for_certificate(https_port, hosts, roots, deadline=90)
+        running_proxy = Running(tmp_path, https_port, 0, backend, config, process, trustme.CA())
+        first_served = time.monotonic()
+        start = len(process.lines)
+        context = ssl.create_default_context(cadata=roots.decode())
+        last_failure = None
+        for _ in range(300):
+            connection = e2e.Connection(hosts[0], https_port, context)
+            try:
+                assert connection.get()[0] == 200
+                assert connection.peer_serial() == leaf.serial_number
+            except ssl.SSLError:  # a worker that has not read the store yet
+                last_failure = time.monotonic()
+            finally:
+                connection.close()
+            time.sleep(0.01)
+            if set(running_proxy.served_by(start)) == {0, 1, 2}:
+                break
+        # The other workers serve it within a few seconds of the one that ordered.
+        assert last_failure is None or last_failure - first_served < 3
+        assert set(running_proxy.served_by(start)) == {0, 1, 2}
+        assert e2e.orders_seen(pebble) - orders == 1
+        # Only worker 0 orders; the others found the certificate in the store.
+        ordering = {r.get("worker") for r in running_proxy.records() if r.get("message", "").startswith("checking the")}
+        assert ordering == {0}

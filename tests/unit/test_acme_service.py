@@ -568,3 +568,35 @@ def test_start_reads_once_and_queues_no_scan(tmp_path: Path) -> None:
     h.clock.advance(2.0)
     assert len(threads.jobs) == 1
     svc.stopService()
+
+
+def test_worker_roles_one_orders_the_others_watch(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With workers, the issuer orders and publishes its answers in the store too; a watcher never orders."""
+    watcher = h.service()
+    watcher.role = "watcher"
+    watcher_sni = h.sni
+    watcher.startService()
+    h.clock.advance(60)
+    assert h.ca.orders == []
+    published: list[str] = []
+    publish = CertificateStore.publish_challenge
+
+    def recording(store: CertificateStore, kind: str, name: str, keyauth: str) -> None:
+        published.append(kind)
+        publish(store, kind, name, keyauth)
+
+    monkeypatch.setattr(CertificateStore, "publish_challenge", recording)
+    issuer = h.service()
+    issuer.role, issuer.challenge_settle = "issuer", 0
+    renewed: list[str] = []
+    issuer.renewed = renewed.append
+    issuer.startService()
+    assert len(h.ca.orders) == 1
+    assert published and set(published) <= {"http-01", "tls-alpn-01"}
+    assert renewed == ["example.com"]
+    assert watcher_sni.sni_map.context_of("example.com") is None
+    watcher.scan()  # what the "renewed" message makes a watcher do
+    assert watcher_sni.sni_map.context_of("example.com") is not None
+    assert len(h.ca.orders) == 1
+    watcher.stopService()
+    issuer.stopService()

@@ -259,3 +259,12 @@ def test_merged_metrics_sum_counters_and_keep_processes_apart() -> None:
     assert 'tlsproxy_certificate_expiry_timestamp_seconds{site="a"} 1000.0' in merged
     assert 'process_resident_memory_bytes{worker="0"}' in merged
     assert 'process_resident_memory_bytes{worker="1"}' in merged
+
+
+def test_a_renewal_is_announced_to_the_other_workers(tmp_path: Path) -> None:
+    """A worker that renewed a certificate makes every other worker read the store at once."""
+    _, _, spawner, _ = supervisor(tmp_path, workers=3)
+    spawner.latest(0)[0].childDataReceived(CONTROL_OUT, encode("renewed", site="example.com"))
+    assert all(m["type"] != "renewed" for m in spawner.latest(0)[1].messages())
+    for index in (1, 2):
+        assert {"type": "renewed", "site": "example.com"} in spawner.latest(index)[1].messages()

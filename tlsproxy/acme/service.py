@@ -186,6 +186,10 @@ class CertificateService(Service):
         self._store_http: dict[str, str] = {}
         self._store_alpn: dict[str, str] = {}
         self._loop: LoopingCall | None = None
+        # How long an issuer waits for the other workers to read its challenges from the store.
+        self.challenge_settle = poll_interval + 1.5
+        # Called with a site's name when a renewal here installed its new certificate.
+        self.renewed: Callable[[str], object] | None = None
         self._running_jobs: set[Deferred[Any]] = set()
 
     def _blocking_in_reactor(self, f: Callable[..., Any], *args: Any) -> Any:
@@ -251,17 +255,23 @@ class CertificateService(Service):
         # The first tick comes straight after the scan startService made: no second one
         # (it would start the thread pool while the process is still starting).
         fresh, self._scanned_at_start = self._scanned_at_start, False
-        if not self._scanning and not fresh:
-            self._scanning = True
-            alpn = dict(self._store_alpn) if self._acme else None
-            d = self._run(self._scan_blocking, self._wanted(), alpn)
-            d.addCallback(lambda scan: self._apply(scan, self.now()) if self.running else None)
-            d.addErrback(lambda f: self.log.failure("polling the certificate files failed", f))
-            d.addBoth(self._scanned)
+        if not fresh:
+            self.scan()
         now = self.now()
         for watch in self._acme.values():
             if not watch.busy and watch.next_check is not None and now >= watch.next_check:
                 self._start_check(watch)
+
+    def scan(self) -> None:
+        """Look at the store and the watched files now (a worker told that another one renewed)."""
+        if self._scanning:
+            return
+        self._scanning = True
+        alpn = dict(self._store_alpn) if self._acme else None
+        d = self._run(self._scan_blocking, self._wanted(), alpn)
+        d.addCallback(lambda scan: self._apply(scan, self.now()) if self.running else None)
+        d.addErrback(lambda f: self.log.failure("polling the certificate files failed", f))
+        d.addBoth(self._scanned)
 
     def _scanned(self, _: Any) -> None:
         self._scanning = False
@@ -421,7 +431,7 @@ class CertificateService(Service):
         table = TableResponder(self.http01, self.alpn01, self._in_reactor)
         if self.role != "issuer":
             return table
-        return SharedResponder(table, StoreResponder(self.store, settle=self.poll_interval + 1.5))
+        return SharedResponder(table, StoreResponder(self.store, settle=self.challenge_settle))
 
     def _start_check(self, watch: _Watch) -> None:
         watch.busy = True
@@ -439,7 +449,9 @@ class CertificateService(Service):
                 if outcome.error is not None:
                     self.metrics.renewal_failures.labels(watch.site.name).inc()
             if outcome.certified is not None and check_usable(outcome.certified, watch.site.hosts, now) is None:
-                self._install(watch, outcome.certified, "a renewal" if outcome.renewed else "the store")
+                installed = self._install(watch, outcome.certified, "a renewal" if outcome.renewed else "the store")
+                if installed and outcome.renewed and self.renewed is not None:
+                    self.renewed(watch.site.name)
             if outcome.error is not None:
                 self.log.error(
                     "certificate for {site} not renewed: {error}; next attempt at {retry}",

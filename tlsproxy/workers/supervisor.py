@@ -329,6 +329,10 @@ class Supervisor(MultiService):
             if isinstance(names, list):
                 slot.key_names = [str(n) for n in names]
                 self.broadcast_key_names()
+        elif kind == "renewed":
+            for process in self.live():
+                if process.slot is not slot:
+                    process.send("renewed", site=str(message.get("site", "")))
         elif kind in ("scraped", "readiness"):
             self.admin.answer(slot.index, message)
         else:

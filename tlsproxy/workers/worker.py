@@ -145,6 +145,7 @@ class WorkerService(ProxyService):
         self._names: list[str] = []
         self._names_loop = LoopingCall(self._report_key_names)
         self._names_loop.clock = reactor
+        self._hook_certificates()
 
     # -- what differs from one process ----------------------------------------
 
@@ -169,6 +170,20 @@ class WorkerService(ProxyService):
     def announce_ready(self) -> None:
         self.log.info("worker {index} ready", index=self.index)
         self.send("ready")
+
+    def reload(self) -> None:
+        super().reload()
+        self._hook_certificates()
+
+    def _certificate_services(self) -> list[Any]:
+        from tlsproxy.acme.service import CertificateService
+
+        return [s for s in self.generation.certificates if isinstance(s, CertificateService)]
+
+    def _hook_certificates(self) -> None:
+        """A renewal here is announced, so the other workers read the store at once, not at their next poll."""
+        for service in self._certificate_services():
+            service.renewed = lambda site: self.send("renewed", site=site)
 
     # -- life cycle ------------------------------------------------------------
 
@@ -202,6 +217,9 @@ class WorkerService(ProxyService):
         kind = message["type"]
         if kind == "reload":
             self.reload()
+        elif kind == "renewed":
+            for service in self._certificate_services():
+                service.scan()
         elif kind == "tickets":
             owners = message.get("owners", {})
             self.handoff.update({int(slot): [bytes.fromhex(n) for n in names] for slot, names in owners.items()})
