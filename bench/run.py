@@ -108,13 +108,13 @@ def free_port() -> int:
 class Proc:
     """A child in its own process group, pinned to a core, output to a log file."""
 
-    def __init__(self, name: str, argv: list[str], cpu: str, logdir: Path, env: dict[str, str] | None = None):
+    def __init__(self, name: str, argv: list[str], cpu: str | None, logdir: Path, env: dict[str, str] | None = None):
         self.name = name
         self.logpath = logdir / f"{name}.log"
         self._log = open(self.logpath, "w")
         # taskset execs the command, so the pid we get is the server's own.
         self.p = subprocess.Popen(
-            ["taskset", "-c", cpu, *argv],
+            ["taskset", "-c", cpu, *argv] if cpu is not None else argv,
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -187,11 +187,11 @@ def rss_kib(pid: int) -> int:
     raise NA("no VmRSS")
 
 
-def run_tool(argv: list[str], timeout: float) -> str:
-    """Run a load generator pinned to the load core; its stdout (stderr folded in)."""
+def run_tool(argv: list[str], timeout: float, pinned: bool = True) -> str:
+    """Run a load generator pinned to the load core (unless not ``pinned``); its stdout (stderr folded in)."""
     try:
         r = subprocess.run(
-            ["taskset", "-c", LOAD_CPU, *argv],
+            ["taskset", "-c", LOAD_CPU, *argv] if pinned else argv,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -317,7 +317,7 @@ hsts = {{ max_age = 0 }}
 """
 
 
-def start_nginx(name: str, d: Path, conf: str, port: int, cpu: str, logdir: Path) -> Proc:
+def start_nginx(name: str, d: Path, conf: str, port: int, cpu: str | None, logdir: Path) -> Proc:
     d.mkdir(parents=True, exist_ok=True)
     (d / "nginx.conf").write_text(conf)
     p = Proc(name, [NGINX, "-p", str(d), "-c", str(d / "nginx.conf"), "-e", str(d / "error.log")], cpu, logdir)
@@ -405,8 +405,8 @@ def check_proxies(c: Ctx) -> None:
         raise NA(f"GET /small gave {r.status} with {len(body)} bytes, not the backend's body")
 
 
-def wrk(url: str, seconds: int, conns: int = 32) -> dict[str, float]:
-    out = run_tool(["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", url], timeout=seconds + 30)
+def wrk(url: str, seconds: int, conns: int = 32, pinned: bool = True, threads: int = 1) -> dict[str, float]:
+    out = run_tool(["wrk", f"-t{threads}", f"-c{conns}", f"-d{seconds}s", url], timeout=seconds + 30, pinned=pinned)
     m = re.search(r"Requests/sec:\s*([\d.]+)", out)
     if not m:
         raise NA(f"no Requests/sec in wrk output: {out[-200:]}")
@@ -799,6 +799,94 @@ def run_slow_clients(tmp: Path, cert: Path, key: Path, cafile: Path, logs: Path,
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- workers
+
+WORKER_COUNTS = (1, 2)
+
+
+def run_workers(tmp: Path, cert: Path, key: Path, logs: Path, plan: Plan, say: Callable[[str], None]) -> str:
+    """Keep-alive req/s of tlsproxy `workers = 1` and 2 next to nginx `worker_processes 1` and 2, unpinned.
+
+    Nothing is pinned: the proxy's processes, wrk (2 threads) and the backend nginx share every core,
+    as they would on a small server.
+    """
+    big = tmp / "big.bin"
+    big.write_bytes(b"")
+    backend_port = free_port()
+    d = tmp / "workers-backend"
+    backend = start_nginx("backend", d, backend_conf(d, backend_port, big), backend_port, None, logs)
+    results: dict[tuple[str, int], object] = {}
+    try:
+        for name in ("nginx", "tlsproxy"):
+            for count in WORKER_COUNTS:
+                port = free_port()
+                try:
+                    if name == "nginx":
+                        d = tmp / f"workers-nginx-{count}"
+                        conf = nginx_proxy_conf(d, port, backend_port, cert, key).replace(
+                            "worker_processes 1;\nmaster_process off;", f"worker_processes {count};"
+                        )
+                        proc = start_nginx(f"nginx-{count}", d, conf, port, None, logs)
+                    else:
+                        conf_path = tmp / f"tlsproxy-workers-{count}.toml"
+                        conf_path.write_text(
+                            tlsproxy_conf(port, backend_port, cert, key, True).replace(
+                                "[server]\n", f"[server]\nworkers = {count}\n", 1
+                            )
+                        )
+                        proc = Proc(
+                            f"tlsproxy-{count}",
+                            [twist_path(), "tlsproxy", "--config", str(conf_path)],
+                            None,
+                            logs,
+                            env={"PYTHONUNBUFFERED": "1"},
+                        )
+                        proc.wait_ready("tlsproxy: ready", port, 60)
+                except NA as e:
+                    results[(name, count)] = e
+                    say(f"  {name} x{count}: n/a ({e})")
+                    continue
+                try:
+                    url = f"https://localhost:{port}/small"
+                    wrk(url, plan.warmup_s, pinned=False, threads=2)
+                    runs = sorted(
+                        wrk(url, plan.keepalive_s, pinned=False, threads=2)["rps"]
+                        for _ in range(plan.keepalive_repeats)
+                    )
+                    results[(name, count)] = runs[len(runs) // 2]
+                    say(f"  {name} x{count}: {results[(name, count)]:,.0f} req/s")
+                except NA as e:
+                    results[(name, count)] = e
+                finally:
+                    proc.stop()
+    finally:
+        backend.stop()
+    header = " | ".join(f"{n} x{c}" for n in ("nginx", "tlsproxy") for c in WORKER_COUNTS)
+    lines = [
+        "Worker processes: keep-alive requests/s (wrk -t2 -c32, 100 B body; median run), nothing pinned: the"
+        " proxy's processes, wrk and the backend nginx share every core.",
+        "",
+        f"| | {header} | tlsproxy x2 / x1 | nginx x2 / x1 | tlsproxy x2 / nginx x2 |",
+        "| --- | " + " | ".join("---:" for _ in range(2 * len(WORKER_COUNTS) + 3)) + " |",
+    ]
+    cells = [cell(results.get((n, c), NA("not run")), "{:,.0f}") for n in ("nginx", "tlsproxy") for c in WORKER_COUNTS]
+    tp1, tp2 = num(results.get(("tlsproxy", 1))), num(results.get(("tlsproxy", 2)))
+    ng1, ng2 = num(results.get(("nginx", 1))), num(results.get(("nginx", 2)))
+    lines.append(
+        f"| keep-alive req/s | {' | '.join(cells)} | {ratio(tp2, tp1)} | {ratio(ng2, ng1)} | {ratio(tp2, ng2)} |"
+    )
+    lines += ["", "Targets:", ""]
+    for label, a, b, bound in (
+        ("tlsproxy workers = 2 >= 1.35x workers = 1", tp2, tp1, 1.35),
+        ("tlsproxy workers = 2 >= 0.40 of nginx worker_processes 2", tp2, ng2, 0.40),
+    ):
+        if a is None or not b:
+            lines.append(f"- {label}: n/a")
+        else:
+            lines.append(f"- {label}: {a / b:.2f} -> {'MET' if a / b >= bound else 'NOT MET'}")
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- report
 
 ROWS = [
@@ -935,6 +1023,11 @@ def main() -> int:
         help="measure only these proxies (repeatable); the others show n/a",
     )
     ap.add_argument(
+        "--workers",
+        action="store_true",
+        help="run only the worker-process case (tlsproxy workers = 1/2 vs nginx worker_processes 1/2, unpinned)",
+    )
+    ap.add_argument(
         "--slow-clients",
         action="store_true",
         help="run only the slow-client case (gunicorn -w 1; about 40 s) and print its table",
@@ -967,6 +1060,19 @@ def main() -> int:
     started = time.monotonic()
     loadavg = " ".join(Path("/proc/loadavg").read_text().split()[:3])
     stamp = datetime.datetime.now().astimezone()
+    if args.workers:
+        with tempfile.TemporaryDirectory(prefix="tlsproxy-bench-") as tmpname:
+            tmp = Path(tmpname)
+            logs = tmp / "logs"
+            logs.mkdir()
+            cert, key, cafile = make_cert(tmp)
+            table = run_workers(tmp, cert, key, logs, plan, say)
+        table = f"Run: {stamp:%Y-%m-%d %H:%M %Z} on {machine()}; load average before: {loadavg}.\n\n" + table
+        print(table)
+        out = HERE / "results-workers.md" if args.out == str(HERE / "results-latest.md") else Path(args.out)
+        out.write_text(table)
+        say(f"bench: table written to {out}")
+        return 0
     if args.slow_clients:
         with tempfile.TemporaryDirectory(prefix="tlsproxy-bench-") as tmpname:
             tmp = Path(tmpname)
