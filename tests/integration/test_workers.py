@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import ssl
@@ -23,7 +24,7 @@ from cryptography import x509
 
 from tests.integration import test_acme_e2e as e2e
 from tests.integration.pebble import Pebble, pebble, requires_pebble  # noqa: F401 (pebble is a fixture)
-from tests.integration.procs import Process, free_port, running, tlsproxy
+from tests.integration.procs import BIN, Process, free_port, running, tlsproxy
 
 pytestmark = pytest.mark.integration
 BACKEND = str(Path(__file__).with_name("backend.py"))
@@ -239,6 +240,8 @@ def test_metrics_count_every_worker(proxy: Running) -> None:
     assert counter(text, "tlsproxy_requests_total") - before == made
     for index in range(WORKERS):
         assert f'process_resident_memory_bytes{{worker="{index}"}}' in text
+    with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin}/readyz", timeout=10) as answer:
+        assert (answer.status, answer.read()) == (200, b"ready\n")
 
 
 def test_sighup_reaches_every_worker_and_a_bad_config_none(proxy: Running) -> None:
@@ -368,3 +371,32 @@ def test_pebble_one_order_served_by_every_worker(pebble: Pebble, backend: int, t
         # Only worker 0 orders; the others found the certificate in the store.
         ordering = {r.get("worker") for r in running_proxy.records() if r.get("message", "").startswith("checking the")}
         assert ordering == {0}
+
+
+@pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed")
+def test_systemd_sockets_are_shared_by_the_workers(tmp_path: Path, backend: int) -> None:
+    """Under socket activation the supervisor adopts systemd's socket and its workers accept on it."""
+    ca = trustme.CA()
+    write_leaf(ca, tmp_path, "site")
+    (tmp_path / "state").mkdir(mode=0o700)
+    port = free_port()
+    config = tmp_path / "config.toml"
+    text = config_text(tmp_path, port, free_port(), backend, 1000).replace(
+        f'https = ["tcp:{port}:interface=127.0.0.1"]', 'https = ["systemd:domain=INET:name=https"]'
+    )
+    config.write_text(text.replace('admin = "', '# admin = "'))
+    argv = [shutil.which("systemd-socket-activate") or "", "-l", f"127.0.0.1:{port}", "--fdname=https"]
+    with running([*argv, str(BIN / "twist"), "tlsproxy", "--config", str(config)]) as process:
+        process.wait_for_line(f":{port} as 3", 10)
+        activated = Running(tmp_path, port, 0, backend, config, process, ca)
+        deadline = time.monotonic() + 30
+        while True:  # the first connection makes systemd-socket-activate exec tlsproxy
+            try:
+                assert activated.get()[0] == 200
+                break
+            except (ConnectionError, ssl.SSLError, OSError):
+                assert time.monotonic() < deadline, process.output
+                time.sleep(0.2)
+        process.wait_for_line("tlsproxy: ready", 30)
+        assert "Execing" in process.output
+        assert requests_until_every_worker(activated) == set(range(WORKERS))

@@ -71,3 +71,17 @@ def test_usage_error_is_2() -> None:
     with pytest.raises(SystemExit) as info:
         run("renew")
     assert info.value.code == 2
+
+
+def test_check_refuses_bad_worker_counts_and_shows_good_ones(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`tlsproxy check` exits 2 for workers = 0, -1 or a word other than auto, and shows the count it runs."""
+    config = acme_config(tmp_path)
+    for bad in ("0", "-1", "lots"):
+        monkeypatch.setenv("TLSPROXY_SERVER_WORKERS", bad)
+        status, out, err = run("check", "-c", config)
+        assert (status, out) == (2, ""), bad
+        assert "server.workers" in err and '"auto"' in err, err
+    monkeypatch.setenv("TLSPROXY_SERVER_WORKERS", "3")
+    status, out, _ = run("check", "-c", config)
+    assert status == 0
+    assert "workers = 3 (a supervisor and its workers)" in out

@@ -285,7 +285,7 @@ class Supervisor(MultiService):
         slot.process = process
         self.spawn(process, self.executable, self.argv(slot.index), env=dict(os.environ), childFDs=child_fds)
         process.send("start", **spec)
-        self.log.info("worker {index} started (pid {pid})", index=slot.index, pid=process.pid)
+        self.log.info("worker {index} started (pid {worker_pid})", index=slot.index, worker_pid=process.pid)
 
     def worker_ended(self, process: WorkerProcess, reason: Any) -> None:
         slot = process.slot
@@ -296,16 +296,16 @@ class Supervisor(MultiService):
             self.broadcast_key_names()
         why = why_ended(reason)
         if self.stopping:
-            self.log.info("worker {index} (pid {pid}) {why}", index=slot.index, pid=process.pid, why=why)
+            self.log.info("worker {index} (pid {worker_pid}) {why}", index=slot.index, worker_pid=process.pid, why=why)
             self._check_all_gone()
             return
         lived = self.reactor.seconds() - process.started
         slot.young_deaths = slot.young_deaths + 1 if lived < STABLE_AFTER else 1
         delay = restart_delay(slot.young_deaths)
         self.log.error(
-            "worker {index} (pid {pid}) {why} after {lived:.1f}s; replacing it{when}",
+            "worker {index} (pid {worker_pid}) {why} after {lived:.1f}s; replacing it{when}",
             index=slot.index,
-            pid=process.pid,
+            worker_pid=process.pid,
             why=why,
             lived=lived,
             when=f" in {delay:g}s ({slot.young_deaths} early deaths in a row)" if delay else "",
@@ -443,7 +443,9 @@ class Supervisor(MultiService):
     def _kill_stragglers(self) -> None:
         for process in self.live():
             self.log.warn(
-                "worker {index} (pid {pid}) still running: SIGKILL", index=process.slot.index, pid=process.pid
+                "worker {index} (pid {worker_pid}) still running: SIGKILL",
+                index=process.slot.index,
+                worker_pid=process.pid,
             )
             process.signal("KILL")
 
