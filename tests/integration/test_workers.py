@@ -400,3 +400,21 @@ def test_systemd_sockets_are_shared_by_the_workers(tmp_path: Path, backend: int)
         process.wait_for_line("tlsproxy: ready", 30)
         assert "Execing" in process.output
         assert requests_until_every_worker(activated) == set(range(WORKERS))
+
+
+def test_port_in_use_exits_1_with_no_worker_started(tmp_path: Path, backend: int) -> None:
+    """A listener the supervisor cannot bind: one line saying why, no worker, exit status 1."""
+    ca = trustme.CA()
+    write_leaf(ca, tmp_path, "site")
+    (tmp_path / "state").mkdir(mode=0o700)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "config.toml"
+        config.write_text(config_text(tmp_path, port, free_port(), backend, 1000))
+        with running([str(BIN / "twist"), "tlsproxy", "--config", str(config)]) as process:
+            assert process.proc.wait(30) == 1
+            process._reader.join(5)
+            assert "another process listens there" in process.output
+            assert "worker 0 started" not in process.output

@@ -192,3 +192,13 @@ class HandoffSocketTests(SynchronousTestCase):
         self.assertTrue(built[0].handed_in)
         receiver.doRead()  # nothing more waiting: returns
         self.assertEqual(len(built), 1)
+
+    def test_proxy_protocol_connections_stay(self) -> None:
+        """A connection behind a PROXY protocol wrapper is never moved: its client address would be lost."""
+        from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+
+        wrapper = ProtocolWrapper(WrappingFactory(None), None)  # type: ignore[arg-type]
+        wrapper.transport = FakeTransport(self.accepted)  # type: ignore[assignment]
+        protocol = SimpleNamespace(transport=wrapper)
+        self.assertFalse(self.handoff(protocol, ClientHello("x", (b"B" * 16 + b"t",)), b"x"))
+        self.assertFalse(wrapper.transport.lost)  # type: ignore[attr-defined]

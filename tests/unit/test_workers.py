@@ -22,6 +22,7 @@ from tlsproxy.workers.supervisor import (
     BoundListener,
     Supervisor,
     restart_delay,
+    twist_options,
     why_ended,
 )
 from tlsproxy.workers.worker import CONTROL_IN, CONTROL_OUT
@@ -268,3 +269,11 @@ def test_a_renewal_is_announced_to_the_other_workers(tmp_path: Path) -> None:
     assert all(m["type"] != "renewed" for m in spawner.latest(0)[1].messages())
     for index in (1, 2):
         assert {"type": "renewed", "site": "example.com"} in spawner.latest(index)[1].messages()
+
+
+def test_twist_options_are_passed_on() -> None:
+    """Options given to twist itself (log format, level, reactor) reach the workers; tlsproxy's do not."""
+    argv = ["/venv/bin/twist", "--log-format", "json", "--log-level=debug", "tlsproxy", "--config", "x.toml"]
+    assert twist_options(argv) == ["--log-format", "json", "--log-level=debug"]
+    assert twist_options(["/venv/bin/twist", "tlsproxy"]) == []
+    assert twist_options(["pytest", "-q"]) == []

@@ -24,6 +24,7 @@ from typing import Any
 
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
 
 from tlsproxy.compat.twisted import close_without_shutdown
 from tlsproxy.tls.hello import ClientHello
@@ -66,6 +67,9 @@ class Handoff:
         if sender is None:
             return False
         transport = protocol.transport
+        if isinstance(transport, ProtocolWrapper):
+            # A PROXY protocol listener: the client's address came in a header the owner would not see.
+            return False
         try:
             socket.send_fds(sender, [data], [transport.fileno()])
         except OSError as e:  # the owner's queue is full, or it is being replaced

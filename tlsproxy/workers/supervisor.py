@@ -50,6 +50,13 @@ KILL_AFTER_GRACE = 5.0
 HANDOFF_BUFFER = 4 * 1024 * 1024
 
 
+def twist_options(argv: list[str]) -> list[str]:
+    """``twist``'s own options as this process got them (``--log-format json``...): the workers get them too."""
+    if "tlsproxy" not in argv[1:]:
+        return []
+    return argv[1 : argv.index("tlsproxy", 1)]
+
+
 def restart_delay(young_deaths: int) -> float:
     """Seconds before replacing a worker, after ``young_deaths`` deaths in a row before STABLE_AFTER."""
     if young_deaths <= 1:
@@ -190,6 +197,7 @@ class Supervisor(MultiService):
         self.load_config = load_config or (lambda: configuration.load(config_path))
         self.executable = executable
         self.install_signals = install_signals
+        self.twist_options = twist_options(sys.argv)
         self.exit_status = 0
         self.terminating = False
         self.stopping = False
@@ -249,7 +257,7 @@ class Supervisor(MultiService):
 
     def argv(self, index: int) -> list[str]:
         # -P: the working directory is not put on sys.path (a stray tlsproxy/ there is not imported).
-        argv = [self.executable, "-P", "-m", "twisted", "tlsproxy", "--worker", str(index)]
+        argv = [self.executable, "-P", "-m", "twisted", *self.twist_options, "tlsproxy", "--worker", str(index)]
         if self.config_path:
             argv += ["--config", self.config_path]
         return argv
