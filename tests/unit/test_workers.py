@@ -277,3 +277,18 @@ def test_twist_options_are_passed_on() -> None:
     assert twist_options(argv) == ["--log-format", "json", "--log-level=debug"]
     assert twist_options(["/venv/bin/twist", "tlsproxy"]) == []
     assert twist_options(["pytest", "-q"]) == []
+
+
+def test_metrics_do_not_wait_for_a_worker_that_died(tmp_path: Path) -> None:
+    """A scrape asked of a worker that then dies is answered with the others' figures, at once."""
+    service, reactor, spawner, _ = supervisor(tmp_path)
+    asked = service.admin.ask("scrape")
+    (ident,) = [m["id"] for m in spawner.latest(0)[1].messages() if m["type"] == "scrape"]
+    spawner.latest(0)[0].childDataReceived(CONTROL_OUT, encode("scraped", id=ident, text="a_total 1\n"))
+    assert not asked.called
+    protocol, process = spawner.latest(1)
+    protocol.childConnectionLost(CONTROL_IN)
+    protocol.send("tickets", owners={})  # its pipe is closed: nothing is written
+    assert [m["type"] for m in process.messages()].count("tickets") == 0
+    ended(protocol, signum=signal.SIGKILL)
+    assert list(asked.result) == [0]

@@ -109,6 +109,13 @@ class SupervisorAdmin:
         if not waiting:
             self._finish(message["id"])
 
+    def worker_gone(self, index: int) -> None:
+        """A worker ended: no answer is coming from it."""
+        for ident, (_, waiting, _) in list(self._asking.items()):
+            waiting.discard(index)
+            if not waiting:
+                self._finish(ident)
+
     def _finish(self, ident: int) -> None:
         asking = self._asking.pop(ident, None)
         if asking is not None:

@@ -137,6 +137,7 @@ class WorkerProcess(ProcessProtocol):
         self.reader = LineReader()
         self.pid: int | None = None
         self.ended = False
+        self.deaf = False
 
     transport: Any
 
@@ -144,8 +145,12 @@ class WorkerProcess(ProcessProtocol):
         self.pid = self.transport.pid
 
     def send(self, kind: str, **fields: Any) -> None:
-        if not self.ended:
+        if not self.ended and not self.deaf:
             self.transport.writeToChild(CONTROL_IN, encode(kind, **fields))
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == CONTROL_IN:
+            self.deaf = True  # dying: its end of the pipe is closed before processEnded
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD != CONTROL_OUT:
@@ -302,6 +307,7 @@ class Supervisor(MultiService):
             slot.ready = False
             slot.key_names = []
             self.broadcast_key_names()
+        self.admin.worker_gone(slot.index)
         why = why_ended(reason)
         if self.stopping:
             self.log.info("worker {index} (pid {worker_pid}) {why}", index=slot.index, worker_pid=process.pid, why=why)
