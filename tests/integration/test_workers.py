@@ -418,3 +418,28 @@ def test_port_in_use_exits_1_with_no_worker_started(tmp_path: Path, backend: int
             process._reader.join(5)
             assert "another process listens there" in process.output
             assert "worker 0 started" not in process.output
+
+
+def test_sighup_with_more_workers_replaces_them_all(tmp_path: Path, backend: int) -> None:
+    """SIGHUP from 2 to 3 workers: three new workers serve, the two old ones exit, no request fails."""
+    for running_proxy in start(tmp_path, backend):
+        old = set(running_proxy.worker_pids().values())
+        start_line = len(running_proxy.process.lines)
+        running_proxy.config.write_text(running_proxy.config.read_text().replace("workers = 2", "workers = 3"))
+        running_proxy.process.signal(signal.SIGHUP)
+        for _ in range(10):
+            assert running_proxy.get()[0] == 200
+        running_proxy.process.wait_for_line("configuration reloaded: 3 new workers serve it", start=start_line)
+        pids = running_proxy.worker_pids()
+        assert sorted(pids) == [0, 1, 2] and not old & set(pids.values())
+        deadline = time.monotonic() + 20
+        while not all(gone(pid) for pid in old):
+            assert time.monotonic() < deadline, "an old worker did not exit"
+            time.sleep(0.1)
+        start_line = len(running_proxy.process.lines)
+        for _ in range(200):
+            assert running_proxy.get()[0] == 200
+            time.sleep(0.01)
+            if set(running_proxy.served_by(start_line)) == {0, 1, 2}:
+                break
+        assert set(running_proxy.served_by(start_line)) == {0, 1, 2}

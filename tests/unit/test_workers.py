@@ -19,6 +19,7 @@ from tlsproxy.workers.messages import LineReader, MessageError, encode
 from tlsproxy.workers.supervisor import (
     KILL_AFTER_GRACE,
     LONGEST_PAUSE,
+    RETIRE_AFTER,
     BoundListener,
     Supervisor,
     restart_delay,
@@ -86,11 +87,15 @@ def write_config(tmp_path: Path, workers: int = 2, max_age: int = 1000) -> Path:
 
 
 class BoundSupervisor(Supervisor):
-    """A supervisor whose listener is a fake port (the memory reactor cannot stop reading)."""
+    """A supervisor whose listeners are fake ports (the memory reactor cannot stop reading)."""
 
-    def bind(self) -> bool:
-        self.listeners = [BoundListener("https", "tcp:0:interface=127.0.0.1", FakePort(42))]
-        return True
+    fds = iter(range(42, 100))
+    refuse: set[str] = set()
+
+    def bind_one(self, label: str, description: str, count: int | None = None) -> BoundListener | None:
+        if description in self.refuse:
+            return None
+        return BoundListener(label, description, FakePort(next(self.fds)))
 
 
 def supervisor(tmp_path: Path, workers: int = 2) -> tuple[Supervisor, MemoryReactorClock, Spawner, Path]:
@@ -139,7 +144,7 @@ def test_each_worker_gets_listeners_handoff_sockets_and_its_spec(tmp_path: Path)
         for slot, fd in start["handoff_out"].items():
             assert fds[fd] == service.slots[int(slot)].handoff_out.fileno()
         (listener,) = start["listeners"]
-        assert fds[listener["fd"]] == 42 and listener["label"] == "https"
+        assert fds[listener["fd"]] == service.listeners[0].fd and listener["label"] == "https"
 
 
 def test_ready_is_said_once_every_worker_is(tmp_path: Path) -> None:
@@ -292,3 +297,48 @@ def test_metrics_do_not_wait_for_a_worker_that_died(tmp_path: Path) -> None:
     assert [m["type"] for m in process.messages()].count("tickets") == 0
     ended(protocol, signum=signal.SIGKILL)
     assert list(asked.result) == [0]
+
+
+def test_new_listener_or_count_replaces_every_worker(tmp_path: Path) -> None:
+    """SIGHUP with another listener and 3 workers: 3 new workers get both sockets, the old 2 drain, none restarts."""
+    service, reactor, spawner, path = supervisor(tmp_path)
+    old = [spawner.latest(i)[0] for i in range(2)]
+    kept_port = service.listeners[0].port
+    path.write_text(
+        path.read_text()
+        .replace("workers = 2", "workers = 3")
+        .replace("http = []", 'http = ["tcp:0:interface=127.0.0.1"]')
+    )
+    service.reload()
+    assert [spawner.latest(i)[1].signals for i in range(3)] == [[], [], []]
+    assert [p.transport.messages()[-1]["type"] for p in old] == ["retire", "retire"]
+    assert [p.transport.signals for p in old] == [[], []]
+    reactor.advance(RETIRE_AFTER)
+    assert [p.transport.signals for p in old] == [["TERM"], ["TERM"]]
+    assert len(spawner.spawned) == 5
+    (start,) = spawner.latest(2)[1].messages()
+    assert [item["label"].split()[0] for item in start["listeners"]] == ["https", "http"]
+    assert service.listeners[0].port is kept_port and not kept_port.stopped
+    stopping = service.stopService()
+    for protocol in old:
+        ended(protocol, code=0)
+    reactor.advance(100)
+    assert len(spawner.spawned) == 5  # the old ones were not replaced
+    assert not stopping.called  # the three new ones are still there
+    for index in range(3):
+        ended(spawner.latest(index)[0], code=0)
+    assert stopping.called
+
+
+def test_listener_that_cannot_bind_refuses_the_reload(tmp_path: Path) -> None:
+    """A new listener that cannot be bound: the reload is refused and the running workers stay."""
+    service, _, spawner, path = supervisor(tmp_path)
+    BoundSupervisor.refuse = {"tcp:1:interface=127.0.0.1"}
+    try:
+        path.write_text(path.read_text().replace("http = []", 'http = ["tcp:1:interface=127.0.0.1"]'))
+        service.reload()
+    finally:
+        BoundSupervisor.refuse = set()
+    assert len(spawner.spawned) == 2
+    assert all(spawner.latest(i)[1].signals == [] for i in range(2))
+    assert service.config.server.http == ()

@@ -48,6 +48,8 @@ LONGEST_PAUSE = 30.0
 # What SIGKILL waits for beyond shutdown_grace, for a worker that does not leave.
 KILL_AFTER_GRACE = 5.0
 HANDOFF_BUFFER = 4 * 1024 * 1024
+# Seconds between telling a replaced worker to stop accepting and telling it to drain.
+RETIRE_AFTER = 2.0
 
 
 def twist_options(argv: list[str]) -> list[str]:
@@ -55,6 +57,18 @@ def twist_options(argv: list[str]) -> list[str]:
     if "tlsproxy" not in argv[1:]:
         return []
     return argv[1 : argv.index("tlsproxy", 1)]
+
+
+def new_slots(count: int) -> list[Slot]:
+    """``count`` worker places, each with its handoff socket pair."""
+    slots = []
+    for index in range(count):
+        receive, send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+        for end in (receive, send):
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HANDOFF_BUFFER)
+            end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HANDOFF_BUFFER)
+        slots.append(Slot(index, receive, send))
+    return slots
 
 
 def restart_delay(young_deaths: int) -> float:
@@ -209,13 +223,10 @@ class Supervisor(MultiService):
         self.announced = False
         self.log_output: Any = None
         self.listeners: list[BoundListener] = []
-        self.slots: list[Slot] = []
-        for index in range(config.server.workers):
-            receive, send = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
-            for end in (receive, send):
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HANDOFF_BUFFER)
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, HANDOFF_BUFFER)
-            self.slots.append(Slot(index, receive, send))
+        self.slots = new_slots(config.server.workers)
+        # Workers of a configuration replaced by SIGHUP, draining before they exit.
+        self.retiring: set[WorkerProcess] = set()
+        self.replacing = False
         self.admin = SupervisorAdmin(self)
         self.admin_listener: Listener | None = None
         self._all_gone: Deferred[None] | None = None
@@ -231,32 +242,39 @@ class Supervisor(MultiService):
     def bind(self) -> bool:
         """Bind every listener the workers share; False (and logged) if one cannot be."""
         for label, description in self.wanted(self.config):
-            try:
-                endpoint = serverFromString(self.reactor, with_backlog(description))
-                listening = endpoint.listen(_NoAccept())
-            except Exception as e:  # a systemd: string with no such socket, a bad string
-                self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, e))
+            bound = self.bind_one(label, description)
+            if bound is None:
                 return False
-            ports: list[Any] = []
-            failures: list[Any] = []
-            listening.addCallbacks(ports.append, failures.append)
-            if failures or not ports:
-                error = failures[0].value if failures else RuntimeError("the endpoint did not listen at once")
-                self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, error))
-                return False
-            port = ports[0]
-            port.stopReading()  # the workers accept; we never do
-            host = port.getHost()
-            where = f"{getattr(host, 'host', '')}:{host.port}" if hasattr(host, "port") else str(host)
-            self.log.info(
-                "{label} listening on {where} ({description}), shared by {count} workers",
-                label=label,
-                where=where,
-                description=description,
-                count=len(self.slots),
-            )
-            self.listeners.append(BoundListener(label, description, port))
+            self.listeners.append(bound)
         return True
+
+    def bind_one(self, label: str, description: str, count: int | None = None) -> BoundListener | None:
+        """Bind one listener and stop accepting on it; None (and logged) if it cannot be."""
+        try:
+            endpoint = serverFromString(self.reactor, with_backlog(description))
+            listening = endpoint.listen(_NoAccept())
+        except Exception as e:  # a systemd: string with no such socket, a bad string
+            self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, e))
+            return None
+        ports: list[Any] = []
+        failures: list[Any] = []
+        listening.addCallbacks(ports.append, failures.append)
+        if failures or not ports:
+            error = failures[0].value if failures else RuntimeError("the endpoint did not listen at once")
+            self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, error))
+            return None
+        port = ports[0]
+        port.stopReading()  # the workers accept; we never do
+        host = port.getHost()
+        where = f"{getattr(host, 'host', '')}:{host.port}" if hasattr(host, "port") else str(host)
+        self.log.info(
+            "{label} listening on {where} ({description}), shared by {count} workers",
+            label=label,
+            where=where,
+            description=description,
+            count=count or len(self.slots),
+        )
+        return BoundListener(label, description, port)
 
     # -- workers -----------------------------------------------------------------
 
@@ -307,8 +325,14 @@ class Supervisor(MultiService):
             slot.ready = False
             slot.key_names = []
             self.broadcast_key_names()
-        self.admin.worker_gone(slot.index)
         why = why_ended(reason)
+        if process in self.retiring:
+            self.retiring.discard(process)
+            self.log.info("worker {index} of the configuration before (pid {worker_pid}) {why}",
+                          index=slot.index, worker_pid=process.pid, why=why)  # fmt: skip
+            self._check_all_gone()
+            return
+        self.admin.worker_gone(slot.index)
         if self.stopping:
             self.log.info("worker {index} (pid {worker_pid}) {why}", index=slot.index, worker_pid=process.pid, why=why)
             self._check_all_gone()
@@ -335,9 +359,13 @@ class Supervisor(MultiService):
         kind = message["type"]
         if kind == "ready":
             slot.ready = True
-            if not self.announced and all(s.ready for s in self.slots):
-                self.announced = True
-                self.log.info(READY)
+            if all(s.ready for s in self.slots):
+                if not self.announced:
+                    self.announced = True
+                    self.log.info(READY)
+                if self.replacing:
+                    self.replacing = False
+                    self.log.info("configuration reloaded: {count} new workers serve it", count=len(self.slots))
         elif kind == "tickets":
             names = message.get("names")
             if isinstance(names, list):
@@ -410,20 +438,59 @@ class Supervisor(MultiService):
             for problem in cannot_run(e):
                 self.log.error("reload refused, every worker keeps the running configuration: {why}", why=problem)
             return
-        if self.wanted(config) != self.wanted(self.config):
-            self.log.warn("listener changes take effect when tlsproxy restarts (the workers share the ones bound)")
-        if config.server.workers != len(self.slots):
-            self.log.warn(
-                "workers = {new}: the number of workers changes when tlsproxy restarts ({old} now)",
-                new=config.server.workers,
-                old=len(self.slots),
-            )
+        if self.wanted(config) != self.wanted(self.config) or config.server.workers != len(self.slots):
+            if not self.replace_workers(config):
+                return
+        else:
+            for process in self.live():
+                process.send("reload")
+            self.log.info("configuration checked; {count} workers reload it", count=len(self.live()))
         if self.log_output is not None:
             self.log_output.log_format = config.server.log_format
         self.config = config
-        for process in self.live():
-            process.send("reload")
-        self.log.info("configuration checked; {count} workers reload it", count=len(self.live()))
+
+    def replace_workers(self, config: Config) -> bool:
+        """New listeners or another number of workers: new workers on the new configuration, the old drain.
+
+        False (and nothing changed) if a new listener cannot be bound.
+        """
+        kept = {(bound.label, bound.description): bound for bound in self.listeners}
+        listeners: list[BoundListener] = []
+        fresh: list[BoundListener] = []
+        for label, description in self.wanted(config):
+            bound = kept.pop((label, description), None)
+            if bound is None:
+                bound = self.bind_one(label, description, config.server.workers)
+                if bound is None:
+                    for new in fresh:
+                        new.port.stopListening()
+                    self.log.error("reload refused, every worker keeps the running configuration (above)")
+                    return False
+                fresh.append(bound)
+            listeners.append(bound)
+        for gone in kept.values():  # the old workers close their own copies as they stop
+            gone.port.stopListening()
+        self.listeners = listeners
+        self.log.info(
+            "listeners or the number of workers changed: {count} new workers start, the old ones drain",
+            count=config.server.workers,
+        )
+        for slot in self.slots:
+            if slot.restart is not None and slot.restart.active():
+                slot.restart.cancel()
+            if slot.process is not None and not slot.process.ended:
+                self.retiring.add(slot.process)
+                # It stops accepting now and drains a little later, so that the
+                # handshakes it began finish rather than being cut.
+                slot.process.send("retire")
+                self.reactor.callLater(RETIRE_AFTER, slot.process.signal, "TERM")
+            slot.handoff_in.close()  # the old workers hold their own copies
+            slot.handoff_out.close()
+        self.slots = new_slots(config.server.workers)
+        self.replacing = True
+        for slot in self.slots:
+            self.start_worker(slot)
+        return True
 
     def stopService(self) -> Deferred[Any]:
         """Every worker drains (up to shutdown_grace), then the listeners close."""
@@ -435,7 +502,7 @@ class Supervisor(MultiService):
             slot.restart = None
         grace = self.config.server.shutdown_grace
         self._all_gone = Deferred()
-        for process in self.live():
+        for process in [*self.live(), *self.retiring]:
             process.signal("TERM")
         self._kill_timer = self.reactor.callLater(grace + KILL_AFTER_GRACE, self._kill_stragglers)
         self._check_all_gone()
@@ -455,7 +522,7 @@ class Supervisor(MultiService):
         return self._all_gone.addCallback(close)
 
     def _kill_stragglers(self) -> None:
-        for process in self.live():
+        for process in [*self.live(), *self.retiring]:
             self.log.warn(
                 "worker {index} (pid {worker_pid}) still running: SIGKILL",
                 index=process.slot.index,
@@ -464,7 +531,7 @@ class Supervisor(MultiService):
             process.signal("KILL")
 
     def _check_all_gone(self) -> None:
-        if self._all_gone is not None and not self._all_gone.called and not self.live():
+        if self._all_gone is not None and not self._all_gone.called and not self.live() and not self.retiring:
             self._all_gone.callback(None)
 
 

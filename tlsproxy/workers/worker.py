@@ -201,6 +201,14 @@ class WorkerService(ProxyService):
         self.receiver.stop()
         return super().stopService()
 
+    def stop_accepting(self) -> None:
+        """New workers took over: accept nothing more, finish the handshakes begun, await SIGTERM."""
+        self.log.info("worker {index}: new workers took over; accepting no more connections", index=self.index)
+        for listener in self.listeners.values():
+            port, listener.port = listener.port, None
+            if port is not None:
+                port.stopListening()
+
     def supervisor_gone(self) -> None:
         if self.terminating:
             return
@@ -217,6 +225,8 @@ class WorkerService(ProxyService):
         kind = message["type"]
         if kind == "reload":
             self.reload()
+        elif kind == "retire":
+            self.stop_accepting()
         elif kind == "renewed":
             for service in self._certificate_services():
                 service.scan()
