@@ -443,3 +443,4 @@ def test_sighup_with_more_workers_replaces_them_all(tmp_path: Path, backend: int
             if set(running_proxy.served_by(start_line)) == {0, 1, 2}:
                 break
         assert set(running_proxy.served_by(start_line)) == {0, 1, 2}
+        assert "replacing it" not in running_proxy.process.output  # no new worker died

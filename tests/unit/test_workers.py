@@ -342,3 +342,19 @@ def test_listener_that_cannot_bind_refuses_the_reload(tmp_path: Path) -> None:
     assert len(spawner.spawned) == 2
     assert all(spawner.latest(i)[1].signals == [] for i in range(2))
     assert service.config.server.http == ()
+
+
+def test_spec_read_leaves_the_next_messages_in_the_pipe() -> None:
+    """The worker reads its spec line only: messages the supervisor sent after it stay for the control protocol."""
+    import os
+
+    from tlsproxy.workers.worker import read_spec
+
+    read, write = os.pipe()
+    try:
+        os.write(write, encode("start", index=1) + encode("tickets", owners={}))
+        assert read_spec(read) == {"type": "start", "index": 1}
+        assert LineReader().feed(os.read(read, 1024)) == [{"type": "tickets", "owners": {}}]
+    finally:
+        os.close(read)
+        os.close(write)

@@ -50,7 +50,9 @@ def read_spec(fd: int = CONTROL_IN) -> dict[str, Any]:
     """The first message on the control pipe: which descriptor is what (read before the reactor runs)."""
     data = b""
     while not data.endswith(b"\n"):
-        chunk = os.read(fd, 65536)
+        # A byte at a time: what follows the first line (the supervisor may have sent more
+        # already) is the control protocol's to read.
+        chunk = os.read(fd, 1)
         if not chunk:
             raise ConfigError([Problem("worker", "", "the supervisor closed the control pipe before saying anything")])
         data += chunk
