@@ -358,3 +358,16 @@ def test_spec_read_leaves_the_next_messages_in_the_pipe() -> None:
     finally:
         os.close(read)
         os.close(write)
+
+
+def test_reload_moves_the_admin_endpoint(tmp_path: Path) -> None:
+    """A reload that names another admin endpoint serves it there and stops the old one."""
+    service, reactor, _, path = supervisor(tmp_path)
+    assert service.admin_listener is None
+    path.write_text(path.read_text().replace("http = []", 'http = []\nadmin = "tcp:9100:interface=127.0.0.1"'))
+    service.reload()
+    assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [(9100, "127.0.0.1")]
+    path.write_text(path.read_text().replace("9100", "9200"))
+    service.reload()
+    assert [port for port, _, _, _ in reactor.tcpServers] == [9100, 9200]
+    assert service.admin_listener is not None and service.admin_listener.description == "tcp:9200:interface=127.0.0.1"

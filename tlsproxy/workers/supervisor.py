@@ -396,19 +396,37 @@ class Supervisor(MultiService):
             self.reactor.callWhenRunning(self.reactor.stop)
             return
         if self.config.server.admin:
-            admin_factory = HTTP11Factory(self.admin, self.reactor, Limits(), secure=False, tracker=ConnectionTracker())
-            label = "admin (/healthz /readyz /metrics)"
-            self.admin_listener = Listener(self.reactor, self.config.server.admin, admin_factory, label)
-            self.admin_listener.startService()
-            assert self.admin_listener.listening is not None
-            self.admin_listener.listening.addErrback(self._admin_failed, label)
+            self.start_admin(self.config.server.admin).addErrback(self._admin_failed)
         for slot in self.slots:
             self.start_worker(slot)
 
-    def _admin_failed(self, failure: Any, label: str) -> None:
-        self.log.critical("tlsproxy: {message}", message=cannot_listen(label, self.config.server.admin, failure.value))
+    def start_admin(self, description: str) -> Deferred[Any]:
+        """Serve the admin endpoint on ``description``; fires with the port, or fails (logged)."""
+        factory = HTTP11Factory(self.admin, self.reactor, Limits(), secure=False, tracker=ConnectionTracker())
+        label = "admin (/healthz /readyz /metrics)"
+        self.admin_listener = Listener(self.reactor, description, factory, label)
+        self.admin_listener.startService()
+        assert self.admin_listener.listening is not None
+
+        def failed(failure: Any) -> Any:
+            self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, failure.value))
+            return failure
+
+        return self.admin_listener.listening.addErrback(failed)
+
+    def _admin_failed(self, failure: Any) -> None:
         self.exit_status = 1
         self.reactor.callWhenRunning(self.reactor.stop)
+
+    def _move_admin(self, description: str) -> None:
+        """A reload named another admin endpoint (or none)."""
+        if self.admin_listener is not None:
+            self.admin_listener.stopService()
+            self.admin_listener = None
+        if description:
+            self.start_admin(description).addErrback(
+                lambda _: self.log.error("the admin endpoint is off until a reload names one that binds")
+            )
 
     def _install_signal_handlers(self) -> None:
         if hasattr(signal, "SIGHUP"):
@@ -445,6 +463,8 @@ class Supervisor(MultiService):
             for process in self.live():
                 process.send("reload")
             self.log.info("configuration checked; {count} workers reload it", count=len(self.live()))
+        if config.server.admin != self.config.server.admin:
+            self._move_admin(config.server.admin)
         if self.log_output is not None:
             self.log_output.log_format = config.server.log_format
         self.config = config
