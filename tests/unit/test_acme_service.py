@@ -590,9 +590,12 @@ def test_worker_roles_one_orders_the_others_watch(h: Harness, monkeypatch: pytes
     issuer.role, issuer.challenge_settle = "issuer", 0
     renewed: list[str] = []
     issuer.renewed = renewed.append
+    announced: list[int] = []
+    issuer.published = lambda: announced.append(len(published))
     issuer.startService()
     assert len(h.ca.orders) == 1
     assert published and set(published) <= {"http-01", "tls-alpn-01"}
+    assert announced == [len(published)]  # the others are told once every answer is in the store
     assert renewed == ["example.com"]
     assert watcher_sni.sni_map.context_of("example.com") is None
     watcher.scan()  # what the "renewed" message makes a watcher do

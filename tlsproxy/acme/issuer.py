@@ -180,12 +180,16 @@ class SharedResponder:
 
     With ``[server] workers``, one worker orders and the CA may reach any of
     them; the others read the store's ``challenges/`` every poll interval,
-    so :meth:`ready` waits ``settle`` seconds (more than one interval).
+    and at once when ``announce`` tells them; :meth:`ready` announces, then
+    waits ``settle`` seconds (more than one interval).
     """
 
-    def __init__(self, table: ChallengeResponder, store: StoreResponder) -> None:
+    def __init__(
+        self, table: ChallengeResponder, store: StoreResponder, announce: Callable[[], object] = lambda: None
+    ) -> None:
         self.table = table
         self.store = store
+        self.announce = announce
 
     def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
         self.table.publish(kind, host, token, key_authorization)
@@ -197,6 +201,7 @@ class SharedResponder:
 
     def ready(self) -> None:
         self.table.ready()
+        self.announce()
         self.store.ready()
 
 

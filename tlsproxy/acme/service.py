@@ -188,6 +188,8 @@ class CertificateService(Service):
         self._loop: LoopingCall | None = None
         # How long an issuer waits for the other workers to read its challenges from the store.
         self.challenge_settle = poll_interval + 1.5
+        # Called (on the reactor thread) once an issuer put challenge answers in the store.
+        self.published: Callable[[], object] | None = None
         # Called with a site's name when a renewal here installed its new certificate.
         self.renewed: Callable[[str], object] | None = None
         self._running_jobs: set[Deferred[Any]] = set()
@@ -431,7 +433,8 @@ class CertificateService(Service):
         table = TableResponder(self.http01, self.alpn01, self._in_reactor)
         if self.role != "issuer":
             return table
-        return SharedResponder(table, StoreResponder(self.store, settle=self.challenge_settle))
+        announce = (lambda: self._in_reactor(self.published)) if self.published is not None else (lambda: None)
+        return SharedResponder(table, StoreResponder(self.store, settle=self.challenge_settle), announce)
 
     def _start_check(self, watch: _Watch) -> None:
         watch.busy = True

@@ -371,10 +371,10 @@ class Supervisor(MultiService):
             if isinstance(names, list):
                 slot.key_names = [str(n) for n in names]
                 self.broadcast_key_names()
-        elif kind == "renewed":
+        elif kind in ("renewed", "challenges"):  # the others read the store now
             for process in self.live():
                 if process.slot is not slot:
-                    process.send("renewed", site=str(message.get("site", "")))
+                    process.send(kind, site=str(message.get("site", "")))
         elif kind in ("scraped", "readiness"):
             self.admin.answer(slot.index, message)
         else:

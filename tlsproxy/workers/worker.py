@@ -186,6 +186,7 @@ class WorkerService(ProxyService):
         """A renewal here is announced, so the other workers read the store at once, not at their next poll."""
         for service in self._certificate_services():
             service.renewed = lambda site: self.send("renewed", site=site)
+            service.published = lambda: self.send("challenges")
 
     # -- life cycle ------------------------------------------------------------
 
@@ -229,7 +230,7 @@ class WorkerService(ProxyService):
             self.reload()
         elif kind == "retire":
             self.stop_accepting()
-        elif kind == "renewed":
+        elif kind in ("renewed", "challenges"):
             for service in self._certificate_services():
                 service.scan()
         elif kind == "tickets":
