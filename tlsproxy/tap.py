@@ -47,6 +47,7 @@ from tlsproxy.logs import LogOutput
 from tlsproxy.metrics import Metrics
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.handler import ProxyHandler
+from tlsproxy.proxy.health import HealthChecks
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
 from tlsproxy.tls.tickets import TicketKeyRotation
@@ -170,12 +171,13 @@ def build_generation(
     _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics)
     access_log = AccessLog(reactor) if config.server.access_log else None
     handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev, metrics=metrics)
+    HealthChecks(reactor, handler.groups).setServiceParent(certificates)  # runs while this generation is current
     for site in config.sites:
         log.info(
             "site {site}: {hosts} -> {upstream} (certificate: {source}, HSTS: {hsts})",
             site=site.name,
             hosts=", ".join(site.hosts),
-            upstream=site.upstream.url,
+            upstream=", ".join(u.url for u in site.upstreams),
             source=site.tls,
             hsts=(site.hsts.header_value() or b"off").decode(),
         )
@@ -327,6 +329,7 @@ class ProxyService(MultiService):
         self.metrics.watch_certificates(
             lambda: {s: self.generation.sni_map.context_of(s) for s in self.generation.sni_map.sites}
         )
+        self.metrics.watch_upstreams(lambda: [s for g in self.generation.handler.groups for s in g.states()])
 
         self.https_trackers = ConnectionTracker(self.metrics.open_connections.labels("https"))
         self.http_trackers = ConnectionTracker(self.metrics.open_connections.labels("http"))
@@ -482,8 +485,9 @@ class ProxyService(MultiService):
         generation.certificates.setServiceParent(self)
         started = self._sync_listeners(config)
         # Idle keep-alive connections to the old apps are closed; requests in
-        # flight keep theirs until they finish.
-        old.handler.close()
+        # flight keep theirs until they finish.  Open client connections send
+        # their next requests to the new handler, which keeps the upstreams' health.
+        old.handler.close(generation.handler)
         waiting = [
             listening.addErrback(self._cannot_listen, *key).addErrback(self._forget_listener, key)
             for key, listening in started
