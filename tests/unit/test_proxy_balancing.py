@@ -82,6 +82,30 @@ class BalancingTests(ProxyCase):
         self.request()
         self.assertEqual(self.dialled()[4:], [8001], "back after fail_timeout")
 
+    def test_connect_timeout_goes_to_the_next_upstream(self) -> None:
+        """A dial that timed out never reached the app: the request goes on to the other upstream."""
+        exchange = self.request()
+        self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(error.TimeoutError()))
+        self.accept()[0].dataReceived(OK)
+        self.assertEqual((self.dialled(), exchange.status), ([8001, 8002], 200))
+        self.assertFalse(self.handler.groups[0].members[0].available(self.reactor.seconds()))
+
+    def test_stale_keep_alive_is_retried_on_the_same_upstream_and_not_held_against_it(self) -> None:
+        """A kept-alive connection the app closed as we reused it: a fresh one to the same app, no failure counted."""
+        first = self.request()
+        app, _ = self.accept()
+        app.dataReceived(OK)
+        self.assertEqual(first.status, 200)
+        second = self.request()  # least_conn in turn: 8002 (nothing idle there, a dial)
+        self.accept()[0].dataReceived(OK)
+        third = self.request()  # 8001 again: its idle connection is reused...
+        self.assertEqual(self.dialled(), [8001, 8002])
+        app.connectionLost(Failure(error.ConnectionDone()))  # ...and the app had just closed it
+        self.assertEqual(self.dialled(), [8001, 8002, 8001])
+        self.accept()[0].dataReceived(OK)
+        self.assertEqual((second.status, third.status), (200, 200))
+        self.assertEqual([m.failed_total for m in self.handler.groups[0].members], [0, 0])
+
     def test_post_whose_connect_failed_is_retried_with_its_body(self) -> None:
         """A POST that never reached the app (connect refused) goes to the next upstream, body and all."""
         exchange = self.request(b"POST", b"field=1")

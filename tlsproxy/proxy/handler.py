@@ -241,7 +241,8 @@ class ProxiedRequest:
     # State every request starts with; instances only store what changes
     # (one of these is made per request, so fewer assignments count).
     conn: UpstreamConnection | None = None
-    member: Member | None = None  # the upstream of this attempt (balancer.py)
+    member: Member | None = None  # the upstream of this attempt while it is in flight (balancer.py)
+    chosen: Member | None = None  # ... and the last one chosen, kept for the logs
     tried: tuple[Member, ...] = ()  # upstreams that failed this request
     body: RequestBody | None = None  # the request body, held whole
     sink: _BodySink | None = None  # what the exchange hands the body to
@@ -370,7 +371,7 @@ class ProxiedRequest:
         self.dialled = True
         member = self.member
         if member is None:
-            member = self.member = self.route.group.choose(self.tried)
+            member = self.member = self.chosen = self.route.group.choose(self.tried)
             if member is None:
                 self.no_upstream()
                 return
@@ -406,7 +407,7 @@ class ProxiedRequest:
         self.tried += (member,)
         self.leave_upstream()
         self.conn = None
-        self.member = following
+        self.member = self.chosen = following
         following.in_flight += 1
         self.dial(fresh=True)
         return True
@@ -428,9 +429,9 @@ class ProxiedRequest:
 
     @property
     def upstream(self) -> Upstream:
-        """The upstream of the current attempt (the route's first before one is chosen)."""
-        member = self.member
-        return member.upstream if member is not None else self.route.upstream
+        """The upstream of the last attempt (the route's first before one is chosen)."""
+        chosen = self.chosen
+        return chosen.upstream if chosen is not None else self.route.upstream
 
     def connected(self, conn: UpstreamConnection) -> None:
         if self.finished:
