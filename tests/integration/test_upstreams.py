@@ -88,14 +88,15 @@ def test_stopping_one_gunicorn_mid_load_loses_no_get(pki: PKI, tmp_path: Path) -
 def test_sighup_removing_an_upstream_lets_its_slow_request_finish(pki: PKI, tmp_path: Path) -> None:
     """SIGHUP without an upstream: its slow request ends with 200; new ones, even on old connections, avoid it."""
     with gunicorn("tcp", tmp_path) as one, gunicorn("tcp", tmp_path) as two:
-        server = {"upstream_timeout": 30}
+        admin_port = free_port()
+        server = {"upstream_timeout": 30, "admin": f"tcp:{admin_port}:interface=127.0.0.1"}
         with start_proxy(tmp_path, [one.url, two.url], pki, server=server) as proxy:
             tag = marker()
             answer: list[httpx.Response] = []
 
             def slow() -> None:
                 with proxy.client(timeout=30) as client:
-                    answer.append(client.get(f"/slow?seconds=3&m={tag}"))
+                    answer.append(client.get(f"/slow?seconds=4&m={tag}"))
 
             thread = threading.Thread(target=slow)
             thread.start()
@@ -104,6 +105,9 @@ def test_sighup_removing_an_upstream_lets_its_slow_request_finish(pki: PKI, tmp_
             with proxy.client() as early:
                 assert early.get("/whoami").status_code == 200  # a client connection from before the reload
                 reload(proxy, tmp_path, [kept.url], server)
+                states = admin(admin_port, "/readyz").text
+                assert f"upstream {removed.url} (site localhost): down, 1 in flight" in states
+                assert "draining: removed by a reload" in states
                 tags = [marker() for _ in range(6)]
                 for later in tags[:3]:
                     assert early.get(f"/whoami?m={later}").status_code == 200

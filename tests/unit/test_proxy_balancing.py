@@ -209,9 +209,12 @@ class DrainingTests(ProxyCase):
         # 8001 would be next in turn.
         later = self.request()
         self.assertEqual(self.dialled(), [8001, 8002, 8002])
+        draining = [(st.url, st.up, st.in_flight, st.why) for st in new.groups[0].states()][1:]
+        self.assertEqual(draining, [("http://127.0.0.1:8001", False, 1, "draining: removed by a reload")])
         old_app.dataReceived(OK)
         self.assertEqual((in_flight.status, in_flight.body), (200, b"hi"))
         self.assertTrue(old_wire.disconnecting, "the removed upstream's connection ends with its request")
+        self.assertEqual([st.url for st in new.groups[0].states()], ["http://127.0.0.1:8002"], "drained")
         app, _ = self.accept()
         app.dataReceived(OK)
         self.assertEqual(later.status, 200)

@@ -99,6 +99,8 @@ class UpstreamGroup:
         self.site = site
         self.route = route
         self._next = 0  # where the rotation continues
+        # Members a reload removed, shown while requests they took before it run on.
+        self.draining: list[Member] = []
 
     @property
     def single(self) -> bool:
@@ -212,6 +214,10 @@ class UpstreamGroup:
             elif not up:
                 why = f"{member.last_error} (tried again in {math.ceil(member.down_until - now)}s)"
             out.append(MemberState(self.site, self.route, member.url, up, member.in_flight, member.failed_total, why))
+        for member in self.draining:
+            if member.in_flight:
+                why = "draining: removed by a reload"
+                out.append(MemberState(self.site, self.route, member.url, False, member.in_flight, 0, why))
         return out
 
     def adopt(self, old: UpstreamGroup) -> None:
@@ -219,4 +225,5 @@ class UpstreamGroup:
         known = {m.url: m for m in old.members}
         for member in self.members:
             if member.url in known:
-                member.adopt(known[member.url])
+                member.adopt(known.pop(member.url))
+        self.draining = [m for m in (*known.values(), *old.draining) if m.in_flight]
