@@ -104,3 +104,20 @@ def test_missing_upstream_is_still_named() -> None:
     assert "site.toml: site[0].upstream: missing (http://HOST:PORT or unix:/PATH)" in [
         str(p) for p in info.value.problems
     ]
+
+
+def test_check_describes_the_upstreams_and_their_balancing() -> None:
+    """`tlsproxy check` prints every upstream, the balancing, the health check and a route's list."""
+    from tlsproxy.cli import describe
+
+    raw = {
+        **SITE,
+        "upstream": ["unix:/run/a.sock", "http://10.0.0.2:8000"],
+        "health_path": "/healthz",
+        "routes": {"/ws/": ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]},
+    }
+    text = describe(parse({"acme": ACME, "site": [raw]}, "site.toml", {}))
+    assert "  upstream = unix:/run/a.sock, http://10.0.0.2:8000\n" in text
+    assert "  balance = least_conn, out after 1 failed connects for 10s\n" in text
+    assert "  health check: GET /healthz every 5s, 2xx/3xx within 2s\n" in text
+    assert "  route /ws/ = http://127.0.0.1:8001, http://127.0.0.1:8002" in text
