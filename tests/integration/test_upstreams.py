@@ -89,12 +89,15 @@ def test_stopping_one_gunicorn_mid_load_loses_no_get(pki: PKI, tmp_path: Path, h
             assert "out for 10s" in proxy.process.output
 
 
-def test_sighup_removing_an_upstream_lets_its_slow_request_finish(pki: PKI, tmp_path: Path) -> None:
+@pytest.mark.parametrize("http2", [False, True], ids=["http1.1", "h2"])
+def test_sighup_removing_an_upstream_lets_its_slow_request_finish(pki: PKI, tmp_path: Path, http2: bool) -> None:
     """SIGHUP without an upstream: its slow request ends with 200; new ones, even on old connections, avoid it."""
     with gunicorn("tcp", tmp_path) as one, gunicorn("tcp", tmp_path) as two:
         admin_port = free_port()
         server = {"upstream_timeout": 30, "admin": f"tcp:{admin_port}:interface=127.0.0.1"}
-        with start_proxy(tmp_path, [one.url, two.url], pki, server=server) as proxy:
+        # round_robin: without the hand-over, the old configuration would still send every
+        # other request to the removed upstream (least_conn would avoid it: it is busy).
+        with start_proxy(tmp_path, [one.url, two.url], pki, server=server, balance="round_robin") as proxy:
             tag = marker()
             answer: list[httpx.Response] = []
 
@@ -106,9 +109,10 @@ def test_sighup_removing_an_upstream_lets_its_slow_request_finish(pki: PKI, tmp_
             thread.start()
             eventually(lambda: tag in one.hits() or tag in two.hits(), "the slow request reached an app")
             removed, kept = (one, two) if tag in one.hits() else (two, one)
-            with proxy.client() as early:
-                assert early.get("/whoami").status_code == 200  # a client connection from before the reload
-                reload(proxy, tmp_path, [kept.url], server)
+            with proxy.client(http2=http2) as early:
+                first = early.get("/whoami")  # a client connection from before the reload
+                assert (first.status_code, first.http_version) == (200, "HTTP/2" if http2 else "HTTP/1.1")
+                reload(proxy, tmp_path, [kept.url], server, balance="round_robin")
                 states = admin(admin_port, "/readyz").text
                 assert f"upstream {removed.url} (site localhost): down, 1 in flight" in states
                 assert "draining: removed by a reload" in states
