@@ -702,7 +702,7 @@ def _upstreams(reader: _Reader, key: str, value: Any) -> tuple[Upstream, ...]:
     return tuple(found) if len(found) == len(value) else ()
 
 
-_STATUS_CLASS = re.compile(r"\A(?:[1-5]xx|[1-5][0-9][0-9])\Z")
+_STATUS_CLASS = re.compile(r"\A(?:[2-5]xx|[2-5][0-9][0-9])\Z")  # interim answers (1xx) are never final
 
 
 def _balancing(reader: _Reader, prefix: str, values: Mapping[str, Any]) -> Balancing:
@@ -716,7 +716,7 @@ def _balancing(reader: _Reader, prefix: str, values: Mapping[str, Any]) -> Balan
         reader.fail(f"{prefix}.balance", f"expected one of {list(BALANCE_METHODS)}, found {out['balance']!r}")
         out.pop("balance")
     path = out.get("health_path", "")
-    if path and (not path.startswith("/") or any(c in path for c in " \r\n\t\0#")):
+    if path and (not path.startswith("/") or not path.isascii() or any(c in path for c in " \r\n\t\0#")):
         reader.fail(f"{prefix}.health_path", f'expected a path like "/healthz", found {path!r}')
         out.pop("health_path")
     if "health_status" in values:

@@ -86,7 +86,9 @@ def test_environment_takes_a_comma_separated_list() -> None:
         ({"max_fails": -1}, "site[0].max_fails: expected a whole number of 0 or more"),
         ({"fail_timeout": 0}, "site[0].fail_timeout: expected a number of seconds above 0"),
         ({"health_path": "healthz"}, 'site[0].health_path: expected a path like "/healthz"'),
+        ({"health_path": "/sant\u00e9"}, 'site[0].health_path: expected a path like "/healthz"'),
         ({"health_status": ["ok"]}, "site[0].health_status: expected a list like"),
+        ({"health_status": [100]}, "site[0].health_status: expected a list like"),
         ({"routes": {"/ws/": []}}, 'site[0].routes."/ws/": expected an upstream like'),
     ],
 )
