@@ -219,6 +219,19 @@ class DrainingTests(ProxyCase):
         app.dataReceived(OK)
         self.assertEqual(later.status, 200)
 
+    def test_reload_keeps_counting_requests_in_flight(self) -> None:
+        """A request from before a reload still counts for its upstream in the new configuration, until it ends."""
+        before = self.request()
+        app, _ = self.accept()
+        new = ProxyHandler(self.reactor, [site(8001, 8002)], self.server)
+        self.handler.close(new)
+        self.assertEqual([s.in_flight for s in new.groups[0].states()], [1, 0])
+        self.request()  # least_conn: to the idle 8002, not to 8001 (first in turn)
+        self.assertEqual(self.dialled(), [8001, 8002])
+        app.dataReceived(OK)
+        self.assertEqual(before.status, 200)
+        self.assertEqual([s.in_flight for s in new.groups[0].states()], [0, 1])
+
     def test_reload_keeps_health(self) -> None:
         """An upstream that is down stays down across a reload that keeps it."""
         self.request()

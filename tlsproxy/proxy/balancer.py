@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.logger import Logger
@@ -47,7 +47,9 @@ class Member:
 
     upstream: Upstream
     pool: UpstreamPool
-    in_flight: int = 0
+    # Requests in flight, in a cell that a later generation's member of the same
+    # address shares (SIGHUP): requests from before a reload still count for least_conn.
+    load: list[int] = field(default_factory=lambda: [0], repr=False)
     failures: int = 0  # passive failures counted in the current window
     window_start: float = 0.0
     down_until: float = 0.0  # passive: out until then
@@ -59,11 +61,20 @@ class Member:
     def url(self) -> str:
         return self.upstream.url
 
+    @property
+    def in_flight(self) -> int:
+        return self.load[0]
+
+    @in_flight.setter
+    def in_flight(self, count: int) -> None:
+        self.load[0] = count
+
     def available(self, now: float) -> bool:
         return not self.check_failed and self.down_until <= now
 
     def adopt(self, old: Member) -> None:
         """Take over what an earlier generation's member of the same address knew (SIGHUP)."""
+        self.load = old.load
         self.failures = old.failures
         self.window_start = old.window_start
         self.down_until = old.down_until
