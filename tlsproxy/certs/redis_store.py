@@ -44,7 +44,6 @@ from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 import redis.exceptions
@@ -63,6 +62,7 @@ from tlsproxy.certs.store import (
     _ec_pem,
     _load_ec_key,
 )
+from tlsproxy.certs.store_url import redact_url
 from tlsproxy.certs.ticketkeys import TicketKeys
 
 log = Logger()
@@ -83,22 +83,6 @@ if redis.call('get', KEYS[1]) == ARGV[1] then
 end
 return 0
 """
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: what logs and messages may show."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        user = parts.username or ""
-        host = parts.hostname or ""
-        if ":" in host:
-            host = f"[{host}]"
-        port = f":{parts.port}" if parts.port else ""
-    except ValueError:
-        return "<a store URL that cannot be parsed>"
-    return urlunsplit((parts.scheme, f"{user}:***@{host}{port}", parts.path, parts.query, parts.fragment))
 
 
 class _LeaseKeeper:

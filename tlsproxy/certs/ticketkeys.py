@@ -18,11 +18,9 @@ import binascii
 import json
 import os
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from tlsproxy.certs.store import Store
+from typing import Protocol
 
 KEY_LENGTH = 80
 NAME_LENGTH = 16
@@ -81,8 +79,16 @@ class TicketKeys:
             return None
 
 
+class TicketKeyStore(Protocol):
+    """The part of :class:`tlsproxy.certs.store.Store` that ticket keys need."""
+
+    def locked(self, timeout: float = 600.0, *, name: str = "") -> AbstractContextManager[None]: ...
+    def load_ticket_keys(self) -> TicketKeys | None: ...
+    def save_ticket_keys(self, keys: TicketKeys) -> None: ...
+
+
 def current_ticket_keys(
-    store: Store, now: float, every: float, make_key: Callable[[], bytes] = new_ticket_key
+    store: TicketKeyStore, now: float, every: float, make_key: Callable[[], bytes] = new_ticket_key
 ) -> TicketKeys:
     """The fleet's ticket keys, rotated first if the current key is ``every`` seconds old (blocking).
 
