@@ -104,3 +104,12 @@ def test_redact_url() -> None:
     assert redact_url("redis://user:pw@host:6379/1") == "redis://user:***@host:6379/1"
     assert redact_url("redis://:pw@[::1]:6379/0") == "redis://:***@[::1]:6379/0"
     assert redact_url("redis://host:6379/0") == "redis://host:6379/0"
+
+
+def test_check_shows_the_store_without_its_password(tmp_path: Path) -> None:
+    """`tlsproxy check` names the shared store, and never its password."""
+    from tlsproxy.cli import describe
+
+    cfg = parse({**BASE, "store": {"url": "redis://:hunter2@redis.internal:6379/3"}}, "site.toml", {})
+    text = describe(cfg)
+    assert "redis://:***@redis.internal:6379/3" in text and "hunter2" not in text
