@@ -271,3 +271,29 @@ def test_lock_holder_killed_mid_order_another_takes_over(
         wait_until(lambda: served_serial(validator.https_port, hosts[0], roots), 60, "the survivor's certificate")
         assert took_over >= left / 1000 - 0.5, (took_over, left)  # not before the dead holder's lease ran out
         assert orders_seen(pebble) - before == 2
+
+
+def test_compose_fleet_example_is_one_fleet(tmp_path: Path) -> None:
+    """compose.fleet.example.yaml: Redis, two instances with one store URL and a volume each, haproxy to both."""
+    from tests.integration.test_deploy import DOCKER, _mounts, load_compose
+    from tlsproxy.config import load
+
+    compose = load_compose(DOCKER / "compose.fleet.example.yaml")
+    services = compose["services"]
+    assert "redis" in services and "haproxy" in services
+    members = [services["tlsproxy-1"], services["tlsproxy-2"]]
+    urls = {m["environment"]["TLSPROXY_STORE_URL"] for m in members}
+    assert urls == {"redis://:${REDIS_PASSWORD}@redis:6379/0"}
+    states = [_mounts(m)[m["environment"]["TLSPROXY_STATE_DIR"]] for m in members]
+    assert len(set(states)) == 2 and all(s in compose["volumes"] for s in states)
+    haproxy = (DOCKER / "haproxy.fleet.cfg").read_text()
+    for name in ("tlsproxy-1", "tlsproxy-2"):
+        assert f"server {name} {name}:443 check port 9000" in haproxy
+        assert f"server {name} {name}:80 check port 9000" in haproxy
+    # The instances' environment is a complete configuration with the shared store.
+    env = {k: str(v) for k, v in members[0]["environment"].items()}
+    env["TLSPROXY_STORE_URL"] = env["TLSPROXY_STORE_URL"].replace("${REDIS_PASSWORD}", "pw")
+    env["TLSPROXY_STATE_DIR"] = str(tmp_path)
+    config = load(None, env)
+    assert config.store.shared and config.store.prefix == "example-com:"
+    assert config.server.admin == "tcp:9000"
