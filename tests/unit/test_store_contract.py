@@ -324,3 +324,15 @@ def test_password_never_described(tmp_path: Path) -> None:
         with pytest.raises(StoreError) as caught:
             wrong.load_meta("example.com")
         assert "s3cret-pw" not in str(caught.value) and "wrong-pw" not in str(caught.value)
+
+
+def test_rediss_with_a_private_ca(tmp_path: Path) -> None:
+    """rediss:// with the CA named in the URL works; a Redis whose certificate we do not trust is refused, one line."""
+    with running_redis(password="pw", tls=True) as server:
+        store = RedisStore(server.url, tmp_path / "state", prefix="tls:")
+        store.save_certificate("example.com", certified("example.com"), SiteMeta())
+        assert store.load_meta("example.com").serial
+        untrusting = RedisStore(server.url.split("?")[0], tmp_path / "state2", prefix="tls:", connect_timeout=2)
+        with pytest.raises(StoreError) as caught:
+            untrusting.load_meta("example.com")
+        assert "certificate verify failed" in str(caught.value) and ":pw@" not in str(caught.value)
