@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import trustme
-from twisted.internet.defer import maybeDeferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
 from twisted.logger import LogLevel, globalLogPublisher
 
@@ -231,3 +231,37 @@ def test_redis_down_keeps_serving_and_says_so(tmp_path: Path, redis_server: Redi
         globalLogPublisher.removeObserver(events.append)
     a.service.stopService()
     restarted.service.stopService()
+
+
+def test_news_during_a_scan_gets_a_scan_after_it(tmp_path: Path, redis_server: RedisServer) -> None:
+    """News that comes while a scan runs brings one more scan after it; a poll during a scan does not."""
+    fleet = Fleet(tmp_path, redis_server)
+    a = fleet.instance(0)
+    calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def later(f: Any, *args: Any, **kw: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        calls.append((f, args, d))
+        return d
+
+    a.service._run = later
+    a.service.startService()
+
+    def scans() -> list[tuple[Any, tuple[Any, ...], Deferred[Any]]]:
+        return [c for c in calls if c[0] == a.service._scan_blocking and not c[2].called]
+
+    def finish(call: tuple[Any, tuple[Any, ...], Deferred[Any]]) -> None:
+        f, args, d = call
+        d.callback(f(*args))
+
+    (first,) = scans()
+    fleet.clock.advance(a.service.poll_interval)  # a poll while the scan runs
+    finish(first)
+    assert scans() == []
+    fleet.clock.advance(a.service.poll_interval)
+    (second,) = scans()
+    a.service._poke()  # news while it runs
+    a.service._poke()
+    finish(second)
+    assert len(scans()) == 1
+    a.service.stopService()

@@ -261,10 +261,14 @@ class CertificateService(Service):
             if not watch.busy and watch.next_check is not None and now >= watch.next_check:
                 self._start_check(watch)
 
-    def _scan(self) -> None:
-        """Read the store in a thread (one scan at a time; asked during one, another follows)."""
+    def _scan(self, follow: bool = False) -> None:
+        """Read the store in a thread, one scan at a time.
+
+        A poll during a scan is skipped; news during one (``follow``) gets
+        another scan right after, since the running one may have read too early.
+        """
         if self._scanning:
-            self._scan_again = True
+            self._scan_again = self._scan_again or follow
             return
         self._scanning = True
         self._scan_again = False
@@ -291,7 +295,7 @@ class CertificateService(Service):
 
     def _poke(self) -> None:
         if self.running:
-            self._scan()
+            self._scan(follow=True)
 
     def _note_store(self, problem: str | None) -> None:
         """Say once when the shared store becomes unreachable and when it is back."""
