@@ -215,6 +215,22 @@ def test_redis_down_keeps_serving_and_says_so(tmp_path: Path, redis_server: Redi
             fleet.clock.advance(b.service.poll_interval)
         assert b.serial() == serial
         assert b.service.store_problem is not None and "unreachable" in b.service.store_problem
+        # A renewal check now fails on the store: one error line, and the next one backs off.
+        watch = b.service._acme["example.com"]
+        watch.next_check = at(fleet.clock)
+        fleet.clock.advance(b.service.poll_interval)
+        first_gap = (watch.next_check - at(fleet.clock)).total_seconds()
+        watch.next_check = at(fleet.clock)
+        fleet.clock.advance(b.service.poll_interval)
+        second_gap = (watch.next_check - at(fleet.clock)).total_seconds()
+        assert 0 < first_gap < second_gap
+        failed = [
+            e
+            for e in events
+            if e.get("log_level") == LogLevel.error and "checking the certificate of" in str(e.get("log_format"))
+        ]
+        assert len(failed) == 2 and all(e.get("log_failure") is None for e in failed)
+        assert b.serial() == serial
         said = [e for e in events if e.get("log_level") == LogLevel.error and "problem" in e]
         assert len(said) == 2  # once per instance, not once per poll
         b.service.stopService()

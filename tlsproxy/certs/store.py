@@ -8,7 +8,9 @@ state directory all read and write here; each reader notices others' writes by
       lock                              flock(2) held while ordering or changing the account
       account/                          0700
         key.pem                         0600  account key, ECDSA P-256, PKCS#8
+        key.next.pem                    0600  a rollover's next key, until the CA has switched
         registrations.json              0600  {directory URL: account URL}
+      ticket-keys.json                  0600  session ticket keys shared by this machine's processes
       certs/<site name>/                0700  site name = the site's first host
         current -> v-<id>               symlink to the version in use, swapped in one rename
         v-<id>/                         0700  one certificate, never changed once linked
@@ -34,6 +36,10 @@ removed by the next writer, under the lock.
 The first layout kept ``key.pem`` and ``fullchain.pem`` as plain files in the
 site directory; such a site is read as it is and moved to a version on its next
 write, after which the two names are symlinks into ``current``.
+
+:class:`Store` is the interface this directory and the fleet's Redis
+(:mod:`tlsproxy.certs.redis_store`) both implement; the Redis store keeps its
+local copy of the certificates in this same layout.
 
 Nothing here imports ``twisted.internet``: the blocking calls are made from
 threads (the service) or directly (the command line).
