@@ -113,3 +113,15 @@ def test_check_shows_the_store_without_its_password(tmp_path: Path) -> None:
     cfg = parse({**BASE, "store": {"url": "redis://:hunter2@redis.internal:6379/3"}}, "site.toml", {})
     text = describe(cfg)
     assert "redis://:***@redis.internal:6379/3" in text and "hunter2" not in text
+
+
+def test_key_file_gone_since_loading_is_a_config_error(tmp_path: Path) -> None:
+    """A key file removed after the configuration loaded makes opening the store a one-line ConfigError."""
+    good = tmp_path / "good.key"
+    good.write_bytes(Fernet.generate_key())
+    cfg = parse({**BASE, "store": {"url": "redis://r/0", "encryption_key_file": str(good)}}, "site.toml", {})
+    good.unlink()
+    with pytest.raises(ConfigError) as info:
+        open_store(cfg)
+    (problem,) = info.value.problems
+    assert problem.key == "store.encryption_key_file" and "cannot read" in problem.reason

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from tlsproxy.certs.store import CertificateStore, Store, StoreError
-from tlsproxy.config import Config, read_fernet_key
+from tlsproxy.certs.store import CertificateStore, Store
+from tlsproxy.config import Config, ConfigError, Problem, read_fernet_key
 
 
 def open_store(config: Config) -> Store:
-    """The configured store; opening it does no I/O (a Redis client connects on first use)."""
+    """The configured store; opening it reads no more than the key file (a Redis client connects on first use).
+
+    Raises ConfigError when the key file went missing since the configuration
+    was loaded: a start or a reload then refuses it in one line.
+    """
     settings = config.store
     if not settings.url:
         return CertificateStore(config.server.state_dir)
@@ -15,7 +19,7 @@ def open_store(config: Config) -> Store:
 
     key = read_fernet_key(settings.encryption_key_file) if settings.encryption_key_file else None
     if isinstance(key, str):  # checked when the configuration loaded; gone since
-        raise StoreError(settings.encryption_key_file, key, "reading [store] encryption_key_file")
+        raise ConfigError([Problem(config.source, "store.encryption_key_file", key)])
     return RedisStore(
         settings.url,
         config.server.state_dir,
