@@ -58,6 +58,15 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
 
 
+PASSWORD = "n0t-in-any-log"
+
+
+@pytest.fixture
+def redis_with_password() -> Iterator[RedisServer]:
+    with running_redis(password=PASSWORD) as server:
+        yield server
+
+
 @dataclass
 class Member:
     """One instance's configuration: its ports and state_dir."""
@@ -203,9 +212,10 @@ def test_one_order_renewal_everywhere_restart_with_empty_state(
 
 
 def test_redis_down_every_instance_keeps_serving(
-    pebble: Pebble, backend: str, redis_server: RedisServer, tmp_path: Path
+    pebble: Pebble, backend: str, redis_with_password: RedisServer, tmp_path: Path
 ) -> None:
-    """Redis stopped: every instance keeps serving; one restarted meanwhile serves its last known certificate."""
+    """Redis stopped: all keep serving; one restarted meanwhile serves its last certificate; no password said."""
+    redis_server = redis_with_password
     hosts = fresh_hosts()
     members = fleet_members(tmp_path, pebble, redis_server, hosts, backend, 2)
     roots = pebble.roots_pem()
@@ -242,6 +252,9 @@ def test_redis_down_every_instance_keeps_serving(
         time.sleep(3)  # polls and renewal checks with Redis down
         for member in members:
             assert served_serial(member.https_port, hosts[0], roots) == serial
+        said = "".join(p.output for p in [*procs, again]) + body + certs.stdout + certs.stderr
+        assert "redis://:***@127.0.0.1" in said
+        assert PASSWORD not in said
 
 
 def test_lock_holder_killed_mid_order_another_takes_over(

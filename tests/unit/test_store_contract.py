@@ -323,6 +323,7 @@ def test_password_never_described(tmp_path: Path) -> None:
         wrong = RedisStore(server.url.replace("s3cret-pw", "wrong-pw"), tmp_path / "state2", prefix="pw:")
         with pytest.raises(StoreError) as caught:
             wrong.load_meta("example.com")
+        assert "refuses our credentials" in str(caught.value)
         assert "s3cret-pw" not in str(caught.value) and "wrong-pw" not in str(caught.value)
 
 

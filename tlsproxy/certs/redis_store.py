@@ -160,7 +160,9 @@ class RedisStore:
         try:
             yield
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
-            reason = f"unreachable ({e})"
+            # A refused password is a ConnectionError to redis-py: unusable all the same, but say which.
+            wrong = isinstance(e, redis.exceptions.AuthenticationError)
+            reason = f"refuses our credentials ({e})" if wrong else f"unreachable ({e})"
             self._problem = f"store {self.describe()}: {reason}"
             raise StoreUnavailable(self.describe(), reason, action) from None
         except redis.exceptions.RedisError as e:
