@@ -211,10 +211,10 @@ def test_lock_lease_expires_when_holder_dies(redis_server: RedisServer, tmp_path
 
 def test_lock_lease_extended_while_held(redis_server: RedisServer, tmp_path: Path) -> None:
     """A live holder keeps its lock past the lease; releasing leaves a successor's lock alone."""
-    a = _redis_store(redis_server, tmp_path, "live:", lease=0.6)
-    b = _redis_store(redis_server, tmp_path, "live:", lease=0.6)
+    a = _redis_store(redis_server, tmp_path, "live:", lease=1.2)
+    b = _redis_store(redis_server, tmp_path, "live:", lease=1.2)
     with a.locked(name="site"):
-        time.sleep(1.5)  # more than two leases
+        time.sleep(3.0)  # more than two leases
         with pytest.raises(LockTimeout):
             with b.locked(timeout=0.2, name="site"):
                 pass
