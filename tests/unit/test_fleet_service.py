@@ -281,3 +281,26 @@ def test_news_during_a_scan_gets_a_scan_after_it(tmp_path: Path, redis_server: R
     finish(second)
     assert len(scans()) == 1
     a.service.stopService()
+
+
+def test_ticket_key_service_for_a_fleet(tmp_path: Path, redis_server: RedisServer) -> None:
+    """The ticket-key hook is off without [store] url, and with one installs the fleet's keys from Redis."""
+    from tlsproxy.acme.storage import ticket_key_service
+    from tlsproxy.config import Store
+
+    up = Upstream(url="http://127.0.0.1:8000", host="127.0.0.1", port=8000)
+    site = Site(hosts=("example.com",), upstream=up)
+    alone = Config(server=Server(state_dir=str(tmp_path / "alone")), sites=(site,))
+    assert ticket_key_service(Clock(), alone, lambda keys: None) is None
+    fleet = Config(
+        server=Server(state_dir=str(tmp_path / "fleet")), store=Store(url=redis_server.url, prefix="tk:"), sites=(site,)
+    )
+    installed: list[Any] = []
+    service = ticket_key_service(Clock(), fleet, installed.append)
+    assert service is not None
+    service._run = lambda f, *a, **kw: maybeDeferred(f, *a, **kw)
+    service.startService()
+    assert len(installed) == 1
+    other = RedisStore(redis_server.url, tmp_path / "other", prefix="tk:")
+    assert other.load_ticket_keys() == installed[0]
+    service.stopService()
