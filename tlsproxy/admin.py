@@ -94,7 +94,8 @@ class AdminHandler:
         if problems:
             self._send(exchange, 503, ("\n".join(problems) + "\n").encode() + lines)
         else:
-            self._send(exchange, 200, b"ready\n" + lines)
+            notes = "".join(f"note: {note}\n" for note in store_notes(self.service.generation))
+            self._send(exchange, 200, b"ready\n" + notes.encode() + lines)
 
     def _send(
         self, exchange: Exchange, status: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8"
@@ -174,3 +175,18 @@ class _Probe:
 
     def client_transport(self) -> Any:
         return None
+
+
+def store_notes(generation: Any) -> list[str]:
+    """A shared store that cannot be reached, said in /readyz's answer.
+
+    Said, not a reason to be unready: every instance keeps serving the
+    certificates it has, and an orchestrator that took them all out of the
+    load balancer when Redis goes down would turn a store outage into a site outage.
+    """
+    notes = []
+    for child in getattr(generation, "certificates", ()):
+        problem = getattr(child, "store_problem", None)
+        if problem:
+            notes.append(f"{problem}; serving the certificates we have, renewals wait")
+    return notes

@@ -76,6 +76,10 @@ def describe(config: Config) -> str:
             lines.append(f"  ca_bundle = {acme.ca_bundle}")
         if acme.profile:
             lines.append(f"  profile = {acme.profile}")
+    if config.store.shared:  # the password stays out (redact_url)
+        lines += ["[store]", f"  {config.store.describe()}, lock lease {config.store.lock_lease:g}s"]
+        if config.store.encryption_key_file:
+            lines.append(f"  keys encrypted with {config.store.encryption_key_file}")
     for site in config.sites:
         hsts = site.hsts.header_value()
         lines += [

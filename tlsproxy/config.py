@@ -7,6 +7,8 @@ environment variable), the key, what was expected and what was found.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
 import os
@@ -18,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tlsproxy.certs.store_url import check_store_url, redact_url
 from tlsproxy.compat.twisted import parse_server_endpoint
 from tlsproxy.http.server import Limits
 from tlsproxy.tls.policy import PolicyError, TLSPolicy, cipher_names, load_dhparams
@@ -245,10 +248,28 @@ class ACME:
 
 
 @dataclass(frozen=True)
+class Store:
+    """``[store]``: where certificates live; no url = the directory store in state_dir."""
+
+    url: str = ""  # redis://[:PASSWORD@]HOST:PORT/DB, rediss:// (TLS), unix:///PATH; or TLSPROXY_STORE_URL
+    prefix: str = "tlsproxy:"  # key prefix, so several fleets can share one Redis
+    lock_lease: float = 30.0  # seconds an order's lock outlives a holder that died
+    encryption_key_file: str = ""  # a Fernet key: private keys encrypted before they reach Redis
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.url)
+
+    def describe(self) -> str:
+        return f"redis {redact_url(self.url)} (prefix {self.prefix!r})" if self.url else "the state directory"
+
+
+@dataclass(frozen=True)
 class Config:
     server: Server = field(default_factory=Server)
     tls: TLS = field(default_factory=TLS)
     acme: ACME = field(default_factory=ACME)
+    store: Store = field(default_factory=Store)
     sites: tuple[Site, ...] = ()
     source: str = "<defaults>"
     dev: bool = False
@@ -554,6 +575,52 @@ def _acme(reader: _Reader, raw: Mapping[str, Any]) -> ACME:
     return ACME(**out)
 
 
+def read_fernet_key(path: str) -> bytes | str:
+    """The Fernet key in ``path``, or why there is none (never quoting the file)."""
+    try:
+        data = Path(path).read_bytes().strip()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    try:
+        if len(base64.urlsafe_b64decode(data)) == 32:
+            return data
+    except (ValueError, binascii.Error):
+        pass
+    return (
+        f"{path} holds no Fernet key (44 base64url characters; make one with: "
+        "python3 -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())' > FILE)"
+    )
+
+
+def _store(reader: _Reader, raw: Mapping[str, Any]) -> Store:
+    defaults = Store()
+    known = {f: getattr(defaults, f) for f in Store.__dataclass_fields__}
+    values = reader.table(raw, "store", known)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "url" and isinstance(value, str):
+            why = check_store_url(value) if value else None
+            if why:
+                reader.fail("store.url", why)
+            else:
+                out[key] = value
+        else:
+            out[key] = _coerce(reader, f"store.{key}", value, known[key])
+    prefix = out.get("prefix", defaults.prefix)
+    if not prefix or any(c.isspace() for c in prefix):
+        reader.fail("store.prefix", f"expected a key prefix without spaces, like {defaults.prefix!r}")
+        out.pop("prefix", None)
+    lease = out.get("lock_lease")
+    if lease is not None and not 2 <= lease <= 3600:
+        reader.fail("store.lock_lease", f"expected seconds from 2 to 3600, found {lease!r}")
+        del out["lock_lease"]
+    if out.get("encryption_key_file"):
+        found = read_fernet_key(out["encryption_key_file"])
+        if isinstance(found, str):
+            reader.fail("store.encryption_key_file", found)
+    return Store(**out)
+
+
 SITE_DEFAULTS: Mapping[str, Any] = {
     "hosts": (),
     "upstream": "",
@@ -809,14 +876,14 @@ PROCESS_ENV = {
     "TLSPROXY_CAROOT": "where the local development CA lives",
     "TLSPROXY_PURE_PYTHON": "1 runs the pure Python twins of the C accelerator",
 }
-_SECTIONS = ("server", "tls", "acme")
+_SECTIONS = ("server", "tls", "acme", "store")
 _SITE_ENV = {"TLSPROXY_HOSTS": "hosts", "TLSPROXY_UPSTREAM": "upstream"}
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
 
 def _defaults(section: str) -> Mapping[str, Any]:
-    instance = {"server": Server, "tls": TLS, "acme": ACME}.get(section)
+    instance = {"server": Server, "tls": TLS, "acme": ACME, "store": Store}.get(section)
     if instance is None:
         return SITE_DEFAULTS if section == "site" else {}
     return {f.name: getattr(instance(), f.name) for f in fields(instance)}
@@ -869,7 +936,7 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
                 Problem(
                     f"environment {name}",
                     rest,
-                    "unknown variable (TLSPROXY_<SECTION>_<KEY> with section server, tls or acme;"
+                    "unknown variable (TLSPROXY_<SECTION>_<KEY> with section server, tls, acme or store;"
                     " TLSPROXY_HOSTS, TLSPROXY_UPSTREAM, TLSPROXY_SITE_<KEY>, TLSPROXY_STATE_DIR;"
                     f" not configuration: {', '.join(PROCESS_ENV)})",
                 )
@@ -946,7 +1013,7 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
         return source
 
     reader = _Reader(where, problems)
-    reader.table(merged, "", {"server": 0, "tls": 0, "acme": 0, "site": 0})
+    reader.table(merged, "", {"server": 0, "tls": 0, "acme": 0, "store": 0, "site": 0})
 
     def section(name: str) -> Mapping[str, Any]:
         value = merged.get(name, {})
@@ -958,6 +1025,7 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
     server = _server(reader, section("server"))
     tls = _tls(reader, section("tls"))
     acme = _acme(reader, section("acme"))
+    store = _store(reader, section("store"))
     raw_sites = merged.get("site", [])
     if not isinstance(raw_sites, list):
         reader.fail("site", "expected [[site]] tables")
@@ -984,7 +1052,7 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
                 reader.fail(f"site[{i}].hosts", f"{wild[0]!r}: wildcard names need DNS-01, which tlsproxy does not do")
     if problems:
         raise ConfigError(problems)
-    return Config(server=server, tls=tls, acme=acme, sites=tuple(sites), source=source)
+    return Config(server=server, tls=tls, acme=acme, store=store, sites=tuple(sites), source=source)
 
 
 def toml_problem(path: str, error: tomllib.TOMLDecodeError) -> Problem:
