@@ -93,7 +93,7 @@ class StoreNoteTests(SynchronousTestCase):
         config = Config(server=Server(), sites=(Site(hosts=("shop.example",), upstream=UP),))
         certificates = [SimpleNamespace(store_problem=store_problem), SimpleNamespace()]
         generation = SimpleNamespace(
-            config=config, sni_map=_Sites(), handler=SimpleNamespace(pools=[]), certificates=certificates
+            config=config, sni_map=_Sites(), handler=SimpleNamespace(groups=[]), certificates=certificates
         )
         admin = AdminHandler(SimpleNamespace(ready=True, generation=generation), lambda: b"")
         sent: list[tuple[int, bytes]] = []
