@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 from tlsproxy.compat.twisted import parse_server_endpoint
 from tlsproxy.http.server import Limits
+from tlsproxy.proxyprotocol import split_description
 from tlsproxy.tls.policy import PolicyError, TLSPolicy, cipher_names, load_dhparams
 
 DEFAULT_DEV_UPSTREAM = "http://127.0.0.1:8000"
@@ -149,6 +150,8 @@ class Server:
     admin: str = ""
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     access_log: bool = True
+    # Also write the access log (JSON lines) to this file; reopened on SIGUSR1.
+    access_log_file: str = ""
     log_format: str = "text"
     connect_timeout: float = 5.0
     upstream_timeout: float = 60.0
@@ -396,6 +399,12 @@ def local_endpoints(description: str) -> tuple[str, ...]:
 
 def check_endpoint(description: str) -> str | None:
     """Why ``description`` is not a Twisted server endpoint string, or None."""
+    proxied, inner = split_description(description)
+    if proxied:
+        # PROXY protocol (tlsproxy/proxyprotocol.py) in front of a tcp: or systemd: listener.
+        if split_description(inner)[0] or inner.split(":", 1)[0].lower() not in ("tcp", "systemd"):
+            return "haproxy: goes in front of a tcp: or systemd: endpoint, like haproxy:tcp:443"
+        return check_endpoint(inner)
     host, _, tail = description.rpartition(":")
     if tail.isdigit() and host and description.split(":", 1)[0].lower() not in ("tcp", "unix", "systemd", "ssl"):
         interface = host.strip("[]").replace(":", "\\:")
@@ -455,6 +464,12 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
             why = check_endpoint(description)
             if why:
                 reader.fail(f"server.{key}", f"{description!r}: {why}")
+    proxied = [d for key in ("https", "http") for d in out.get(key, ()) if split_description(d)[0]]
+    if proxied and not out.get("trusted_proxies"):
+        reader.fail(
+            "server.trusted_proxies",
+            f"{proxied[0]!r} takes PROXY headers only from trusted_proxies: list your load balancers' ranges",
+        )
     if out.get("admin"):
         why = check_endpoint(out["admin"])
         if why:

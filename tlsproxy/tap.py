@@ -47,6 +47,7 @@ from tlsproxy.logs import LogOutput
 from tlsproxy.metrics import Metrics
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.handler import ProxyHandler
+from tlsproxy.proxyprotocol import ProxyHeaderFactory, split_description
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
 from tlsproxy.tls.tickets import TicketKeyRotation
@@ -257,7 +258,8 @@ class Listener(Service):
         super().startService()
         try:
             # A systemd: endpoint looks its socket up right here, and raises if none was passed.
-            endpoint = serverFromString(self.reactor, with_backlog(self.description))
+            # haproxy: is ours (ProxyHeaderFactory, made by the service), not Twisted's wrapper.
+            endpoint = serverFromString(self.reactor, with_backlog(split_description(self.description)[1]))
         except Exception as e:  # KeyError, IndexError, ValueError: whatever the parser met
             self.listening = fail(e)
             return
@@ -345,6 +347,7 @@ class ProxyService(MultiService):
             AdminHandler(self, self.metrics.render), reactor, Limits(), secure=False, tracker=ConnectionTracker()
         )
         self.listeners: dict[tuple[str, str], Listener] = {}
+        self.proxy_header_factories: dict[int, ProxyHeaderFactory] = {}
         self._sync_listeners(config)
         generation.certificates.setServiceParent(self)
 
@@ -356,12 +359,28 @@ class ProxyService(MultiService):
 
     # -- listeners -------------------------------------------------------------
 
+    def _proxied(self, config: Config, description: str, factory: Any) -> Any:
+        """``factory``, behind a PROXY protocol reader if ``description`` is haproxy:...; one per factory."""
+        if not split_description(description)[0]:
+            return factory
+        wrapper = self.proxy_header_factories.get(id(factory))
+        if wrapper is None:
+            wrapper = self.proxy_header_factories[id(factory)] = ProxyHeaderFactory(
+                factory, config.server.trusted_proxies, self.reactor, config.server.handshake_timeout
+            )
+        # SIGHUP may change who is trusted: every wrapper follows the newest configuration.
+        wrapper.trusted = tuple(config.server.trusted_proxies)
+        wrapper.timeout = config.server.handshake_timeout
+        return wrapper
+
     def _wanted(self, config: Config) -> dict[tuple[str, str], Any]:
         wanted: dict[tuple[str, str], Any] = {}
         for description in config.server.https:
-            wanted[("https", description)] = self.https_factory
+            wanted[("https", description)] = self._proxied(config, description, self.https_factory)
         for description in config.server.http:
-            wanted[("http (ACME HTTP-01, redirect to https)", description)] = self.plain_factory
+            wanted[("http (ACME HTTP-01, redirect to https)", description)] = self._proxied(
+                config, description, self.plain_factory
+            )
         if config.server.admin:
             wanted[("admin (/healthz /readyz /metrics)", config.server.admin)] = self.admin_factory
         return wanted
@@ -435,7 +454,13 @@ class ProxyService(MultiService):
     def _update_https_port(self) -> None:
         """Redirect to the port the first HTTPS listener really has (systemd sockets, tcp:0)."""
         for (label, _), listener in self.listeners.items():
-            if label == "https" and listener.port is not None and hasattr(listener.port.getHost(), "port"):
+            if (
+                label == "https"
+                and listener.port is not None
+                and hasattr(listener.port.getHost(), "port")
+                # Behind a load balancer, the port clients use is the balancer's.
+                and not split_description(listener.description)[0]
+            ):
                 self.plain.https_port = listener.port.getHost().port
                 break
 

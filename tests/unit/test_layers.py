@@ -25,6 +25,8 @@ LAYERS: dict[str, int] = {
     "deadline": 1,
     "eventloop": 1,
     "listening": 1,
+    # PROXY protocol headers, read before TLS or HTTP on a haproxy: listener.
+    "proxyprotocol": 1,
     # Certificates as values, their store on disk, and the challenge tables
     # through which the issuer (acme) hands answers to the listeners (tls, http).
     "certs": 2,
