@@ -320,9 +320,7 @@ class ProxyHeaderProtocol(Protocol):
 class ProxyHeaderFactory(Factory):
     """Wraps a listener's factory: PROXY headers from ``trusted`` peers, none from the others."""
 
-    def __init__(
-        self, wrapped: Any, trusted: Sequence[Network], clock: IReactorTime, timeout: float = 10.0
-    ) -> None:
+    def __init__(self, wrapped: Any, trusted: Sequence[Network], clock: IReactorTime, timeout: float = 10.0) -> None:
         self.wrapped = wrapped
         self.trusted = tuple(trusted)
         self.clock = clock

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -36,7 +37,12 @@ def v1(src: str, dst: str, sport: int, dport: int) -> bytes:
 
 
 def v2(
-    src: str, dst: str, sport: int, dport: int, tlvs: list[tuple[int, bytes]] = (), command: int = 1  # type: ignore[assignment]
+    src: str,
+    dst: str,
+    sport: int,
+    dport: int,
+    tlvs: list[tuple[int, bytes]] = (),
+    command: int = 1,  # type: ignore[assignment]
 ) -> bytes:
     six = ":" in src
     addresses = ipaddress.ip_address(src).packed + ipaddress.ip_address(dst).packed + struct.pack("!HH", sport, dport)
@@ -166,7 +172,9 @@ class RecordingFactory(Factory):
         return proto
 
 
-def connect(peer: str, trusted: tuple[str, ...] = ("10.0.0.0/8",)) -> tuple[object, StringTransport, RecordingFactory, Clock]:
+def connect(
+    peer: str, trusted: tuple[str, ...] = ("10.0.0.0/8",)
+) -> tuple[object, StringTransport, RecordingFactory, Clock]:
     clock = Clock()
     inner = RecordingFactory()
     factory = ProxyHeaderFactory(inner, [ipaddress.ip_network(n) for n in trusted], clock, timeout=5.0)
