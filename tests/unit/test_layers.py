@@ -50,6 +50,7 @@ LAYERS: dict[str, int] = {
     "logs": 8,
     "metrics": 8,
     "preflight": 8,
+    "passwd": 8,
     "tap": 8,
 }
 

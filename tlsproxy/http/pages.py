@@ -20,6 +20,8 @@ REASONS: dict[int, bytes] = {
     304: b"Not Modified",
     308: b"Permanent Redirect",
     400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
@@ -38,6 +40,8 @@ REASONS: dict[int, bytes] = {
 
 MESSAGES: dict[int, str] = {
     400: "The request could not be understood.",
+    401: "This page needs a user name and password.",
+    403: "Access to this page is not allowed from your address.",
     404: "There is no site here for this host name.",
     405: "This method is not supported here.",
     408: "The request took too long to arrive.",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
@@ -30,6 +31,7 @@ from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.wire import redirect_location, split_host_port
 from tlsproxy.proxy import static
+from tlsproxy.proxy.access import AccessControl
 from tlsproxy.proxy.accesslog import AccessLog
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
 from tlsproxy.proxy.reqbuffer import (
@@ -135,6 +137,7 @@ class ProxyHandler:
             fallback=None if server.buffer_dir else fallback_directory(),
         )
         self.response_buffers = BufferSpace(reactor, server.buffer_directory, server.max_response_buffer)
+        self.access = AccessControl(sites, reactor, threaded(reactor))
 
     def route_for(self, host: str) -> Route | None:
         route = self._exact.get(host)
@@ -165,6 +168,14 @@ class ProxyHandler:
             return
         if self.canonical and self._redirect_to_canonical(route, exchange):
             return
+        if route.site.access and not self.access.admit(
+            route.site, exchange, partial(self.dispatch, route, exchange), partial(self.record, exchange, route.name)
+        ):
+            return  # refused, or dispatched once the password is checked (tlsproxy/proxy/access.py)
+        self.dispatch(route, exchange)
+
+    def dispatch(self, route: Route, exchange: Exchange) -> None:
+        """A request the site's access rules let through: a static file, or on to the app."""
         if route.site.static and static.serve(self, route, exchange):
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
         if route.paths:
