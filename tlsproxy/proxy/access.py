@@ -215,6 +215,7 @@ def challenge(auth: BasicAuth) -> list[tuple[bytes, bytes]]:
 
 
 RunInThread = Callable[..., "Deferred[Any]"]
+Record = Callable[[int, int], None]  # status, bytes sent: the access log line and the count
 
 
 def check_password(password: bytes, hashed: bytes) -> bool:
@@ -291,7 +292,7 @@ class AccessControl:
         self.users = load_all(sites)
         self.verifier = Verifier(clock, run)
 
-    def admit(self, site: Site, exchange: Exchange, proceed: Callable[[], None], record: Callable[[int, int], None]) -> bool:
+    def admit(self, site: Site, exchange: Exchange, proceed: Callable[[], None], record: Record) -> bool:
         """True: go on now.  False: answered here (403, 401, 503), or ``proceed`` is called once checked."""
         path = request_path(exchange.head.target)
         if path.startswith(ACME_PREFIX):
@@ -332,7 +333,7 @@ class AccessControl:
         auth: BasicAuth,
         waiting: _Waiting,
         proceed: Callable[[], None],
-        record: Callable[[int, int], None],
+        record: Record,
     ) -> None:
         if waiting.gone:
             record(499, 0)
@@ -342,6 +343,6 @@ class AccessControl:
         else:
             self._unauthorized(exchange, auth, record)
 
-    def _unauthorized(self, exchange: Exchange, auth: BasicAuth, record: Callable[[int, int], None]) -> None:
+    def _unauthorized(self, exchange: Exchange, auth: BasicAuth, record: Record) -> None:
         record(401, 0)
         pages.send(exchange, 401, headers=challenge(auth))
