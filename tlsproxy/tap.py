@@ -45,8 +45,9 @@ from tlsproxy.http.tracker import ConnectionTracker
 from tlsproxy.listening import watch_refusals, with_backlog
 from tlsproxy.logs import LogOutput
 from tlsproxy.metrics import Metrics
-from tlsproxy.proxy.accesslog import AccessLog
+from tlsproxy.proxy.accesslog import AccessLog, AccessLogFile
 from tlsproxy.proxy.handler import ProxyHandler
+from tlsproxy.proxy.reqbuffer import threaded
 from tlsproxy.proxyprotocol import ProxyHeaderFactory, split_description
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
@@ -142,7 +143,12 @@ class Generation:
 
 
 def build_generation(
-    reactor: Any, config: Config, http01: HTTP01Answers, alpn01: TLSALPN01Answers, metrics: Metrics | None
+    reactor: Any,
+    config: Config,
+    http01: HTTP01Answers,
+    alpn01: TLSALPN01Answers,
+    metrics: Metrics | None,
+    access_file: AccessLogFile | None = None,
 ) -> Generation:
     """Everything a configuration decides, ready to serve; raises on bad certificate files."""
     policy = policy_of(config)
@@ -169,7 +175,11 @@ def build_generation(
     certificates = MultiService()
     TicketKeyRotation(reactor, sni.rotate_ticket_keys, config.tls.ticket_key_rotation).setServiceParent(certificates)
     _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics)
-    access_log = AccessLog(reactor) if config.server.access_log else None
+    access_log = (
+        AccessLog(reactor, file=access_file, stdout=config.server.access_log)
+        if config.server.access_log or access_file is not None
+        else None
+    )
     handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev, metrics=metrics)
     for site in config.sites:
         log.info(
@@ -324,7 +334,9 @@ class ProxyService(MultiService):
         self.metrics = Metrics()
         self.http01 = HTTP01Answers()
         self.alpn01 = TLSALPN01Answers()
-        self.generation = build_generation(reactor, config, self.http01, self.alpn01, self.metrics)
+        # The access log file outlives generations: SIGUSR1 reopens it, SIGHUP may move it.
+        self.access_file = self._access_file(config)
+        self.generation = build_generation(reactor, config, self.http01, self.alpn01, self.metrics, self.access_file)
         generation = self.generation
         self.metrics.watch_certificates(
             lambda: {s: self.generation.sni_map.context_of(s) for s in self.generation.sni_map.sites}
@@ -350,6 +362,20 @@ class ProxyService(MultiService):
         self.proxy_header_factories: dict[int, ProxyHeaderFactory] = {}
         self._sync_listeners(config)
         generation.certificates.setServiceParent(self)
+
+    def _access_file(self, config: Config) -> AccessLogFile | None:
+        """The access log file ``config`` names: the open one if it is the same path (opened on first write)."""
+        path = config.server.access_log_file
+        current = getattr(self, "access_file", None)
+        if current is not None and current.path == path:
+            return current
+        return AccessLogFile(path, self.reactor, threaded(self.reactor)) if path else None
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen the access log file (logrotate has moved it)."""
+        if self.access_file is not None:
+            self.log.info("SIGUSR1: reopening {path}", path=self.access_file.path)
+            self.access_file.reopen()
 
     def _is_our_host(self, host: str) -> bool:
         return self.generation.handler.is_our_host(host)
@@ -419,6 +445,8 @@ class ProxyService(MultiService):
         # After the reactor's own (installed while it starts): ours replace them.
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, lambda signum, frame: self.reactor.callFromThread(self.reopen_logs))
         # Twisted would re-raise SIGTERM after shutdown (exit status 143); a
         # drained, orderly stop is a success, so stop the reactor ourselves.
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -487,13 +515,17 @@ class ProxyService(MultiService):
             problems = preflight.problems(config)
             if problems:
                 raise ConfigError(problems)
-            generation = build_generation(self.reactor, config, self.http01, self.alpn01, self.metrics)
+            access_file = self._access_file(config)
+            generation = build_generation(self.reactor, config, self.http01, self.alpn01, self.metrics, access_file)
         except CANNOT_RUN as e:
             for problem in cannot_run(e):
                 self.log.error("reload refused, the running configuration stays: {problem}", problem=problem)
             return
         old = self.generation
         self.generation = generation
+        if self.access_file is not None and self.access_file is not access_file:
+            self.access_file.close()  # the path changed: what is pending goes out, then it is closed
+        self.access_file = access_file
         if self.log_output is not None:
             self.log_output.log_format = config.server.log_format
         self.creator.sni = generation.sni
@@ -533,7 +565,10 @@ class ProxyService(MultiService):
         def finish(_: Any) -> Any:
             self.generation.handler.close()
             self.log.info("stopped")
-            return maybeDeferred(self.generation.certificates.stopService)
+            closing = [maybeDeferred(self.generation.certificates.stopService)]
+            if self.access_file is not None:
+                closing.append(self.access_file.close())
+            return gatherResults(closing, consumeErrors=True)
 
         return done.addBoth(finish)
 

@@ -32,7 +32,7 @@ from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.wire import redirect_location, split_host_port
 from tlsproxy.proxy import static
 from tlsproxy.proxy.access import AccessControl
-from tlsproxy.proxy.accesslog import AccessLog
+from tlsproxy.proxy.accesslog import AccessLog, begin
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
 from tlsproxy.proxy.reqbuffer import (
     BodyStoreError,
@@ -149,6 +149,7 @@ class ProxyHandler:
         return self.route_for(host) is not None
 
     def handle(self, exchange: Exchange) -> None:
+        begin(exchange, self.reactor, self.trusted_proxies)  # its request id and start time, for the log
         raw_host = exchange.head.host
         served = getattr(exchange.transport, "served_names", None)
         if served is not None and not served.covers(raw_host):
@@ -204,10 +205,12 @@ class ProxyHandler:
         pages.send(exchange, status, f"This site is {canonical}.", [(b"Location", location)])
         return True
 
-    def record(self, exchange: Exchange, site: str, status: int, size: int) -> None:
+    def record(
+        self, exchange: Exchange, site: str, status: int, size: int, upstream: str = "-", received: int = 0
+    ) -> None:
         """One finished request: the access log line and the request counter."""
         if self.access_log is not None:
-            self.access_log.log(exchange, status, size)
+            self.access_log.log(exchange, status, size, site, upstream, received)
         if self.metrics is not None:
             key = (site, status)
             counter = self._counters.get(key)
@@ -689,7 +692,14 @@ class ProxiedRequest:
         if self.recorded:
             return
         self.recorded = True
-        self.handler.record(self.exchange, self.route.name, status, self.sent_bytes if size is None else size)
+        self.handler.record(
+            self.exchange,
+            self.route.name,
+            status,
+            self.sent_bytes if size is None else size,
+            self.route.upstream.url,
+            self.received,
+        )
 
     # IPushProducer for the client's side: the client reads slower than the
     # app writes, so the answer goes to the buffer (or, unbuffered, reading
