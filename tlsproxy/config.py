@@ -179,6 +179,11 @@ class Site:
         """A site is named by its first host (what ``tlsproxy renew NAME`` takes)."""
         return self.hosts[0]
 
+    @property
+    def gated(self) -> bool:
+        """Requests pass tlsproxy/proxy/access.py first: access rules, or a maintenance switch."""
+        return bool(self.access or self.maintenance_file)
+
 
 @dataclass(frozen=True)
 class Server:

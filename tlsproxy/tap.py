@@ -181,6 +181,9 @@ def build_generation(
         else None
     )
     handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev, metrics=metrics)
+    watcher = handler.error_pages.watcher(reactor)  # maintenance files, looked for once a second
+    if watcher is not None:
+        watcher.setServiceParent(certificates)
     for site in config.sites:
         log.info(
             "site {site}: {hosts} -> {upstream} (certificate: {source}, HSTS: {hsts})",

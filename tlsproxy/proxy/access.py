@@ -1,5 +1,8 @@
 """Who may reach a site or a path prefix: IP allow / deny lists and HTTP basic auth (bcrypt).
 
+The same gate turns requests away while a site is in maintenance (503, see
+errorpages.py); ACME HTTP-01 paths pass both.
+
 The decisions are plain functions (which rule covers a path, whether an
 address passes, what an Authorization header says); :class:`AccessControl`
 is the thin part the proxy calls once per request of a restricted site.
@@ -38,6 +41,7 @@ from twisted.logger import Logger
 from tlsproxy.config import AccessRule, BasicAuth, ConfigError, Network, Problem, Site
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
+from tlsproxy.proxy.errorpages import ErrorPages
 
 ACME_PREFIX = b"/.well-known/acme-challenge/"
 MAX_RUNNING = 2
@@ -287,16 +291,21 @@ class _Waiting:
 class AccessControl:
     """Applies a site's access rules to each request before it is dispatched."""
 
-    def __init__(self, sites: Iterable[Site], clock: Any, run: RunInThread) -> None:
+    def __init__(self, sites: Iterable[Site], clock: Any, run: RunInThread, pages: ErrorPages | None = None) -> None:
         # Read at start and reload (small files), never per request.
         self.users = load_all(sites)
         self.verifier = Verifier(clock, run)
+        self.pages = pages
 
     def admit(self, site: Site, exchange: Exchange, proceed: Callable[[], None], record: Record) -> bool:
         """True: go on now.  False: answered here (403, 401, 503), or ``proceed`` is called once checked."""
         path = request_path(exchange.head.target)
         if path.startswith(ACME_PREFIX):
             return True
+        if self.pages is not None and self.pages.in_maintenance(site):
+            record(503, 0)
+            self.pages.send_maintenance(exchange, site)
+            return False
         rule = rule_for(site.access, path)
         if rule is None:
             return True

@@ -33,6 +33,7 @@ from tlsproxy.http.wire import redirect_location, split_host_port
 from tlsproxy.proxy import static
 from tlsproxy.proxy.access import AccessControl
 from tlsproxy.proxy.accesslog import AccessLog, begin
+from tlsproxy.proxy.errorpages import ErrorPages
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
 from tlsproxy.proxy.reqbuffer import (
     BodyStoreError,
@@ -137,7 +138,8 @@ class ProxyHandler:
             fallback=None if server.buffer_dir else fallback_directory(),
         )
         self.response_buffers = BufferSpace(reactor, server.buffer_directory, server.max_response_buffer)
-        self.access = AccessControl(sites, reactor, threaded(reactor))
+        self.error_pages = ErrorPages(sites, threaded(reactor))
+        self.access = AccessControl(sites, reactor, threaded(reactor), self.error_pages)
 
     def route_for(self, host: str) -> Route | None:
         route = self._exact.get(host)
@@ -169,10 +171,10 @@ class ProxyHandler:
             return
         if self.canonical and self._redirect_to_canonical(route, exchange):
             return
-        if route.site.access and not self.access.admit(
+        if route.site.gated and not self.access.admit(
             route.site, exchange, partial(self.dispatch, route, exchange), partial(self.record, exchange, route.name)
         ):
-            return  # refused, or dispatched once the password is checked (tlsproxy/proxy/access.py)
+            return  # refused, in maintenance, or dispatched once the password is checked (proxy/access.py)
         self.dispatch(route, exchange)
 
     def dispatch(self, route: Route, exchange: Exchange) -> None:
@@ -603,7 +605,7 @@ class ProxiedRequest:
             upstream = self.route.upstream
             message = f"Nothing is listening on {upstream.url}: {dev_app_hint(upstream)} and reload this page."
         self.logged(error.status)
-        pages.send(self.exchange, error.status, message)
+        self.handler.error_pages.send(self.exchange, self.route.site, error.status, message)  # the site's page, if any
 
     def fail_request(self, status: int) -> None:
         if self.finished:
