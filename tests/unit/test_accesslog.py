@@ -283,3 +283,19 @@ def test_no_fd_leak_on_reopen(tmp_path: Path) -> None:
     assert open_here() == 1
     log.close()
     assert open_here() == 0
+
+
+def test_request_ids_differ_across_a_fork() -> None:
+    """Ids are unique in a process, and a forked worker gets a prefix of its own."""
+    first, second = accesslog.new_request_id(), accesslog.new_request_id()
+    assert first != second and len(first) == len(second) == 24
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, accesslog.new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert child[:16] != first[:16]
