@@ -44,6 +44,7 @@ MAX_V1 = 107  # the longest v1 line the specification allows, CRLF included
 MAX_V2_PAYLOAD = 4096  # addresses plus TLVs; load balancers send a few hundred bytes at most
 _V2_ADDRESS_SIZES = {0x1: 12, 0x2: 36, 0x3: 216}  # INET, INET6, UNIX
 HAPROXY_PREFIX = "haproxy:"
+WARN_EVERY = 60.0
 
 log = Logger(namespace="tlsproxy.proxyprotocol")
 
@@ -284,8 +285,7 @@ class ProxyHeaderProtocol(Protocol):
         self._done = True
         self._timer.stop()
         self._buffer = b""
-        log.debug("refused {peer}: {reason}", peer=getattr(self.address, "host", "?"), reason=reason)
-        self.factory.refused += 1
+        self.factory.note_refusal(getattr(self.address, "host", "?"), reason)
         self.transport.abortConnection()
 
     def _timed_out(self) -> None:
@@ -326,6 +326,28 @@ class ProxyHeaderFactory(Factory):
         self.clock = clock
         self.timeout = timeout
         self.refused = 0
+        self._unlogged = 0
+        self._last_warning: float | None = None
+
+    def note_refusal(self, peer: str, reason: str) -> None:
+        """One debug line per refusal; a warning at most every WARN_EVERY seconds (a balancer
+        that sends no header, or a missing trusted_proxies range, shows without a flood)."""
+        self.refused += 1
+        self._unlogged += 1
+        log.debug("PROXY protocol: refused {peer}: {reason}", peer=peer, reason=reason)
+        now = self.clock.seconds()
+        if self._last_warning is not None and now - self._last_warning < WARN_EVERY:
+            return
+        self._last_warning = now
+        log.warn(
+            "PROXY protocol: refused {count} connection(s), the last from {peer}: {reason}"
+            " (logged at most every {every:g}s; see trusted_proxies)",
+            count=self._unlogged,
+            peer=peer,
+            reason=reason,
+            every=WARN_EVERY,
+        )
+        self._unlogged = 0
 
     def doStart(self) -> None:
         self.wrapped.doStart()

@@ -254,3 +254,29 @@ def test_silent_peer_times_out() -> None:
     assert not transport.disconnecting
     clock.advance(0.2)
     assert transport.disconnecting and inner.built == []
+
+
+def test_refusals_warn_at_most_once_a_minute() -> None:
+    """Refusals are counted; a warning names the last one, at most once per WARN_EVERY seconds."""
+    from twisted.logger import globalLogPublisher
+
+    from tlsproxy.proxyprotocol import WARN_EVERY
+
+    warnings: list[dict] = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_namespace") == "tlsproxy.proxyprotocol" and event["log_level"].name == "warn":
+            warnings.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    try:
+        clock = Clock()
+        factory = ProxyHeaderFactory(RecordingFactory(), [], clock)
+        for _ in range(5):
+            factory.note_refusal("192.0.2.1", "no PROXY header in time")
+        clock.advance(WARN_EVERY)
+        factory.note_refusal("192.0.2.2", "a v1 header ends with CRLF")
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert factory.refused == 6
+    assert [(w["count"], w["peer"]) for w in warnings] == [(1, "192.0.2.1"), (5, "192.0.2.2")]
