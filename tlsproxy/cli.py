@@ -91,7 +91,29 @@ def describe(config: Config) -> str:
         for mount in site.static:  # what tlsproxy serves itself, not the app
             note = " (media: uploads)" if mount.media else ""
             lines.append(f"  static {mount.prefix} = {mount.root}{note}, max-age {site.static_max_age}s unless hashed")
+        lines += describe_gate(site)
+    if server.access_log_file:
+        lines.append(f"access log file: {server.access_log_file} (JSON lines; SIGUSR1 reopens it)")
     return "\n".join(lines)
+
+
+def describe_gate(site: configuration.Site) -> list[str]:
+    """A site's access rules, error pages and maintenance switch, one line each."""
+    lines = []
+    for rule in reversed(site.access):  # "/" first, then the longer prefixes
+        parts = []
+        if rule.allow:
+            parts.append("allow " + ", ".join(map(str, rule.allow)))
+        if rule.deny:
+            parts.append("deny " + ", ".join(map(str, rule.deny)))
+        if rule.basic_auth is not None:
+            parts.append(f"basic auth {rule.basic_auth.realm!r} ({rule.basic_auth.htpasswd})")
+        lines.append(f"  access {rule.prefix}: {'; '.join(parts) or 'open'}")
+    for status, path in site.error_pages:
+        lines.append(f"  error page {status} = {path}")
+    if site.maintenance_file:
+        lines.append(f"  maintenance while {site.maintenance_file} exists")
+    return lines
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

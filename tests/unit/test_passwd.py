@@ -73,3 +73,27 @@ def test_cli_prompt_must_match(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     args = cli.build_parser().parse_args(["passwd", str(tmp_path / "h"), "ann"])
     assert cli.cmd_passwd(args, out, err) == 2
     assert "differ" in err.getvalue() and not (tmp_path / "h").exists()
+
+
+def test_check_describes_the_gate(tmp_path: Path) -> None:
+    """`tlsproxy check` lists each access rule, error page and the maintenance file; a bad htpasswd fails it."""
+    htpasswd = tmp_path / "htpasswd"
+    set_password(str(htpasswd), "ann", b"pw", cost=4)
+    page = tmp_path / "502.html"
+    page.write_text("x")
+    config = tmp_path / "c.toml"
+    config.write_text(
+        '[[site]]\nhosts = ["a.test"]\nupstream = "http://127.0.0.1:1"\ntls = "local"\n'
+        f'allow = ["192.0.2.0/24"]\nmaintenance_file = "{tmp_path}/m.on"\n'
+        f'error_pages = {{ 502 = "{page}" }}\n'
+        f'[[site.access]]\nprefix = "/admin/"\nbasic_auth = {{ realm = "adm", htpasswd = "{htpasswd}" }}\n'
+    )
+    out, err = io.StringIO(), io.StringIO()
+    assert cli.main(["check", "--config", str(config)], out, err) == 0, err.getvalue()
+    text = out.getvalue()
+    assert "access /: allow 192.0.2.0/24" in text
+    assert f"access /admin/: allow 192.0.2.0/24; basic auth 'adm' ({htpasswd})" in text
+    assert f"error page 502 = {page}" in text and "maintenance while" in text
+    htpasswd.write_text("ann:plain\n")
+    assert cli.main(["check", "--config", str(config)], io.StringIO(), err) == 2
+    assert "bcrypt" in err.getvalue()
