@@ -173,3 +173,18 @@ def test_bad_htpasswd_stops_the_start(pki: PKI, tmp_path: Path) -> None:
     done = subprocess.run([str(BIN / "twist"), "tlsproxy", "--config", str(config)], capture_output=True, text=True)
     assert done.returncode == 2
     assert str(htpasswd) in done.stderr and "bcrypt" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_basic_auth_over_http2(setup: Setup) -> None:
+    """HTTP/2 requests pass the same gate: 401 without the password, Django's answer with it."""
+    import httpx
+
+    with httpx.Client(
+        base_url=f"https://localhost:{setup.https}", verify=setup.pki.client_context(), http2=True, trust_env=False
+    ) as client:
+        refused = client.get("/whoami?h2-nopass")
+        assert (refused.http_version, refused.status_code) == ("HTTP/2", 401)
+        assert refused.headers["www-authenticate"].startswith('Basic realm="staging"')
+        allowed = client.get("/whoami?h2", auth=("ann", "s3cret"))
+        assert (allowed.http_version, allowed.status_code) == ("HTTP/2", 200)
+        assert allowed.json()["x_forwarded_for"] == "127.0.0.1"
