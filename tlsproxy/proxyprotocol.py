@@ -59,12 +59,27 @@ class ProxyHeaderError(Exception):
 
 @dataclass(frozen=True)
 class ProxyHeader:
-    """What a PROXY header says.  ``source`` None: LOCAL or UNKNOWN, the connection speaks for itself."""
+    """What a PROXY header says.
+
+    ``local``: the balancer's own connection (v2 LOCAL, its health checks),
+    which speaks for itself.  Otherwise ``source`` None means a client the
+    balancer could not name (v1 UNKNOWN, v2 without an IP family): it is
+    served as "unknown", never under the balancer's trusted address.
+    """
 
     version: int
     source: tuple[str, int] | None = None
     destination: tuple[str, int] | None = None
     tlvs: tuple[tuple[int, bytes], ...] = ()
+    local: bool = False
+
+
+@dataclass(frozen=True)
+class UnknownClient:
+    """The peer of a proxied connection whose client the balancer could not name."""
+
+    host: str = "unknown"
+    port: int = 0
 
 
 def split_description(description: str) -> tuple[bool, str]:
@@ -159,10 +174,11 @@ def _parse_v2(data: bytes) -> tuple[ProxyHeader, int] | None:
     if length < size:
         raise ProxyHeaderError(f"v2 payload of {length} bytes is too short for its addresses ({size})")
     tlvs = _tlvs(payload[size:])
-    if command == 0 or family in (0, 3):
-        # LOCAL (the balancer's own health check), or an address we cannot use
-        # as a client address: the connection's own addresses stand.
-        return ProxyHeader(version=2, tlvs=tlvs), 16 + length
+    if command == 0:
+        # LOCAL: the balancer's own connection (a health check); its own addresses stand.
+        return ProxyHeader(version=2, tlvs=tlvs, local=True), 16 + length
+    if family in (0, 3):
+        return ProxyHeader(version=2, tlvs=tlvs), 16 + length  # a client without an IP address
     if protocol != 1:
         raise ProxyHeaderError("v2 PROXY of a datagram or unspecified protocol on a stream listener")
     if family == 1:
@@ -302,6 +318,8 @@ class ProxyHeaderProtocol(Protocol):
             peer = _twisted_address(*header.source)
             if header.destination is not None:
                 host = _twisted_address(*header.destination)
+        elif header is not None and not header.local:
+            peer = UnknownClient()  # not the balancer's address: that one is trusted
         protocol = self.factory.wrapped.buildProtocol(peer)
         if protocol is None:
             transport.loseConnection()

@@ -190,3 +190,13 @@ def test_haproxy_in_front(setup: Setup, haproxy: tuple[int, int], which: int) ->
     client = "127.0.0.3"  # not trusted itself: only HAProxy (127.0.0.1) is
     seen = whoami(setup.get(source=client, port=haproxy[which]))
     assert seen["x_forwarded_for"] == client
+
+
+def test_unknown_client_is_not_the_trusted_balancer(setup: Setup) -> None:
+    """PROXY UNKNOWN: Django sees "unknown", and a forged X-Forwarded-For is dropped, not believed."""
+    s = setup.connect(setup.https)
+    s.sendall(b"PROXY UNKNOWN\r\n")
+    with setup.pki.client_context().wrap_socket(s, server_hostname="localhost") as tls:
+        tls.sendall(b"GET /whoami HTTP/1.0\r\nHost: localhost\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
+        seen = whoami(read_all(tls))
+    assert seen["x_forwarded_for"] == "unknown"

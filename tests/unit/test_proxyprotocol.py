@@ -126,11 +126,25 @@ def test_malformed_headers_are_refused_with_a_reason(data: bytes, why: str) -> N
         parse_header(data)
 
 
-def test_unknown_and_local_keep_the_connection_addresses() -> None:
+def test_unknown_and_local_carry_no_client_address() -> None:
     """v1 UNKNOWN and v2 LOCAL (a balancer's health check) carry no client address."""
     assert parse_header(b"PROXY UNKNOWN ffff::1 ffff::2 1 2\r\nGET") == (ProxyHeader(version=1), 35)
     local = v2("10.0.0.1", "10.0.0.2", 1, 2, command=0)
-    assert parse_header(local) == (ProxyHeader(version=2), len(local))
+    assert parse_header(local) == (ProxyHeader(version=2, local=True), len(local))
+
+
+def test_local_is_the_balancer_unknown_is_nobody_trusted() -> None:
+    """A LOCAL connection is the balancer's own; an UNKNOWN client never gets the balancer's trusted address."""
+    proto, transport, inner, _ = connect("10.1.2.3")
+    proto.dataReceived(v2("10.0.0.1", "10.0.0.2", 1, 2, command=0) + b"GET")
+    assert inner.built[-1].transport.getPeer().host == "10.1.2.3"
+    proto, transport, inner, _ = connect("10.1.2.3")
+    proto.dataReceived(b"PROXY UNKNOWN\r\nGET")
+    assert inner.built[-1].transport.getPeer().host == "unknown"
+    unix = V2_SIGNATURE + b"\x21\x31" + struct.pack("!H", 216) + b"\x00" * 216
+    proto, transport, inner, _ = connect("10.1.2.3")
+    proto.dataReceived(unix)
+    assert inner.built[-1].transport.getPeer().host == "unknown"
 
 
 def test_v4_mapped_v6_is_the_v4_address() -> None:
