@@ -208,3 +208,21 @@ def test_sigusr1_after_rename_writes_the_new_file(setup: Setup) -> None:
     assert record["target"] == "/whoami?after"
     assert after not in rotated.read_text() and before in rotated.read_text()
     assert "Traceback" not in setup.process.output
+
+
+def test_lines_pending_at_sigterm_reach_the_file(setup: Setup, tmp_path: Path) -> None:
+    """A request logged just before SIGTERM is in the file once the process has exited 0."""
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    log = tmp_path / "access.log"
+    port = free_port()
+    config = tmp_path / "t.toml"
+    config.write_text(
+        proxy_config(port, setup.app.url, setup.pki, state, server={"access_log_file": str(log)}, hosts=["localhost"])
+    )
+    with tlsproxy(config) as process:
+        other = Setup(port, setup.pki, setup.app, process, log, setup.maintenance, setup.dead_upstream)
+        _, _, body = other.fetch("localhost", "/whoami?last")
+        request_id = json.loads(body)["meta"]["HTTP_X_REQUEST_ID"]
+        assert process.stop() == 0  # SIGTERM at once: the batch timer has not fired yet
+    assert request_id in log.read_text()

@@ -337,3 +337,27 @@ def test_synchronous_thread_runner() -> None:
     verifier = Verifier(Clock(), lambda f, *a: succeed(f(*a)))
     d = verifier.verify("ann", b"s3cret", {"ann": HASH})
     assert d is not None and d is not True and d.result is True
+
+
+class RecordTests(SynchronousTestCase):
+    def test_refusals_are_logged_with_their_size(self) -> None:
+        """A 403 or 401 the gate answers is one access-log record with its status and page size."""
+        reactor = MemoryReactorClock()
+        self.patch(FakeExchange, "clock", reactor)
+        self.patch(access, "load_all", lambda sites: {"/etc/htpasswd": {"ann": HASH}})
+        lines: list[tuple[int, int]] = []
+
+        class Log:
+            def log(self, exchange: Any, status: int, size: int, *fields: Any) -> None:
+                lines.append((status, size))
+
+        handler = ProxyHandler(
+            reactor,
+            [site(allow=nets("192.0.2.0/24"))],
+            Server(),
+            Log(),  # type: ignore[arg-type]
+        )
+        exchange = FakeExchange(head())
+        handler.handle(exchange)
+        self.assertEqual(lines, [(403, len(exchange.body))])
+        self.assertGreater(len(exchange.body), 0)

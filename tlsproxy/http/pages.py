@@ -72,8 +72,8 @@ def render(status: int, message: str | None = None, request_id: str = "") -> byt
 
 def send(
     exchange: Exchange, status: int, message: str | None = None, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    """Answer ``exchange`` with a short page and finish it."""
+) -> int:
+    """Answer ``exchange`` with a short page and finish it; the body's size (for the access log)."""
     request_id = getattr(exchange, "request_id", "")
     body = render(status, message, request_id)
     fields = [(b"Content-Type", b"text/html; charset=utf-8"), (b"Cache-Control", b"no-store"), *(headers or [])]
@@ -82,3 +82,4 @@ def send(
     exchange.start_response(status, REASONS.get(status, b"Error"), fields, len(body))
     exchange.write(body)
     exchange.finish()
+    return len(body)

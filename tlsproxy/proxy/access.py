@@ -303,15 +303,13 @@ class AccessControl:
         if path.startswith(ACME_PREFIX):
             return True
         if self.pages is not None and self.pages.in_maintenance(site):
-            record(503, 0)
-            self.pages.send_maintenance(exchange, site)
+            record(503, self.pages.send_maintenance(exchange, site))
             return False
         rule = rule_for(site.access, path)
         if rule is None:
             return True
         if not address_allowed(rule, exchange.client_address):
-            record(403, 0)
-            pages.send(exchange, 403)
+            record(403, pages.send(exchange, 403))
             return False
         auth = rule.basic_auth
         if auth is None:
@@ -325,10 +323,8 @@ class AccessControl:
         if result is True:
             return True
         if result is None:
-            record(503, 0)
-            pages.send(
-                exchange, 503, "Too many password checks are waiting. Please try again.", [(b"Retry-After", b"1")]
-            )
+            busy = "Too many password checks are waiting. Please try again."
+            record(503, pages.send(exchange, 503, busy, [(b"Retry-After", b"1")]))
             return False
         waiting = _Waiting()
         exchange.set_observer(waiting)
@@ -353,5 +349,4 @@ class AccessControl:
             self._unauthorized(exchange, auth, record)
 
     def _unauthorized(self, exchange: Exchange, auth: BasicAuth, record: Record) -> None:
-        record(401, 0)
-        pages.send(exchange, 401, headers=challenge(auth))
+        record(401, pages.send(exchange, 401, headers=challenge(auth)))

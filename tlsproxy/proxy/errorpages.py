@@ -73,12 +73,11 @@ class ErrorPages:
         status: int,
         message: str | None = None,
         headers: list[tuple[bytes, bytes]] | None = None,
-    ) -> None:
-        """Answer ``exchange`` with ``status``: the site's page for it if there is one, else ours."""
+    ) -> int:
+        """Answer ``exchange`` with ``status``: the site's page for it if there is one, else ours; its size."""
         page = self.pages.get(site.name, {}).get(status) if self.pages else None
         if page is None:
-            pages.send(exchange, status, message, headers)
-            return
+            return pages.send(exchange, status, message, headers)
         request_id = getattr(exchange, "request_id", "")
         body = page.replace(b"{request_id}", request_id.encode("ascii", "replace"))
         fields = [(b"Content-Type", b"text/html; charset=utf-8"), (b"Cache-Control", b"no-store"), *(headers or [])]
@@ -87,12 +86,13 @@ class ErrorPages:
         exchange.start_response(status, pages.REASONS.get(status, b"Error"), fields, len(body))
         exchange.write(body)
         exchange.finish()
+        return len(body)
 
     def in_maintenance(self, site: Site) -> bool:
         return site.name in self.down
 
-    def send_maintenance(self, exchange: Exchange, site: Site) -> None:
-        self.send(exchange, site, 503, MAINTENANCE_MESSAGE, [(b"Retry-After", b"60")])
+    def send_maintenance(self, exchange: Exchange, site: Site) -> int:
+        return self.send(exchange, site, 503, MAINTENANCE_MESSAGE, [(b"Retry-After", b"60")])
 
     def poll(self) -> None:
         """Look for the maintenance files (in a thread); one look at a time."""
