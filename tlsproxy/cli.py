@@ -82,7 +82,7 @@ def describe(config: Config) -> str:
         lines += [
             f"[[site]] {site.name}",
             f"  hosts = {list(site.hosts)}",
-            f"  upstream = {site.upstream.url}",
+            f"  upstream = {', '.join(u.url for u in site.upstreams)}",
             f"  tls = {site.tls}" + (f" (cert {site.cert}, key {site.key})" if site.tls == "files" else ""),
             f"  hsts = {hsts.decode() if hsts else 'off'}",
             f"  secure_cookies = {str(site.secure_cookies).lower()}",
@@ -91,6 +91,7 @@ def describe(config: Config) -> str:
         for mount in site.static:  # what tlsproxy serves itself, not the app
             note = " (media: uploads)" if mount.media else ""
             lines.append(f"  static {mount.prefix} = {mount.root}{note}, max-age {site.static_max_age}s unless hashed")
+        lines += _balancing_lines(site)
         lines += describe_gate(site)
     if server.access_log_file:
         lines.append(f"access log file: {server.access_log_file} (JSON lines; SIGUSR1 reopens it)")
@@ -113,6 +114,23 @@ def describe_gate(site: configuration.Site) -> list[str]:
         lines.append(f"  error page {status} = {path}")
     if site.maintenance_file:
         lines.append(f"  maintenance while {site.maintenance_file} exists")
+    return lines
+
+
+def _balancing_lines(site: configuration.Site) -> list[str]:
+    """How a site with several upstreams (or health checks) picks one and finds one down."""
+    b = site.balancing
+    lines = []
+    if len(site.upstreams) > 1:
+        lines.append(f"  balance = {b.balance}, out after {b.max_fails} failed connects for {b.fail_timeout:g}s")
+    if b.health_path:
+        lines.append(
+            f"  health check: GET {b.health_path} every {b.health_interval:g}s, "
+            f"{'/'.join(b.health_status)} within {b.health_timeout:g}s"
+        )
+    for route in site.routes:
+        if len(route.upstreams) > 1:
+            lines.append(f"  route {route.prefix} = {', '.join(u.url for u in route.upstreams)}")
     return lines
 
 

@@ -114,6 +114,33 @@ class PathRoute:
 
     prefix: str  # starts and ends with "/"
     upstream: Upstream
+    upstreams: tuple[Upstream, ...] = ()  # all of them, upstream first (filled in if not given)
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            object.__setattr__(self, "upstreams", (self.upstream,))
+
+
+BALANCE_METHODS = ("least_conn", "round_robin")
+HEALTH_STATUS_DEFAULT = ("2xx", "3xx")
+
+
+@dataclass(frozen=True)
+class Balancing:
+    """How a site spreads requests over its upstreams and decides one is down."""
+
+    # least_conn (with round robin among equals) by default: a gunicorn sync worker serves
+    # one request at a time, so an app busy with slow requests should not get the next one.
+    balance: str = "least_conn"
+    max_fails: int = 1  # failed connects within fail_timeout that take an upstream out; 0: never
+    fail_timeout: float = 10.0  # seconds failures are counted over, and an upstream stays out
+    health_path: str = ""  # active checks: GET this path every health_interval ("" = off)
+    health_interval: float = 5.0
+    health_timeout: float = 2.0
+    health_status: tuple[str, ...] = HEALTH_STATUS_DEFAULT  # "2xx", "3xx" or exact codes ("200")
+
+    def healthy_status(self, status: int) -> bool:
+        return f"{status // 100}xx" in self.health_status or str(status) in self.health_status
 
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -173,6 +200,13 @@ class Site:
     # status -> file of our own error pages ([site.error_pages]); a file present at maintenance_file: 503.
     error_pages: tuple[tuple[int, str], ...] = ()
     maintenance_file: str = ""
+    # Several upstreams: all of them, upstream first (filled in if not given), and how to pick one.
+    upstreams: tuple[Upstream, ...] = ()
+    balancing: Balancing = field(default_factory=Balancing)
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            object.__setattr__(self, "upstreams", (self.upstream,))
 
     @property
     def name(self) -> str:
@@ -593,6 +627,13 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "static_max_age": DEFAULT_STATIC_MAX_AGE,
     "redirect_from": (),
     "routes": {},
+    "balance": "least_conn",
+    "max_fails": 1,
+    "fail_timeout": 10.0,
+    "health_path": "",
+    "health_interval": 5.0,
+    "health_timeout": 2.0,
+    "health_status": HEALTH_STATUS_DEFAULT,
     "allow": (),
     "deny": (),
     "basic_auth": {},
@@ -627,11 +668,10 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         if why:
             reader.fail(f"{prefix}.redirect_from", f"{host!r}: {why}")
     hosts += tuple(dict.fromkeys(h for h in redirect_from if h not in hosts))
-    upstream_url = _coerce(reader, f"{prefix}.upstream", values.get("upstream", ""), "")
-    upstream = parse_upstream(upstream_url) if upstream_url else "missing (http://HOST:PORT or unix:/PATH)"
-    if isinstance(upstream, str):
-        reader.fail(f"{prefix}.upstream", upstream if not upstream_url else f"{upstream_url!r}: {upstream}")
-        upstream = Upstream(url="")
+    upstreams = _upstreams(reader, f"{prefix}.upstream", values.get("upstream", ""))
+    if not upstreams and "upstream" not in values:
+        reader.fail(f"{prefix}.upstream", "missing (http://HOST:PORT or unix:/PATH)")
+    upstream = upstreams[0] if upstreams else Upstream(url="")
     tls = _coerce(reader, f"{prefix}.tls", values.get("tls", "acme"), "")
     if tls not in TLS_SOURCES:
         reader.fail(f"{prefix}.tls", f"expected one of {list(TLS_SOURCES)}, found {tls!r}")
@@ -675,6 +715,8 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         response_buffering=response_buffering,
         redirect_from=redirect_from,
         routes=_routes(reader, prefix, values.get("routes", {})),
+        upstreams=upstreams,
+        balancing=_balancing(reader, prefix, values),
         static=_static(reader, prefix, values.get("static", {})),
         static_max_age=_coerce(
             reader, f"{prefix}.static_max_age", values.get("static_max_age", DEFAULT_STATIC_MAX_AGE), 0
@@ -804,15 +846,61 @@ def _routes(reader: _Reader, site: str, raw: Any) -> tuple[PathRoute, ...]:
         if not _PREFIX.match(prefix) or prefix == "/":
             reader.fail(key, 'a route is a path prefix that starts and ends with "/", like "/ws/" (not "/" itself)')
             continue
-        if not isinstance(value, str):
-            reader.fail(key, f'expected an upstream like "http://127.0.0.1:8001", found {_describe(value)}')
-            continue
-        upstream = parse_upstream(value)
-        if isinstance(upstream, str):
-            reader.fail(key, f"{value!r}: {upstream}")
-            continue
-        found.append(PathRoute(prefix=prefix, upstream=upstream))
+        upstreams = _upstreams(reader, key, value)
+        if upstreams:
+            found.append(PathRoute(prefix=prefix, upstream=upstreams[0], upstreams=upstreams))
     return tuple(sorted(found, key=lambda r: len(r.prefix), reverse=True))
+
+
+def _upstreams(reader: _Reader, key: str, value: Any) -> tuple[Upstream, ...]:
+    """One upstream URL or a list of them (comma-separated in the environment); () after a problem."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",")] if "," in value else [value]
+    if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) and v for v in value):
+        example = '"http://127.0.0.1:8000" or ["unix:/run/a.sock", "http://10.0.0.2:8000"]'
+        reader.fail(key, f"expected an upstream like {example}, found {_describe(value)}")
+        return ()
+    found: list[Upstream] = []
+    for url in value:
+        upstream = parse_upstream(url)
+        if isinstance(upstream, str):
+            reader.fail(key, f"{url!r}: {upstream}")
+        elif any(u.url == upstream.url for u in found):
+            reader.fail(key, f"{url!r} is listed twice")
+        else:
+            found.append(upstream)
+    return tuple(found) if len(found) == len(value) else ()
+
+
+_STATUS_CLASS = re.compile(r"\A(?:[2-5]xx|[2-5][0-9][0-9])\Z")  # interim answers (1xx) are never final
+
+
+def _balancing(reader: _Reader, prefix: str, values: Mapping[str, Any]) -> Balancing:
+    """balance, max_fails, fail_timeout and the health_* keys of a site."""
+    default = Balancing()
+    out: dict[str, Any] = {}
+    for name in ("balance", "max_fails", "fail_timeout", "health_path", "health_interval", "health_timeout"):
+        if name in values:
+            out[name] = _coerce(reader, f"{prefix}.{name}", values[name], getattr(default, name))
+    if out.get("balance", default.balance) not in BALANCE_METHODS:
+        reader.fail(f"{prefix}.balance", f"expected one of {list(BALANCE_METHODS)}, found {out['balance']!r}")
+        out.pop("balance")
+    path = out.get("health_path", "")
+    if path and (not path.startswith("/") or not path.isascii() or any(c in path for c in " \r\n\t\0#")):
+        reader.fail(f"{prefix}.health_path", f'expected a path like "/healthz", found {path!r}')
+        out.pop("health_path")
+    if "health_status" in values:
+        raw = values["health_status"]
+        if isinstance(raw, str):  # from the environment: "2xx,3xx"
+            raw = [v.strip() for v in raw.split(",")]
+        codes = [str(v).lower() for v in raw] if isinstance(raw, list) else raw
+        if not isinstance(codes, list) or not codes or not all(_STATUS_CLASS.match(c) for c in codes):
+            reader.fail(
+                f"{prefix}.health_status", f'expected a list like ["2xx", "3xx"] or [200], found {_describe(raw)}'
+            )
+        else:
+            out["health_status"] = tuple(codes)
+    return Balancing(**out)
 
 
 def _static(reader: _Reader, site: str, raw: Any) -> tuple[StaticDir, ...]:

@@ -47,6 +47,7 @@ from tlsproxy.logs import LogOutput
 from tlsproxy.metrics import Metrics
 from tlsproxy.proxy.accesslog import AccessLog, AccessLogFile
 from tlsproxy.proxy.handler import ProxyHandler
+from tlsproxy.proxy.health import HealthChecks
 from tlsproxy.proxy.reqbuffer import threaded
 from tlsproxy.proxyprotocol import ProxyHeaderFactory, split_description
 from tlsproxy.tls.policy import TLSPolicy
@@ -181,6 +182,7 @@ def build_generation(
         else None
     )
     handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev, metrics=metrics)
+    HealthChecks(reactor, handler.groups).setServiceParent(certificates)  # runs while this generation is current
     watcher = handler.error_pages.watcher(reactor)  # maintenance files, looked for once a second
     if watcher is not None:
         watcher.setServiceParent(certificates)
@@ -189,7 +191,7 @@ def build_generation(
             "site {site}: {hosts} -> {upstream} (certificate: {source}, HSTS: {hsts})",
             site=site.name,
             hosts=", ".join(site.hosts),
-            upstream=site.upstream.url,
+            upstream=", ".join(u.url for u in site.upstreams),
             source=site.tls,
             hsts=(site.hsts.header_value() or b"off").decode(),
         )
@@ -344,6 +346,7 @@ class ProxyService(MultiService):
         self.metrics.watch_certificates(
             lambda: {s: self.generation.sni_map.context_of(s) for s in self.generation.sni_map.sites}
         )
+        self.metrics.watch_upstreams(lambda: [s for g in self.generation.handler.groups for s in g.states()])
 
         self.https_trackers = ConnectionTracker(self.metrics.open_connections.labels("https"))
         self.http_trackers = ConnectionTracker(self.metrics.open_connections.labels("http"))
@@ -542,8 +545,9 @@ class ProxyService(MultiService):
         generation.certificates.setServiceParent(self)
         started = self._sync_listeners(config)
         # Idle keep-alive connections to the old apps are closed; requests in
-        # flight keep theirs until they finish.
-        old.handler.close()
+        # flight keep theirs until they finish.  Open client connections send
+        # their next requests to the new handler, which keeps the upstreams' health.
+        old.handler.close(generation.handler)
         waiting = [
             listening.addErrback(self._cannot_listen, *key).addErrback(self._forget_listener, key)
             for key, listening in started

@@ -179,7 +179,9 @@ def test_admin_endpoints(setup: Setup) -> None:
     """/healthz, /readyz and /metrics answer; readiness follows the upstream."""
     with tlsproxy(setup.config()):
         assert setup.admin_get("/healthz") == (200, "ok\n")
-        assert setup.admin_get("/readyz") == (200, "ready\n")
+        status, ready = setup.admin_get("/readyz")
+        assert (status, ready.splitlines()[0]) == (200, "ready")
+        assert " (site app.test): up, 0 in flight, 0 failures" in ready  # each upstream's state follows
         setup.get("/")
         status, metrics = setup.admin_get("/metrics")
         assert status == 200

@@ -10,7 +10,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.admin import READINESS_TIMEOUT, AdminHandler
-from tlsproxy.config import Config, Server, Site, Upstream
+from tlsproxy.config import Balancing, Config, Server, Site, Upstream
+from tlsproxy.proxy.balancer import Member, UpstreamGroup
 from tlsproxy.proxy.upstream import UpstreamPool
 
 UP = Upstream(url="http://app.internal:8000", host="app.internal", port=8000)
@@ -26,7 +27,9 @@ class ReadinessTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.pool = UpstreamPool(self.reactor, UP, connect_timeout=30.0)
         config = Config(server=Server(), sites=(Site(hosts=("shop.example",), upstream=UP),))
-        generation = SimpleNamespace(config=config, sni_map=_Sites(), handler=SimpleNamespace(pools=[self.pool]))
+        group = UpstreamGroup(self.reactor, [Member(UP, self.pool)], Balancing(), "shop.example")
+        handler = SimpleNamespace(pools=[self.pool], groups=[group])
+        generation = SimpleNamespace(config=config, sni_map=_Sites(), handler=handler)
         service = SimpleNamespace(ready=True, generation=generation, reactor=self.reactor)
         self.admin = AdminHandler(service, lambda: b"")
 

@@ -12,4 +12,5 @@ urlpatterns = [
     path("events", views.events),
     path("own-hsts", views.own_hsts),
     path("cookie", views.cookie),
+    path("health", views.health),
 ]

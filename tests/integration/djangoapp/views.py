@@ -143,3 +143,15 @@ def cookie(request):
     response = HttpResponse("cookie", content_type="text/plain")
     response.set_cookie("flavour", "oat", httponly=True, samesite="Lax")
     return response
+
+
+def health(request):
+    """200, or the status written in the file next to the hits log (HITS_LOG.health): a test flips it."""
+    status = 200
+    if settings.HITS_LOG:
+        try:
+            with open(settings.HITS_LOG + ".health") as f:
+                status = int(f.read().strip() or "200")
+        except FileNotFoundError:
+            pass
+    return HttpResponse(f"health {os.getpid()}", status=status, content_type="text/plain")
