@@ -167,3 +167,26 @@ class HandlerTests(SynchronousTestCase):
         protocol.makeConnection(StringTransport())
         self.reactor.advance(3)
         self.assertEqual((ex.status, ex.body), (504, b"<p>slow</p>"))
+
+    def test_every_upstream_down_gets_the_site_503_page(self) -> None:
+        """With every upstream out (balancer.py), the 503 at once is the site's own page, with Retry-After."""
+        upstreams = (parse_upstream("http://127.0.0.1:8001"), parse_upstream("http://127.0.0.1:8002"))
+        s = site(self.tmp, _503="<p>all down {request_id}</p>")
+        s = Site(
+            hosts=s.hosts,
+            upstream=upstreams[0],
+            upstreams=upstreams,
+            tls="files",
+            error_pages=s.error_pages,
+        )
+        handler = ProxyHandler(self.reactor, [s], Server(connect_timeout=5))
+        first = FakeExchange(head())
+        handler.handle(first)
+        for index in range(2):  # each upstream refuses: both are out
+            self.reactor.tcpClients[index][2].clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+        self.assertEqual(first.status, 502)
+        second = FakeExchange(head())
+        handler.handle(second)
+        self.assertEqual(second.status, 503)
+        self.assertEqual(second.body, f"<p>all down {second.request_id}</p>".encode())
+        self.assertTrue(any(name == b"Retry-After" for name, _ in second.headers))
