@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 from tlsproxy.certs.store_url import check_store_url, redact_url
 from tlsproxy.compat.twisted import parse_server_endpoint
 from tlsproxy.http.server import Limits
+from tlsproxy.proxyprotocol import split_description
 from tlsproxy.tls.policy import PolicyError, TLSPolicy, cipher_names, load_dhparams
 
 DEFAULT_DEV_UPSTREAM = "http://127.0.0.1:8000"
@@ -145,6 +146,39 @@ class Balancing:
         return f"{status // 100}xx" in self.health_status or str(status) in self.health_status
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    """HTTP basic auth against an htpasswd file of bcrypt lines (``htpasswd -B``, ``tlsproxy passwd``)."""
+
+    realm: str
+    htpasswd: str  # an absolute path
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """Who may reach a path prefix: the site's own keys, or a ``[[site.access]]`` table over them.
+
+    ``deny`` wins over ``allow``; an empty ``allow`` lets every address in.
+    A ``[[site.access]]`` key that is present replaces the site's value for
+    that key (``allow = []`` opens, ``basic_auth = false`` drops the password).
+    """
+
+    prefix: str = "/"
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    basic_auth: BasicAuth | None = None
+
+    @property
+    def restricts(self) -> bool:
+        return bool(self.allow or self.deny or self.basic_auth)
+
+
+ERROR_PAGE_STATUSES = (502, 503, 504)
+
+
 @dataclass(frozen=True)
 class Site:
     hosts: tuple[str, ...]
@@ -164,6 +198,11 @@ class Site:
     redirect_from: tuple[str, ...] = ()
     # Path prefixes proxied to another app (``[site.routes]``), longest first; the rest goes to upstream.
     routes: tuple[PathRoute, ...] = ()
+    # Access rules (allow / deny / basic_auth, [[site.access]]), longest prefix first; () when none restricts.
+    access: tuple[AccessRule, ...] = ()
+    # status -> file of our own error pages ([site.error_pages]); a file present at maintenance_file: 503.
+    error_pages: tuple[tuple[int, str], ...] = ()
+    maintenance_file: str = ""
     # Several upstreams: all of them, upstream first (filled in if not given), and how to pick one.
     upstreams: tuple[Upstream, ...] = ()
     balancing: Balancing = field(default_factory=Balancing)
@@ -177,6 +216,11 @@ class Site:
         """A site is named by its first host (what ``tlsproxy renew NAME`` takes)."""
         return self.hosts[0]
 
+    @property
+    def gated(self) -> bool:
+        """Requests pass tlsproxy/proxy/access.py first: access rules, or a maintenance switch."""
+        return bool(self.access or self.maintenance_file)
+
 
 @dataclass(frozen=True)
 class Server:
@@ -186,6 +230,8 @@ class Server:
     admin: str = ""
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     access_log: bool = True
+    # Also write the access log (JSON lines) to this file; reopened on SIGUSR1.
+    access_log_file: str = ""
     log_format: str = "text"
     connect_timeout: float = 5.0
     upstream_timeout: float = 60.0
@@ -451,6 +497,12 @@ def local_endpoints(description: str) -> tuple[str, ...]:
 
 def check_endpoint(description: str) -> str | None:
     """Why ``description`` is not a Twisted server endpoint string, or None."""
+    proxied, inner = split_description(description)
+    if proxied:
+        # PROXY protocol (tlsproxy/proxyprotocol.py) in front of a tcp: or systemd: listener.
+        if split_description(inner)[0] or inner.split(":", 1)[0].lower() not in ("tcp", "systemd"):
+            return "haproxy: goes in front of a tcp: or systemd: endpoint, like haproxy:tcp:443"
+        return check_endpoint(inner)
     host, _, tail = description.rpartition(":")
     if tail.isdigit() and host and description.split(":", 1)[0].lower() not in ("tcp", "unix", "systemd", "ssl"):
         interface = host.strip("[]").replace(":", "\\:")
@@ -510,6 +562,12 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
             why = check_endpoint(description)
             if why:
                 reader.fail(f"server.{key}", f"{description!r}: {why}")
+    proxied = [d for key in ("https", "http") for d in out.get(key, ()) if split_description(d)[0]]
+    if proxied and not out.get("trusted_proxies"):
+        reader.fail(
+            "server.trusted_proxies",
+            f"{proxied[0]!r} takes PROXY headers only from trusted_proxies: list your load balancers' ranges",
+        )
     if out.get("admin"):
         why = check_endpoint(out["admin"])
         if why:
@@ -643,6 +701,12 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "health_interval": 5.0,
     "health_timeout": 2.0,
     "health_status": HEALTH_STATUS_DEFAULT,
+    "allow": (),
+    "deny": (),
+    "basic_auth": {},
+    "access": [],
+    "error_pages": {},
+    "maintenance_file": "",
 }
 
 
@@ -724,7 +788,113 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         static_max_age=_coerce(
             reader, f"{prefix}.static_max_age", values.get("static_max_age", DEFAULT_STATIC_MAX_AGE), 0
         ),
+        access=_access(reader, prefix, values),
+        error_pages=_error_pages(reader, prefix, values.get("error_pages", {})),
+        maintenance_file=_absolute_path(reader, f"{prefix}.maintenance_file", values.get("maintenance_file", "")),
     )
+
+
+# ---------------------------------------------------------------------------
+# Access control and error pages (issue 16)
+
+_REALM = re.compile(r"\A[\x20-\x7e]{1,100}\Z")
+
+
+def _absolute_path(reader: _Reader, key: str, value: Any) -> str:
+    path = _coerce(reader, key, value, "")
+    if path and (not os.path.isabs(path) or "\0" in path):
+        reader.fail(key, f"expected an absolute path, found {path!r}")
+        return ""
+    return path
+
+
+def _networks(reader: _Reader, key: str, value: Any) -> tuple[Network, ...]:
+    nets = []
+    for item in _coerce(reader, key, value, ()):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            reader.fail(key, f"expected addresses or CIDR ranges like 192.0.2.0/24, found {item!r}")
+    return tuple(nets)
+
+
+def _basic_auth(reader: _Reader, key: str, value: Any) -> BasicAuth | None:
+    if value is False or value == {}:
+        return None
+    example = '{ realm = "staging", htpasswd = "/etc/tlsproxy/htpasswd" }'
+    if not isinstance(value, Mapping):
+        reader.fail(key, f"expected a table like {example} (or false), found {_describe(value)}")
+        return None
+    values = reader.table(value, key, {"realm": "", "htpasswd": ""})
+    realm = _coerce(reader, f"{key}.realm", values.get("realm", "restricted"), "")
+    if not _REALM.match(realm) or '"' in realm or "\\" in realm:
+        reader.fail(f"{key}.realm", f"1 to 100 printable ASCII characters without quotes or backslashes, not {realm!r}")
+    htpasswd = _absolute_path(reader, f"{key}.htpasswd", values.get("htpasswd", ""))
+    if not htpasswd:
+        reader.fail(f"{key}.htpasswd", f"basic_auth needs htpasswd = an absolute path, as in {example}")
+        return None
+    if not os.path.isfile(htpasswd):
+        reader.fail(f"{key}.htpasswd", f"no such file: {htpasswd} (create it with: tlsproxy passwd {htpasswd} USER)")
+    return BasicAuth(realm=realm, htpasswd=htpasswd)
+
+
+def _rule(reader: _Reader, key: str, raw: Mapping[str, Any], base: AccessRule, prefix: str) -> AccessRule:
+    return AccessRule(
+        prefix=prefix,
+        allow=_networks(reader, f"{key}.allow", raw["allow"]) if "allow" in raw else base.allow,
+        deny=_networks(reader, f"{key}.deny", raw["deny"]) if "deny" in raw else base.deny,
+        basic_auth=_basic_auth(reader, f"{key}.basic_auth", raw["basic_auth"])
+        if "basic_auth" in raw
+        else base.basic_auth,
+    )
+
+
+def _access(reader: _Reader, site: str, values: Mapping[str, Any]) -> tuple[AccessRule, ...]:
+    """The site's rule at "/" and its [[site.access]] rules over it, longest prefix first."""
+    base = _rule(reader, site, values, AccessRule(), "/")
+    raw_rules = values.get("access", [])
+    if not isinstance(raw_rules, list):
+        reader.fail(f"{site}.access", 'expected [[site.access]] tables with prefix = "/admin/"')
+        raw_rules = []
+    rules = {"/": base}
+    for index, raw in enumerate(raw_rules):
+        key = f"{site}.access[{index}]"
+        if not isinstance(raw, Mapping):
+            reader.fail(key, f"expected a table, found {_describe(raw)}")
+            continue
+        known = {"prefix": "", "allow": (), "deny": (), "basic_auth": {}}
+        raw = reader.table(raw, key, known)
+        prefix = raw.get("prefix", "")
+        if not isinstance(prefix, str) or not _PREFIX.match(prefix) or prefix == "/":
+            reader.fail(f"{key}.prefix", f'a path prefix that starts and ends with "/", like "/admin/", not {prefix!r}')
+            continue
+        if prefix in rules:
+            reader.fail(f"{key}.prefix", f"{prefix!r} has a rule already")
+            continue
+        rules[prefix] = _rule(reader, key, raw, base, prefix)
+    if not any(rule.restricts for rule in rules.values()):
+        return ()
+    return tuple(sorted(rules.values(), key=lambda r: len(r.prefix), reverse=True))
+
+
+def _error_pages(reader: _Reader, site: str, raw: Any) -> tuple[tuple[int, str], ...]:
+    """``[site.error_pages]``: 502 / 503 / 504 = an absolute path to an HTML file."""
+    if not isinstance(raw, Mapping):
+        reader.fail(f"{site}.error_pages", f'expected a table like {{ 502 = "/srv/pages/502.html" }}, found {raw!r}')
+        return ()
+    found = []
+    for status, path in raw.items():
+        key = f"{site}.error_pages.{status}"
+        if not (str(status).isdigit() and int(status) in ERROR_PAGE_STATUSES):
+            reader.fail(key, f"pages can be given for {', '.join(map(str, ERROR_PAGE_STATUSES))}")
+            continue
+        path = _absolute_path(reader, key, path)
+        if path and not os.path.isfile(path):
+            reader.fail(key, f"no such file: {path}")
+            continue
+        if path:
+            found.append((int(status), path))
+    return tuple(sorted(found))
 
 
 _STATIC_OPTIONS: Mapping[str, Any] = {"root": "", "media": False, "trusted": False, "follow_symlinks": False}

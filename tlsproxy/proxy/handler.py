@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
@@ -30,8 +31,10 @@ from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.wire import redirect_location, split_host_port
 from tlsproxy.proxy import static
-from tlsproxy.proxy.accesslog import AccessLog
+from tlsproxy.proxy.access import AccessControl
+from tlsproxy.proxy.accesslog import AccessLog, begin
 from tlsproxy.proxy.balancer import IDEMPOTENT, Member, UpstreamGroup, may_retry
+from tlsproxy.proxy.errorpages import ErrorPages
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
 from tlsproxy.proxy.reqbuffer import (
     BodyStoreError,
@@ -145,6 +148,8 @@ class ProxyHandler:
             fallback=None if server.buffer_dir else fallback_directory(),
         )
         self.response_buffers = BufferSpace(reactor, server.buffer_directory, server.max_response_buffer)
+        self.error_pages = ErrorPages(sites, threaded(reactor))
+        self.access = AccessControl(sites, reactor, threaded(reactor), self.error_pages)
 
     def route_for(self, host: str) -> Route | None:
         route = self._exact.get(host)
@@ -161,6 +166,7 @@ class ProxyHandler:
             # requests to the new configuration (an upstream taken out gets no new ones).
             self.successor.handle(exchange)
             return
+        begin(exchange, self.reactor, self.trusted_proxies)  # its request id and start time, for the log
         raw_host = exchange.head.host
         served = getattr(exchange.transport, "served_names", None)
         if served is not None and not served.covers(raw_host):
@@ -180,6 +186,14 @@ class ProxyHandler:
             return
         if self.canonical and self._redirect_to_canonical(route, exchange):
             return
+        if route.site.gated and not self.access.admit(
+            route.site, exchange, partial(self.dispatch, route, exchange), partial(self.record, exchange, route.name)
+        ):
+            return  # refused, in maintenance, or dispatched once the password is checked (proxy/access.py)
+        self.dispatch(route, exchange)
+
+    def dispatch(self, route: Route, exchange: Exchange) -> None:
+        """A request the site's access rules let through: a static file, or on to the app."""
         if route.site.static and static.serve(self, route, exchange):
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
         if route.paths:
@@ -208,10 +222,12 @@ class ProxyHandler:
         pages.send(exchange, status, f"This site is {canonical}.", [(b"Location", location)])
         return True
 
-    def record(self, exchange: Exchange, site: str, status: int, size: int) -> None:
+    def record(
+        self, exchange: Exchange, site: str, status: int, size: int, upstream: str = "-", received: int = 0
+    ) -> None:
         """One finished request: the access log line and the request counter."""
         if self.access_log is not None:
-            self.access_log.log(exchange, status, size)
+            self.access_log.log(exchange, status, size, site, upstream, received)
         if self.metrics is not None:
             key = (site, status)
             counter = self._counters.get(key)
@@ -425,7 +441,8 @@ class ProxiedRequest:
         self.log.warn("{where}: no upstream available", where=group.describe())
         self.logged(503)
         message = "The application behind this proxy is unavailable. Please try again shortly."
-        pages.send(self.exchange, 503, message, [(b"Retry-After", b"%d" % group.retry_after())])
+        retry_after = [(b"Retry-After", b"%d" % group.retry_after())]
+        self.handler.error_pages.send(self.exchange, self.route.site, 503, message, retry_after)  # the site's page
 
     @property
     def upstream(self) -> Upstream:
@@ -676,7 +693,7 @@ class ProxiedRequest:
         if self.route.dev and error.status == 502 and error.detail.startswith("cannot connect"):
             message = f"Nothing is listening on {upstream.url}: {dev_app_hint(upstream)} and reload this page."
         self.logged(error.status)
-        pages.send(self.exchange, error.status, message)
+        self.handler.error_pages.send(self.exchange, self.route.site, error.status, message)  # the site's page, if any
 
     def fail_request(self, status: int) -> None:
         if self.finished:
@@ -765,7 +782,14 @@ class ProxiedRequest:
         if self.recorded:
             return
         self.recorded = True
-        self.handler.record(self.exchange, self.route.name, status, self.sent_bytes if size is None else size)
+        self.handler.record(
+            self.exchange,
+            self.route.name,
+            status,
+            self.sent_bytes if size is None else size,
+            self.upstream.url,  # the one last tried (balancer.py)
+            self.received,
+        )
 
     # IPushProducer for the client's side: the client reads slower than the
     # app writes, so the answer goes to the buffer (or, unbuffered, reading
