@@ -210,6 +210,7 @@ class Site:
     def __post_init__(self) -> None:
         if not self.upstreams:
             object.__setattr__(self, "upstreams", (self.upstream,))
+    compress: bool = True  # zstd/gzip for text-like answers the client accepts coded (proxy/compress.py)
 
     @property
     def name(self) -> str:
@@ -707,6 +708,7 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "access": [],
     "error_pages": {},
     "maintenance_file": "",
+    "compress": True,
 }
 
 
@@ -791,6 +793,7 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         access=_access(reader, prefix, values),
         error_pages=_error_pages(reader, prefix, values.get("error_pages", {})),
         maintenance_file=_absolute_path(reader, f"{prefix}.maintenance_file", values.get("maintenance_file", "")),
+        compress=_coerce(reader, f"{prefix}.compress", values.get("compress", True), True),
     )
 
 

@@ -30,7 +30,7 @@ from tlsproxy.config import Server, Site, Upstream, dev_app_hint
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.wire import redirect_location, split_host_port
-from tlsproxy.proxy import static
+from tlsproxy.proxy import compress, static
 from tlsproxy.proxy.access import AccessControl
 from tlsproxy.proxy.accesslog import AccessLog, begin
 from tlsproxy.proxy.balancer import IDEMPOTENT, Member, UpstreamGroup, may_retry
@@ -194,6 +194,8 @@ class ProxyHandler:
 
     def dispatch(self, route: Route, exchange: Exchange) -> None:
         """A request the site's access rules let through: a static file, or on to the app."""
+        if route.site.compress:
+            exchange = compress.wrap(exchange, self.reactor, self.server.send_timeout)  # proxy/compress.py
         if route.site.static and static.serve(self, route, exchange):
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
         if route.paths:
