@@ -13,4 +13,9 @@ urlpatterns = [
     path("own-hsts", views.own_hsts),
     path("cookie", views.cookie),
     path("health", views.health),
+    path("json", views.json_rows),
+    path("json-stream", views.json_stream),
+    path("held", views.held),
+    path("own-gzip", views.own_gzip),
+    path("no-transform", views.no_transform),
 ]
