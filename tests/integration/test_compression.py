@@ -176,3 +176,17 @@ def test_zstd_frames_fit_browsers(setup: Setup) -> None:
         with client.stream("GET", f"/json?rows={ROWS}", headers={"accept-encoding": "zstd"}) as got:
             raw = b"".join(got.iter_raw())
     assert zstandard.get_frame_parameters(raw).window_size <= 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize("http2", VERSIONS, ids=["h1", "h2"])
+def test_head_has_the_fields_of_a_coded_get(setup: Setup, http2: bool) -> None:
+    """HEAD gets the GET's coding, weak validators and no length, no body; the connection goes on in step."""
+    with setup.proxy.client(http2=http2) as client:
+        got = client.head(f"/json?rows={ROWS}", headers={"accept-encoding": "gzip"})
+        after = client.get("/json?rows=2000", headers={"accept-encoding": "zstd"})
+    assert (got.status_code, got.content) == (200, b"")
+    assert got.headers["content-encoding"] == "gzip"
+    assert got.headers["vary"] == "Accept-Encoding"
+    assert "content-length" not in got.headers
+    assert after.headers["content-encoding"] == "zstd"
+    assert json.loads(after.content)[-1]["id"] == 1999

@@ -560,6 +560,21 @@ def test_zstd_context_reused_after_an_abandoned_answer() -> None:
     assert decode("zstd", client.body) == body
 
 
+def test_upgrade_becomes_a_plain_tunnel() -> None:
+    """A 101 passes through untouched, and the tunnel's bytes go to the client's exchange as they are."""
+    wrapped, client, turns = exchange_for(b"gzip, deflate, br, zstd")
+    tunnels: list[object] = []
+    client.start_tunnel = tunnels.append  # type: ignore[attr-defined]
+    fields = b"upgrade: websocket\r\nconnection: upgrade\r\n"
+    wrapped.start_response(101, b"Switching Protocols", fields, None)
+    peer = object()
+    wrapped.start_tunnel(peer)
+    frame = b"\x81\x05hello" * 500
+    wrapped.write(frame)
+    assert client.headers == [(b"upgrade", b"websocket"), (b"connection", b"upgrade")]
+    assert tunnels == [peer] and client.body == frame and not turns.pending
+
+
 def test_delegates_what_it_does_not_change() -> None:
     """The request side and attributes the handler reads are the client exchange's own."""
     wrapped, client, _ = exchange_for(b"gzip")

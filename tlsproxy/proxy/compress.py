@@ -187,8 +187,10 @@ class GzipEncoder:
         return self._z.flush(zlib.Z_FINISH)
 
 
-# A zstd context is ~2 MiB to make; finished answers give theirs back for the next.
+# A zstd context costs ~30 us to make and up to ~2 MiB once it has coded a stream:
+# finished answers give theirs back for the next, and a few idle ones are kept.
 _zstd_free: list[zstandard.ZstdCompressor] = []
+ZSTD_IDLE = 4
 _ZSTD_PARAMS = zstandard.ZstdCompressionParameters.from_level(ZSTD_LEVEL, window_log=ZSTD_WINDOW_LOG)
 
 
@@ -216,7 +218,7 @@ class ZstdEncoder:
 
     def release(self) -> None:
         compressor, self._compressor = self._compressor, None
-        if compressor is not None and len(_zstd_free) < 16:
+        if compressor is not None and len(_zstd_free) < ZSTD_IDLE:
             _zstd_free.append(compressor)
 
 
@@ -224,16 +226,16 @@ def encoder(coding: str) -> Encoder:
     return ZstdEncoder() if coding == "zstd" else GzipEncoder()
 
 
+_zstd_whole: list[zstandard.ZstdCompressor] = []  # one context for whole answers (reactor thread only)
+
+
 def compress_whole(coding: str, data: bytes) -> bytes:
     """One small answer in one call (SLICE at most: callers keep to that)."""
     if coding == "gzip":
         return zlib.compress(data, GZIP_LEVEL, 31)
-    compressor = _zstd_compressor()
-    try:
-        return compressor.compress(data)  # this frame also says its size
-    finally:
-        if len(_zstd_free) < 16:
-            _zstd_free.append(compressor)
+    if not _zstd_whole:
+        _zstd_whole.append(zstandard.ZstdCompressor(compression_params=_ZSTD_PARAMS))
+    return _zstd_whole[0].compress(data)  # this frame also says its size
 
 
 # -- the exchange --------------------------------------------------------------
