@@ -9,11 +9,14 @@ from typing import Any
 
 import pytest
 import zstandard
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
 from tests.unit.test_proxy_handler import FakeExchange, head
 from tlsproxy.config import HSTS, ConfigError, Server, Site, parse, parse_upstream
 from tlsproxy.http.exchange import RequestHead
+from tlsproxy.http.wire import split_fields
 from tlsproxy.proxy import compress
 from tlsproxy.proxy.compress import (
     SLICE,
@@ -21,6 +24,7 @@ from tlsproxy.proxy.compress import (
     choose_coding,
     compressible,
     encoded_headers,
+    plan,
     qualifies,
     wrap,
 )
@@ -285,6 +289,65 @@ def test_weak_etag_stays_weak_and_identity_keeps_strong() -> None:
     assert (b"etag", b'W/"a"') in coded
     plain = encoded_headers([(b"etag", b'"a"'), (b"content-length", b"9")], None)
     assert plain == [(b"etag", b'"a"'), (b"content-length", b"9"), (b"vary", b"Accept-Encoding")]
+
+
+# Field lines an app sends, and look-alikes the scan must not mistake for them.
+LINES = {
+    "content-type": ["text/html; charset=utf-8", "image/png", "application/json", "text/event-stream"],
+    "content-encoding": ["gzip", "identity"],
+    "content-range": ["bytes 0-9/20"],
+    "vary": ["Cookie", "accept-encoding", "*", ""],
+    "cache-control": ["no-transform", "public, No-Transform", "max-age=60", "x-no-transform"],
+    "etag": ['"e1"', 'W/"e2"'],
+    "x-content-type": ["text/html"],
+    "x-vary": ["Cookie"],
+    "content-length": ["5000"],
+    "accept-ranges": ["bytes"],
+}
+LINE = st.sampled_from(sorted(LINES)).flatmap(
+    lambda name: st.tuples(st.just(name), st.sampled_from(LINES[name]), st.booleans())
+)
+
+
+TEXT = st.tuples(st.just("content-type"), st.sampled_from(["text/html", "application/json"]), st.booleans())
+
+
+@settings(max_examples=300)
+@given(
+    status=st.sampled_from([200, 200, 404, 101, 204, 206, 304]),
+    lines=st.tuples(st.lists(TEXT, max_size=1), st.lists(LINE, max_size=4)).flatmap(
+        lambda parts: st.permutations(parts[0] + parts[1])
+    ),
+    length=st.sampled_from([None, 1023, 50000]),
+    coding=st.sampled_from([None, "gzip"]),
+)
+@example(status=200, lines=[("content-type", "text/html", False), ("cache-control", "no-transform", True)], length=None,
+         coding=None)  # fmt: skip
+@example(status=200, lines=[("content-encoding", "gzip", True), ("content-type", "text/html", False)], length=None,
+         coding=None)  # fmt: skip
+@example(status=200, lines=[("content-type", "text/html", False), ("content-range", "bytes 0-9/20", False)],
+         length=None, coding=None)  # fmt: skip
+@example(status=200, lines=[("content-type", "text/html", False), ("vary", "Cookie", True)], length=None, coding=None)
+@example(status=200, lines=[("x-content-type", "text/html", False)], length=None, coding=None)
+def test_plan_on_a_block_is_plan_on_its_fields(
+    status: int, lines: list[tuple[str, str, bool]], length: int | None, coding: str | None
+) -> None:
+    """The scan of an app's field block decides and rewrites exactly as the rules on split fields do."""
+    block = b"".join(f"{n.title() if upper else n}: {v}\r\n".encode() for n, v, upper in lines)
+    fields = split_fields(block)
+    from_block, coded_block = plan(status, block, length, coding)
+    from_fields, coded_fields = plan(status, fields, length, coding)
+    assert coded_block == coded_fields
+    assert (split_fields(from_block) if isinstance(from_block, bytes) else from_block) == (
+        split_fields(from_fields) if isinstance(from_fields, bytes) else from_fields
+    )
+
+
+def test_plan_leaves_an_unqualified_block_as_it_is() -> None:
+    """An answer that is not coded keeps the app's block itself (no split, no copy)."""
+    block = b"Content-Type: image/png\r\nVary: Cookie\r\n"
+    assert plan(200, block, None, "gzip")[0] is block
+    assert plan(200, block, 500, "gzip")[0] is block
 
 
 # -- the exchange -------------------------------------------------------------------

@@ -124,7 +124,7 @@ def qualifies(status: int, headers: Headers, length: int | None) -> bool:
         if name == b"cache-control" and b"no-transform" in value.lower():
             if any(d.strip().lower() == b"no-transform" for d in value.split(b",")):
                 return False
-        elif name == b"content-type":
+        elif name == b"content-type" and kind is None:
             kind = value
     return kind is not None and compressible(kind)
 
@@ -158,6 +158,32 @@ def encoded_headers(headers: Headers, coding: str | None) -> Headers:
     if coding is not None:
         out.append((b"content-encoding", coding.encode("ascii")))
     return out
+
+
+def plan(status: int, headers: ResponseFields, length: int | None, coding: str | None) -> tuple[ResponseFields, bool]:
+    """The fields to send and whether the body is coded: :func:`qualifies` and :func:`encoded_headers`.
+
+    Most answers are not rewritten (an image, a 304, a small page): the app's
+    block of field lines is then only scanned, not split, since this runs
+    for every answer to a browser.
+    """
+    if status < 200 or status in NO_BODY or (length is not None and length < MIN_SIZE):
+        return headers, False
+    if isinstance(headers, bytes):
+        low = b"\n" + headers.lower()  # names at line starts; values hold no LF
+        if b"\ncontent-encoding:" in low or b"\ncontent-range:" in low:
+            return headers, False
+        start = low.find(b"\ncontent-type:")
+        if start < 0 or not compressible(low[start + 14 : low.find(b"\r", start)]):
+            return headers, False
+        if coding is None and b"\nvary:" not in low and b"no-transform" not in low:
+            return headers + b"vary: Accept-Encoding\r\n", False
+        fields = split_fields(headers)
+    else:
+        fields = headers
+    if not qualifies(status, fields, length):
+        return headers, False
+    return encoded_headers(fields, coding), coding is not None
 
 
 # -- the coders ----------------------------------------------------------------
@@ -313,15 +339,8 @@ class CompressingExchange:
 
     # -- the head: compress or not ------------------------------------------------
 
-    def _plan(self, status: int, headers: ResponseFields, length: int | None) -> tuple[ResponseFields, bool]:
-        """The fields to send and whether the body is coded."""
-        fields = split_fields(headers) if isinstance(headers, bytes) else headers
-        if not qualifies(status, fields, length):
-            return headers, False
-        return encoded_headers(fields, self.coding), self.coding is not None
-
     def start_response(self, status: int, reason: bytes, headers: ResponseFields, content_length: int | None) -> None:
-        headers, coded = self._plan(status, headers, content_length)
+        headers, coded = plan(status, headers, content_length, self.coding)
         inner = self.inner
         if not coded:
             self._pass_through()
@@ -336,7 +355,7 @@ class CompressingExchange:
         inner.register_producer(self)
 
     def respond(self, status: int, reason: bytes, headers: ResponseFields, body: bytes) -> None:
-        headers, coded = self._plan(status, headers, len(body))
+        headers, coded = plan(status, headers, len(body), self.coding)
         if not coded or self.head.method == b"HEAD":
             self._pass_through()
             if coded:  # a GET's fields; its length is not this body's
