@@ -353,6 +353,25 @@ def test_plan_leaves_an_unqualified_block_as_it_is() -> None:
 # -- the exchange -------------------------------------------------------------------
 
 
+def test_accept_encoding_lines_are_combined() -> None:
+    """Two Accept-Encoding lines count as one list (RFC 9110 5.3): a refusal in the second holds."""
+    Client.clock = MemoryReactorClock()
+    request = head()
+    request.headers += [(b"accept-encoding", b"zstd"), (b"accept-encoding", b"zstd;q=0, gzip")]
+    compress._choices.clear()
+    assert wrap(Client(request), Turns(), 60.0).coding == "gzip"
+
+
+def test_odd_accept_encoding_values_are_not_kept() -> None:
+    """Only short values (what browsers send) are remembered, so clients cannot fill the table with junk."""
+    compress._choices.clear()
+    for value in (b"gzip", b"gzip;q=0.5, " + b"x" * 300):
+        request = head()
+        request.headers.append((b"accept-encoding", value))
+        assert wrap(Client(request), Turns(), 60.0).coding == "gzip"
+    assert list(compress._choices) == [b"gzip"]
+
+
 def test_no_accept_encoding_is_not_wrapped() -> None:
     """A client that sent no Accept-Encoding talks to its exchange directly (no cost per answer)."""
     wrapped, client, _ = exchange_for(None)
@@ -691,3 +710,5 @@ def test_config_compress_key() -> None:
     assert parse({"site": [{**base, "compress": False}]}, "t.toml", {}).sites[0].compress is False
     with pytest.raises(ConfigError, match="compress"):
         parse({"site": [{**base, "compress": "yes"}]}, "t.toml", {})
+    environ = {"TLSPROXY_HOSTS": "a.test", "TLSPROXY_UPSTREAM": "http://127.0.0.1:8000", "TLSPROXY_SITE_TLS": "local"}
+    assert parse({}, "<environment>", {**environ, "TLSPROXY_SITE_COMPRESS": "false"}).sites[0].compress is False

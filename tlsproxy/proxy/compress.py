@@ -271,15 +271,17 @@ _choices: dict[bytes, str | None] = {}  # Accept-Encoding as sent -> our coding 
 
 def wrap(exchange: Exchange, reactor: Any, send_timeout: float) -> Exchange:
     """``exchange``, compressing the answers that qualify; as it is for a client that sent no Accept-Encoding."""
-    accept = exchange.head.get(b"accept-encoding")
-    if accept is None:
+    values = [value for name, value in exchange.head.headers if name == b"accept-encoding"]
+    if not values:
         return exchange  # nothing to choose, and caches see Vary on every coded answer
+    accept = values[0] if len(values) == 1 else b", ".join(values)
     coding = _choices.get(accept, "")
     if coding == "":
         coding = choose_coding(accept)
-        if len(_choices) >= 256:
-            _choices.clear()
-        _choices[accept] = coding
+        if len(accept) <= 256:  # what browsers send; odd values are parsed each time, not kept
+            if len(_choices) >= 256:
+                _choices.clear()
+            _choices[accept] = coding
     return CompressingExchange(exchange, coding, reactor, send_timeout)
 
 
