@@ -712,3 +712,54 @@ def test_config_compress_key() -> None:
         parse({"site": [{**base, "compress": "yes"}]}, "t.toml", {})
     environ = {"TLSPROXY_HOSTS": "a.test", "TLSPROXY_UPSTREAM": "http://127.0.0.1:8000", "TLSPROXY_SITE_TLS": "local"}
     assert parse({}, "<environment>", {**environ, "TLSPROXY_SITE_COMPRESS": "false"}).sites[0].compress is False
+
+
+# -- on the real HTTP/1.1 server protocol ------------------------------------------------
+
+
+class Answers:
+    """A handler that answers every request whole with ``body`` (JSON), through the compressing wrapper."""
+
+    def __init__(self, reactor: Any, body: bytes) -> None:
+        self.reactor, self.body = reactor, body
+
+    def handle(self, exchange: Any) -> None:
+        wrap(exchange, self.reactor, 60.0).respond(200, b"OK", b"content-type: application/json\r\n", self.body)
+
+
+def dechunk(data: bytes) -> tuple[bytes, bytes]:
+    """The body of one chunked message, and what follows it."""
+    body = b""
+    while True:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        if size == 0:
+            assert data.startswith(b"\r\n")
+            return body, data[2:]
+        body, data = body + data[:size], data[size + 2 :]
+
+
+def test_http11_sliced_answer_frames_and_pipelines() -> None:
+    """Over HTTP/1.1 a sliced answer goes out chunked and ends only after its last slice; the next request follows."""
+    from tlsproxy.http.server import HTTP11ServerProtocol, Limits
+
+    reactor = Turns()
+    body = big_json(300 * 1024)
+    proto = HTTP11ServerProtocol(Answers(reactor, body), reactor.clock, Limits(), secure=False)
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    compress._choices.clear()
+    request = b"GET /a HTTP/1.1\r\nHost: x\r\nAccept-Encoding: gzip\r\n\r\n"
+    proto.dataReceived(request + request)  # two pipelined requests
+    first = transport.value()
+    assert first.count(b"HTTP/1.1 200") == 1 and not first.endswith(b"0\r\n\r\n")  # still coding
+    reactor.run()
+    out = transport.value()
+    head, _, rest = out.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding: chunked" in head and b"content-encoding: gzip" in head.lower()
+    assert b"Content-Length" not in head
+    coded, rest = dechunk(rest)
+    assert gzip.decompress(coded) == body
+    assert rest.startswith(b"HTTP/1.1 200")  # the second answer, after the first ended
+    second_head, _, second = rest.partition(b"\r\n\r\n")
+    assert gzip.decompress(dechunk(second)[0]) == body
