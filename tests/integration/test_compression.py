@@ -18,7 +18,7 @@ from tests.integration.conftest import APP_ENV, HERE, PKI, App, Proxy, gunicorn,
 
 pytestmark = pytest.mark.integration
 
-CODINGS = ["gzip", "zstd"]
+CODINGS = ["gzip", "br", "zstd"]
 VERSIONS = [False, True]
 ROWS = 60000  # about 5 MB of JSON
 

@@ -7,6 +7,7 @@ import json
 import zlib
 from typing import Any
 
+import brotli
 import pytest
 import zstandard
 from hypothesis import example, given, settings
@@ -37,6 +38,8 @@ HTML = b"content-type: text/html; charset=utf-8\r\n"
 def decode(coding: str, data: bytes) -> bytes:
     if coding == "gzip":
         return gzip.decompress(data)
+    if coding == "br":
+        return brotli.decompress(data)
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
 
 
@@ -44,6 +47,8 @@ def decode_so_far(coding: str, data: bytes) -> bytes:
     """What a client can decode of a stream that has not ended yet."""
     if coding == "gzip":
         return zlib.decompressobj(31).decompress(data)
+    if coding == "br":
+        return brotli.Decompressor().process(data)
     return zstandard.ZstdDecompressor().decompressobj().decompress(data)
 
 
@@ -153,7 +158,8 @@ def exchange_for(accept: bytes | None, method: bytes = b"GET", reactor: Any = No
     ("accept", "chosen"),
     [
         (b"gzip, deflate, br, zstd", "zstd"),  # Chrome's, Firefox's: our order breaks the tie
-        (b"gzip, deflate, br", "gzip"),  # Safari's
+        (b"gzip, deflate, br", "br"),  # Safari's
+        (b"gzip, deflate", "gzip"),
         (b"gzip", "gzip"),
         (b"x-gzip", "gzip"),
         (b"GZIP;Q=0.8", "gzip"),
@@ -161,13 +167,15 @@ def exchange_for(accept: bytes | None, method: bytes = b"GET", reactor: Any = No
         (b"zstd;q=0.5, gzip;q=0.4", "zstd"),
         (b"gzip;q=0.001", "gzip"),
         (b"*", "zstd"),
-        (b"*;q=0.2, zstd;q=0", "gzip"),
+        (b"*;q=0.2, zstd;q=0", "br"),
+        (b"*;q=0.2, zstd;q=0, br;q=0", "gzip"),
         (b"gzip;q=0, *", "zstd"),
         (b"*;q=0", None),
         (b"identity", None),
         (b"identity;q=0", None),  # nothing of ours accepted: identity all the same, not a 406
         (b"identity;q=0, gzip", "gzip"),
-        (b"br", None),
+        (b"br", "br"),
+        (b"br;q=0.5, gzip", "gzip"),
         (b"deflate", None),
         (b"", None),
         (b" , ;, gzip ; q=1.0 ", "gzip"),
@@ -378,7 +386,7 @@ def test_no_accept_encoding_is_not_wrapped() -> None:
     assert wrapped is client
 
 
-@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+@pytest.mark.parametrize("coding", ["gzip", "br", "zstd"])
 def test_small_whole_answer_coded_with_its_length(coding: str) -> None:
     """An answer given whole is coded in one call and keeps a (coded) Content-Length."""
     wrapped, client, turns = exchange_for(coding.encode())
@@ -393,7 +401,7 @@ def test_small_whole_answer_coded_with_its_length(coding: str) -> None:
     assert not turns.pending
 
 
-@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+@pytest.mark.parametrize("coding", ["gzip", "br", "zstd"])
 def test_large_answer_compressed_a_slice_per_turn(coding: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A 5 MB answer given whole: no compress call takes more than SLICE bytes, one per reactor turn."""
     fed: list[int] = []
@@ -426,7 +434,7 @@ def test_large_answer_compressed_a_slice_per_turn(coding: str, monkeypatch: pyte
     assert len(client.body) < len(body) // 4
 
 
-@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+@pytest.mark.parametrize("coding", ["gzip", "br", "zstd"])
 def test_streamed_bytes_flushed_each_turn(coding: str) -> None:
     """Bytes that stop coming are flushed at the end of the turn: a streaming answer keeps streaming."""
     wrapped, client, turns = exchange_for(coding.encode())
@@ -596,7 +604,7 @@ def test_already_encoded_untouched() -> None:
 
 def test_identity_client_gets_vary_only() -> None:
     """A client that accepts none of our codings gets the identity bytes, with Vary and the strong ETag."""
-    wrapped, client, _ = exchange_for(b"br;q=1, identity")
+    wrapped, client, _ = exchange_for(b"deflate;q=1, identity")
     body = b"a" * 4000
     wrapped.respond(200, b"OK", [(b"content-type", b"text/plain"), (b"etag", b'"s"')], body)
     assert client.body == body and client.length == len(body)
