@@ -1,4 +1,4 @@
-"""Compression: CPU cost per MB of gzip and zstd, and what a 5 MB JSON answer costs other connections.
+"""Compression: CPU cost per MB of gzip, brotli and zstd, and what a 5 MB JSON answer costs other connections.
 
     python bench/compression.py [--seconds 8] [--skip-servers]
 
@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import brotli
 import zstandard
 from run import (
     LOAD_CPU,
@@ -89,6 +90,17 @@ class Gzip:
         return self.z.flush(zlib.Z_FINISH)
 
 
+class Brotli:
+    def __init__(self, quality: int) -> None:
+        self.z = brotli.Compressor(quality=quality, lgwin=compress.BROTLI_WINDOW_LOG)
+
+    def compress(self, data: memoryview) -> bytes:
+        return self.z.process(data)
+
+    def finish(self) -> bytes:
+        return self.z.finish()
+
+
 class Zstd:
     def __init__(self, level: int) -> None:
         self.z = zstandard.ZstdCompressor(level=level).compressobj()
@@ -104,6 +116,9 @@ CODERS: list[tuple[str, Callable[[], object]]] = [
     ("gzip level 1", lambda: Gzip(1)),
     (f"gzip level {compress.GZIP_LEVEL} (tlsproxy)", lambda: compress.encoder("gzip")),
     ("gzip level 6 (nginx gzip_comp_level 6, Django's GZipMiddleware)", lambda: Gzip(6)),
+    ("brotli quality 3", lambda: Brotli(3)),
+    (f"brotli quality {compress.BROTLI_QUALITY} (tlsproxy)", lambda: compress.encoder("br")),
+    ("brotli quality 5", lambda: Brotli(5)),
     ("zstd level 1", lambda: Zstd(1)),
     (
         f"zstd level {compress.ZSTD_LEVEL}, window 2^{compress.ZSTD_WINDOW_LOG} (tlsproxy)",
@@ -202,7 +217,7 @@ def reactor_lag(rounds: int = 5) -> str:
         "| the same 5 MB coded in one call, ms |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for coding in ("none", "gzip", "zstd"):
+    for coding in ("none", "gzip", "br", "zstd"):
         beats: list[list[float]] = []
         for _ in range(rounds):
             out = subprocess.run(
@@ -216,7 +231,7 @@ def reactor_lag(rounds: int = 5) -> str:
         one = "-"
         if coding != "none":
             t0 = time.thread_time()
-            compress.compress_whole(coding, data) if coding == "zstd" else zlib.compress(data, compress.GZIP_LEVEL, 31)
+            compress.compress_whole(coding, data) if coding != "gzip" else zlib.compress(data, compress.GZIP_LEVEL, 31)
             one = f"{(time.thread_time() - t0) * 1000:.1f}"
         label = "none (idle reactor)" if coding == "none" else coding
         rows.append(f"| {label} | {len(lags)} | {q[49]:.3f} | {q[98]:.3f} | {lags[-1]:.3f} | {cpu:.3f} | {one} |")
@@ -370,13 +385,13 @@ def part2(seconds: int) -> str:
             backend.stop()
             raise
         try:
-            cpu_rows = ["| answer | identity | gzip | zstd |", "| --- | --- | --- | --- |"]
+            cpu_rows = ["| answer | identity | gzip | br | zstd |", "| --- | --- | --- | --- | --- |"]
             for label, path in (
                 ("proxied from the app", "/big.json"),
                 ("`[site.static]`, no sibling", "/static/big.json"),
             ):
                 cells = []
-                for coding in ("identity", "gzip", "zstd"):
+                for coding in ("identity", "gzip", "br", "zstd"):
                     print(f"bench: cpu {path} {coding}", file=sys.stderr)
                     ms, share = cpu_per_mb(proxy.pid, port, cafile, path, coding, 6, len(data))
                     cells.append(f"{ms:.1f} ms ({share * 100:.0f}% sent)")
@@ -387,7 +402,7 @@ def part2(seconds: int) -> str:
             ]
             cases: list[tuple[str, str | None, str]] = [("nothing (baseline)", None, "identity")]
             for label, path in (("proxied", "/big.json"), ("static", "/static/big.json")):
-                cases += [(f"{label}, {coding}", path, coding) for coding in ("identity", "gzip", "zstd")]
+                cases += [(f"{label}, {coding}", path, coding) for coding in ("identity", "gzip", "br", "zstd")]
             for label, path, coding in cases:
                 print(f"bench: probe {label}", file=sys.stderr)
                 r = probe_under_load(port, cafile, path, coding, seconds)

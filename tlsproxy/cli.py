@@ -97,7 +97,7 @@ def describe(config: Config) -> str:
             lines.append(f"  static {mount.prefix} = {mount.root}{note}, max-age {site.static_max_age}s unless hashed")
         lines += _balancing_lines(site)
         lines += describe_gate(site)
-        lines.append(f"  compress = {'zstd, gzip (as the client asks)' if site.compress else 'off'}")
+        lines.append(f"  compress = {'zstd, br, gzip (as the client asks)' if site.compress else 'off'}")
     if server.access_log_file:
         lines.append(f"access log file: {server.access_log_file} (JSON lines; SIGUSR1 reopens it)")
     return "\n".join(lines)

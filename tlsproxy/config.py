@@ -206,11 +206,11 @@ class Site:
     # Several upstreams: all of them, upstream first (filled in if not given), and how to pick one.
     upstreams: tuple[Upstream, ...] = ()
     balancing: Balancing = field(default_factory=Balancing)
+    compress: bool = True  # zstd/br/gzip for text-like answers the client accepts coded (proxy/compress.py)
 
     def __post_init__(self) -> None:
         if not self.upstreams:
             object.__setattr__(self, "upstreams", (self.upstream,))
-    compress: bool = True  # zstd/gzip for text-like answers the client accepts coded (proxy/compress.py)
 
     @property
     def name(self) -> str:
