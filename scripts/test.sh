@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(pebble nginx-light wrk nghttp2-client openssl curl chromium libnss3-tools ca-certificates procps)
+packages=(pebble nginx-light haproxy apache2-utils wrk nghttp2-client openssl curl chromium libnss3-tools ca-certificates procps redis-server)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

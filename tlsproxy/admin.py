@@ -5,8 +5,10 @@ private interface, it has no authentication.
 
 /readyz asks each app a ``HEAD /`` and wants the head of an answer (any
 status) within :data:`READINESS_TIMEOUT`: an app that accepts connections but
-never answers is not ready.  A dial or a probe still running at the deadline is
-left to finish and its connection closed then (the dial cannot be cancelled).
+never answers is not ready.  A site (or route) with several upstreams is ready
+while one of them answers; the body lists every upstream's state either way.
+A dial or a probe still running at the deadline is left to finish and its
+connection closed then (the dial cannot be cancelled).
 """
 
 from __future__ import annotations
@@ -62,18 +64,38 @@ class AdminHandler:
             if why:
                 problems.append(why)
 
-        checks = []
-        for pool in generation.handler.pools:
-            url = pool.describe()
-            host = next((site.hosts[0] for site in generation.config.sites if site.upstream.url == url), "localhost")
-            checks.append(_Probe(service.reactor, url, host).run(pool).addCallback(note))
+        checks = [self._group_ready(group).addCallback(note) for group in generation.handler.groups]
         return DeferredList(checks).addCallback(lambda _: problems)
 
+    def _group_ready(self, group: Any) -> Deferred[str | None]:
+        """A site (or route) is ready while one of its upstreams answers; why not, when none does."""
+        host = group.site.removeprefix("*.") or "localhost"
+        probes = [_Probe(self.service.reactor, m.url, host).run(m.pool) for m in group.members]
+
+        def verdict(results: list[tuple[bool, str | None]]) -> str | None:
+            whys = [why for _, why in results]
+            return None if None in whys else "; ".join(w for w in whys if w)
+
+        return DeferredList(probes).addCallback(verdict)
+
+    def upstream_lines(self) -> list[str]:
+        """Each upstream's state as the balancer sees it: up or out, requests in flight, failures."""
+        lines = []
+        for group in self.service.generation.handler.groups:
+            for state in group.states():
+                where = f"site {state.site}" + (f" route {state.route}" if state.route else "")
+                line = f"upstream {state.url} ({where}): {'up' if state.up else 'down'}"
+                line += f", {state.in_flight} in flight, {state.failures} failures"
+                lines.append(line + (f" ({state.why})" if state.why else ""))
+        return lines
+
     def _ready(self, exchange: Exchange, problems: list[str]) -> None:
+        lines = "".join(f"{line}\n" for line in self.upstream_lines()).encode()
         if problems:
-            self._send(exchange, 503, ("\n".join(problems) + "\n").encode())
+            self._send(exchange, 503, ("\n".join(problems) + "\n").encode() + lines)
         else:
-            self._send(exchange, 200, b"ready\n")
+            notes = "".join(f"note: {note}\n" for note in store_notes(self.service.generation))
+            self._send(exchange, 200, b"ready\n" + notes.encode() + lines)
 
     def _send(
         self, exchange: Exchange, status: int, body: bytes, content_type: bytes = b"text/plain; charset=utf-8"
@@ -153,3 +175,18 @@ class _Probe:
 
     def client_transport(self) -> Any:
         return None
+
+
+def store_notes(generation: Any) -> list[str]:
+    """A shared store that cannot be reached, said in /readyz's answer.
+
+    Said, not a reason to be unready: every instance keeps serving the
+    certificates it has, and an orchestrator that took them all out of the
+    load balancer when Redis goes down would turn a store outage into a site outage.
+    """
+    notes = []
+    for child in getattr(generation, "certificates", ()):
+        problem = getattr(child, "store_problem", None)
+        if problem:
+            notes.append(f"{problem}; serving the certificates we have, renewals wait")
+    return notes

@@ -16,6 +16,7 @@ from tlsproxy import preflight
 from tlsproxy.audit import configuration_warnings
 from tlsproxy.certs.model import CertificateError
 from tlsproxy.config import Config, ConfigError
+from tlsproxy.proxy.access import load_all
 from tlsproxy.tls.policy import GROUPS, cipher_names
 
 # Exit statuses of every command (README, "Exit statuses"): 0 done; 1 the
@@ -77,12 +78,16 @@ def describe(config: Config) -> str:
             lines.append(f"  ca_bundle = {acme.ca_bundle}")
         if acme.profile:
             lines.append(f"  profile = {acme.profile}")
+    if config.store.shared:  # the password stays out (redact_url)
+        lines += ["[store]", f"  {config.store.describe()}, lock lease {config.store.lock_lease:g}s"]
+        if config.store.encryption_key_file:
+            lines.append(f"  keys encrypted with {config.store.encryption_key_file}")
     for site in config.sites:
         hsts = site.hsts.header_value()
         lines += [
             f"[[site]] {site.name}",
             f"  hosts = {list(site.hosts)}",
-            f"  upstream = {site.upstream.url}",
+            f"  upstream = {', '.join(u.url for u in site.upstreams)}",
             f"  tls = {site.tls}" + (f" (cert {site.cert}, key {site.key})" if site.tls == "files" else ""),
             f"  hsts = {hsts.decode() if hsts else 'off'}",
             f"  secure_cookies = {str(site.secure_cookies).lower()}",
@@ -91,12 +96,59 @@ def describe(config: Config) -> str:
         for mount in site.static:  # what tlsproxy serves itself, not the app
             note = " (media: uploads)" if mount.media else ""
             lines.append(f"  static {mount.prefix} = {mount.root}{note}, max-age {site.static_max_age}s unless hashed")
+        lines += _balancing_lines(site)
+        lines += describe_gate(site)
+        lines.append(f"  compress = {'zstd, br, gzip (as the client asks)' if site.compress else 'off'}")
+    if server.access_log_file:
+        lines.append(f"access log file: {server.access_log_file} (JSON lines; SIGUSR1 reopens it)")
     return "\n".join(lines)
+
+
+def describe_gate(site: configuration.Site) -> list[str]:
+    """A site's access rules, error pages and maintenance switch, one line each."""
+    lines = []
+    for rule in reversed(site.access):  # "/" first, then the longer prefixes
+        parts = []
+        if rule.allow:
+            parts.append("allow " + ", ".join(map(str, rule.allow)))
+        if rule.deny:
+            parts.append("deny " + ", ".join(map(str, rule.deny)))
+        if rule.basic_auth is not None:
+            parts.append(f"basic auth {rule.basic_auth.realm!r} ({rule.basic_auth.htpasswd})")
+        lines.append(f"  access {rule.prefix}: {'; '.join(parts) or 'open'}")
+    for status, path in site.error_pages:
+        lines.append(f"  error page {status} = {path}")
+    if site.maintenance_file:
+        lines.append(f"  maintenance while {site.maintenance_file} exists")
+    return lines
+
+
+def _balancing_lines(site: configuration.Site) -> list[str]:
+    """How a site with several upstreams (or health checks) picks one and finds one down."""
+    b = site.balancing
+    lines = []
+    if len(site.upstreams) > 1:
+        lines.append(f"  balance = {b.balance}, out after {b.max_fails} failed connects for {b.fail_timeout:g}s")
+    if b.health_path:
+        lines.append(
+            f"  health check: GET {b.health_path} every {b.health_interval:g}s, "
+            f"{'/'.join(b.health_status)} within {b.health_timeout:g}s"
+        )
+    for route in site.routes:
+        if len(route.upstreams) > 1:
+            lines.append(f"  route {route.prefix} = {', '.join(u.url for u in route.upstreams)}")
+    return lines
 
 
 def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     config = _load(args.config, err)
     if config is None:
+        return BAD_CONFIG
+    try:
+        load_all(config.sites)  # the htpasswd files of basic_auth: bcrypt lines only
+    except ConfigError as e:
+        for problem in e.problems:
+            print(f"tlsproxy: {problem}", file=err)
         return BAD_CONFIG
     print(describe(config), file=out)
     tls_warnings = configuration_warnings(config, datetime.datetime.now(datetime.UTC))
@@ -212,6 +264,35 @@ def cmd_ca(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     return int(action(os.environ, out, stores=stores))
 
 
+def cmd_passwd(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO | None = None) -> int:
+    """Add or change a user's bcrypt line in an htpasswd file (for basic_auth)."""
+    import getpass
+
+    from tlsproxy.passwd import PasswdError, set_password
+
+    try:
+        if args.stdin:
+            password = (stdin or sys.stdin).readline().rstrip("\r\n")
+        else:
+            password = getpass.getpass(f"password for {args.user}: ")
+            if getpass.getpass("again: ") != password:
+                print("tlsproxy: the passwords differ; nothing changed", file=err)
+                return BAD_CONFIG
+        existed = set_password(
+            args.file, args.user, password.encode("utf-8"), args.cost, 0o640 if args.group_readable else 0o600
+        )
+    except PasswdError as e:
+        print(f"tlsproxy: {e}", file=err)
+        return BAD_CONFIG
+    except OSError as e:
+        print(f"tlsproxy: cannot write {args.file}: {e.strerror}", file=err)
+        return BAD_CONFIG
+    print(
+        f"{'changed' if existed else 'added'} {args.user} in {args.file}; reload tlsproxy (SIGHUP) to use it", file=out
+    )
+    return OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tlsproxy", description="TLS front door for Python web apps.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -261,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = with_config(sub.add_parser("account", help="ACME account: rollover (RFC 8555 key change)"))
     p.add_argument("action", choices=["rollover"])
     p.set_defaults(func=cmd_account)
+    p = sub.add_parser("passwd", help="add or change a user in an htpasswd file (bcrypt, for basic_auth)")
+    p.add_argument("file", help="the htpasswd file (created if missing)")
+    p.add_argument("user")
+    p.add_argument("--stdin", action="store_true", help="read the password from the first line of stdin")
+    p.add_argument("--cost", type=int, default=12, choices=range(4, 16), metavar="4..15", help="bcrypt cost (12)")
+    p.add_argument("--group-readable", action="store_true", help="create the file 0640 rather than 0600")
+    p.set_defaults(func=cmd_passwd)
     return parser
 
 

@@ -7,6 +7,8 @@ environment variable), the key, what was expected and what was found.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import ipaddress
 import json
 import os
@@ -18,8 +20,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from tlsproxy.certs.store_url import check_store_url, redact_url
 from tlsproxy.compat.twisted import parse_server_endpoint
 from tlsproxy.http.server import Limits
+from tlsproxy.proxyprotocol import split_description
 from tlsproxy.tls.policy import PolicyError, TLSPolicy, cipher_names, load_dhparams
 
 DEFAULT_DEV_UPSTREAM = "http://127.0.0.1:8000"
@@ -113,6 +117,66 @@ class PathRoute:
 
     prefix: str  # starts and ends with "/"
     upstream: Upstream
+    upstreams: tuple[Upstream, ...] = ()  # all of them, upstream first (filled in if not given)
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            object.__setattr__(self, "upstreams", (self.upstream,))
+
+
+BALANCE_METHODS = ("least_conn", "round_robin")
+HEALTH_STATUS_DEFAULT = ("2xx", "3xx")
+
+
+@dataclass(frozen=True)
+class Balancing:
+    """How a site spreads requests over its upstreams and decides one is down."""
+
+    # least_conn (with round robin among equals) by default: a gunicorn sync worker serves
+    # one request at a time, so an app busy with slow requests should not get the next one.
+    balance: str = "least_conn"
+    max_fails: int = 1  # failed connects within fail_timeout that take an upstream out; 0: never
+    fail_timeout: float = 10.0  # seconds failures are counted over, and an upstream stays out
+    health_path: str = ""  # active checks: GET this path every health_interval ("" = off)
+    health_interval: float = 5.0
+    health_timeout: float = 2.0
+    health_status: tuple[str, ...] = HEALTH_STATUS_DEFAULT  # "2xx", "3xx" or exact codes ("200")
+
+    def healthy_status(self, status: int) -> bool:
+        return f"{status // 100}xx" in self.health_status or str(status) in self.health_status
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    """HTTP basic auth against an htpasswd file of bcrypt lines (``htpasswd -B``, ``tlsproxy passwd``)."""
+
+    realm: str
+    htpasswd: str  # an absolute path
+
+
+@dataclass(frozen=True)
+class AccessRule:
+    """Who may reach a path prefix: the site's own keys, or a ``[[site.access]]`` table over them.
+
+    ``deny`` wins over ``allow``; an empty ``allow`` lets every address in.
+    A ``[[site.access]]`` key that is present replaces the site's value for
+    that key (``allow = []`` opens, ``basic_auth = false`` drops the password).
+    """
+
+    prefix: str = "/"
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    basic_auth: BasicAuth | None = None
+
+    @property
+    def restricts(self) -> bool:
+        return bool(self.allow or self.deny or self.basic_auth)
+
+
+ERROR_PAGE_STATUSES = (502, 503, 504)
 
 
 @dataclass(frozen=True)
@@ -134,11 +198,29 @@ class Site:
     redirect_from: tuple[str, ...] = ()
     # Path prefixes proxied to another app (``[site.routes]``), longest first; the rest goes to upstream.
     routes: tuple[PathRoute, ...] = ()
+    # Access rules (allow / deny / basic_auth, [[site.access]]), longest prefix first; () when none restricts.
+    access: tuple[AccessRule, ...] = ()
+    # status -> file of our own error pages ([site.error_pages]); a file present at maintenance_file: 503.
+    error_pages: tuple[tuple[int, str], ...] = ()
+    maintenance_file: str = ""
+    # Several upstreams: all of them, upstream first (filled in if not given), and how to pick one.
+    upstreams: tuple[Upstream, ...] = ()
+    balancing: Balancing = field(default_factory=Balancing)
+    compress: bool = True  # zstd/br/gzip for text-like answers the client accepts coded (proxy/compress.py)
+
+    def __post_init__(self) -> None:
+        if not self.upstreams:
+            object.__setattr__(self, "upstreams", (self.upstream,))
 
     @property
     def name(self) -> str:
         """A site is named by its first host (what ``tlsproxy renew NAME`` takes)."""
         return self.hosts[0]
+
+    @property
+    def gated(self) -> bool:
+        """Requests pass tlsproxy/proxy/access.py first: access rules, or a maintenance switch."""
+        return bool(self.access or self.maintenance_file)
 
 
 @dataclass(frozen=True)
@@ -149,6 +231,8 @@ class Server:
     admin: str = ""
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     access_log: bool = True
+    # Also write the access log (JSON lines) to this file; reopened on SIGUSR1.
+    access_log_file: str = ""
     log_format: str = "text"
     connect_timeout: float = 5.0
     upstream_timeout: float = 60.0
@@ -213,10 +297,28 @@ class ACME:
 
 
 @dataclass(frozen=True)
+class Store:
+    """``[store]``: where certificates live; no url = the directory store in state_dir."""
+
+    url: str = ""  # redis://[:PASSWORD@]HOST:PORT/DB, rediss:// (TLS), unix:///PATH; or TLSPROXY_STORE_URL
+    prefix: str = "tlsproxy:"  # key prefix, so several fleets can share one Redis
+    lock_lease: float = 30.0  # seconds an order's lock outlives a holder that died
+    encryption_key_file: str = ""  # a Fernet key: private keys encrypted before they reach Redis
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.url)
+
+    def describe(self) -> str:
+        return f"redis {redact_url(self.url)} (prefix {self.prefix!r})" if self.url else "the state directory"
+
+
+@dataclass(frozen=True)
 class Config:
     server: Server = field(default_factory=Server)
     tls: TLS = field(default_factory=TLS)
     acme: ACME = field(default_factory=ACME)
+    store: Store = field(default_factory=Store)
     sites: tuple[Site, ...] = ()
     source: str = "<defaults>"
     dev: bool = False
@@ -398,6 +500,12 @@ def local_endpoints(description: str) -> tuple[str, ...]:
 
 def check_endpoint(description: str) -> str | None:
     """Why ``description`` is not a Twisted server endpoint string, or None."""
+    proxied, inner = split_description(description)
+    if proxied:
+        # PROXY protocol (tlsproxy/proxyprotocol.py) in front of a tcp: or systemd: listener.
+        if split_description(inner)[0] or inner.split(":", 1)[0].lower() not in ("tcp", "systemd"):
+            return "haproxy: goes in front of a tcp: or systemd: endpoint, like haproxy:tcp:443"
+        return check_endpoint(inner)
     host, _, tail = description.rpartition(":")
     if tail.isdigit() and host and description.split(":", 1)[0].lower() not in ("tcp", "unix", "systemd", "ssl"):
         interface = host.strip("[]").replace(":", "\\:")
@@ -459,6 +567,12 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
             why = check_endpoint(description)
             if why:
                 reader.fail(f"server.{key}", f"{description!r}: {why}")
+    proxied = [d for key in ("https", "http") for d in out.get(key, ()) if split_description(d)[0]]
+    if proxied and not out.get("trusted_proxies"):
+        reader.fail(
+            "server.trusted_proxies",
+            f"{proxied[0]!r} takes PROXY headers only from trusted_proxies: list your load balancers' ranges",
+        )
     if out.get("admin"):
         why = check_endpoint(out["admin"])
         if why:
@@ -542,6 +656,52 @@ def _acme(reader: _Reader, raw: Mapping[str, Any]) -> ACME:
     return ACME(**out)
 
 
+def read_fernet_key(path: str) -> bytes | str:
+    """The Fernet key in ``path``, or why there is none (never quoting the file)."""
+    try:
+        data = Path(path).read_bytes().strip()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}"
+    try:
+        if len(base64.urlsafe_b64decode(data)) == 32:
+            return data
+    except (ValueError, binascii.Error):
+        pass
+    return (
+        f"{path} holds no Fernet key (44 base64url characters; make one with: "
+        "python3 -c 'from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())' > FILE)"
+    )
+
+
+def _store(reader: _Reader, raw: Mapping[str, Any]) -> Store:
+    defaults = Store()
+    known = {f: getattr(defaults, f) for f in Store.__dataclass_fields__}
+    values = reader.table(raw, "store", known)
+    out: dict[str, Any] = {}
+    for key, value in values.items():
+        if key == "url" and isinstance(value, str):
+            why = check_store_url(value) if value else None
+            if why:
+                reader.fail("store.url", why)
+            else:
+                out[key] = value
+        else:
+            out[key] = _coerce(reader, f"store.{key}", value, known[key])
+    prefix = out.get("prefix", defaults.prefix)
+    if not prefix or any(c.isspace() for c in prefix):
+        reader.fail("store.prefix", f"expected a key prefix without spaces, like {defaults.prefix!r}")
+        out.pop("prefix", None)
+    lease = out.get("lock_lease")
+    if lease is not None and not 2 <= lease <= 3600:
+        reader.fail("store.lock_lease", f"expected seconds from 2 to 3600, found {lease!r}")
+        del out["lock_lease"]
+    if out.get("encryption_key_file"):
+        found = read_fernet_key(out["encryption_key_file"])
+        if isinstance(found, str):
+            reader.fail("store.encryption_key_file", found)
+    return Store(**out)
+
+
 SITE_DEFAULTS: Mapping[str, Any] = {
     "hosts": (),
     "upstream": "",
@@ -557,6 +717,20 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "static_max_age": DEFAULT_STATIC_MAX_AGE,
     "redirect_from": (),
     "routes": {},
+    "balance": "least_conn",
+    "max_fails": 1,
+    "fail_timeout": 10.0,
+    "health_path": "",
+    "health_interval": 5.0,
+    "health_timeout": 2.0,
+    "health_status": HEALTH_STATUS_DEFAULT,
+    "allow": (),
+    "deny": (),
+    "basic_auth": {},
+    "access": [],
+    "error_pages": {},
+    "maintenance_file": "",
+    "compress": True,
 }
 
 
@@ -585,11 +759,10 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         if why:
             reader.fail(f"{prefix}.redirect_from", f"{host!r}: {why}")
     hosts += tuple(dict.fromkeys(h for h in redirect_from if h not in hosts))
-    upstream_url = _coerce(reader, f"{prefix}.upstream", values.get("upstream", ""), "")
-    upstream = parse_upstream(upstream_url) if upstream_url else "missing (http://HOST:PORT or unix:/PATH)"
-    if isinstance(upstream, str):
-        reader.fail(f"{prefix}.upstream", upstream if not upstream_url else f"{upstream_url!r}: {upstream}")
-        upstream = Upstream(url="")
+    upstreams = _upstreams(reader, f"{prefix}.upstream", values.get("upstream", ""))
+    if not upstreams and "upstream" not in values:
+        reader.fail(f"{prefix}.upstream", "missing (http://HOST:PORT or unix:/PATH)")
+    upstream = upstreams[0] if upstreams else Upstream(url="")
     tls = _coerce(reader, f"{prefix}.tls", values.get("tls", "acme"), "")
     if tls not in TLS_SOURCES:
         reader.fail(f"{prefix}.tls", f"expected one of {list(TLS_SOURCES)}, found {tls!r}")
@@ -633,11 +806,120 @@ def _site(reader: _Reader, raw: Any, index: int) -> Site | None:
         response_buffering=response_buffering,
         redirect_from=redirect_from,
         routes=_routes(reader, prefix, values.get("routes", {})),
+        upstreams=upstreams,
+        balancing=_balancing(reader, prefix, values),
         static=_static(reader, prefix, values.get("static", {})),
         static_max_age=_coerce(
             reader, f"{prefix}.static_max_age", values.get("static_max_age", DEFAULT_STATIC_MAX_AGE), 0
         ),
+        access=_access(reader, prefix, values),
+        error_pages=_error_pages(reader, prefix, values.get("error_pages", {})),
+        maintenance_file=_absolute_path(reader, f"{prefix}.maintenance_file", values.get("maintenance_file", "")),
+        compress=_coerce(reader, f"{prefix}.compress", values.get("compress", True), True),
     )
+
+
+# ---------------------------------------------------------------------------
+# Access control and error pages (issue 16)
+
+_REALM = re.compile(r"\A[\x20-\x7e]{1,100}\Z")
+
+
+def _absolute_path(reader: _Reader, key: str, value: Any) -> str:
+    path = _coerce(reader, key, value, "")
+    if path and (not os.path.isabs(path) or "\0" in path):
+        reader.fail(key, f"expected an absolute path, found {path!r}")
+        return ""
+    return path
+
+
+def _networks(reader: _Reader, key: str, value: Any) -> tuple[Network, ...]:
+    nets = []
+    for item in _coerce(reader, key, value, ()):
+        try:
+            nets.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            reader.fail(key, f"expected addresses or CIDR ranges like 192.0.2.0/24, found {item!r}")
+    return tuple(nets)
+
+
+def _basic_auth(reader: _Reader, key: str, value: Any) -> BasicAuth | None:
+    if value is False or value == {}:
+        return None
+    example = '{ realm = "staging", htpasswd = "/etc/tlsproxy/htpasswd" }'
+    if not isinstance(value, Mapping):
+        reader.fail(key, f"expected a table like {example} (or false), found {_describe(value)}")
+        return None
+    values = reader.table(value, key, {"realm": "", "htpasswd": ""})
+    realm = _coerce(reader, f"{key}.realm", values.get("realm", "restricted"), "")
+    if not _REALM.match(realm) or '"' in realm or "\\" in realm:
+        reader.fail(f"{key}.realm", f"1 to 100 printable ASCII characters without quotes or backslashes, not {realm!r}")
+    htpasswd = _absolute_path(reader, f"{key}.htpasswd", values.get("htpasswd", ""))
+    if not htpasswd:
+        reader.fail(f"{key}.htpasswd", f"basic_auth needs htpasswd = an absolute path, as in {example}")
+        return None
+    if not os.path.isfile(htpasswd):
+        reader.fail(f"{key}.htpasswd", f"no such file: {htpasswd} (create it with: tlsproxy passwd {htpasswd} USER)")
+    return BasicAuth(realm=realm, htpasswd=htpasswd)
+
+
+def _rule(reader: _Reader, key: str, raw: Mapping[str, Any], base: AccessRule, prefix: str) -> AccessRule:
+    return AccessRule(
+        prefix=prefix,
+        allow=_networks(reader, f"{key}.allow", raw["allow"]) if "allow" in raw else base.allow,
+        deny=_networks(reader, f"{key}.deny", raw["deny"]) if "deny" in raw else base.deny,
+        basic_auth=_basic_auth(reader, f"{key}.basic_auth", raw["basic_auth"])
+        if "basic_auth" in raw
+        else base.basic_auth,
+    )
+
+
+def _access(reader: _Reader, site: str, values: Mapping[str, Any]) -> tuple[AccessRule, ...]:
+    """The site's rule at "/" and its [[site.access]] rules over it, longest prefix first."""
+    base = _rule(reader, site, values, AccessRule(), "/")
+    raw_rules = values.get("access", [])
+    if not isinstance(raw_rules, list):
+        reader.fail(f"{site}.access", 'expected [[site.access]] tables with prefix = "/admin/"')
+        raw_rules = []
+    rules = {"/": base}
+    for index, raw in enumerate(raw_rules):
+        key = f"{site}.access[{index}]"
+        if not isinstance(raw, Mapping):
+            reader.fail(key, f"expected a table, found {_describe(raw)}")
+            continue
+        known = {"prefix": "", "allow": (), "deny": (), "basic_auth": {}}
+        raw = reader.table(raw, key, known)
+        prefix = raw.get("prefix", "")
+        if not isinstance(prefix, str) or not _PREFIX.match(prefix) or prefix == "/":
+            reader.fail(f"{key}.prefix", f'a path prefix that starts and ends with "/", like "/admin/", not {prefix!r}')
+            continue
+        if prefix in rules:
+            reader.fail(f"{key}.prefix", f"{prefix!r} has a rule already")
+            continue
+        rules[prefix] = _rule(reader, key, raw, base, prefix)
+    if not any(rule.restricts for rule in rules.values()):
+        return ()
+    return tuple(sorted(rules.values(), key=lambda r: len(r.prefix), reverse=True))
+
+
+def _error_pages(reader: _Reader, site: str, raw: Any) -> tuple[tuple[int, str], ...]:
+    """``[site.error_pages]``: 502 / 503 / 504 = an absolute path to an HTML file."""
+    if not isinstance(raw, Mapping):
+        reader.fail(f"{site}.error_pages", f'expected a table like {{ 502 = "/srv/pages/502.html" }}, found {raw!r}')
+        return ()
+    found = []
+    for status, path in raw.items():
+        key = f"{site}.error_pages.{status}"
+        if not (str(status).isdigit() and int(status) in ERROR_PAGE_STATUSES):
+            reader.fail(key, f"pages can be given for {', '.join(map(str, ERROR_PAGE_STATUSES))}")
+            continue
+        path = _absolute_path(reader, key, path)
+        if path and not os.path.isfile(path):
+            reader.fail(key, f"no such file: {path}")
+            continue
+        if path:
+            found.append((int(status), path))
+    return tuple(sorted(found))
 
 
 _STATIC_OPTIONS: Mapping[str, Any] = {"root": "", "media": False, "trusted": False, "follow_symlinks": False}
@@ -656,15 +938,61 @@ def _routes(reader: _Reader, site: str, raw: Any) -> tuple[PathRoute, ...]:
         if not _PREFIX.match(prefix) or prefix == "/":
             reader.fail(key, 'a route is a path prefix that starts and ends with "/", like "/ws/" (not "/" itself)')
             continue
-        if not isinstance(value, str):
-            reader.fail(key, f'expected an upstream like "http://127.0.0.1:8001", found {_describe(value)}')
-            continue
-        upstream = parse_upstream(value)
-        if isinstance(upstream, str):
-            reader.fail(key, f"{value!r}: {upstream}")
-            continue
-        found.append(PathRoute(prefix=prefix, upstream=upstream))
+        upstreams = _upstreams(reader, key, value)
+        if upstreams:
+            found.append(PathRoute(prefix=prefix, upstream=upstreams[0], upstreams=upstreams))
     return tuple(sorted(found, key=lambda r: len(r.prefix), reverse=True))
+
+
+def _upstreams(reader: _Reader, key: str, value: Any) -> tuple[Upstream, ...]:
+    """One upstream URL or a list of them (comma-separated in the environment); () after a problem."""
+    if isinstance(value, str):
+        value = [v.strip() for v in value.split(",")] if "," in value else [value]
+    if not isinstance(value, list | tuple) or not value or not all(isinstance(v, str) and v for v in value):
+        example = '"http://127.0.0.1:8000" or ["unix:/run/a.sock", "http://10.0.0.2:8000"]'
+        reader.fail(key, f"expected an upstream like {example}, found {_describe(value)}")
+        return ()
+    found: list[Upstream] = []
+    for url in value:
+        upstream = parse_upstream(url)
+        if isinstance(upstream, str):
+            reader.fail(key, f"{url!r}: {upstream}")
+        elif any(u.url == upstream.url for u in found):
+            reader.fail(key, f"{url!r} is listed twice")
+        else:
+            found.append(upstream)
+    return tuple(found) if len(found) == len(value) else ()
+
+
+_STATUS_CLASS = re.compile(r"\A(?:[2-5]xx|[2-5][0-9][0-9])\Z")  # interim answers (1xx) are never final
+
+
+def _balancing(reader: _Reader, prefix: str, values: Mapping[str, Any]) -> Balancing:
+    """balance, max_fails, fail_timeout and the health_* keys of a site."""
+    default = Balancing()
+    out: dict[str, Any] = {}
+    for name in ("balance", "max_fails", "fail_timeout", "health_path", "health_interval", "health_timeout"):
+        if name in values:
+            out[name] = _coerce(reader, f"{prefix}.{name}", values[name], getattr(default, name))
+    if out.get("balance", default.balance) not in BALANCE_METHODS:
+        reader.fail(f"{prefix}.balance", f"expected one of {list(BALANCE_METHODS)}, found {out['balance']!r}")
+        out.pop("balance")
+    path = out.get("health_path", "")
+    if path and (not path.startswith("/") or not path.isascii() or any(c in path for c in " \r\n\t\0#")):
+        reader.fail(f"{prefix}.health_path", f'expected a path like "/healthz", found {path!r}')
+        out.pop("health_path")
+    if "health_status" in values:
+        raw = values["health_status"]
+        if isinstance(raw, str):  # from the environment: "2xx,3xx"
+            raw = [v.strip() for v in raw.split(",")]
+        codes = [str(v).lower() for v in raw] if isinstance(raw, list) else raw
+        if not isinstance(codes, list) or not codes or not all(_STATUS_CLASS.match(c) for c in codes):
+            reader.fail(
+                f"{prefix}.health_status", f'expected a list like ["2xx", "3xx"] or [200], found {_describe(raw)}'
+            )
+        else:
+            out["health_status"] = tuple(codes)
+    return Balancing(**out)
 
 
 def _static(reader: _Reader, site: str, raw: Any) -> tuple[StaticDir, ...]:
@@ -743,14 +1071,14 @@ PROCESS_ENV = {
     "TLSPROXY_CAROOT": "where the local development CA lives",
     "TLSPROXY_PURE_PYTHON": "1 runs the pure Python twins of the C accelerator",
 }
-_SECTIONS = ("server", "tls", "acme")
+_SECTIONS = ("server", "tls", "acme", "store")
 _SITE_ENV = {"TLSPROXY_HOSTS": "hosts", "TLSPROXY_UPSTREAM": "upstream"}
 _TRUE = frozenset({"true", "1", "yes", "on"})
 _FALSE = frozenset({"false", "0", "no", "off"})
 
 
 def _defaults(section: str) -> Mapping[str, Any]:
-    instance = {"server": Server, "tls": TLS, "acme": ACME}.get(section)
+    instance = {"server": Server, "tls": TLS, "acme": ACME, "store": Store}.get(section)
     if instance is None:
         return SITE_DEFAULTS if section == "site" else {}
     return {f.name: getattr(instance(), f.name) for f in fields(instance)}
@@ -803,7 +1131,7 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
                 Problem(
                     f"environment {name}",
                     rest,
-                    "unknown variable (TLSPROXY_<SECTION>_<KEY> with section server, tls or acme;"
+                    "unknown variable (TLSPROXY_<SECTION>_<KEY> with section server, tls, acme or store;"
                     " TLSPROXY_HOSTS, TLSPROXY_UPSTREAM, TLSPROXY_SITE_<KEY>, TLSPROXY_STATE_DIR;"
                     f" not configuration: {', '.join(PROCESS_ENV)})",
                 )
@@ -880,7 +1208,7 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
         return source
 
     reader = _Reader(where, problems)
-    reader.table(merged, "", {"server": 0, "tls": 0, "acme": 0, "site": 0})
+    reader.table(merged, "", {"server": 0, "tls": 0, "acme": 0, "store": 0, "site": 0})
 
     def section(name: str) -> Mapping[str, Any]:
         value = merged.get(name, {})
@@ -892,6 +1220,7 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
     server = _server(reader, section("server"))
     tls = _tls(reader, section("tls"))
     acme = _acme(reader, section("acme"))
+    store = _store(reader, section("store"))
     raw_sites = merged.get("site", [])
     if not isinstance(raw_sites, list):
         reader.fail("site", "expected [[site]] tables")
@@ -918,7 +1247,7 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
                 reader.fail(f"site[{i}].hosts", f"{wild[0]!r}: wildcard names need DNS-01, which tlsproxy does not do")
     if problems:
         raise ConfigError(problems)
-    return Config(server=server, tls=tls, acme=acme, sites=tuple(sites), source=source)
+    return Config(server=server, tls=tls, acme=acme, store=store, sites=tuple(sites), source=source)
 
 
 def toml_problem(path: str, error: tomllib.TOMLDecodeError) -> Problem:

@@ -44,8 +44,10 @@ _SKIP = frozenset(
 )
 
 
-def _when(event: dict[str, Any]) -> str:
+def _when(event: dict[str, Any], ms: bool = False) -> str:
     stamp = event.get("log_time") or time.time()
+    if ms:
+        return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(stamp)) + f".{int(stamp % 1 * 1000):03d}Z"
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stamp))
 
 
@@ -69,12 +71,15 @@ def text_line(event: dict[str, Any]) -> str:
 
 def json_line(event: dict[str, Any]) -> str:
     level = event.get("log_level")
+    namespace = event.get("log_namespace", "-")
     record: dict[str, Any] = {
-        "time": _when(event),
+        "time": _when(event, ms=True),
         "level": level.name if level is not None else "info",
-        "logger": event.get("log_namespace", "-"),
-        "message": _message(event),
+        "logger": namespace,
     }
+    if namespace != "tlsproxy.access":
+        # An access record is its fields (tlsproxy/proxy/accesslog.py), not its text line again.
+        record["message"] = _message(event)
     for key, value in event.items():
         if key in _SKIP or key.startswith("_"):
             continue

@@ -15,7 +15,7 @@ The certificate expiry gauge is ``tlsproxy_certificate_expiry_timestamp_seconds`
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from OpenSSL import SSL
@@ -144,9 +144,14 @@ class Metrics:
             self.handed_off,
         ]
         self._contexts: Callable[[], dict[str, Any]] = dict
+        self._upstreams: Callable[[], Iterable[Any]] = list
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)  # type: ignore[arg-type]
         ProcessCollector(registry=self.registry)
+
+    def watch_upstreams(self, states: Callable[[], Iterable[Any]]) -> None:
+        """Where to read each upstream's state from at scrape time (balancer.MemberState values)."""
+        self._upstreams = states
 
     def watch_certificates(self, contexts: Callable[[], dict[str, SSL.Context | None]]) -> None:
         """Where to read the served certificates' expiry from at scrape time."""
@@ -175,6 +180,25 @@ class Metrics:
                 former.add_metric([site], when)
         yield expiry
         yield former
+        yield from self._collect_upstreams()
+
+    def _collect_upstreams(self) -> Iterator[Any]:
+        labels = ["site", "route", "upstream"]
+        up = GaugeMetricFamily(
+            "tlsproxy_upstream_up", "1 while an upstream takes requests, 0 while it is out", labels=labels
+        )
+        busy = GaugeMetricFamily("tlsproxy_upstream_in_flight", "Requests an upstream is serving now", labels=labels)
+        failures = CounterMetricFamily(
+            "tlsproxy_upstream_failures", "Failed connects, answerless closes and failed health checks", labels=labels
+        )
+        for state in self._upstreams():
+            values = [state.site, state.route, state.url]
+            up.add_metric(values, 1 if state.up else 0)
+            busy.add_metric(values, state.in_flight)
+            failures.add_metric(values, state.failures)
+        yield up
+        yield busy
+        yield failures
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -85,22 +85,25 @@ def warnings(config: Config) -> list[str]:
     """What may be fine at start-up but worth a look: an app socket that is not there (yet)."""
     found = static_warnings(config)
     for index, site in enumerate(config.sites):
-        path = site.upstream.unix_path
-        if not path:
-            continue
-        try:
-            mode = os.stat(path).st_mode
-        except FileNotFoundError:
-            found.append(
-                f"site[{index}].upstream: {path} does not exist (yet): requests get 502 until the app"
-                " listens there (gunicorn --bind unix:PATH, or gunicorn.socket with socket activation)"
-            )
-            continue
-        except OSError as e:
-            found.append(f"site[{index}].upstream: cannot reach {path}: {e.strerror}")
-            continue
-        if not stat.S_ISSOCK(mode):
-            found.append(f"site[{index}].upstream: {path} is not a unix socket")
-        elif not os.access(path, os.R_OK | os.W_OK):
-            found.append(f"site[{index}].upstream: {_user()} may not connect to {path} (it needs write access)")
+        for path in [u.unix_path for u in site.upstreams if u.unix_path]:
+            _check_socket(found, index, path)
     return found
+
+
+def _check_socket(found: list[str], index: int, path: str) -> None:
+    """An app's unix socket that is missing, not a socket, or not ours to connect to."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        found.append(
+            f"site[{index}].upstream: {path} does not exist (yet): requests get 502 until the app"
+            " listens there (gunicorn --bind unix:PATH, or gunicorn.socket with socket activation)"
+        )
+        return
+    except OSError as e:
+        found.append(f"site[{index}].upstream: cannot reach {path}: {e.strerror}")
+        return
+    if not stat.S_ISSOCK(mode):
+        found.append(f"site[{index}].upstream: {path} is not a unix socket")
+    elif not os.access(path, os.R_OK | os.W_OK):
+        found.append(f"site[{index}].upstream: {_user()} may not connect to {path} (it needs write access)")

@@ -45,8 +45,11 @@ from tlsproxy.http.tracker import ConnectionTracker
 from tlsproxy.listening import watch_refusals, with_backlog
 from tlsproxy.logs import LogOutput
 from tlsproxy.metrics import Metrics
-from tlsproxy.proxy.accesslog import AccessLog
+from tlsproxy.proxy.accesslog import AccessLog, AccessLogFile
 from tlsproxy.proxy.handler import ProxyHandler
+from tlsproxy.proxy.health import HealthChecks
+from tlsproxy.proxy.reqbuffer import threaded
+from tlsproxy.proxyprotocol import ProxyHeaderFactory, split_description
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
 from tlsproxy.tls.tickets import TicketKeyRotation
@@ -147,6 +150,7 @@ def build_generation(
     http01: HTTP01Answers,
     alpn01: TLSALPN01Answers,
     metrics: Metrics | None,
+    access_file: AccessLogFile | None = None,
     acme_role: str = "alone",
 ) -> Generation:
     """Everything a configuration decides, ready to serve; raises on bad certificate files."""
@@ -174,14 +178,22 @@ def build_generation(
     certificates = MultiService()
     TicketKeyRotation(reactor, sni.rotate_ticket_keys, config.tls.ticket_key_rotation).setServiceParent(certificates)
     _add_certificate_services(certificates, reactor, config, sni, http01, alpn01, metrics, acme_role)
-    access_log = AccessLog(reactor) if config.server.access_log else None
+    access_log = (
+        AccessLog(reactor, file=access_file, stdout=config.server.access_log)
+        if config.server.access_log or access_file is not None
+        else None
+    )
     handler = ProxyHandler(reactor, config.sites, config.server, access_log, dev=config.dev, metrics=metrics)
+    HealthChecks(reactor, handler.groups).setServiceParent(certificates)  # runs while this generation is current
+    watcher = handler.error_pages.watcher(reactor)  # maintenance files, looked for once a second
+    if watcher is not None:
+        watcher.setServiceParent(certificates)
     for site in config.sites:
         log.info(
             "site {site}: {hosts} -> {upstream} (certificate: {source}, HSTS: {hsts})",
             site=site.name,
             hosts=", ".join(site.hosts),
-            upstream=site.upstream.url,
+            upstream=", ".join(u.url for u in site.upstreams),
             source=site.tls,
             hsts=(site.hsts.header_value() or b"off").decode(),
         )
@@ -266,7 +278,8 @@ class Listener(Service):
         super().startService()
         try:
             # A systemd: endpoint looks its socket up right here, and raises if none was passed.
-            endpoint = serverFromString(self.reactor, with_backlog(self.description))
+            # haproxy: is ours (ProxyHeaderFactory, made by the service), not Twisted's wrapper.
+            endpoint = serverFromString(self.reactor, with_backlog(split_description(self.description)[1]))
         except Exception as e:  # KeyError, IndexError, ValueError: whatever the parser met
             self.listening = fail(e)
             return
@@ -333,11 +346,16 @@ class ProxyService(MultiService):
         self.metrics = Metrics()
         self.http01 = HTTP01Answers()
         self.alpn01 = TLSALPN01Answers()
-        self.generation = build_generation(reactor, config, self.http01, self.alpn01, self.metrics, self.acme_role)
+        # The access log file outlives generations: SIGUSR1 reopens it, SIGHUP may move it.
+        self.access_file = self._access_file(config)
+        self.generation = build_generation(
+            reactor, config, self.http01, self.alpn01, self.metrics, self.access_file, acme_role=self.acme_role
+        )
         generation = self.generation
         self.metrics.watch_certificates(
             lambda: {s: self.generation.sni_map.context_of(s) for s in self.generation.sni_map.sites}
         )
+        self.metrics.watch_upstreams(lambda: [s for g in self.generation.handler.groups for s in g.states()])
 
         self.https_trackers = ConnectionTracker(self.metrics.open_connections.labels("https"))
         self.http_trackers = ConnectionTracker(self.metrics.open_connections.labels("http"))
@@ -356,8 +374,23 @@ class ProxyService(MultiService):
             AdminHandler(self, self.metrics.render), reactor, Limits(), secure=False, tracker=ConnectionTracker()
         )
         self.listeners: dict[tuple[str, str], Listener] = {}
+        self.proxy_header_factories: dict[int, ProxyHeaderFactory] = {}
         self._sync_listeners(config)
         generation.certificates.setServiceParent(self)
+
+    def _access_file(self, config: Config) -> AccessLogFile | None:
+        """The access log file ``config`` names: the open one if it is the same path (opened on first write)."""
+        path = config.server.access_log_file
+        current = getattr(self, "access_file", None)
+        if current is not None and current.path == path:
+            return current
+        return AccessLogFile(path, self.reactor, threaded(self.reactor)) if path else None
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1: reopen the access log file (logrotate has moved it)."""
+        if self.access_file is not None:
+            self.log.info("SIGUSR1: reopening {path}", path=self.access_file.path)
+            self.access_file.reopen()
 
     def _is_our_host(self, host: str) -> bool:
         return self.generation.handler.is_our_host(host)
@@ -367,12 +400,28 @@ class ProxyService(MultiService):
 
     # -- listeners -------------------------------------------------------------
 
+    def _proxied(self, config: Config, description: str, factory: Any) -> Any:
+        """``factory``, behind a PROXY protocol reader if ``description`` is haproxy:...; one per factory."""
+        if not split_description(description)[0]:
+            return factory
+        wrapper = self.proxy_header_factories.get(id(factory))
+        if wrapper is None:
+            wrapper = self.proxy_header_factories[id(factory)] = ProxyHeaderFactory(
+                factory, config.server.trusted_proxies, self.reactor, config.server.handshake_timeout
+            )
+        # SIGHUP may change who is trusted: every wrapper follows the newest configuration.
+        wrapper.trusted = tuple(config.server.trusted_proxies)
+        wrapper.timeout = config.server.handshake_timeout
+        return wrapper
+
     def _wanted(self, config: Config) -> dict[tuple[str, str], Any]:
         wanted: dict[tuple[str, str], Any] = {}
         for description in config.server.https:
-            wanted[("https", description)] = self.https_factory
+            wanted[("https", description)] = self._proxied(config, description, self.https_factory)
         for description in config.server.http:
-            wanted[("http (ACME HTTP-01, redirect to https)", description)] = self.plain_factory
+            wanted[("http (ACME HTTP-01, redirect to https)", description)] = self._proxied(
+                config, description, self.plain_factory
+            )
         if config.server.admin:
             wanted[("admin (/healthz /readyz /metrics)", config.server.admin)] = self.admin_factory
         return wanted
@@ -415,6 +464,8 @@ class ProxyService(MultiService):
         # After the reactor's own (installed while it starts): ours replace them.
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, lambda signum, frame: self.reactor.callFromThread(self.reopen_logs))
         # Twisted would re-raise SIGTERM after shutdown (exit status 143); a
         # drained, orderly stop is a success, so stop the reactor ourselves.
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -453,7 +504,13 @@ class ProxyService(MultiService):
     def _update_https_port(self) -> None:
         """Redirect to the port the first HTTPS listener really has (systemd sockets, tcp:0)."""
         for (label, _), listener in self.listeners.items():
-            if label == "https" and listener.port is not None and hasattr(listener.port.getHost(), "port"):
+            if (
+                label == "https"
+                and listener.port is not None
+                and hasattr(listener.port.getHost(), "port")
+                # Behind a load balancer, the port clients use is the balancer's.
+                and not split_description(listener.description)[0]
+            ):
                 self.plain.https_port = listener.port.getHost().port
                 break
 
@@ -480,13 +537,19 @@ class ProxyService(MultiService):
             problems = preflight.problems(config)
             if problems:
                 raise ConfigError(problems)
-            generation = build_generation(self.reactor, config, self.http01, self.alpn01, self.metrics, self.acme_role)
+            access_file = self._access_file(config)
+            generation = build_generation(
+                self.reactor, config, self.http01, self.alpn01, self.metrics, access_file, acme_role=self.acme_role
+            )
         except CANNOT_RUN as e:
             for problem in cannot_run(e):
                 self.log.error("reload refused, the running configuration stays: {problem}", problem=problem)
             return
         old = self.generation
         self.generation = generation
+        if self.access_file is not None and self.access_file is not access_file:
+            self.access_file.close()  # the path changed: what is pending goes out, then it is closed
+        self.access_file = access_file
         if self.log_output is not None:
             self.log_output.log_format = config.server.log_format
         self.creator.sni = generation.sni
@@ -500,8 +563,9 @@ class ProxyService(MultiService):
         generation.certificates.setServiceParent(self)
         started = self._sync_listeners(config)
         # Idle keep-alive connections to the old apps are closed; requests in
-        # flight keep theirs until they finish.
-        old.handler.close()
+        # flight keep theirs until they finish.  Open client connections send
+        # their next requests to the new handler, which keeps the upstreams' health.
+        old.handler.close(generation.handler)
         waiting = [
             listening.addErrback(self._cannot_listen, *key).addErrback(self._forget_listener, key)
             for key, listening in started
@@ -526,7 +590,10 @@ class ProxyService(MultiService):
         def finish(_: Any) -> Any:
             self.generation.handler.close()
             self.log.info("stopped")
-            return maybeDeferred(self.generation.certificates.stopService)
+            closing = [maybeDeferred(self.generation.certificates.stopService)]
+            if self.access_file is not None:
+                closing.append(self.access_file.close())
+            return gatherResults(closing, consumeErrors=True)
 
         return done.addBoth(finish)
 

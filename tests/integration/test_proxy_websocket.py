@@ -74,3 +74,15 @@ def test_websocket_through_a_path_route(asgi_app: App, pki: PKI, tmp_path: Path)
             rest = client.get("/whoami")
     assert routed.status_code == 404  # Django under uvicorn answered: it has no /ws/whoami (path unchanged)
     assert rest.status_code == 502  # the site's own app is down
+
+
+def test_websocket_with_a_browsers_accept_encoding(ws_proxy: Proxy) -> None:
+    """A handshake that carries Chrome's Accept-Encoding (the compressing path) still becomes a clean tunnel."""
+    uri = f"wss://localhost:{ws_proxy.port}/echo"
+    extra = {"Accept-Encoding": "gzip, deflate, br, zstd"}
+    with connect(uri, ssl=ws_proxy.pki.client_context(), open_timeout=10, additional_headers=extra, proxy=None) as ws:
+        big = "y" * 200_000  # text a compressor would shrink: it must arrive as sent
+        ws.send(big)
+        assert ws.recv(timeout=10) == big
+        ws.send(b"\x1f\x8b not gzip")
+        assert ws.recv(timeout=10) == b"\x1f\x8b not gzip"

@@ -380,7 +380,7 @@ def test_store_error_outside_the_ca_is_one_line_and_backs_off(
 
     from tlsproxy.certs.store import StoreError
 
-    def no_lock(self, timeout: float = 600.0, poll: float = 0.1):  # type: ignore[no-untyped-def]
+    def no_lock(self, timeout: float = 600.0, poll: float = 0.1, name: str = ""):  # type: ignore[no-untyped-def]
         raise StoreError(str(self.lock_path), "No space left on device", "opening the store lock")
 
     monkeypatch.setattr(CertificateStore, "locked", no_lock)

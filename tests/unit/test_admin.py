@@ -10,7 +10,8 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tlsproxy.admin import READINESS_TIMEOUT, AdminHandler
-from tlsproxy.config import Config, Server, Site, Upstream
+from tlsproxy.config import Balancing, Config, Server, Site, Upstream
+from tlsproxy.proxy.balancer import Member, UpstreamGroup
 from tlsproxy.proxy.upstream import UpstreamPool
 
 UP = Upstream(url="http://app.internal:8000", host="app.internal", port=8000)
@@ -26,7 +27,9 @@ class ReadinessTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         self.pool = UpstreamPool(self.reactor, UP, connect_timeout=30.0)
         config = Config(server=Server(), sites=(Site(hosts=("shop.example",), upstream=UP),))
-        generation = SimpleNamespace(config=config, sni_map=_Sites(), handler=SimpleNamespace(pools=[self.pool]))
+        group = UpstreamGroup(self.reactor, [Member(UP, self.pool)], Balancing(), "shop.example")
+        handler = SimpleNamespace(pools=[self.pool], groups=[group])
+        generation = SimpleNamespace(config=config, sni_map=_Sites(), handler=handler)
         service = SimpleNamespace(ready=True, generation=generation, reactor=self.reactor)
         self.admin = AdminHandler(service, lambda: b"")
 
@@ -83,3 +86,27 @@ class ReadinessTests(SynchronousTestCase):
         self.assertEqual(len(problems), 1)
         self.assertIn("without answering", problems[0])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class StoreNoteTests(SynchronousTestCase):
+    def _answer(self, store_problem: str | None) -> bytes:
+        config = Config(server=Server(), sites=(Site(hosts=("shop.example",), upstream=UP),))
+        certificates = [SimpleNamespace(store_problem=store_problem), SimpleNamespace()]
+        generation = SimpleNamespace(
+            config=config, sni_map=_Sites(), handler=SimpleNamespace(groups=[]), certificates=certificates
+        )
+        admin = AdminHandler(SimpleNamespace(ready=True, generation=generation), lambda: b"")
+        sent: list[tuple[int, bytes]] = []
+        admin._send = lambda exchange, status, body, *a: sent.append((status, body))  # type: ignore[method-assign]
+        admin._ready(SimpleNamespace(), self.successResultOf(admin.readiness()))  # type: ignore[arg-type]
+        return b"%d " % sent[0][0] + sent[0][1]
+
+    def test_unreachable_store_is_said_but_stays_ready(self) -> None:
+        """/readyz stays 200 while the shared store is unreachable, and its answer says so."""
+        answer = self._answer("store redis redis://:***@r:6379/0: unreachable (refused)")
+        self.assertTrue(answer.startswith(b"200 ready\n"))
+        self.assertIn(b"note: store redis redis://:***@r:6379/0: unreachable (refused)", answer)
+
+    def test_reachable_store_says_nothing(self) -> None:
+        """With the store reachable (or no shared store) /readyz answers a plain "ready"."""
+        self.assertEqual(self._answer(None), b"200 ready\n")

@@ -16,7 +16,7 @@ from tests.unit.test_tls_sessions import TLS12, TLS13, Sessions, reused
 from tlsproxy.http.negotiate import NegotiatingFactory
 from tlsproxy.http.server import Limits
 from tlsproxy.metrics import Metrics
-from tlsproxy.tls.handoff import Handoff, HandoffReceiver, owner_of
+from tlsproxy.tls.handoff import Handoff, HandoffReceiver, movable_transport, owner_of
 from tlsproxy.tls.hello import ClientHello
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniServer
@@ -119,7 +119,7 @@ class HandoffSocketTests(SynchronousTestCase):
         for s in (self.receive, self.send, self.client, self.accepted):
             self.addCleanup(s.close)
         self.counter = Metrics().handed_off
-        self.handoff = Handoff(0, {1: self.send}, self.counter)
+        self.handoff = Handoff(0, {1: self.send}, self.counter, movable=lambda transport: True)
         self.handoff.update({0: [b"A" * 16], 1: [b"B" * 16]})
 
     def protocol(self) -> Any:
@@ -193,12 +193,18 @@ class HandoffSocketTests(SynchronousTestCase):
         receiver.doRead()  # nothing more waiting: returns
         self.assertEqual(len(built), 1)
 
-    def test_proxy_protocol_connections_stay(self) -> None:
-        """A connection behind a PROXY protocol wrapper is never moved: its client address would be lost."""
-        from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+    def test_only_plain_tcp_connections_move(self) -> None:
+        """A TCP connection moves; one behind a PROXY header (a wrapped transport) never: its address would be lost."""
+        from twisted.internet import tcp
+        from twisted.internet.testing import MemoryReactor
 
-        wrapper = ProtocolWrapper(WrappingFactory(None), None)  # type: ignore[arg-type]
-        wrapper.transport = FakeTransport(self.accepted)  # type: ignore[assignment]
-        protocol = SimpleNamespace(transport=wrapper)
-        self.assertFalse(self.handoff(protocol, ClientHello("x", (b"B" * 16 + b"t",)), b"x"))
-        self.assertFalse(wrapper.transport.lost)  # type: ignore[attr-defined]
+        from tlsproxy.proxyprotocol import ProxiedTransport
+
+        connection = tcp.Server(self.accepted, None, ("127.0.0.1", 1), None, 1, MemoryReactor())  # type: ignore[arg-type]
+        self.assertTrue(movable_transport(connection))
+        self.assertFalse(movable_transport(ProxiedTransport(connection, None, None)))
+        self.assertFalse(movable_transport(FakeTransport(self.accepted)))
+        handoff = Handoff(0, {1: self.send})
+        handoff.update({1: [b"B" * 16]})
+        wrapped = SimpleNamespace(transport=ProxiedTransport(connection, None, None))
+        self.assertFalse(handoff(wrapped, ClientHello("x", (b"B" * 16 + b"t",)), b"x"))

@@ -25,6 +25,8 @@ LAYERS: dict[str, int] = {
     "deadline": 1,
     "eventloop": 1,
     "listening": 1,
+    # PROXY protocol headers, read before TLS or HTTP on a haproxy: listener.
+    "proxyprotocol": 1,
     # Certificates as values, their store on disk, and the challenge tables
     # through which the issuer (acme) hands answers to the listeners (tls, http).
     "certs": 2,
@@ -48,6 +50,7 @@ LAYERS: dict[str, int] = {
     "logs": 8,
     "metrics": 8,
     "preflight": 8,
+    "passwd": 8,
     "tap": 8,
     "workers": 8,
 }

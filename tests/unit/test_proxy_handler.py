@@ -296,7 +296,7 @@ class Records:
     def __init__(self) -> None:
         self.lines: list[tuple[int, int]] = []
 
-    def log(self, exchange: Any, status: int, size: int) -> None:
+    def log(self, exchange: Any, status: int, size: int, *fields: Any) -> None:
         self.lines.append((status, size))
 
 

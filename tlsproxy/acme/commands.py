@@ -1,7 +1,8 @@
-"""``tlsproxy certs | renew | revoke | account rollover``: synchronous, on state_dir directly.
+"""``tlsproxy certs | renew | revoke | account rollover``: synchronous, on the store directly.
 
-No reactor runs here.  Results land in the store, where a running proxy sees
-them (stat polling) and swaps them in.  To be validated while a proxy holds
+No reactor runs here.  Results land in the store (state_dir, or the fleet's
+Redis with ``[store] url``), where every running proxy sees them (stat
+polling; Redis: its news channel, and polling) and swaps them in.  To be validated while a proxy holds
 ports 80/443, challenge answers are published in the store
 (``challenges/``), which the running proxy serves; the CA is told to look once
 the proxy's listeners answer with them (:mod:`tlsproxy.acme.selfcheck`).
@@ -15,23 +16,24 @@ from typing import TextIO
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tlsproxy.acme.client import REVOCATION_REASONS, AcmeError, CertificateAuthority, account_key_pem
+from tlsproxy.acme.client import REVOCATION_REASONS, AcmeError, CertificateAuthority
 from tlsproxy.acme.issuer import ChallengeResponder, Outcome, StoreResponder, renew_site, window_of
 from tlsproxy.acme.scheduler import renewal_time
 from tlsproxy.acme.selfcheck import ListenerCheck
 from tlsproxy.acme.service import default_ca_factory, site_request
+from tlsproxy.acme.storage import open_store
 from tlsproxy.certs.model import CertificateError, CertifiedKey
-from tlsproxy.certs.store import CertificateStore, StoreError, atomic_write, read_certificate_files
+from tlsproxy.certs.store import SiteMeta, Store, StoreError, StoreUnavailable, read_certificate_files
 from tlsproxy.config import Config, Site
 
-CAFactory = Callable[[Config, CertificateStore], CertificateAuthority]
+CAFactory = Callable[[Config, Store], CertificateAuthority]
 
 
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _store_responder(config: Config, store: CertificateStore, out: TextIO) -> StoreResponder:
+def _store_responder(config: Config, store: Store, out: TextIO) -> StoreResponder:
     """Answers for the running proxy to serve; the CA is asked once the proxy's listeners serve them."""
     check = ListenerCheck(config.server.http, config.server.https)
     return StoreResponder(store, check=check, say=lambda message: out.write(f"note: {message}\n"))
@@ -68,8 +70,11 @@ def certs(config: Config, out: TextIO, *, local_issuer: Callable[[], str]) -> in
     ``local_issuer()`` describes the dev CA behind ``tls = "local"`` sites; the
     command line passes it in, so this module needs no dev CA of its own.
     """
-    store = CertificateStore(config.server.state_dir)
+    store = open_store(config)
     now = _now()
+    if store.shared:
+        out.write(f"store: {store.describe()}\n")
+    unreachable = False
     for site in config.sites:
         if site.tls == "local":
             _local_site(site, out, local_issuer())
@@ -83,8 +88,12 @@ def certs(config: Config, out: TextIO, *, local_issuer: Callable[[], str]) -> in
                 certified = read_certificate_files(site.cert, site.key)
                 next_renewal = "by whoever writes the files"
             else:
-                meta = store.load_meta(site.name)
-                certified = store.load_certificate(site.name)
+                try:
+                    meta = store.load_meta(site.name)
+                    certified = store.load_certificate(site.name)
+                except StoreUnavailable:
+                    unreachable = True
+                    meta, certified = _local_copy(store, site.name)
                 last_error = meta.last_error
                 if meta.failures and meta.next_attempt is not None:
                     next_renewal = f"{_when(meta.next_attempt)} (retry {meta.failures})"
@@ -107,7 +116,19 @@ def certs(config: Config, out: TextIO, *, local_issuer: Callable[[], str]) -> in
             out.write(f"  certificate:  {problem or 'none yet'}\n")
         out.write(f"  next renewal: {next_renewal}\n")
         out.write(f"  last error:   {last_error or '-'}\n")
+    if unreachable:
+        out.write(
+            f"store: UNREACHABLE: {store.problem() or 'no answer'}\n"
+            "  (shown: this machine's copy in state_dir; renewals wait until the store is back)\n"
+        )
+        return 1
     return 0
+
+
+def _local_copy(store: Store, name: str) -> tuple[SiteMeta, CertifiedKey | None]:
+    """What this machine kept of a shared store's site: what it serves while the store is unreachable."""
+    local = store.offline()
+    return local.load_meta(name), local.load_certificate(name)
 
 
 def _report(outcome: Outcome, out: TextIO, site: Site, err: TextIO) -> int:
@@ -139,7 +160,7 @@ def renew(
     site = _find_site(config, name, err, want_acme=True)
     if site is None:
         return 2
-    store = CertificateStore(config.server.state_dir)
+    store = open_store(config)
     try:
         ca = ca_factory(config, store)
         outcome = renew_site(
@@ -169,7 +190,7 @@ def revoke(
     site = _find_site(config, name, err, want_acme=True)
     if site is None:
         return 2
-    store = CertificateStore(config.server.state_dir)
+    store = open_store(config)
     try:
         current = store.load_certificate(site.name)
     except CertificateError as e:
@@ -200,24 +221,23 @@ def account_rollover(
 ) -> int:
     """Replace the account key (RFC 8555 key change); the account and its certificates stay."""
     err = err or out
-    store = CertificateStore(config.server.state_dir)
-    if store.load_account_key() is None:
-        err.write(f"error: no ACME account in {store.root} yet (it is made with the first certificate)\n")
-        return 1
+    store = open_store(config)
     try:
+        if store.load_account_key() is None:
+            err.write(f"error: no ACME account in {store.describe()} yet (it is made with the first certificate)\n")
+            return 1
         ca = ca_factory(config, store)
         url = ca.account()
         new_key = ec.generate_private_key(ec.SECP256R1())
-        pending = store.account_dir / "key.next.pem"
-        with store.locked():
+        with store.locked(name="account"):
             # Kept beside the old key until the CA has switched, so a crash loses neither.
-            atomic_write(pending, account_key_pem(new_key), 0o600)
+            store.stage_account_key(new_key)
             ca.rollover(new_key)
             store.save_account_key(new_key)
-            pending.unlink()
+            store.stage_account_key(None)
             store.save_registration(config.acme.directory_url, url)
     except (AcmeError, StoreError) as e:
         err.write(f"error: account key rollover: {e}\n")
         return 1
-    out.write(f"account {url}: key replaced (ECDSA P-256), saved in {store.account_key_path}\n")
+    out.write(f"account {url}: key replaced (ECDSA P-256), saved in {store.describe()}\n")
     return 0

@@ -28,7 +28,7 @@ from tlsproxy.acme.scheduler import CertificateState, RenewalPolicy, Window, bac
 from tlsproxy.acme.selfcheck import Answer
 from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.certs.model import CertificateError, CertifiedKey, PrivateKey
-from tlsproxy.certs.store import CertificateStore, SiteMeta, StoreError
+from tlsproxy.certs.store import SiteMeta, Store, StoreError
 
 log = Logger()
 
@@ -84,6 +84,40 @@ class TableResponder:
         pass
 
 
+class FleetResponder:
+    """Answers served by this process's listeners and, through the shared store, by every instance's.
+
+    The CA may validate through any instance of a fleet (a load balancer picks
+    one): each reads the store's answers when told of a change (pub/sub) and
+    every poll, so :meth:`ready` waits ``settle`` seconds, a poll and then some,
+    before the CA is told to look.
+    """
+
+    def __init__(
+        self, here: ChallengeResponder, store: Store, settle: float, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self.here = here
+        self.store = store
+        self.settle = settle
+        self._sleep = sleep
+
+    def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
+        self.here.publish(kind, host, token, key_authorization)
+        self.store.publish_challenge(kind, token if kind == "http-01" else host, key_authorization)
+
+    def withdraw(self, kind: str, host: str, token: str) -> None:
+        self.here.withdraw(kind, host, token)
+        try:
+            self.store.withdraw_challenge(kind, token if kind == "http-01" else host)
+        except StoreError as e:  # the store forgets it by itself (a TTL); the order's own outcome matters more
+            log.warn("cannot withdraw a challenge answer from the store: {error}", error=str(e))
+
+    def ready(self) -> None:
+        self.here.ready()
+        if self.settle > 0:
+            self._sleep(self.settle)
+
+
 class StoreResponder:
     """Answers written to the store for a running proxy to serve (the command line's way).
 
@@ -99,7 +133,7 @@ class StoreResponder:
 
     def __init__(
         self,
-        store: CertificateStore,
+        store: Store,
         settle: float = 3.0,
         sleep: Callable[[float], None] = time.sleep,
         *,
@@ -378,9 +412,7 @@ def state_of(meta: SiteMeta, certified: CertifiedKey | None) -> CertificateState
     )
 
 
-def load_usable(
-    store: CertificateStore, name: str, hosts: Sequence[str], now: datetime.datetime
-) -> CertifiedKey | None:
+def load_usable(store: Store, name: str, hosts: Sequence[str], now: datetime.datetime) -> CertifiedKey | None:
     """The stored certificate if it parses, matches its key, covers ``hosts`` and has not expired."""
     try:
         certified = store.load_certificate(name)
@@ -416,7 +448,7 @@ def _refresh_ari(ca: CertificateAuthority, meta: SiteMeta, certified: CertifiedK
 
 
 def _failed(
-    store: CertificateStore,
+    store: Store,
     request: SiteRequest,
     meta: SiteMeta,
     current: CertifiedKey | None,
@@ -446,7 +478,7 @@ def _failed(
 
 
 def renew_site(
-    store: CertificateStore,
+    store: Store,
     ca: CertificateAuthority,
     request: SiteRequest,
     responder: ChallengeResponder,
@@ -464,7 +496,8 @@ def renew_site(
     full disk): it is stored now instead of ordering again, which would spend
     the CA's duplicate-certificate limit.
     """
-    with store.locked(timeout=lock_timeout):
+    # One lock per certificate: across a fleet, one order for it at a time.
+    with store.locked(timeout=lock_timeout, name=request.name):
         store.tidy(request.name)  # what an interrupted write left behind
         at = now()
         meta = store.load_meta(request.name)
@@ -527,7 +560,7 @@ def check_issued(certified: CertifiedKey, hosts: Sequence[str], at: datetime.dat
 
 
 def _store_issued(
-    store: CertificateStore,
+    store: Store,
     request: SiteRequest,
     meta: SiteMeta,
     certified: CertifiedKey,

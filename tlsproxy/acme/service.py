@@ -45,6 +45,7 @@ from tlsproxy.acme.alpn01 import challenge_context
 from tlsproxy.acme.client import AcmeClient, AcmeError, CertificateAuthority
 from tlsproxy.acme.issuer import (
     ChallengeResponder,
+    FleetResponder,
     Outcome,
     SharedResponder,
     SiteRequest,
@@ -53,20 +54,21 @@ from tlsproxy.acme.issuer import (
     renew_site,
 )
 from tlsproxy.acme.scheduler import RenewalPolicy, backoff_delay, next_check
+from tlsproxy.acme.storage import open_store
 from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers, is_valid_token
 from tlsproxy.certs.model import CertificateError, CertifiedKey
-from tlsproxy.certs.store import CertificateStore, FileSignature, StoreError, read_certificate_files
+from tlsproxy.certs.store import FileSignature, Store, StoreError, read_certificate_files
 from tlsproxy.config import Config, Site
 
 RunInThread = Callable[..., "Deferred[Any]"]
 IN_REACTOR_PATIENCE = 10.0
 
 
-def default_ca_factory(config: Config, store: CertificateStore) -> CertificateAuthority:
+def default_ca_factory(config: Config, store: Store) -> CertificateAuthority:
     """An AcmeClient for ``config.acme`` with the store's account (blocking: call in a thread)."""
     acme = config.acme
     directory = acme.directory_url
-    with store.locked():
+    with store.locked(name="account"):  # one account key for the whole fleet
         key = store.account_key()
     return AcmeClient(
         directory,
@@ -131,6 +133,7 @@ class _Scan:
     files: tuple[_Read, ...] = ()
     http01: dict[str, str] | None = None
     alpn01: dict[str, tuple[str, Any]] | None = None  # host -> (key authorization, context)
+    store_problem: str | None = None  # why a shared store could not be read (its last answer)
 
 
 class CertificateService(Service):
@@ -147,12 +150,14 @@ class CertificateService(Service):
         alpn01: TLSALPN01Answers,
         *,
         run_in_thread: RunInThread | None = None,
-        ca_factory: Callable[[Config, CertificateStore], CertificateAuthority] = default_ca_factory,
+        ca_factory: Callable[[Config, Store], CertificateAuthority] = default_ca_factory,
         policy: RenewalPolicy = RenewalPolicy(),
         poll_interval: float = 2.0,
         rng: random.Random | None = None,
         metrics: Any = None,
         in_reactor: Callable[..., Any] | None = None,
+        store: Store | None = None,
+        fleet_settle: float | None = None,
         role: str = "alone",
     ) -> None:
         # "alone": the only process; with [server] workers, "issuer" (worker 0) orders
@@ -164,7 +169,12 @@ class CertificateService(Service):
         self.sni = sni
         self.http01 = http01
         self.alpn01 = alpn01
-        self.store = CertificateStore(config.server.state_dir)
+        self.store = store if store is not None else open_store(config)
+        self.store_problem: str | None = None  # what /readyz and the log say while a shared store is unreachable
+        self._unwatch: Callable[[], None] | None = None
+        self._scan_again = False
+        # How long an order waits for the fleet's other instances to read its answers: news, then a poll or two.
+        self.fleet_settle = 2 * poll_interval + 1 if fleet_settle is None else fleet_settle
         self.policy = policy
         self.poll_interval = poll_interval
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
@@ -179,7 +189,7 @@ class CertificateService(Service):
         self._scanned_at_start = False
         self._ca_factory = ca_factory
         self._ca: CertificateAuthority | None = None
-        self._ca_account = FileSignature()
+        self._ca_account: Any = None
         self._jobs = DeferredLock()
         self._acme = {s.name: _Watch(s, rand=self._rng.random()) for s in config.sites if s.tls == "acme"}
         self._files = {s.name: _Watch(s) for s in config.sites if s.tls == "files"}
@@ -234,9 +244,13 @@ class CertificateService(Service):
         now = self.now()
         # Read at once, not in a thread: a reload swaps in the new SNI map before
         # starting us, and it must not go without its certificates for a moment.
+        # A shared store is read in the first poll's thread; this reads this
+        # machine's copy of it (local files only, never the network).
         for watch in self._files.values():
             watch.signature = FileSignature()  # (re)load once: installs if the lead has not
-        self._apply(self._scan_blocking(self._wanted(), None), now)
+        self._apply(self._scan_blocking(self._wanted(), None, self.store.offline()), now)
+        if self._acme and self.store.shared:
+            self._unwatch = self.store.watch(self._news)
         self._scanned_at_start = True
         if self.role != "watcher":
             for watch in self._acme.values():
@@ -247,6 +261,9 @@ class CertificateService(Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
@@ -257,8 +274,8 @@ class CertificateService(Service):
         # The first tick comes straight after the scan startService made: no second one
         # (it would start the thread pool while the process is still starting).
         fresh, self._scanned_at_start = self._scanned_at_start, False
-        if not fresh:
-            self.scan()
+        if not fresh or self.store.shared:
+            self._scan()
         now = self.now()
         for watch in self._acme.values():
             if not watch.busy and watch.next_check is not None and now >= watch.next_check:
@@ -266,17 +283,53 @@ class CertificateService(Service):
 
     def scan(self) -> None:
         """Look at the store and the watched files now (a worker told that another one renewed)."""
+        self._scan(follow=True)
+
+    def _scan(self, follow: bool = False) -> None:
+        """Read the store in a thread, one scan at a time.
+
+        A poll during a scan is skipped; news during one (``follow``) gets
+        another scan right after, since the running one may have read too early.
+        """
         if self._scanning:
+            self._scan_again = self._scan_again or follow
             return
         self._scanning = True
+        self._scan_again = False
         alpn = dict(self._store_alpn) if self._acme else None
         d = self._run(self._scan_blocking, self._wanted(), alpn)
         d.addCallback(lambda scan: self._apply(scan, self.now()) if self.running else None)
-        d.addErrback(lambda f: self.log.failure("polling the certificate files failed", f))
+        d.addErrback(self._scan_failed)
         d.addBoth(self._scanned)
+
+    def _scan_failed(self, failure: Failure) -> None:
+        if failure.check(StoreError):  # a shared store that refuses us (a wrong password): one line
+            self._note_store(f"store {self.store.describe()}: {failure.value}")
+            return
+        self.log.failure("polling the certificate files failed", failure)
 
     def _scanned(self, _: Any) -> None:
         self._scanning = False
+        if self._scan_again and self.running:
+            self._scan()
+
+    def _news(self) -> None:
+        """Another instance changed the shared store (called from the subscriber's thread)."""
+        self.reactor.callFromThread(self._poke)
+
+    def _poke(self) -> None:
+        if self.running:
+            self._scan(follow=True)
+
+    def _note_store(self, problem: str | None) -> None:
+        """Say once when the shared store becomes unreachable and when it is back."""
+        if problem == self.store_problem:
+            return
+        if problem:
+            self.log.error("{problem}; serving the certificates we have, renewals wait for the store", problem=problem)
+        else:
+            self.log.info("store {store} reachable again", store=self.store.describe())
+        self.store_problem = problem
 
     def _wanted(self) -> tuple[dict[str, FileSignature], dict[str, tuple[str, str, FileSignature]]]:
         """What a scan compares against: the signatures last seen (plain values, safe to hand to a thread)."""
@@ -288,19 +341,21 @@ class CertificateService(Service):
         self,
         wanted: tuple[dict[str, FileSignature], dict[str, tuple[str, str, FileSignature]]],
         alpn: dict[str, str] | None,
+        store: Store | None = None,
     ) -> _Scan:
         """stat every watched file, read the changed ones and the published challenges (blocking)."""
+        store = store or self.store
         acme, files = wanted
         acme_reads = []
         for name, seen in acme.items():
-            signature = self.store.signature(name)
+            signature = store.signature(name)
             if signature == seen:
                 continue
             if not signature.complete:
                 acme_reads.append(_Read(name, signature))
                 continue
             try:
-                certified = self.store.load_certificate(name)
+                certified = store.load_certificate(name)
             except CertificateError as e:
                 acme_reads.append(_Read(name, signature, problem=e.reason))
             except OSError as e:
@@ -319,13 +374,17 @@ class CertificateService(Service):
             except OSError as e:
                 file_reads.append(_Read(name, signature, problem=e.strerror or str(e)))
         if alpn is None:
-            return _Scan(tuple(acme_reads), tuple(file_reads))
-        http = {t: k for t, k in self.store.challenges("http-01").items() if is_valid_token(t)}
+            return _Scan(tuple(acme_reads), tuple(file_reads), store_problem=store.problem())
+        try:
+            http = {t: k for t, k in store.challenges("http-01").items() if is_valid_token(t)}
+            published = store.challenges("tls-alpn-01")
+        except StoreError:  # unreachable: the answers served stay as they are
+            return _Scan(tuple(acme_reads), tuple(file_reads), store_problem=store.problem())
         contexts: dict[str, tuple[str, Any]] = {}
-        for host, keyauth in self.store.challenges("tls-alpn-01").items():
+        for host, keyauth in published.items():
             # A new answer for the same host (a retry) gets a new certificate; made here, not on the reactor.
             contexts[host] = (keyauth, None if alpn.get(host) == keyauth else challenge_context(host, keyauth))
-        return _Scan(tuple(acme_reads), tuple(file_reads), http, contexts)
+        return _Scan(tuple(acme_reads), tuple(file_reads), http, contexts, store_problem=store.problem())
 
     def _apply(self, scan: _Scan, now: datetime.datetime) -> None:
         """Swap in what a scan found (reactor thread)."""
@@ -339,6 +398,8 @@ class CertificateService(Service):
                 self._apply_files(watch, read, now)
         if scan.http01 is not None and scan.alpn01 is not None:
             self._apply_challenges(scan.http01, scan.alpn01)
+        if self._acme:
+            self._note_store(scan.store_problem)
 
     def _install(self, watch: _Watch, certified: CertifiedKey, origin: str) -> bool:
         """Serve ``certified`` for the watch's site; False if it is what is served already."""
@@ -413,11 +474,11 @@ class CertificateService(Service):
     # -- renewal checks --------------------------------------------------------
 
     def _check_blocking(self, watch: _Watch) -> Outcome:
-        account = FileSignature.of(self.store.account_key_path, self.store.registrations_path)
+        account = self.store.account_signature()
         if self._ca is None or account != self._ca_account:
             # first use, or `tlsproxy account rollover` changed the key: start afresh
             self._ca = self._ca_factory(self.config, self.store)
-            self._ca_account = FileSignature.of(self.store.account_key_path, self.store.registrations_path)
+            self._ca_account = self.store.account_signature()
         return renew_site(
             self.store,
             self._ca,
@@ -431,8 +492,12 @@ class CertificateService(Service):
 
     def _responder(self) -> ChallengeResponder:
         table = TableResponder(self.http01, self.alpn01, self._in_reactor)
+        if self.store.shared:
+            # The CA may reach any instance: every one serves the answers it reads from the store.
+            return FleetResponder(table, self.store, settle=self.fleet_settle)
         if self.role != "issuer":
             return table
+        # [server] workers: the other workers read the answers from the state directory.
         announce = (lambda: self._in_reactor(self.published)) if self.published is not None else (lambda: None)
         return SharedResponder(table, StoreResponder(self.store, settle=self.challenge_settle), announce)
 

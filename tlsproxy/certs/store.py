@@ -8,7 +8,9 @@ state directory all read and write here; each reader notices others' writes by
       lock                              flock(2) held while ordering or changing the account
       account/                          0700
         key.pem                         0600  account key, ECDSA P-256, PKCS#8
+        key.next.pem                    0600  a rollover's next key, until the CA has switched
         registrations.json              0600  {directory URL: account URL}
+      ticket-keys.json                  0600  session ticket keys shared by this machine's processes
       certs/<site name>/                0700  site name = the site's first host
         current -> v-<id>               symlink to the version in use, swapped in one rename
         v-<id>/                         0700  one certificate, never changed once linked
@@ -35,6 +37,10 @@ The first layout kept ``key.pem`` and ``fullchain.pem`` as plain files in the
 site directory; such a site is read as it is and moved to a version on its next
 write, after which the two names are symlinks into ``current``.
 
+:class:`Store` is the interface this directory and the fleet's Redis
+(:mod:`tlsproxy.certs.redis_store`) both implement; the Redis store keeps its
+local copy of the certificates in this same layout.
+
 Nothing here imports ``twisted.internet``: the blocking calls are made from
 threads (the service) or directly (the command line).
 """
@@ -51,16 +57,17 @@ import secrets
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Hashable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tlsproxy.certs.model import CertificateError, CertifiedKey
+from tlsproxy.certs.ticketkeys import TicketKeys
 
 _SAFE_NAME = re.compile(r"\A[a-z0-9*][a-z0-9.*-]{0,252}\Z")
 
@@ -87,6 +94,10 @@ def _failing_as_store_error(action: str, path: str | Path) -> Iterator[None]:
 
 class LockTimeout(StoreError):
     """Another process held the store lock for longer than we would wait."""
+
+
+class StoreUnavailable(StoreError):
+    """A shared store cannot be reached now (down, or the network is); what we hold keeps serving."""
 
 
 def _iso(when: datetime.datetime | None) -> str | None:
@@ -187,7 +198,7 @@ class SiteMeta:
 class FileSignature:
     """What ``stat`` says about a set of files; a change means "read again"."""
 
-    parts: tuple[tuple[int, int, int] | None, ...] = field(default=())
+    parts: tuple[Hashable | None, ...] = field(default=())
 
     @classmethod
     def of(cls, *paths: str | Path) -> FileSignature:
@@ -267,11 +278,114 @@ KEY_NAME = "key.pem"
 CHAIN_NAME = "fullchain.pem"
 
 
+class Store(Protocol):
+    """Where certificates, their keys, the ACME account, challenge answers and ticket keys live.
+
+    The seam between the issuer (and the commands) and what holds their state:
+    :class:`CertificateStore` (one directory, one machine) and
+    :class:`tlsproxy.certs.redis_store.RedisStore` (a fleet) implement it, and
+    tests/unit/test_store_contract.py runs the same tests against both.  Every
+    method may block: call them from a thread, never from the reactor.
+    """
+
+    # True when other machines share it: their listeners answer challenges from
+    # it, so an order publishes its answers here and gives them time to be read.
+    shared: bool
+
+    def describe(self) -> str:
+        """Where the store is, for messages (never a password)."""
+        ...
+
+    def ensure(self) -> None: ...
+
+    def problem(self) -> str | None:
+        """Why the store could not be used the last time we tried, or None (no I/O)."""
+        ...
+
+    def locked(self, timeout: float = 600.0, *, name: str = "") -> AbstractContextManager[None]:
+        """Hold the lock called ``name`` (a site, "account"; "" the whole store); LockTimeout after ``timeout``."""
+        ...
+
+    def offline(self) -> Store:
+        """What this process keeps on its own disk: read at start, and while a shared store is unreachable."""
+        ...
+
+    def watch(self, changed: Callable[[], None]) -> Callable[[], None]:
+        """Call ``changed`` (from any thread) soon after another writer changes the store; returns "stop"."""
+        ...
+
+    # the ACME account
+    def load_account_key(self) -> ec.EllipticCurvePrivateKey | None: ...
+    def save_account_key(self, key: ec.EllipticCurvePrivateKey) -> None: ...
+    def account_key(self) -> ec.EllipticCurvePrivateKey: ...
+    def stage_account_key(self, key: ec.EllipticCurvePrivateKey | None) -> None:
+        """Keep a rollover's next key beside the current one until the CA has switched (None: forget it)."""
+        ...
+
+    def load_staged_account_key(self) -> ec.EllipticCurvePrivateKey | None: ...
+    def registrations(self) -> dict[str, str]: ...
+    def registration(self, directory_url: str) -> str | None: ...
+    def save_registration(self, directory_url: str, account_url: str | None) -> None: ...
+    def account_signature(self) -> Hashable:
+        """Changes when the account key or its registrations change (a rollover elsewhere)."""
+        ...
+
+    # certificates and their renewal state
+    def load_meta(self, name: str) -> SiteMeta: ...
+    def save_meta(self, name: str, meta: SiteMeta) -> None: ...
+    def load_certificate(self, name: str) -> CertifiedKey | None: ...
+    def save_certificate(self, name: str, certified: CertifiedKey, meta: SiteMeta) -> SiteMeta: ...
+    def tidy(self, name: str) -> None: ...
+    def signature(self, name: str) -> FileSignature:
+        """Changes when any writer replaces the site's key and chain; ``complete`` when there is a pair."""
+        ...
+
+    # challenge answers every listener serves
+    def publish_challenge(self, kind: str, name: str, key_authorization: str) -> None: ...
+    def withdraw_challenge(self, kind: str, name: str) -> None: ...
+    def challenges(self, kind: str) -> dict[str, str]: ...
+
+    # session ticket keys shared by every process that serves the same sites
+    def load_ticket_keys(self) -> TicketKeys | None: ...
+    def save_ticket_keys(self, keys: TicketKeys) -> None: ...
+
+
+def _load_ec_key(data: bytes, where: str) -> ec.EllipticCurvePrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except ValueError:
+        raise StoreError(where, "the account key cannot be read (not an unencrypted PEM key)") from None
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise StoreError(where, "the account key is not an ECDSA key")
+    return key
+
+
+def _ec_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
 class CertificateStore:
     """The state directory, read and written by path; see the module docstring."""
 
+    shared = False
+
     def __init__(self, state_dir: str | Path) -> None:
         self.root = Path(state_dir)
+
+    def describe(self) -> str:
+        return f"directory {self.root}"
+
+    def problem(self) -> str | None:
+        return None
+
+    def offline(self) -> CertificateStore:
+        return self
+
+    def watch(self, changed: Callable[[], None]) -> Callable[[], None]:
+        """Nothing to subscribe to: the service's stat polling sees other writers."""
+        return lambda: None
 
     # -- layout (pure) ---------------------------------------------------------
 
@@ -348,9 +462,21 @@ class CertificateStore:
         except OSError:
             pass
 
+    @property
+    def staged_account_key_path(self) -> Path:
+        return self.account_dir / "key.next.pem"
+
+    @property
+    def ticket_keys_path(self) -> Path:
+        return self.root / "ticket-keys.json"
+
     @contextmanager
-    def locked(self, timeout: float = 600.0, poll: float = 0.1) -> Iterator[None]:
-        """Hold the store lock; another process that holds it is waited for."""
+    def locked(self, timeout: float = 600.0, poll: float = 0.1, *, name: str = "") -> Iterator[None]:
+        """Hold the store lock; another process that holds it is waited for.
+
+        One lock for the whole directory, whatever ``name``: one machine's
+        writers are few, and one lock cannot deadlock with another.
+        """
         self.ensure()
         with _failing_as_store_error("opening the store lock", self.lock_path):
             fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -382,18 +508,34 @@ class CertificateStore:
             data = self.account_key_path.read_bytes()
         except FileNotFoundError:
             return None
-        key = serialization.load_pem_private_key(data, password=None)
-        if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise StoreError(str(self.account_key_path), "the account key is not an ECDSA key")
-        return key
+        return _load_ec_key(data, str(self.account_key_path))
 
     def save_account_key(self, key: ec.EllipticCurvePrivateKey) -> None:
         self._ensure_dir(self.account_dir)
-        pem = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
         with _failing_as_store_error("saving the account key", self.account_key_path):
-            atomic_write(self.account_key_path, pem, 0o600)
+            atomic_write(self.account_key_path, _ec_pem(key), 0o600)
+
+    def stage_account_key(self, key: ec.EllipticCurvePrivateKey | None) -> None:
+        path = self.staged_account_key_path
+        if key is None:
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+            return
+        self._ensure_dir(self.account_dir)
+        with _failing_as_store_error("keeping the next account key", path):
+            atomic_write(path, _ec_pem(key), 0o600)
+
+    def load_staged_account_key(self) -> ec.EllipticCurvePrivateKey | None:
+        try:
+            data = self.staged_account_key_path.read_bytes()
+        except FileNotFoundError:
+            return None
+        return _load_ec_key(data, str(self.staged_account_key_path))
+
+    def account_signature(self) -> Hashable:
+        return FileSignature.of(self.account_key_path, self.registrations_path)
 
     def account_key(self) -> ec.EllipticCurvePrivateKey:
         """The account key, made (ECDSA P-256) and saved the first time it is asked for."""
@@ -595,6 +737,22 @@ class CertificateStore:
                 continue
         return out
 
+    # -- session ticket keys ----------------------------------------------------------
+
+    def load_ticket_keys(self) -> TicketKeys | None:
+        try:
+            text = self.ticket_keys_path.read_text()
+        except FileNotFoundError:
+            return None
+        except (OSError, UnicodeDecodeError) as e:
+            raise StoreError(str(self.ticket_keys_path), str(e), "reading the session ticket keys") from None
+        return TicketKeys.from_json(text)
+
+    def save_ticket_keys(self, keys: TicketKeys) -> None:
+        self.ensure()
+        with _failing_as_store_error("saving the session ticket keys", self.ticket_keys_path):
+            atomic_write(self.ticket_keys_path, keys.to_json().encode(), 0o600)
+
 
 def read_certificate_files(cert: str, key: str) -> CertifiedKey:
     """A ``tls = "files"`` pair, validated (raises CertificateError or OSError)."""
@@ -607,7 +765,9 @@ __all__ = [
     "FileSignature",
     "LockTimeout",
     "SiteMeta",
+    "Store",
     "StoreError",
+    "StoreUnavailable",
     "atomic_write",
     "read_certificate_files",
 ]

@@ -62,6 +62,9 @@ class Exchange(Protocol):
     # per connection or stream, however often it moves).
     deadline: Deadline
     transport: Any  # the client's transport
+    # Set by the proxy when it first sees the request (tlsproxy/proxy/accesslog.py: begin).
+    request_id: str
+    started: float
 
     def set_body_consumer(self, consumer: BodyConsumer) -> None: ...
 

@@ -424,6 +424,9 @@ class StreamDeadline(Deadline):
 class H2Exchange:
     """One HTTP/2 stream as a handler sees it."""
 
+    request_id = ""  # the access log's (tlsproxy/proxy/accesslog.py)
+    started = 0.0
+
     def __init__(self, proto: H2ServerProtocol, stream_id: int, head: RequestHead, ended: bool) -> None:
         self._proto = proto
         self.stream_id = stream_id

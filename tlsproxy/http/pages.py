@@ -20,6 +20,8 @@ REASONS: dict[int, bytes] = {
     304: b"Not Modified",
     308: b"Permanent Redirect",
     400: b"Bad Request",
+    401: b"Unauthorized",
+    403: b"Forbidden",
     404: b"Not Found",
     405: b"Method Not Allowed",
     408: b"Request Timeout",
@@ -38,6 +40,8 @@ REASONS: dict[int, bytes] = {
 
 MESSAGES: dict[int, str] = {
     400: "The request could not be understood.",
+    401: "This page needs a user name and password.",
+    403: "Access to this page is not allowed from your address.",
     404: "There is no site here for this host name.",
     405: "This method is not supported here.",
     408: "The request took too long to arrive.",
@@ -55,25 +59,27 @@ MESSAGES: dict[int, str] = {
 }
 
 
-def render(status: int, message: str | None = None) -> bytes:
+def render(status: int, message: str | None = None, request_id: str = "") -> bytes:
     reason = REASONS.get(status, b"Error").decode()
     text = escape(message if message is not None else MESSAGES.get(status, reason))
+    # The id of the request in the access log, for a user to quote.
+    quoted = f"\n<p>Request ID: <code>{escape(request_id)}</code></p>" if request_id else ""
     return (
         f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>{status} {reason}</title></head>\n'
-        f"<body><h1>{status} {reason}</h1>\n<p>{text}</p></body></html>\n"
+        f"<body><h1>{status} {reason}</h1>\n<p>{text}</p>{quoted}</body></html>\n"
     ).encode()
 
 
 def send(
     exchange: Exchange, status: int, message: str | None = None, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    """Answer ``exchange`` with a short page and finish it."""
-    body = render(status, message)
-    exchange.start_response(
-        status,
-        REASONS.get(status, b"Error"),
-        [(b"Content-Type", b"text/html; charset=utf-8"), (b"Cache-Control", b"no-store"), *(headers or [])],
-        len(body),
-    )
+) -> int:
+    """Answer ``exchange`` with a short page and finish it; the body's size (for the access log)."""
+    request_id = getattr(exchange, "request_id", "")
+    body = render(status, message, request_id)
+    fields = [(b"Content-Type", b"text/html; charset=utf-8"), (b"Cache-Control", b"no-store"), *(headers or [])]
+    if request_id:
+        fields.append((b"X-Request-ID", request_id.encode("ascii", "replace")))
+    exchange.start_response(status, REASONS.get(status, b"Error"), fields, len(body))
     exchange.write(body)
     exchange.finish()
+    return len(body)

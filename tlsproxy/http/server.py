@@ -76,6 +76,8 @@ class HTTP11Exchange:
     _finished = False
     _chunked_out = False
     tunnel: Any = None
+    request_id = ""  # the access log's (tlsproxy/proxy/accesslog.py)
+    started = 0.0
 
     def __init__(self, proto: HTTP11ServerProtocol, head: RequestHead, keep_alive: bool) -> None:
         self._proto = proto

@@ -1,45 +1,270 @@
-"""One line per request, in the combined log format nginx and Apache write."""
+"""One record per request: on stdout (combined format plus fields) and, optionally, as JSON lines in a file.
+
+Each request gets an id when the proxy first sees it (:func:`begin`): kept
+from an ``X-Request-ID`` header only when the peer is a trusted proxy,
+generated otherwise, and sent to the app as ``X-Request-ID``.  The same id
+is in the log record and on our error pages, so a user's "it said 502,
+request id ..." finds its line.
+
+The record is one dict of fields (time with milliseconds, client, method,
+target, protocol, status, bytes_in, bytes_out, duration_ms, host, site,
+upstream, request_id, referer, user_agent).  The stdout line is the combined
+format with host, site, upstream, duration and id after it; in JSON log
+format the fields are the record and the line is not repeated.
+
+The file is written by :class:`AccessLogFile`: lines gather in memory and go
+to the file in one write per batch, in the reactor's thread pool (one batch
+at a time), every second or per 64 KiB; a disk that stalls never stalls the
+reactor, and past :data:`MAX_PENDING` bytes waiting, lines are dropped and
+counted rather than held without bound.  SIGUSR1 reopens the file (for
+logrotate) between two batches.
+"""
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import re
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from tlsproxy.http.exchange import Exchange
+from tlsproxy.proxy.headers import Network, is_trusted
+
+REQUEST_ID = b"x-request-id"
+_REQUEST_ID_NAMES = (REQUEST_ID, b"x_request_id")
+# What we keep of a trusted peer's id: short, and harmless in a header, a log line and a page.
+_VALID_ID = re.compile(rb"\A[A-Za-z0-9._:@/+=-]{1,128}\Z")
+FLUSH_SECONDS = 1.0
+FLUSH_BYTES = 64 * 1024
+MAX_PENDING = 8 * 1024 * 1024
+_FORMAT = (
+    '{client} - - [{_clf_time}] "{_request}" {status} {_bytes_out} "{_referer}" "{_user_agent}"'
+    " host={host} site={site} upstream={upstream} duration_ms={duration_ms} request_id={request_id}"
+)
+
+log = Logger(namespace="tlsproxy.accesslog")
 
 
-def _quote(value: bytes | None) -> str:
-    if not value:
-        return "-"
-    return value.decode("latin-1").replace("\\", "\\\\").replace('"', '\\"')
+# A random prefix per process and a counter: unique across processes and restarts, and no
+# system call per request.  24 hex digits, as 12 random bytes would give.
+_ID_PREFIX = os.urandom(8).hex()
+_id_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
+
+
+def _new_prefix() -> None:
+    """A forked worker must not count on from its parent's prefix."""
+    global _ID_PREFIX
+    _ID_PREFIX = os.urandom(8).hex()
+
+
+os.register_at_fork(after_in_child=_new_prefix)
+
+
+def begin(exchange: Exchange, clock: Any, trusted_proxies: Sequence[Network]) -> None:
+    """Start timing ``exchange``; give it a request id and send that to the app (X-Request-ID)."""
+    exchange.started = clock.seconds()
+    headers = exchange.head.headers
+    given: bytes | None = None
+    if any(name in _REQUEST_ID_NAMES for name, _ in headers):
+        for name, value in headers:
+            if name == REQUEST_ID and given is None:
+                given = value.strip()
+        # A client's copy (or an underscore spelling gunicorn could map onto it) never reaches the app.
+        headers[:] = [(name, value) for name, value in headers if name not in _REQUEST_ID_NAMES]
+        if given is not None and not (
+            _VALID_ID.match(given) and trusted_proxies and is_trusted(exchange.client_address, trusted_proxies)
+        ):
+            given = None
+    request_id = given.decode("ascii") if given is not None else new_request_id()
+    exchange.request_id = request_id
+    headers.append((REQUEST_ID, request_id.encode("ascii")))
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("latin-1") if value else "-"
+
+
+def _quote(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def iso_ms(seconds: float) -> str:
+    """UTC with milliseconds: 2026-12-03T15:57:28.123Z."""
+    whole = int(seconds)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{int((seconds - whole) * 1000):03d}Z"
 
 
 class AccessLog:
-    """Combined-format lines through twisted.logger (namespace tlsproxy.access)."""
+    """Writes each request's record to stdout (through twisted.logger) and to the file, if any."""
 
-    def __init__(self, clock: Any, logger: Logger | None = None) -> None:
+    def __init__(
+        self, clock: Any, logger: Logger | None = None, file: AccessLogFile | None = None, stdout: bool = True
+    ) -> None:
         self.clock = clock
         self.logger = logger or Logger(namespace="tlsproxy.access")
+        self.file = file
+        self.stdout = stdout
         self._second = -1
         self._stamp = ""
 
-    def _timestamp(self) -> str:
-        now = int(self.clock.seconds())
-        if now != self._second:
-            self._second = now
-            self._stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
+    def _clf_time(self, now: float) -> str:
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(second))
         return self._stamp
 
-    def line(self, exchange: Exchange, status: int, size: int) -> str:
+    def record(
+        self, exchange: Exchange, status: int, size: int, site: str = "-", upstream: str = "-", received: int = 0
+    ) -> dict[str, Any]:
+        """The fields of one finished request."""
+        now = self.clock.seconds()
         head = exchange.head
-        request = f"{_quote(head.method)} {_quote(head.target)} HTTP/{head.version.decode()}"
-        return (
-            f'{exchange.client_address} - - [{self._timestamp()}] "{request}" {status} {size or "-"} '
-            f'"{_quote(head.get(b"referer"))}" "{_quote(head.get(b"user-agent"))}"'
-        )
+        started = getattr(exchange, "started", 0.0) or now
+        return {
+            "time": iso_ms(now),
+            "client": exchange.client_address or "-",
+            "method": _text(head.method),
+            "target": _text(head.target),
+            "protocol": "HTTP/" + head.version.decode("ascii", "replace"),
+            "status": status,
+            "bytes_in": received,
+            "bytes_out": size,
+            "duration_ms": round((now - started) * 1000, 3),
+            "host": _text(head.host),
+            "site": site or "-",
+            "upstream": upstream or "-",
+            "request_id": getattr(exchange, "request_id", "") or "-",
+            "referer": _text(head.get(b"referer")),
+            "user_agent": _text(head.get(b"user-agent")),
+        }
 
-    def log(self, exchange: Exchange, status: int, size: int) -> None:
-        line = self.line(exchange, status, size)
-        self.logger.info("{access}", access=line, status=status, host=exchange.head.host.decode("latin-1"))
+    def line(self, fields: dict[str, Any]) -> str:
+        """The stdout line of a record (combined format, then the extra fields)."""
+        from twisted.logger import formatEvent
+
+        return formatEvent({"log_format": _FORMAT, **self._text_fields(fields)})
+
+    def _text_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+        return {
+            **fields,
+            "_clf_time": self._clf_time(self.clock.seconds()),
+            "_request": _quote(f"{fields['method']} {fields['target']} {fields['protocol']}"),
+            "_bytes_out": fields["bytes_out"] or "-",
+            "_referer": _quote(fields["referer"]),
+            "_user_agent": _quote(fields["user_agent"]),
+        }
+
+    def log(
+        self, exchange: Exchange, status: int, size: int, site: str = "-", upstream: str = "-", received: int = 0
+    ) -> None:
+        fields = self.record(exchange, status, size, site, upstream, received)
+        if self.stdout:
+            self.logger.info(_FORMAT, **self._text_fields(fields))
+        if self.file is not None:
+            self.file.write(json.dumps(fields, separators=(",", ":")) + "\n")
+
+
+RunInThread = Callable[..., "Deferred[Any]"]
+
+
+class AccessLogFile:
+    """JSON lines appended to ``path`` by the thread pool, a batch at a time (see the module docstring)."""
+
+    def __init__(self, path: str, clock: Any, run: RunInThread) -> None:
+        self.path = path
+        self.clock = clock
+        self.run = run
+        self.pending: list[str] = []
+        self.pending_size = 0
+        self.dropped = 0
+        self.busy = False
+        self.reopen_wanted = False
+        self.closed = False
+        self._close_sent = False
+        self._fd: int | None = None  # touched only by the batch being written
+        self._timer: Any = None
+        self._idle: list[Deferred[None]] = []
+
+    def write(self, line: str) -> None:
+        if self.closed:
+            return
+        if self.pending_size >= MAX_PENDING:
+            self.dropped += 1
+            return
+        self.pending.append(line)
+        self.pending_size += len(line)
+        if self.pending_size >= FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None and not self.busy:
+            self._timer = self.clock.callLater(FLUSH_SECONDS, self.flush)
+
+    def reopen(self) -> None:
+        """SIGUSR1: the next batch goes to a freshly opened ``path`` (logrotate moved the old one)."""
+        self.reopen_wanted = True
+        self.flush()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            if self._timer.active():
+                self._timer.cancel()
+            self._timer = None
+        if self.busy or not (self.pending or self.reopen_wanted or (self.closed and not self._close_sent)):
+            return
+        self._close_sent = self.closed
+        data = "".join(self.pending).encode("utf-8", "backslashreplace")
+        self.pending = []
+        self.pending_size = 0
+        reopen, self.reopen_wanted = self.reopen_wanted, False
+        dropped, self.dropped = self.dropped, 0
+        self.busy = True
+        self.run(self._write_batch, data, reopen, self.closed).addBoth(self._written, dropped)
+
+    def _write_batch(self, data: bytes, reopen: bool, close: bool) -> None:
+        """In a thread: (re)open, append, and close at the end."""
+        if reopen and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        if data:
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        if close and self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def _written(self, result: Any, dropped: int) -> None:
+        self.busy = False
+        if dropped:
+            log.warn("access log {path}: {n} line(s) dropped, the disk was too slow", path=self.path, n=dropped)
+        if not (result is None or isinstance(result, bool)):
+            log.warn("access log {path}: cannot write: {error}", path=self.path, error=result.getErrorMessage())
+        if self.pending or self.reopen_wanted or (self.closed and not self._close_sent):
+            self.flush()
+        if not self.busy:
+            idle, self._idle = self._idle, []
+            for d in idle:
+                d.callback(None)
+
+    def close(self) -> Deferred[None]:
+        """Write what is pending, close the file; fires when done."""
+        if self._close_sent and not self.busy:
+            return succeed(None)
+        self.closed = True
+        done: Deferred[None] = Deferred()
+        self._idle.append(done)
+        if not self.busy:
+            self.flush()
+        return done

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from twisted.internet.interfaces import IPushProducer
@@ -29,8 +30,11 @@ from tlsproxy.config import Server, Site, Upstream, dev_app_hint
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.wire import redirect_location, split_host_port
-from tlsproxy.proxy import static
-from tlsproxy.proxy.accesslog import AccessLog
+from tlsproxy.proxy import compress, static
+from tlsproxy.proxy.access import AccessControl
+from tlsproxy.proxy.accesslog import AccessLog, begin
+from tlsproxy.proxy.balancer import IDEMPOTENT, Member, UpstreamGroup, may_retry
+from tlsproxy.proxy.errorpages import ErrorPages
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
 from tlsproxy.proxy.reqbuffer import (
     BodyStoreError,
@@ -44,7 +48,6 @@ from tlsproxy.proxy.respbuffer import BufferSpace, ResponseBuffer, accel_bufferi
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
 
 STREAM_ABOVE = 1024 * 1024  # with request_buffering = false, larger bodies of known length stream
-IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE", b"TRACE"})
 
 
 @dataclass
@@ -52,7 +55,7 @@ class Route:
     """A site as the proxy uses it at run time."""
 
     site: Site
-    pool: UpstreamPool
+    group: UpstreamGroup
     hsts: bytes | None
     dev: bool = False
     latency: Any = None
@@ -93,6 +96,8 @@ class ProxyHandler:
         # Host header (as sent, port included) -> route: a cache, bounded below.
         self._by_raw_host: dict[bytes, Route] = {}
         pools: dict[str, UpstreamPool] = {}
+        self.groups: list[UpstreamGroup] = []
+        self.successor: ProxyHandler | None = None  # after a reload: where new requests go
         self._exact: dict[str, Route] = {}
         self._wild: dict[str, Route] = {}
         self.routes: list[Route] = []
@@ -106,16 +111,24 @@ class ProxyHandler:
                     pool = pools[upstream.url] = UpstreamPool(reactor, upstream, server.connect_timeout)
                 return pool
 
+            def group_for(upstreams: Sequence[Upstream], prefix: str = "", site: Site = site) -> UpstreamGroup:
+                members = [Member(upstream, pool_for(upstream)) for upstream in upstreams]
+                group = UpstreamGroup(reactor, members, site.balancing, site.name, prefix)
+                self.groups.append(group)
+                return group
+
             hsts = site.hsts.header_value()
             latency = metrics.upstream_latency.labels(site.name) if metrics is not None else None
             paths = tuple(
                 (
                     path.prefix.encode("ascii"),
-                    Route(site, pool_for(path.upstream), hsts, dev, latency, route_upstream=path.upstream),
+                    Route(
+                        site, group_for(path.upstreams, path.prefix), hsts, dev, latency, route_upstream=path.upstream
+                    ),
                 )
                 for path in site.routes
             )
-            route = Route(site, pool_for(site.upstream), hsts, dev, latency, paths=paths)
+            route = Route(site, group_for(site.upstreams), hsts, dev, latency, paths=paths)
             self.routes.append(route)
             for host in site.hosts:
                 if host.startswith("*."):
@@ -135,6 +148,8 @@ class ProxyHandler:
             fallback=None if server.buffer_dir else fallback_directory(),
         )
         self.response_buffers = BufferSpace(reactor, server.buffer_directory, server.max_response_buffer)
+        self.error_pages = ErrorPages(sites, threaded(reactor))
+        self.access = AccessControl(sites, reactor, threaded(reactor), self.error_pages)
 
     def route_for(self, host: str) -> Route | None:
         route = self._exact.get(host)
@@ -146,6 +161,12 @@ class ProxyHandler:
         return self.route_for(host) is not None
 
     def handle(self, exchange: Exchange) -> None:
+        if self.successor is not None:
+            # A reload replaced this handler: a connection opened before it sends its next
+            # requests to the new configuration (an upstream taken out gets no new ones).
+            self.successor.handle(exchange)
+            return
+        begin(exchange, self.reactor, self.trusted_proxies)  # its request id and start time, for the log
         raw_host = exchange.head.host
         served = getattr(exchange.transport, "served_names", None)
         if served is not None and not served.covers(raw_host):
@@ -165,6 +186,16 @@ class ProxyHandler:
             return
         if self.canonical and self._redirect_to_canonical(route, exchange):
             return
+        if route.site.gated and not self.access.admit(
+            route.site, exchange, partial(self.dispatch, route, exchange), partial(self.record, exchange, route.name)
+        ):
+            return  # refused, in maintenance, or dispatched once the password is checked (proxy/access.py)
+        self.dispatch(route, exchange)
+
+    def dispatch(self, route: Route, exchange: Exchange) -> None:
+        """A request the site's access rules let through: a static file, or on to the app."""
+        if route.site.compress:
+            exchange = compress.wrap(exchange, self.reactor, self.server.send_timeout)  # proxy/compress.py
         if route.site.static and static.serve(self, route, exchange):
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
         if route.paths:
@@ -193,10 +224,12 @@ class ProxyHandler:
         pages.send(exchange, status, f"This site is {canonical}.", [(b"Location", location)])
         return True
 
-    def record(self, exchange: Exchange, site: str, status: int, size: int) -> None:
+    def record(
+        self, exchange: Exchange, site: str, status: int, size: int, upstream: str = "-", received: int = 0
+    ) -> None:
         """One finished request: the access log line and the request counter."""
         if self.access_log is not None:
-            self.access_log.log(exchange, status, size)
+            self.access_log.log(exchange, status, size, site, upstream, received)
         if self.metrics is not None:
             key = (site, status)
             counter = self._counters.get(key)
@@ -204,7 +237,15 @@ class ProxyHandler:
                 counter = self._counters[key] = self.metrics.requests.labels(site, str(status))
             counter.inc()
 
-    def close(self) -> None:
+    def close(self, successor: ProxyHandler | None = None) -> None:
+        """Let the pools go (busy connections end with their requests); ``successor`` takes new requests."""
+        if successor is not None:
+            self.successor = successor
+            known = {(g.site, g.route): g for g in self.groups}
+            for group in successor.groups:
+                old = known.get((group.site, group.route))
+                if old is not None:
+                    group.adopt(old)
         for pool in self.pools:
             pool.close()
 
@@ -218,6 +259,9 @@ class ProxiedRequest:
     # State every request starts with; instances only store what changes
     # (one of these is made per request, so fewer assignments count).
     conn: UpstreamConnection | None = None
+    member: Member | None = None  # the upstream of this attempt while it is in flight (balancer.py)
+    chosen: Member | None = None  # ... and the last one chosen, kept for the logs
+    tried: tuple[Member, ...] = ()  # upstreams that failed this request
     body: RequestBody | None = None  # the request body, held whole
     sink: _BodySink | None = None  # what the exchange hands the body to
     streaming = False  # request_buffering = false: the body goes to the app as it comes
@@ -343,8 +387,14 @@ class ProxiedRequest:
         if self.finished:
             return
         self.dialled = True
-        pool = self.route.pool
-        got = pool.acquire(fresh=fresh or self.upgrade)
+        member = self.member
+        if member is None:
+            member = self.member = self.chosen = self.route.group.choose(self.tried)
+            if member is None:
+                self.no_upstream()
+                return
+            member.in_flight += 1
+        got = member.pool.acquire(fresh=fresh or self.upgrade)
         if isinstance(got, UpstreamConnection):
             self.connected(got)
         else:
@@ -357,12 +407,57 @@ class ProxiedRequest:
     def connect_failed(self, failure: Failure) -> None:
         if self.finished:
             return
-        self.fail(describe_connect_failure(failure, self.route.upstream))
+        error = describe_connect_failure(failure, self.upstream)
+        if self.member is not None:
+            self.route.group.failed(self.member, error.detail)
+        # Nothing reached the app: any request may go to the next upstream.
+        if not self.next_upstream():
+            self.fail(error)
+
+    def next_upstream(self) -> bool:
+        """Try the request on an upstream it has not failed on yet; False when none is left."""
+        member = self.member
+        if member is None or self.route.group.single:
+            return False
+        following = self.route.group.choose((*self.tried, member))
+        if following is None:
+            return False
+        self.tried += (member,)
+        self.leave_upstream()
+        self.conn = None
+        self.member = self.chosen = following
+        following.in_flight += 1
+        self.dial(fresh=True)
+        return True
+
+    def leave_upstream(self) -> None:
+        """This attempt is over: the upstream has one request less in flight."""
+        member, self.member = self.member, None
+        if member is not None:
+            member.in_flight -= 1
+
+    def no_upstream(self) -> None:
+        """Every upstream is down (or failed this request already): 503 at once, no waiting on any."""
+        group = self.route.group
+        self.abandon()
+        self.log.warn("{where}: no upstream available", where=group.describe())
+        self.logged(503)
+        message = "The application behind this proxy is unavailable. Please try again shortly."
+        retry_after = [(b"Retry-After", b"%d" % group.retry_after())]
+        self.handler.error_pages.send(self.exchange, self.route.site, 503, message, retry_after)  # the site's page
+
+    @property
+    def upstream(self) -> Upstream:
+        """The upstream of the last attempt (the route's first before one is chosen)."""
+        chosen = self.chosen
+        return chosen.upstream if chosen is not None else self.route.upstream
 
     def connected(self, conn: UpstreamConnection) -> None:
         if self.finished:
-            self.route.pool.release(conn)
+            conn.pool.release(conn)
             return
+        if not conn.reused and self.member is not None:
+            self.route.group.succeeded(self.member)
         self.conn = conn
         request_head = self.request_head
         if request_head is None:
@@ -433,6 +528,7 @@ class ProxiedRequest:
         if self.finished:
             return
         self.finished = self.done = True
+        self.leave_upstream()
         self.drop_body()
         self.timer.clear()
         route = self.route
@@ -457,6 +553,7 @@ class ProxiedRequest:
         if self.finished:
             return
         self.finished = True
+        self.leave_upstream()
         self.drop_body()
         self.conn = None  # the app's connection goes back to the pool now
         relay = self.relay
@@ -496,6 +593,15 @@ class ProxiedRequest:
             self.conn = None
             self.dial(fresh=True)
             return
+        if error.before_response and not error.reused and not self.exchange.response_started:
+            # A fresh connection the app closed without a word (an app stopping, its queue
+            # reset): count it against the upstream; it may have seen the request, so only
+            # an idempotent one whose body we still hold goes to the next upstream.
+            if self.member is not None:
+                self.route.group.failed(self.member, error.detail)
+            replayable = not self.streaming and self.body_complete
+            if may_retry(reached_app=True, method=self.method, body_replayable=replayable) and self.next_upstream():
+                return
         self.fail(error)
 
     def response_upgraded(self, conn: UpstreamConnection, rest: bytes) -> None:
@@ -505,6 +611,7 @@ class ProxiedRequest:
             self.fail(UpstreamError(502, "the app switched protocols unasked", before_response=True))
             return
         self.cancel_timer()
+        self.leave_upstream()
         self.conn = conn
         reason, fields = self.pending_101 or (b"Switching Protocols", b"")
         out = response_block(fields, None, False, True)
@@ -550,7 +657,7 @@ class ProxiedRequest:
             self.conn.resume_response()
 
     def buffer_failed(self, detail: str) -> None:
-        self.log.warn("{upstream}: {detail}; response cut short", upstream=self.route.upstream.url, detail=detail)
+        self.log.warn("{upstream}: {detail}; response cut short", upstream=self.upstream.url, detail=detail)
         self.cut(502)
 
     # -- failures --------------------------------------------------------------
@@ -558,6 +665,7 @@ class ProxiedRequest:
     def abandon(self) -> None:
         """Nothing more goes to the client: drop what is buffered for it, stop its clock."""
         self.finished = self.done = True
+        self.leave_upstream()
         self.drop_body()
         self.cancel_timer()
         relay, self.relay = self.relay, None
@@ -576,20 +684,18 @@ class ProxiedRequest:
         self.logged(status)
 
     def fail(self, error: UpstreamError) -> None:
+        upstream = self.upstream
         if self.exchange.response_started:
-            self.log.warn(
-                "{upstream}: {detail}; response cut short", upstream=self.route.upstream.url, detail=error.detail
-            )
+            self.log.warn("{upstream}: {detail}; response cut short", upstream=upstream.url, detail=error.detail)
             self.cut(502)
             return
         self.abandon()
-        self.log.warn("{upstream}: {detail}", upstream=self.route.upstream.url, detail=error.detail)
+        self.log.warn("{upstream}: {detail}", upstream=upstream.url, detail=error.detail)
         message = None
         if self.route.dev and error.status == 502 and error.detail.startswith("cannot connect"):
-            upstream = self.route.upstream
             message = f"Nothing is listening on {upstream.url}: {dev_app_hint(upstream)} and reload this page."
         self.logged(error.status)
-        pages.send(self.exchange, error.status, message)
+        self.handler.error_pages.send(self.exchange, self.route.site, error.status, message)  # the site's page, if any
 
     def fail_request(self, status: int) -> None:
         if self.finished:
@@ -678,7 +784,14 @@ class ProxiedRequest:
         if self.recorded:
             return
         self.recorded = True
-        self.handler.record(self.exchange, self.route.name, status, self.sent_bytes if size is None else size)
+        self.handler.record(
+            self.exchange,
+            self.route.name,
+            status,
+            self.sent_bytes if size is None else size,
+            self.upstream.url,  # the one last tried (balancer.py)
+            self.received,
+        )
 
     # IPushProducer for the client's side: the client reads slower than the
     # app writes, so the answer goes to the buffer (or, unbuffered, reading

@@ -23,8 +23,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from twisted.internet.protocol import Factory
+from twisted.internet.tcp import Connection
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 
 from tlsproxy.compat.twisted import close_without_shutdown
 from tlsproxy.tls.hello import ClientHello
@@ -45,10 +45,17 @@ def owner_of(hello: ClientHello, owners: Mapping[bytes, int]) -> int | None:
     return None
 
 
+def movable_transport(transport: Any) -> bool:
+    """Only a plain TCP connection moves: behind a PROXY protocol header (a wrapped transport)
+    the client's address came in bytes the owner would never see."""
+    return isinstance(transport, Connection)
+
+
 class Handoff:
     """A worker's way to pass connections on (the TLS factory's ``handoff``)."""
 
-    def __init__(self, slot: int, senders: Mapping[int, socket.socket], moved: Any = None) -> None:
+    def __init__(self, slot: int, senders: Mapping[int, socket.socket], moved: Any = None, movable: Any = None) -> None:
+        self.movable = movable or movable_transport
         self.slot = slot
         self.senders = dict(senders)
         self.owners: dict[bytes, int] = {}
@@ -67,8 +74,7 @@ class Handoff:
         if sender is None:
             return False
         transport = protocol.transport
-        if isinstance(transport, ProtocolWrapper):
-            # A PROXY protocol listener: the client's address came in a header the owner would not see.
+        if not self.movable(transport):
             return False
         try:
             socket.send_fds(sender, [data], [transport.fileno()])

@@ -36,6 +36,7 @@ from tlsproxy.config import Config, ConfigError
 from tlsproxy.http.server import HTTP11Factory, Limits
 from tlsproxy.http.tracker import ConnectionTracker
 from tlsproxy.listening import with_backlog
+from tlsproxy.proxyprotocol import split_description
 from tlsproxy.tap import CANNOT_RUN, READY, Listener, cannot_listen, cannot_run
 from tlsproxy.workers.admin import SupervisorAdmin
 from tlsproxy.workers.messages import LineReader, MessageError, encode
@@ -251,7 +252,8 @@ class Supervisor(MultiService):
     def bind_one(self, label: str, description: str, count: int | None = None) -> BoundListener | None:
         """Bind one listener and stop accepting on it; None (and logged) if it cannot be."""
         try:
-            endpoint = serverFromString(self.reactor, with_backlog(description))
+            # haproxy: is read by the workers (tlsproxy.proxyprotocol); the socket is the inner endpoint's.
+            endpoint = serverFromString(self.reactor, with_backlog(split_description(description)[1]))
             listening = endpoint.listen(_NoAccept())
         except Exception as e:  # a systemd: string with no such socket, a bad string
             self.log.critical("tlsproxy: {message}", message=cannot_listen(label, description, e))

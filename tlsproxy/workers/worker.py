@@ -26,7 +26,6 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.protocols.haproxy import proxyEndpoint
 
 from tlsproxy import preflight
 from tlsproxy.admin import AdminHandler
@@ -82,12 +81,11 @@ class AdoptedListener(Listener):
             probe = socket.socket(fileno=self.fd)
             family = probe.family
             probe.detach()
-            endpoint: Any = AdoptedStreamServerEndpoint(self.reactor, self.fd, family)
+            # (haproxy: listeners get the service's PROXY header reader as their factory.)
+            endpoint = AdoptedStreamServerEndpoint(self.reactor, self.fd, family)
         except OSError as e:
             self.listening = fail(e)
             return
-        if self.description.startswith("haproxy:"):
-            endpoint = proxyEndpoint(endpoint)
         self.listening = endpoint.listen(self.factory).addCallback(self._listening)
 
     def _listening(self, port: Any) -> Any:

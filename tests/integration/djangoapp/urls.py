@@ -12,4 +12,10 @@ urlpatterns = [
     path("events", views.events),
     path("own-hsts", views.own_hsts),
     path("cookie", views.cookie),
+    path("health", views.health),
+    path("json", views.json_rows),
+    path("json-stream", views.json_stream),
+    path("held", views.held),
+    path("own-gzip", views.own_gzip),
+    path("no-transform", views.no_transform),
 ]

@@ -143,3 +143,69 @@ def cookie(request):
     response = HttpResponse("cookie", content_type="text/plain")
     response.set_cookie("flavour", "oat", httponly=True, samesite="Lax")
     return response
+
+
+def health(request):
+    """200, or the status written in the file next to the hits log (HITS_LOG.health): a test flips it."""
+    status = 200
+    if settings.HITS_LOG:
+        try:
+            with open(settings.HITS_LOG + ".health") as f:
+                status = int(f.read().strip() or "200")
+        except FileNotFoundError:
+            pass
+    return HttpResponse(f"health {os.getpid()}", status=status, content_type="text/plain")
+
+
+def _rows(count):
+    return [{"id": i, "name": f"user{i}", "email": f"user{i}@example.com", "active": i % 3 == 0} for i in range(count)]
+
+
+def json_rows(request):
+    """A JSON answer of ?rows= rows, made whole (one JsonResponse)."""
+    return JsonResponse(_rows(int(request.GET.get("rows", "100"))), safe=False)
+
+
+def json_stream(request):
+    """The same rows streamed a few at a time (no Content-Length: gunicorn sends it chunked)."""
+    rows = _rows(int(request.GET.get("rows", "100")))
+
+    def stream():
+        yield b"["
+        for start in range(0, len(rows), 50):
+            chunk = ", ".join(JsonResponse(row).content.decode() for row in rows[start : start + 50])
+            yield (", " if start else "").encode() + chunk.encode()
+        yield b"]"
+
+    return StreamingHttpResponse(stream(), content_type="application/json")
+
+
+def held(request):
+    """Streams a first part, then waits (30 s at most) for the file ?flag= before the second."""
+    flag = request.GET["flag"]
+
+    def stream():
+        yield b"first part of a long report\n" * 40
+        deadline = time.monotonic() + 30
+        while not os.path.exists(flag) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield b"second part\n" * 40
+
+    response = StreamingHttpResponse(stream(), content_type="text/plain")
+    response["X-Accel-Buffering"] = "no"
+    return response
+
+
+def own_gzip(request):
+    """An answer the app compressed itself (GZipMiddleware-style): it must not be coded twice."""
+    import gzip
+
+    response = HttpResponse(gzip.compress(b"own gzip\n" * 500), content_type="text/plain")
+    response["Content-Encoding"] = "gzip"
+    return response
+
+
+def no_transform(request):
+    response = HttpResponse(b"keep me as I am\n" * 500, content_type="text/plain")
+    response["Cache-Control"] = "no-transform"
+    return response

@@ -1,0 +1,363 @@
+"""Access control: path matching as the app routes, allow/deny, basic auth with bcrypt off the reactor."""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.unit.test_proxy_handler import FakeExchange, head
+from tlsproxy.config import AccessRule, BasicAuth, ConfigError, Server, Site, parse_upstream
+from tlsproxy.proxy import access
+from tlsproxy.proxy.access import (
+    HtpasswdError,
+    Verifier,
+    address_allowed,
+    basic_credentials,
+    load_all,
+    parse_htpasswd,
+    request_path,
+    rule_for,
+)
+from tlsproxy.proxy.handler import ProxyHandler
+
+# Cost 4: the lowest bcrypt allows, so the tests stay fast.
+HASH = bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4))
+
+
+def nets(*items: str) -> tuple[Any, ...]:
+    return tuple(ipaddress.ip_network(i) for i in items)
+
+
+@pytest.mark.parametrize(
+    ("target", "path"),
+    [
+        (b"/admin/", b"/admin/"),
+        (b"/admin/x?y=1", b"/admin/x"),
+        (b"/%61dmin/", b"/admin/"),
+        (b"/%2561dmin/", b"/admin/"),
+        (b"/static/../admin/", b"/admin/"),
+        (b"/static/%2e%2e/admin/", b"/admin/"),
+        (b"//admin//users", b"/admin/users"),
+        (b"/./admin/.", b"/admin/"),
+        (b"/../../admin", b"/admin"),
+        (b"http://app.test/admin/?q", b"/admin/"),
+        (b"*", b"/"),
+        (b"/a%2Fb", b"/a/b"),
+        (b"/", b"/"),
+    ],
+)
+def test_request_path_is_what_the_app_routes(target: bytes, path: bytes) -> None:
+    """Encodings, dot segments and doubled slashes cannot walk around a prefix rule."""
+    assert request_path(target) == path
+
+
+@given(st.binary(max_size=80))
+def test_request_path_is_normal(target: bytes) -> None:
+    """Whatever the target, the path is absolute, without dot or empty segments, and stable."""
+    path = request_path(target)
+    assert path.startswith(b"/")
+    assert b"//" not in path and b"/./" not in path and b"/../" not in path
+    if b"%" not in path:
+        assert request_path(path) == path
+
+
+def test_rule_for_longest_prefix_and_bare_name() -> None:
+    """The longest prefix wins; /admin falls under /admin/ (an app may answer both)."""
+    rules = (AccessRule(prefix="/admin/api/"), AccessRule(prefix="/admin/", allow=nets("10.0.0.0/8")), AccessRule())
+    assert rule_for(rules, b"/admin/api/x") is rules[0]
+    assert rule_for(rules, b"/admin/users") is rules[1]
+    assert rule_for(rules, b"/admin") is rules[1]
+    assert rule_for(rules, b"/administrator") is rules[2]
+    assert rule_for(rules[:2], b"/public") is None
+
+
+def test_deny_wins_over_allow() -> None:
+    """An address in both lists is refused; an empty allow list lets the rest in."""
+    rule = AccessRule(allow=nets("192.0.2.0/24"), deny=nets("192.0.2.66/32"))
+    assert address_allowed(rule, "192.0.2.5")
+    assert not address_allowed(rule, "192.0.2.66")
+    assert not address_allowed(rule, "198.51.100.1")
+    only_deny = AccessRule(deny=nets("198.51.100.0/24"))
+    assert address_allowed(only_deny, "203.0.113.1") and not address_allowed(only_deny, "198.51.100.9")
+    assert address_allowed(AccessRule(allow=nets("192.0.2.0/24")), "::ffff:192.0.2.9")
+    assert not address_allowed(AccessRule(allow=nets("::/0")), "192.0.2.9")  # v6 ranges hold no v4 client
+    assert not address_allowed(rule, "")  # a unix socket peer: no list vouches for it
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        (b"Basic " + base64.b64encode(b"ann:pa:ss"), ("ann", b"pa:ss")),
+        (b"basic  " + base64.b64encode("jos\u00e9:x".encode()), ("jos\u00e9", b"x")),
+        (b"Bearer abc", None),
+        (b"Basic !!!", None),
+        (b"Basic " + base64.b64encode(b"nocolon"), None),
+        (b"Basic " + base64.b64encode(b"\xff:x"), None),
+        (None, None),
+    ],
+)
+def test_basic_credentials(header: bytes | None, expected: object) -> None:
+    """Only a well-formed Basic header gives credentials; anything else is no credentials (401)."""
+    assert basic_credentials(header) == expected
+
+
+def test_htpasswd_b_lines_are_read(tmp_path: Path) -> None:
+    """What `htpasswd -B` writes parses, and its hash checks with bcrypt."""
+    path = tmp_path / "htpasswd"
+    subprocess.run(["htpasswd", "-cbB", str(path), "ann", "secret"], check=True, capture_output=True)
+    users = access.load_htpasswd(str(path))
+    assert bcrypt.checkpw(b"secret", users["ann"])
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["ann:$apr1$abc$defghijklmnopqrstuvwx.", "ann:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=", "ann", "ann:secret"],
+)
+def test_htpasswd_other_hashes_refused(line: str) -> None:
+    """MD5, SHA1, plain text or broken lines are refused, naming the line."""
+    with pytest.raises(HtpasswdError) as info:
+        parse_htpasswd(f"# users\n\n{line}\n", "/etc/htpasswd")
+    assert info.value.line == 3
+
+
+def test_load_all_names_every_bad_file(tmp_path: Path) -> None:
+    """A missing or bad htpasswd file stops start and reload with a ConfigError naming it."""
+    bad = tmp_path / "bad"
+    bad.write_text("ann:plain\n")
+    sites = [site(basic_auth=BasicAuth("r", str(bad))), site(basic_auth=BasicAuth("r", str(tmp_path / "none")))]
+    with pytest.raises(ConfigError) as info:
+        load_all(sites)
+    text = str(info.value)
+    assert str(bad) in text and "line 1" in text and "cannot read" in text
+
+
+# -- the verifier ------------------------------------------------------------
+
+
+class FakeThreads:
+    """Runs nothing until told: each call waits in ``calls`` with its Deferred."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def run(self, index: int = 0) -> None:
+        f, args, d = self.calls.pop(index)
+        d.callback(f(*args))
+
+
+def test_verifier_runs_in_threads_a_few_at_a_time() -> None:
+    """Checks go to the thread runner, at most MAX_RUNNING at once; the rest wait their turn."""
+    threads = FakeThreads()
+    verifier = Verifier(Clock(), threads)
+    users = {"ann": HASH}
+    results: list[bool] = []
+    for _ in range(access.MAX_RUNNING + 3):
+        d = verifier.verify("ann", b"wrong", users)
+        assert isinstance(d, Deferred)
+        d.addCallback(results.append)
+    assert len(threads.calls) == access.MAX_RUNNING
+    threads.run()
+    assert len(threads.calls) == access.MAX_RUNNING
+    while threads.calls:
+        threads.run()
+    assert results == [False] * (access.MAX_RUNNING + 3)
+
+
+def test_verifier_refuses_when_too_many_wait() -> None:
+    """Past MAX_QUEUED waiting checks, the answer is None (the proxy says 503) rather than a longer queue."""
+    verifier = Verifier(Clock(), FakeThreads())
+    for _ in range(access.MAX_RUNNING + access.MAX_QUEUED):
+        assert isinstance(verifier.verify("ann", b"x", {"ann": HASH}), Deferred)
+    assert verifier.verify("ann", b"x", {"ann": HASH}) is None
+
+
+def test_verifier_remembers_a_success_briefly() -> None:
+    """A right password is not checked again for CACHE_SECONDS; a wrong one always is."""
+    clock, threads = Clock(), FakeThreads()
+    verifier = Verifier(clock, threads)
+    users = {"ann": HASH}
+    first = verifier.verify("ann", b"s3cret", users)
+    assert isinstance(first, Deferred)
+    threads.run()
+    assert verifier.verify("ann", b"s3cret", users) is True
+    assert isinstance(verifier.verify("ann", b"s3cre", users), Deferred)
+    assert all(b"s3cret" not in key for key in verifier.cache)  # a digest, not the password
+    clock.advance(access.CACHE_SECONDS + 1)
+    assert isinstance(verifier.verify("ann", b"s3cret", users), Deferred)
+
+
+def test_unknown_user_costs_a_check_and_fails() -> None:
+    """An unknown user is checked against another hash (same time as a wrong password) and refused."""
+    threads = FakeThreads()
+    verifier = Verifier(Clock(), threads)
+    d = verifier.verify("bob", b"s3cret", {"ann": HASH})
+    assert isinstance(d, Deferred)
+    assert threads.calls[0][1] == (b"s3cret", HASH)
+    threads.run()
+    assert d.result is False
+    assert verifier.cache == {}
+
+
+def test_failed_thread_counts_as_wrong() -> None:
+    """An error in the thread refuses the password, and frees the slot for the next check."""
+    verifier = Verifier(Clock(), lambda f, *a: fail(RuntimeError("boom")))
+    d = verifier.verify("ann", b"x", {"ann": HASH})
+    assert d is not None and d is not True and d.result is False
+    assert verifier.running == 0
+
+
+def test_long_passwords_are_cut_as_htpasswd_does() -> None:
+    """bcrypt 5 refuses over 72 bytes; htpasswd -B reads 72: so do we, rather than raise."""
+    hashed = bcrypt.hashpw(b"x" * 72, bcrypt.gensalt(4))
+    assert access.check_password(b"x" * 100, hashed)
+
+
+# -- the handler's hook --------------------------------------------------------
+
+
+def site(**rule: Any) -> Site:
+    access_rules = (AccessRule(**rule),) if rule else ()
+    return Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files", access=access_rules)
+
+
+class AdmitTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        self.patch(FakeExchange, "clock", self.reactor)
+        self.threads = FakeThreads()
+        self.patch(access, "load_all", lambda sites: {"/etc/htpasswd": {"ann": HASH}})
+
+    def handler(self, *sites: Site) -> ProxyHandler:
+        handler = ProxyHandler(self.reactor, list(sites), Server())
+        handler.access.verifier.run = self.threads
+        return handler
+
+    def request(self, handler: ProxyHandler, target: bytes = b"/x", client: str = "203.0.113.7", **headers: bytes):  # type: ignore[no-untyped-def]
+        h = head(target=target)
+        h.headers += [(k.encode(), v) for k, v in headers.items()]
+        exchange = FakeExchange(h)
+        exchange.client_address = client
+        handler.handle(exchange)
+        return exchange
+
+    def test_denied_address_gets_403_and_the_app_is_not_dialled(self) -> None:
+        """An address outside allow gets 403; one inside reaches the app."""
+        handler = self.handler(site(allow=nets("192.0.2.0/24")))
+        refused = self.request(handler)
+        self.assertEqual(refused.status, 403)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.request(handler, client="192.0.2.10")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_acme_challenge_paths_stay_open(self) -> None:
+        """/.well-known/acme-challenge/ passes every rule (a CA must reach it), but not by walking out of it."""
+        handler = self.handler(site(allow=nets("192.0.2.0/24"), basic_auth=BasicAuth("r", "/etc/htpasswd")))
+        self.request(handler, target=b"/.well-known/acme-challenge/tok")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        walked = self.request(handler, target=b"/.well-known/acme-challenge/../../admin/")
+        self.assertEqual(walked.status, 403)
+
+    def test_no_credentials_get_401_with_the_realm(self) -> None:
+        """Without a password: 401 with WWW-Authenticate naming the realm."""
+        handler = self.handler(site(basic_auth=BasicAuth("staging", "/etc/htpasswd")))
+        exchange = self.request(handler)
+        self.assertEqual(exchange.status, 401)
+        self.assertIn((b"WWW-Authenticate", b'Basic realm="staging", charset="UTF-8"'), exchange.headers)
+
+    def test_right_password_is_dispatched_after_the_thread(self) -> None:
+        """The app is dialled only once bcrypt (in a thread) said yes; the next request skips the thread."""
+        handler = self.handler(site(basic_auth=BasicAuth("staging", "/etc/htpasswd")))
+        auth = b"Basic " + base64.b64encode(b"ann:s3cret")
+        exchange = self.request(handler, authorization=auth)
+        self.assertIsNone(exchange.status)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.threads.run()
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.request(handler, authorization=auth)
+        self.assertEqual((len(self.reactor.tcpClients), self.threads.calls), (2, []))
+
+    def test_wrong_password_gets_401(self) -> None:
+        """A wrong password is 401 once checked; the app never sees the request."""
+        handler = self.handler(site(basic_auth=BasicAuth("staging", "/etc/htpasswd")))
+        exchange = self.request(handler, authorization=b"Basic " + base64.b64encode(b"ann:nope"))
+        self.threads.run()
+        self.assertEqual(exchange.status, 401)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_client_gone_while_checking(self) -> None:
+        """A client that leaves during the check is not dispatched."""
+        handler = self.handler(site(basic_auth=BasicAuth("staging", "/etc/htpasswd")))
+        exchange = self.request(handler, authorization=b"Basic " + base64.b64encode(b"ann:s3cret"))
+        exchange.observer.client_gone()
+        self.threads.run()
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertIsNone(exchange.status)
+
+    def test_path_rule_over_an_open_site(self) -> None:
+        """A [[site.access]] rule protects its prefix (encoded or not); the rest of the site stays open."""
+        rules = (
+            AccessRule(prefix="/admin/", basic_auth=BasicAuth("admin", "/etc/htpasswd")),
+            AccessRule(prefix="/"),
+        )
+        open_site = Site(
+            hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files", access=rules
+        )
+        handler = self.handler(open_site)
+        self.request(handler, target=b"/public")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        for target in (b"/admin/", b"/%61dmin/users", b"/admin"):
+            self.assertEqual(self.request(handler, target=target).status, 401, target)
+
+
+def test_sites_without_rules_never_touch_the_verifier() -> None:
+    """An unrestricted site costs nothing: no file read, no rule lookup (the hook checks site.access)."""
+    handler = ProxyHandler(MemoryReactorClock(), [site()], Server())
+    assert handler.access.users == {}
+
+
+def test_synchronous_thread_runner() -> None:
+    """The thread runner may answer synchronously (a reactor without a pool): the check still completes."""
+    verifier = Verifier(Clock(), lambda f, *a: succeed(f(*a)))
+    d = verifier.verify("ann", b"s3cret", {"ann": HASH})
+    assert d is not None and d is not True and d.result is True
+
+
+class RecordTests(SynchronousTestCase):
+    def test_refusals_are_logged_with_their_size(self) -> None:
+        """A 403 or 401 the gate answers is one access-log record with its status and page size."""
+        reactor = MemoryReactorClock()
+        self.patch(FakeExchange, "clock", reactor)
+        self.patch(access, "load_all", lambda sites: {"/etc/htpasswd": {"ann": HASH}})
+        lines: list[tuple[int, int]] = []
+
+        class Log:
+            def log(self, exchange: Any, status: int, size: int, *fields: Any) -> None:
+                lines.append((status, size))
+
+        handler = ProxyHandler(
+            reactor,
+            [site(allow=nets("192.0.2.0/24"))],
+            Server(),
+            Log(),  # type: ignore[arg-type]
+        )
+        exchange = FakeExchange(head())
+        handler.handle(exchange)
+        self.assertEqual(lines, [(403, len(exchange.body))])
+        self.assertGreater(len(exchange.body), 0)

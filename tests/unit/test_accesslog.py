@@ -1,0 +1,301 @@
+"""The access log: request ids, the record's fields, the stdout line, and the file written off the reactor."""
+
+from __future__ import annotations
+
+import io
+import ipaddress
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from tests.unit.test_proxy_handler import FakeExchange, head
+from tlsproxy.config import Server, Site, parse_upstream
+from tlsproxy.logs import LogOutput
+from tlsproxy.proxy import accesslog
+from tlsproxy.proxy.accesslog import AccessLog, AccessLogFile, begin, iso_ms
+from tlsproxy.proxy.handler import ProxyHandler
+
+TRUSTED = (ipaddress.ip_network("10.0.0.0/8"),)
+FIELDS = {
+    "time",
+    "client",
+    "method",
+    "target",
+    "protocol",
+    "status",
+    "bytes_in",
+    "bytes_out",
+    "duration_ms",
+    "host",
+    "site",
+    "upstream",
+    "request_id",
+    "referer",
+    "user_agent",
+}
+
+
+def exchange_with(*headers: tuple[bytes, bytes], client: str = "203.0.113.7") -> FakeExchange:
+    FakeExchange.clock = Clock()
+    h = head()
+    h.headers += list(headers)
+    exchange = FakeExchange(h)
+    exchange.client_address = client
+    return exchange
+
+
+def ids_sent(exchange: FakeExchange) -> list[bytes]:
+    return [v for k, v in exchange.head.headers if k in (b"x-request-id", b"x_request_id")]
+
+
+def test_new_request_id_sent_to_the_app() -> None:
+    """Every request gets an id of its own, added as X-Request-ID for the app."""
+    exchange = exchange_with()
+    begin(exchange, Clock(), TRUSTED)
+    assert len(exchange.request_id) == 24
+    assert ids_sent(exchange) == [exchange.request_id.encode()]
+
+
+def test_client_request_id_replaced_unless_trusted() -> None:
+    """A client's X-Request-ID (or X_Request_ID) is replaced; a trusted proxy's valid one is kept."""
+    untrusted = exchange_with((b"x-request-id", b"mine"), (b"x_request_id", b"also"))
+    begin(untrusted, Clock(), TRUSTED)
+    assert untrusted.request_id != "mine" and ids_sent(untrusted) == [untrusted.request_id.encode()]
+    trusted = exchange_with((b"x-request-id", b"lb-1234"), client="10.1.1.1")
+    begin(trusted, Clock(), TRUSTED)
+    assert trusted.request_id == "lb-1234" and ids_sent(trusted) == [b"lb-1234"]
+    odd = exchange_with((b"x-request-id", b"<script>"), client="10.1.1.1")
+    begin(odd, Clock(), TRUSTED)
+    assert odd.request_id != "<script>" and ids_sent(odd) == [odd.request_id.encode()]
+
+
+def test_record_has_every_field() -> None:
+    """The record names host, site, upstream, duration in ms, bytes both ways, status and the id."""
+    clock = Clock()
+    clock.advance(1_700_000_000.25)
+    exchange = exchange_with((b"user-agent", b'curl "x"'))
+    begin(exchange, clock, ())
+    clock.advance(0.0425)
+    record = AccessLog(clock).record(exchange, 200, 1234, "app.test", "http://127.0.0.1:8000", 56)
+    assert set(record) == FIELDS
+    assert record["duration_ms"] == 42.5
+    assert (record["bytes_in"], record["bytes_out"], record["status"]) == (56, 1234, 200)
+    assert (record["host"], record["site"], record["upstream"]) == ("app.test", "app.test", "http://127.0.0.1:8000")
+    assert record["time"] == "2023-11-14T22:13:20.292Z"
+    assert record["request_id"] == exchange.request_id
+
+
+def test_iso_ms() -> None:
+    """Timestamps carry milliseconds."""
+    assert iso_ms(0.001) == "1970-01-01T00:00:00.001Z"
+
+
+def capture(log_format: str) -> tuple[io.StringIO, Logger]:
+    out = io.StringIO()
+    observer = LogOutput(log_format)(out)
+    return out, Logger(namespace="tlsproxy.access", observer=observer)
+
+
+def test_stdout_json_is_the_fields_once() -> None:
+    """In JSON log format a line is the record's fields, without the text line repeated."""
+    out, logger = capture("json")
+    exchange = exchange_with()
+    begin(exchange, Clock(), ())
+    AccessLog(Clock(), logger).log(exchange, 502, 0, "app.test", "unix:/run/app.sock", 0)
+    line = json.loads(out.getvalue())
+    assert FIELDS - {"time"} <= set(line)
+    assert "message" not in line and not any(key.startswith("_") for key in line)
+    assert line["upstream"] == "unix:/run/app.sock" and line["status"] == 502
+    assert line["time"].endswith("Z") and "." in line["time"]
+
+
+def test_stdout_text_is_combined_then_fields() -> None:
+    """The text line starts as the combined format does and adds host, site, upstream, duration and id."""
+    out, logger = capture("text")
+    exchange = exchange_with((b"referer", b"https://x/"))
+    begin(exchange, Clock(), ())
+    AccessLog(Clock(), logger).log(exchange, 200, 5, "app.test", "http://a:1", 0)
+    line = out.getvalue().strip()
+    assert line.startswith('203.0.113.7 - - [01/Jan/1970:00:00:00 +0000] "GET /x HTTP/1.1" 200 5 "https://x/" "-"')
+    assert line.endswith(
+        f"host=app.test site=app.test upstream=http://a:1 duration_ms=0.0 request_id={exchange.request_id}"
+    )
+
+
+# -- the file ------------------------------------------------------------------
+
+
+class Threads:
+    """Runs each batch when told (or at once, with ``eager``)."""
+
+    def __init__(self, eager: bool = False) -> None:
+        self.eager = eager
+        self.calls: list[tuple[Any, tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Any, *args: Any) -> Deferred[Any]:
+        if self.eager:
+            try:
+                return succeed(f(*args))
+            except Exception:
+                return fail()
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def run(self) -> None:
+        f, args, d = self.calls.pop(0)
+        try:
+            d.callback(f(*args))
+        except Exception as e:
+            d.errback(e)
+
+
+def test_lines_go_out_in_batches_off_the_reactor(tmp_path: Path) -> None:
+    """Lines wait for the timer (or 64 KiB), then go to the thread runner in one batch; one batch at a time."""
+    clock, threads = Clock(), Threads()
+    path = tmp_path / "access.log"
+    log = AccessLogFile(str(path), clock, threads)
+    log.write('{"a":1}\n')
+    log.write('{"a":2}\n')
+    assert threads.calls == [] and not path.exists()
+    clock.advance(accesslog.FLUSH_SECONDS)
+    assert len(threads.calls) == 1
+    log.write('{"a":3}\n')
+    clock.advance(accesslog.FLUSH_SECONDS)
+    assert len(threads.calls) == 1  # the first batch is still being written
+    threads.run()
+    assert path.read_text() == '{"a":1}\n{"a":2}\n'
+    assert len(threads.calls) == 1  # what came meanwhile follows at once
+    threads.run()
+    assert path.read_text().count("\n") == 3
+    assert oct(path.stat().st_mode & 0o777) == oct(0o640)
+
+
+def test_a_full_batch_goes_without_waiting(tmp_path: Path) -> None:
+    """Past FLUSH_BYTES the batch goes out before the timer."""
+    threads = Threads()
+    log = AccessLogFile(str(tmp_path / "a.log"), Clock(), threads)
+    log.write("x" * accesslog.FLUSH_BYTES + "\n")
+    assert len(threads.calls) == 1
+
+
+def test_reopen_after_rename_writes_the_new_file(tmp_path: Path) -> None:
+    """SIGUSR1 after logrotate's rename: later lines go to a new file at the old name."""
+    threads = Threads(eager=True)
+    path = tmp_path / "access.log"
+    log = AccessLogFile(str(path), Clock(), threads)
+    log.write("one\n")
+    log.flush()
+    path.rename(tmp_path / "access.log.1")
+    log.write("two\n")
+    log.flush()
+    assert (tmp_path / "access.log.1").read_text() == "one\ntwo\n"  # still the open file, as logrotate expects
+    log.reopen()
+    log.write("three\n")
+    log.flush()
+    assert path.read_text() == "three\n"
+
+
+def test_close_writes_what_is_pending(tmp_path: Path) -> None:
+    """At shutdown the pending lines are written and the file is closed before the Deferred fires."""
+    threads = Threads()
+    path = tmp_path / "access.log"
+    log = AccessLogFile(str(path), Clock(), threads)
+    log.write("last\n")
+    done = log.close()
+    assert not done.called
+    threads.run()
+    assert done.called and path.read_text() == "last\n"
+    assert log._fd is None
+    log.write("after\n")
+    assert threads.calls == []
+
+
+def test_slow_disk_drops_lines_past_the_bound(tmp_path: Path) -> None:
+    """When the disk does not keep up, memory stays bounded: lines past MAX_PENDING are dropped and counted."""
+    threads = Threads()
+    log = AccessLogFile(str(tmp_path / "a.log"), Clock(), threads)
+    line = "y" * 1023 + "\n"
+    for _ in range(accesslog.MAX_PENDING // 1024 + accesslog.FLUSH_BYTES // 1024 + 10):
+        log.write(line)
+    assert log.pending_size <= accesslog.MAX_PENDING and log.dropped > 0
+
+
+def test_unwritable_file_is_a_warning_not_a_crash(tmp_path: Path) -> None:
+    """A path that cannot be opened costs the lines, not the proxy."""
+    log = AccessLogFile(str(tmp_path / "missing-dir" / "a.log"), Clock(), Threads(eager=True))
+    log.write("x\n")
+    log.flush()
+    log.write("y\n")
+    log.flush()
+    assert log.busy is False
+
+
+class HandlerTests(SynchronousTestCase):
+    def test_proxied_request_is_logged_with_its_upstream_and_id(self) -> None:
+        """Through the proxy: the app gets X-Request-ID, the file line has the upstream and the same id."""
+        reactor = MemoryReactorClock()
+        reactor.advance(1000.0)
+        self.patch(FakeExchange, "clock", reactor)
+        path = self.mktemp()
+        file = AccessLogFile(path, reactor, Threads(eager=True))
+        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
+        handler = ProxyHandler(reactor, [site], Server(), AccessLog(reactor, file=file, stdout=False))
+        exchange = FakeExchange(head(method=b"POST", body=b"hello"), b"hello")
+        handler.handle(exchange)
+        protocol = reactor.tcpClients[0][2].buildProtocol(None)
+        wire = StringTransport()
+        protocol.makeConnection(wire)
+        self.assertIn(b"x-request-id: " + exchange.request_id.encode() + b"\r\n", wire.value())
+        reactor.advance(0.25)
+        protocol.dataReceived(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\nok")
+        file.flush()
+        record = json.loads(Path(path).read_text())
+        self.assertEqual(record["upstream"], "http://127.0.0.1:8000")
+        self.assertEqual((record["status"], record["bytes_in"], record["bytes_out"]), (201, 5, 2))
+        self.assertEqual(record["request_id"], exchange.request_id)
+        self.assertEqual(record["duration_ms"], 250.0)
+        self.assertEqual(record["site"], "app.test")
+
+
+def test_no_fd_leak_on_reopen(tmp_path: Path) -> None:
+    """Reopening closes the old descriptor: one file of ours is open, whatever the rotations."""
+
+    def open_here() -> int:
+        fds = Path("/proc/self/fd")
+        return sum(1 for fd in fds.iterdir() if os.path.realpath(fd).startswith(str(tmp_path)))
+
+    log = AccessLogFile(str(tmp_path / "a.log"), Clock(), Threads(eager=True))
+    for n in range(3):
+        log.write(f"{n}\n")
+        log.flush()
+        (tmp_path / "a.log").rename(tmp_path / f"a.log.{n}")
+        log.reopen()
+    log.write("last\n")
+    log.flush()
+    assert open_here() == 1
+    log.close()
+    assert open_here() == 0
+
+
+def test_request_ids_differ_across_a_fork() -> None:
+    """Ids are unique in a process, and a forked worker gets a prefix of its own."""
+    first, second = accesslog.new_request_id(), accesslog.new_request_id()
+    assert first != second and len(first) == len(second) == 24
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.write(write, accesslog.new_request_id().encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.close(write)
+    assert child[:16] != first[:16]
