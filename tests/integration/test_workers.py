@@ -447,3 +447,32 @@ def test_sighup_with_more_workers_replaces_them_all(tmp_path: Path, backend: int
                 break
         assert set(running_proxy.served_by(start_line)) == {0, 1, 2}
         assert "replacing it" not in running_proxy.process.output  # no new worker died
+
+
+def test_sigusr1_to_the_supervisor_reopens_every_workers_access_log(tmp_path: Path, backend: int) -> None:
+    """Both workers append to the access log file; after a rename, SIGUSR1 to the supervisor makes both reopen it."""
+    for running_proxy in start(tmp_path, backend):
+        log_file = tmp_path / "access.log"
+        text = running_proxy.config.read_text().replace("[server]\n", f'[server]\naccess_log_file = "{log_file}"\n', 1)
+        running_proxy.config.write_text(text)
+        start_line = len(running_proxy.process.lines)
+        running_proxy.process.signal(signal.SIGHUP)
+        deadline = time.monotonic() + 20
+        while sum("configuration reloaded" in line for line in running_proxy.process.lines[start_line:]) < WORKERS:
+            assert time.monotonic() < deadline, running_proxy.process.output
+            time.sleep(0.1)
+        requests_until_every_worker(running_proxy)
+        deadline = time.monotonic() + 10
+        while not log_file.exists():  # written about once a second
+            assert time.monotonic() < deadline, "no access log file"
+            time.sleep(0.2)
+        os.rename(log_file, tmp_path / "access.log.1")
+        os.kill(running_proxy.process.proc.pid, signal.SIGUSR1)  # the supervisor alone
+        time.sleep(1)
+        start_line = len(running_proxy.process.lines)
+        assert requests_until_every_worker(running_proxy) == set(range(WORKERS))
+        made = len(running_proxy.served_by(start_line))
+        deadline = time.monotonic() + 10
+        while not log_file.exists() or len(log_file.read_text().splitlines()) < made:
+            assert time.monotonic() < deadline, "the workers did not reopen the access log file"
+            time.sleep(0.2)

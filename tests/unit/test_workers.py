@@ -52,7 +52,9 @@ class FakeProcess:
     def writeToChild(self, fd: int, data: bytes) -> None:
         self.written.append((fd, data))
 
-    def signalProcess(self, name: str) -> None:
+    def signalProcess(self, name: str | int) -> None:
+        if not isinstance(name, int) and name not in ("HUP", "STOP", "INT", "KILL", "TERM"):
+            raise TypeError(f"Twisted passes {name!r} to os.kill as it is")
         self.signals.append(name)
 
     def messages(self) -> list[dict[str, Any]]:
@@ -371,3 +373,10 @@ def test_reload_moves_the_admin_endpoint(tmp_path: Path) -> None:
     service.reload()
     assert [port for port, _, _, _ in reactor.tcpServers] == [9100, 9200]
     assert service.admin_listener is not None and service.admin_listener.description == "tcp:9200:interface=127.0.0.1"
+
+
+def test_sigusr1_reaches_every_worker(tmp_path: Path) -> None:
+    """SIGUSR1 to the supervisor (logrotate's postrotate) is passed to every worker, which reopens its file."""
+    service, _, spawner, _ = supervisor(tmp_path)
+    service.reopen_logs()
+    assert [spawner.latest(i)[1].signals for i in range(2)] == [[signal.SIGUSR1], [signal.SIGUSR1]]

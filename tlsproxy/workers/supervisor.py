@@ -178,7 +178,7 @@ class WorkerProcess(ProcessProtocol):
         for message in messages:
             self.supervisor.on_message(self.slot, message)
 
-    def signal(self, name: str) -> None:
+    def signal(self, name: str | int) -> None:
         if not self.ended:
             try:
                 self.transport.signalProcess(name)
@@ -433,8 +433,15 @@ class Supervisor(MultiService):
     def _install_signal_handlers(self) -> None:
         if hasattr(signal, "SIGHUP"):
             signal.signal(signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+        if hasattr(signal, "SIGUSR1"):
+            signal.signal(signal.SIGUSR1, lambda signum, frame: self.reactor.callFromThread(self.reopen_logs))
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda signum, frame: self.reactor.callFromThread(self.terminate, signum))
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1 (logrotate): every worker reopens its access log file."""
+        for process in self.live():
+            process.signal(signal.SIGUSR1)  # (Twisted names only HUP, STOP, INT, KILL and TERM)
 
     def terminate(self, signum: int) -> None:
         name = signal.Signals(signum).name

@@ -160,12 +160,12 @@ class WorkerService(ProxyService):
         return AdoptedListener(self.reactor, fd, key[1], factory, key[0], refused)
 
     def _install_signal_handlers(self) -> None:
+        super()._install_signal_handlers()  # SIGTERM drains, SIGUSR1 reopens the access log file
         # A terminal's Ctrl-C and SIGHUP reach the whole process group: the
         # supervisor decides what they mean and tells us.
         for name in ("SIGHUP", "SIGINT"):
             if hasattr(signal, name):
                 signal.signal(getattr(signal, name), signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, lambda signum, frame: self.reactor.callFromThread(self._terminate, signum))
 
     def announce_ready(self) -> None:
         self.log.info("worker {index} ready", index=self.index)
