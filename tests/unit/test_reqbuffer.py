@@ -11,7 +11,9 @@ import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
@@ -271,15 +273,15 @@ class BodyTests(SynchronousTestCase):
         self.threads.run_all()
 
 
-class SocketTransport:
-    """The part of a Twisted socket transport that sendfile looks at; written bytes wait in dataBuffer."""
+class SocketTransport(FileDescriptor):
+    """A Twisted socket transport as sendfile sees it; written bytes wait in dataBuffer until flushed."""
 
     def __init__(self, sock: socket.socket) -> None:
+        super().__init__(reactor=Clock())
         self.socket = sock
         self.connected = True
         self.disconnecting = False
         self.dataBuffer = b""
-        self._tempDataBuffer: list[bytes] = []
 
     def flush(self) -> None:
         """What Twisted does once the socket drains: send what waited."""
@@ -333,6 +335,23 @@ class SendfileTests(SynchronousTestCase):
         self.threads.run_all()
         self.assertEqual(self.receive(len(self.payload)), self.payload)
         self.assertEqual((seen.sent, self.conn.writes), ([self.conn], 0))
+
+    def test_a_wrapping_transport_is_written_through(self) -> None:
+        """A transport that only forwards to a socket (a TLS wrapper) never gets sendfile: bytes go through it."""
+
+        class Wrapper:
+            def __init__(self, inner: SocketTransport) -> None:
+                self.inner = inner
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.inner, name)
+
+        self.conn.transport = Wrapper(self.conn.transport)  # type: ignore[assignment]
+        self.conn.pause_on_write = False
+        seen = Recorder()
+        self.body.send(self.conn, seen.done_sending)
+        self.threads.run_all()
+        self.assertEqual((self.conn.data, seen.sent), (self.payload, [self.conn]))
 
     def test_full_socket_hands_one_chunk_to_the_transport(self) -> None:
         """sendfile stopped by a full socket: one chunk goes through the transport, whose drain resumes sendfile."""

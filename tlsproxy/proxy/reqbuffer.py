@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
@@ -163,6 +164,8 @@ def send_file(sock_fd: int, fd: int, offset: int, count: int) -> int:
 def socket_of(conn: Any) -> socket.socket | None:
     """The app connection's socket when sendfile may write to it now (nothing queued before), else None."""
     transport: Any = getattr(conn, "transport", None)
+    if not isinstance(transport, FileDescriptor):
+        return None  # a wrapper (TLS to an app, one day) would forward .socket: bytes must go through it
     sock = getattr(transport, "socket", None)
     if (
         not isinstance(sock, socket.socket)
