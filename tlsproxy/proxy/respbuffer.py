@@ -219,7 +219,8 @@ class ResponseBuffer:
         in_order = self._write_at == self._read_at and self._writing is None and not self._back
         below_total = space.in_memory < space.memory_total
         fits = self._front_bytes + len(data) <= space.memory_each and below_total
-        # Pacing, the app is paused already; what it sent before that stays in memory.
+        # Unless the client is known slow, a full share pauses the app (_check_app) rather than
+        # spilling: what the app sent before it saw the pause stays in memory, in order.
         paced = not self.slow and below_total and space.stall > 0
         space.in_memory += len(data)
         if in_order and (fits or paced or self._file_failed):
