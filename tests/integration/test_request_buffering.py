@@ -233,6 +233,28 @@ def test_expect_100_continue_with_curl(proxy: Proxy, tmp_path: Path) -> None:
     assert elapsed < 10, f"curl waited {elapsed:.1f}s: no 100 Continue"
 
 
+def test_expect_100_continue_with_curl_over_http2(proxy: Proxy, tmp_path: Path) -> None:
+    """Over HTTP/2 too, curl waiting for a 100 before its body gets it at once (an interim HEADERS frame)."""
+    source = tmp_path / "body"
+    data = payload(2 * MB)
+    source.write_bytes(data)
+    start = time.monotonic()
+    done = subprocess.run(
+        [
+            "curl", "-sS", "--http2", "--cacert", str(proxy.pki.ca_pem), "--expect100-timeout", "20",
+            "-H", "Expect: 100-continue", "--data-binary", f"@{source}", "-w", "\n%{http_version}",
+            f"{proxy.origin()}/body-hash",
+        ],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    elapsed = time.monotonic() - start
+    assert done.returncode == 0, done.stderr
+    body, _, version = done.stdout.rpartition("\n")
+    assert version == "2"
+    assert json.loads(body) == expected(data)
+    assert elapsed < 10, f"curl waited {elapsed:.1f}s: no 100 over HTTP/2"
+
+
 def test_expect_over_the_limit_is_413_without_100(proxy: Proxy) -> None:
     """A Content-Length over max_body_size with Expect: 100-continue gets 413 and never a 100."""
     with proxy.raw(timeout=10) as conn:

@@ -316,7 +316,9 @@ class ResponseSideTests(SynchronousTestCase):
         self.records = Records()
         self.metrics = Metrics()
         sites = [Site(hosts=("app.test",), upstream=upstream, tls="files", **site)]
-        return ProxyHandler(self.reactor, sites, self.server, access_log=self.records, metrics=self.metrics)  # type: ignore[arg-type]
+        handler = ProxyHandler(self.reactor, sites, self.server, access_log=self.records, metrics=self.metrics)  # type: ignore[arg-type]
+        handler.response_buffers.stall = 0.0  # these clients stop for good: slow at once, no pacing
+        return handler
 
     def request(self, method: bytes = b"GET") -> FakeExchange:
         exchange = FakeExchange(head(method))
@@ -337,6 +339,26 @@ class ResponseSideTests(SynchronousTestCase):
         body = bytes(range(256)) * (size // 256)
         app.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n" % (len(body), extra))
         return body
+
+    def test_client_that_keeps_up_paces_the_app(self) -> None:
+        """A client whose socket is full for a moment pauses the app's connection instead of filling a file."""
+        self.handler.response_buffers.stall = 0.5
+        exchange = self.request()
+        app, _ = self.connect()
+        body = self.big_answer(app, 1024 * 1024)
+        exchange.producer.pauseProducing()
+        at = 0
+        while at < len(body) and not app.response_paused:
+            app.dataReceived(body[at : at + 65536])
+            at += 65536
+        self.assertTrue(app.response_paused, "the app waits for the client")
+        self.assertEqual(self.handler.response_buffers.files, 0)
+        self.reactor.advance(0.25)
+        exchange.producer.resumeProducing()
+        self.assertFalse(app.response_paused)
+        app.dataReceived(body[at:])
+        self.assertEqual(exchange.body, body)
+        self.assertEqual((self.handler.response_buffers.files, self.handler.response_buffers.in_memory), (0, 0))
 
     def test_slow_client_frees_the_app_connection(self) -> None:
         """A client that stops reading does not pause the app: the whole answer is taken, the connection pooled."""

@@ -5,16 +5,26 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import socket
 import stat
 import tempfile
 from collections.abc import Callable
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from tlsproxy.proxy.reqbuffer import BodyStoreError, BufferLimits, BufferPool, RequestBody, open_buffer_file
+from tlsproxy.proxy.reqbuffer import (
+    BodyStoreError,
+    BufferLimits,
+    BufferPool,
+    RequestBody,
+    open_buffer_file,
+    write_all,
+)
 
 
 class FakeThreads:
@@ -241,6 +251,129 @@ class BodyTests(SynchronousTestCase):
         self.threads.run_all()
         self.assertEqual((len(self.closed), self.pool.held, self.pool.files), (1, 0, 0))
 
+    def test_small_additions_are_gathered_into_one_write(self) -> None:
+        """Once in a file, bytes wait for write_batch of them (or the end) before a thread writes them."""
+        pool = BufferPool(self.dir, BufferLimits(memory=10, write_behind=100, write_batch=6), self.threads)
+        body = pool.body("c1", Recorder().pause, Recorder().resume, Recorder().failed)
+        body.add(b"x" * 11)
+        self.threads.run_all()  # open, then the 11 bytes held so far
+        for piece in (b"ab", b"cd"):
+            body.add(piece)
+            self.assertEqual(self.threads.names(), [], "4 bytes: not worth a thread yet")
+        body.add(b"ef")
+        self.assertEqual(self.threads.names(), ["write"])
+        self.threads.run_all()
+        body.add(b"g")
+        seen = Recorder()
+        body.stored(seen.done)
+        self.assertEqual(self.threads.names(), ["write"], "the end writes what is left, however little")
+        self.threads.run_all()
+        self.assertEqual((seen.stored, os.pread(body._fd, 100, 0)), (1, b"x" * 11 + b"abcdefg"))
+        body.close()
+        self.threads.run_all()
+
+
+class SocketTransport(FileDescriptor):
+    """A Twisted socket transport as sendfile sees it; written bytes wait in dataBuffer until flushed."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(reactor=Clock())
+        self.socket = sock
+        self.connected = True
+        self.disconnecting = False
+        self.dataBuffer = b""
+
+    def flush(self) -> None:
+        """What Twisted does once the socket drains: send what waited."""
+        self.socket.setblocking(True)
+        self.socket.sendall(self.dataBuffer)
+        self.socket.setblocking(False)
+        self.dataBuffer = b""
+
+
+class SocketConn(FakeConn):
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__(pause_on_write=True)
+        self.transport = SocketTransport(sock)
+
+    def write(self, data: bytes) -> None:
+        self.transport.dataBuffer += data
+        super().write(data)
+
+
+class SendfileTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.threads = FakeThreads()
+        limits = BufferLimits(memory=10, write_behind=1 << 20, read_chunk=1000, sendfile_chunk=1 << 20)
+        self.pool = BufferPool(os.path.join(scratch(self), "buffers"), limits, self.threads)
+        ours, self.app = socket.socketpair()
+        ours.setblocking(False)
+        self.addCleanup(ours.close)
+        self.addCleanup(self.app.close)
+        self.conn = SocketConn(ours)
+        self.payload = bytes(range(256)) * 4000  # 1,024,000 bytes
+        self.body = self.pool.body("c1", Recorder().pause, Recorder().resume, Recorder().failed)
+        self.body.add(self.payload)
+        self.threads.run_all()
+        self.addCleanup(self.threads.run_all)
+        self.addCleanup(self.body.close)
+
+    def receive(self, count: int) -> bytes:
+        got = bytearray()
+        self.app.settimeout(5)
+        while len(got) < count:
+            got += self.app.recv(count - len(got))
+        return bytes(got)
+
+    def test_stored_body_goes_to_a_socket_by_sendfile(self) -> None:
+        """A body in a file reaches a plain socket by sendfile in a thread, not read back through the reactor."""
+        self.app.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.conn.transport.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+        seen = Recorder()
+        self.body.send(self.conn, seen.done_sending)
+        self.assertEqual(self.threads.names(), ["send_file"])
+        self.threads.run_all()
+        self.assertEqual(self.receive(len(self.payload)), self.payload)
+        self.assertEqual((seen.sent, self.conn.writes), ([self.conn], 0))
+
+    def test_a_wrapping_transport_is_written_through(self) -> None:
+        """A transport that only forwards to a socket (a TLS wrapper) never gets sendfile: bytes go through it."""
+
+        class Wrapper:
+            def __init__(self, inner: SocketTransport) -> None:
+                self.inner = inner
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(self.inner, name)
+
+        self.conn.transport = Wrapper(self.conn.transport)  # type: ignore[assignment]
+        self.conn.pause_on_write = False
+        seen = Recorder()
+        self.body.send(self.conn, seen.done_sending)
+        self.threads.run_all()
+        self.assertEqual((self.conn.data, seen.sent), (self.payload, [self.conn]))
+
+    def test_full_socket_hands_one_chunk_to_the_transport(self) -> None:
+        """sendfile stopped by a full socket: one chunk goes through the transport, whose drain resumes sendfile."""
+        seen = Recorder()
+        self.body.send(self.conn, seen.done_sending)
+        received = bytearray()
+        for _ in range(1000):
+            if seen.sent:
+                break
+            self.assertTrue(self.threads.pending, "stuck: nothing to run and not done")
+            name = self.threads.names()[0]
+            self.threads.run_one()
+            if name == "read":
+                self.assertNotEqual(self.conn.transport.dataBuffer, b"", "the chunk waits in the transport")
+                received += self.app.recv(1 << 20)
+                self.conn.transport.flush()
+                self.conn.producer.resumeProducing()
+        received += self.receive(len(self.payload) - len(received))
+        self.assertEqual(bytes(received), self.payload)
+        self.assertGreater(self.conn.writes, 0, "the socket was full at least once")
+        self.assertEqual(seen.sent, [self.conn])
+
 
 class FileTests(SynchronousTestCase):
     def test_buffer_file_is_unlinked_in_a_private_directory(self) -> None:
@@ -257,6 +390,16 @@ class FileTests(SynchronousTestCase):
             self.assertEqual(os.pread(fd, 10, 0), b"data")
         finally:
             os.close(fd)
+
+    def test_write_all_writes_every_piece_in_order(self) -> None:
+        """Pieces are written as they are, in order, more of them than one writev takes."""
+        fd = open_buffer_file(os.path.join(scratch(self), "buffers"))
+        self.addCleanup(os.close, fd)
+        pieces = [bytes([i % 256]) * (i % 7 + 1) for i in range(3000)]
+        write_all(fd, pieces)
+        write_all(fd, b"end")
+        expected = b"".join(pieces) + b"end"
+        self.assertEqual(os.pread(fd, len(expected) + 10, 0), expected)
 
 
 class SynchronousFailureTests(SynchronousTestCase):

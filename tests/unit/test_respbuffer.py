@@ -85,9 +85,10 @@ class Client:
 
 
 def make(
-    directory: Path, runner: StepRunner, limit: int = 1 << 30, memory_each: int = 1024
+    directory: Path, runner: StepRunner, limit: int = 1 << 30, memory_each: int = 1024, stall: float = 0.0
 ) -> tuple[BufferSpace, ResponseBuffer, Client]:
-    space = BufferSpace(Clock(), str(directory / "buffers"), limit, memory_each=memory_each, run=runner)
+    """A buffer whose client is slow from the start (stall 0: no pacing), unless ``stall`` says otherwise."""
+    space = BufferSpace(Clock(), str(directory / "buffers"), limit, memory_each=memory_each, stall=stall, run=runner)
     client = Client()
     buffer = ResponseBuffer(space, client)
     client.buffer = buffer
@@ -293,3 +294,90 @@ def test_default_runner_without_threads_runs_inline(tmp_path: Path) -> None:
     results: list[int] = []
     space.run(len, b"abc").addCallback(results.append)
     assert results == [3]
+
+
+def test_client_that_keeps_up_paces_the_app_instead_of_spilling(tmp_path: Path) -> None:
+    """A full memory share pauses the app; a client that soon takes half of it resumes it; no file is used."""
+    runner = StepRunner()
+    space, buffer, client = make(tmp_path, runner, memory_each=4000, stall=0.5)
+    clock = space.reactor
+    for _ in range(5):
+        buffer.pause()
+        for piece in pieces(4):
+            buffer.add(piece)
+        assert client.app_paused, "the share is full: the app waits"
+        buffer.add(bytes(1000))  # what the app sent before it saw the pause is kept in order
+        clock.advance(0.25)
+        client.read(2000)
+        assert client.app_paused, "not halved yet"
+        client.read(1000)
+        assert not client.app_paused, "halved within STALL: the app goes on"
+        client.read(1 << 20)
+    assert runner.calls == [] and space.files == 0
+    assert bytes(client.got) == b"".join((b"".join(pieces(4)) + bytes(1000)) for _ in range(5))
+    assert space.in_memory == 0
+    buffer.close()
+    assert clock.getDelayedCalls() == []
+
+
+def test_client_that_stalls_is_slow_and_its_answer_goes_to_the_file(tmp_path: Path) -> None:
+    """A full share not halved within STALL: the app resumes, the rest goes to the file, all arrives in order."""
+    runner = StepRunner()
+    space, buffer, client = make(tmp_path, runner, memory_each=4000, stall=0.5)
+    clock = space.reactor
+    buffer.pause()
+    sent = pieces(10)
+    for piece in sent[:4]:
+        buffer.add(piece)
+    assert client.app_paused and runner.calls == []
+    clock.advance(0.375)
+    assert client.app_paused
+    clock.advance(0.125)
+    assert buffer.slow and not client.app_paused, "slow: the app is let go"
+    for piece in sent[4:]:
+        buffer.add(piece)
+    assert [c[0] for c in runner.calls] == [respbuffer.open_unlinked], "the rest goes to the file"
+    runner.run_all()
+    client.read(1 << 20)
+    runner.run_all()
+    buffer.end()
+    runner.run_all()
+    assert bytes(client.got) == b"".join(sent)
+    assert client.done
+
+
+def test_slow_client_that_caught_up_is_paced_again(tmp_path: Path) -> None:
+    """Once a slow client has taken every byte held, the next full share paces the app again."""
+    runner = StepRunner()
+    space, buffer, client = make(tmp_path, runner, memory_each=4000, stall=0.5)
+    buffer.pause()
+    for piece in pieces(4):
+        buffer.add(piece)
+    space.reactor.advance(0.5)
+    assert buffer.slow
+    client.read(1 << 20)
+    runner.run_all()
+    assert not buffer.slow
+    buffer.pause()
+    for piece in pieces(4):
+        buffer.add(piece)
+    assert client.app_paused and runner.calls == []
+
+
+def test_stall_is_timed_from_the_latest_pause(tmp_path: Path) -> None:
+    """A check that finds the app paced again since looks again when that pause is STALL old."""
+    runner = StepRunner()
+    space, buffer, client = make(tmp_path, runner, memory_each=4000, stall=0.5)
+    clock = space.reactor
+    buffer.pause()
+    for piece in pieces(4):
+        buffer.add(piece)
+    clock.advance(0.125)
+    client.read(2000)  # halved: the app goes on
+    buffer.pause()
+    buffer.add(bytes(2000))  # full again at t=0.125: a new pause
+    assert client.app_paused
+    clock.advance(0.375)  # the first check, at 0.5: this pause is 0.375 old
+    assert client.app_paused and not buffer.slow
+    clock.advance(0.125)
+    assert buffer.slow and not client.app_paused

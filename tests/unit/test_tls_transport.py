@@ -164,6 +164,36 @@ class TransportTests(SynchronousTestCase):
         self.assertTrue(client.closed_by_server)
         self.assertTrue(tcp.disconnecting)
 
+    def test_records_of_one_read_go_up_in_one_call(self) -> None:
+        """Many records read at once reach the protocol above in calls of up to 128 KiB, in order, whole."""
+        server, tcp, client = self.connect()
+        self.pump(server, tcp, client)
+        calls: list[bytes] = []
+        server.wrapped.dataReceived = calls.append  # type: ignore[method-assign]
+        small = bytes(range(256)) * 200  # 51,200 bytes: four records
+        client.tls.sendall(small)
+        server.dataReceived(client.outgoing())
+        self.assertEqual(calls, [small])
+        calls.clear()
+        big = bytes(range(256)) * 1200  # 307,200 bytes: nineteen records
+        client.tls.sendall(big)
+        server.dataReceived(client.outgoing())
+        self.assertEqual(b"".join(calls), big)
+        self.assertEqual(len(calls), 3)
+        self.assertTrue(all(len(c) <= 1 << 17 for c in calls))
+
+    def test_data_then_close_notify_in_one_read(self) -> None:
+        """Records and the client's close_notify read together: the data goes up first, then the close."""
+        server, tcp, client = self.connect()
+        self.pump(server, tcp, client)
+        calls: list[bytes] = []
+        server.wrapped.dataReceived = calls.append  # type: ignore[method-assign]
+        client.tls.sendall(b"x" * 20000)
+        client.tls.shutdown()
+        server.dataReceived(client.outgoing())
+        self.assertEqual(calls, [b"x" * 20000])
+        self.assertTrue(tcp.disconnecting)
+
     def test_client_close_notify_closes(self) -> None:
         """The client's close_notify is answered and the connection closed."""
         server, tcp, client = self.connect()

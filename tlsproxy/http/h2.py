@@ -495,6 +495,11 @@ class H2Exchange:
     def set_observer(self, observer: ExchangeObserver) -> None:
         self._observer = observer
 
+    def send_continue(self) -> None:
+        """An interim 100 (a HEADERS frame without END_STREAM) for a client waiting on ``expect: 100-continue``."""
+        if not self._started and not self._body_done and not self._reset:
+            self._proto.send_headers(self.stream_id, [(b":status", b"100")], False)
+
     # -- response ------------------------------------------------------------
 
     @property

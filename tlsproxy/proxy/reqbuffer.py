@@ -8,24 +8,34 @@ per-connection or a total budget, a body goes to an anonymous temporary file
 (unlinked from the start, so a crash leaves nothing behind).  Every file
 operation runs in a thread: the reactor only hands bytes over and takes them
 back, with back-pressure both ways.
+
+Each thread hop costs a few context switches and a handover of the GIL, and
+on a busy reactor the handover is what costs most: so bytes go to the file
+in batches of ``write_batch``, and a stored body goes to an app's socket by
+``sendfile`` (in a thread, on a non-blocking socket, so the kernel copies the
+bytes without our reading them back) as much as the socket takes.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
 import stat
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from tlsproxy.compat.twisted import nothing_buffered
 
 # Errors that mean "no room", which the client hears as 507, not as our bug.
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -49,8 +59,10 @@ class BufferLimits:
     memory: int = 1024 * 1024  # one request
     connection_memory: int = 4 * 1024 * 1024  # all requests of one client connection (h2 streams)
     total_memory: int = 64 * 1024 * 1024  # every request in the process
-    write_behind: int = 256 * 1024  # bytes on their way to the file before the client is paused
-    read_chunk: int = 256 * 1024  # bytes read back from the file at a time
+    write_behind: int = 2 * 1024 * 1024  # bytes on their way to the file before the client is paused
+    read_chunk: int = 256 * 1024  # bytes read back from the file at a time (when sendfile cannot serve)
+    write_batch: int = 512 * 1024  # bytes gathered for one write to the file (or fewer, at the end)
+    sendfile_chunk: int = 8 * 1024 * 1024  # most bytes one sendfile call in a thread may move
 
 
 def threaded(reactor: Any) -> RunInThread:
@@ -100,16 +112,69 @@ def open_buffer_file(directory: str) -> int:
     return fd
 
 
-def write_all(fd: int, data: bytes) -> None:
-    """Append ``data`` to the file; blocking."""
-    view = memoryview(data)
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+_IOV_MAX = os.sysconf("SC_IOV_MAX")  # the most pieces one writev takes
+
+
+def write_all(fd: int, data: bytes | list[bytes]) -> None:
+    """Append ``data`` (bytes, or pieces written in order with one writev each time) to the file; blocking."""
+    pieces = [memoryview(data)] if isinstance(data, bytes) else [memoryview(piece) for piece in data]
+    while pieces:
+        written = os.writev(fd, pieces[:_IOV_MAX])
+        while pieces and written >= len(pieces[0]):
+            written -= len(pieces[0])
+            del pieces[0]
+        if written:
+            pieces[0] = pieces[0][written:]
 
 
 def read_at(fd: int, size: int, offset: int) -> bytes:
     return os.pread(fd, size, offset)
+
+
+# A socket the app closed or reset: the connection reports that itself.
+_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.ESHUTDOWN})
+
+
+def send_file(sock_fd: int, fd: int, offset: int, count: int) -> int:
+    """Up to ``count`` bytes of the file from ``offset`` to the non-blocking socket; blocking on the disk only.
+
+    Stops when the socket is full; returns the bytes sent (0: full at once,
+    or the app is gone).  ``sock_fd`` is our own duplicate, closed here: the
+    reactor may close its descriptor meanwhile, and its number be reused.
+    """
+    sent = 0
+    try:
+        while sent < count:
+            try:
+                n = os.sendfile(sock_fd, fd, offset + sent, count - sent)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError as e:
+                if e.errno in _PEER_GONE:
+                    break
+                raise
+            if n <= 0:
+                break  # the file ended early: the caller finds out
+            sent += n
+    finally:
+        os.close(sock_fd)
+    return sent
+
+
+def socket_of(conn: Any) -> socket.socket | None:
+    """The app connection's socket when sendfile may write to it now (nothing queued before), else None."""
+    transport: Any = getattr(conn, "transport", None)
+    if not isinstance(transport, FileDescriptor):
+        return None  # a wrapper (TLS to an app, one day) would forward .socket: bytes must go through it
+    sock = getattr(transport, "socket", None)
+    if (
+        not isinstance(sock, socket.socket)
+        or not transport.connected
+        or transport.disconnecting
+        or not nothing_buffered(transport)
+    ):
+        return None
+    return sock
 
 
 def describe(error: object) -> BodyStoreError:
@@ -178,11 +243,14 @@ class BufferPool:
                 raise
         return open_buffer_file(self.fallback)
 
-    def write(self, fd: int, data: bytes) -> None:
+    def write(self, fd: int, data: bytes | list[bytes]) -> None:
         write_all(fd, data)
 
     def read(self, fd: int, size: int, offset: int) -> bytes:
         return read_at(fd, size, offset)
+
+    def send_file(self, sock_fd: int, fd: int, offset: int, count: int) -> int:
+        return send_file(sock_fd, fd, offset, count)
 
     def close_file(self, fd: int) -> None:
         os.close(fd)
@@ -205,6 +273,7 @@ class RequestBody:
     _spilled = False
     _busy = 0  # file operations in flight
     _writing = False
+    _in_flight = 0  # bytes of the write in a thread now
     _paused = False
     _closed = False
     _error: BodyStoreError | None = None
@@ -255,6 +324,10 @@ class RequestBody:
                 self._pause()
             self._write_next()
 
+    def _unwritten(self) -> int:
+        """Bytes added but neither written nor on their way to the file."""
+        return self._held - self._in_flight
+
     def stored(self, done: Callable[[], None]) -> None:
         """Call ``done`` once every byte added is in memory or written to the file."""
         if self._error is not None or self._closed:
@@ -263,6 +336,7 @@ class RequestBody:
             done()
         else:
             self._on_stored = done
+            self._write_next()  # the last bytes, however few
 
     # -- the write-behind ------------------------------------------------------
 
@@ -281,15 +355,20 @@ class RequestBody:
     def _write_next(self) -> None:
         if self._writing or self._fd < 0 or not self._chunks or self._error is not None:
             return
+        limits = self.pool.limits
+        if self._on_stored is None and self._unwritten() < min(limits.write_batch, limits.write_behind):
+            return  # more will come: one larger write costs one thread hop, as a small one does
         chunks, self._chunks = self._chunks, []
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        size = sum(map(len, chunks))  # written as they are: joining them would copy every byte once more
         self._writing = True
+        self._in_flight = size
         self._busy += 1
-        self.pool.run_in_thread(self.pool.write, self._fd, data).addBoth(self._written, len(data))
+        self.pool.run_in_thread(self.pool.write, self._fd, chunks).addBoth(self._written, size)
 
     def _written(self, result: Failure | None, size: int) -> None:
         self._busy -= 1
         self._writing = False
+        self._in_flight = 0
         self.pool.release(self.connection, size)
         self._held -= size
         if self._closed:
@@ -381,6 +460,7 @@ class _Sender:
     _reading = False
     _paused = False
     _stopped = False
+    _socket_full = False  # sendfile stopped short: the next chunk goes through the transport
 
     def __init__(self, body: RequestBody, conn: Any, done: Callable[[Any], None]) -> None:
         self.body = body
@@ -402,8 +482,35 @@ class _Sender:
             return
         self._reading = True
         body._busy += 1
-        size = min(body.pool.limits.read_chunk, body.size - self._offset)
-        body.pool.run_in_thread(body.pool.read, body._fd, size, self._offset).addBoth(self._got)
+        pool = body.pool
+        left = body.size - self._offset
+        sock = None if self._socket_full else socket_of(self.conn)
+        if sock is not None:
+            size = min(pool.limits.sendfile_chunk, left)
+            pool.run_in_thread(pool.send_file, os.dup(sock.fileno()), body._fd, self._offset, size).addBoth(self._sent)
+            return
+        # Through the transport: when the socket is full, Twisted holds the
+        # chunk and pauses us, and its draining is what resumes us.
+        self._socket_full = False
+        size = min(pool.limits.read_chunk, left)
+        pool.run_in_thread(pool.read, body._fd, size, self._offset).addBoth(self._got)
+
+    def _sent(self, result: int | Failure) -> None:
+        body = self.body
+        body._busy -= 1
+        self._reading = False
+        if body._closed:
+            body._close_file()
+            return
+        if self._stopped:
+            return
+        if isinstance(result, Failure):
+            self._stop_with(describe(result.value))
+            return
+        self._offset += result
+        # Short of what was asked: the socket is full (or the app left, which its connection reports).
+        self._socket_full = self._offset < body.size and result < body.pool.limits.sendfile_chunk
+        self._read_next()
 
     def _got(self, result: bytes | Failure) -> None:
         body = self.body

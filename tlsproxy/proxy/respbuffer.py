@@ -6,6 +6,15 @@ client stops taking bytes, the rest of the answer goes to memory (a little)
 and then to a temporary file (up to a cap), while the client reads at its own
 pace; the app is paused only past the cap, or when the disk refuses a write.
 
+A client that keeps up is not slow: its socket is only full for a moment
+because the app (on the same machine) writes faster than we can encrypt.
+Sending its answer through the file would cost a write, a read and two
+thread hops per chunk, for nothing: so once the memory share is full, the
+app is paused ("paced") until the client has taken half of it.  A client
+that has not done so within ``STALL`` seconds (a rate under about
+``MEMORY_EACH / 2 / STALL``) is slow: the app resumes and the rest goes to
+the file, as above, until the client has caught up with all of it.
+
 The file is opened without a name (or unlinked at once), so nothing is left
 behind after a crash; every read, write, open and close of it runs in a
 thread, never on the reactor thread.
@@ -30,6 +39,7 @@ MEMORY_EACH = 256 * 1024  # held in memory per answer before it spills to the fi
 MEMORY_TOTAL = 64 * 1024 * 1024  # over this in memory for all answers, every new byte spills
 WRITE_BEHIND = 1024 * 1024  # bytes waiting for the file: past this the app waits for the disk
 READ_CHUNK = 256 * 1024
+STALL = 0.01  # a full memory share the client has not halved in this long: a slow client, spill
 
 
 def accel_buffering(fields: bytes) -> tuple[bytes, bool]:
@@ -102,6 +112,7 @@ class BufferSpace:
         *,
         memory_each: int = MEMORY_EACH,
         memory_total: int = MEMORY_TOTAL,
+        stall: float = STALL,
         run: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
         self.reactor = reactor
@@ -109,6 +120,7 @@ class BufferSpace:
         self.limit = limit
         self.memory_each = memory_each
         self.memory_total = memory_total
+        self.stall = stall  # 0: every client that stops is slow (no pacing)
         self.in_memory = 0  # bytes all buffers hold in memory
         self.files = 0  # temporary files open now
         if run is None:
@@ -173,6 +185,10 @@ class ResponseBuffer:
     ended = False
     closed = False
     app_paused = False
+    pacing = False  # the app waits for a client that keeps up (see the module docstring)
+    slow = False  # this client let a full memory share stand for STALL: bytes go to the file
+    _paced_at = 0.0
+    _stall_check: Any = None  # the pending DelayedCall
 
     def __init__(self, space: BufferSpace, output: BufferOutput) -> None:
         self.space = space
@@ -201,9 +217,13 @@ class ResponseBuffer:
             return
         space = self.space
         in_order = self._write_at == self._read_at and self._writing is None and not self._back
-        fits = self._front_bytes + len(data) <= space.memory_each and space.in_memory < space.memory_total
+        below_total = space.in_memory < space.memory_total
+        fits = self._front_bytes + len(data) <= space.memory_each and below_total
+        # Unless the client is known slow, a full share pauses the app (_check_app) rather than
+        # spilling: what the app sent before it saw the pause stays in memory, in order.
+        paced = not self.slow and below_total and space.stall > 0
         space.in_memory += len(data)
-        if in_order and (fits or self._file_failed):
+        if in_order and (fits or paced or self._file_failed):
             self._front.append(data)
             self._front_bytes += len(data)
         else:
@@ -231,6 +251,9 @@ class ResponseBuffer:
         if self.closed:
             return
         self.closed = True
+        if self._stall_check is not None:
+            self._stall_check.cancel()
+            self._stall_check = None
         writing = len(self._writing) if self._writing is not None else 0
         self.space.in_memory -= self._front_bytes + self._back_bytes + writing
         self._front.clear()
@@ -265,6 +288,8 @@ class ResponseBuffer:
             return
         if self._write_at == self._read_at and self._writing is None and not self._reading:
             self._read_at = self._write_at = 0  # the file is empty: use it again from the start
+            if not self._back and not self._front:
+                self.slow = False  # the client caught up with all of it: it may be paced again
         self._check_app()
         if self.ended and self.empty:
             self.close()
@@ -281,12 +306,45 @@ class ResponseBuffer:
         else:
             writing = len(self._writing) if self._writing is not None else 0
             too_much = self.size >= space.limit or self._back_bytes + writing > WRITE_BEHIND
+            if not too_much and self._should_pace():
+                too_much = True
+                if not self.pacing:
+                    self.pacing = True
+                    self._paced_at = space.reactor.seconds()
+                    if self._stall_check is None:
+                        self._stall_check = space.reactor.callLater(space.stall, self._stalled)
+            else:
+                self.pacing = False
         if too_much and not self.app_paused:
             self.app_paused = True
             self.output.pause_app()
         elif not too_much and self.app_paused:
             self.app_paused = False
             self.output.resume_app()
+
+    def _should_pace(self) -> bool:
+        """The memory share is full (or, paced already, not yet halved) and the client is not known slow."""
+        if self.slow or self.ended or self.space.stall <= 0:
+            return False
+        if self._write_at != self._read_at or self._writing is not None or self._back:
+            return False  # the file holds bytes already: the client is slow
+        share = self.space.memory_each
+        return self._front_bytes > share // 2 if self.pacing else self._front_bytes >= share
+
+    def _stalled(self) -> None:
+        """STALL after pacing began: a client still under its halved share is slow."""
+        self._stall_check = None
+        if self.closed or not self.pacing:
+            return
+        space = self.space
+        waited = space.reactor.seconds() - self._paced_at
+        if waited < space.stall:
+            # Paced again since the last check: look again when this pause is STALL old.
+            self._stall_check = space.reactor.callLater(space.stall - waited, self._stalled)
+            return
+        self.slow = True
+        self.pacing = False
+        self._check_app()
 
     # -- the file ----------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ from tlsproxy.tls.policy import served_names
 # thread, and each read is copied out before the next one starts.
 _SCRATCH_SIZE = 1 << 17
 _scratch = _ffi.new("char[]", _SCRATCH_SIZE)
+_RECORD = 1 << 14  # the most plaintext one TLS record carries
 
 # The OpenSSL calls of the hot paths, looked up once (an attribute of cffi's
 # lib object is found afresh on every use).
@@ -246,18 +247,32 @@ class TLSServerProtocol(Protocol):
     def _read(self) -> None:
         ssl = self._ssl
         into = self._into
+        got = 0
         while True:
-            result = _SSL_read(ssl, _scratch, 1 << 15)
+            # SSL_read gives one record (16 KiB at most) per call: the records
+            # of one socket read are gathered and handed up together, so an
+            # upload costs the protocol above one call per read, not per record.
+            result = _SSL_read(ssl, _scratch + got if got else _scratch, _SCRATCH_SIZE - got)
             if result > 0:
-                self.wrapped.dataReceived(_unpack(_scratch, result))
-                if self.lost or self.aborted:
-                    return
+                got += result
                 # Another record (or the rest of this one) to read?  Asking
                 # is cheaper than a read that finds nothing.
-                if not _SSL_pending(ssl) and not _BIO_pending(into, _NULL):
+                more = _SSL_pending(ssl) or _BIO_pending(into, _NULL)
+                if more and got <= _SCRATCH_SIZE - _RECORD:
+                    continue
+                self.wrapped.dataReceived(_unpack(_scratch, got))
+                got = 0
+                if self.lost or self.aborted:
+                    return
+                if not more:
                     break
                 continue
-            error = _SSL_get_error(ssl, result)
+            error = _SSL_get_error(ssl, result)  # before the protocol above makes calls of its own
+            if got:
+                self.wrapped.dataReceived(_unpack(_scratch, got))
+                got = 0
+                if self.lost or self.aborted:
+                    return
             if error == _WANT_READ:
                 break
             if error == _ZERO_RETURN:
