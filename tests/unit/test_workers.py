@@ -380,3 +380,18 @@ def test_sigusr1_reaches_every_worker(tmp_path: Path) -> None:
     service, _, spawner, _ = supervisor(tmp_path)
     service.reopen_logs()
     assert [spawner.latest(i)[1].signals for i in range(2)] == [[signal.SIGUSR1], [signal.SIGUSR1]]
+
+
+def test_the_entry_builds_one_process_or_a_supervisor(tmp_path: Path) -> None:
+    """workers = 1 builds today's single-process service; workers = 2 a supervisor; the plugin enters here."""
+    from tlsproxy import tap, workers
+
+    reactor = MemoryReactorClock()
+    reactor.spawnProcess = Spawner()  # type: ignore[attr-defined]
+    options = tap.Options()
+    one = configuration.load(str(write_config(tmp_path, workers=1)))
+    assert type(workers.build(reactor, one, options, None)) is tap.ProxyService
+    two = configuration.load(str(write_config(tmp_path, workers=2)))
+    assert isinstance(workers.build(reactor, two, options, None), Supervisor)
+    plugin = (Path(__file__).parents[2] / "twisted" / "plugins" / "tlsproxy_plugin.py").read_text()
+    assert '"tlsproxy.workers"' in plugin and workers.Options is tap.Options
