@@ -19,6 +19,7 @@ import trustme
 from acme import client as acme_client
 from h2.config import H2Configuration
 from h2.events import RequestReceived
+from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame
 from OpenSSL import SSL
 from packaging.requirements import Requirement
@@ -308,6 +309,40 @@ class H2CanaryTests(SynchronousTestCase):
         frame = DataFrame(1, data=b"too long")
         server.receive_data(frame.serialize())
         self.assertEqual(seen, [1])
+
+    def test_decoder_is_used_as_installed(self) -> None:
+        """After use_decoder, h2 decodes every block with decode(raw=True) and sets the two limits on it."""
+        from hpack import Decoder
+
+        calls: list[tuple[str, Any]] = []
+
+        class Recording:
+            def __init__(self) -> None:
+                self.inner = Decoder()
+
+            def decode(self, data: bytes, raw: bool = False) -> Any:
+                calls.append(("decode", raw))
+                return self.inner.decode(data, raw=raw)
+
+            def __setattr__(self, name: str, value: Any) -> None:
+                if name != "inner":
+                    calls.append((name, value))
+                object.__setattr__(self, name, value)
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        server = compat_h2.H2Connection(H2Configuration(client_side=False))
+        compat_h2.use_decoder(server, Recording())
+        server.initiate_connection()
+        server.update_settings({SettingCodes.MAX_HEADER_LIST_SIZE: 5000, SettingCodes.HEADER_TABLE_SIZE: 2048})
+        client.receive_data(server.data_to_send())
+        server.receive_data(client.data_to_send())  # the client's preface, SETTINGS and ACK
+        client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        events = server.receive_data(client.data_to_send())
+        self.assertIn(("max_header_list_size", 5000), calls)
+        self.assertIn(("max_allowed_table_size", 2048), calls)
+        self.assertIn(("decode", True), calls)
+        self.assertEqual(next(e for e in events if isinstance(e, RequestReceived)).headers[2], (b":scheme", b"https"))
 
     def test_hpack_tables(self) -> None:
         """hpack's static table and Huffman coder are RFC 7541's (Appendix A; the example in C.4.1)."""

@@ -1,4 +1,4 @@
-"""h2's private parts: the per-frame handler for DATA, and hpack's tables.
+"""h2's private parts: the per-frame handler for DATA, the HPACK decoder it calls, and hpack's tables.
 
 Tested with h2 4.1 to 4.4.  h2 raises a body-length error from inside its
 frame loop, where every ProtocolError ends the connection; RFC 9113 (8.1.1)
@@ -31,6 +31,17 @@ class StreamErrorConnection(H2Connection):
 
     def body_length_error(self, frame: Any) -> tuple[list[Any], list[Any]]:
         raise NotImplementedError
+
+
+def use_decoder(conn: H2Connection, decoder: Any) -> None:
+    """Have ``conn`` decode header blocks with ``decoder``.
+
+    h2 keeps its hpack Decoder in ``conn.decoder`` and calls only
+    ``decode(block, raw=True)`` on it, setting ``max_header_list_size`` and
+    ``max_allowed_table_size`` as settings are acknowledged: any object with
+    those serves.
+    """
+    conn.decoder = decoder
 
 
 def hpack_static_table() -> tuple[tuple[bytes, bytes], ...]:

@@ -26,20 +26,28 @@ from h2.events import (
 )
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
-from hpack import NeverIndexedHeaderTuple
+from hpack import (
+    Decoder,
+    HPACKDecodingError,
+    InvalidTableIndex,
+    InvalidTableSizeError,
+    NeverIndexedHeaderTuple,
+    OversizedHeaderListError,
+)
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tlsproxy.compat.h2 import StreamErrorConnection, hpack_huffman, hpack_static_table
+from tlsproxy.compat.h2 import StreamErrorConnection, hpack_huffman, hpack_static_table, use_decoder
 from tlsproxy.deadline import Deadline
 from tlsproxy.eventloop import at_batch_end
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
 from tlsproxy.http.server import Limits, client_address_of, valid_host
 from tlsproxy.http.wire import RequestError, split_fields, valid_field
+from tlsproxy.speedups import speedups
 
 MAX_STREAMS = 100
 STREAM_WINDOW = 1024 * 1024
@@ -225,6 +233,22 @@ class ResponseEncoder:
                 code = _hpack_field(field[0], field[1], isinstance(field, NeverIndexedHeaderTuple))
             parts.append(code)
         return b"".join(parts)
+
+
+if speedups is not None:
+    speedups.configure_hpack(HPACKDecodingError, InvalidTableIndex, OversizedHeaderListError, InvalidTableSizeError)
+
+
+def request_decoder() -> Any:
+    """An HPACK decoder for a client's header blocks: the C one when it is built, hpack's otherwise.
+
+    hpack's Decoder, in Python, was a fifth of the HTTP/2 path's time per
+    request (bench/README.md); the C one does the same (and raises the same
+    hpack errors) for every input, which tests/unit/test_hpack.py checks.
+    """
+    if speedups is not None:
+        return speedups.HpackDecoder()
+    return Decoder()
 
 
 # Request fields as parse_request takes them: a name is a lower-case token,
@@ -649,6 +673,7 @@ class H2ServerProtocol(Protocol):
             )
         )
         self.conn.encoder = ResponseEncoder()  # type: ignore[assignment]
+        use_decoder(self.conn, request_decoder())
         self.conn.reset_here = []
         self._timer: Any = None
         self._closed = False
