@@ -89,6 +89,20 @@ class H2Tests(SynchronousTestCase):
             if not to_server and not to_client:
                 return
 
+    def goaway_received(self) -> int | None:
+        """The error code of the GOAWAY our client has received, if it has."""
+        from h2.events import ConnectionTerminated
+
+        codes = [e.error_code for e in self.events if isinstance(e, ConnectionTerminated)]
+        return codes[-1] if codes else None
+
+    def assert_closes_once_quiet(self) -> None:
+        """After our GOAWAY for an error the connection stays open for a silent client only linger_quiet."""
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(self.limits.linger_quiet)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+
     def request(self, method: bytes = b"GET", extra: list | None = None, end: bool = True) -> int:
         stream = self.client.get_next_available_stream_id()
         headers = [(b":method", method), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
@@ -278,11 +292,11 @@ class H2Tests(SynchronousTestCase):
             self.client.send_headers(stream, fields, end_stream=True)
             self.client.reset_stream(stream)
             self.pump()
-            if self.transport.disconnecting:
+            if self.goaway_received() is not None:
                 break
         (goaway,) = [e for e in self.events if isinstance(e, ConnectionTerminated)]
         self.assertEqual(goaway.error_code, 11)  # ENHANCE_YOUR_CALM
-        self.assertTrue(self.transport.disconnecting)
+        self.assert_closes_once_quiet()
         self.assertLessEqual(len(self.handler.exchanges), RESET_BURST + 1)
 
     def test_provoked_resets_count_too(self) -> None:
@@ -292,9 +306,10 @@ class H2Tests(SynchronousTestCase):
         fields = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
         for _ in range(RESET_BURST + 50):
             self.send_fields([*fields, (b"connection", b"close")])
-            if self.transport.disconnecting:
+            if self.goaway_received() is not None:
                 break
         self.assertEqual([e.error_code for e in self.events if isinstance(e, ConnectionTerminated)], [11])
+        self.assert_closes_once_quiet()
         self.assertEqual(self.handler.exchanges, [])
 
     def test_ping_flood_gets_goaway(self) -> None:
@@ -309,9 +324,9 @@ class H2Tests(SynchronousTestCase):
             self.server.dataReceived(batch)
         self.assertFalse(self.transport.disconnecting)
         self.server.dataReceived(batch * 2)
-        self.assertTrue(self.transport.disconnecting)
         goaway = frames(self.transport.value())[-1]
         self.assertEqual((type(goaway).__name__, goaway.error_code), ("GoAwayFrame", 11))
+        self.assert_closes_once_quiet()
 
     def test_answered_streams_earn_resets(self) -> None:
         """A client whose streams are answered may cancel as many as it was served without being cut off."""
@@ -387,8 +402,53 @@ class H2Tests(SynchronousTestCase):
     def test_protocol_error_close_is_cut_off_sooner(self) -> None:
         """After a protocol error the client gets only the short linger to take our GOAWAY."""
         self.server.dataReceived(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # WINDOW_UPDATE of 0
-        self.assertTrue(self.transport.disconnecting)
+        self.assert_closes_once_quiet()
         self.clock.advance(self.limits.linger + 1)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_after_goaway_for_an_error_what_the_client_sends_is_dropped(self) -> None:
+        """After a protocol error we keep reading (so no reset destroys the GOAWAY) but act on nothing, then close."""
+        from hyperframe.frame import PingFrame
+
+        gone: list[int] = []
+
+        class Observing(Holding):
+            def handle(self, exchange: Any) -> None:
+                exchange.set_observer(type("O", (), {"client_gone": lambda _: gone.append(exchange.stream_id)})())
+                super().handle(exchange)
+
+        self.handler = self.server.handler = Observing()
+        stream = self.request()
+        self.server.dataReceived(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # WINDOW_UPDATE of 0
+        self.assertEqual([type(f).__name__ for f in frames(self.transport.value())], ["GoAwayFrame"])
+        self.assertEqual(gone, [stream])  # the app stops working for a client we have given up
+        self.transport.clear()
+        for _ in range(3):  # the client had more in flight: read, not answered, not closed on
+            self.clock.advance(self.limits.linger_quiet / 2)
+            self.server.dataReceived(PingFrame(0).serialize() + self.client.data_to_send())
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(self.limits.linger_quiet)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+
+    def test_lingering_after_goaway_is_bounded(self) -> None:
+        """A client that keeps sending after our GOAWAY is cut off after linger seconds, or linger_bytes."""
+        from hyperframe.frame import PingFrame
+
+        error = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00"  # WINDOW_UPDATE of 0
+        self.server.dataReceived(error)
+        waited = 0.0
+        while not self.transport.disconnected:
+            self.clock.advance(self.limits.linger_quiet / 2)
+            waited += self.limits.linger_quiet / 2
+            self.server.dataReceived(PingFrame(0).serialize())
+            self.assertLessEqual(waited, self.limits.linger + self.limits.linger_quiet)
+        self.assertGreaterEqual(waited, self.limits.linger)
+
+        self.setUp()
+        self.server.dataReceived(error)
+        self.server.dataReceived(b"\x00" * (self.limits.linger_bytes + 1))
         self.assertTrue(self.transport.disconnected)
 
     def test_client_that_does_not_read_is_not_read_and_then_cut_off(self) -> None:
@@ -425,7 +485,7 @@ class H2Tests(SynchronousTestCase):
         headers.data = b"\x82"  # :method GET, and no END_HEADERS
         self.server.dataReceived(headers.serialize())
         sent = 0
-        while not self.transport.disconnecting:
+        while not any(type(f).__name__ == "GoAwayFrame" for f in frames(self.transport.value())):
             continuation = ContinuationFrame(1)
             continuation.data = b"\x00" * 16000
             self.server.dataReceived(continuation.serialize())
@@ -434,6 +494,7 @@ class H2Tests(SynchronousTestCase):
         goaway = frames(self.transport.value())[-1]
         self.assertEqual((type(goaway).__name__, goaway.error_code), ("GoAwayFrame", 11))  # ENHANCE_YOUR_CALM
         self.assertEqual(self.handler.exchanges, [])
+        self.assert_closes_once_quiet()
 
     def test_hpack_bomb_is_bounded(self) -> None:
         """A small header block that decodes into a huge list (an HPACK bomb) ends the connection unanswered."""

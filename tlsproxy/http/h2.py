@@ -679,6 +679,10 @@ class H2ServerProtocol(Protocol):
         self._closed = False
         self._draining = False
         self._closing: Deadline | None = None  # armed by _close: the abort if a close takes too long
+        # After GOAWAY for an error: bytes still to drop (-1: not lingering), until when, and when the last came.
+        self._linger_left = -1
+        self._linger_until = self._linger_last = 0.0
+        self._lingering = Deadline(clock)
         self._reading_paused = False
         self._stall = Deadline(clock)  # armed while the client takes none of our bytes
         self.tracker: Any = None
@@ -779,6 +783,8 @@ class H2ServerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
+            if self._linger_left >= 0:
+                self._linger_drop(data)
             return
         if not self._heard:
             self._heard = True
@@ -802,9 +808,7 @@ class H2ServerProtocol(Protocol):
             events = self.conn.receive_data(data)
         except ProtocolError as e:
             self.log.info("HTTP/2 protocol error from {client}: {error}", client=self.client_address, error=e)
-            self._flush()
-            self._closed = True
-            self._close(self.limits.linger)
+            self._error_close()
             return
         for event in events:
             if isinstance(event, RequestReceived):
@@ -1030,8 +1034,50 @@ class H2ServerProtocol(Protocol):
             self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
         except ProtocolError:
             pass
+        self._error_close()
+
+    def _error_close(self) -> None:
+        """After our GOAWAY for the client's error: read and drop what it still sends, then close.
+
+        A socket closed with unread bytes is reset by the kernel, and the
+        reset can destroy the GOAWAY before the client has read why.  So, as
+        HTTP/1.1 does after an error answer, what the client still sends is
+        dropped until it has been quiet for linger_quiet, within linger
+        seconds and linger_bytes; past either it is cut off.
+        """
+        self._closed = True
         self._flush()
-        self._close(self.limits.linger)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        streams, self.streams = self.streams, {}
+        for exchange in streams.values():  # nothing more will reach the client: let the app go
+            exchange._client_gone()
+            exchange.deadline.stop()
+        limits = self.limits
+        self._linger_left = limits.linger_bytes
+        self._linger_last = now = self.clock.seconds()
+        self._linger_until = now + limits.linger
+        self._lingering.set(min(limits.linger_quiet, limits.linger), self._linger_timeout)
+
+    def _linger_drop(self, data: bytes) -> None:
+        """Lingering: drop what the client sent; cut it off if it sends too much, or for too long."""
+        self._linger_left -= len(data)
+        now = self.clock.seconds()
+        if self._linger_left < 0 or now >= self._linger_until:
+            self._lingering.stop()
+            self.transport.abortConnection()
+            return
+        self._linger_last = now
+        self._lingering.set(min(self.limits.linger_quiet, self._linger_until - now), self._linger_timeout)
+
+    def _linger_timeout(self) -> None:
+        if self.clock.seconds() - self._linger_last >= self.limits.linger_quiet - 1e-6:
+            self._linger_left = -1
+            self._close(self.limits.linger)  # it is quiet: no unread bytes to turn the close into a reset
+            return
+        self.log.info("HTTP/2 client {client} kept sending after our GOAWAY: cut off", client=self.client_address)
+        self.transport.abortConnection()
 
     def stream_done(self, exchange: H2Exchange) -> None:
         self._served += 1
@@ -1073,6 +1119,7 @@ class H2ServerProtocol(Protocol):
         self._closed = True
         if self._closing is not None:
             self._closing.stop()
+        self._lingering.stop()
         self._stall.stop()
         self._streams_timer.stop()
         if self.tracker is not None:
