@@ -96,13 +96,15 @@ class FrameWatch:
     flood of them can be told from use.
     """
 
-    __slots__ = ("_head", "_skip", "block", "control")
+    __slots__ = ("_head", "_skip", "bad_ack", "block", "control")
 
     def __init__(self) -> None:
         self._skip = 24  # the client's connection preface
         self._head = b""  # a frame header split between reads
         self.block = -1  # bytes of the open header block; -1: none open
         self.control = 0  # frames that carry no request, so far
+        # A SETTINGS ACK with a payload: a FRAME_SIZE_ERROR (RFC 9113 6.5), which h2 calls a PROTOCOL_ERROR.
+        self.bad_ack = False
 
     def feed(self, data: bytes) -> int:
         """Take the next bytes from the client; the largest a header block grew in them (-1: none open)."""
@@ -132,6 +134,8 @@ class FrameWatch:
                 or (kind == _DATA and not length and not frame[4] & _END_STREAM)
             ):
                 self.control += 1
+            elif kind == _SETTINGS and length:
+                self.bad_ack = True
             if kind == _CONTINUATION:
                 header_frame = block >= 0
                 if header_frame:
@@ -803,6 +807,14 @@ class H2ServerProtocol(Protocol):
             self._calm_down()
             return
         if watch.control != before and self._too_many_control_frames(before):
+            return
+        if watch.bad_ack:
+            self.log.info("HTTP/2 client {client} sent a SETTINGS ACK with a payload", client=self.client_address)
+            try:
+                self.conn.close_connection(error_code=ErrorCodes.FRAME_SIZE_ERROR)
+            except ProtocolError:
+                pass
+            self._error_close()
             return
         try:
             events = self.conn.receive_data(data)
