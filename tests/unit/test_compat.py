@@ -344,6 +344,40 @@ class H2CanaryTests(SynchronousTestCase):
         self.assertIn(("decode", True), calls)
         self.assertEqual(next(e for e in events if isinstance(e, RequestReceived)).headers[2], (b":scheme", b"https"))
 
+    def test_answer_headers_frames_match_h2s_own(self) -> None:
+        """answer_headers_frames writes the bytes h2's send_headers writes and leaves the same states behind."""
+        from h2.exceptions import StreamClosedError
+        from hpack import Encoder
+
+        def server_with_request(client: Any) -> Any:
+            server = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+            server.initiate_connection()
+            server.receive_data(client)
+            server.data_to_send()
+            return server
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        for stream in (1, 3):
+            client.send_headers(stream, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        request = client.data_to_send()
+        fields = [(b":status", b"200"), (b"x-big", b"v" * 40000)]  # over one frame: CONTINUATIONs too
+        for end in (True, False):
+            ours, theirs = server_with_request(request), server_with_request(request)
+            for stream, extra in ((1, []), (3, fields[1:])):
+                frames = compat_h2.answer_headers_frames(ours, stream, fields[:1] + extra, Encoder(), end)
+                theirs.encoder = Encoder()
+                theirs.send_headers(stream, fields[:1] + extra, end_stream=end)
+                self.assertEqual(frames, theirs.data_to_send())
+                self.assertEqual(ours.streams[stream].state_machine.state, theirs.streams[stream].state_machine.state)
+            self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
+            if not end:
+                ours.send_data(1, b"body", end_stream=True)  # h2 takes the stream's DATA after our HEADERS
+        self.assertIsNone(compat_h2.answer_headers_frames(ours, 99, fields[:1], Encoder(), True))
+        ours.streams[1].state_machine.process_input(compat_h2.StreamInputs.SEND_RST_STREAM)
+        with self.assertRaises(StreamClosedError):
+            compat_h2.answer_headers_frames(ours, 1, fields[:1], Encoder(), True)
+
     def test_hpack_tables(self) -> None:
         """hpack's static table and Huffman coder are RFC 7541's (Appendix A; the example in C.4.1)."""
         table = compat_h2.hpack_static_table()

@@ -40,7 +40,13 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tlsproxy.compat.h2 import StreamErrorConnection, hpack_huffman, hpack_static_table, use_decoder
+from tlsproxy.compat.h2 import (
+    StreamErrorConnection,
+    answer_headers_frames,
+    hpack_huffman,
+    hpack_static_table,
+    use_decoder,
+)
 from tlsproxy.deadline import Deadline
 from tlsproxy.eventloop import at_batch_end
 from tlsproxy.http import pages
@@ -676,7 +682,9 @@ class H2ServerProtocol(Protocol):
                 normalize_outbound_headers=False,
             )
         )
-        self.conn.encoder = ResponseEncoder()  # type: ignore[assignment]
+        self._encoder = self.conn.encoder = ResponseEncoder()  # type: ignore[assignment]
+        # Frames written without h2 (answer_headers_frames), in order with h2's own, until the next write.
+        self._pending: list[bytes] = []
         use_decoder(self.conn, request_decoder())
         self.conn.reset_here = []
         self._timer: Any = None
@@ -918,8 +926,17 @@ class H2ServerProtocol(Protocol):
             return 0
 
     def send_headers(self, stream_id: int, fields: Headers, end: bool) -> None:
+        conn = self.conn
         try:
-            self.conn.send_headers(stream_id, fields, end_stream=end)
+            frames = None
+            if fields[0][1][:1] != b"1":  # a final answer (h2 has rules of its own for 1xx)
+                frames = answer_headers_frames(conn, stream_id, fields, self._encoder, end)
+            if frames is None:
+                conn.send_headers(stream_id, fields, end_stream=end)
+            else:
+                # After what h2 holds (a stream's DATA always comes after its HEADERS).
+                self._pending.append(conn.data_to_send())
+                self._pending.append(frames)
         except (StreamClosedError, ProtocolError):
             return
         if not self._held:
@@ -1124,6 +1141,10 @@ class H2ServerProtocol(Protocol):
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
+        if self._pending:
+            self._pending.append(data)
+            data = b"".join(self._pending)
+            self._pending.clear()
         if data:
             self.transport.write(data)
 
