@@ -378,6 +378,39 @@ class H2CanaryTests(SynchronousTestCase):
         with self.assertRaises(StreamClosedError):
             compat_h2.answer_headers_frames(ours, 1, fields[:1], Encoder(), True)
 
+    def test_data_frame_header_matches_h2s_own(self) -> None:
+        """data_frame_header gives h2's DATA frame bytes and leaves the same states and windows behind."""
+        from hpack import Encoder
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        request = client.data_to_send()
+        twins = []
+        for _ in range(2):
+            server = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+            server.initiate_connection()
+            server.receive_data(request)
+            server.encoder = Encoder()
+            server.send_headers(1, [(b":status", b"200")])
+            server.data_to_send()
+            twins.append(server)
+        ours, theirs = twins
+        for data, end in ((b"a" * 1000, False), (b"", False), (b"b" * 500, True)):
+            header = compat_h2.data_frame_header(ours, 1, data, end)
+            theirs.send_data(1, data, end_stream=end)
+            self.assertEqual(header + data if header is not None else None, theirs.data_to_send())
+            self.assertEqual(ours.streams[1].state_machine.state, theirs.streams[1].state_machine.state)
+            self.assertEqual(ours.outbound_flow_control_window, theirs.outbound_flow_control_window)
+            self.assertEqual(
+                ours.streams[1].outbound_flow_control_window, theirs.streams[1].outbound_flow_control_window
+            )
+        self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
+        self.assertIsNone(compat_h2.data_frame_header(ours, 99, b"x", False))
+        client.send_headers(3, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        ours.receive_data(client.data_to_send())
+        self.assertIsNone(compat_h2.data_frame_header(ours, 3, b"x" * 70000, False), "past the 64 KiB window")
+
     def test_hpack_tables(self) -> None:
         """hpack's static table and Huffman coder are RFC 7541's (Appendix A; the example in C.4.1)."""
         table = compat_h2.hpack_static_table()

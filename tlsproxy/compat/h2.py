@@ -84,6 +84,32 @@ def answer_headers_frames(
     return b"".join(parts)
 
 
+def data_frame_header(conn: H2Connection, stream_id: int, data: bytes, end_stream: bool) -> bytes | None:
+    """The 9-byte header of a DATA frame carrying ``data``, h2's state and windows moved as its send_data moves them.
+
+    The frame's bytes are the caller's to write (header, then ``data``),
+    after what h2 holds.  None (nothing done) where h2's own send_data must
+    decide: a stream it no longer holds, or ``data`` past a window or the
+    frame size.
+    """
+    stream = conn.streams.get(stream_id)
+    size = len(data)
+    if (
+        stream is None
+        or size > conn.outbound_flow_control_window
+        or size > stream.outbound_flow_control_window
+        or size > conn.max_outbound_frame_size
+    ):
+        return None
+    conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
+    stream.state_machine.process_input(StreamInputs.SEND_DATA)
+    if end_stream:
+        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+    stream.outbound_flow_control_window -= size
+    conn.outbound_flow_control_window -= size
+    return size.to_bytes(3, "big") + (b"\x00\x01" if end_stream else b"\x00\x00") + stream_id.to_bytes(4, "big")
+
+
 def hpack_static_table() -> tuple[tuple[bytes, bytes], ...]:
     """HPACK's static table (RFC 7541 Appendix A), entry 1 first, as hpack keeps it."""
     from hpack.table import HeaderTable

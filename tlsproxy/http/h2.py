@@ -43,6 +43,7 @@ from twisted.python.failure import Failure
 from tlsproxy.compat.h2 import (
     StreamErrorConnection,
     answer_headers_frames,
+    data_frame_header,
     hpack_huffman,
     hpack_static_table,
     use_decoder,
@@ -934,8 +935,9 @@ class H2ServerProtocol(Protocol):
             if frames is None:
                 conn.send_headers(stream_id, fields, end_stream=end)
             else:
-                # After what h2 holds (a stream's DATA always comes after its HEADERS).
-                self._pending.append(conn.data_to_send())
+                held = conn.data_to_send()  # before ours: a stream's DATA must follow its HEADERS
+                if held:
+                    self._pending.append(held)
                 self._pending.append(frames)
         except (StreamClosedError, ProtocolError):
             return
@@ -943,8 +945,17 @@ class H2ServerProtocol(Protocol):
             self._flush_soon()
 
     def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        conn = self.conn
         try:
-            self.conn.send_data(stream_id, data, end_stream=end)
+            header = data_frame_header(conn, stream_id, data, end)
+            if header is None:
+                conn.send_data(stream_id, data, end_stream=end)
+            else:
+                held = conn.data_to_send()
+                if held:
+                    self._pending.append(held)
+                self._pending.append(header)
+                self._pending.append(data)
         except (StreamClosedError, ProtocolError, FlowControlError):
             return
         if not self._held:
