@@ -7,8 +7,9 @@ only what H2ServerProtocol does with a client's frames and an immediate 100-byte
 change to the h2 path shows without the rest's noise. The requests are what h2load sends
 (its seven fields, HPACK-coded by h2's client with a dynamic table), ``--streams`` HEADERS
 frames per read. ``--profile`` prints cProfile's functions by call count; ``--callgrind`` runs
-this script under callgrind twice, with N and N/10 requests, and prints the difference per request:
-instructions the h2 path costs, whatever else runs on the machine.
+this script under callgrind twice, serving the same N requests once and twice, and prints the
+difference per request: what the h2 path costs in instructions, whatever else runs on the machine
+(the client's encoding, the imports and the warm-up cancel out).
 """
 
 from __future__ import annotations
@@ -80,11 +81,12 @@ def run(reads: list[bytes]) -> int:
     return out
 
 
-def instructions(requests: int, streams: int) -> int:
-    """callgrind's count of instructions for a run of this script with ``requests`` requests."""
+def instructions(requests: int, streams: int, repeat: int) -> int:
+    """callgrind's count of instructions for a run of this script serving ``requests`` requests ``repeat`` times."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         argv = [sys.executable, __file__, "--requests", str(requests), "--streams", str(streams)]
+        argv += ["--repeat", str(repeat)]
         valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
         subprocess.run([*valgrind, *argv], check=True, capture_output=True)
         annotated = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True, check=True).stdout
@@ -97,6 +99,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="serve the requests this many times")
     ap.add_argument("--profile", action="store_true", help="cProfile, functions by call count")
     ap.add_argument("--callgrind", action="store_true", help="instrument only the measured loop")
     args = ap.parse_args()
@@ -104,8 +107,8 @@ def main() -> int:
     run(client_reads(200, args.streams))  # warm: imports, caches
     n = (len(reads) - 1) * args.streams
     if args.callgrind:
-        counts = [instructions(r, args.streams) for r in (args.requests, args.requests // 10)]
-        print(f"{args.streams} per read: {(counts[0] - counts[1]) / (n - n // 10):,.0f} instructions per request")
+        twice, once = (instructions(args.requests, args.streams, r) for r in (2, 1))
+        print(f"{args.streams} per read: {(twice - once) / n:,.0f} instructions per request")
         return 0
     if args.profile:
         prof = cProfile.Profile()
@@ -116,8 +119,9 @@ def main() -> int:
         stats.sort_stats("ncalls").print_stats(40)
         return 0
     start = time.perf_counter()
-    out = run(reads)
+    out = sum(run(reads) for _ in range(args.repeat))
     took = time.perf_counter() - start
+    n *= args.repeat
     print(f"{n} requests, {args.streams} per read: {n / took:,.0f} req/s, {out / n:.0f} bytes answered each")
     return 0
 
