@@ -584,6 +584,34 @@ def m_transfers(c: Ctx) -> dict[str, object]:
     return res
 
 
+def m_h2_download(c: Ctx) -> dict[str, object]:
+    """The 100 MiB download over HTTP/2: one stream, paced by flow control (curl --http2)."""
+    speeds = []
+    for _ in range(c.plan.transfer_repeats):
+        out = run_tool(
+            [
+                "curl",
+                "-sS",
+                "--resolve",
+                f"localhost:{c.port}:127.0.0.1",
+                "--cacert",
+                str(c.cafile),
+                "--http2",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{http_version} %{size_download} %{time_total}",
+                c.url + "/big",
+            ],
+            timeout=180,
+        )
+        code, version, down, total = out.split()[-4:]
+        if code != "200" or version != "2" or int(down) != BIG_SIZE:
+            raise NA(f"HTTP/{version} {code}, {down} bytes moved")
+        speeds.append(BIG_SIZE / MiB / float(total))
+    return {"h2_download": statistics.median(speeds)}
+
+
 def m_idle_memory(c: Ctx) -> dict[str, object]:
     n = c.plan.idle_conns
     time.sleep(1)
@@ -635,6 +663,7 @@ MEASURES: list[tuple[str, Callable[[Ctx], dict[str, object]]]] = [
     ("handshakes", m_handshakes),
     ("latency", m_latency),
     ("transfers", m_transfers),
+    ("http/2 download", m_h2_download),
 ]
 ALL_KEYS = {
     "keep-alive": ["ka_rps", "ka_cpu", "ka_per_cpu_s"],
@@ -642,6 +671,7 @@ ALL_KEYS = {
     "handshakes": ["hs_cpu_ms", "hs_per_s"],
     "latency": ["lat_p50", "lat_p99", "lat_max"],
     "transfers": ["download", "upload"],
+    "http/2 download": ["h2_download"],
     "idle memory": ["rss_base", "rss_idle", "rss_per_conn"],
 }
 
@@ -904,6 +934,7 @@ ROWS = [
     ("lat_max", "  max latency at fixed rate (ms)", "{:.1f}", False),
     ("download", "100 MiB download (MiB/s, curl)", "{:,.0f}", True),
     ("upload", "100 MiB upload (MiB/s, curl)", "{:,.0f}", True),
+    ("h2_download", "100 MiB download over HTTP/2 (MiB/s, curl --http2)", "{:,.0f}", True),
     ("rss_base", "Proxy RSS after one request, before idle connections (MiB)", "{:.1f}", False),
     ("rss_idle", "Proxy RSS added by 1,000 idle TLS connections (MiB)", "{:.1f}", False),
     ("rss_per_conn", "  per idle connection (KiB)", "{:.1f}", False),

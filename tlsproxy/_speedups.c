@@ -8,10 +8,12 @@
  *   parse_response_head    tlsproxy.http.wire.py_parse_response_head
  *   response_block         tlsproxy.proxy.headers.py_response_block
  *   upstream_request_head  tlsproxy.proxy.headers.py_upstream_request_head
+ *   HpackDecoder           hpack.Decoder (the hpack library's, raw bytes)
  *
  * and tests/unit/test_speedups.py checks that both give the same result, or
- * raise the same error, for generated and mutated inputs.  Nothing here keeps
- * state between calls but the three types handed over by configure().
+ * raise the same error, for generated and mutated inputs (tests/unit/test_hpack.py
+ * for the decoder).  Nothing here keeps state between calls but the types handed
+ * over by configure() and configure_hpack(), and each HpackDecoder's own table.
  *
  * Every scan is bounded by the length of the Python bytes object it reads;
  * output sizes are computed before anything is written.
@@ -1209,6 +1211,616 @@ configure(PyObject *self, PyObject *args)
     return PyBool_FromLong(head_direct);
 }
 
+
+/* ------------------------------------------------------------ HPACK decoding
+ *
+ * HpackDecoder decodes a client's header blocks (RFC 7541) exactly as the
+ * hpack library's Decoder does, raw bytes only, which stays the pure Python
+ * version and the specification: the same fields, the same table after each
+ * block, and the same exception class for the same bad input
+ * (tests/unit/test_hpack.py compares them).  Its errors are hpack's own
+ * classes, handed over by configure_hpack(), so that h2 turns them into the
+ * connection errors it always did.
+ */
+
+#include <stdint.h>
+
+/* RFC 7541 Appendix B: the Huffman code of each symbol (256 is EOS), right-aligned, and its length. */
+static const uint32_t HUFF_CODE[257] = {
+    0x1ff8, 0x7fffd8, 0xfffffe2, 0xfffffe3, 0xfffffe4, 0xfffffe5,
+    0xfffffe6, 0xfffffe7, 0xfffffe8, 0xffffea, 0x3ffffffc, 0xfffffe9,
+    0xfffffea, 0x3ffffffd, 0xfffffeb, 0xfffffec, 0xfffffed, 0xfffffee,
+    0xfffffef, 0xffffff0, 0xffffff1, 0xffffff2, 0x3ffffffe, 0xffffff3,
+    0xffffff4, 0xffffff5, 0xffffff6, 0xffffff7, 0xffffff8, 0xffffff9,
+    0xffffffa, 0xffffffb, 0x14, 0x3f8, 0x3f9, 0xffa,
+    0x1ff9, 0x15, 0xf8, 0x7fa, 0x3fa, 0x3fb,
+    0xf9, 0x7fb, 0xfa, 0x16, 0x17, 0x18,
+    0x0, 0x1, 0x2, 0x19, 0x1a, 0x1b,
+    0x1c, 0x1d, 0x1e, 0x1f, 0x5c, 0xfb,
+    0x7ffc, 0x20, 0xffb, 0x3fc, 0x1ffa, 0x21,
+    0x5d, 0x5e, 0x5f, 0x60, 0x61, 0x62,
+    0x63, 0x64, 0x65, 0x66, 0x67, 0x68,
+    0x69, 0x6a, 0x6b, 0x6c, 0x6d, 0x6e,
+    0x6f, 0x70, 0x71, 0x72, 0xfc, 0x73,
+    0xfd, 0x1ffb, 0x7fff0, 0x1ffc, 0x3ffc, 0x22,
+    0x7ffd, 0x3, 0x23, 0x4, 0x24, 0x5,
+    0x25, 0x26, 0x27, 0x6, 0x74, 0x75,
+    0x28, 0x29, 0x2a, 0x7, 0x2b, 0x76,
+    0x2c, 0x8, 0x9, 0x2d, 0x77, 0x78,
+    0x79, 0x7a, 0x7b, 0x7ffe, 0x7fc, 0x3ffd,
+    0x1ffd, 0xffffffc, 0xfffe6, 0x3fffd2, 0xfffe7, 0xfffe8,
+    0x3fffd3, 0x3fffd4, 0x3fffd5, 0x7fffd9, 0x3fffd6, 0x7fffda,
+    0x7fffdb, 0x7fffdc, 0x7fffdd, 0x7fffde, 0xffffeb, 0x7fffdf,
+    0xffffec, 0xffffed, 0x3fffd7, 0x7fffe0, 0xffffee, 0x7fffe1,
+    0x7fffe2, 0x7fffe3, 0x7fffe4, 0x1fffdc, 0x3fffd8, 0x7fffe5,
+    0x3fffd9, 0x7fffe6, 0x7fffe7, 0xffffef, 0x3fffda, 0x1fffdd,
+    0xfffe9, 0x3fffdb, 0x3fffdc, 0x7fffe8, 0x7fffe9, 0x1fffde,
+    0x7fffea, 0x3fffdd, 0x3fffde, 0xfffff0, 0x1fffdf, 0x3fffdf,
+    0x7fffeb, 0x7fffec, 0x1fffe0, 0x1fffe1, 0x3fffe0, 0x1fffe2,
+    0x7fffed, 0x3fffe1, 0x7fffee, 0x7fffef, 0xfffea, 0x3fffe2,
+    0x3fffe3, 0x3fffe4, 0x7ffff0, 0x3fffe5, 0x3fffe6, 0x7ffff1,
+    0x3ffffe0, 0x3ffffe1, 0xfffeb, 0x7fff1, 0x3fffe7, 0x7ffff2,
+    0x3fffe8, 0x1ffffec, 0x3ffffe2, 0x3ffffe3, 0x3ffffe4, 0x7ffffde,
+    0x7ffffdf, 0x3ffffe5, 0xfffff1, 0x1ffffed, 0x7fff2, 0x1fffe3,
+    0x3ffffe6, 0x7ffffe0, 0x7ffffe1, 0x3ffffe7, 0x7ffffe2, 0xfffff2,
+    0x1fffe4, 0x1fffe5, 0x3ffffe8, 0x3ffffe9, 0xffffffd, 0x7ffffe3,
+    0x7ffffe4, 0x7ffffe5, 0xfffec, 0xfffff3, 0xfffed, 0x1fffe6,
+    0x3fffe9, 0x1fffe7, 0x1fffe8, 0x7ffff3, 0x3fffea, 0x3fffeb,
+    0x1ffffee, 0x1ffffef, 0xfffff4, 0xfffff5, 0x3ffffea, 0x7ffff4,
+    0x3ffffeb, 0x7ffffe6, 0x3ffffec, 0x3ffffed, 0x7ffffe7, 0x7ffffe8,
+    0x7ffffe9, 0x7ffffea, 0x7ffffeb, 0xffffffe, 0x7ffffec, 0x7ffffed,
+    0x7ffffee, 0x7ffffef, 0x7fffff0, 0x3ffffee, 0x3fffffff,
+};
+static const uint8_t HUFF_BITS[257] = {
+    13, 23, 28, 28, 28, 28, 28, 28, 28, 24, 30, 28, 28, 30, 28, 28,
+    28, 28, 28, 28, 28, 28, 30, 28, 28, 28, 28, 28, 28, 28, 28, 28,
+    6, 10, 10, 12, 13, 6, 8, 11, 10, 10, 8, 11, 8, 6, 6, 6,
+    5, 5, 5, 6, 6, 6, 6, 6, 6, 6, 7, 8, 15, 6, 12, 10,
+    13, 6, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7,
+    7, 7, 7, 7, 7, 7, 7, 7, 8, 7, 8, 13, 19, 13, 14, 6,
+    15, 5, 6, 5, 6, 5, 6, 6, 6, 5, 7, 7, 6, 6, 6, 5,
+    6, 7, 6, 5, 5, 6, 7, 7, 7, 7, 7, 15, 11, 14, 13, 28,
+    20, 22, 20, 20, 22, 22, 22, 23, 22, 23, 23, 23, 23, 23, 24, 23,
+    24, 24, 22, 23, 24, 23, 23, 23, 23, 21, 22, 23, 22, 23, 23, 24,
+    22, 21, 20, 22, 22, 23, 23, 21, 23, 22, 22, 24, 21, 22, 23, 23,
+    21, 21, 22, 21, 23, 22, 23, 23, 20, 22, 22, 22, 23, 22, 22, 23,
+    26, 26, 20, 19, 22, 23, 22, 25, 26, 26, 26, 27, 27, 26, 24, 25,
+    19, 21, 26, 27, 27, 26, 27, 24, 21, 21, 26, 26, 28, 27, 27, 27,
+    20, 24, 20, 21, 22, 21, 21, 23, 22, 22, 25, 25, 24, 24, 26, 23,
+    26, 27, 26, 26, 27, 27, 27, 27, 27, 28, 27, 27, 27, 27, 27, 26,
+    30,
+};
+
+/* RFC 7541 Appendix A: the static table, entry 1 first. */
+static const char *const STATIC_TABLE[61][2] = {
+    {":authority", ""},
+    {":method", "GET"},
+    {":method", "POST"},
+    {":path", "/"},
+    {":path", "/index.html"},
+    {":scheme", "http"},
+    {":scheme", "https"},
+    {":status", "200"},
+    {":status", "204"},
+    {":status", "206"},
+    {":status", "304"},
+    {":status", "400"},
+    {":status", "404"},
+    {":status", "500"},
+    {"accept-charset", ""},
+    {"accept-encoding", "gzip, deflate"},
+    {"accept-language", ""},
+    {"accept-ranges", ""},
+    {"accept", ""},
+    {"access-control-allow-origin", ""},
+    {"age", ""},
+    {"allow", ""},
+    {"authorization", ""},
+    {"cache-control", ""},
+    {"content-disposition", ""},
+    {"content-encoding", ""},
+    {"content-language", ""},
+    {"content-length", ""},
+    {"content-location", ""},
+    {"content-range", ""},
+    {"content-type", ""},
+    {"cookie", ""},
+    {"date", ""},
+    {"etag", ""},
+    {"expect", ""},
+    {"expires", ""},
+    {"from", ""},
+    {"host", ""},
+    {"if-match", ""},
+    {"if-modified-since", ""},
+    {"if-none-match", ""},
+    {"if-range", ""},
+    {"if-unmodified-since", ""},
+    {"last-modified", ""},
+    {"link", ""},
+    {"location", ""},
+    {"max-forwards", ""},
+    {"proxy-authenticate", ""},
+    {"proxy-authorization", ""},
+    {"range", ""},
+    {"referer", ""},
+    {"refresh", ""},
+    {"retry-after", ""},
+    {"server", ""},
+    {"set-cookie", ""},
+    {"strict-transport-security", ""},
+    {"transfer-encoding", ""},
+    {"user-agent", ""},
+    {"vary", ""},
+    {"via", ""},
+    {"www-authenticate", ""},
+};
+
+static PyObject *HpackDecodingError = NULL;
+static PyObject *HpackInvalidTableIndex = NULL;
+static PyObject *HpackOversizedList = NULL;
+static PyObject *HpackInvalidTableSize = NULL;
+static PyObject *STATIC_FIELDS[61];  /* (name, value) tuples */
+
+/* The Huffman code as a binary tree: children of node i are huff_tree[i][0]
+   and [1]; a child > 0 is a node, a child < 0 the leaf of symbol -child - 1.
+   A complete code of 257 symbols has 256 inner nodes. */
+static int16_t huff_tree[256][2];
+
+static int
+init_hpack(void)
+{
+    int nodes = 1;
+    memset(huff_tree, 0, sizeof(huff_tree));
+    for (int sym = 0; sym < 257; sym++) {
+        int node = 0;
+        for (int bit = HUFF_BITS[sym] - 1; bit >= 0; bit--) {
+            int b = (HUFF_CODE[sym] >> bit) & 1;
+            if (bit == 0) {
+                huff_tree[node][b] = (int16_t)(-sym - 1);
+            } else {
+                if (huff_tree[node][b] == 0) {
+                    if (nodes >= 256)
+                        return -1;
+                    huff_tree[node][b] = (int16_t)nodes++;
+                }
+                node = huff_tree[node][b];
+            }
+        }
+    }
+    for (int i = 0; i < 61; i++) {
+        STATIC_FIELDS[i] = Py_BuildValue("(y#y#)", STATIC_TABLE[i][0], (Py_ssize_t)strlen(STATIC_TABLE[i][0]),
+                                         STATIC_TABLE[i][1], (Py_ssize_t)strlen(STATIC_TABLE[i][1]));
+        if (STATIC_FIELDS[i] == NULL)
+            return -1;
+    }
+    return 0;
+}
+
+/* Huffman-decoded bytes of src[0:n], or NULL with HPACKDecodingError: the
+   EOS symbol inside, or padding that is longer than 7 bits or not all ones
+   (RFC 7541 5.2). */
+static PyObject *
+huffman_decode(const unsigned char *src, Py_ssize_t n)
+{
+    /* The shortest code is 5 bits: at most 8/5 symbols per byte. */
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n + n / 2 + n / 8 + 1);
+    if (out == NULL)
+        return NULL;
+    char *dst = PyBytes_AS_STRING(out);
+    Py_ssize_t len = 0;
+    int node = 0, depth = 0, ones = 1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned char c = src[i];
+        for (int bit = 7; bit >= 0; bit--) {
+            int b = (c >> bit) & 1;
+            int next = huff_tree[node][b];
+            if (next < 0) {
+                if (next == -257)
+                    goto fail;  /* EOS */
+                dst[len++] = (char)(-next - 1);
+                node = depth = 0;
+                ones = 1;
+            } else {
+                node = next;
+                depth++;
+                ones &= b;
+            }
+        }
+    }
+    if (depth > 7 || !ones)
+        goto fail;
+    if (_PyBytes_Resize(&out, len) < 0)
+        return NULL;
+    return out;
+fail:
+    Py_DECREF(out);
+    PyErr_SetString(HpackDecodingError, "Invalid Huffman string");
+    return NULL;
+}
+
+typedef struct {
+    PyObject *field;  /* (name, value) */
+    Py_ssize_t size;  /* 32 + len(name) + len(value) (RFC 7541 4.1) */
+} hd_entry;
+
+typedef struct {
+    PyObject_HEAD
+    hd_entry *ring;  /* the dynamic table, newest at ring[start] */
+    Py_ssize_t cap, start, count;
+    Py_ssize_t size, maxsize, max_allowed, max_list;
+} HpackDecoder;
+
+static void
+hd_evict_to(HpackDecoder *d, Py_ssize_t limit)
+{
+    while (d->size > limit && d->count > 0) {
+        hd_entry *e = &d->ring[(d->start + d->count - 1) % d->cap];
+        d->size -= e->size;
+        Py_CLEAR(e->field);
+        d->count--;
+    }
+}
+
+static void
+hd_clear(HpackDecoder *d)
+{
+    hd_evict_to(d, -1);
+    d->size = 0;
+}
+
+/* hpack's HeaderTable.maxsize setter. */
+static void
+hd_set_maxsize(HpackDecoder *d, Py_ssize_t value)
+{
+    Py_ssize_t old = d->maxsize;
+    d->maxsize = value;
+    if (value <= 0)
+        hd_clear(d);
+    else if (old > value)
+        hd_evict_to(d, value);
+}
+
+/* hpack's HeaderTable.add: an entry larger than the table empties it. */
+static int
+hd_add(HpackDecoder *d, PyObject *field, Py_ssize_t size)
+{
+    if (size > d->maxsize) {
+        hd_clear(d);
+        return 0;
+    }
+    if (d->count == d->cap) {
+        Py_ssize_t cap = d->cap ? d->cap * 2 : 16;
+        hd_entry *ring = PyMem_Malloc(cap * sizeof(hd_entry));
+        if (ring == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (Py_ssize_t i = 0; i < d->count; i++)
+            ring[i] = d->ring[(d->start + i) % d->cap];
+        PyMem_Free(d->ring);
+        d->ring = ring;
+        d->cap = cap;
+        d->start = 0;
+    }
+    d->start = (d->start + d->cap - 1) % d->cap;
+    d->ring[d->start].field = Py_NewRef(field);
+    d->ring[d->start].size = size;
+    d->count++;
+    d->size += size;
+    hd_evict_to(d, d->maxsize);
+    return 0;
+}
+
+/* Entry ``index`` (1-based: static, then dynamic), borrowed; NULL with InvalidTableIndex. */
+static PyObject *
+hd_get(HpackDecoder *d, uint64_t index)
+{
+    if (index >= 1 && index <= 61)
+        return STATIC_FIELDS[index - 1];
+    if (index > 61 && index - 62 < (uint64_t)d->count)
+        return d->ring[(d->start + (Py_ssize_t)(index - 62)) % d->cap].field;
+    PyErr_Format(HpackInvalidTableIndex, "Invalid table index %llu", (unsigned long long)index);
+    return NULL;
+}
+
+/* An HPACK integer (RFC 7541 5.1) at p[0:n] with a ``prefix``-bit prefix, as
+   hpack reads it: at most four continuation bytes before the last one.
+   Returns the bytes it took, or -1 with HPACKDecodingError. */
+static Py_ssize_t
+hd_integer(const unsigned char *p, Py_ssize_t n, int prefix, uint64_t *value)
+{
+    uint64_t max = (1u << prefix) - 1;
+    if (n < 1)
+        goto fail;
+    uint64_t number = p[0] & max;
+    Py_ssize_t i = 1;
+    if (number == max) {
+        int shift = 0;
+        for (;;) {
+            if (i >= n)
+                goto fail;
+            unsigned char c = p[i++];
+            number += (uint64_t)(c & 0x7f) << shift;
+            if (c < 128)
+                break;
+            shift += 7;
+            if (i > 5) {
+                PyErr_SetString(HpackDecodingError, "Variable integer representation is too long");
+                return -1;
+            }
+        }
+    }
+    *value = number;
+    return i;
+fail:
+    PyErr_SetString(HpackDecodingError, "Unable to decode HPACK integer representation");
+    return -1;
+}
+
+/* A string literal (RFC 7541 5.2) at p[0:n]: new reference in *out, bytes taken, or -1. */
+static Py_ssize_t
+hd_string(const unsigned char *p, Py_ssize_t n, PyObject **out)
+{
+    uint64_t length;
+    Py_ssize_t used = hd_integer(p, n, 7, &length);
+    if (used < 0)
+        return -1;
+    if (length > (uint64_t)(n - used)) {
+        PyErr_SetString(HpackDecodingError, "Truncated header block");
+        return -1;
+    }
+    *out = (p[0] & 0x80) ? huffman_decode(p + used, (Py_ssize_t)length)
+                         : PyBytes_FromStringAndSize((const char *)p + used, (Py_ssize_t)length);
+    if (*out == NULL)
+        return -1;
+    return used + (Py_ssize_t)length;
+}
+
+static PyObject *
+HpackDecoder_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    Py_ssize_t max_list = 65536;
+    static char *kwlist[] = {"max_header_list_size", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|n:HpackDecoder", kwlist, &max_list))
+        return NULL;
+    if (HpackDecodingError == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "configure_hpack() first");
+        return NULL;
+    }
+    HpackDecoder *d = (HpackDecoder *)type->tp_alloc(type, 0);
+    if (d == NULL)
+        return NULL;
+    d->ring = NULL;
+    d->cap = d->start = d->count = d->size = 0;
+    d->maxsize = d->max_allowed = 4096;
+    d->max_list = max_list;
+    return (PyObject *)d;
+}
+
+static void
+HpackDecoder_dealloc(HpackDecoder *d)
+{
+    hd_clear(d);
+    PyMem_Free(d->ring);
+    Py_TYPE(d)->tp_free((PyObject *)d);
+}
+
+/* decode(data, raw=True) -> [(name, value), ...]: one whole header block. */
+static PyObject *
+HpackDecoder_decode(HpackDecoder *d, PyObject *args, PyObject *kwds)
+{
+    Py_buffer view;
+    int raw = 1;
+    static char *kwlist[] = {"data", "raw", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|p:decode", kwlist, &view, &raw))
+        return NULL;
+    if (!raw) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "HpackDecoder decodes to bytes only (raw=True)");
+        return NULL;
+    }
+    const unsigned char *p = view.buf;
+    Py_ssize_t n = view.len, pos = 0, inflated = 0;
+    PyObject *headers = PyList_New(0);
+    if (headers == NULL)
+        goto error;
+    while (pos < n) {
+        unsigned char c = p[pos];
+        PyObject *field;  /* new reference */
+        uint64_t index;
+        Py_ssize_t used;
+        if (c & 0x80) {  /* indexed field (6.1) */
+            used = hd_integer(p + pos, n - pos, 7, &index);
+            if (used < 0)
+                goto error;
+            field = hd_get(d, index);
+            if (field == NULL)
+                goto error;
+            Py_INCREF(field);
+            pos += used;
+        } else if (!(c & 0x40) && (c & 0x20)) {  /* dynamic table size update (6.3) */
+            if (PyList_GET_SIZE(headers)) {
+                PyErr_SetString(HpackDecodingError, "Table size update not at the start of the block");
+                goto error;
+            }
+            used = hd_integer(p + pos, n - pos, 5, &index);
+            if (used < 0)
+                goto error;
+            if (index > (uint64_t)d->max_allowed) {
+                PyErr_SetString(HpackInvalidTableSize, "Encoder exceeded max allowable table size");
+                goto error;
+            }
+            hd_set_maxsize(d, (Py_ssize_t)index);
+            pos += used;
+            continue;
+        } else {  /* a literal, added to the table (6.2.1) or not (6.2.2, 6.2.3) */
+            int add = (c & 0x40) != 0;
+            int prefix = add ? 6 : 4;
+            PyObject *name, *value;
+            if (c & ((1u << prefix) - 1)) {
+                used = hd_integer(p + pos, n - pos, prefix, &index);
+                if (used < 0)
+                    goto error;
+                PyObject *entry = hd_get(d, index);
+                if (entry == NULL)
+                    goto error;
+                name = Py_NewRef(PyTuple_GET_ITEM(entry, 0));
+                pos += used;
+            } else {
+                pos++;
+                used = hd_string(p + pos, n - pos, &name);
+                if (used < 0)
+                    goto error;
+                pos += used;
+            }
+            used = hd_string(p + pos, n - pos, &value);
+            if (used < 0) {
+                Py_DECREF(name);
+                goto error;
+            }
+            pos += used;
+            field = PyTuple_Pack(2, name, value);
+            Py_DECREF(name);
+            Py_DECREF(value);
+            if (field == NULL)
+                goto error;
+            if (add && hd_add(d, field, 32 + PyBytes_GET_SIZE(PyTuple_GET_ITEM(field, 0)) +
+                                              PyBytes_GET_SIZE(PyTuple_GET_ITEM(field, 1))) < 0) {
+                Py_DECREF(field);
+                goto error;
+            }
+        }
+        inflated += 32 + PyBytes_GET_SIZE(PyTuple_GET_ITEM(field, 0)) + PyBytes_GET_SIZE(PyTuple_GET_ITEM(field, 1));
+        int failed = PyList_Append(headers, field);
+        Py_DECREF(field);
+        if (failed < 0)
+            goto error;
+        if (inflated > d->max_list) {
+            PyErr_Format(HpackOversizedList, "A header list larger than %zd has been received", d->max_list);
+            goto error;
+        }
+    }
+    if (d->maxsize > d->max_allowed) {
+        PyErr_SetString(HpackInvalidTableSize, "Encoder did not shrink table size to within the max");
+        goto error;
+    }
+    PyBuffer_Release(&view);
+    return headers;
+error:
+    Py_XDECREF(headers);
+    PyBuffer_Release(&view);
+    return NULL;
+}
+
+static int
+hd_set_size_t(PyObject *value, Py_ssize_t *out)
+{
+    if (value == NULL) {
+        PyErr_SetString(PyExc_AttributeError, "cannot delete this attribute");
+        return -1;
+    }
+    Py_ssize_t v = PyLong_AsSsize_t(value);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    *out = v;
+    return 0;
+}
+
+static PyObject *
+hd_get_max_list(HpackDecoder *d, void *closure)
+{
+    return PyLong_FromSsize_t(d->max_list);
+}
+
+static int
+hd_set_max_list(HpackDecoder *d, PyObject *value, void *closure)
+{
+    return hd_set_size_t(value, &d->max_list);
+}
+
+static PyObject *
+hd_get_max_allowed(HpackDecoder *d, void *closure)
+{
+    return PyLong_FromSsize_t(d->max_allowed);
+}
+
+static int
+hd_set_max_allowed(HpackDecoder *d, PyObject *value, void *closure)
+{
+    return hd_set_size_t(value, &d->max_allowed);
+}
+
+static PyObject *
+hd_get_table_size(HpackDecoder *d, void *closure)
+{
+    return PyLong_FromSsize_t(d->maxsize);
+}
+
+static int
+hd_set_table_size(HpackDecoder *d, PyObject *value, void *closure)
+{
+    Py_ssize_t v;
+    if (hd_set_size_t(value, &v) < 0)
+        return -1;
+    hd_set_maxsize(d, v);
+    return 0;
+}
+
+/* The dynamic table, newest first, as hpack's header_table.dynamic_entries. */
+static PyObject *
+hd_get_entries(HpackDecoder *d, void *closure)
+{
+    PyObject *out = PyList_New(d->count);
+    if (out == NULL)
+        return NULL;
+    for (Py_ssize_t i = 0; i < d->count; i++)
+        PyList_SET_ITEM(out, i, Py_NewRef(d->ring[(d->start + i) % d->cap].field));
+    return out;
+}
+
+static PyGetSetDef HpackDecoder_getset[] = {
+    {"max_header_list_size", (getter)hd_get_max_list, (setter)hd_set_max_list,
+     "the largest decoded list (32 + name + value per field) before OversizedHeaderListError", NULL},
+    {"max_allowed_table_size", (getter)hd_get_max_allowed, (setter)hd_set_max_allowed,
+     "the SETTINGS_HEADER_TABLE_SIZE the client has acknowledged", NULL},
+    {"header_table_size", (getter)hd_get_table_size, (setter)hd_set_table_size,
+     "the dynamic table's size limit, as the client last set it", NULL},
+    {"dynamic_entries", (getter)hd_get_entries, NULL, "the dynamic table, newest first", NULL},
+    {NULL},
+};
+
+static PyMethodDef HpackDecoder_methods[] = {
+    {"decode", (PyCFunction)(void (*)(void))HpackDecoder_decode, METH_VARARGS | METH_KEYWORDS,
+     "decode(data, raw=True) -> [(name, value), ...]"},
+    {NULL},
+};
+
+static PyTypeObject HpackDecoderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "tlsproxy._speedups.HpackDecoder",
+    .tp_doc = "An HPACK decoder with hpack.Decoder's interface and behaviour, raw bytes only.",
+    .tp_basicsize = sizeof(HpackDecoder),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = HpackDecoder_new,
+    .tp_dealloc = (destructor)HpackDecoder_dealloc,
+    .tp_methods = HpackDecoder_methods,
+    .tp_getset = HpackDecoder_getset,
+};
+
+static PyObject *
+configure_hpack(PyObject *self, PyObject *args)
+{
+    PyObject *decoding, *index, *oversized, *table_size;
+    if (!PyArg_ParseTuple(args, "OOOO:configure_hpack", &decoding, &index, &oversized, &table_size))
+        return NULL;
+    Py_XSETREF(HpackDecodingError, Py_NewRef(decoding));
+    Py_XSETREF(HpackInvalidTableIndex, Py_NewRef(index));
+    Py_XSETREF(HpackOversizedList, Py_NewRef(oversized));
+    Py_XSETREF(HpackInvalidTableSize, Py_NewRef(table_size));
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(RequestHead, RequestError, ResponseError) -> whether heads are made without calling the class"},
@@ -1221,6 +1833,8 @@ static PyMethodDef methods[] = {
     {"upstream_request_head", (PyCFunction)(void (*)(void))upstream_request_head, METH_FASTCALL,
      "upstream_request_head(method, target, host, headers, client_address, scheme, server_port, trusted, "
      "upgrade, framing) -> bytes"},
+    {"configure_hpack", configure_hpack, METH_VARARGS,
+     "configure_hpack(HPACKDecodingError, InvalidTableIndex, OversizedHeaderListError, InvalidTableSizeError)"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1236,5 +1850,10 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     init_tables();
-    return PyModule_Create(&module);
+    if (init_hpack() < 0 || PyType_Ready(&HpackDecoderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddObjectRef(m, "HpackDecoder", (PyObject *)&HpackDecoderType) < 0)
+        Py_CLEAR(m);
+    return m;
 }

@@ -20,3 +20,20 @@ def upstream_request_head(
     upgrade: bytes,
     framing: bytes | None,
 ) -> bytes: ...
+def configure_hpack(
+    decoding_error: type[Exception],
+    invalid_index: type[Exception],
+    oversized_list: type[Exception],
+    invalid_table_size: type[Exception],
+) -> None: ...
+
+class HpackDecoder:
+    """hpack.Decoder's interface, raw bytes only."""
+
+    max_header_list_size: int
+    max_allowed_table_size: int
+    header_table_size: int
+    @property
+    def dynamic_entries(self) -> list[tuple[bytes, bytes]]: ...
+    def __init__(self, max_header_list_size: int = ...) -> None: ...
+    def decode(self, data: bytes, raw: bool = ...) -> list[tuple[bytes, bytes]]: ...

@@ -2,8 +2,9 @@
 
 ``tlsproxy._speedups`` is built from ``tlsproxy/_speedups.c`` by
 ``pip install``; it holds C versions of the request-head parser, the
-response-head parser and the two header-policy functions that turn heads
-into bytes for the other side.  Each gives the same result as its pure
+response-head parser, the two header-policy functions that turn heads
+into bytes for the other side, and an HPACK decoder for HTTP/2 requests
+(whose pure Python version is the hpack library's).  Each gives the same result as its pure
 Python version for every input (tests/unit/test_speedups.py compares them),
 so the Python code is the specification and the fallback: without a C
 compiler, or with ``TLSPROXY_PURE_PYTHON=1`` in the environment, the pure

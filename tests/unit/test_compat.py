@@ -20,6 +20,7 @@ import trustme
 from acme import client as acme_client
 from h2.config import H2Configuration
 from h2.events import RequestReceived
+from h2.settings import SettingCodes
 from hyperframe.frame import DataFrame
 from OpenSSL import SSL
 from packaging.requirements import Requirement
@@ -345,6 +346,107 @@ class H2CanaryTests(SynchronousTestCase):
         frame = DataFrame(1, data=b"too long")
         server.receive_data(frame.serialize())
         self.assertEqual(seen, [1])
+
+    def test_decoder_is_used_as_installed(self) -> None:
+        """After use_decoder, h2 decodes every block with decode(raw=True) and sets the two limits on it."""
+        from hpack import Decoder
+
+        calls: list[tuple[str, Any]] = []
+
+        class Recording:
+            def __init__(self) -> None:
+                self.inner = Decoder()
+
+            def decode(self, data: bytes, raw: bool = False) -> Any:
+                calls.append(("decode", raw))
+                return self.inner.decode(data, raw=raw)
+
+            def __setattr__(self, name: str, value: Any) -> None:
+                if name != "inner":
+                    calls.append((name, value))
+                object.__setattr__(self, name, value)
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        server = compat_h2.H2Connection(H2Configuration(client_side=False))
+        compat_h2.use_decoder(server, Recording())
+        server.initiate_connection()
+        server.update_settings({SettingCodes.MAX_HEADER_LIST_SIZE: 5000, SettingCodes.HEADER_TABLE_SIZE: 2048})
+        client.receive_data(server.data_to_send())
+        server.receive_data(client.data_to_send())  # the client's preface, SETTINGS and ACK
+        client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        events = server.receive_data(client.data_to_send())
+        self.assertIn(("max_header_list_size", 5000), calls)
+        self.assertIn(("max_allowed_table_size", 2048), calls)
+        self.assertIn(("decode", True), calls)
+        self.assertEqual(next(e for e in events if isinstance(e, RequestReceived)).headers[2], (b":scheme", b"https"))
+
+    def test_answer_headers_frames_match_h2s_own(self) -> None:
+        """answer_headers_frames writes the bytes h2's send_headers writes and leaves the same states behind."""
+        from h2.exceptions import StreamClosedError
+        from hpack import Encoder
+
+        def server_with_request(client: Any) -> Any:
+            server = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+            server.initiate_connection()
+            server.receive_data(client)
+            server.data_to_send()
+            return server
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        for stream in (1, 3):
+            client.send_headers(stream, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        request = client.data_to_send()
+        fields = [(b":status", b"200"), (b"x-big", b"v" * 40000)]  # over one frame: CONTINUATIONs too
+        for end in (True, False):
+            ours, theirs = server_with_request(request), server_with_request(request)
+            for stream, extra in ((1, []), (3, fields[1:])):
+                frames = compat_h2.answer_headers_frames(ours, stream, fields[:1] + extra, Encoder(), end)
+                theirs.encoder = Encoder()
+                theirs.send_headers(stream, fields[:1] + extra, end_stream=end)
+                self.assertEqual(frames, theirs.data_to_send())
+                self.assertEqual(ours.streams[stream].state_machine.state, theirs.streams[stream].state_machine.state)
+            self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
+            if not end:
+                ours.send_data(1, b"body", end_stream=True)  # h2 takes the stream's DATA after our HEADERS
+        self.assertIsNone(compat_h2.answer_headers_frames(ours, 99, fields[:1], Encoder(), True))
+        ours.streams[1].state_machine.process_input(compat_h2.StreamInputs.SEND_RST_STREAM)
+        with self.assertRaises(StreamClosedError):
+            compat_h2.answer_headers_frames(ours, 1, fields[:1], Encoder(), True)
+
+    def test_data_frame_header_matches_h2s_own(self) -> None:
+        """data_frame_header gives h2's DATA frame bytes and leaves the same states and windows behind."""
+        from hpack import Encoder
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        request = client.data_to_send()
+        twins = []
+        for _ in range(2):
+            server = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+            server.initiate_connection()
+            server.receive_data(request)
+            server.encoder = Encoder()
+            server.send_headers(1, [(b":status", b"200")])
+            server.data_to_send()
+            twins.append(server)
+        ours, theirs = twins
+        for data, end in ((b"a" * 1000, False), (b"", False), (b"b" * 500, True)):
+            header = compat_h2.data_frame_header(ours, 1, data, end)
+            theirs.send_data(1, data, end_stream=end)
+            self.assertEqual(header + data if header is not None else None, theirs.data_to_send())
+            self.assertEqual(ours.streams[1].state_machine.state, theirs.streams[1].state_machine.state)
+            self.assertEqual(ours.outbound_flow_control_window, theirs.outbound_flow_control_window)
+            self.assertEqual(
+                ours.streams[1].outbound_flow_control_window, theirs.streams[1].outbound_flow_control_window
+            )
+        self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
+        self.assertIsNone(compat_h2.data_frame_header(ours, 99, b"x", False))
+        client.send_headers(3, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        ours.receive_data(client.data_to_send())
+        self.assertIsNone(compat_h2.data_frame_header(ours, 3, b"x" * 70000, False), "past the 64 KiB window")
 
     def test_hpack_tables(self) -> None:
         """hpack's static table and Huffman coder are RFC 7541's (Appendix A; the example in C.4.1)."""

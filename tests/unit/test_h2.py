@@ -8,8 +8,8 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ResponseReceived
 from h2.settings import SettingCodes
-from hpack import Decoder, NeverIndexedHeaderTuple
-from hyperframe.frame import Frame
+from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
+from hyperframe.frame import Frame, HeadersFrame, PingFrame, SettingsFrame
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
@@ -36,6 +36,8 @@ from tlsproxy.http.h2 import (
 )
 from tlsproxy.http.server import Limits, valid_host
 from tlsproxy.http.wire import RequestError, valid_field
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 def frames(data: bytes) -> list[Any]:
@@ -88,6 +90,20 @@ class H2Tests(SynchronousTestCase):
                 self.events += self.client.receive_data(to_client)
             if not to_server and not to_client:
                 return
+
+    def goaway_received(self) -> int | None:
+        """The error code of the GOAWAY our client has received, if it has."""
+        from h2.events import ConnectionTerminated
+
+        codes = [e.error_code for e in self.events if isinstance(e, ConnectionTerminated)]
+        return codes[-1] if codes else None
+
+    def assert_closes_once_quiet(self) -> None:
+        """After our GOAWAY for an error the connection stays open for a silent client only linger_quiet."""
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(self.limits.linger_quiet)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
 
     def request(self, method: bytes = b"GET", extra: list | None = None, end: bool = True) -> int:
         stream = self.client.get_next_available_stream_id()
@@ -278,11 +294,11 @@ class H2Tests(SynchronousTestCase):
             self.client.send_headers(stream, fields, end_stream=True)
             self.client.reset_stream(stream)
             self.pump()
-            if self.transport.disconnecting:
+            if self.goaway_received() is not None:
                 break
         (goaway,) = [e for e in self.events if isinstance(e, ConnectionTerminated)]
         self.assertEqual(goaway.error_code, 11)  # ENHANCE_YOUR_CALM
-        self.assertTrue(self.transport.disconnecting)
+        self.assert_closes_once_quiet()
         self.assertLessEqual(len(self.handler.exchanges), RESET_BURST + 1)
 
     def test_provoked_resets_count_too(self) -> None:
@@ -292,9 +308,10 @@ class H2Tests(SynchronousTestCase):
         fields = [(b":method", b"GET"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
         for _ in range(RESET_BURST + 50):
             self.send_fields([*fields, (b"connection", b"close")])
-            if self.transport.disconnecting:
+            if self.goaway_received() is not None:
                 break
         self.assertEqual([e.error_code for e in self.events if isinstance(e, ConnectionTerminated)], [11])
+        self.assert_closes_once_quiet()
         self.assertEqual(self.handler.exchanges, [])
 
     def test_ping_flood_gets_goaway(self) -> None:
@@ -309,9 +326,9 @@ class H2Tests(SynchronousTestCase):
             self.server.dataReceived(batch)
         self.assertFalse(self.transport.disconnecting)
         self.server.dataReceived(batch * 2)
-        self.assertTrue(self.transport.disconnecting)
         goaway = frames(self.transport.value())[-1]
         self.assertEqual((type(goaway).__name__, goaway.error_code), ("GoAwayFrame", 11))
+        self.assert_closes_once_quiet()
 
     def test_answered_streams_earn_resets(self) -> None:
         """A client whose streams are answered may cancel as many as it was served without being cut off."""
@@ -387,8 +404,53 @@ class H2Tests(SynchronousTestCase):
     def test_protocol_error_close_is_cut_off_sooner(self) -> None:
         """After a protocol error the client gets only the short linger to take our GOAWAY."""
         self.server.dataReceived(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # WINDOW_UPDATE of 0
-        self.assertTrue(self.transport.disconnecting)
+        self.assert_closes_once_quiet()
         self.clock.advance(self.limits.linger + 1)
+        self.assertTrue(self.transport.disconnected)
+
+    def test_after_goaway_for_an_error_what_the_client_sends_is_dropped(self) -> None:
+        """After a protocol error we keep reading (so no reset destroys the GOAWAY) but act on nothing, then close."""
+        from hyperframe.frame import PingFrame
+
+        gone: list[int] = []
+
+        class Observing(Holding):
+            def handle(self, exchange: Any) -> None:
+                exchange.set_observer(type("O", (), {"client_gone": lambda _: gone.append(exchange.stream_id)})())
+                super().handle(exchange)
+
+        self.handler = self.server.handler = Observing()
+        stream = self.request()
+        self.server.dataReceived(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00")  # WINDOW_UPDATE of 0
+        self.assertEqual([type(f).__name__ for f in frames(self.transport.value())], ["GoAwayFrame"])
+        self.assertEqual(gone, [stream])  # the app stops working for a client we have given up
+        self.transport.clear()
+        for _ in range(3):  # the client had more in flight: read, not answered, not closed on
+            self.clock.advance(self.limits.linger_quiet / 2)
+            self.server.dataReceived(PingFrame(0).serialize() + self.client.data_to_send())
+        self.assertEqual(self.transport.value(), b"")
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(self.limits.linger_quiet)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+
+    def test_lingering_after_goaway_is_bounded(self) -> None:
+        """A client that keeps sending after our GOAWAY is cut off after linger seconds, or linger_bytes."""
+        from hyperframe.frame import PingFrame
+
+        error = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00"  # WINDOW_UPDATE of 0
+        self.server.dataReceived(error)
+        waited = 0.0
+        while not self.transport.disconnected:
+            self.clock.advance(self.limits.linger_quiet / 2)
+            waited += self.limits.linger_quiet / 2
+            self.server.dataReceived(PingFrame(0).serialize())
+            self.assertLessEqual(waited, self.limits.linger + self.limits.linger_quiet)
+        self.assertGreaterEqual(waited, self.limits.linger)
+
+        self.setUp()
+        self.server.dataReceived(error)
+        self.server.dataReceived(b"\x00" * (self.limits.linger_bytes + 1))
         self.assertTrue(self.transport.disconnected)
 
     def test_client_that_does_not_read_is_not_read_and_then_cut_off(self) -> None:
@@ -425,7 +487,7 @@ class H2Tests(SynchronousTestCase):
         headers.data = b"\x82"  # :method GET, and no END_HEADERS
         self.server.dataReceived(headers.serialize())
         sent = 0
-        while not self.transport.disconnecting:
+        while not any(type(f).__name__ == "GoAwayFrame" for f in frames(self.transport.value())):
             continuation = ContinuationFrame(1)
             continuation.data = b"\x00" * 16000
             self.server.dataReceived(continuation.serialize())
@@ -434,6 +496,7 @@ class H2Tests(SynchronousTestCase):
         goaway = frames(self.transport.value())[-1]
         self.assertEqual((type(goaway).__name__, goaway.error_code), ("GoAwayFrame", 11))  # ENHANCE_YOUR_CALM
         self.assertEqual(self.handler.exchanges, [])
+        self.assert_closes_once_quiet()
 
     def test_hpack_bomb_is_bounded(self) -> None:
         """A small header block that decodes into a huge list (an HPACK bomb) ends the connection unanswered."""
@@ -861,3 +924,181 @@ def test_parse_request_agrees_with_the_field_by_field_version(
     """The one-match field check refuses, answers and passes exactly what the field-by-field one did."""
     request = [*first, *fields, *late]
     assert _outcome(parse_request, request, ended, limits) == _outcome(reference_parse_request, request, ended, limits)
+
+
+class ConformanceTests(SynchronousTestCase):
+    """h2spec's key cases (RFC 9113), frame by frame on the wire: h2spec itself is not packaged."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.handler = Holding()
+        self.limits = Limits(idle_timeout=30)
+        self.server = H2ServerProtocol(self.handler, self.clock, self.limits)
+        self.transport = StringTransport()
+        self.server.makeConnection(self.transport)
+        self.encoder = Encoder()
+
+    def send(self, *parts: Any, preface: bool = True) -> list[Any]:
+        """Send the preface and an empty SETTINGS (unless told not to), then ``parts``; the frames we answer."""
+        data = b"".join(p if isinstance(p, bytes) else p.serialize() for p in parts)
+        if preface:
+            data = PREFACE + SettingsFrame(0).serialize() + data
+        self.transport.clear()
+        self.server.dataReceived(data)
+        return frames(self.transport.value())
+
+    def headers(self, stream: int, extra: list | None = None, end: bool = True) -> HeadersFrame:
+        frame = HeadersFrame(stream)
+        fields = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https"), (b":authority", b"app.test")]
+        frame.data = self.encoder.encode(fields + (extra or []))
+        frame.flags.add("END_HEADERS")
+        if end:
+            frame.flags.add("END_STREAM")
+        return frame
+
+    def assert_connection_error(self, answer: list[Any], code: int) -> None:
+        """A GOAWAY with ``code`` came last, and the connection closes once the client is quiet."""
+        self.assertEqual((type(answer[-1]).__name__, answer[-1].error_code), ("GoAwayFrame", code))
+        self.clock.advance(self.limits.linger_quiet)
+        self.assertTrue(self.transport.disconnecting)
+
+    def assert_error(self, answer: list[Any], stream: int, code: int) -> None:
+        """An error with ``code``: RST_STREAM on ``stream``, or GOAWAY (RFC 9113 5.4.1 lets either answer it)."""
+        kinds = ("RstStreamFrame", "GoAwayFrame")
+        errors = [(type(f).__name__, f.stream_id, f.error_code) for f in answer if type(f).__name__ in kinds]
+        self.assertIn(errors[-1:], [[("RstStreamFrame", stream, code)], [("GoAwayFrame", 0, code)]])
+
+    def assert_stream_error(self, answer: list[Any], stream: int, code: int) -> None:
+        """RST_STREAM with ``code`` on ``stream``, and the connection goes on."""
+        resets = [(f.stream_id, f.error_code) for f in answer if type(f).__name__ == "RstStreamFrame"]
+        self.assertIn((stream, code), resets)
+        self.assertFalse(any(type(f).__name__ == "GoAwayFrame" for f in answer))
+
+    def test_invalid_preface(self) -> None:
+        """3.4: a client that does not start with the preface is closed on (a GOAWAY MAY be left out), unanswered."""
+        answer = self.send(b"GET / HTTP/1.1\r\nHost: app.test\r\n\r\n" + b"x" * 20, preface=False)
+        self.assertEqual([type(f).__name__ for f in answer if type(f).__name__ != "GoAwayFrame"], [])
+        self.clock.advance(self.limits.linger_quiet)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_settings_are_acknowledged(self) -> None:
+        """6.5.3: the client's SETTINGS gets an ACK."""
+        answer = self.send()
+        self.assertIn(("SettingsFrame", {"ACK"}), [(type(f).__name__, set(f.flags)) for f in answer])
+
+    def test_settings_ack_with_a_payload(self) -> None:
+        """6.5: a SETTINGS ACK that carries a payload is a FRAME_SIZE_ERROR."""
+        self.assert_connection_error(
+            self.send(b"\x00\x00\x06\x04\x01\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"), 6
+        )
+
+    def test_settings_of_odd_length(self) -> None:
+        """6.5: a SETTINGS length that is not a multiple of 6 is a FRAME_SIZE_ERROR."""
+        self.assert_connection_error(self.send(b"\x00\x00\x03\x04\x00\x00\x00\x00\x00\x00\x03\x00"), 6)
+
+    def test_settings_on_a_stream(self) -> None:
+        """6.5: SETTINGS with a stream identifier is a PROTOCOL_ERROR."""
+        self.assert_connection_error(self.send(b"\x00\x00\x00\x04\x00\x00\x00\x00\x01"), 1)
+
+    def test_settings_with_bad_values(self) -> None:
+        """6.5.2: ENABLE_PUSH above 1 is a PROTOCOL_ERROR, a window above 2^31-1 a FLOW_CONTROL_ERROR."""
+        self.assert_connection_error(self.send(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x02\x00\x00\x00\x02"), 1)
+        self.setUp()
+        self.assert_connection_error(self.send(b"\x00\x00\x06\x04\x00\x00\x00\x00\x00\x00\x04\x80\x00\x00\x00"), 3)
+
+    def test_ping_of_wrong_length(self) -> None:
+        """6.7: a PING whose length is not 8 is a FRAME_SIZE_ERROR; one of 8 is answered with an ACK."""
+        answer = self.send(PingFrame(0, opaque_data=b"12345678"))
+        self.assertIn((b"12345678", {"ACK"}), [(f.opaque_data, set(f.flags)) for f in answer if type(f) is PingFrame])
+        self.assert_connection_error(self.send(b"\x00\x00\x06\x06\x00\x00\x00\x00\x00" + b"123456", preface=False), 6)
+
+    def test_frame_over_max_frame_size(self) -> None:
+        """4.2: a frame longer than SETTINGS_MAX_FRAME_SIZE (16,384 by default) is a FRAME_SIZE_ERROR."""
+        self.send(self.headers(1, end=False))
+        self.assertEqual(len(self.handler.exchanges), 1)
+        answer = self.send(b"\x00\x40\x01\x00\x00\x00\x00\x00\x01" + b"a" * 16385, preface=False)
+        self.assert_connection_error(answer, 6)
+
+    def test_window_update_of_zero(self) -> None:
+        """6.9: an increment of 0 is a PROTOCOL_ERROR: of the stream on a stream, of the connection on 0."""
+        answer = self.send(self.headers(1, end=False), b"\x00\x00\x04\x08\x00\x00\x00\x00\x01\x00\x00\x00\x00")
+        self.assert_error(answer, 1, 1)
+        self.setUp()
+        self.assert_connection_error(self.send(b"\x00\x00\x04\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00"), 1)
+
+    def test_window_update_overflow(self) -> None:
+        """6.9.1: a window above 2^31-1 is a FLOW_CONTROL_ERROR: of the stream, or of the connection."""
+        full = b"\x00\x00\x04\x08\x00\x00\x00\x00%c\x7f\xff\xff\xff"
+        answer = self.send(self.headers(1, end=False), full % 1)
+        self.assert_error(answer, 1, 3)
+        self.setUp()
+        self.assert_connection_error(self.send(full % 0), 3)
+
+    def test_window_update_of_wrong_length(self) -> None:
+        """6.9: a WINDOW_UPDATE whose length is not 4 is a FRAME_SIZE_ERROR."""
+        self.assert_connection_error(self.send(b"\x00\x00\x03\x08\x00\x00\x00\x00\x00\x00\x00\x01"), 6)
+
+    def test_even_stream_id(self) -> None:
+        """5.1.1: a client's stream identifiers are odd; HEADERS on an even one is a PROTOCOL_ERROR."""
+        self.assert_connection_error(self.send(self.headers(2)), 1)
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_stream_id_going_down(self) -> None:
+        """5.1.1: a new stream's identifier must exceed all before it; a lower one is a PROTOCOL_ERROR."""
+        self.send(self.headers(5))
+        self.assert_connection_error(self.send(self.headers(3), preface=False), 1)
+        self.assertEqual(len(self.handler.exchanges), 1)
+
+    def test_data_on_stream_zero(self) -> None:
+        """6.1: DATA on stream 0 is a PROTOCOL_ERROR."""
+        self.assert_connection_error(self.send(b"\x00\x00\x01\x00\x00\x00\x00\x00\x00a"), 1)
+
+    def test_data_on_an_idle_stream(self) -> None:
+        """5.1: DATA on a stream never opened is a PROTOCOL_ERROR."""
+        self.assert_connection_error(self.send(b"\x00\x00\x01\x00\x01\x00\x00\x00\x07a"), 1)
+
+    def test_headers_on_a_closed_stream(self) -> None:
+        """5.1: HEADERS on a stream that has ended both ways is a STREAM_CLOSED error; the app never sees it."""
+        self.send(self.headers(1))
+        pages.send(self.handler.exchanges[0], 200)
+        answer = self.send(self.headers(1), preface=False)
+        self.assert_error(answer, 1, 5)  # STREAM_CLOSED
+        self.assertEqual(len(self.handler.exchanges), 1)
+
+    def test_data_after_end_stream(self) -> None:
+        """5.1: DATA on a stream the client half-closed is a STREAM_CLOSED error."""
+        answer = self.send(self.headers(1), b"\x00\x00\x01\x00\x00\x00\x00\x00\x01a")
+        self.assert_error(answer, 1, 5)
+
+    def test_continuation_without_headers(self) -> None:
+        """6.10: CONTINUATION that follows no open header block is a PROTOCOL_ERROR."""
+        self.assert_connection_error(self.send(b"\x00\x00\x01\x09\x04\x00\x00\x00\x01\x82"), 1)
+
+    def test_other_frame_inside_a_header_block(self) -> None:
+        """6.10: a header block must continue with CONTINUATION on the same stream; a PING in it is an error."""
+        open_block = self.headers(1)
+        open_block.flags.discard("END_HEADERS")
+        self.assert_connection_error(self.send(open_block, PingFrame(0)), 1)
+        self.assertEqual(self.handler.exchanges, [])
+
+    def test_pseudo_header_rules(self) -> None:
+        """8.3: unknown, response, repeated, late or missing pseudo-fields and an empty :path reset the stream."""
+        cases = [
+            [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https"), (b":foo", b"x")],
+            [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https"), (b":status", b"200")],
+            [(b":method", b"GET"), (b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https")],
+            [(b":method", b"GET"), (b"x-a", b"1"), (b":path", b"/"), (b":scheme", b"https")],
+            [(b":method", b"GET"), (b":scheme", b"https")],
+            [(b":method", b"GET"), (b":path", b""), (b":scheme", b"https")],
+            [(b":path", b"/"), (b":scheme", b"https")],
+        ]
+        self.send()
+        for i, fields in enumerate(cases):
+            stream = 2 * i + 1
+            frame = HeadersFrame(stream)
+            frame.data = self.encoder.encode([*fields, (b"host", b"app.test")])
+            frame.flags.add("END_HEADERS")
+            frame.flags.add("END_STREAM")
+            self.assert_stream_error(self.send(frame, preface=False), stream, 1)
+        self.assertEqual(self.handler.exchanges, [])

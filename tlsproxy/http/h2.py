@@ -26,20 +26,35 @@ from h2.events import (
 )
 from h2.exceptions import FlowControlError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
-from hpack import NeverIndexedHeaderTuple
+from hpack import (
+    Decoder,
+    HPACKDecodingError,
+    InvalidTableIndex,
+    InvalidTableSizeError,
+    NeverIndexedHeaderTuple,
+    OversizedHeaderListError,
+)
 from hyperframe.frame import GoAwayFrame
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from tlsproxy.compat.h2 import StreamErrorConnection, hpack_huffman, hpack_static_table
+from tlsproxy.compat.h2 import (
+    StreamErrorConnection,
+    answer_headers_frames,
+    data_frame_header,
+    hpack_huffman,
+    hpack_static_table,
+    use_decoder,
+)
 from tlsproxy.deadline import Deadline
 from tlsproxy.eventloop import at_batch_end
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import BodyConsumer, ExchangeObserver, Handler, Headers, RequestHead, ResponseFields
 from tlsproxy.http.server import Limits, client_address_of, valid_host
 from tlsproxy.http.wire import RequestError, split_fields, valid_field
+from tlsproxy.speedups import speedups
 
 MAX_STREAMS = 100
 STREAM_WINDOW = 1024 * 1024
@@ -88,13 +103,15 @@ class FrameWatch:
     flood of them can be told from use.
     """
 
-    __slots__ = ("_head", "_skip", "block", "control")
+    __slots__ = ("_head", "_skip", "bad_ack", "block", "control")
 
     def __init__(self) -> None:
         self._skip = 24  # the client's connection preface
         self._head = b""  # a frame header split between reads
         self.block = -1  # bytes of the open header block; -1: none open
         self.control = 0  # frames that carry no request, so far
+        # A SETTINGS ACK with a payload: a FRAME_SIZE_ERROR (RFC 9113 6.5), which h2 calls a PROTOCOL_ERROR.
+        self.bad_ack = False
 
     def feed(self, data: bytes) -> int:
         """Take the next bytes from the client; the largest a header block grew in them (-1: none open)."""
@@ -124,6 +141,8 @@ class FrameWatch:
                 or (kind == _DATA and not length and not frame[4] & _END_STREAM)
             ):
                 self.control += 1
+            elif kind == _SETTINGS and length:
+                self.bad_ack = True
             if kind == _CONTINUATION:
                 header_frame = block >= 0
                 if header_frame:
@@ -225,6 +244,22 @@ class ResponseEncoder:
                 code = _hpack_field(field[0], field[1], isinstance(field, NeverIndexedHeaderTuple))
             parts.append(code)
         return b"".join(parts)
+
+
+if speedups is not None:
+    speedups.configure_hpack(HPACKDecodingError, InvalidTableIndex, OversizedHeaderListError, InvalidTableSizeError)
+
+
+def request_decoder() -> Any:
+    """An HPACK decoder for a client's header blocks: the C one when it is built, hpack's otherwise.
+
+    hpack's Decoder, in Python, was a fifth of the HTTP/2 path's time per
+    request (bench/README.md); the C one does the same (and raises the same
+    hpack errors) for every input, which tests/unit/test_hpack.py checks.
+    """
+    if speedups is not None:
+        return speedups.HpackDecoder()
+    return Decoder()
 
 
 # Request fields as parse_request takes them: a name is a lower-case token,
@@ -656,12 +691,19 @@ class H2ServerProtocol(Protocol):
                 normalize_outbound_headers=False,
             )
         )
-        self.conn.encoder = ResponseEncoder()  # type: ignore[assignment]
+        self._encoder = self.conn.encoder = ResponseEncoder()  # type: ignore[assignment]
+        # Frames written without h2 (answer_headers_frames), in order with h2's own, until the next write.
+        self._pending: list[bytes] = []
+        use_decoder(self.conn, request_decoder())
         self.conn.reset_here = []
         self._timer: Any = None
         self._closed = False
         self._draining = False
         self._closing: Deadline | None = None  # armed by _close: the abort if a close takes too long
+        # After GOAWAY for an error: bytes still to drop (-1: not lingering), until when, and when the last came.
+        self._linger_left = -1
+        self._linger_until = self._linger_last = 0.0
+        self._lingering = Deadline(clock)
         self._reading_paused = False
         self._stall = Deadline(clock)  # armed while the client takes none of our bytes
         self.tracker: Any = None
@@ -762,6 +804,8 @@ class H2ServerProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
+            if self._linger_left >= 0:
+                self._linger_drop(data)
             return
         if not self._heard:
             self._heard = True
@@ -781,13 +825,19 @@ class H2ServerProtocol(Protocol):
             return
         if watch.control != before and self._too_many_control_frames(before):
             return
+        if watch.bad_ack:
+            self.log.info("HTTP/2 client {client} sent a SETTINGS ACK with a payload", client=self.client_address)
+            try:
+                self.conn.close_connection(error_code=ErrorCodes.FRAME_SIZE_ERROR)
+            except ProtocolError:
+                pass
+            self._error_close()
+            return
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as e:
             self.log.info("HTTP/2 protocol error from {client}: {error}", client=self.client_address, error=e)
-            self._flush()
-            self._closed = True
-            self._close(self.limits.linger)
+            self._error_close()
             return
         for event in events:
             if isinstance(event, RequestReceived):
@@ -885,16 +935,35 @@ class H2ServerProtocol(Protocol):
             return 0
 
     def send_headers(self, stream_id: int, fields: Headers, end: bool) -> None:
+        conn = self.conn
         try:
-            self.conn.send_headers(stream_id, fields, end_stream=end)
+            frames = None
+            if fields[0][1][:1] != b"1":  # a final answer (h2 has rules of its own for 1xx)
+                frames = answer_headers_frames(conn, stream_id, fields, self._encoder, end)
+            if frames is None:
+                conn.send_headers(stream_id, fields, end_stream=end)
+            else:
+                held = conn.data_to_send()  # before ours: a stream's DATA must follow its HEADERS
+                if held:
+                    self._pending.append(held)
+                self._pending.append(frames)
         except (StreamClosedError, ProtocolError):
             return
         if not self._held:
             self._flush_soon()
 
     def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
+        conn = self.conn
         try:
-            self.conn.send_data(stream_id, data, end_stream=end)
+            header = data_frame_header(conn, stream_id, data, end)
+            if header is None:
+                conn.send_data(stream_id, data, end_stream=end)
+            else:
+                held = conn.data_to_send()
+                if held:
+                    self._pending.append(held)
+                self._pending.append(header)
+                self._pending.append(data)
         except (StreamClosedError, ProtocolError, FlowControlError):
             return
         if not self._held:
@@ -1013,8 +1082,50 @@ class H2ServerProtocol(Protocol):
             self.conn.close_connection(error_code=ErrorCodes.ENHANCE_YOUR_CALM)
         except ProtocolError:
             pass
+        self._error_close()
+
+    def _error_close(self) -> None:
+        """After our GOAWAY for the client's error: read and drop what it still sends, then close.
+
+        A socket closed with unread bytes is reset by the kernel, and the
+        reset can destroy the GOAWAY before the client has read why.  So, as
+        HTTP/1.1 does after an error answer, what the client still sends is
+        dropped until it has been quiet for linger_quiet, within linger
+        seconds and linger_bytes; past either it is cut off.
+        """
+        self._closed = True
         self._flush()
-        self._close(self.limits.linger)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        streams, self.streams = self.streams, {}
+        for exchange in streams.values():  # nothing more will reach the client: let the app go
+            exchange._client_gone()
+            exchange.deadline.stop()
+        limits = self.limits
+        self._linger_left = limits.linger_bytes
+        self._linger_last = now = self.clock.seconds()
+        self._linger_until = now + limits.linger
+        self._lingering.set(min(limits.linger_quiet, limits.linger), self._linger_timeout)
+
+    def _linger_drop(self, data: bytes) -> None:
+        """Lingering: drop what the client sent; cut it off if it sends too much, or for too long."""
+        self._linger_left -= len(data)
+        now = self.clock.seconds()
+        if self._linger_left < 0 or now >= self._linger_until:
+            self._lingering.stop()
+            self.transport.abortConnection()
+            return
+        self._linger_last = now
+        self._lingering.set(min(self.limits.linger_quiet, self._linger_until - now), self._linger_timeout)
+
+    def _linger_timeout(self) -> None:
+        if self.clock.seconds() - self._linger_last >= self.limits.linger_quiet - 1e-6:
+            self._linger_left = -1
+            self._close(self.limits.linger)  # it is quiet: no unread bytes to turn the close into a reset
+            return
+        self.log.info("HTTP/2 client {client} kept sending after our GOAWAY: cut off", client=self.client_address)
+        self.transport.abortConnection()
 
     def stream_done(self, exchange: H2Exchange) -> None:
         self._served += 1
@@ -1049,6 +1160,10 @@ class H2ServerProtocol(Protocol):
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
+        if self._pending:
+            self._pending.append(data)
+            data = b"".join(self._pending)
+            self._pending.clear()
         if data:
             self.transport.write(data)
 
@@ -1056,6 +1171,7 @@ class H2ServerProtocol(Protocol):
         self._closed = True
         if self._closing is not None:
             self._closing.stop()
+        self._lingering.stop()
         self._stall.stop()
         self._streams_timer.stop()
         if self.tracker is not None:

@@ -1,0 +1,130 @@
+"""The HTTP/2 server path alone, in memory: no TLS, no sockets, no app.
+
+    python bench/h2_micro.py [--requests N] [--streams 1|10] [--profile] [--callgrind]
+
+bench/instructions.py counts the whole proxy (TLS, the event loop, the upstream); this counts
+only what H2ServerProtocol does with a client's frames and an immediate 100-byte answer, so a
+change to the h2 path shows without the rest's noise. The requests are what h2load sends
+(its seven fields, HPACK-coded by h2's client with a dynamic table), ``--streams`` HEADERS
+frames per read. ``--profile`` prints cProfile's functions by call count; ``--callgrind`` runs
+this script under callgrind twice, serving the same N requests once and twice, and prints the
+difference per request: what the h2 path costs in instructions, whatever else runs on the machine
+(the client's encoding, the imports and the warm-up cancel out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from tlsproxy.http.h2 import H2ServerProtocol
+from tlsproxy.http.server import Limits
+
+BODY = b"x" * 100
+H2LOAD_FIELDS = [
+    (b":method", b"GET"),
+    (b":path", b"/small"),
+    (b":scheme", b"https"),
+    (b":authority", b"localhost:8443"),
+    (b"accept", b"*/*"),
+    (b"accept-encoding", b"gzip, deflate"),
+    (b"user-agent", b"h2load nghttp2/1.52.0"),
+]
+
+
+class Answer:
+    """Answers every request at once, as a cached or trivial upstream would."""
+
+    def handle(self, exchange: Any) -> None:
+        exchange.respond(200, b"OK", [(b"content-type", b"text/plain"), (b"server", b"bench")], BODY)
+
+
+def client_reads(requests: int, streams: int) -> list[bytes]:
+    """The bytes a client sends: its preface and SETTINGS, then ``streams`` requests per read."""
+    client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+    client.initiate_connection()
+    client.increment_flow_control_window(2**31 - 1 - 65535)
+    client.update_settings({4: 2**31 - 1})  # INITIAL_WINDOW_SIZE: our answers never wait
+    reads = [client.data_to_send()]
+    for _ in range(requests // streams):
+        for _ in range(streams):
+            client.send_headers(client.get_next_available_stream_id(), H2LOAD_FIELDS, end_stream=True)
+        reads.append(client.data_to_send())
+    return reads
+
+
+def run(reads: list[bytes]) -> int:
+    """Feed ``reads`` to one connection; the bytes it answered with."""
+    server = H2ServerProtocol(Answer(), Clock(), Limits())
+    transport = StringTransport()
+    server.makeConnection(transport)
+    out = 0
+    for data in reads:
+        server.dataReceived(data)
+        out += len(transport.value())
+        transport.clear()
+    return out
+
+
+def instructions(requests: int, streams: int, repeat: int) -> int:
+    """callgrind's count of instructions for a run of this script serving ``requests`` requests ``repeat`` times."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        argv = [sys.executable, __file__, "--requests", str(requests), "--streams", str(streams)]
+        argv += ["--repeat", str(repeat)]
+        valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        subprocess.run([*valgrind, *argv], check=True, capture_output=True)
+        annotated = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True, check=True).stdout
+    m = re.search(r"([\d,]+) \(100\.0%\)\s+PROGRAM TOTALS", annotated)
+    assert m is not None, "no totals in callgrind_annotate's output"
+    return int(m.group(1).replace(",", ""))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--streams", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="serve the requests this many times")
+    ap.add_argument("--profile", action="store_true", help="cProfile, functions by call count")
+    ap.add_argument("--callgrind", action="store_true", help="instrument only the measured loop")
+    args = ap.parse_args()
+    reads = client_reads(args.requests, args.streams)
+    run(client_reads(200, args.streams))  # warm: imports, caches
+    n = (len(reads) - 1) * args.streams
+    if args.callgrind:
+        twice, once = (instructions(args.requests, args.streams, r) for r in (2, 1))
+        print(f"{args.streams} per read: {(twice - once) / n:,.0f} instructions per request")
+        return 0
+    if args.profile:
+        prof = cProfile.Profile()
+        prof.enable()
+        run(reads)
+        prof.disable()
+        stats = pstats.Stats(prof)
+        stats.sort_stats("ncalls").print_stats(40)
+        return 0
+    start = time.perf_counter()
+    out = sum(run(reads) for _ in range(args.repeat))
+    took = time.perf_counter() - start
+    n *= args.repeat
+    print(f"{n} requests, {args.streams} per read: {n / took:,.0f} req/s, {out / n:.0f} bytes answered each")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
