@@ -274,6 +274,27 @@ class AdmitTests(SynchronousTestCase):
         walked = self.request(handler, target=b"/.well-known/acme-challenge/../../admin/")
         self.assertEqual(walked.status, 403)
 
+    def test_dot_segments_cannot_borrow_the_acme_exemption(self) -> None:
+        """Django keeps dot segments: /app/../.well-known/acme-challenge/x is routed under /app/, not exempt."""
+        handler = self.handler(site(basic_auth=BasicAuth("staging", "/etc/htpasswd")))
+        for target in (b"/app/../.well-known/acme-challenge/x", b"/app/%2e%2e/.well-known/acme-challenge/x"):
+            exchange = self.request(handler, target=target)
+            self.assertEqual(exchange.status, 401, target)
+        self.assertEqual(self.reactor.tcpClients, [])
+
+    def test_dot_segments_cannot_walk_out_of_a_path_rule(self) -> None:
+        """/private/x/../../public is /public once normalised, but Django routes it under /private/: refused."""
+        rules = (AccessRule(prefix="/private/", basic_auth=BasicAuth("p", "/etc/htpasswd")),)
+        handler = self.handler(
+            Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files", access=rules)
+        )
+        for target in (b"/private/x/../../public", b"/private/%2e%2e/public", b"http://app.test/private/../public"):
+            exchange = self.request(handler, target=target)
+            self.assertEqual(exchange.status, 400, target)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.request(handler, target=b"/public/../public/x")  # both readings open: on to the app
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
     def test_no_credentials_get_401_with_the_realm(self) -> None:
         """Without a password: 401 with WWW-Authenticate naming the realm."""
         handler = self.handler(site(basic_auth=BasicAuth("staging", "/etc/htpasswd")))

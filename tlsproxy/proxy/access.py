@@ -7,9 +7,12 @@ The decisions are plain functions (which rule covers a path, whether an
 address passes, what an Authorization header says); :class:`AccessControl`
 is the thin part the proxy calls once per request of a restricted site.
 
-- Paths are matched after percent-decoding and dot-segment removal, as the
-  app will see them: ``/%61dmin/`` and ``/static/../admin/`` are ``/admin/``.
-  ``/admin`` falls under a ``/admin/`` rule too.
+- Paths are matched after percent-decoding and dot-segment removal:
+  ``/%61dmin/`` and ``/static/../admin/`` are ``/admin/``.  gunicorn and
+  Django keep dot segments, though (``/admin/../x`` is routed under
+  ``admin/``), so the path as decoded once is matched too: a path whose two
+  readings fall under different rules gets 400, and only a path that is an
+  ACME one both ways is exempt.  ``/admin`` falls under a ``/admin/`` rule too.
 - ``deny`` wins over ``allow``; a non-empty ``allow`` lets only its ranges
   in.  Refused addresses get 403; a missing or wrong password 401 with the
   realm.  ACME HTTP-01 paths are never restricted (a CA must reach them).
@@ -117,9 +120,9 @@ def load_all(sites: Iterable[Site]) -> dict[str, dict[str, bytes]]:
 # -- the decisions -------------------------------------------------------------
 
 
-def _unquote_all(data: bytes) -> bytes:
+def _unquote_all(data: bytes, rounds: int = 3) -> bytes:
     """Percent-decode until nothing changes (at most 3 rounds): a rule errs on the side of covering."""
-    for _ in range(3):
+    for _ in range(rounds):
         if b"%" not in data:
             break
         out = bytearray()
@@ -141,13 +144,29 @@ def _is_hex(pair: bytes) -> bool:
     return len(pair) == 2 and all(c in b"0123456789abcdefABCDEF" for c in pair)
 
 
-def request_path(target: bytes) -> bytes:
-    """The path the app will route ``target`` by: decoded, without dot segments or empty segments."""
+def _target_path(target: bytes) -> bytes:
+    """The path of ``target``, still encoded: no query, fragment, scheme or authority."""
     path = target.split(b"?", 1)[0].split(b"#", 1)[0]
     if not path.startswith(b"/"):
         # absolute-form (http://host/path) or asterisk-form
         path = b"/" + path.split(b"://", 1)[1].partition(b"/")[2] if b"://" in path else b"/"
-    path = _unquote_all(path)
+    return path
+
+
+def literal_path(target: bytes) -> bytes:
+    """The path as gunicorn hands it to Django: decoded once, dot and empty segments kept.
+
+    Django routes by this: ``/private/x/../../public`` reaches a
+    ``private/<path:rest>`` view.  A rule must cover it as well as the
+    normalised :func:`request_path`.
+    """
+    path = _target_path(target)
+    return _unquote_all(path, rounds=1) if b"%" in path else path
+
+
+def request_path(target: bytes) -> bytes:
+    """The path normalised: decoded, without dot segments or empty segments."""
+    path = _unquote_all(_target_path(target))
     out: list[bytes] = []
     parts = path.split(b"/")
     for part in parts:
@@ -299,13 +318,21 @@ class AccessControl:
 
     def admit(self, site: Site, exchange: Exchange, proceed: Callable[[], None], record: Record) -> bool:
         """True: go on now.  False: answered here (403, 401, 503), or ``proceed`` is called once checked."""
-        path = request_path(exchange.head.target)
-        if path.startswith(ACME_PREFIX):
+        target = exchange.head.target
+        path = request_path(target)
+        # The app routes the literal path (dot segments kept): both readings must agree,
+        # or /app/../.well-known/acme-challenge/x would reach /app/ past every rule.
+        literal = literal_path(target) if b"." in target or b"%" in target or b"//" in target else path
+        if path.startswith(ACME_PREFIX) and literal.startswith(ACME_PREFIX):
             return True
         if self.pages is not None and self.pages.in_maintenance(site):
             record(503, self.pages.send_maintenance(exchange, site))
             return False
         rule = rule_for(site.access, path)
+        if literal != path and rule_for(site.access, literal) is not rule:
+            # A path whose readings fall under different rules: no answer is safe but a refusal.
+            record(400, pages.send(exchange, 400, "Dot segments or encodings in this path cross an access rule."))
+            return False
         if rule is None:
             return True
         if not address_allowed(rule, exchange.client_address):
