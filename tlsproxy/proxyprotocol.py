@@ -121,7 +121,8 @@ def _address(text: bytes, version: int) -> str:
         raise ProxyHeaderError(f"not an IPv{version} address: {text[:64]!r}") from None
     if value.version != version:
         raise ProxyHeaderError(f"not an IPv{version} address: {text[:64]!r}")
-    return str(value)
+    mapped = getattr(value, "ipv4_mapped", None)
+    return str(mapped) if mapped is not None else str(value)  # as v2's addresses (see _v6)
 
 
 def _port(text: bytes) -> int:

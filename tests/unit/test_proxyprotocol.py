@@ -153,6 +153,12 @@ def test_v4_mapped_v6_is_the_v4_address() -> None:
     assert header.source == ("192.0.2.7", 5)
 
 
+def test_v4_mapped_v6_in_a_v1_line_is_the_v4_address() -> None:
+    """HAProxy on a dual-stack bind sends TCP6 ::ffff:a.b.c.d in v1 too: the client is a.b.c.d, as in v2."""
+    header, _ = parse_header(b"PROXY TCP6 ::ffff:192.0.2.7 ::ffff:10.0.0.1 5 443\r\n")  # type: ignore[misc]
+    assert (header.source, header.destination) == (("192.0.2.7", 5), ("10.0.0.1", 443))
+
+
 def test_split_description() -> None:
     """haproxy: is our prefix; the rest is the endpoint to listen on."""
     assert split_description("haproxy:tcp:443") == (True, "tcp:443")
