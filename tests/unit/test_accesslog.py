@@ -76,6 +76,14 @@ def test_client_request_id_replaced_unless_trusted() -> None:
     assert odd.request_id != "<script>" and ids_sent(odd) == [odd.request_id.encode()]
 
 
+def test_every_underscore_spelling_of_the_id_is_dropped() -> None:
+    """X-Request_ID or X_Request-ID from a client could reach the app as HTTP_X_REQUEST_ID too: dropped."""
+    exchange = exchange_with((b"x-request_id", b"evil"), (b"x_request-id", b"evil2"))
+    begin(exchange, Clock(), TRUSTED)
+    sent = [v for k, v in exchange.head.headers if k.replace(b"_", b"-") == b"x-request-id"]
+    assert sent == [exchange.request_id.encode()]
+
+
 def test_record_has_every_field() -> None:
     """The record names host, site, upstream, duration in ms, bytes both ways, status and the id."""
     clock = Clock()

@@ -37,7 +37,13 @@ from tlsproxy.http.exchange import Exchange
 from tlsproxy.proxy.headers import Network, is_trusted
 
 REQUEST_ID = b"x-request-id"
-_REQUEST_ID_NAMES = (REQUEST_ID, b"x_request_id")
+
+
+def _is_id_name(name: bytes) -> bool:
+    """X-Request-ID in any mix of - and _ (x-request_id is HTTP_X_REQUEST_ID to a WSGI server too)."""
+    return len(name) == 12 and name.replace(b"_", b"-") == REQUEST_ID
+
+
 # What we keep of a trusted peer's id: short, and harmless in a header, a log line and a page.
 _VALID_ID = re.compile(rb"\A[A-Za-z0-9._:@/+=-]{1,128}\Z")
 FLUSH_SECONDS = 1.0
@@ -75,12 +81,12 @@ def begin(exchange: Exchange, clock: Any, trusted_proxies: Sequence[Network]) ->
     exchange.started = clock.seconds()
     headers = exchange.head.headers
     given: bytes | None = None
-    if any(name in _REQUEST_ID_NAMES for name, _ in headers):
+    if any(_is_id_name(name) for name, _ in headers):
         for name, value in headers:
             if name == REQUEST_ID and given is None:
                 given = value.strip()
-        # A client's copy (or an underscore spelling gunicorn could map onto it) never reaches the app.
-        headers[:] = [(name, value) for name, value in headers if name not in _REQUEST_ID_NAMES]
+        # A client's copy (or any underscore spelling a WSGI server could map onto it) never reaches the app.
+        headers[:] = [(name, value) for name, value in headers if not _is_id_name(name)]
         if given is not None and not (
             _VALID_ID.match(given) and trusted_proxies and is_trusted(exchange.client_address, trusted_proxies)
         ):
