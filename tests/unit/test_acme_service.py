@@ -587,7 +587,7 @@ def test_worker_roles_one_orders_the_others_watch(h: Harness, monkeypatch: pytes
 
     monkeypatch.setattr(CertificateStore, "publish_challenge", recording)
     issuer = h.service()
-    issuer.role, issuer.challenge_settle = "issuer", 0
+    issuer.role = "issuer"
     renewed: list[str] = []
     issuer.renewed = renewed.append
     announced: list[int] = []
@@ -603,3 +603,81 @@ def test_worker_roles_one_orders_the_others_watch(h: Harness, monkeypatch: pytes
     assert len(h.ca.orders) == 1
     watcher.stopService()
     issuer.stopService()
+
+
+def test_issuer_tells_the_ca_only_after_the_other_workers_confirm(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An issuer's order waits for the confirmation that the other workers serve its answers, not a fixed pause."""
+    import threading
+
+    from twisted.internet.defer import Deferred
+
+    events: list[str] = []
+    answer = FakeCA.answer
+    monkeypatch.setattr(FakeCA, "answer", lambda ca, challenge: (events.append("answer"), answer(ca, challenge))[1])
+    h.service()
+    # A long poll: a fixed pause derived from it would outlast the joins below.
+    svc = CertificateService(
+        h.clock, h.config, h.sni, h.http01, h.alpn01, run_in_thread=maybeDeferred, poll_interval=30.0, role="issuer"
+    )
+    confirmed: Deferred[None] = Deferred()
+    announced = threading.Event()
+
+    def published() -> Deferred[None]:
+        events.append("announced")
+        announced.set()
+        return confirmed
+
+    svc.published = published
+    responder = svc._responder()
+    responder.publish("http-01", "example.com", "tok", "tok.key")
+    ordering = threading.Thread(target=lambda: (responder.ready(), events.append("ready")))
+    ordering.start()
+    assert announced.wait(10)
+    ordering.join(0.2)  # a responder that does not wait would be done by now
+    assert ordering.is_alive() and events == ["announced"]
+    confirmed.callback(None)
+    ordering.join(10)  # at once, in fact: far less than the poll interval
+    assert not ordering.is_alive() and events == ["announced", "ready"]
+    responder.withdraw("http-01", "example.com", "tok")
+
+
+def test_issuer_goes_on_when_no_confirmation_comes(h: Harness) -> None:
+    """No word from the supervisor within the patience: the order goes on, and the log says why."""
+    from twisted.internet.defer import Deferred
+    from twisted.logger import globalLogPublisher
+
+    svc = h.service()
+    svc.role, svc.challenge_patience = "issuer", 0.0
+    never: Deferred[None] = Deferred()
+    svc.published = lambda: never
+    seen: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        svc._responder().ready()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert [e for e in seen if "no word from the supervisor" in str(e.get("log_format", ""))]
+
+
+def test_scan_fires_once_a_scan_started_after_it_is_applied(h: Harness) -> None:
+    """scan() answers after a scan that began after the call: one already running when asked does not count."""
+    h.service().startService()  # a certificate in the store
+    threads = _QueuedThreads()
+    svc = CertificateService(
+        h.clock, h.config, h.sni, h.http01, h.alpn01, run_in_thread=threads, ca_factory=lambda config, store: h.ca
+    )
+    svc.startService()
+    h.store.publish_challenge("http-01", "tok", "tok.key")
+    threads.run_all()  # the first renewal check: not due
+    first = svc.scan()
+    second = svc.scan()  # while the first scan runs: waits for the next one
+    assert not first.called and not second.called
+    (f, args, kwargs, d), *_ = threads.jobs
+    threads.jobs.pop(0)
+    assert getattr(f, "__name__", "") == "_scan_blocking"
+    d.callback(f(*args, **kwargs))  # type: ignore[operator,attr-defined]
+    assert first.result is True and not second.called
+    assert h.http01.get("tok") == "tok.key"  # applied before the answer
+    threads.run_all()
+    assert second.result is True
+    svc.stopService()

@@ -213,17 +213,18 @@ class SharedResponder:
     """Answers for every worker process: in this process's tables at once, and in the store for the others.
 
     With ``[server] workers``, one worker orders and the CA may reach any of
-    them; the others read the store's ``challenges/`` every poll interval,
-    and at once when ``announce`` tells them; :meth:`ready` announces, then
-    waits ``settle`` seconds (more than one interval).
+    them.  :meth:`ready` calls ``confirm``, which tells the other workers to
+    read the store's ``challenges/`` and returns once each said it serves the
+    answers (or after a bounded wait): no fixed pause that a loaded machine
+    may outlast.
     """
 
     def __init__(
-        self, table: ChallengeResponder, store: StoreResponder, announce: Callable[[], object] = lambda: None
+        self, table: ChallengeResponder, store: StoreResponder, confirm: Callable[[], object] = lambda: None
     ) -> None:
         self.table = table
         self.store = store
-        self.announce = announce
+        self.confirm = confirm
 
     def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
         self.table.publish(kind, host, token, key_authorization)
@@ -235,8 +236,7 @@ class SharedResponder:
 
     def ready(self) -> None:
         self.table.ready()
-        self.announce()
-        self.store.ready()
+        self.confirm()
 
 
 def _listing(reasons: dict[Answer, str]) -> str:
