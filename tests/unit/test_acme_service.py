@@ -681,3 +681,49 @@ def test_scan_fires_once_a_scan_started_after_it_is_applied(h: Harness) -> None:
     threads.run_all()
     assert second.result is True
     svc.stopService()
+
+
+def test_a_second_issuer_during_an_order_in_flight_does_not_order_again(h: Harness) -> None:
+    """A replaced worker 0 (or a reload's new service) checking while the old one's order is in flight: one order.
+
+    The store lock is held for the whole order, so the second check waits for
+    it, then reads the store again and finds the new certificate.
+    """
+    import threading
+
+    from twisted.internet.defer import Deferred
+
+    h.service()
+
+    def issuer() -> CertificateService:
+        return CertificateService(
+            h.clock, h.config, h.sni, h.http01, h.alpn01, run_in_thread=maybeDeferred, ca_factory=lambda c, s: h.ca
+        )
+
+    old, new = issuer(), issuer()
+    old.role = new.role = "issuer"
+    confirmed: Deferred[None] = Deferred()
+    in_flight = threading.Event()
+
+    def published() -> Deferred[None]:
+        in_flight.set()
+        return confirmed
+
+    old.published = published
+    new.published = lambda: None
+    outcomes: dict[str, object] = {}
+    watch = old._acme["example.com"]
+    first = threading.Thread(target=lambda: outcomes.update(old=old._check_blocking(watch)))
+    second = threading.Thread(target=lambda: outcomes.update(new=new._check_blocking(new._acme["example.com"])))
+    first.start()
+    assert in_flight.wait(10)  # the old issuer's order waits for its confirmation, under the lock
+    second.start()
+    second.join(0.5)  # a second check not held back by the lock would have ordered by now
+    assert second.is_alive() and len(h.ca.orders) == 1
+    confirmed.callback(None)
+    first.join(10)
+    second.join(10)
+    assert not first.is_alive() and not second.is_alive()
+    assert len(h.ca.orders) == 1
+    assert outcomes["old"].renewed and not outcomes["new"].renewed  # type: ignore[attr-defined]
+    assert outcomes["new"].certified.leaf.serial_number == outcomes["old"].certified.leaf.serial_number  # type: ignore[attr-defined]

@@ -437,6 +437,10 @@ class Supervisor(MultiService):
         confirmation = self.confirmations.get(round_id)
         if confirmation is not None and not confirmation.waiting:
             self._finish(round_id).issuer.send("confirmed", id=confirmation.ident, missing=[])
+            self.log.info(
+                "every worker serves worker {index}'s challenge answers; it asks the CA to validate",
+                index=confirmation.issuer.slot.index,
+            )
 
     def _confirm_late(self, round_id: int) -> None:
         confirmation = self.confirmations.get(round_id)
