@@ -347,4 +347,7 @@ def test_order_from_an_instance_pebble_does_not_reach_is_answered_by_another(
         assert len(serials) == 1, serials
         assert orders_seen(pebble) - before == 1, answering.output + ordering.output
         assert "ordering a certificate" not in answering.output
+        # Pebble was told to look once instance 0 said it serves the answers, not after a pause.
+        assert "served by every instance that is up (1 besides this one)" in ordering.output
+        assert "did not say they serve" not in ordering.output
     store.close()

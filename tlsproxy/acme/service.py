@@ -45,6 +45,7 @@ from tlsproxy.acme.alpn01 import challenge_context
 from tlsproxy.acme.client import AcmeClient, AcmeError, CertificateAuthority
 from tlsproxy.acme.issuer import (
     ChallengeResponder,
+    FleetAcks,
     FleetResponder,
     Outcome,
     SharedResponder,
@@ -64,6 +65,8 @@ RunInThread = Callable[..., "Deferred[Any]"]
 IN_REACTOR_PATIENCE = 10.0
 # The longest an issuer waits for the other workers to say they serve its answers (see _confirm_published).
 CHALLENGE_PATIENCE = 15.0
+# The longest an order waits for a fleet's other instances to say they serve its answers.
+FLEET_PATIENCE = 10.0
 
 
 def default_ca_factory(config: Config, store: Store) -> CertificateAuthority:
@@ -175,8 +178,10 @@ class CertificateService(Service):
         self.store_problem: str | None = None  # what /readyz and the log say while a shared store is unreachable
         self._unwatch: Callable[[], None] | None = None
         self._scan_again = False
-        # How long an order waits for the fleet's other instances to read its answers: news, then a poll or two.
-        self.fleet_settle = 2 * poll_interval + 1 if fleet_settle is None else fleet_settle
+        # The longest an order waits for the fleet's other instances to say they serve its answers.
+        self.fleet_settle = FLEET_PATIENCE if fleet_settle is None else fleet_settle
+        # The store's answers this instance said it serves (kind, name, key authorization).
+        self._acked: set[tuple[str, str, str]] = set()
         self.policy = policy
         self.poll_interval = poll_interval
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
@@ -404,6 +409,8 @@ class CertificateService(Service):
         if alpn is None:
             return _Scan(tuple(acme_reads), tuple(file_reads), store_problem=store.problem())
         try:
+            if isinstance(store, FleetAcks):
+                store.heartbeat()  # an order waits for the answers of the instances that are up
             http = {t: k for t, k in store.challenges("http-01").items() if is_valid_token(t)}
             published = store.challenges("tls-alpn-01")
         except StoreError:  # unreachable: the answers served stay as they are
@@ -426,6 +433,7 @@ class CertificateService(Service):
                 self._apply_files(watch, read, now)
         if scan.http01 is not None and scan.alpn01 is not None:
             self._apply_challenges(scan.http01, scan.alpn01)
+            self._ack_challenges()
         if self._acme:
             self._note_store(scan.store_problem)
 
@@ -498,6 +506,23 @@ class CertificateService(Service):
             if context is not None or host in self._store_alpn:
                 answers[host] = keyauth
         self._store_alpn = answers
+
+    def _ack_challenges(self) -> None:
+        """Say in a fleet's store which of its answers we now serve (in a thread): the orderer waits for it."""
+        if not isinstance(self.store, FleetAcks):
+            return
+        served = {("http-01", token, keyauth) for token, keyauth in self._store_http.items()}
+        served |= {("tls-alpn-01", host, keyauth) for host, keyauth in self._store_alpn.items()}
+        fresh, self._acked = served - self._acked, served
+        if not fresh:
+            return
+
+        def failed(failure: Failure) -> None:  # said again at the next scan
+            self._acked -= fresh
+            if not failure.check(StoreError):
+                self.log.failure("confirming challenge answers failed", failure)
+
+        self._run(self.store.ack_challenges, sorted(fresh)).addErrback(failed)
 
     # -- renewal checks --------------------------------------------------------
 
