@@ -312,3 +312,42 @@ def test_compose_fleet_example_is_one_fleet(tmp_path: Path) -> None:
     config = load(None, env)
     assert config.store.shared and config.store.prefix == "example-com:"
     assert config.server.admin == "tcp:9000"
+
+
+def test_order_from_an_instance_pebble_does_not_reach_is_answered_by_another(
+    pebble: Pebble, backend: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """Instance 1 orders (Pebble never reaches it); instance 0 answers the challenge from Redis; one order."""
+    import datetime
+
+    from tlsproxy.certs.redis_store import RedisStore
+    from tlsproxy.certs.store import SiteMeta
+
+    hosts = fresh_hosts()
+    validator, orderer = fleet_members(tmp_path, pebble, redis_server, hosts, backend, 2)
+    roots = pebble.roots_pem()
+    before = orders_seen(pebble)
+    store = RedisStore(redis_server.url, tmp_path / "test-store", prefix=validator.prefix)
+    # A failure on record holds instance 0's first check back (a day); it then sleeps until then.
+    later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=1)
+    store.save_meta(hosts[0], SiteMeta(failures=1, next_attempt=later, last_error="held back by the test"))
+    with ExitStack() as stack:
+        answering = start(validator)
+        stack.callback(answering.stop)
+        answering.wait_for_line("tlsproxy: ready", 30)
+        answering.wait_for_line(f"certificate of {hosts[0]} not due for renewal", 30)
+        store.save_meta(hosts[0], SiteMeta())  # due now, for whoever checks next: instance 1 only
+        ordering = start(orderer)
+        stack.callback(ordering.stop)
+        ordering.wait_for_line(f"ordering a certificate for {hosts[0]}", 60)
+        wait_until(
+            lambda: all(served_serial(m.https_port, hosts[0], roots) for m in (validator, orderer)), 60, "certificates"
+        )
+        serials = {served_serial(m.https_port, host, roots) for m in (validator, orderer) for host in hosts}
+        assert len(serials) == 1, serials
+        assert orders_seen(pebble) - before == 1, answering.output + ordering.output
+        assert "ordering a certificate" not in answering.output
+        # Pebble was told to look once instance 0 said it serves the answers, not after a pause.
+        assert "served by every instance that is up (1 besides this one)" in ordering.output
+        assert "did not say they serve" not in ordering.output
+    store.close()

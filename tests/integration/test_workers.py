@@ -374,6 +374,10 @@ def test_pebble_one_order_served_by_every_worker(pebble: Pebble, backend: int, t
         # Only worker 0 orders; the others found the certificate in the store.
         ordering = {r.get("worker") for r in running_proxy.records() if r.get("message", "").startswith("checking the")}
         assert ordering == {0}
+        # Pebble was told to look once workers 1 and 2 said they serve the answers, not after a timeout.
+        messages = [r.get("message", "") for r in running_proxy.records()]
+        assert not [m for m in messages if "did not say it serves" in m]
+        assert [m for m in messages if m.startswith("every worker serves worker 0's challenge answers")]
 
 
 @pytest.mark.skipif(shutil.which("systemd-socket-activate") is None, reason="systemd-socket-activate not installed")

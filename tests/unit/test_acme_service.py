@@ -587,7 +587,7 @@ def test_worker_roles_one_orders_the_others_watch(h: Harness, monkeypatch: pytes
 
     monkeypatch.setattr(CertificateStore, "publish_challenge", recording)
     issuer = h.service()
-    issuer.role, issuer.challenge_settle = "issuer", 0
+    issuer.role = "issuer"
     renewed: list[str] = []
     issuer.renewed = renewed.append
     announced: list[int] = []
@@ -603,3 +603,127 @@ def test_worker_roles_one_orders_the_others_watch(h: Harness, monkeypatch: pytes
     assert len(h.ca.orders) == 1
     watcher.stopService()
     issuer.stopService()
+
+
+def test_issuer_tells_the_ca_only_after_the_other_workers_confirm(h: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An issuer's order waits for the confirmation that the other workers serve its answers, not a fixed pause."""
+    import threading
+
+    from twisted.internet.defer import Deferred
+
+    events: list[str] = []
+    answer = FakeCA.answer
+    monkeypatch.setattr(FakeCA, "answer", lambda ca, challenge: (events.append("answer"), answer(ca, challenge))[1])
+    h.service()
+    # A long poll: a fixed pause derived from it would outlast the joins below.
+    svc = CertificateService(
+        h.clock, h.config, h.sni, h.http01, h.alpn01, run_in_thread=maybeDeferred, poll_interval=30.0, role="issuer"
+    )
+    confirmed: Deferred[None] = Deferred()
+    announced = threading.Event()
+
+    def published() -> Deferred[None]:
+        events.append("announced")
+        announced.set()
+        return confirmed
+
+    svc.published = published
+    responder = svc._responder()
+    responder.publish("http-01", "example.com", "tok", "tok.key")
+    ordering = threading.Thread(target=lambda: (responder.ready(), events.append("ready")))
+    ordering.start()
+    assert announced.wait(10)
+    ordering.join(0.2)  # a responder that does not wait would be done by now
+    assert ordering.is_alive() and events == ["announced"]
+    confirmed.callback(None)
+    ordering.join(10)  # at once, in fact: far less than the poll interval
+    assert not ordering.is_alive() and events == ["announced", "ready"]
+    responder.withdraw("http-01", "example.com", "tok")
+
+
+def test_issuer_goes_on_when_no_confirmation_comes(h: Harness) -> None:
+    """No word from the supervisor within the patience: the order goes on, and the log says why."""
+    from twisted.internet.defer import Deferred
+    from twisted.logger import globalLogPublisher
+
+    svc = h.service()
+    svc.role, svc.challenge_patience = "issuer", 0.0
+    never: Deferred[None] = Deferred()
+    svc.published = lambda: never
+    seen: list[dict[str, object]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        svc._responder().ready()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert [e for e in seen if "no word from the supervisor" in str(e.get("log_format", ""))]
+
+
+def test_scan_fires_once_a_scan_started_after_it_is_applied(h: Harness) -> None:
+    """scan() answers after a scan that began after the call: one already running when asked does not count."""
+    h.service().startService()  # a certificate in the store
+    threads = _QueuedThreads()
+    svc = CertificateService(
+        h.clock, h.config, h.sni, h.http01, h.alpn01, run_in_thread=threads, ca_factory=lambda config, store: h.ca
+    )
+    svc.startService()
+    h.store.publish_challenge("http-01", "tok", "tok.key")
+    threads.run_all()  # the first renewal check: not due
+    first = svc.scan()
+    second = svc.scan()  # while the first scan runs: waits for the next one
+    assert not first.called and not second.called
+    (f, args, kwargs, d), *_ = threads.jobs
+    threads.jobs.pop(0)
+    assert getattr(f, "__name__", "") == "_scan_blocking"
+    d.callback(f(*args, **kwargs))  # type: ignore[operator,attr-defined]
+    assert first.result is True and not second.called
+    assert h.http01.get("tok") == "tok.key"  # applied before the answer
+    threads.run_all()
+    assert second.result is True
+    svc.stopService()
+
+
+def test_a_second_issuer_during_an_order_in_flight_does_not_order_again(h: Harness) -> None:
+    """A replaced worker 0 (or a reload's new service) checking while the old one's order is in flight: one order.
+
+    The store lock is held for the whole order, so the second check waits for
+    it, then reads the store again and finds the new certificate.
+    """
+    import threading
+
+    from twisted.internet.defer import Deferred
+
+    h.service()
+
+    def issuer() -> CertificateService:
+        return CertificateService(
+            h.clock, h.config, h.sni, h.http01, h.alpn01, run_in_thread=maybeDeferred, ca_factory=lambda c, s: h.ca
+        )
+
+    old, new = issuer(), issuer()
+    old.role = new.role = "issuer"
+    confirmed: Deferred[None] = Deferred()
+    in_flight = threading.Event()
+
+    def published() -> Deferred[None]:
+        in_flight.set()
+        return confirmed
+
+    old.published = published
+    new.published = lambda: None
+    outcomes: dict[str, object] = {}
+    watch = old._acme["example.com"]
+    first = threading.Thread(target=lambda: outcomes.update(old=old._check_blocking(watch)))
+    second = threading.Thread(target=lambda: outcomes.update(new=new._check_blocking(new._acme["example.com"])))
+    first.start()
+    assert in_flight.wait(10)  # the old issuer's order waits for its confirmation, under the lock
+    second.start()
+    second.join(0.5)  # a second check not held back by the lock would have ordered by now
+    assert second.is_alive() and len(h.ca.orders) == 1
+    confirmed.callback(None)
+    first.join(10)
+    second.join(10)
+    assert not first.is_alive() and not second.is_alive()
+    assert len(h.ca.orders) == 1
+    assert outcomes["old"].renewed and not outcomes["new"].renewed  # type: ignore[attr-defined]
+    assert outcomes["new"].certified.leaf.serial_number == outcomes["old"].certified.leaf.serial_number  # type: ignore[attr-defined]

@@ -304,3 +304,121 @@ def test_ticket_key_service_for_a_fleet(tmp_path: Path, redis_server: RedisServe
     other = RedisStore(redis_server.url, tmp_path / "other", prefix="tk:")
     assert other.load_ticket_keys() == installed[0]
     service.stopService()
+
+
+def test_instances_say_they_are_up_and_which_answers_they_serve(tmp_path: Path, redis_server: RedisServer) -> None:
+    """Each poll renews an instance's heartbeat; an answer read from the store is confirmed once it is served."""
+    from tlsproxy.acme.issuer import FleetResponder, TableResponder
+
+    fleet = Fleet(tmp_path, redis_server)
+    a, b = fleet.instance(0), fleet.instance(1)
+    validate_on(fleet, a)
+    a.service.startService()
+    b.service.startService()
+    store_a, store_b = a.service.store, b.service.store
+    assert isinstance(store_a, RedisStore) and isinstance(store_b, RedisStore)
+    fleet.clock.advance(b.service.poll_interval)
+    assert store_a.live_instances() >= {store_a.instance, store_b.instance}
+    responder = FleetResponder(TableResponder(a.http01, a.alpn01), store_a, settle=10)
+    responder.publish("http-01", "example.com", "tok_9", "tok_9.thumb")
+    assert store_b.instance in responder.unconfirmed(store_a)
+    fleet.clock.advance(b.service.poll_interval)  # b reads the answer, serves it, says so
+    assert b.http01.get("tok_9") == "tok_9.thumb"
+    assert store_b.instance not in responder.unconfirmed(store_a)
+    responder.withdraw("http-01", "example.com", "tok_9")
+    store_b._redis.delete(store_b._key("live", store_b.instance))  # b's heartbeat runs out (it died)
+    assert store_b.instance not in store_a.live_instances()
+    for inst in (a, b):
+        inst.service.stopService()
+
+
+class _Acks:
+    """A fleet's store as FleetResponder sees it: who is up, who confirmed what."""
+
+    instance = "me"
+
+    def __init__(self, live: set[str]) -> None:
+        self.live = live
+        self.acks: set[str] = set()
+        self.published: list[tuple[str, str, str]] = []
+
+    def heartbeat(self) -> None:
+        pass
+
+    def live_instances(self) -> set[str]:
+        return self.live | {self.instance}
+
+    def ack_challenges(self, answers: list[tuple[str, str, str]]) -> None:
+        pass
+
+    def challenge_acks(self, kind: str, name: str, key_authorization: str) -> set[str]:
+        return set(self.acks)
+
+    def publish_challenge(self, kind: str, name: str, key_authorization: str) -> None:
+        self.published.append((kind, name, key_authorization))
+
+    def withdraw_challenge(self, kind: str, name: str) -> None:
+        pass
+
+
+class _Time:
+    """A clock and a sleep for FleetResponder; ``during`` runs at each sleep (what the other instances do)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self.during: Any = lambda now: None
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        self.during(self.now)
+
+
+def _fleet_responder(acks: _Acks, time_: _Time) -> Any:
+    from tlsproxy.acme.issuer import FleetResponder, TableResponder
+
+    responder = FleetResponder(
+        TableResponder(HTTP01Answers(), TLSALPN01Answers()),
+        acks,  # type: ignore[arg-type]
+        settle=10,
+        sleep=time_.sleep,
+        clock=lambda: time_.now,
+    )
+    responder.publish("http-01", "example.com", "tok", "tok.thumb")
+    return responder
+
+
+def test_fleet_order_goes_on_as_soon_as_every_instance_confirmed() -> None:
+    """Every instance that is up confirmed: the CA is told at once, with no fixed pause."""
+    acks, time_ = _Acks({"b", "c"}), _Time()
+    responder = _fleet_responder(acks, time_)
+    time_.during = lambda now: acks.acks.update({"b", "c"} if now >= 0.3 else {"b"})
+    responder.ready()
+    assert time_.now == pytest.approx(0.3, abs=0.15) and acks.published == [("http-01", "tok", "tok.thumb")]
+
+
+def test_fleet_order_waits_for_a_silent_instance_no_longer_than_settle() -> None:
+    """An instance that never confirms delays the order by ``settle`` at most, and the log names it."""
+    acks, time_ = _Acks({"b", "c"}), _Time()
+    responder = _fleet_responder(acks, time_)
+    acks.acks = {"b"}
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        responder.ready()
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert time_.now == pytest.approx(10, abs=0.15)
+    late = [e for e in seen if "did not say they serve the challenge answers" in e.get("log_format", "")]
+    assert len(late) == 1 and late[0]["missing"] == "c"
+
+
+def test_fleet_order_does_not_wait_for_an_instance_that_died() -> None:
+    """An instance whose heartbeat runs out while the order waits is no longer waited for."""
+    acks, time_ = _Acks({"b", "c"}), _Time()
+    responder = _fleet_responder(acks, time_)
+    acks.acks = {"b"}
+    time_.during = lambda now: acks.live.discard("c") if now >= 1 else None
+    responder.ready()
+    assert time_.now == pytest.approx(1, abs=0.15)

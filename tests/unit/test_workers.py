@@ -17,6 +17,7 @@ from tlsproxy.metrics import Metrics
 from tlsproxy.workers.admin import merge_metrics
 from tlsproxy.workers.messages import LineReader, MessageError, encode
 from tlsproxy.workers.supervisor import (
+    CHALLENGE_CONFIRM_TIMEOUT,
     KILL_AFTER_GRACE,
     LONGEST_PAUSE,
     RETIRE_AFTER,
@@ -395,3 +396,129 @@ def test_the_entry_builds_one_process_or_a_supervisor(tmp_path: Path) -> None:
     assert isinstance(workers.build(reactor, two, options, None), Supervisor)
     plugin = (Path(__file__).parents[2] / "twisted" / "plugins" / "tlsproxy_plugin.py").read_text()
     assert '"tlsproxy.workers"' in plugin and workers.Options is tap.Options
+
+
+def _announce(spawner: Spawner, ident: int = 7) -> dict[int, int]:
+    """Worker 0 says its answers are in the store; the round id each other worker was given, by index."""
+    spawner.latest(0)[0].childDataReceived(CONTROL_OUT, encode("challenges", id=ident))
+    rounds = {}
+    for index in (1, 2):
+        (message,) = [m for m in spawner.latest(index)[1].messages() if m["type"] == "challenges"]
+        rounds[index] = message["id"]
+    return rounds
+
+
+def _confirmed(spawner: Spawner) -> list[dict[str, Any]]:
+    return [m for m in spawner.latest(0)[1].messages() if m["type"] == "confirmed"]
+
+
+def _load(spawner: Spawner, index: int, ident: int) -> None:
+    spawner.latest(index)[0].childDataReceived(CONTROL_OUT, encode("loaded", id=ident, ok=True))
+
+
+def test_challenges_confirmed_at_once_when_every_worker_loaded_them(tmp_path: Path) -> None:
+    """The issuer hears "confirmed" as soon as the last other worker says it serves the answers, not after a pause."""
+    service, reactor, spawner, _ = supervisor(tmp_path, workers=3)
+    rounds = _announce(spawner)
+    _load(spawner, 1, rounds[1])
+    assert _confirmed(spawner) == []
+    _load(spawner, 1, rounds[1])  # said twice: still waiting for worker 2
+    assert _confirmed(spawner) == []
+    _load(spawner, 2, rounds[2])
+    assert _confirmed(spawner) == [{"type": "confirmed", "id": 7, "missing": []}]
+    assert service.confirmations == {} and reactor.getDelayedCalls() == []
+
+
+def test_challenges_confirmed_after_the_timeout_naming_the_silent_worker(tmp_path: Path) -> None:
+    """A worker that never answers delays the order by the timeout at most, and the log names it."""
+    _, reactor, spawner, _ = supervisor(tmp_path, workers=3)
+    seen: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        rounds = _announce(spawner)
+        _load(spawner, 1, rounds[1])
+        reactor.advance(CHALLENGE_CONFIRM_TIMEOUT - 0.1)
+        assert _confirmed(spawner) == []
+        reactor.advance(0.1)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert _confirmed(spawner) == [{"type": "confirmed", "id": 7, "missing": [2]}]
+    late = [e for e in seen if "did not say it serves the challenge answers" in e.get("log_format", "")]
+    assert len(late) == 1 and late[0]["missing"] == "2" and late[0]["index"] == 0
+
+
+def test_a_worker_that_dies_is_not_waited_for(tmp_path: Path) -> None:
+    """A worker that dies before answering is dropped from the round; the issuer is confirmed at once."""
+    service, reactor, spawner, _ = supervisor(tmp_path, workers=3)
+    rounds = _announce(spawner)
+    _load(spawner, 1, rounds[1])
+    protocol, _ = spawner.latest(2)
+    ended(protocol, signum=signal.SIGKILL)
+    assert _confirmed(spawner) == [{"type": "confirmed", "id": 7, "missing": []}]
+    reactor.advance(0)  # its replacement starts; it was not asked and is not waited for
+    assert spawner.latest(2)[0] is not protocol
+    assert service.confirmations == {}
+
+
+def test_an_issuer_that_dies_leaves_no_round_behind(tmp_path: Path) -> None:
+    """The issuer's death ends its round: no timer left, and a late answer changes nothing."""
+    service, reactor, spawner, _ = supervisor(tmp_path, workers=3)
+    rounds = _announce(spawner)
+    ended(spawner.latest(0)[0], signum=signal.SIGKILL)
+    assert service.confirmations == {}
+    _load(spawner, 1, rounds[1])
+    reactor.advance(CHALLENGE_CONFIRM_TIMEOUT)
+    assert all(m["type"] != "confirmed" for m in spawner.latest(0)[1].messages())
+
+
+class _Scanning:
+    """A certificate service whose scans the test finishes."""
+
+    def __init__(self) -> None:
+        self.scans: list[Any] = []
+
+    def scan(self) -> Any:
+        from twisted.internet.defer import Deferred
+
+        self.scans.append(Deferred())
+        return self.scans[-1]
+
+
+def test_a_worker_says_loaded_only_once_its_scans_applied_the_answers() -> None:
+    """A worker told of new answers acks after every certificate service read them; a failed read says ok false."""
+    from types import SimpleNamespace
+
+    from tlsproxy.workers.worker import WorkerService
+
+    services = [_Scanning(), _Scanning()]
+    sent: list[tuple[str, dict[str, Any]]] = []
+    worker = SimpleNamespace(_certificate_services=lambda: services, send=lambda kind, **f: sent.append((kind, f)))
+    worker.load_challenges = lambda ident: WorkerService.load_challenges(worker, ident)  # type: ignore[arg-type]
+    WorkerService.on_message(worker, {"type": "challenges", "site": "", "id": 3})  # type: ignore[arg-type]
+    services[0].scans[0].callback(True)
+    assert sent == []
+    services[1].scans[0].callback(True)
+    assert sent == [("loaded", {"id": 3, "ok": True})]
+    WorkerService.load_challenges(worker, 4)  # type: ignore[arg-type]
+    services[0].scans[1].callback(False)
+    services[1].scans[1].callback(True)
+    assert sent[-1] == ("loaded", {"id": 4, "ok": False})
+
+
+def test_an_issuer_announcement_fires_on_its_confirmation_or_when_the_supervisor_goes() -> None:
+    """announce_challenges fires on the matching "confirmed" only; a supervisor gone releases every waiting order."""
+    from types import SimpleNamespace
+
+    from tlsproxy.workers.worker import WorkerService
+
+    sent: list[tuple[str, dict[str, Any]]] = []
+    worker = SimpleNamespace(
+        _confirming={}, _announcements=0, terminating=True, send=lambda kind, **f: sent.append((kind, f))
+    )
+    first = WorkerService.announce_challenges(worker)  # type: ignore[arg-type]
+    second = WorkerService.announce_challenges(worker)  # type: ignore[arg-type]
+    assert sent == [("challenges", {"id": 1}), ("challenges", {"id": 2})]
+    WorkerService.on_message(worker, {"type": "confirmed", "id": 2, "missing": []})  # type: ignore[arg-type]
+    assert second.called and not first.called
+    WorkerService.supervisor_gone(worker)  # type: ignore[arg-type]
+    assert first.called and worker._confirming == {}

@@ -13,7 +13,7 @@ import datetime
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -84,29 +84,60 @@ class TableResponder:
         pass
 
 
+@runtime_checkable
+class FleetAcks(Protocol):
+    """A shared store where instances say they are up and which challenge answers they serve."""
+
+    instance: str
+
+    def heartbeat(self) -> None: ...
+
+    def live_instances(self) -> set[str]: ...
+
+    def ack_challenges(self, answers: list[tuple[str, str, str]]) -> None: ...
+
+    def challenge_acks(self, kind: str, name: str, key_authorization: str) -> set[str]: ...
+
+
 class FleetResponder:
     """Answers served by this process's listeners and, through the shared store, by every instance's.
 
     The CA may validate through any instance of a fleet (a load balancer picks
     one): each reads the store's answers when told of a change (pub/sub) and
-    every poll, so :meth:`ready` waits ``settle`` seconds, a poll and then some,
-    before the CA is told to look.
+    every poll, and says in the store that it serves them.  :meth:`ready`
+    returns once every instance that is up said so, or after ``settle``
+    seconds at most (naming those that did not): a busy instance delays the
+    order a little, a lost one no more than that.
     """
 
     def __init__(
-        self, here: ChallengeResponder, store: Store, settle: float, sleep: Callable[[float], None] = time.sleep
+        self,
+        here: ChallengeResponder,
+        store: Store,
+        settle: float,
+        sleep: Callable[[float], None] = time.sleep,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = 0.1,
     ) -> None:
         self.here = here
         self.store = store
         self.settle = settle
         self._sleep = sleep
+        self._clock = clock
+        self.interval = interval
+        self._published: dict[tuple[str, str], tuple[str, str, str]] = {}
+        self._others: set[str] = set()
 
     def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
         self.here.publish(kind, host, token, key_authorization)
-        self.store.publish_challenge(kind, token if kind == "http-01" else host, key_authorization)
+        name = token if kind == "http-01" else host
+        self.store.publish_challenge(kind, name, key_authorization)
+        self._published[(kind, host)] = (kind, name, key_authorization)
 
     def withdraw(self, kind: str, host: str, token: str) -> None:
         self.here.withdraw(kind, host, token)
+        self._published.pop((kind, host), None)
         try:
             self.store.withdraw_challenge(kind, token if kind == "http-01" else host)
         except StoreError as e:  # the store forgets it by itself (a TTL); the order's own outcome matters more
@@ -114,8 +145,41 @@ class FleetResponder:
 
     def ready(self) -> None:
         self.here.ready()
-        if self.settle > 0:
+        if self.settle <= 0:
+            return
+        if not isinstance(self.store, FleetAcks) or not self._published:
             self._sleep(self.settle)
+            return
+        end = self._clock() + self.settle
+        while True:
+            try:
+                missing = self.unconfirmed(self.store)
+            except StoreError as e:  # the order itself will meet the same store: let it say so
+                log.warn("cannot read which instances serve the challenge answers: {error}", error=str(e))
+                return
+            if not missing:
+                log.info(
+                    "the challenge answers are served by every instance that is up ({count} besides this one)",
+                    count=len(self._others),
+                )
+                return
+            if self._clock() >= end:
+                log.warn(
+                    "instance(s) {missing} did not say they serve the challenge answers within {settle:g}s; "
+                    "asking the CA anyway",
+                    missing=", ".join(sorted(missing)),
+                    settle=self.settle,
+                )
+                return
+            self._sleep(self.interval)
+
+    def unconfirmed(self, acks: FleetAcks) -> set[str]:
+        """The instances that are up and have not said they serve every answer published here."""
+        others = self._others = acks.live_instances() - {acks.instance}
+        missing: set[str] = set()
+        for kind, name, key_authorization in self._published.values():
+            missing |= others - acks.challenge_acks(kind, name, key_authorization)
+        return missing
 
 
 class StoreResponder:
@@ -213,17 +277,18 @@ class SharedResponder:
     """Answers for every worker process: in this process's tables at once, and in the store for the others.
 
     With ``[server] workers``, one worker orders and the CA may reach any of
-    them; the others read the store's ``challenges/`` every poll interval,
-    and at once when ``announce`` tells them; :meth:`ready` announces, then
-    waits ``settle`` seconds (more than one interval).
+    them.  :meth:`ready` calls ``confirm``, which tells the other workers to
+    read the store's ``challenges/`` and returns once each said it serves the
+    answers (or after a bounded wait): no fixed pause that a loaded machine
+    may outlast.
     """
 
     def __init__(
-        self, table: ChallengeResponder, store: StoreResponder, announce: Callable[[], object] = lambda: None
+        self, table: ChallengeResponder, store: StoreResponder, confirm: Callable[[], object] = lambda: None
     ) -> None:
         self.table = table
         self.store = store
-        self.announce = announce
+        self.confirm = confirm
 
     def publish(self, kind: str, host: str, token: str, key_authorization: str) -> None:
         self.table.publish(kind, host, token, key_authorization)
@@ -235,8 +300,7 @@ class SharedResponder:
 
     def ready(self) -> None:
         self.table.ready()
-        self.announce()
-        self.store.ready()
+        self.confirm()
 
 
 def _listing(reasons: dict[Answer, str]) -> str:

@@ -45,6 +45,7 @@ from tlsproxy.acme.alpn01 import challenge_context
 from tlsproxy.acme.client import AcmeClient, AcmeError, CertificateAuthority
 from tlsproxy.acme.issuer import (
     ChallengeResponder,
+    FleetAcks,
     FleetResponder,
     Outcome,
     SharedResponder,
@@ -62,6 +63,10 @@ from tlsproxy.config import Config, Site
 
 RunInThread = Callable[..., "Deferred[Any]"]
 IN_REACTOR_PATIENCE = 10.0
+# The longest an issuer waits for the other workers to say they serve its answers (see _confirm_published).
+CHALLENGE_PATIENCE = 15.0
+# The longest an order waits for a fleet's other instances to say they serve its answers.
+FLEET_PATIENCE = 10.0
 
 
 def default_ca_factory(config: Config, store: Store) -> CertificateAuthority:
@@ -173,8 +178,10 @@ class CertificateService(Service):
         self.store_problem: str | None = None  # what /readyz and the log say while a shared store is unreachable
         self._unwatch: Callable[[], None] | None = None
         self._scan_again = False
-        # How long an order waits for the fleet's other instances to read its answers: news, then a poll or two.
-        self.fleet_settle = 2 * poll_interval + 1 if fleet_settle is None else fleet_settle
+        # The longest an order waits for the fleet's other instances to say they serve its answers.
+        self.fleet_settle = FLEET_PATIENCE if fleet_settle is None else fleet_settle
+        # The store's answers this instance said it serves (kind, name, key authorization).
+        self._acked: set[tuple[str, str, str]] = set()
         self.policy = policy
         self.poll_interval = poll_interval
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not secrets
@@ -196,10 +203,14 @@ class CertificateService(Service):
         self._store_http: dict[str, str] = {}
         self._store_alpn: dict[str, str] = {}
         self._loop: LoopingCall | None = None
-        # How long an issuer waits for the other workers to read its challenges from the store.
-        self.challenge_settle = poll_interval + 1.5
-        # Called (on the reactor thread) once an issuer put challenge answers in the store.
+        # The longest an issuer waits for the other workers to confirm they serve its answers
+        # (the supervisor gives up sooner and says which did not; this covers a supervisor gone).
+        self.challenge_patience = CHALLENGE_PATIENCE
+        # Called (on the reactor thread) once an issuer put challenge answers in the store;
+        # may return a Deferred that fires once the other workers serve them.
         self.published: Callable[[], object] | None = None
+        # Deferreds of scan() callers, fired when the next scan to start has been applied.
+        self._scan_waiters: list[Deferred[bool]] = []
         # Called with a site's name when a renewal here installed its new certificate.
         self.renewed: Callable[[str], object] | None = None
         self._running_jobs: set[Deferred[Any]] = set()
@@ -281,9 +292,17 @@ class CertificateService(Service):
             if not watch.busy and watch.next_check is not None and now >= watch.next_check:
                 self._start_check(watch)
 
-    def scan(self) -> None:
-        """Look at the store and the watched files now (a worker told that another one renewed)."""
+    def scan(self) -> Deferred[bool]:
+        """Look at the store and the watched files now (a worker told that another one renewed).
+
+        Fires once a scan that started after this call is applied: True if it
+        read the store, False if it could not (the other workers' issuer
+        waits for that answer before the CA looks).
+        """
+        waiter: Deferred[bool] = Deferred()
+        self._scan_waiters.append(waiter)
         self._scan(follow=True)
+        return waiter
 
     def _scan(self, follow: bool = False) -> None:
         """Read the store in a thread, one scan at a time.
@@ -296,22 +315,36 @@ class CertificateService(Service):
             return
         self._scanning = True
         self._scan_again = False
+        waiters, self._scan_waiters = self._scan_waiters, []
         alpn = dict(self._store_alpn) if self._acme else None
         d = self._run(self._scan_blocking, self._wanted(), alpn)
-        d.addCallback(lambda scan: self._apply(scan, self.now()) if self.running else None)
+        d.addCallback(self._apply_scan)
         d.addErrback(self._scan_failed)
-        d.addBoth(self._scanned)
+        d.addBoth(self._scanned, waiters)
 
-    def _scan_failed(self, failure: Failure) -> None:
+    def _apply_scan(self, scan: _Scan) -> bool:
+        if not self.running:
+            return False
+        self._apply(scan, self.now())
+        return scan.store_problem is None
+
+    def _scan_failed(self, failure: Failure) -> bool:
         if failure.check(StoreError):  # a shared store that refuses us (a wrong password): one line
             self._note_store(f"store {self.store.describe()}: {failure.value}")
-            return
+            return False
         self.log.failure("polling the certificate files failed", failure)
+        return False
 
-    def _scanned(self, _: Any) -> None:
+    def _scanned(self, read: Any, waiters: list[Deferred[bool]]) -> None:
         self._scanning = False
+        for waiter in waiters:
+            waiter.callback(read is True)
         if self._scan_again and self.running:
             self._scan()
+        elif not self.running:  # stopped: no scan will come for those still waiting
+            waiters, self._scan_waiters = self._scan_waiters, []
+            for waiter in waiters:
+                waiter.callback(False)
 
     def _news(self) -> None:
         """Another instance changed the shared store (called from the subscriber's thread)."""
@@ -376,6 +409,8 @@ class CertificateService(Service):
         if alpn is None:
             return _Scan(tuple(acme_reads), tuple(file_reads), store_problem=store.problem())
         try:
+            if isinstance(store, FleetAcks):
+                store.heartbeat()  # an order waits for the answers of the instances that are up
             http = {t: k for t, k in store.challenges("http-01").items() if is_valid_token(t)}
             published = store.challenges("tls-alpn-01")
         except StoreError:  # unreachable: the answers served stay as they are
@@ -398,6 +433,7 @@ class CertificateService(Service):
                 self._apply_files(watch, read, now)
         if scan.http01 is not None and scan.alpn01 is not None:
             self._apply_challenges(scan.http01, scan.alpn01)
+            self._ack_challenges()
         if self._acme:
             self._note_store(scan.store_problem)
 
@@ -471,6 +507,23 @@ class CertificateService(Service):
                 answers[host] = keyauth
         self._store_alpn = answers
 
+    def _ack_challenges(self) -> None:
+        """Say in a fleet's store which of its answers we now serve (in a thread): the orderer waits for it."""
+        if not isinstance(self.store, FleetAcks):
+            return
+        served = {("http-01", token, keyauth) for token, keyauth in self._store_http.items()}
+        served |= {("tls-alpn-01", host, keyauth) for host, keyauth in self._store_alpn.items()}
+        fresh, self._acked = served - self._acked, served
+        if not fresh:
+            return
+
+        def failed(failure: Failure) -> None:  # said again at the next scan
+            self._acked -= fresh
+            if not failure.check(StoreError):
+                self.log.failure("confirming challenge answers failed", failure)
+
+        self._run(self.store.ack_challenges, sorted(fresh)).addErrback(failed)
+
     # -- renewal checks --------------------------------------------------------
 
     def _check_blocking(self, watch: _Watch) -> Outcome:
@@ -498,8 +551,30 @@ class CertificateService(Service):
         if self.role != "issuer":
             return table
         # [server] workers: the other workers read the answers from the state directory.
-        announce = (lambda: self._in_reactor(self.published)) if self.published is not None else (lambda: None)
-        return SharedResponder(table, StoreResponder(self.store, settle=self.challenge_settle), announce)
+        return SharedResponder(table, StoreResponder(self.store, settle=0), self._confirm_published)
+
+    def _confirm_published(self) -> None:
+        """(renewal thread) Tell the other workers about the answers; wait until they serve them, within bounds."""
+        if self.published is None:
+            return
+        served = self._in_reactor(self._announce)
+        if not served.wait(self.challenge_patience):
+            self.log.warn(
+                "no word from the supervisor {patience:g}s after announcing the challenge answers; "
+                "asking the CA anyway",
+                patience=self.challenge_patience,
+            )
+
+    def _announce(self) -> threading.Event:
+        """(reactor) Call ``published``; the event is set once what it returned has fired."""
+        served = threading.Event()
+        assert self.published is not None
+        result = self.published()
+        if isinstance(result, Deferred):
+            result.addBoth(lambda _: served.set())
+        else:
+            served.set()
+        return served
 
     def _start_check(self, watch: _Watch) -> None:
         watch.busy = True

@@ -10,6 +10,8 @@ Keys, all under ``prefix`` (so several fleets can share one Redis)::
     challenges:http-01          hash: token -> key authorization
     challenges:tls-alpn-01      hash: host -> key authorization
     tickets                     session ticket keys (sealed JSON)
+    live:<instance>             an instance that polls the store (a short TTL, renewed every poll)
+    acks:<answer digest>        set: the instances that serve that challenge answer
     lock:<name>                 owner token, with a lease (PX)
     events                      pub/sub channel: "cert <site>", "challenge", "account"
 
@@ -37,6 +39,7 @@ Every call blocks (network I/O): the service makes them in threads.
 
 from __future__ import annotations
 
+import hashlib
 import secrets
 import threading
 import time
@@ -69,6 +72,7 @@ log = Logger()
 
 SEALED = b"fernet:"
 CHALLENGE_TTL = 3600  # an answer a dead orderer never withdrew goes away by itself
+LIVE_TTL = 10.0  # seconds an instance counts as up after its last poll (polls come every 2 s)
 
 # Extend / release only if the lock still holds our token.
 _EXTEND = """
@@ -142,6 +146,8 @@ class RedisStore:
         self._release_script = self._redis.register_script(_RELEASE)
         self._problem: str | None = None
         self._cache_lock = threading.Lock()
+        # This process's name in the fleet's live:/acks: keys (a reload's new store gets a new one).
+        self.instance = secrets.token_hex(6)
 
     # -- plumbing --------------------------------------------------------------
 
@@ -406,6 +412,43 @@ class RedisStore:
             except UnicodeDecodeError:
                 continue
         return out
+
+    # -- which instances are up, and which of them serve an answer -------------------
+
+    def heartbeat(self, ttl: float = LIVE_TTL) -> None:
+        """Say this instance is up for ``ttl`` seconds (called every poll)."""
+        with self._talking("saying this instance is up"):
+            self._redis.set(self._key("live", self.instance), b"1", px=int(ttl * 1000))
+
+    def live_instances(self) -> set[str]:
+        """The instances whose heartbeat has not run out."""
+        start = self._key("live", "")
+        pattern = "".join("\\" + c if c in "*?[]\\" else c for c in start) + "*"
+        with self._talking("listing the instances that are up"):
+            keys = list(self._redis.scan_iter(match=pattern, count=1000))
+        return {k.decode("utf-8", "replace")[len(start) :] for k in keys}
+
+    def _ack_key(self, kind: str, name: str, key_authorization: str) -> str:
+        digest = hashlib.sha256(f"{kind}\0{name}\0{key_authorization}".encode()).hexdigest()[:32]
+        return self._key("acks", digest)
+
+    def ack_challenges(self, answers: list[tuple[str, str, str]]) -> None:
+        """Say this instance serves each (kind, name, key authorization): the orderer waits for that."""
+        if not answers:
+            return
+        with self._talking("confirming challenge answers"):
+            pipe = self._redis.pipeline()
+            for kind, name, key_authorization in answers:
+                key = self._ack_key(kind, name, key_authorization)
+                pipe.sadd(key, self.instance)
+                pipe.expire(key, CHALLENGE_TTL)
+            pipe.execute()
+
+    def challenge_acks(self, kind: str, name: str, key_authorization: str) -> set[str]:
+        """The instances that said they serve this answer."""
+        with self._talking("reading the confirmations of a challenge answer"):
+            members = self._redis.smembers(self._ack_key(kind, name, key_authorization))
+        return {m.decode("utf-8", "replace") for m in members}
 
     # -- session ticket keys -----------------------------------------------------
 

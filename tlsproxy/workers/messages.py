@@ -1,5 +1,11 @@
 """What the supervisor and its workers say to each other: one JSON object a line.
 
+Challenge answers are confirmed, not waited for: the issuing worker sends
+``challenges`` with its own ``id``; the supervisor gives each other live
+worker ``challenges`` with a round ``id``; each reads the store and answers
+``loaded`` (``id``, ``ok``); the issuer gets ``confirmed`` (its ``id``, the
+``missing`` workers) once all did, or died, or the timeout passed.
+
 Nothing secret ever goes through here: ticket keys stay inside each worker's
 OpenSSL (see :mod:`tlsproxy.tls.handoff`); only their public names travel.
 """

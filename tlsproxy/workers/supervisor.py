@@ -51,6 +51,8 @@ KILL_AFTER_GRACE = 5.0
 HANDOFF_BUFFER = 4 * 1024 * 1024
 # Seconds between telling a replaced worker to stop accepting and telling it to drain.
 RETIRE_AFTER = 2.0
+# The longest an issuer's order waits for the other workers to say they serve its challenge answers.
+CHALLENGE_CONFIRM_TIMEOUT = 10.0
 
 
 def twist_options(argv: list[str]) -> list[str]:
@@ -190,6 +192,16 @@ class WorkerProcess(ProcessProtocol):
         self.supervisor.worker_ended(self, reason)
 
 
+@dataclass
+class Confirmation:
+    """One announcement of challenge answers: who made it, whose word it still waits for."""
+
+    issuer: WorkerProcess
+    ident: Any  # the issuer's own id for it
+    waiting: set[WorkerProcess]
+    timer: Any = None
+
+
 Spawn = Callable[..., Any]
 
 
@@ -232,6 +244,8 @@ class Supervisor(MultiService):
         self.admin_listener: Listener | None = None
         self._all_gone: Deferred[None] | None = None
         self._kill_timer: Any = None
+        self.confirmations: dict[int, Confirmation] = {}
+        self._rounds = 0
 
     # -- listeners ---------------------------------------------------------------
 
@@ -321,6 +335,7 @@ class Supervisor(MultiService):
         self.log.info("worker {index} started (pid {worker_pid})", index=slot.index, worker_pid=process.pid)
 
     def worker_ended(self, process: WorkerProcess, reason: Any) -> None:
+        self.forget_confirmer(process)
         slot = process.slot
         if slot.process is process:
             slot.process = None
@@ -373,6 +388,10 @@ class Supervisor(MultiService):
             if isinstance(names, list):
                 slot.key_names = [str(n) for n in names]
                 self.broadcast_key_names()
+        elif kind == "challenges" and "id" in message and slot.process is not None:
+            self.confirm_challenges(slot.process, message["id"])
+        elif kind == "loaded":
+            self.challenges_loaded(slot, message)
         elif kind in ("renewed", "challenges"):  # the others read the store now
             for process in self.live():
                 if process.slot is not slot:
@@ -381,6 +400,69 @@ class Supervisor(MultiService):
             self.admin.answer(slot.index, message)
         else:
             self.log.warn("worker {index}: unknown message {kind}", index=slot.index, kind=kind)
+
+    # -- challenge answers: every worker serves them before the CA looks -----------
+
+    def confirm_challenges(self, issuer: WorkerProcess, ident: Any) -> None:
+        """Tell every other live worker to load the issuer's answers; confirm to it once all did."""
+        self._rounds += 1
+        round_id = self._rounds
+        waiting = {process for process in self.live() if process is not issuer}
+        confirmation = Confirmation(issuer, ident, waiting)
+        self.confirmations[round_id] = confirmation
+        for process in waiting:
+            process.send("challenges", site="", id=round_id)
+        confirmation.timer = self.reactor.callLater(CHALLENGE_CONFIRM_TIMEOUT, self._confirm_late, round_id)
+        self._confirm_if_done(round_id)
+
+    def challenges_loaded(self, slot: Slot, message: dict[str, Any]) -> None:
+        confirmation = self.confirmations.get(message.get("id"))  # type: ignore[arg-type]
+        if confirmation is None or slot.process not in confirmation.waiting:
+            return
+        if not message.get("ok", True):
+            self.log.warn("worker {index} could not read the challenge answers from the store", index=slot.index)
+        confirmation.waiting.discard(slot.process)
+        self._confirm_if_done(message["id"])
+
+    def forget_confirmer(self, process: WorkerProcess) -> None:
+        """A worker ended: its word is not waited for, and its own announcement needs no answer."""
+        for round_id, confirmation in list(self.confirmations.items()):
+            if confirmation.issuer is process:
+                self._finish(round_id)
+                continue
+            confirmation.waiting.discard(process)
+            self._confirm_if_done(round_id)
+
+    def _confirm_if_done(self, round_id: int) -> None:
+        confirmation = self.confirmations.get(round_id)
+        if confirmation is not None and not confirmation.waiting:
+            self._finish(round_id).issuer.send("confirmed", id=confirmation.ident, missing=[])
+            self.log.info(
+                "every worker serves worker {index}'s challenge answers; it asks the CA to validate",
+                index=confirmation.issuer.slot.index,
+            )
+
+    def _confirm_late(self, round_id: int) -> None:
+        confirmation = self.confirmations.get(round_id)
+        if confirmation is None:
+            return
+        confirmation.timer = None
+        missing = sorted(process.slot.index for process in confirmation.waiting)
+        self.log.warn(
+            "worker {missing} did not say it serves the challenge answers within {timeout:g}s; "
+            "worker {index} asks the CA to validate anyway",
+            missing=", ".join(map(str, missing)),
+            timeout=CHALLENGE_CONFIRM_TIMEOUT,
+            index=confirmation.issuer.slot.index,
+        )
+        self._finish(round_id).issuer.send("confirmed", id=confirmation.ident, missing=missing)
+
+    def _finish(self, round_id: int) -> Confirmation:
+        confirmation = self.confirmations.pop(round_id)
+        if confirmation.timer is not None and confirmation.timer.active():
+            confirmation.timer.cancel()
+        confirmation.timer = None
+        return confirmation
 
     def broadcast_key_names(self) -> None:
         owners = {str(slot.index): slot.key_names for slot in self.slots if slot.key_names}

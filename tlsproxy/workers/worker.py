@@ -20,7 +20,7 @@ import socket
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet.defer import fail
+from twisted.internet.defer import Deferred, DeferredList, fail
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint
 from twisted.internet.protocol import Protocol
 from twisted.internet.stdio import StandardIO
@@ -142,6 +142,9 @@ class WorkerService(ProxyService):
         self.https_factory.handoff = self.handoff
         self.receiver = HandoffReceiver(reactor, socket.socket(fileno=int(spec["handoff_in"])), self.https_factory)
         self.control: Any = None
+        # Our announcements of challenge answers the supervisor has not yet confirmed, by id.
+        self._confirming: dict[int, Deferred[None]] = {}
+        self._announcements = 0
         self._names: list[str] = []
         self._names_loop = LoopingCall(self._report_key_names)
         self._names_loop.clock = reactor
@@ -184,7 +187,25 @@ class WorkerService(ProxyService):
         """A renewal here is announced, so the other workers read the store at once, not at their next poll."""
         for service in self._certificate_services():
             service.renewed = lambda site: self.send("renewed", site=site)
-            service.published = lambda: self.send("challenges")
+            service.published = self.announce_challenges
+
+    def announce_challenges(self) -> Deferred[None]:
+        """Our answers are in the store: the others read it now; fires once the supervisor says they serve them."""
+        self._announcements += 1
+        ident = self._announcements
+        confirmed: Deferred[None] = Deferred()
+        self._confirming[ident] = confirmed
+        self.send("challenges", id=ident)
+        return confirmed
+
+    def load_challenges(self, ident: Any) -> None:
+        """Another worker's answers are in the store: read them, then say so (its order waits for that)."""
+        scans = [service.scan() for service in self._certificate_services()]
+
+        def loaded(results: list[tuple[bool, Any]]) -> None:
+            self.send("loaded", id=ident, ok=all(ok and read for ok, read in results))
+
+        DeferredList(scans, consumeErrors=True).addCallback(loaded)
 
     # -- life cycle ------------------------------------------------------------
 
@@ -211,6 +232,9 @@ class WorkerService(ProxyService):
                 port.stopListening()
 
     def supervisor_gone(self) -> None:
+        confirming, self._confirming = self._confirming, {}
+        for confirmed in confirming.values():  # nobody will confirm: the orders go on
+            confirmed.callback(None)
         if self.terminating:
             return
         self.log.warn("the supervisor is gone: stopping")
@@ -228,9 +252,15 @@ class WorkerService(ProxyService):
             self.reload()
         elif kind == "retire":
             self.stop_accepting()
+        elif kind == "challenges" and "id" in message:
+            self.load_challenges(message["id"])
         elif kind in ("renewed", "challenges"):
             for service in self._certificate_services():
                 service.scan()
+        elif kind == "confirmed":
+            confirmed = self._confirming.pop(message.get("id"), None)  # type: ignore[arg-type]
+            if confirmed is not None:
+                confirmed.callback(None)
         elif kind == "tickets":
             owners = message.get("owners", {})
             self.handoff.update({int(slot): [bytes.fromhex(n) for n in names] for slot, names in owners.items()})
