@@ -174,6 +174,7 @@ class Sink:
 
     def response_upgraded(self, connection: UpstreamConnection, rest: bytes) -> None:
         self.events.append("upgraded")
+        connection.tunnel_to(self)
 
     def client_transport(self) -> Any:
         return None
@@ -350,6 +351,15 @@ class ConnectionScenarioTests(SynchronousTestCase):
             conn.dataReceived(answer)
             self.assertIs(conn.state, C.CLOSING)
             self.assertIsNot(conn.pool.acquire(), conn, "a closed connection is not pooled")
+
+    def test_a_refused_upgrade_leaves_no_tunnel(self) -> None:
+        """A sink that closes on a 101 (the readiness check) is not made a tunnel peer it cannot be."""
+        conn, sink, wire = conn_sent()
+        sink.response_upgraded = lambda connection, rest: connection.close()  # type: ignore[method-assign]
+        sink.finish = sink.write = None  # type: ignore[assignment,method-assign]  # as the readiness check: neither
+        conn.dataReceived(b"HTTP/1.1 101 Switching Protocols\r\n\r\n")
+        conn.connectionLost(CLOSED)
+        self.assertEqual((sink.events, conn.state, wire.disconnecting), ([101], C.CLOSED, True))
 
     def test_an_aborted_idle_connection_is_not_handed_out(self) -> None:
         """Bytes nobody asked for abort a pooled connection; until it is gone the pool dials anew."""

@@ -668,10 +668,12 @@ class ProxiedRequest:
         reason, fields = self.pending_101 or (b"Switching Protocols", b"")
         out = response_block(fields, None, False, True)
         self.status = 101
+        tunnel = _Tunnel(self)
+        conn.tunnel_to(tunnel)
         self.exchange.start_response(101, reason, out, None)
         self.exchange.start_tunnel(conn)
         # Back-pressure both ways: a slow side pauses reading from the other.
-        self.exchange.register_producer(self)
+        self.exchange.register_producer(tunnel)
         conn.set_request_producer(_BodyPauser(self.exchange))
         if rest:
             self.exchange.write(rest)
@@ -679,15 +681,6 @@ class ProxiedRequest:
 
     def client_transport(self) -> Any:
         return self.exchange.transport
-
-    # The tunnel's upstream side writes here after a 101.
-    def write(self, data: bytes) -> None:
-        self.exchange.write(data)
-
-    def finish(self) -> None:
-        if self.stage is TUNNEL:
-            self.stage = TUNNEL_ENDED
-        self.exchange.finish()
 
     # -- the response buffer's output (BufferOutput) ----------------------------
 
@@ -851,11 +844,6 @@ class ProxiedRequest:
     # from the app pauses).
 
     def pauseProducing(self) -> None:
-        if self.status == 101:
-            self.paused = True
-            if self.conn is not None:
-                self.conn.pause_response()
-            return
         if self.stage >= OVER:
             return
         self.client_paused = True
@@ -905,6 +893,45 @@ class _BodySink:
     def body_end(self) -> None:
         if self.request is not None:
             self.request.body_end()
+
+
+@implementer(IPushProducer)
+class _Tunnel:
+    """A request after its 101: bytes go both ways, and each side's pace holds the other.
+
+    The app's connection writes the app's bytes here, and says here when it
+    closed; the client's transport pauses and resumes reading from the app
+    here.  The request keeps its stage, its log line and the app's
+    connection (``request.conn``, None once the request is abandoned).
+    Made only for an upgrade, so plain requests pay nothing for it.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: ProxiedRequest) -> None:
+        self.request = request
+
+    def write(self, data: bytes) -> None:
+        self.request.exchange.write(data)
+
+    def finish(self) -> None:
+        """The app closed its side: the client's is closed after what came before."""
+        request = self.request
+        if request.stage is TUNNEL:
+            request.stage = TUNNEL_ENDED
+        request.exchange.finish()
+
+    def pauseProducing(self) -> None:
+        if self.request.conn is not None:
+            self.request.conn.pause_response()
+
+    def resumeProducing(self) -> None:
+        if self.request.conn is not None:
+            self.request.conn.resume_response()
+
+    def stopProducing(self) -> None:
+        if self.request.conn is not None:
+            self.request.conn.close()
 
 
 @implementer(IPushProducer)

@@ -98,7 +98,8 @@ class ResponseSink(TypingProtocol):
 
     def response_failed(self, error: UpstreamError) -> None: ...
 
-    def response_upgraded(self, connection: UpstreamConnection, rest: bytes) -> None: ...
+    def response_upgraded(self, connection: UpstreamConnection, rest: bytes) -> None:
+        """A 101: relay it by ``connection.tunnel_to(peer)``, or close the connection."""
 
     def client_transport(self) -> Any: ...
 
@@ -237,7 +238,6 @@ class UpstreamConnection(Protocol):
                 self._cork()
                 self.sink = None
                 self.state = TUNNEL
-                self._tunnel = sink
                 sink.response_head(status, reason, fields, None)
                 sink.response_upgraded(self, data)
                 return
@@ -302,6 +302,10 @@ class UpstreamConnection(Protocol):
 
     def write(self, data: bytes) -> None:
         send_now(self.transport, data)
+
+    def tunnel_to(self, peer: Any) -> None:
+        """After a 101: the app's bytes go to ``peer.write`` as they come, its close to ``peer.finish``."""
+        self._tunnel = peer
 
     def set_request_producer(self, producer: IPushProducer | None) -> None:
         """Who to pause when the app reads the request body slower than it comes."""
