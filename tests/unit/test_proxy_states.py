@@ -371,12 +371,13 @@ class ConnectionScenarioTests(SynchronousTestCase):
 
 
 class RequestScenarioTests(SynchronousTestCase):
-    def fresh(self) -> None:
-        """A new reactor and proxy for each scenario: no pooled connection carries over."""
+    def fresh(self, apps: int = 1) -> None:
+        """A new reactor and proxy (before ``apps`` upstreams) for each scenario: no pooled connection carries over."""
         self.reactor = MemoryReactorClock()
         self.patch(FakeExchange, "clock", self.reactor)
         server = Server(connect_timeout=5, upstream_timeout=30, send_timeout=20, body_timeout=20, buffer_dir=self.dir)
-        site = Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files")
+        upstreams = tuple(parse_upstream(f"http://127.0.0.1:{8000 + n}") for n in range(apps))
+        site = Site(hosts=("app.test",), upstream=upstreams[0], upstreams=upstreams, tls="files")  # type: ignore[arg-type]
         self.handler = ProxyHandler(self.reactor, [site], server)
 
     def setUp(self) -> None:
@@ -433,11 +434,16 @@ class RequestScenarioTests(SynchronousTestCase):
             moves = [(S.NEW, S.RECEIVING_BODY), (S.RECEIVING_BODY, S.DIALLING), (S.DIALLING, S.SENT)]
             return [*moves, (S.SENT, S.DONE)], exchange.body == b"hi"
 
+        def refusal() -> None:
+            self.reactor.tcpClients[-1][2].clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
+
         def refused() -> tuple[list[Any], bool]:
+            self.fresh(apps=2)
             exchange = self.get()
-            connector = self.reactor.tcpClients[-1][2]
-            connector.clientConnectionFailed(None, Failure(error.ConnectionRefusedError()))
-            return [(S.NEW, S.DIALLING), (S.DIALLING, S.ABANDONED)], exchange.status == 502
+            refusal()  # the first upstream: the request goes on to the second
+            refusal()
+            moves = [(S.NEW, S.DIALLING), (S.DIALLING, S.DIALLING), (S.DIALLING, S.ABANDONED)]
+            return moves, exchange.status == 502 and len(self.reactor.tcpClients) == 2
 
         def retried() -> tuple[list[Any], bool]:
             self.get()
