@@ -1070,6 +1070,7 @@ PROCESS_ENV = {
     "TLSPROXY_CONFIG": "the configuration file, as --config",
     "TLSPROXY_CAROOT": "where the local development CA lives",
     "TLSPROXY_PURE_PYTHON": "1 runs the pure Python twins of the C accelerator",
+    "TLSPROXY_CHECK_STATES": "1 checks every state move of the proxy against its table (tests)",
 }
 _SECTIONS = ("server", "tls", "acme", "store")
 _SITE_ENV = {"TLSPROXY_HOSTS": "hosts", "TLSPROXY_UPSTREAM": "upstream"}

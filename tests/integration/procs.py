@@ -156,3 +156,5 @@ def tlsproxy(config: Path | None, env: dict[str, str] | None = None, deadline: f
     with running(argv, env=env) as process:
         process.wait_for_line(READY, deadline)
         yield process
+        # Its state moves are checked (tests/conftest.py): an illegal one fails the test that made it.
+        assert "IllegalMove" not in process.output, process.output

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import IntEnum
 from functools import partial
 from typing import Any
 
@@ -36,6 +37,7 @@ from tlsproxy.proxy.accesslog import AccessLog, begin
 from tlsproxy.proxy.balancer import IDEMPOTENT, Member, UpstreamGroup, may_retry
 from tlsproxy.proxy.errorpages import ErrorPages
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
+from tlsproxy.proxy.lifecycle import lifecycle
 from tlsproxy.proxy.reqbuffer import (
     BodyStoreError,
     BufferLimits,
@@ -48,6 +50,46 @@ from tlsproxy.proxy.respbuffer import BufferSpace, ResponseBuffer, accel_bufferi
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
 
 STREAM_ABOVE = 1024 * 1024  # with request_buffering = false, larger bodies of known length stream
+
+
+class Stage(IntEnum):
+    """Where a proxied request is in its life (its moves: ``REQUEST_MOVES``).
+
+    The values are ordered so that the two questions asked most often are one
+    comparison each (set lookups of enum members cost 0.6% of a request):
+    from ``APP_FINISHED`` on, nothing more comes from the app; from ``OVER``
+    on, nothing more goes to the client.  No move goes back below either.
+    """
+
+    NEW = 0  # made, not started
+    RECEIVING_BODY = 1  # the body is read whole before the app is dialled
+    DIALLING = 2  # waiting for a connection to the app (a pooled one comes at once)
+    SENT = 3  # the head went to the app (a streamed or held body may still be going); no answer yet
+    RELAYING = 4  # the app's head went to the client; its body follows
+    TUNNEL = 5  # a 101 went to the client: bytes go both ways
+    DRAINING = 6  # the app has answered whole; the client has not taken all of it yet
+    TUNNEL_ENDED = 7  # the app's side of a tunnel closed; the client's follows
+    DONE = 8  # the whole answer went to the client
+    ABANDONED = 9  # ended early (an error page, a cut answer, the client left, a tunnel closed)
+
+
+NEW, RECEIVING_BODY, DIALLING, SENT, RELAYING, TUNNEL, DRAINING, TUNNEL_ENDED, DONE, ABANDONED = Stage
+
+# Every move a proxied request may make (tlsproxy/proxy/lifecycle.py checks them in tests).
+REQUEST_MOVES: dict[Stage, frozenset[Stage]] = {
+    NEW: frozenset({RECEIVING_BODY, DIALLING}),
+    RECEIVING_BODY: frozenset({DIALLING, ABANDONED}),
+    DIALLING: frozenset({DIALLING, SENT, ABANDONED}),  # DIALLING again: the next upstream
+    SENT: frozenset({DIALLING, RELAYING, TUNNEL, DONE, ABANDONED}),  # DIALLING: a retry, or the next upstream
+    RELAYING: frozenset({DRAINING, DONE, ABANDONED}),
+    TUNNEL: frozenset({TUNNEL_ENDED, ABANDONED}),
+    DRAINING: frozenset({DONE, ABANDONED}),
+    TUNNEL_ENDED: frozenset({ABANDONED}),
+    DONE: frozenset(),
+    ABANDONED: frozenset(),
+}
+APP_FINISHED = DRAINING  # from this stage on, nothing more comes from the app ...
+OVER = DONE  # ... and from this one on, nothing more goes to the client
 
 
 @dataclass
@@ -251,13 +293,21 @@ class ProxyHandler:
 
 
 @implementer(IPushProducer)
+@lifecycle("stage", NEW, REQUEST_MOVES)
 class ProxiedRequest:
-    """One request on its way to the app and its response on the way back."""
+    """One request on its way to the app and its response on the way back.
+
+    Its progress is ``stage`` alone (a :class:`Stage`); the other fields are
+    facts about the request (streamed or held, retried once, logged) and the
+    flow control, whose two pauses (the app's, the client's) come and go in
+    any stage.
+    """
 
     log = Logger()
 
     # State every request starts with; instances only store what changes
     # (one of these is made per request, so fewer assignments count).
+    stage: Stage  # set first by the constructor (lifecycle.py says why not here)
     conn: UpstreamConnection | None = None
     member: Member | None = None  # the upstream of this attempt while it is in flight (balancer.py)
     chosen: Member | None = None  # ... and the last one chosen, kept for the logs
@@ -265,18 +315,17 @@ class ProxiedRequest:
     body: RequestBody | None = None  # the request body, held whole
     sink: _BodySink | None = None  # what the exchange hands the body to
     streaming = False  # request_buffering = false: the body goes to the app as it comes
-    dialled = False
     received = 0
     sent_bytes = 0
     status = 0
-    retried = False
-    finished = False
+    retried = False  # the one retry on a fresh connection is spent
     pending_101: tuple[bytes, bytes] | None = None  # reason and fields of the app's 101
     timeout = 0.0
     last_activity = 0.0
     paused = False
 
     def __init__(self, handler: ProxyHandler, route: Route, exchange: Exchange) -> None:
+        self.stage = NEW
         self.handler = handler
         self.route = route
         self.exchange = exchange
@@ -311,6 +360,7 @@ class ProxiedRequest:
             return
         # Bodies of unknown length are held whole even with buffering off:
         # streamed chunked, a WSGI app would read them as empty.
+        self.stage = RECEIVING_BODY
         self.body = self.handler.request_buffers.body(
             exchange.transport, exchange.pause_body, exchange.resume_body, self.body_failed
         )
@@ -328,7 +378,7 @@ class ProxiedRequest:
                 send()
 
     def body_data(self, data: bytes) -> None:
-        if self.finished:
+        if self.stage >= APP_FINISHED:
             return  # answered already (say a 401 to an upload): the rest is dropped
         self.received += len(data)
         if self.received > self.route.site.max_body_size:
@@ -344,7 +394,7 @@ class ProxiedRequest:
 
     def body_end(self) -> None:
         self.body_complete = True
-        if self.finished:
+        if self.stage >= APP_FINISHED:
             return
         if self.streaming:
             if self.conn is not None:
@@ -384,9 +434,9 @@ class ProxiedRequest:
         return None
 
     def dial(self, fresh: bool = False) -> None:
-        if self.finished:
+        if self.stage >= APP_FINISHED:
             return
-        self.dialled = True
+        self.stage = DIALLING
         member = self.member
         if member is None:
             member = self.member = self.chosen = self.route.group.choose(self.tried)
@@ -405,7 +455,7 @@ class ProxiedRequest:
             got.addCallbacks(self.connected, self.connect_failed)
 
     def connect_failed(self, failure: Failure) -> None:
-        if self.finished:
+        if self.stage >= APP_FINISHED:
             return
         error = describe_connect_failure(failure, self.upstream)
         if self.member is not None:
@@ -453,9 +503,10 @@ class ProxiedRequest:
         return chosen.upstream if chosen is not None else self.route.upstream
 
     def connected(self, conn: UpstreamConnection) -> None:
-        if self.finished:
+        if self.stage >= APP_FINISHED:
             conn.pool.release(conn)
             return
+        self.stage = SENT
         if not conn.reused and self.member is not None:
             self.route.group.succeeded(self.member)
         self.conn = conn
@@ -499,13 +550,12 @@ class ProxiedRequest:
     # -- response side (ResponseSink) ---------------------------------------
 
     # What the client has not taken yet of a buffered answer, and since when
-    # it has taken nothing; ``done`` once nothing more goes to the client.
+    # it has taken nothing.
     buffering = False
     relay: ResponseBuffer | None = None
     client_paused = False
     stalled_since = 0.0
-    done = False
-    recorded = False
+    recorded = False  # the access-log line is written (a tunnel's at its start)
 
     def response_head(self, status: int, reason: bytes, fields: bytes, content_length: int | None) -> None:
         self.last_activity = now = self.clock.seconds()
@@ -515,6 +565,7 @@ class ProxiedRequest:
         if status == 101:
             self.pending_101 = (reason, fields)
             return
+        self.stage = RELAYING
         self.status = status
         fields, allowed = accel_buffering(fields)
         self.buffering = allowed and route.site.response_buffering
@@ -525,9 +576,9 @@ class ProxiedRequest:
 
     def response_whole(self, status: int, reason: bytes, fields: bytes, body: bytes) -> None:
         """The commonest answer: head and the whole body arrived in one read."""
-        if self.finished:
+        if self.stage >= APP_FINISHED:
             return
-        self.finished = self.done = True
+        self.stage = DONE
         self.leave_upstream()
         self.drop_body()
         self.timer.clear()
@@ -550,14 +601,14 @@ class ProxiedRequest:
             self.deliver(data)
 
     def response_end(self) -> None:
-        if self.finished:
+        if self.stage >= APP_FINISHED:
             return
-        self.finished = True
         self.leave_upstream()
         self.drop_body()
         self.conn = None  # the app's connection goes back to the pool now
         relay = self.relay
         if relay is not None and not relay.empty:
+            self.stage = DRAINING
             relay.end()  # delivered_all follows once the client has it all
             self.arm_timer()  # only the client's clock runs now
             return
@@ -565,9 +616,9 @@ class ProxiedRequest:
 
     def complete(self) -> None:
         """The whole answer went to the client."""
-        if self.done:
+        if self.stage >= OVER:
             return
-        self.done = True
+        self.stage = DONE
         relay, self.relay = self.relay, None
         if relay is not None:
             relay.close()  # it may be empty yet hold its (now unneeded) file
@@ -578,7 +629,7 @@ class ProxiedRequest:
         self.logged(self.status)
 
     def response_failed(self, error: UpstreamError) -> None:
-        if self.finished:
+        if self.stage >= APP_FINISHED:
             return
         if (
             error.before_response
@@ -610,16 +661,19 @@ class ProxiedRequest:
             conn.close()
             self.fail(UpstreamError(502, "the app switched protocols unasked", before_response=True))
             return
+        self.stage = TUNNEL
         self.cancel_timer()
         self.leave_upstream()
         self.conn = conn
         reason, fields = self.pending_101 or (b"Switching Protocols", b"")
         out = response_block(fields, None, False, True)
         self.status = 101
+        tunnel = _Tunnel(self)
+        conn.tunnel_to(tunnel)
         self.exchange.start_response(101, reason, out, None)
         self.exchange.start_tunnel(conn)
         # Back-pressure both ways: a slow side pauses reading from the other.
-        self.exchange.register_producer(self)
+        self.exchange.register_producer(tunnel)
         conn.set_request_producer(_BodyPauser(self.exchange))
         if rest:
             self.exchange.write(rest)
@@ -627,14 +681,6 @@ class ProxiedRequest:
 
     def client_transport(self) -> Any:
         return self.exchange.transport
-
-    # The tunnel's upstream side writes here after a 101.
-    def write(self, data: bytes) -> None:
-        self.exchange.write(data)
-
-    def finish(self) -> None:
-        self.finished = True
-        self.exchange.finish()
 
     # -- the response buffer's output (BufferOutput) ----------------------------
 
@@ -664,7 +710,7 @@ class ProxiedRequest:
 
     def abandon(self) -> None:
         """Nothing more goes to the client: drop what is buffered for it, stop its clock."""
-        self.finished = self.done = True
+        self.stage = ABANDONED
         self.leave_upstream()
         self.drop_body()
         self.cancel_timer()
@@ -677,7 +723,7 @@ class ProxiedRequest:
 
     def cut(self, status: int) -> None:
         """Cut a started answer off: the client sees a broken response, the log says ``status``."""
-        if self.done:
+        if self.stage >= OVER:
             return
         self.abandon()
         self.exchange.abort()
@@ -698,7 +744,7 @@ class ProxiedRequest:
         self.handler.error_pages.send(self.exchange, self.route.site, error.status, message)  # the site's page, if any
 
     def fail_request(self, status: int) -> None:
-        if self.finished:
+        if self.stage >= APP_FINISHED:
             return
         self.abandon()
         self.logged(status)
@@ -709,7 +755,7 @@ class ProxiedRequest:
 
     def client_gone(self) -> None:
         """The client left first: 499 in the log, as nginx writes it."""
-        if self.done:
+        if self.stage >= OVER:
             return
         self.abandon()
         self.logged(499)
@@ -742,14 +788,14 @@ class ProxiedRequest:
 
     def arm_timer(self, now: float | None = None) -> None:
         """Set the deadline for whichever clock runs out first (or clear it if neither runs)."""
-        if self.done or self.status == 101:
+        if self.stage >= OVER or self.status == 101:
             return
         if now is None:
             now = self.clock.seconds()
         wait = math.inf
         if self.client_paused:
             wait = self.handler.server.send_timeout - (now - self.stalled_since)
-        if not self.finished:
+        if self.stage < APP_FINISHED:
             # Waiting on a slow client is not the app's fault.
             wait = min(wait, self.timeout if self.paused else self.timeout - (now - self.last_activity))
         if wait == math.inf:
@@ -758,15 +804,15 @@ class ProxiedRequest:
             self.timer.set(max(wait, 0.0), self.timed_out)
 
     def timed_out(self) -> None:
-        if self.done:
+        if self.stage >= OVER:
             return
         now = self.clock.seconds()
         if self.client_paused and now - self.stalled_since >= self.handler.server.send_timeout:
             self.client_too_slow()
             return
-        if not self.finished and not self.paused and now - self.last_activity >= self.timeout:
+        if self.stage < APP_FINISHED and not self.paused and now - self.last_activity >= self.timeout:
             seconds = self.timeout
-            if not self.dialled:
+            if self.stage is RECEIVING_BODY:
                 if self.body is not None and self.body.waiting_on_disk:
                     self.last_activity = now  # our own disk is slow, not the client
                     self.arm_timer(now)
@@ -798,17 +844,12 @@ class ProxiedRequest:
     # from the app pauses).
 
     def pauseProducing(self) -> None:
-        if self.status == 101:
-            self.paused = True
-            if self.conn is not None:
-                self.conn.pause_response()
-            return
-        if self.done:
+        if self.stage >= OVER:
             return
         self.client_paused = True
         self.stalled_since = now = self.clock.seconds()
         relay = self.relay
-        if relay is None and self.buffering and not self.finished:
+        if relay is None and self.buffering and self.stage < APP_FINISHED:
             relay = self.relay = ResponseBuffer(self.handler.response_buffers, self)
         if relay is not None:
             relay.pause()
@@ -852,6 +893,45 @@ class _BodySink:
     def body_end(self) -> None:
         if self.request is not None:
             self.request.body_end()
+
+
+@implementer(IPushProducer)
+class _Tunnel:
+    """A request after its 101: bytes go both ways, and each side's pace holds the other.
+
+    The app's connection writes the app's bytes here, and says here when it
+    closed; the client's transport pauses and resumes reading from the app
+    here.  The request keeps its stage, its log line and the app's
+    connection (``request.conn``, None once the request is abandoned).
+    Made only for an upgrade, so plain requests pay nothing for it.
+    """
+
+    __slots__ = ("request",)
+
+    def __init__(self, request: ProxiedRequest) -> None:
+        self.request = request
+
+    def write(self, data: bytes) -> None:
+        self.request.exchange.write(data)
+
+    def finish(self) -> None:
+        """The app closed its side: the client's is closed after what came before."""
+        request = self.request
+        if request.stage is TUNNEL:
+            request.stage = TUNNEL_ENDED
+        request.exchange.finish()
+
+    def pauseProducing(self) -> None:
+        if self.request.conn is not None:
+            self.request.conn.pause_response()
+
+    def resumeProducing(self) -> None:
+        if self.request.conn is not None:
+            self.request.conn.resume_response()
+
+    def stopProducing(self) -> None:
+        if self.request.conn is not None:
+            self.request.conn.close()
 
 
 @implementer(IPushProducer)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+from enum import IntEnum
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -36,10 +37,42 @@ from tlsproxy.http.wire import (
     UntilClose,
     parse_response_head,
 )
+from tlsproxy.proxy.lifecycle import lifecycle
 
 # An app's response head larger than this is refused (nginx's default proxy
 # buffer for a head is 4-8 KiB; Django's heads are far smaller).
 MAX_RESPONSE_HEAD = 65536
+
+
+class ConnState(IntEnum):
+    """Where an app connection is in its life (its moves: ``CONN_MOVES``)."""
+
+    CONNECTING = 0  # built, not yet connected
+    IDLE = 1  # connected, carrying no request: new, or waiting in the pool
+    SENT = 2  # a request head went out; no byte of the answer yet
+    HEAD = 3  # bytes came back, but no final head yet (a 100 or 103 may have)
+    BODY = 4  # the final head went to the sink; its body is being read
+    DONE = 5  # the answer ended: back to the pool, or closed, next
+    TUNNEL = 6  # a 101: bytes go both ways unparsed
+    CLOSING = 7  # we asked the transport to close (or to abort)
+    CLOSED = 8  # the transport is gone
+
+
+CONNECTING, IDLE, SENT, HEAD, BODY, DONE, TUNNEL, CLOSING, CLOSED = ConnState
+
+# Every move an app connection may make (tlsproxy/proxy/lifecycle.py checks them in tests).
+CONN_MOVES: dict[ConnState, frozenset[ConnState]] = {
+    CONNECTING: frozenset({IDLE}),
+    IDLE: frozenset({SENT, CLOSING, CLOSED}),
+    SENT: frozenset({HEAD, CLOSING, CLOSED}),
+    HEAD: frozenset({BODY, DONE, TUNNEL, CLOSING, CLOSED}),
+    BODY: frozenset({DONE, CLOSING, CLOSED}),
+    DONE: frozenset({IDLE, CLOSING}),
+    TUNNEL: frozenset({CLOSING, CLOSED}),
+    CLOSING: frozenset({CLOSING, CLOSED}),  # CLOSING again: an abort after a close
+    CLOSED: frozenset(),
+}
+_LIVE = frozenset({IDLE, SENT, HEAD, BODY, DONE, TUNNEL, CLOSING})  # a transport to talk to
 
 
 class UpstreamError(Exception):
@@ -65,50 +98,58 @@ class ResponseSink(TypingProtocol):
 
     def response_failed(self, error: UpstreamError) -> None: ...
 
-    def response_upgraded(self, connection: UpstreamConnection, rest: bytes) -> None: ...
+    def response_upgraded(self, connection: UpstreamConnection, rest: bytes) -> None:
+        """A 101: relay it by ``connection.tunnel_to(peer)``, or close the connection."""
 
     def client_transport(self) -> Any: ...
 
 
 @implementer(IPushProducer)
+@lifecycle("state", CONNECTING, CONN_MOVES)
 class UpstreamConnection(Protocol):
-    """One HTTP/1.1 connection to the app."""
+    """One HTTP/1.1 connection to the app.
+
+    Its progress is ``state`` alone (a :class:`ConnState`); what else it keeps
+    are facts about the exchange in flight (the app's keep-alive, a HEAD
+    request, the request body sent whole) and the flow control.
+    """
 
     log = Logger()
     transport: Any
 
     # State every connection starts with (and every request resets).
-    sink: ResponseSink | None = None
-    reused = False
-    connected = False
-    request_complete = False
+    state: ConnState  # set first by the constructor (lifecycle.py says why not here)
+    sink: ResponseSink | None = None  # who the answer in flight goes to
+    reused = False  # it came from the pool: the app may have closed it as we sent
+    connected = False  # Twisted's flag (makeConnection sets it); ``state`` is ours
+    request_complete = False  # the request's body went out whole (its sender says so)
     response_paused = False
     ready: Deferred[UpstreamConnection] | None = None
     _body: LengthBody | ChunkedBody | UntilClose | None = None  # the response body being read
     _buf = b""  # an unfinished response head
-    _got_bytes = False
     _head_only = False
-    _headers_sent = False
     _keep_alive = False
-    _done = True
-    _tunnel: Any = None
+    _tunnel: Any = None  # after a 101, who the app's bytes go to
     _corkable: Any = None  # the client's transport, if it can cork
     _corked: Any = None  # ... and corked for the rest of this read
     _request_producer: IPushProducer | None = None
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.state = CONNECTING
 
     # -- Protocol --------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.connected = True
+        self.state = IDLE
         self.transport.registerProducer(self, True)
         ready, self.ready = self.ready, None
         if ready is not None and not ready.called:
             ready.callback(self)
 
     def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        was = self.state
+        self.state = CLOSED
         self.connected = False
         self.pool.forget(self)
         # Twisted's Connector and its Client refer to each other; breaking
@@ -119,18 +160,17 @@ class UpstreamConnection(Protocol):
             tunnel.finish()
             return
         sink, self.sink = self.sink, None
-        if sink is not None and not self._done:
-            if self._got_bytes:
-                detail = "the app closed the connection in the middle of its response"
-            else:
-                detail = "the app closed the connection without answering"
+        if sink is not None:  # an answer was in flight (SENT, HEAD or BODY)
             if isinstance(self._body, UntilClose):
                 # A response with neither Content-Length nor chunked coding
                 # ends when the app closes: that close is its end.
-                self._done = True
                 sink.response_end()
                 return
-            sink.response_failed(UpstreamError(502, detail, before_response=not self._got_bytes, reused=self.reused))
+            if was is SENT:
+                detail = "the app closed the connection without answering"
+            else:
+                detail = "the app closed the connection in the middle of its response"
+            sink.response_failed(UpstreamError(502, detail, before_response=was is SENT, reused=self.reused))
 
     def dataReceived(self, data: bytes) -> None:
         if self._tunnel is not None:
@@ -138,9 +178,10 @@ class UpstreamConnection(Protocol):
             return
         if self.sink is None:
             # Bytes nobody asked for: this connection is no longer trustworthy.
-            self.transport.abortConnection()
+            self._abort()
             return
-        self._got_bytes = True
+        if self.state is SENT:
+            self.state = HEAD
         try:
             self._receive(data)
         except (ResponseError, FramingError) as e:
@@ -165,7 +206,7 @@ class UpstreamConnection(Protocol):
             sink = self.sink
             if sink is None:
                 # More after the answer, in the same read: nobody asked for it.
-                self.transport.abortConnection()
+                self._abort()
                 return
             body = self._body
             if body is not None:
@@ -196,13 +237,11 @@ class UpstreamConnection(Protocol):
             if status == 101:
                 self._cork()
                 self.sink = None
-                self._done = True
-                self._tunnel = sink
+                self.state = TUNNEL
                 sink.response_head(status, reason, fields, None)
                 sink.response_upgraded(self, data)
                 return
             self._keep_alive = keep_alive
-            self._headers_sent = True
             if self._head_only or status == 204 or status == 304:
                 if length or chunked or data:
                     # A bodiless answer that announces (or brings) a body: the app's
@@ -212,7 +251,7 @@ class UpstreamConnection(Protocol):
                 sink.response_head(status, reason, fields, length)
                 self._complete()
                 if data:
-                    self.transport.abortConnection()
+                    self._abort()
                 return
             if length is not None and len(data) == length:
                 # The commonest answer: head and whole body in one read.
@@ -221,6 +260,7 @@ class UpstreamConnection(Protocol):
                 self._complete()
                 return
             self._cork()
+            self.state = BODY
             if chunked:
                 self._body = ChunkedBody()
             elif length is not None:
@@ -236,10 +276,15 @@ class UpstreamConnection(Protocol):
 
     def _malformed(self, detail: str) -> None:
         sink, self.sink = self.sink, None
-        self._done = True
-        self.transport.abortConnection()
+        before_response = self.state is not BODY
+        self._abort()
         if sink is not None:
-            sink.response_failed(UpstreamError(502, detail, before_response=not self._headers_sent))
+            sink.response_failed(UpstreamError(502, detail, before_response=before_response))
+
+    def _abort(self) -> None:
+        """Drop the connection now: what comes on it can no longer be trusted."""
+        self.state = CLOSING
+        self.transport.abortConnection()
 
     # -- requests --------------------------------------------------------------
 
@@ -250,39 +295,46 @@ class UpstreamConnection(Protocol):
         self._corkable = client if hasattr(client, "cork") else None
         self._body = None
         self._buf = b""
-        self._headers_sent = False
-        self._got_bytes = False
         self._head_only = head_only
-        self._done = False
+        self.state = SENT
         self.request_complete = False
         send_now(self.transport, head)
 
     def write(self, data: bytes) -> None:
         send_now(self.transport, data)
 
+    def tunnel_to(self, peer: Any) -> None:
+        """After a 101: the app's bytes go to ``peer.write`` as they come, its close to ``peer.finish``."""
+        self._tunnel = peer
+
     def set_request_producer(self, producer: IPushProducer | None) -> None:
         """Who to pause when the app reads the request body slower than it comes."""
         self._request_producer = producer
 
     def _complete(self) -> None:
-        self._done = True
         self._body = None
         sink, self.sink = self.sink, None
+        if self.state is CLOSING or self.state is CLOSED:
+            return  # the sink closed this connection while it was told of the answer
+        self.state = DONE
         # Back to the pool only if both messages ended: a request body the
         # app answered early (a 401 to an upload) is still half on the wire.
         keep = self._keep_alive and self.request_complete
         if sink is not None:
             sink.response_end()
-        if keep and self.connected and self.sink is None:
+            if self.state is not DONE:
+                return  # ... or of its end
+        if keep:
+            self.state = IDLE
             self.pool.release(self)
-        elif self.connected:
+        else:
+            self.state = CLOSING
             self.transport.loseConnection()
 
     def close(self) -> None:
-        self._done = True
         self.sink = None
-        if self.connected:
-            self.transport.abortConnection()
+        if self.state in _LIVE:
+            self._abort()
 
     # IPushProducer: the app cannot take the request body as fast as it comes.
     def pauseProducing(self) -> None:
@@ -298,17 +350,18 @@ class UpstreamConnection(Protocol):
 
     # Our side of the back-pressure: the client is slower than the app.
     def pause_response(self) -> None:
-        if self.connected:
+        if self.state in _LIVE:
             self.response_paused = True
             self.transport.pauseProducing()
 
     def resume_response(self) -> None:
-        if self.connected:
+        if self.state in _LIVE:
             self.response_paused = False
             self.transport.resumeProducing()
 
     def loseConnection(self) -> None:
-        if self.connected:
+        if self.state in _LIVE:
+            self.state = CLOSING
             self.transport.loseConnection()
 
 
@@ -494,7 +547,7 @@ class UpstreamPool:
         """An idle connection now, or a Deferred for a new one."""
         while self._idle and not fresh:
             conn = self._idle.pop()
-            if conn.connected:
+            if conn.state is IDLE:
                 conn.reused = True
                 if conn.response_paused:
                     conn.resume_response()
