@@ -125,6 +125,34 @@ class BalancingTests(ProxyCase):
         app2.dataReceived(OK)
         self.assertEqual(exchange.status, 200)
 
+    def test_closes_unanswered_add_up_to_max_fails(self) -> None:
+        """An app that accepts and closes unanswered is out after max_fails such closes: a connect forgives nothing."""
+        self.handler = ProxyHandler(self.reactor, [site(8001, 8002, max_fails=2)], self.server)
+        member = self.handler.groups[0].members[0]
+        for _ in range(2):
+            exchange = self.request()
+            dialled = len(self.dialled())
+            app, _ = self.accept()
+            self.assertEqual(self.dialled()[-1], 8001)
+            app.connectionLost(Failure(error.ConnectionDone()))
+            self.assertEqual(self.dialled()[dialled:], [8002])
+            self.accept()[0].dataReceived(OK_CLOSE)
+            self.assertEqual(exchange.status, 200)
+        self.assertFalse(member.available(self.reactor.seconds()), "two closes unanswered within fail_timeout")
+
+    def test_an_answer_forgives_earlier_failures(self) -> None:
+        """A failure followed by an answer from the same upstream starts the count again."""
+        self.handler = ProxyHandler(self.reactor, [site(8001, 8002, max_fails=2)], self.server)
+        member = self.handler.groups[0].members[0]
+        self.request()
+        self.accept()[0].connectionLost(Failure(error.ConnectionDone()))
+        self.accept()[0].dataReceived(OK_CLOSE)
+        self.assertEqual(member.failures, 1)
+        self.request()
+        self.assertEqual(self.dialled()[-1], 8001)
+        self.accept()[0].dataReceived(OK_CLOSE)
+        self.assertEqual(member.failures, 0)
+
     def test_post_closed_unanswered_is_not_retried(self) -> None:
         """A POST the app may have seen (closed without answering) is never sent twice: 502."""
         exchange = self.request(b"POST", b"field=1")

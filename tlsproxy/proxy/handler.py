@@ -507,8 +507,6 @@ class ProxiedRequest:
             conn.pool.release(conn)
             return
         self.stage = SENT
-        if not conn.reused and self.member is not None:
-            self.route.group.succeeded(self.member)
         self.conn = conn
         request_head = self.request_head
         if request_head is None:
@@ -557,7 +555,15 @@ class ProxiedRequest:
     stalled_since = 0.0
     recorded = False  # the access-log line is written (a tunnel's at its start)
 
+    def answered(self) -> None:
+        """The app answered: its upstream's failures are forgiven (not at connect, so that an app
+        that accepts and then closes unanswered still counts towards ``max_fails``)."""
+        member = self.member
+        if member is not None and (member.failures or member.down_until):
+            self.route.group.succeeded(member)
+
     def response_head(self, status: int, reason: bytes, fields: bytes, content_length: int | None) -> None:
+        self.answered()
         self.last_activity = now = self.clock.seconds()
         route = self.route
         if route.latency is not None:
@@ -579,6 +585,7 @@ class ProxiedRequest:
         if self.stage >= APP_FINISHED:
             return
         self.stage = DONE
+        self.answered()
         self.leave_upstream()
         self.drop_body()
         self.timer.clear()
