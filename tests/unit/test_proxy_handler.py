@@ -168,7 +168,10 @@ class HandlerTests(SynchronousTestCase):
             ),
         )
         handler = ProxyHandler(self.reactor, [site], self.server)
-        for target, port in ((b"/ws/chat", 8001), (b"/ws/admin/x", 8002), (b"/wsx", 8000), (b"/", 8000)):
+        cases = ((b"/ws/chat", 8001), (b"/ws/admin/x", 8002), (b"/wsx", 8000), (b"/", 8000))
+        # Matched as the app will route the path (decoded once), so an encoded prefix goes where it reads.
+        cases += ((b"/%77s/chat", 8001), (b"/ws/%61dmin/x?a=%2F", 8002), (b"/ws%2Fchat", 8001))
+        for target, port in cases:
             handler.handle(FakeExchange(head(target=target), b""))
             self.assertEqual(self.reactor.tcpClients[-1][:2], ("127.0.0.1", port), target)
             _, wire = self.connect()

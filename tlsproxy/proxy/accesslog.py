@@ -81,7 +81,12 @@ def begin(exchange: Exchange, clock: Any, trusted_proxies: Sequence[Network]) ->
     exchange.started = clock.seconds()
     headers = exchange.head.headers
     given: bytes | None = None
-    if any(_is_id_name(name) for name, _ in headers):
+    sent_id = False
+    for name, _ in headers:  # a plain loop, not any(genexpr): this runs for every request
+        if len(name) == 12 and _is_id_name(name):
+            sent_id = True
+            break
+    if sent_id:
         for name, value in headers:
             if name == REQUEST_ID and given is None:
                 given = value.strip()

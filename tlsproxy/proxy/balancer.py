@@ -122,6 +122,9 @@ class UpstreamGroup:
         now = self.clock.seconds()
         members = self.members
         count = len(members)
+        if count == 1:  # the common case: one app server
+            member = members[0]
+            return member if member not in tried and member.available(now) else None
         least = self.balancing.balance == "least_conn"
         best: Member | None = None
         best_at = 0

@@ -32,7 +32,7 @@ from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.wire import redirect_location, split_host_port
 from tlsproxy.proxy import compress, static
-from tlsproxy.proxy.access import AccessControl
+from tlsproxy.proxy.access import AccessControl, literal_path
 from tlsproxy.proxy.accesslog import AccessLog, begin
 from tlsproxy.proxy.balancer import IDEMPOTENT, Member, UpstreamGroup, may_retry
 from tlsproxy.proxy.errorpages import ErrorPages
@@ -242,6 +242,8 @@ class ProxyHandler:
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
         if route.paths:
             target = exchange.head.target
+            if b"%" in target:
+                target = literal_path(target)  # as the app will route it: /%77s/ is /ws/
             for prefix, path_route in route.paths:
                 if target.startswith(prefix):
                     route = path_route  # [site.routes]: another app for this prefix, path unchanged
