@@ -181,6 +181,23 @@ class H2Tests(SynchronousTestCase):
         self.clock.advance(self.limits.idle_timeout)
         self.assertTrue(self.transport.disconnecting)
 
+    def test_requests_file_no_timer_apiece(self) -> None:
+        """Twenty answered requests make no reactor timer each; the idle timeout still closes the connection after."""
+        calls = []
+        call_later = self.clock.callLater
+        self.clock.callLater = lambda *a, **kw: calls.append(a) or call_later(*a, **kw)  # type: ignore[method-assign]
+        for _ in range(20):
+            self.clock.advance(1)
+            self.request()
+            self.handler.exchanges.pop().respond(200, b"OK", [], b"hi")
+            self.pump()
+        self.assertLess(len(calls), 5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(self.limits.idle_timeout - 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        self.assertTrue(self.transport.disconnecting)
+
     def test_drain_lets_open_streams_answer(self) -> None:
         """On shutdown: GOAWAY first, the open stream still gets its answer, then the close."""
         stream = self.request()

@@ -714,7 +714,10 @@ class H2ServerProtocol(Protocol):
         self._pending: list[bytes] = []
         use_decoder(self.conn, request_decoder())
         self.conn.reset_here = []
-        self._timer: Any = None
+        # The idle (or header) timeout, on the timer wheel: it moves twice per
+        # request, and a callLater and cancel each time cost more than the rest
+        # of the connection's bookkeeping for it.
+        self._idle_deadline = Deadline(clock)
         self._closed = False
         self._draining = False
         self._closing: Deadline | None = None  # armed by _close: the abort if a close takes too long
@@ -769,18 +772,16 @@ class H2ServerProtocol(Protocol):
         pass
 
     def _idle(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        if not self.streams:
+        if self.streams:
+            self._idle_deadline.clear()
+        else:
             # A connection whose client has not sent a byte since the handshake
             # (not even its preface) is not an idle keep-alive client: it gets
             # header_timeout, as a silent HTTP/1.1 connection does.
             wait = self.limits.idle_timeout if self._heard else self.limits.header_timeout
-            self._timer = self.clock.callLater(wait, self._idle_timeout)
+            self._idle_deadline.set(wait, self._idle_timeout)
 
     def _idle_timeout(self) -> None:
-        self._timer = None
         if self._closing is not None:
             return
         self._closed = True
@@ -1113,9 +1114,7 @@ class H2ServerProtocol(Protocol):
         """
         self._closed = True
         self._flush()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        self._idle_deadline.stop()
         streams, self.streams = self.streams, {}
         for exchange in streams.values():  # nothing more will reach the client: let the app go
             exchange._client_gone()
@@ -1194,8 +1193,7 @@ class H2ServerProtocol(Protocol):
         self._streams_timer.stop()
         if self.tracker is not None:
             self.tracker.remove(self)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._idle_deadline.stop()
         streams, self.streams = self.streams, {}
         for exchange in streams.values():
             exchange._client_gone()
@@ -1210,8 +1208,7 @@ class H2ServerProtocol(Protocol):
         """
         if self._closing is not None:
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        self._idle_deadline.stop()
         # A transport waits for its producer to unregister before it closes
         # (TLS would never send close_notify): unregister first.
         self.transport.unregisterProducer()
