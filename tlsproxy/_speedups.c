@@ -9,6 +9,7 @@
  *   response_block         tlsproxy.proxy.headers.py_response_block
  *   upstream_request_head  tlsproxy.proxy.headers.py_upstream_request_head
  *   HpackDecoder           hpack.Decoder (the hpack library's, raw bytes)
+ *   h2_request_head        tlsproxy.http.h2.py_parse_request, for the requests it passes
  *
  * and tests/unit/test_speedups.py checks that both give the same result, or
  * raise the same error, for generated and mutated inputs (tests/unit/test_hpack.py
@@ -1821,6 +1822,256 @@ configure_hpack(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+
+static PyObject *HOST_NAME = NULL;   /* b"host" */
+static PyObject *VERSION_2 = NULL;   /* b"2" */
+static PyObject *EMPTY_BYTES = NULL; /* b"" */
+
+/* ------------------------------------------------------------ HTTP/2 request heads
+ *
+ * h2_request_head is tlsproxy.http.h2.py_parse_request for a request it
+ * passes: the same RequestHead from the same decoded fields.  For anything
+ * else (a field that is not a 2-tuple of bytes, or a request the Python
+ * version refuses, resets or answers) it returns None and the Python version
+ * runs, which says how it failed: the refusals stay in one place, and the C
+ * side can only pass what Python passes (tests/unit/test_h2.py checks that
+ * both give the same head, or C None, for generated requests).
+ */
+
+static inline int
+name_is(const char *s, Py_ssize_t n, const char *lit)
+{
+    return (size_t)n == strlen(lit) && memcmp(s, lit, (size_t)n) == 0;
+}
+
+static inline char
+ascii_lower(char c)
+{
+    return (c >= 'A' && c <= 'Z') ? (char)(c + 32) : c;
+}
+
+static int
+same_lower(PyObject *a, PyObject *b)
+{
+    Py_ssize_t n = PyBytes_GET_SIZE(a);
+    if (n != PyBytes_GET_SIZE(b))
+        return 0;
+    const char *x = PyBytes_AS_STRING(a), *y = PyBytes_AS_STRING(b);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (ascii_lower(x[i]) != ascii_lower(y[i]))
+            return 0;
+    return 1;
+}
+
+/* A value of valid_field's grammar with no blank at either end (the empty one included). */
+static inline int
+h2_value_ok(const unsigned char *s, Py_ssize_t n)
+{
+    if (n == 0)
+        return 1;
+    if (is_ows((char)s[0]) || is_ows((char)s[n - 1]))
+        return 0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (!FIELDCH[s[i]])
+            return 0;
+    return 1;
+}
+
+static PyObject *
+h2_request_head(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 6) {
+        PyErr_SetString(PyExc_TypeError,
+                        "h2_request_head(fields, ended, max_header_size, max_header_line, max_header_count, "
+                        "max_request_line)");
+        return NULL;
+    }
+    if (!configured())
+        return NULL;
+    PyObject *fields = args[0];
+    int ended = PyObject_IsTrue(args[1]);
+    if (ended < 0)
+        return NULL;
+    Py_ssize_t limit[4];
+    for (int i = 0; i < 4; i++) {
+        limit[i] = PyLong_AsSsize_t(args[2 + i]);
+        if (limit[i] == -1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (!PyList_CheckExact(fields))
+        Py_RETURN_NONE;
+    /* :method, :path, :scheme, :authority (borrowed). */
+    PyObject *pseudo[4] = {NULL, NULL, NULL, NULL};
+    PyObject *host_value = NULL; /* the one host field's value (borrowed) */
+    Py_ssize_t count = PyList_GET_SIZE(fields), headers = 0, hosts = 0, size = 0, longest = 0;
+    long long content_length = -1;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *field = PyList_GET_ITEM(fields, i);
+        if (!PyTuple_CheckExact(field) || PyTuple_GET_SIZE(field) != 2)
+            Py_RETURN_NONE;
+        PyObject *name = PyTuple_GET_ITEM(field, 0), *value = PyTuple_GET_ITEM(field, 1);
+        if (!PyBytes_CheckExact(name) || !PyBytes_CheckExact(value))
+            Py_RETURN_NONE;
+        const char *n = PyBytes_AS_STRING(name);
+        const unsigned char *v = (const unsigned char *)PyBytes_AS_STRING(value);
+        Py_ssize_t nlen = PyBytes_GET_SIZE(name), vlen = PyBytes_GET_SIZE(value);
+        Py_ssize_t field_size = nlen + vlen;
+        size += field_size + 32; /* as SETTINGS_MAX_HEADER_LIST_SIZE counts (RFC 9113 6.5.2) */
+        if (field_size > longest)
+            longest = field_size;
+        if (nlen > 0 && n[0] == ':') {
+            int slot = name_is(n, nlen, ":method") ? 0 : name_is(n, nlen, ":path") ? 1
+                     : name_is(n, nlen, ":scheme") ? 2 : name_is(n, nlen, ":authority") ? 3 : -1;
+            if (headers || slot < 0 || pseudo[slot] != NULL)
+                Py_RETURN_NONE;
+            for (Py_ssize_t j = 0; j < vlen; j++)
+                if (!FIELDCH[v[j]])
+                    Py_RETURN_NONE;
+            pseudo[slot] = value;
+            continue;
+        }
+        headers++;
+        if (nlen == 0 || !h2_value_ok(v, vlen))
+            Py_RETURN_NONE;
+        for (Py_ssize_t j = 0; j < nlen; j++) {
+            unsigned char c = (unsigned char)n[j];
+            if (!TCHAR[c] || (c >= 'A' && c <= 'Z'))
+                Py_RETURN_NONE;
+        }
+        switch (n[0]) {
+        case 'c':
+            if (name_is(n, nlen, "connection"))
+                Py_RETURN_NONE;
+            if (name_is(n, nlen, "content-length")) {
+                if (content_length >= 0 || vlen == 0 || vlen > 18)
+                    Py_RETURN_NONE;
+                long long cl = 0;
+                for (Py_ssize_t j = 0; j < vlen; j++) {
+                    if (v[j] < '0' || v[j] > '9')
+                        Py_RETURN_NONE;
+                    cl = cl * 10 + (v[j] - '0');
+                }
+                content_length = cl;
+            }
+            break;
+        case 'h':
+            if (name_is(n, nlen, "host")) {
+                hosts++;
+                host_value = value;
+            }
+            break;
+        case 'k':
+            if (name_is(n, nlen, "keep-alive"))
+                Py_RETURN_NONE;
+            break;
+        case 'p':
+            if (name_is(n, nlen, "proxy-connection"))
+                Py_RETURN_NONE;
+            break;
+        case 't':
+            if (name_is(n, nlen, "transfer-encoding"))
+                Py_RETURN_NONE;
+            if (name_is(n, nlen, "te")) {
+                if (vlen != 8)
+                    Py_RETURN_NONE;
+                for (int j = 0; j < 8; j++)
+                    if (ascii_lower((char)v[j]) != "trailers"[j])
+                        Py_RETURN_NONE;
+            }
+            break;
+        case 'u':
+            if (name_is(n, nlen, "upgrade"))
+                Py_RETURN_NONE;
+            break;
+        }
+    }
+    PyObject *method = pseudo[0], *path = pseudo[1], *scheme = pseudo[2], *authority = pseudo[3];
+    if (method == NULL || path == NULL || scheme == NULL)
+        Py_RETURN_NONE;
+    const char *m = PyBytes_AS_STRING(method), *p = PyBytes_AS_STRING(path), *s = PyBytes_AS_STRING(scheme);
+    Py_ssize_t mlen = PyBytes_GET_SIZE(method), plen = PyBytes_GET_SIZE(path), slen = PyBytes_GET_SIZE(scheme);
+    if (mlen == 0 || plen == 0 || name_is(m, mlen, "CONNECT"))
+        Py_RETURN_NONE;
+    for (Py_ssize_t j = 0; j < mlen; j++)
+        if (!TCHAR[(unsigned char)m[j]])
+            Py_RETURN_NONE;
+    for (Py_ssize_t j = 0; j < plen; j++)
+        if (p[j] == ' ' || p[j] == '#' || p[j] == '\t')
+            Py_RETURN_NONE;
+    if (ended && content_length > 0)
+        Py_RETURN_NONE;
+    if (size > limit[0] || longest + 2 > limit[1] || headers > limit[2])
+        Py_RETURN_NONE;
+    if (!name_is(s, slen, "https") && !name_is(s, slen, "http"))
+        Py_RETURN_NONE;
+    if (!(p[0] == '/' || (plen == 1 && p[0] == '*' && name_is(m, mlen, "OPTIONS"))))
+        Py_RETURN_NONE;
+    if (plen > limit[3])
+        Py_RETURN_NONE;
+    PyObject *host;
+    if (authority != NULL && PyBytes_GET_SIZE(authority) > 0) {
+        if (hosts) {
+            for (Py_ssize_t i = 0; i < count; i++) {
+                PyObject *field = PyList_GET_ITEM(fields, i);
+                PyObject *name = PyTuple_GET_ITEM(field, 0);
+                if (name_is(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name), "host") &&
+                    !same_lower(PyTuple_GET_ITEM(field, 1), authority))
+                    Py_RETURN_NONE;
+            }
+        }
+        host = authority;
+    }
+    else if (hosts == 1)
+        host = host_value;
+    else
+        Py_RETURN_NONE;
+    const char *h = PyBytes_AS_STRING(host);
+    Py_ssize_t hlen = PyBytes_GET_SIZE(host);
+    for (Py_ssize_t j = 0; j < hlen; j++)
+        if (!HOSTCH[(unsigned char)h[j]])
+            Py_RETURN_NONE;
+    /* Passed: the head. */
+    PyObject *lower = PyBytes_FromStringAndSize(NULL, hlen);
+    if (lower == NULL)
+        return NULL;
+    for (Py_ssize_t j = 0; j < hlen; j++)
+        PyBytes_AS_STRING(lower)[j] = ascii_lower(h[j]);
+    PyObject *list = PyList_New(1 + headers - (hosts ? hosts : 0));
+    PyObject *first = list == NULL ? NULL : PyTuple_Pack(2, HOST_NAME, host);
+    if (first == NULL) {
+        Py_XDECREF(list);
+        Py_DECREF(lower);
+        return NULL;
+    }
+    PyList_SET_ITEM(list, 0, first);
+    Py_ssize_t at = 1;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *field = PyList_GET_ITEM(fields, i);
+        PyObject *name = PyTuple_GET_ITEM(field, 0);
+        const char *n = PyBytes_AS_STRING(name);
+        Py_ssize_t nlen = PyBytes_GET_SIZE(name);
+        if ((nlen > 0 && n[0] == ':') || (hosts && name_is(n, nlen, "host")))
+            continue;
+        PyList_SET_ITEM(list, at++, Py_NewRef(field));
+    }
+    PyObject *length;
+    if (ended || content_length < 0)
+        length = Py_NewRef(Py_None);
+    else if ((length = PyLong_FromLongLong(content_length)) == NULL) {
+        Py_DECREF(list);
+        Py_DECREF(lower);
+        return NULL;
+    }
+    PyObject *items[8] = {
+        method, path, VERSION_2, lower, list, length, (!ended && content_length < 0) ? Py_True : Py_False, EMPTY_BYTES,
+    };
+    PyObject *head = make_request_head(items);
+    Py_DECREF(lower);
+    Py_DECREF(list);
+    Py_DECREF(length);
+    return head;
+}
+
 static PyMethodDef methods[] = {
     {"configure", configure, METH_VARARGS,
      "configure(RequestHead, RequestError, ResponseError) -> whether heads are made without calling the class"},
@@ -1835,6 +2086,9 @@ static PyMethodDef methods[] = {
      "upgrade, framing) -> bytes"},
     {"configure_hpack", configure_hpack, METH_VARARGS,
      "configure_hpack(HPACKDecodingError, InvalidTableIndex, OversizedHeaderListError, InvalidTableSizeError)"},
+    {"h2_request_head", (PyCFunction)(void (*)(void))h2_request_head, METH_FASTCALL,
+     "h2_request_head(fields, ended, max_header_size, max_header_line, max_header_count, max_request_line) "
+     "-> RequestHead, or None where the Python version must decide"},
     {NULL, NULL, 0, NULL},
 };
 
@@ -1850,6 +2104,11 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     init_tables();
+    HOST_NAME = PyBytes_FromString("host");
+    VERSION_2 = PyBytes_FromString("2");
+    EMPTY_BYTES = PyBytes_FromString("");
+    if (HOST_NAME == NULL || VERSION_2 == NULL || EMPTY_BYTES == NULL)
+        return NULL;
     if (init_hpack() < 0 || PyType_Ready(&HpackDecoderType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&module);

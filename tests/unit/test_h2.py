@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.events import ResponseReceived
 from h2.settings import SettingCodes
 from hpack import Decoder, Encoder, NeverIndexedHeaderTuple
 from hyperframe.frame import Frame, HeadersFrame, PingFrame, SettingsFrame
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -33,9 +34,11 @@ from tlsproxy.http.h2 import (
     MalformedRequest,
     ResponseEncoder,
     parse_request,
+    py_parse_request,
 )
 from tlsproxy.http.server import Limits, valid_host
 from tlsproxy.http.wire import RequestError, valid_field
+from tlsproxy.speedups import speedups
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
@@ -176,6 +179,23 @@ class H2Tests(SynchronousTestCase):
         self.client.reset_stream(stream)
         self.pump()
         self.clock.advance(self.limits.idle_timeout)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_requests_file_no_timer_apiece(self) -> None:
+        """Twenty answered requests make no reactor timer each; the idle timeout still closes the connection after."""
+        calls = []
+        call_later = self.clock.callLater
+        self.clock.callLater = lambda *a, **kw: calls.append(a) or call_later(*a, **kw)  # type: ignore[method-assign]
+        for _ in range(20):
+            self.clock.advance(1)
+            self.request()
+            self.handler.exchanges.pop().respond(200, b"OK", [], b"hi")
+            self.pump()
+        self.assertLess(len(calls), 5)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(self.limits.idle_timeout - 1)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
         self.assertTrue(self.transport.disconnecting)
 
     def test_drain_lets_open_streams_answer(self) -> None:
@@ -924,6 +944,76 @@ def test_parse_request_agrees_with_the_field_by_field_version(
     """The one-match field check refuses, answers and passes exactly what the field-by-field one did."""
     request = [*first, *fields, *late]
     assert _outcome(parse_request, request, ended, limits) == _outcome(reference_parse_request, request, ended, limits)
+
+
+_c_names = st.sampled_from(
+    [b"x-a", b"accept", b"host", b"te", b"content-length", b"cookie", b"upgrade", b"keep-alive", b"X", b"a b", b"\xc3"]
+)
+_c_values = st.sampled_from(
+    [b"", b"0", b"1", b"trailers", b"TrAiLeRs", b"app.test", b"APP.test", b"other.test", b" 1", b"1\t", b"a\tb"]
+)
+_small = Limits(max_header_size=150, max_header_line=40, max_header_count=3, max_request_line=4)
+_c_pseudo = st.sampled_from(
+    [
+        (b":method", b"GET"),
+        (b":method", b"OPTIONS"),
+        (b":method", b"CONNECT"),
+        (b":path", b"/x"),
+        (b":path", b"*"),
+        (b":scheme", b"https"),
+        (b":scheme", b"http"),
+        (b":scheme", b"ftp"),
+        (b":authority", b"app.test"),
+        (b":authority", b""),
+        (b":authority", b"a/b"),
+        (b":status", b"200"),
+    ]
+)
+
+
+@pytest.mark.skipif(speedups is None, reason="tlsproxy._speedups is not built (or turned off)")
+@given(
+    st.one_of(st.permutations(_BASE), st.lists(_c_pseudo, max_size=5)),
+    st.lists(st.one_of(st.tuples(_c_names, _c_values), st.tuples(_name_bytes, _value_bytes)), max_size=6),
+    st.lists(_c_pseudo, max_size=1),
+    st.booleans(),
+    st.sampled_from([Limits(), _small]),
+)
+@example(_BASE, [(b"content-length", b"1")], [], True, Limits())
+@example(_BASE, [(b"content-length", b"0"), (b"te", b"TRAILERS")], [], True, Limits())
+@example(_BASE, [(b"host", b"APP.test"), (b"x-a", b"1")], [], False, Limits())
+@example(_BASE, [(b"host", b"other.test")], [], False, Limits())
+@example(_BASE[:3], [(b"host", b"App.Test"), (b"accept", b"")], [], False, Limits())
+@example([(b":method", b"OPTIONS"), (b":path", b"*"), (b":scheme", b"http")], [(b"host", b"a")], [], True, _small)
+@settings(max_examples=600)
+def test_c_request_head_passes_exactly_what_python_passes(
+    first: list, fields: list, late: list, ended: bool, limits: Limits
+) -> None:
+    """The C head equals the Python one for every request Python passes, and is None for every other."""
+    assert speedups is not None
+    request = [*first, *fields, *late]
+    c_head = speedups.h2_request_head(
+        request, ended, limits.max_header_size, limits.max_header_line, limits.max_header_count, limits.max_request_line
+    )
+    expected = _outcome(py_parse_request, request, ended, limits)
+    if isinstance(expected, RequestHead):
+        assert c_head == expected
+        assert type(c_head.content_length) is type(expected.content_length)
+    else:
+        assert c_head is None
+    assert _outcome(parse_request, request, ended, limits) == expected
+
+
+@pytest.mark.skipif(speedups is None, reason="tlsproxy._speedups is not built (or turned off)")
+def test_c_request_head_takes_h2loads_request_and_leaves_odd_input_to_python() -> None:
+    """h2load's request is parsed in C; a field that is not a tuple of bytes goes to the Python version."""
+    assert speedups is not None
+    fields = [*_BASE, (b"accept", b"*/*"), (b"user-agent", b"h2load")]
+    head = speedups.h2_request_head(fields, True, 32768, 16384, 100, 8192)
+    assert head == py_parse_request(fields, True, Limits())
+    assert speedups.h2_request_head([*_BASE, [b"accept", b"*/*"]], True, 32768, 16384, 100, 8192) is None
+    assert speedups.h2_request_head([*_BASE, (b"accept", "*/*")], True, 32768, 16384, 100, 8192) is None
+    assert speedups.h2_request_head(tuple(fields), True, 32768, 16384, 100, 8192) is None
 
 
 class ConformanceTests(SynchronousTestCase):
