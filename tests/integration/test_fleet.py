@@ -268,6 +268,9 @@ def test_lock_holder_killed_mid_order_another_takes_over(
     validator, holder = fleet_members(tmp_path, pebble, redis_server, hosts, backend, 2, lease=lease)
     roots = pebble.roots_pem()
     before = orders_seen(pebble)
+    # An instance that is up but never says it serves the answers: the holder waits for it
+    # (up to its patience) with the lock held, and is killed while it waits.
+    redis.Redis.from_url(redis_server.url).set(f"{holder.prefix}live:silent-peer", b"1", px=60_000)
     with ExitStack() as stack:
         doomed = start(holder)
         stack.callback(doomed.stop)
