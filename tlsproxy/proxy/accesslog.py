@@ -96,7 +96,10 @@ def begin(exchange: Exchange, clock: Any, trusted_proxies: Sequence[Network]) ->
             _VALID_ID.match(given) and trusted_proxies and is_trusted(exchange.client_address, trusted_proxies)
         ):
             given = None
-    request_id = given.decode("ascii") if given is not None else new_request_id()
+    if given is not None:
+        request_id = given.decode("ascii")
+    else:  # new_request_id(), inline: every request passes here
+        request_id = f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
     exchange.request_id = request_id
     headers.append((REQUEST_ID, request_id.encode("ascii")))
 

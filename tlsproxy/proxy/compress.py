@@ -293,7 +293,10 @@ _choices: dict[bytes, str | None] = {}  # Accept-Encoding as sent -> our coding 
 
 def wrap(exchange: Exchange, reactor: Any, send_timeout: float) -> Exchange:
     """``exchange``, compressing the answers that qualify; as it is for a client that sent no Accept-Encoding."""
-    values = [value for name, value in exchange.head.headers if name == b"accept-encoding"]
+    values = []
+    for name, value in exchange.head.headers:  # a plain loop, not a comprehension: every request
+        if name == b"accept-encoding":
+            values.append(value)
     if not values:
         return exchange  # nothing to choose, and caches see Vary on every coded answer
     accept = values[0] if len(values) == 1 else b", ".join(values)

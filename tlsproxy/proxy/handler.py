@@ -105,9 +105,13 @@ class Route:
     route_upstream: Upstream | None = None  # a [site.routes] prefix's app; None: the site's
     # (path prefix, route) for the site's [site.routes], longest prefix first.
     paths: tuple[tuple[bytes, Route], ...] = ()
+    gated: bool = False  # from the site (set in __post_init__)
+    compress: bool = False
 
     def __post_init__(self) -> None:
         self.name = self.site.name
+        self.gated = self.site.gated  # read for every request: kept as plain attributes
+        self.compress = self.site.compress
 
     @property
     def upstream(self) -> Upstream:
@@ -228,7 +232,7 @@ class ProxyHandler:
             return
         if self.canonical and self._redirect_to_canonical(route, exchange):
             return
-        if route.site.gated and not self.access.admit(
+        if route.gated and not self.access.admit(
             route.site, exchange, partial(self.dispatch, route, exchange), partial(self.record, exchange, route.name)
         ):
             return  # refused, in maintenance, or dispatched once the password is checked (proxy/access.py)
@@ -236,7 +240,7 @@ class ProxyHandler:
 
     def dispatch(self, route: Route, exchange: Exchange) -> None:
         """A request the site's access rules let through: a static file, or on to the app."""
-        if route.site.compress:
+        if route.compress:
             exchange = compress.wrap(exchange, self.reactor, self.server.send_timeout)  # proxy/compress.py
         if route.site.static and static.serve(self, route, exchange):
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
@@ -445,7 +449,7 @@ class ProxiedRequest:
             if member is None:
                 self.no_upstream()
                 return
-            member.in_flight += 1
+            member.load[0] += 1  # in_flight, without the property: every request passes here
         got = member.pool.acquire(fresh=fresh or self.upgrade)
         if isinstance(got, UpstreamConnection):
             self.connected(got)
@@ -478,7 +482,7 @@ class ProxiedRequest:
         self.leave_upstream()
         self.conn = None
         self.member = self.chosen = following
-        following.in_flight += 1
+        following.load[0] += 1
         self.dial(fresh=True)
         return True
 
@@ -486,7 +490,7 @@ class ProxiedRequest:
         """This attempt is over: the upstream has one request less in flight."""
         member, self.member = self.member, None
         if member is not None:
-            member.in_flight -= 1
+            member.load[0] -= 1
 
     def no_upstream(self) -> None:
         """Every upstream is down (or failed this request already): 503 at once, no waiting on any."""
