@@ -367,7 +367,9 @@ def test_pebble_one_order_served_by_every_worker(pebble: Pebble, backend: int, t
         # The other workers serve it within a few seconds of the one that ordered.
         assert last_failure is None or last_failure - first_served < 3
         assert set(running_proxy.served_by(start)) == {0, 1, 2}
-        assert e2e.orders_seen(pebble) - orders == 1
+        assert e2e.orders_seen(pebble) - orders == 1, "\n".join(
+            [*process.lines, *(line for line in pebble.process.lines if "order" in line.lower())]
+        )
         if challenge == "http-01":  # which worker Pebble reached is chance; one of them answered
             answered = [r for r in running_proxy.records() if r.get("message", "").startswith("answered HTTP-01")]
             assert answered and {r["worker"] for r in answered} <= {0, 1, 2}
