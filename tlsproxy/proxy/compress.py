@@ -26,6 +26,7 @@ import zstandard
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from tlsproxy.http.accept_encoding import accept_encoding_of, parse_accept_encoding
 from tlsproxy.http.exchange import Exchange, ExchangeObserver, Headers, ResponseFields
 from tlsproxy.http.wire import split_fields
 
@@ -70,38 +71,12 @@ _TYPES = frozenset(
 def choose_coding(accept_encoding: bytes | None, offered: tuple[str, ...] = CODINGS) -> str | None:
     """The coding of ``offered`` the client prefers by its q-values (ties: ours in order); None: identity.
 
-    A name the client lists counts with its own q (``gzip;q=0`` refuses gzip
-    even after ``*``); others take ``*``'s.  ``identity;q=0`` with nothing of
-    ours accepted still gets identity: an answer beats a 406.
+    ``identity;q=0`` with nothing of ours accepted still gets identity: an
+    answer beats a 406.  How the header is read: tlsproxy.http.accept_encoding.
     """
     if not accept_encoding:
         return None
-    weights: dict[str, float] = {}
-    for item in accept_encoding.decode("latin-1").split(","):
-        name, _, params = item.partition(";")
-        name = name.strip().lower()
-        if not name:
-            continue
-        q = 1.0
-        for param in params.split(";"):
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value.strip())
-                except ValueError:
-                    q = 0.0
-                if not 0.0 <= q <= 1.0:
-                    q = 0.0
-        if name == "x-gzip":
-            name = "gzip"  # RFC 9110 8.4.1.3: the same coding
-        weights[name] = min(q, weights.get(name, q))
-    star = weights.get("*", 0.0)
-    best: tuple[float, int, str] | None = None
-    for order, coding in enumerate(offered):
-        q = weights.get(coding, star)
-        if q > 0 and (best is None or (-q, order) < best[:2]):
-            best = (-q, order, coding)
-    return None if best is None else best[2]
+    return parse_accept_encoding(accept_encoding).preferred(offered)
 
 
 def compressible(content_type: bytes) -> bool:
@@ -293,13 +268,9 @@ _choices: dict[bytes, str | None] = {}  # Accept-Encoding as sent -> our coding 
 
 def wrap(exchange: Exchange, reactor: Any, send_timeout: float) -> Exchange:
     """``exchange``, compressing the answers that qualify; as it is for a client that sent no Accept-Encoding."""
-    values = []
-    for name, value in exchange.head.headers:  # a plain loop, not a comprehension: every request
-        if name == b"accept-encoding":
-            values.append(value)
-    if not values:
+    accept = accept_encoding_of(exchange.head.headers)
+    if accept is None:
         return exchange  # nothing to choose, and caches see Vary on every coded answer
-    accept = values[0] if len(values) == 1 else b", ".join(values)
     coding = _choices.get(accept, "")
     if coding == "":
         coding = choose_coding(accept)
