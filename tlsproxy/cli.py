@@ -114,7 +114,8 @@ def describe_gate(site: configuration.Site) -> list[str]:
         if rule.deny:
             parts.append("deny " + ", ".join(map(str, rule.deny)))
         if rule.basic_auth is not None:
-            parts.append(f"basic auth {rule.basic_auth.realm!r} ({rule.basic_auth.htpasswd})")
+            passed = ", Authorization passed to the app" if rule.pass_authorization else ""
+            parts.append(f"basic auth {rule.basic_auth.realm!r} ({rule.basic_auth.htpasswd}{passed})")
         lines.append(f"  access {rule.prefix}: {'; '.join(parts) or 'open'}")
     for status, path in site.error_pages:
         lines.append(f"  error page {status} = {path}")

@@ -170,6 +170,9 @@ class AccessRule:
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
     basic_auth: BasicAuth | None = None
+    # Pass the client's Authorization header on to the app once basic auth let it in
+    # (off: the app never sees the password the proxy checked).
+    pass_authorization: bool = False
 
     @property
     def restricts(self) -> bool:
@@ -256,6 +259,10 @@ class Server:
     send_timeout: float = 60.0
     # Worker processes behind one supervisor (tlsproxy/workers.py); 1 = this process serves.
     workers: int = 1
+    # Wrong basic-auth passwords per client address (IPv6: per /64) and realm: after
+    # auth_fail_limit of them within auth_fail_window seconds, 429 until the window ends; 0: no limit.
+    auth_fail_limit: int = 10
+    auth_fail_window: float = 60.0
 
     @property
     def buffer_directory(self) -> str:
@@ -727,6 +734,7 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "allow": (),
     "deny": (),
     "basic_auth": {},
+    "pass_authorization": False,
     "access": [],
     "error_pages": {},
     "maintenance_file": "",
@@ -871,6 +879,9 @@ def _rule(reader: _Reader, key: str, raw: Mapping[str, Any], base: AccessRule, p
         basic_auth=_basic_auth(reader, f"{key}.basic_auth", raw["basic_auth"])
         if "basic_auth" in raw
         else base.basic_auth,
+        pass_authorization=_coerce(reader, f"{key}.pass_authorization", raw["pass_authorization"], False)
+        if "pass_authorization" in raw
+        else base.pass_authorization,
     )
 
 
@@ -887,7 +898,7 @@ def _access(reader: _Reader, site: str, values: Mapping[str, Any]) -> tuple[Acce
         if not isinstance(raw, Mapping):
             reader.fail(key, f"expected a table, found {_describe(raw)}")
             continue
-        known = {"prefix": "", "allow": (), "deny": (), "basic_auth": {}}
+        known = {"prefix": "", "allow": (), "deny": (), "basic_auth": {}, "pass_authorization": False}
         raw = reader.table(raw, key, known)
         prefix = raw.get("prefix", "")
         if not isinstance(prefix, str) or not _PREFIX.match(prefix) or prefix == "/":

@@ -195,7 +195,7 @@ class ProxyHandler:
         )
         self.response_buffers = BufferSpace(reactor, server.buffer_directory, server.max_response_buffer)
         self.error_pages = ErrorPages(sites, threaded(reactor))
-        self.access = AccessControl(sites, reactor, threaded(reactor), self.error_pages)
+        self.access = AccessControl(sites, reactor, threaded(reactor), self.error_pages, server)
 
     def route_for(self, host: str) -> Route | None:
         route = self._exact.get(host)
@@ -289,6 +289,7 @@ class ProxyHandler:
         """Let the pools go (busy connections end with their requests); ``successor`` takes new requests."""
         if successor is not None:
             self.successor = successor
+            successor.access.adopt(self.access)  # guess counters outlive a reload (proxy/access.py)
             known = {(g.site, g.route): g for g in self.groups}
             for group in successor.groups:
                 old = known.get((group.site, group.route))
