@@ -489,6 +489,23 @@ def test_guess_limit_window() -> None:
     assert limit.wait(key) == 0
 
 
+def test_guess_limit_says_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reaching the limit is one warning naming client and realm, outside the access log's namespace."""
+    from twisted.logger import Logger, formatEvent
+
+    events: list[dict[str, Any]] = []
+    monkeypatch.setattr(access, "log", Logger(namespace=access.log.namespace, observer=events.append))
+    limit = GuessLimit(Clock(), 2, 60.0)
+    fail_times(limit, ("192.0.2.1", STAGING), 2)
+    limit.started(("192.0.2.1", STAGING))
+    limit.checked(("192.0.2.1", STAGING), False)  # a check that was already running when the limit was hit
+    assert len(events) == 1
+    assert events[0]["log_namespace"] != "tlsproxy.access"
+    assert formatEvent(events[0]) == (
+        "192.0.2.1: 2 wrong passwords for realm 'staging' within 60s; answered 429 until the window ends"
+    )
+
+
 def test_guess_limit_is_per_client_and_realm() -> None:
     """One client's failures hold neither other clients nor its other realms; a success resets nothing."""
     clock = Clock()

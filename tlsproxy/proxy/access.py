@@ -76,7 +76,8 @@ BCRYPT_MAX = 72
 # that the answer takes as long as a wrong password's).
 _DUMMY_HASH = b"$2b$05$fANfyjDUELMU6.6xf9WpiOsQNPfeOEc8Aco9pDBLVBURiwnL6UaSK"
 
-log = Logger(namespace="tlsproxy.access")
+# Not "tlsproxy.access": that namespace is the access log's records (tlsproxy/logs.py).
+log = Logger(namespace="tlsproxy.auth")
 
 
 class HtpasswdError(Exception):
