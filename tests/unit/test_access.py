@@ -246,8 +246,8 @@ class AdmitTests(SynchronousTestCase):
         self.threads = FakeThreads()
         self.patch(access, "load_all", lambda sites: {"/etc/htpasswd": {"ann": HASH}})
 
-    def handler(self, *sites: Site) -> ProxyHandler:
-        handler = ProxyHandler(self.reactor, list(sites), Server())
+    def handler(self, *sites: Site, server: Server | None = None) -> ProxyHandler:
+        handler = ProxyHandler(self.reactor, list(sites), server or Server())
         handler.access.verifier.run = self.threads
         return handler
 
@@ -397,12 +397,10 @@ class AdmitTests(SynchronousTestCase):
 
     def test_guessing_is_answered_429_without_a_check(self) -> None:
         """After auth_fail_limit wrong passwords: 429 with Retry-After, no bcrypt even for the right one; then again."""
-        handler = ProxyHandler(
-            self.reactor,
-            [site(basic_auth=BasicAuth("staging", "/etc/htpasswd"))],
-            Server(auth_fail_limit=3, auth_fail_window=60.0),
+        handler = self.handler(
+            site(basic_auth=BasicAuth("staging", "/etc/htpasswd")),
+            server=Server(auth_fail_limit=3, auth_fail_window=60.0),
         )
-        handler.access.verifier.run = self.threads
         for _ in range(3):
             self.assertEqual(self.wrong(handler).status, 401)
         self.reactor.advance(20)
@@ -417,12 +415,10 @@ class AdmitTests(SynchronousTestCase):
 
     def test_a_burst_of_guesses_is_cut_at_the_limit(self) -> None:
         """Guesses sent together count while their checks run: only auth_fail_limit of them cost bcrypt."""
-        handler = ProxyHandler(
-            self.reactor,
-            [site(basic_auth=BasicAuth("staging", "/etc/htpasswd"))],
-            Server(auth_fail_limit=3, auth_fail_window=60.0),
+        handler = self.handler(
+            site(basic_auth=BasicAuth("staging", "/etc/htpasswd")),
+            server=Server(auth_fail_limit=3, auth_fail_window=60.0),
         )
-        handler.access.verifier.run = self.threads
         auth = b"Basic " + base64.b64encode(b"ann:nope")
         burst = [self.request(handler, authorization=auth) for _ in range(8)]
         self.assertEqual([e.status for e in burst], [None] * 3 + [429] * 5)
@@ -432,28 +428,21 @@ class AdmitTests(SynchronousTestCase):
 
     def test_no_limit_when_off(self) -> None:
         """auth_fail_limit = 0: every wrong password is checked and answered 401."""
-        handler = ProxyHandler(
-            self.reactor, [site(basic_auth=BasicAuth("staging", "/etc/htpasswd"))], Server(auth_fail_limit=0)
-        )
-        handler.access.verifier.run = self.threads
+        handler = self.handler(site(basic_auth=BasicAuth("staging", "/etc/htpasswd")), server=Server(auth_fail_limit=0))
         self.assertEqual([self.wrong(handler).status for _ in range(15)], [401] * 15)
 
     def test_counts_survive_a_reload(self) -> None:
         """A reload (a new handler) keeps counting a guesser's failures."""
-        old = ProxyHandler(
-            self.reactor,
-            [site(basic_auth=BasicAuth("staging", "/etc/htpasswd"))],
-            Server(auth_fail_limit=2, auth_fail_window=60.0),
+        old = self.handler(
+            site(basic_auth=BasicAuth("staging", "/etc/htpasswd")),
+            server=Server(auth_fail_limit=2, auth_fail_window=60.0),
         )
-        old.access.verifier.run = self.threads
         self.wrong(old)
         self.wrong(old)
-        new = ProxyHandler(
-            self.reactor,
-            [site(basic_auth=BasicAuth("staging", "/etc/htpasswd"))],
-            Server(auth_fail_limit=2, auth_fail_window=60.0),
+        new = self.handler(
+            site(basic_auth=BasicAuth("staging", "/etc/htpasswd")),
+            server=Server(auth_fail_limit=2, auth_fail_window=60.0),
         )
-        new.access.verifier.run = self.threads
         old.close(new)
         self.assertEqual(self.wrong(new).status, 429)
 
