@@ -68,6 +68,24 @@ def die_with_parent() -> None:
         pass
 
 
+def accept_one_at_a_time(port: Any) -> None:
+    """Take one connection from the shared queue per wake-up, as nginx does without multi_accept.
+
+    Twisted's port accepts in a loop of up to 100 (growing by 20) each time the socket is
+    readable. With one queue shared by every worker, the first worker awake drains a burst
+    of new connections before the others run: wrk's 32 keep-alive connections all landed on
+    one of two workers in half the runs, and stayed there (bench/README.md). One accept a
+    turn lets a worker busy with the handshakes it took leave the next ones to an idle one.
+    """
+    accept = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = 1  # Twisted's doRead reads it first, then grows it for next time
+        return accept()
+
+    port.doRead = doRead
+
+
 class AdoptedListener(Listener):
     """Accept on a listening socket the supervisor bound (descriptor ``fd`` here)."""
 
@@ -90,6 +108,7 @@ class AdoptedListener(Listener):
 
     def _listening(self, port: Any) -> Any:
         self.port = port
+        accept_one_at_a_time(port)
         watch_refusals(port, self.reactor, self.label, self.refused)
         return port
 
