@@ -836,6 +836,7 @@ def run_slow_clients(tmp: Path, cert: Path, key: Path, cafile: Path, logs: Path,
 
 WORKER_COUNTS = (1, 2)
 WORKER_CORES = 2  # the cores the --workers case shares between the proxy, wrk and the backend
+OTHERS_NOTED = 0.2  # cores used by processes outside the bench above which the table says so
 
 
 def session_cpu(sid: int) -> dict[int, float]:
@@ -1020,6 +1021,13 @@ def workers_table(results: dict[tuple[str, int], object]) -> list[str]:
     for label, show in rows:
         shown = [show(costs[k]) if k in costs else "n/a" for k in runs]
         lines.append(f"| {label} | {' | '.join(shown)} |")
+    busy = max((c.cores(c.others) for c in costs.values()), default=0.0)
+    if busy > OTHERS_NOTED:
+        lines += [
+            "",
+            f"Other processes kept up to {busy:.2f} cores busy during these runs: req/s are not quiet-machine"
+            " figures; CPU per request is the steadier measure.",
+        ]
     lines += [
         "",
         f"Ceiling of x2 / x1 on {WORKER_CORES} shared cores: {WORKER_CORES}p / (p + b) with x1's p and b"

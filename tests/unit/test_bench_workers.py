@@ -95,6 +95,15 @@ def test_workers_table_shows_costs_ceiling_and_targets(run: ModuleType) -> None:
     assert "tlsproxy x2 per worker: 0.05 cores, 0.05 cores; the supervisor 0.001 cores" in text
     assert "- tlsproxy workers = 2 >= 1.35x workers = 1: 1.20 -> NOT MET" in text
     assert "- tlsproxy workers = 2 >= 0.40 of nginx worker_processes 2: 0.59 -> MET" in text
+    assert "Other processes" not in text  # everything else was idle
+
+
+def test_workers_table_says_when_other_work_shared_the_machine(run: ModuleType) -> None:
+    """A run during which other processes used a core is labelled: its req/s are not quiet-machine figures."""
+    quiet = cost(run, 10_000, 10, 50, 20, 10)
+    loaded = cost(run, 8_000, 10, 50, 20, 10, idle=0.0)  # 20 s - 80,000 x 80 us ours: 13.6 s of others
+    text = "\n".join(run.workers_table({("tlsproxy", 1): quiet, ("tlsproxy", 2): loaded}))
+    assert "Other processes kept up to 1.36 cores busy during these runs" in text
 
 
 def test_workers_table_says_na_for_a_run_that_failed(run: ModuleType) -> None:
