@@ -1065,7 +1065,9 @@ def workers_table(results: dict[tuple[str, int], object]) -> list[str]:
         if a is None or not b:
             lines.append(f"- {label}: n/a")
         else:
-            lines.append(f"- {label}: {a / b:.2f} -> {'MET' if a / b >= bound else 'NOT MET'}")
+            met = a / b >= bound
+            shown = f"{a / b:.2f}" if met or f"{a / b:.2f}" != f"{bound:.2f}" else f"{a / b:.3f}"  # not "0.40 NOT MET"
+            lines.append(f"- {label}: {shown} -> {'MET' if met else 'NOT MET'}")
     return lines
 
 

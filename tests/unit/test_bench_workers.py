@@ -126,3 +126,13 @@ def test_wrk_reports_completed_requests(run: ModuleType, monkeypatch: pytest.Mon
         "errors": 0.0,
         "requests": 27433.0,
     }
+
+
+def test_a_target_missed_by_a_hair_shows_the_third_decimal(run: ModuleType) -> None:
+    """0.397 of nginx is NOT MET and says 0.397, not 0.40."""
+    results = {
+        ("nginx", 2): cost(run, 10_000, 10, 30, 25, 15),
+        ("tlsproxy", 2): cost(run, 3_970, 10, 70, 30, 19),
+    }
+    text = "\n".join(run.workers_table(results))
+    assert "- tlsproxy workers = 2 >= 0.40 of nginx worker_processes 2: 0.397 -> NOT MET" in text
