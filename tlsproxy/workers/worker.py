@@ -71,11 +71,9 @@ def die_with_parent() -> None:
 def accept_one_at_a_time(port: Any) -> None:
     """Take one connection from the shared queue per wake-up, as nginx does without multi_accept.
 
-    Twisted's port accepts in a loop of up to 100 (growing by 20) each time the socket is
-    readable. With one queue shared by every worker, the first worker awake drains a burst
-    of new connections before the others run: wrk's 32 keep-alive connections all landed on
-    one of two workers in half the runs, and stayed there (bench/README.md). One accept a
-    turn lets a worker busy with the handshakes it took leave the next ones to an idle one.
+    Twisted's port accepts in a loop while the socket is readable, so the first worker awake
+    took a whole burst (wrk's 32 keep-alive connections sat on one of two workers in half the
+    runs; bench/README.md). One accept a turn leaves the next connections to an idle worker.
     """
     accept = port.doRead
 
