@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import select
 import signal
+import socket
+import struct
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet import tcp
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -522,3 +529,51 @@ def test_an_issuer_announcement_fires_on_its_confirmation_or_when_the_supervisor
     assert second.called and not first.called
     WorkerService.supervisor_gone(worker)  # type: ignore[arg-type]
     assert first.called and worker._confirming == {}
+
+
+def accept_queue(listening: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue (Linux: tcp_info's unacked field)."""
+    return int(struct.unpack_from("I", listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0])
+
+
+class _Accepted(Factory):
+    """Records the transport of every connection a port accepts."""
+
+    def __init__(self) -> None:
+        self.transports: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        protocol = Protocol()
+        protocol.makeConnection = self.transports.append  # type: ignore[method-assign]
+        return protocol
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the accept queue with TCP_INFO")
+def test_a_worker_accepts_one_connection_per_wake_up() -> None:
+    """A worker's shared listener takes one queued connection per readable event, leaving the rest to the others."""
+    from tlsproxy.workers.worker import AdoptedListener
+
+    reactor = MemoryReactorClock()
+    factory = _Accepted()
+    port = tcp.Port(0, factory, interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    clients: list[socket.socket] = []
+    try:
+        listener = AdoptedListener(reactor, port.fileno(), "tcp:0", factory, "https", None)
+        listener._listening(port)
+        clients = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(5)]
+        deadline = time.monotonic() + 5
+        while accept_queue(port.socket) < 5 and time.monotonic() < deadline:
+            select.select([], [], [], 0.01)  # the kernel finishes the last handshakes
+        assert accept_queue(port.socket) == 5
+        for taken in range(1, 6):
+            port.doRead()  # what the reactor calls each time the listening socket is readable
+            assert len(factory.transports) == taken
+        port.doRead()  # an empty queue: nothing, and no error
+        assert len(factory.transports) == 5
+    finally:
+        for transport in factory.transports:
+            transport.socket.close()
+        for client in clients:
+            client.close()
+        port.socket.close()
