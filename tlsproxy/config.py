@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import ipaddress
 import json
 import os
@@ -359,10 +360,16 @@ class _Reader:
         for key, value in raw.items():
             full = f"{section}.{key}" if section else key
             if key not in known:
-                self.fail(full, f"unknown key (known keys: {', '.join(sorted(known))})")
+                self.fail(full, f"unknown key{_did_you_mean(key, known)} (known keys: {', '.join(sorted(known))})")
             else:
                 values[key] = value
         return values
+
+
+def _did_you_mean(key: Any, known: Mapping[str, Any]) -> str:
+    """The known key a typo most likely meant, so the long list of known keys need not be read."""
+    close = difflib.get_close_matches(str(key).lower(), list(known), n=1, cutoff=0.75)
+    return f": did you mean {close[0]}?" if close else ""
 
 
 def _describe(value: Any) -> str:

@@ -421,3 +421,31 @@ def test_workers_from_the_environment() -> None:
     assert parse({"acme": ACME, "site": [SITE]}, "s", {"TLSPROXY_SERVER_WORKERS": "auto"}).server.workers >= 1
     (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_WORKERS": "0"})
     assert "server.workers" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "meant"),
+    [
+        ({"server": {"workres": 2}}, "server.workres", "workers"),
+        ({"sever": {"workers": 2}}, "sever", "server"),
+        ({"site": [{**SITE, "upstrem": "http://127.0.0.1:8000"}]}, "site[0].upstrem", "upstream"),
+        ({"site": [{**SITE, "Compress": False}]}, "site[0].Compress", "compress"),
+    ],
+)
+def test_unknown_key_suggests_the_close_one(raw: dict, key: str, meant: str) -> None:
+    """A typo in a key names the key it most likely meant, before the list of every known key."""
+    found = problems({"acme": ACME, "site": [SITE], **raw})
+    (message,) = [m for m in found if f": {key}: unknown key" in m]
+    assert f"unknown key: did you mean {meant}? (known keys: " in message
+
+
+def test_unknown_key_far_from_any_suggests_nothing() -> None:
+    """A key like no known one gets the list alone, not a wild guess."""
+    (message,) = problems({"acme": ACME, "site": [SITE], "server": {"colour": "red"}})
+    assert "did you mean" not in message and "server.colour: unknown key (known keys: " in message
+
+
+def test_unknown_environment_key_suggests_the_close_one() -> None:
+    """TLSPROXY_SERVER_WORKRS is named as set and points at workers."""
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_WORKRS": "2"})
+    assert message.startswith("environment TLSPROXY_SERVER_WORKRS: server.workrs: unknown key: did you mean workers?")
