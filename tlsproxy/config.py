@@ -1126,11 +1126,13 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
     """Overlay ``TLSPROXY_<SECTION>_<KEY>`` and the one-site variables on ``raw``."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     env_site: dict[str, Any] = {}
+    site_names: list[str] = []  # the variables that make the one environment site, for messages
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name in PROCESS_ENV:
             continue
         if name in _SITE_ENV:
             env_site[_SITE_ENV[name]] = _env_value(text, SITE_DEFAULTS[_SITE_ENV[name]])
+            site_names.append(name)
             continue
         if name == "TLSPROXY_STATE_DIR":
             raw.setdefault("server", {})["state_dir"] = text
@@ -1139,6 +1141,7 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
         section, _, key = rest.partition("_")
         if section == "site" and key:
             env_site[key] = _env_value(text, SITE_DEFAULTS.get(key))
+            site_names.append(name)
         elif section in _SECTIONS and key:
             table = raw.setdefault(section, {})
             if not isinstance(table, dict):
@@ -1159,9 +1162,10 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
         if raw.get("site"):
             problems.append(
                 Problem(
-                    "environment TLSPROXY_HOSTS",
+                    f"environment {', '.join(site_names)}",
                     "site",
-                    "the configuration file already has [[site]] tables; use one or the other",
+                    "the configuration file already has [[site]] tables, and these variables make a site of"
+                    " their own: set the key in the file's [[site]] instead, or unset the variables",
                 )
             )
         else:

@@ -449,3 +449,11 @@ def test_unknown_environment_key_suggests_the_close_one() -> None:
     """TLSPROXY_SERVER_WORKRS is named as set and points at workers."""
     (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_WORKRS": "2"})
     assert message.startswith("environment TLSPROXY_SERVER_WORKRS: server.workrs: unknown key: did you mean workers?")
+
+
+@pytest.mark.parametrize("name", ["TLSPROXY_SITE_COMPRESS", "TLSPROXY_UPSTREAM"])
+def test_site_variable_beside_file_sites_names_that_variable(name: str) -> None:
+    """A one-site variable next to a file's [[site]] is blamed by its own name, not TLSPROXY_HOSTS."""
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {name: "false"})
+    assert message.startswith(f"environment {name}: site: the configuration file already has [[site]] tables")
+    assert "TLSPROXY_HOSTS" not in message and "set the key in the file's [[site]]" in message
