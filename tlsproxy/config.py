@@ -576,6 +576,8 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
                 out[key] = size
         else:
             out[key] = _coerce(reader, f"server.{key}", value, known[key])
+    if "https" in out and not out["https"]:  # [] or an empty TLSPROXY_SERVER_HTTPS
+        reader.fail("server.https", 'no listener, so nothing would be served: give one, like ["tcp:443"]')
     for key in ("https", "http"):
         for description in out.get(key, ()):
             why = check_endpoint(description)

@@ -457,3 +457,15 @@ def test_site_variable_beside_file_sites_names_that_variable(name: str) -> None:
     (message,) = problems({"acme": ACME, "site": [SITE]}, {name: "false"})
     assert message.startswith(f"environment {name}: site: the configuration file already has [[site]] tables")
     assert "TLSPROXY_HOSTS" not in message and "set the key in the file's [[site]]" in message
+
+
+def test_no_https_listener_refused() -> None:
+    """https = [] would run a proxy that serves nothing: refused, naming the key."""
+    (message,) = problems({"acme": ACME, "site": [SITE], "server": {"https": []}})
+    assert message.startswith("site.toml: server.https: no listener") and '["tcp:443"]' in message
+
+
+def test_empty_https_variable_refused() -> None:
+    """An empty TLSPROXY_SERVER_HTTPS is blamed on the variable, not silently no listener."""
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_HTTPS": ""})
+    assert message.startswith("environment TLSPROXY_SERVER_HTTPS: server.https: no listener")
