@@ -372,6 +372,13 @@ def _did_you_mean(key: Any, known: Mapping[str, Any]) -> str:
     return f": did you mean {close[0]}?" if close else ""
 
 
+def _not_a_file(path: str) -> str:
+    """Why ``path`` is not a readable file: "no such file" would send a user looking for it."""
+    if os.path.isdir(path):
+        return f"{path} is a directory: name the file in it"
+    return f"no such file: {path}"
+
+
 def _describe(value: Any) -> str:
     return f"{type(value).__name__} {value!r}"
 
@@ -666,7 +673,7 @@ def _acme(reader: _Reader, raw: Mapping[str, Any]) -> ACME:
     if out.get("key_type", "ec256") not in KEY_TYPES:
         reader.fail("acme.key_type", f"expected one of {list(KEY_TYPES)}, found {out['key_type']!r}")
     if out.get("ca_bundle") and not os.path.isfile(out["ca_bundle"]):
-        reader.fail("acme.ca_bundle", f"no such file: {out['ca_bundle']}")
+        reader.fail("acme.ca_bundle", _not_a_file(out["ca_bundle"]))
     if bool(out.get("eab_kid")) != bool(out.get("eab_hmac_key")):
         reader.fail("acme.eab_kid", "eab_kid and eab_hmac_key go together")
     return ACME(**out)
@@ -875,7 +882,9 @@ def _basic_auth(reader: _Reader, key: str, value: Any) -> BasicAuth | None:
     if not htpasswd:
         reader.fail(f"{key}.htpasswd", f"basic_auth needs htpasswd = an absolute path, as in {example}")
         return None
-    if not os.path.isfile(htpasswd):
+    if os.path.isdir(htpasswd):
+        reader.fail(f"{key}.htpasswd", _not_a_file(htpasswd))
+    elif not os.path.isfile(htpasswd):
         reader.fail(f"{key}.htpasswd", f"no such file: {htpasswd} (create it with: tlsproxy passwd {htpasswd} USER)")
     return BasicAuth(realm=realm, htpasswd=htpasswd)
 
@@ -935,7 +944,7 @@ def _error_pages(reader: _Reader, site: str, raw: Any) -> tuple[tuple[int, str],
             continue
         path = _absolute_path(reader, key, path)
         if path and not os.path.isfile(path):
-            reader.fail(key, f"no such file: {path}")
+            reader.fail(key, _not_a_file(path))
             continue
         if path:
             found.append((int(status), path))
@@ -1060,7 +1069,7 @@ def _check_files(reader: _Reader, prefix: str, cert: str, key: str, hosts: tuple
         if not path:
             reader.fail(f"{prefix}.{name}", f'tls = "files" needs {name} = "/path/to/{name}.pem"')
         elif not os.path.isfile(path):
-            reader.fail(f"{prefix}.{name}", f"no such file: {path}")
+            reader.fail(f"{prefix}.{name}", _not_a_file(path))
     if not (cert and key and os.path.isfile(cert) and os.path.isfile(key)):
         return
     try:

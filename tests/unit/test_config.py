@@ -469,3 +469,21 @@ def test_empty_https_variable_refused() -> None:
     """An empty TLSPROXY_SERVER_HTTPS is blamed on the variable, not silently no listener."""
     (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_HTTPS": ""})
     assert message.startswith("environment TLSPROXY_SERVER_HTTPS: server.https: no listener")
+
+
+def test_directory_where_a_file_is_wanted(tmp_path: Path) -> None:
+    """A directory given for htpasswd, a cert, an error page or ca_bundle is called a directory, not missing."""
+    folder = str(tmp_path)
+    site = {
+        **SITE,
+        "tls": "files",
+        "cert": folder,
+        "key": folder,
+        "basic_auth": {"realm": "x", "htpasswd": folder},
+        "error_pages": {"502": folder},
+    }
+    found = problems({"acme": {**ACME, "ca_bundle": folder}, "site": [site]})
+    for key in ("site[0].cert", "site[0].key", "site[0].basic_auth.htpasswd", "site[0].error_pages.502"):
+        assert f"site.toml: {key}: {folder} is a directory: name the file in it" in found, key
+    assert f"site.toml: acme.ca_bundle: {folder} is a directory: name the file in it" in found
+    assert not any("no such file" in m or "tlsproxy passwd" in m for m in found)
