@@ -151,9 +151,14 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         for problem in e.problems:
             print(f"tlsproxy: {problem}", file=err)
         return BAD_CONFIG
+    store_problems, store_warnings = preflight.store_findings(config)
+    for problem in store_problems:
+        print(f"tlsproxy: {problem}", file=err)
+    if store_problems:
+        return BAD_CONFIG
     print(describe(config), file=out)
     tls_warnings = configuration_warnings(config, datetime.datetime.now(datetime.UTC))
-    for warning in [*preflight.warnings(config), *tls_warnings]:
+    for warning in [*preflight.warnings(config), *store_warnings, *tls_warnings]:
         print(f"tlsproxy: warning: {warning}", file=err)
     print("configuration OK", file=out)
     return OK

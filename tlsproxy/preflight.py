@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+from tlsproxy.certs.store_url import redact_url
 from tlsproxy.config import Config, Problem
 
 
@@ -65,6 +67,43 @@ def problems(config: Config) -> list[Problem]:
         if why:
             found.append(Problem(config.source, "server.state_dir", why))
     return found
+
+
+def store_findings(
+    config: Config, environ: Mapping[str, str] | None = None, ping: Callable[[], object] | None = None
+) -> tuple[list[Problem], list[str]]:
+    """Whether the fleet's Redis lets us in, for ``tlsproxy check`` (a network round trip: never at start-up).
+
+    Refused credentials (or any other answer than PONG) are a problem: they stay wrong until
+    the URL is fixed.  An unreachable store is a warning: a fleet starts and serves without it.
+    """
+    if not config.store.shared:
+        return [], []
+    import redis
+
+    environ = os.environ if environ is None else environ
+    where = "environment TLSPROXY_STORE_URL" if environ.get("TLSPROXY_STORE_URL") else config.source
+    url = config.store.url
+    if ping is None:
+        ping = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=3).ping
+    shown = redact_url(url)
+    try:
+        ping()
+    except redis.exceptions.AuthenticationError as e:  # a ConnectionError to redis-py: first
+        why = (
+            f"{shown} refuses our credentials ({e}):"
+            " fix the password (or user) in the URL, redis://[USER]:PASSWORD@HOST:PORT/DB"
+        )
+        return [Problem(where, "store.url", why)], []
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
+        why = (
+            f"{shown} is unreachable from here ({e}): the proxy starts all the same and serves"
+            " the certificates it has; renewals wait for the store"
+        )
+        return [], [f"{where}: store.url: {why}"]
+    except redis.exceptions.RedisError as e:  # NOPERM, a database index out of range...
+        return [Problem(where, "store.url", f"{shown} answers with an error: {e}")], []
+    return [], []
 
 
 def static_warnings(config: Config) -> list[str]:

@@ -85,3 +85,39 @@ def test_check_refuses_bad_worker_counts_and_shows_good_ones(tmp_path: Path, mon
     status, out, _ = run("check", "-c", config)
     assert status == 0
     assert "workers = 3 (a supervisor and its workers)" in out
+
+
+def _store_config(tmp_path: Path, url: str) -> str:
+    config = tmp_path / "fleet.toml"
+    config.write_text(
+        f'[server]\nstate_dir = "{tmp_path / "state"}"\n[store]\nurl = "{url}"\n'
+        '[[site]]\nhosts = ["localhost"]\ntls = "local"\nupstream = "http://127.0.0.1:8000"\n'
+    )
+    return str(config)
+
+
+def test_check_refuses_a_store_password_redis_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check asks the fleet's Redis: refused credentials are exit 2 naming the file and store.url."""
+    import redis
+
+    class Refusing:
+        def ping(self) -> None:
+            raise redis.exceptions.AuthenticationError("invalid username-password pair")
+
+    monkeypatch.setattr(redis.Redis, "from_url", staticmethod(lambda *a, **kw: Refusing()))
+    status, out, err = run("check", "--config", _store_config(tmp_path, "redis://:wrong@127.0.0.1:6379/0"))
+    assert status == 2 and "configuration OK" not in out
+    assert f"{tmp_path / 'fleet.toml'}: store.url: redis://:***@127.0.0.1:6379/0 refuses our credentials" in err
+    assert "wrong" not in err
+
+
+def test_check_warns_about_an_unreachable_store(tmp_path: Path) -> None:
+    """A Redis nobody listens for is a warning from check (exit 0): a fleet runs without it."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connecting is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    status, out, err = run("check", "--config", _store_config(tmp_path, f"redis://127.0.0.1:{port}/0"))
+    assert status == 0 and "configuration OK" in out
+    assert f"warning: {tmp_path / 'fleet.toml'}: store.url: redis://127.0.0.1:{port}/0 is unreachable from here" in err

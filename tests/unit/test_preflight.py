@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tlsproxy import preflight
-from tlsproxy.config import parse
+from tlsproxy.config import Config, parse
 
 ACME_SITE = {"hosts": ["example.com"], "upstream": "http://127.0.0.1:8000"}
 
@@ -59,3 +60,66 @@ def test_missing_and_wrong_app_sockets(tmp_path: Path) -> None:
     assert len(found) == 2
     assert found[0].startswith(f"site[0].upstream: {tmp_path / 'missing.sock'} does not exist")
     assert found[1] == f"site[1].upstream: {plain} is not a unix socket"
+
+
+def _fleet(url: str) -> Config:
+    site = {**ACME_SITE, "tls": "local"}
+    return parse({"store": {"url": url}, "site": [site]}, "fleet.toml")
+
+
+def _raising(error: Exception) -> Callable[[], None]:
+    def ping() -> None:
+        raise error
+
+    return ping
+
+
+def test_store_refusing_credentials_is_a_problem_without_the_password() -> None:
+    """A Redis that refuses the URL's password is a problem on store.url, the password itself not shown."""
+    import redis
+
+    config = _fleet("redis://:s3cret@127.0.0.1:6379/0")
+    found, warned = preflight.store_findings(config, {}, _raising(redis.exceptions.AuthenticationError("WRONGPASS")))
+    (problem,) = [str(p) for p in found]
+    assert problem.startswith("fleet.toml: store.url: redis://:***@127.0.0.1:6379/0 refuses our credentials")
+    assert "(WRONGPASS): fix the password" in problem
+    assert "s3cret" not in problem and warned == []
+
+
+def test_store_url_from_the_environment_is_blamed_on_the_variable() -> None:
+    """With TLSPROXY_STORE_URL set, the refused credentials are the variable's."""
+    import redis
+
+    config = _fleet("redis://:s3cret@127.0.0.1:6379/0")
+    environ = {"TLSPROXY_STORE_URL": "redis://:s3cret@127.0.0.1:6379/0"}
+    found, _ = preflight.store_findings(config, environ, _raising(redis.exceptions.AuthenticationError("x")))
+    assert str(found[0]).startswith("environment TLSPROXY_STORE_URL: store.url: ")
+
+
+def test_store_unreachable_is_a_warning_only() -> None:
+    """An unreachable Redis does not stop a fleet from starting: a warning, no problem."""
+    import redis
+
+    config = _fleet("redis://127.0.0.1:6379/0")
+    found, warned = preflight.store_findings(config, {}, _raising(redis.exceptions.ConnectionError("refused")))
+    assert found == []
+    (warning,) = warned
+    assert warning.startswith("fleet.toml: store.url: redis://127.0.0.1:6379/0 is unreachable from here (refused)")
+
+
+def test_store_answering_with_an_error_is_a_problem() -> None:
+    """A PING answered with an error (an ACL without rights, a database out of range) is a problem."""
+    import redis
+
+    config = _fleet("redis://127.0.0.1:6379/99")
+    error = redis.exceptions.ResponseError("DB index is out of range")
+    found, _ = preflight.store_findings(config, {}, _raising(error))
+    assert [str(p) for p in found] == [
+        "fleet.toml: store.url: redis://127.0.0.1:6379/99 answers with an error: DB index is out of range"
+    ]
+
+
+def test_no_store_asks_nothing() -> None:
+    """Without [store] url nothing is pinged."""
+    config = parse({"site": [{**ACME_SITE, "tls": "local"}]}, "one.toml")
+    assert preflight.store_findings(config, {}, _raising(AssertionError("pinged"))) == ([], [])
