@@ -125,24 +125,27 @@ def warnings(config: Config) -> list[str]:
     found = static_warnings(config)
     for index, site in enumerate(config.sites):
         for path in [u.unix_path for u in site.upstreams if u.unix_path]:
-            _check_socket(found, index, path)
+            _check_socket(found, f"{config.source}: site[{index}].upstream", path)
+        for route in site.routes:  # Channels under daphne on a socket, say
+            for path in [u.unix_path for u in route.upstreams if u.unix_path]:
+                _check_socket(found, f'{config.source}: site[{index}].routes."{route.prefix}"', path)
     return found
 
 
-def _check_socket(found: list[str], index: int, path: str) -> None:
+def _check_socket(found: list[str], where: str, path: str) -> None:
     """An app's unix socket that is missing, not a socket, or not ours to connect to."""
     try:
         mode = os.stat(path).st_mode
     except FileNotFoundError:
         found.append(
-            f"site[{index}].upstream: {path} does not exist (yet): requests get 502 until the app"
+            f"{where}: {path} does not exist (yet): requests get 502 until the app"
             " listens there (gunicorn --bind unix:PATH, or gunicorn.socket with socket activation)"
         )
         return
     except OSError as e:
-        found.append(f"site[{index}].upstream: cannot reach {path}: {e.strerror}")
+        found.append(f"{where}: cannot reach {path}: {e.strerror}")
         return
     if not stat.S_ISSOCK(mode):
-        found.append(f"site[{index}].upstream: {path} is not a unix socket")
+        found.append(f"{where}: {path} is not a unix socket")
     elif not os.access(path, os.R_OK | os.W_OK):
-        found.append(f"site[{index}].upstream: {_user()} may not connect to {path} (it needs write access)")
+        found.append(f"{where}: {_user()} may not connect to {path} (it needs write access)")

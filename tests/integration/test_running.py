@@ -170,7 +170,7 @@ def test_check_warns_about_a_missing_app_socket(tmp_path: Path) -> None:
     config.write_text(f'[[site]]\nhosts = ["app.test"]\nupstream = "unix:{missing}"\ntls = "local"\n')
     done = run([str(BIN / "tlsproxy"), "check", "-c", str(config)])
     assert done.returncode == 0, done.stderr
-    assert f"warning: site[0].upstream: {missing} does not exist" in done.stderr
+    assert f"warning: {config}: site[0].upstream: {missing} does not exist" in done.stderr
     assert "configuration OK" in done.stdout
 
 

@@ -58,8 +58,17 @@ def test_missing_and_wrong_app_sockets(tmp_path: Path) -> None:
     ]
     found = preflight.warnings(parse({"site": sites}, "a.toml"))
     assert len(found) == 2
-    assert found[0].startswith(f"site[0].upstream: {tmp_path / 'missing.sock'} does not exist")
-    assert found[1] == f"site[1].upstream: {plain} is not a unix socket"
+    assert found[0].startswith(f"a.toml: site[0].upstream: {tmp_path / 'missing.sock'} does not exist")
+    assert found[1] == f"a.toml: site[1].upstream: {plain} is not a unix socket"
+
+
+def test_missing_route_socket_is_named_with_file_and_prefix(tmp_path: Path) -> None:
+    """A route's unix socket (daphne on /ws/) that is missing is a warning too, naming file, site and prefix."""
+    sock = tmp_path / "daphne.sock"
+    routes = {"/ws/": f"unix:{sock}"}
+    site = {"hosts": ["a.test"], "upstream": "http://127.0.0.1:8000", "tls": "local", "routes": routes}
+    (warning,) = preflight.warnings(parse({"site": [site]}, "a.toml"))
+    assert warning.startswith(f'a.toml: site[0].routes."/ws/": {sock} does not exist (yet)')
 
 
 def _fleet(url: str) -> Config:
