@@ -158,7 +158,8 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return BAD_CONFIG
     print(describe(config), file=out)
     tls_warnings = configuration_warnings(config, datetime.datetime.now(datetime.UTC))
-    for warning in [*preflight.warnings(config), *store_warnings, *tls_warnings]:
+    app_warnings = preflight.upstream_warnings(config)
+    for warning in [*preflight.warnings(config), *app_warnings, *store_warnings, *tls_warnings]:
         print(f"tlsproxy: warning: {warning}", file=err)
     print("configuration OK", file=out)
     return OK

@@ -10,12 +10,13 @@ traceback at the first renewal.
 from __future__ import annotations
 
 import os
+import socket
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tlsproxy.certs.store_url import redact_url
-from tlsproxy.config import Config, Problem
+from tlsproxy.config import Config, Problem, Upstream
 
 
 def _user() -> str:
@@ -104,6 +105,47 @@ def store_findings(
     except redis.exceptions.RedisError as e:  # NOPERM, a database index out of range...
         return [Problem(where, "store.url", f"{shown} answers with an error: {e}")], []
     return [], []
+
+
+def _connect(upstream: Upstream, timeout: float) -> None:
+    if upstream.is_unix:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(upstream.unix_path)
+    else:
+        socket.create_connection((upstream.host, upstream.port), timeout=timeout).close()
+
+
+def upstream_warnings(
+    config: Config, connect: Callable[[Upstream, float], None] = _connect, timeout: float = 1.0
+) -> list[str]:
+    """Apps that take no connection now, for ``tlsproxy check`` (it connects: never at start-up).
+
+    A missing socket file is said by :func:`warnings` already; this finds the app that is
+    not running (a refused port, a stale socket file) before the first request gets a 502.
+    """
+    found = []
+    for index, site in enumerate(config.sites):
+        groups = [(f"site[{index}].upstream", site.upstreams)]
+        groups += [(f'site[{index}].routes."{r.prefix}"', r.upstreams) for r in site.routes]
+        for key, upstreams in groups:
+            for upstream in upstreams:
+                if upstream.is_unix and not os.path.exists(upstream.unix_path):
+                    continue
+                try:
+                    connect(upstream, timeout)
+                except TimeoutError:
+                    why = f"no answer within {timeout:g}s"
+                except OSError as e:
+                    why = e.strerror or str(e)
+                else:
+                    continue
+                others = " (the others take its requests)" if len(upstreams) > 1 else ""
+                found.append(
+                    f"{config.source}: {key}: {upstream.url} takes no connection now ({why}): its requests"
+                    f" get 502 until the app listens there{others}"
+                )
+    return found
 
 
 def static_warnings(config: Config) -> list[str]:

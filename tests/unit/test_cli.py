@@ -121,3 +121,17 @@ def test_check_warns_about_an_unreachable_store(tmp_path: Path) -> None:
     status, out, err = run("check", "--config", _store_config(tmp_path, f"redis://127.0.0.1:{port}/0"))
     assert status == 0 and "configuration OK" in out
     assert f"warning: {tmp_path / 'fleet.toml'}: store.url: redis://127.0.0.1:{port}/0 is unreachable from here" in err
+
+
+def test_check_warns_about_an_app_that_is_not_running(tmp_path: Path) -> None:
+    """check (exit 0) says which upstream refuses connections, before a request gets a 502."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connecting is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "app.toml"
+    config.write_text(f'[[site]]\nhosts = ["localhost"]\ntls = "local"\nupstream = "http://127.0.0.1:{port}"\n')
+    status, out, err = run("check", "--config", str(config))
+    assert status == 0 and "configuration OK" in out
+    assert f"warning: {config}: site[0].upstream: http://127.0.0.1:{port} takes no connection now (" in err

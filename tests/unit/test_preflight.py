@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tlsproxy import preflight
-from tlsproxy.config import Config, parse
+from tlsproxy.config import Config, Upstream, parse
 
 ACME_SITE = {"hosts": ["example.com"], "upstream": "http://127.0.0.1:8000"}
 
@@ -132,3 +132,32 @@ def test_no_store_asks_nothing() -> None:
     """Without [store] url nothing is pinged."""
     config = parse({"site": [{**ACME_SITE, "tls": "local"}]}, "one.toml")
     assert preflight.store_findings(config, {}, _raising(AssertionError("pinged"))) == ([], [])
+
+
+def test_app_not_running_is_a_warning_naming_file_key_and_url(tmp_path: Path) -> None:
+    """check connects to each app: a refused one is named with file, key, URL and why; a listening one is not."""
+    stale = tmp_path / "stale.sock"
+    stale.write_text("")  # exists: connected to; a missing one is warnings()'s to name
+    site = {
+        "hosts": ["a.test"],
+        "tls": "local",
+        "upstream": ["http://127.0.0.1:8101", "http://127.0.0.1:8102"],
+        "routes": {"/ws/": f"unix:{stale}", "/gone/": f"unix:{tmp_path / 'missing.sock'}"},
+    }
+    tried = []
+
+    def connect(upstream: Upstream, timeout: float) -> None:
+        tried.append(upstream.url)
+        if upstream.port == 8101:
+            raise ConnectionRefusedError(111, "Connection refused")
+        if upstream.is_unix:
+            raise TimeoutError
+
+    found = preflight.upstream_warnings(parse({"site": [site]}, "a.toml"), connect)
+    assert tried == ["http://127.0.0.1:8101", "http://127.0.0.1:8102", f"unix:{stale}"]
+    assert found == [
+        "a.toml: site[0].upstream: http://127.0.0.1:8101 takes no connection now (Connection refused): its requests"
+        " get 502 until the app listens there (the others take its requests)",
+        f'a.toml: site[0].routes."/ws/": unix:{stale} takes no connection now (no answer within 1s): its requests'
+        " get 502 until the app listens there",
+    ]
