@@ -60,6 +60,20 @@ def _state_dir_problem(root: Path, path: str) -> str | None:
     return None
 
 
+def access_log_problem(path: str) -> str | None:
+    """Why this process could not write its access log to ``path``, or None: else every line is lost."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return f"{path} is a directory: name a file in it"
+    if not os.path.isdir(directory):
+        return f"{directory} does not exist: create it (mkdir -p {directory}, writable by {_user()})"
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else f"{_user()} may not write {path}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{_user()} may not create {path} in {directory}"
+    return None
+
+
 def problems(config: Config) -> list[Problem]:
     """What stops this configuration from running here (only ACME sites need state_dir)."""
     found = []
@@ -67,6 +81,10 @@ def problems(config: Config) -> list[Problem]:
         why = state_dir_problem(config.server.state_dir)
         if why:
             found.append(Problem(config.source, "server.state_dir", why))
+    if config.server.access_log_file:
+        why = access_log_problem(config.server.access_log_file)
+        if why:
+            found.append(Problem(config.source, "server.access_log_file", why))
     return found
 
 

@@ -161,3 +161,28 @@ def test_app_not_running_is_a_warning_naming_file_key_and_url(tmp_path: Path) ->
         f'a.toml: site[0].routes."/ws/": unix:{stale} takes no connection now (no answer within 1s): its requests'
         " get 502 until the app listens there",
     ]
+
+
+def test_access_log_file_in_a_missing_directory_is_a_problem(tmp_path: Path) -> None:
+    """An access_log_file whose directory is missing stops the start (no line would be written), naming the key."""
+    path = tmp_path / "nope" / "access.log"
+    site = {**ACME_SITE, "tls": "local"}
+    config = parse({"server": {"access_log_file": str(path)}, "site": [site]}, "a.toml")
+    (problem,) = preflight.problems(config)
+    assert str(problem).startswith(f"a.toml: server.access_log_file: {tmp_path / 'nope'} does not exist: create it")
+
+
+def test_access_log_file_that_is_a_directory_or_writable(tmp_path: Path) -> None:
+    """A directory given as the log file is named so; a file in a writable directory is fine."""
+    assert preflight.access_log_problem(str(tmp_path)) == f"{tmp_path} is a directory: name a file in it"
+    assert preflight.access_log_problem(str(tmp_path / "access.log")) is None
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_access_log_file_not_writable(tmp_path: Path) -> None:
+    """A log file this user may not write is named with the user."""
+    log = tmp_path / "access.log"
+    log.write_text("")
+    log.chmod(0o400)
+    why = preflight.access_log_problem(str(log))
+    assert why is not None and f"may not write {log}" in why
