@@ -1242,7 +1242,12 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
         return source
 
     reader = _Reader(where, problems)
-    reader.table(merged, "", {"server": 0, "tls": 0, "acme": 0, "store": 0, "site": 0})
+    sections = {"server": 0, "tls": 0, "acme": 0, "store": 0, "site": 0}
+    # [static] or upstream = ... above any [[site]] ("tls" is a section first)
+    misplaced = [key for key in merged if key in SITE_DEFAULTS and key not in sections]
+    for key in misplaced:
+        reader.fail(key, f"a key of a site: put it under a [[site]] table (as [site.{key}] for a table)")
+    reader.table({key: value for key, value in merged.items() if key not in misplaced}, "", sections)
 
     def section(name: str) -> Mapping[str, Any]:
         value = merged.get(name, {})
@@ -1257,10 +1262,15 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
     store = _store(reader, section("store"))
     raw_sites = merged.get("site", [])
     if not isinstance(raw_sites, list):
-        reader.fail("site", "expected [[site]] tables")
-        raw_sites = []
-    sites = [s for i, raw_site in enumerate(raw_sites) if (s := _site(reader, raw_site, i))]
-    if not raw_sites:
+        found = (
+            "a single [site] table: write [[site]] (double brackets), one per site"
+            if isinstance(raw_sites, Mapping)
+            else _describe(raw_sites)
+        )
+        reader.fail("site", f"expected [[site]] tables, found {found}")
+        raw_sites = None
+    sites = [s for i, raw_site in enumerate(raw_sites or []) if (s := _site(reader, raw_site, i))]
+    if raw_sites == []:
         reader.fail("site", "no [[site]] configured (or set TLSPROXY_HOSTS and TLSPROXY_UPSTREAM)")
     seen: dict[str, int] = {}
     for i, site in enumerate(sites):

@@ -487,3 +487,19 @@ def test_directory_where_a_file_is_wanted(tmp_path: Path) -> None:
         assert f"site.toml: {key}: {folder} is a directory: name the file in it" in found, key
     assert f"site.toml: acme.ca_bundle: {folder} is a directory: name the file in it" in found
     assert not any("no such file" in m or "tlsproxy passwd" in m for m in found)
+
+
+def test_single_site_table_says_double_brackets() -> None:
+    """[site] instead of [[site]] is one message saying to double the brackets, not "no [[site]] configured"."""
+    (message,) = problems({"acme": ACME, "site": dict(SITE)})
+    assert message == (
+        "site.toml: site: expected [[site]] tables, found a single [site] table:"
+        " write [[site]] (double brackets), one per site"
+    )
+
+
+@pytest.mark.parametrize("key", ["static", "upstream"])
+def test_site_key_at_the_top_says_where_it_belongs(key: str) -> None:
+    """A site's key written above every [[site]] (or as [static]) says to put it under a [[site]] table."""
+    (message,) = problems({"acme": ACME, "site": [SITE], key: {"/static/": "/srv"}})
+    assert message == f"site.toml: {key}: a key of a site: put it under a [[site]] table (as [site.{key}] for a table)"
