@@ -274,6 +274,7 @@ def cmd_ca(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_passwd(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO | None = None) -> int:
     """Add or change a user's bcrypt line in an htpasswd file (for basic_auth)."""
     import getpass
+    import warnings
 
     from tlsproxy.passwd import PasswdError, set_password
 
@@ -281,10 +282,23 @@ def cmd_passwd(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO
         if args.stdin:
             password = (stdin or sys.stdin).readline().rstrip("\r\n")
         else:
-            password = getpass.getpass(f"password for {args.user}: ")
-            if getpass.getpass("again: ") != password:
-                print("tlsproxy: the passwords differ; nothing changed", file=err)
-                return BAD_CONFIG
+            with warnings.catch_warnings():  # no terminal: getpass would echo the password, then fail
+                warnings.simplefilter("error", getpass.GetPassWarning)
+                password = getpass.getpass(f"password for {args.user}: ")
+                if getpass.getpass("again: ") != password:
+                    print("tlsproxy: the passwords differ; nothing changed", file=err)
+                    return BAD_CONFIG
+    except getpass.GetPassWarning:
+        print(
+            f"tlsproxy: no terminal to ask the password on: pipe it in with --stdin"
+            f" (tlsproxy passwd {args.file} {args.user} --stdin); nothing changed",
+            file=err,
+        )
+        return BAD_CONFIG
+    except (EOFError, KeyboardInterrupt):
+        print("\ntlsproxy: no password given; nothing changed", file=err)
+        return BAD_CONFIG
+    try:
         existed = set_password(
             args.file, args.user, password.encode("utf-8"), args.cost, 0o640 if args.group_readable else 0o600
         )

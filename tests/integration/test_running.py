@@ -237,3 +237,23 @@ def test_dev_proxy_debug_level_shows_refused_handshakes(tmp_path: Path) -> None:
         refused = subprocess.run(["curl", "-sS", "--noproxy", "*", f"https://localhost:{port}/"], capture_output=True)
         assert refused.returncode != 0
         assert "unknown ca" in dev.wait_for_line("TLS handshake with", 10, start=mark)
+
+
+def test_passwd_without_a_terminal_says_to_use_stdin(tmp_path: Path) -> None:
+    """`tlsproxy passwd` with no terminal (a script, docker exec without -t): exit 2, pointing at --stdin."""
+    htpasswd = tmp_path / "htpasswd"
+    done = subprocess.run(
+        [str(BIN / "tlsproxy"), "passwd", str(htpasswd), "ann"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=CLEAN_ENV,
+        start_new_session=True,  # no controlling terminal: /dev/tty cannot be opened
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"tlsproxy: no terminal to ask the password on: pipe it in with --stdin"
+        f" (tlsproxy passwd {htpasswd} ann --stdin); nothing changed\n"
+    )
+    assert not htpasswd.exists()
