@@ -1279,11 +1279,12 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
                 reader.fail(f"site[{i}].hosts", f"{host!r} is already a host of site[{seen[host]}]")
             seen.setdefault(host, i)
     if any(s.tls == "acme" for s in sites):
-        if not acme.agree_tos:
+        mistyped = any(p.key == "acme.agree_tos" for p in problems)  # said already: one line is enough
+        if not acme.agree_tos and not mistyped:
+            how = "TLSPROXY_ACME_AGREE_TOS=true" if not raw else "agree_tos = true in [acme]"
             reader.fail(
                 "acme.agree_tos",
-                'a site uses tls = "acme": set agree_tos = true to accept the terms of service of '
-                + acme.directory_url,
+                f'a site uses tls = "acme": set {how} to accept the terms of service of {acme.directory_url}',
             )
         for i, site in enumerate(sites):
             wild = [h for h in site.hosts if h.startswith("*.")]

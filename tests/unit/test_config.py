@@ -503,3 +503,17 @@ def test_site_key_at_the_top_says_where_it_belongs(key: str) -> None:
     """A site's key written above every [[site]] (or as [static]) says to put it under a [[site]] table."""
     (message,) = problems({"acme": ACME, "site": [SITE], key: {"/static/": "/srv"}})
     assert message == f"site.toml: {key}: a key of a site: put it under a [[site]] table (as [site.{key}] for a table)"
+
+
+def test_agree_tos_missing_in_environment_only_setup_names_the_variable() -> None:
+    """With no file, the terms are accepted by a variable: the message names TLSPROXY_ACME_AGREE_TOS=true."""
+    environ = {"TLSPROXY_HOSTS": "example.com", "TLSPROXY_UPSTREAM": "http://127.0.0.1:8000"}
+    (message,) = problems({}, environ)
+    assert message.startswith('site.toml: acme.agree_tos: a site uses tls = "acme": set TLSPROXY_ACME_AGREE_TOS=true')
+
+
+def test_agree_tos_of_the_wrong_type_is_said_once() -> None:
+    """agree_tos = "maybe" gets its type error alone, not a second line asking to agree."""
+    environ = {"TLSPROXY_ACME_AGREE_TOS": "maybe"}
+    (message,) = problems({"site": [SITE]}, environ)
+    assert message == "environment TLSPROXY_ACME_AGREE_TOS: acme.agree_tos: expected true or false, found str 'maybe'"
