@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tlsproxy.certs.store_url import redact_url
-from tlsproxy.config import Config, Problem, Upstream
+from tlsproxy.config import Config, Problem, Upstream, available_cpus
 
 
 def _user() -> str:
@@ -180,9 +180,24 @@ def static_warnings(config: Config) -> list[str]:
     return found
 
 
+def workers_warning(config: Config, cpus: int | None = None) -> str | None:
+    """More workers than CPUs only add memory and context switches (workers = 100000 forks that many)."""
+    cpus = available_cpus() if cpus is None else cpus
+    workers = config.server.workers
+    if workers <= cpus:
+        return None
+    return (
+        f"{config.source}: server.workers: {workers} workers for the {cpus} CPU(s) this process may use:"
+        ' the extra ones add memory and context switches, not speed; "auto" runs one per CPU'
+    )
+
+
 def warnings(config: Config) -> list[str]:
     """What may be fine at start-up but worth a look: an app socket that is not there (yet)."""
     found = static_warnings(config)
+    too_many = workers_warning(config)
+    if too_many:
+        found.append(too_many)
     for index, site in enumerate(config.sites):
         for path in [u.unix_path for u in site.upstreams if u.unix_path]:
             _check_socket(found, f"{config.source}: site[{index}].upstream", path)

@@ -186,3 +186,14 @@ def test_access_log_file_not_writable(tmp_path: Path) -> None:
     log.chmod(0o400)
     why = preflight.access_log_problem(str(log))
     assert why is not None and f"may not write {log}" in why
+
+
+def test_more_workers_than_cpus_is_a_warning() -> None:
+    """workers above the CPU count is named with the key and "auto"; up to it, nothing is said."""
+    site = {**ACME_SITE, "tls": "local"}
+    config = parse({"server": {"workers": 100000}, "site": [site]}, "a.toml")
+    warning = preflight.workers_warning(config, cpus=2)
+    assert warning is not None
+    assert warning.startswith("a.toml: server.workers: 100000 workers for the 2 CPU(s) this process may use")
+    assert '"auto" runs one per CPU' in warning
+    assert preflight.workers_warning(parse({"server": {"workers": 2}, "site": [site]}, "a.toml"), cpus=2) is None
