@@ -146,7 +146,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if config is None:
         return BAD_CONFIG
     try:
-        load_all(config.sites)  # the htpasswd files of basic_auth: bcrypt lines only
+        users = load_all(config.sites)  # the htpasswd files of basic_auth: bcrypt lines only
     except ConfigError as e:
         for problem in e.problems:
             print(f"tlsproxy: {problem}", file=err)
@@ -159,6 +159,12 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     print(describe(config), file=out)
     tls_warnings = configuration_warnings(config, datetime.datetime.now(datetime.UTC))
     app_warnings = preflight.upstream_warnings(config)
+    app_warnings += [
+        f"{config.source}: basic_auth: {path} has no users, so every request it guards gets 401:"
+        f" add one with tlsproxy passwd {path} USER"
+        for path, names in sorted(users.items())
+        if not names
+    ]
     for warning in [*preflight.warnings(config), *app_warnings, *store_warnings, *tls_warnings]:
         print(f"tlsproxy: warning: {warning}", file=err)
     print("configuration OK", file=out)

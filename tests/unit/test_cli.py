@@ -135,3 +135,18 @@ def test_check_warns_about_an_app_that_is_not_running(tmp_path: Path) -> None:
     status, out, err = run("check", "--config", str(config))
     assert status == 0 and "configuration OK" in out
     assert f"warning: {config}: site[0].upstream: http://127.0.0.1:{port} takes no connection now (" in err
+
+
+def test_check_warns_about_an_htpasswd_file_without_users(tmp_path: Path) -> None:
+    """An empty htpasswd file passes check (exit 0) with a warning that every guarded request gets 401."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("# nobody yet\n")
+    config = tmp_path / "auth.toml"
+    config.write_text(
+        '[[site]]\nhosts = ["localhost"]\ntls = "local"\nupstream = "unix:/nonexistent/app.sock"\n'
+        f'basic_auth = {{ realm = "staff", htpasswd = "{htpasswd}" }}\n'
+    )
+    status, out, err = run("check", "--config", str(config))
+    assert status == 0 and "configuration OK" in out
+    assert f"warning: {config}: basic_auth: {htpasswd} has no users, so every request it guards gets 401" in err
+    assert f"tlsproxy passwd {htpasswd} USER" in err
