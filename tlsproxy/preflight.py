@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tlsproxy.certs.store_url import redact_url
-from tlsproxy.config import Config, Problem, Upstream, available_cpus
+from tlsproxy.config import Config, Problem, Upstream, available_cpus, dev_app_hint
 
 
 def _user() -> str:
@@ -159,9 +159,10 @@ def upstream_warnings(
                 else:
                     continue
                 others = " (the others take its requests)" if len(upstreams) > 1 else ""
+                then = f": {dev_app_hint(upstream)}" if config.dev else ""  # runserver, for a newcomer
                 found.append(
                     f"{config.source}: {key}: {upstream.url} takes no connection now ({why}): its requests"
-                    f" get 502 until the app listens there{others}"
+                    f" get 502 until the app listens there{others}{then}"
                 )
     return found
 

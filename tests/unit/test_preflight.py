@@ -197,3 +197,14 @@ def test_more_workers_than_cpus_is_a_warning() -> None:
     assert warning.startswith("a.toml: server.workers: 100000 workers for the 2 CPU(s) this process may use")
     assert '"auto" runs one per CPU' in warning
     assert preflight.workers_warning(parse({"server": {"workers": 2}, "site": [site]}, "a.toml"), cpus=2) is None
+
+
+def test_dev_default_app_not_running_says_how_to_start_it() -> None:
+    """check with no configuration: the app on :8000 not running is told to start runserver."""
+    from tlsproxy.config import dev_config
+
+    def refused(upstream: Upstream, timeout: float) -> None:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    (warning,) = preflight.upstream_warnings(dev_config(), refused)
+    assert warning.endswith("until the app listens there: start your app (for Django: python manage.py runserver)")
