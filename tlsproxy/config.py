@@ -446,6 +446,9 @@ def check_host(host: str) -> str | None:
             written = ("*." if wildcard else "") + ascii_form
             return f"an internationalized name: write it as {written!r}, the form browsers send"
     if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
+        name = urlsplit(host if "//" in host else "//" + host).hostname or ""
+        if name and name != host and check_host(name) is None:  # a URL, or a host with a port
+            return f"a host name alone, without scheme, port or path: write {name!r}"
         return "not a DNS name (letters, digits and '-' in dot-separated labels; IDNs in punycode)"
     return None
 

@@ -517,3 +517,13 @@ def test_agree_tos_of_the_wrong_type_is_said_once() -> None:
     environ = {"TLSPROXY_ACME_AGREE_TOS": "maybe"}
     (message,) = problems({"site": [SITE]}, environ)
     assert message == "environment TLSPROXY_ACME_AGREE_TOS: acme.agree_tos: expected true or false, found str 'maybe'"
+
+
+@pytest.mark.parametrize(
+    ("written", "meant"), [("https://example.com/", "example.com"), ("example.com:443", "example.com")]
+)
+def test_host_written_as_url_says_the_name(written: str, meant: str) -> None:
+    """A host given as a URL or with a port is answered with the bare name to write."""
+    (message,) = problems({"acme": ACME, "site": [{**SITE, "hosts": [written]}]})
+    assert message.startswith(f"site.toml: site[0].hosts: {written!r}: a host name alone, without scheme, port")
+    assert message.endswith(f"or path: write {meant!r}")
