@@ -404,23 +404,30 @@ class H2CanaryTests(SynchronousTestCase):
             server.data_to_send()
             return server
 
+        def machine(conn: Any, stream: int) -> Any:
+            m = conn.streams[stream].state_machine
+            return (m.state, m.headers_sent, m.trailers_sent, m.stream_closed_by)
+
         client = compat_h2.H2Connection(H2Configuration(client_side=True))
         client.initiate_connection()
-        for stream in (1, 3):
-            client.send_headers(stream, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        # Streams 1 and 3 still open (a body may follow), 5 and 7 ended by the client.
+        for stream in (1, 3, 5, 7):
+            get = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")]
+            client.send_headers(stream, get, end_stream=stream > 3)
         request = client.data_to_send()
         fields = [(b":status", b"200"), (b"x-big", b"v" * 40000)]  # over one frame: CONTINUATIONs too
         for end in (True, False):
             ours, theirs = server_with_request(request), server_with_request(request)
-            for stream, extra in ((1, []), (3, fields[1:])):
+            for stream, extra in ((1, []), (3, fields[1:]), (5, []), (7, fields[1:])):
                 frames = compat_h2.answer_headers_frames(ours, stream, fields[:1] + extra, Encoder(), end)
                 theirs.encoder = Encoder()
                 theirs.send_headers(stream, fields[:1] + extra, end_stream=end)
                 self.assertEqual(frames, theirs.data_to_send())
-                self.assertEqual(ours.streams[stream].state_machine.state, theirs.streams[stream].state_machine.state)
+                self.assertEqual(machine(ours, stream), machine(theirs, stream))
             self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
             if not end:
                 ours.send_data(1, b"body", end_stream=True)  # h2 takes the stream's DATA after our HEADERS
+                ours.send_data(5, b"body", end_stream=True)
         self.assertIsNone(compat_h2.answer_headers_frames(ours, 99, fields[:1], Encoder(), True))
         ours.streams[1].state_machine.process_input(compat_h2.StreamInputs.SEND_RST_STREAM)
         with self.assertRaises(StreamClosedError):
@@ -432,7 +439,9 @@ class H2CanaryTests(SynchronousTestCase):
 
         client = compat_h2.H2Connection(H2Configuration(client_side=True))
         client.initiate_connection()
-        client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        for stream in (1, 3):  # 1 still open (a body may follow), 3 ended by the client
+            get = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")]
+            client.send_headers(stream, get, end_stream=stream == 3)
         request = client.data_to_send()
         twins = []
         for _ in range(2):
@@ -441,23 +450,27 @@ class H2CanaryTests(SynchronousTestCase):
             server.receive_data(request)
             server.encoder = Encoder()
             server.send_headers(1, [(b":status", b"200")])
+            server.send_headers(3, [(b":status", b"200")])
             server.data_to_send()
             twins.append(server)
         ours, theirs = twins
-        for data, end in ((b"a" * 1000, False), (b"", False), (b"b" * 500, True)):
-            header = compat_h2.data_frame_header(ours, 1, data, end)
-            theirs.send_data(1, data, end_stream=end)
-            self.assertEqual(header + data if header is not None else None, theirs.data_to_send())
-            self.assertEqual(ours.streams[1].state_machine.state, theirs.streams[1].state_machine.state)
-            self.assertEqual(ours.outbound_flow_control_window, theirs.outbound_flow_control_window)
-            self.assertEqual(
-                ours.streams[1].outbound_flow_control_window, theirs.streams[1].outbound_flow_control_window
-            )
+        for stream in (1, 3):
+            for data, end in ((b"a" * 1000, False), (b"", False), (b"b" * 500, True)):
+                header = compat_h2.data_frame_header(ours, stream, data, end)
+                theirs.send_data(stream, data, end_stream=end)
+                self.assertEqual(header + data if header is not None else None, theirs.data_to_send())
+                mine, h2s = ours.streams[stream].state_machine, theirs.streams[stream].state_machine
+                self.assertEqual((mine.state, mine.stream_closed_by), (h2s.state, h2s.stream_closed_by))
+                self.assertEqual(ours.outbound_flow_control_window, theirs.outbound_flow_control_window)
+                self.assertEqual(
+                    ours.streams[stream].outbound_flow_control_window,
+                    theirs.streams[stream].outbound_flow_control_window,
+                )
         self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
         self.assertIsNone(compat_h2.data_frame_header(ours, 99, b"x", False))
-        client.send_headers(3, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        client.send_headers(5, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
         ours.receive_data(client.data_to_send())
-        self.assertIsNone(compat_h2.data_frame_header(ours, 3, b"x" * 70000, False), "past the 64 KiB window")
+        self.assertIsNone(compat_h2.data_frame_header(ours, 5, b"x" * 70000, False), "past the 64 KiB window")
 
     def test_receive_request_headers_matches_h2s_own(self) -> None:
         """receive_request_headers gives h2's RequestReceived fields and leaves h2's state as receive_data does."""

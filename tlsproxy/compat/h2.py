@@ -17,7 +17,7 @@ from typing import Any
 
 from h2.connection import ConnectionInputs, ConnectionState, H2Connection, _decode_headers
 from h2.exceptions import InvalidBodyLengthError, ProtocolError
-from h2.stream import H2Stream, StreamInputs, StreamState
+from h2.stream import H2Stream, StreamClosedBy, StreamInputs, StreamState
 from h2.utilities import is_informational_response, normalize_inbound_headers
 
 _HEADERS, _CONTINUATION = b"\x01", b"\x09"
@@ -166,10 +166,24 @@ def answer_headers_frames(
     stream = conn.streams.get(stream_id)
     if stream is None:
         return None
-    conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
-    stream.state_machine.process_input(StreamInputs.SEND_HEADERS)
-    if end_stream:
-        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+    machine = stream.state_machine
+    if (
+        machine.state is StreamState.HALF_CLOSED_REMOTE
+        and machine.headers_sent is None
+        and machine.client is False
+        and conn.state_machine.state is ConnectionState.SERVER_OPEN
+    ):
+        # The common case, a whole request answered, without the machines'
+        # lookups: what response_sent (and send_end_stream) do.
+        machine.headers_sent = True
+        if end_stream:
+            machine.state = StreamState.CLOSED
+            machine.stream_closed_by = StreamClosedBy.SEND_END_STREAM
+    else:
+        conn.state_machine.process_input(ConnectionInputs.SEND_HEADERS)
+        machine.process_input(StreamInputs.SEND_HEADERS)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
     block = encoder.encode(fields)
     size = conn.max_outbound_frame_size
     sid = stream_id.to_bytes(4, "big")
@@ -203,10 +217,16 @@ def data_frame_header(conn: H2Connection, stream_id: int, data: bytes, end_strea
         or size > conn.max_outbound_frame_size
     ):
         return None
-    conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
-    stream.state_machine.process_input(StreamInputs.SEND_DATA)
-    if end_stream:
-        stream.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+    machine = stream.state_machine
+    if machine.state is StreamState.HALF_CLOSED_REMOTE and conn.state_machine.state is ConnectionState.SERVER_OPEN:
+        if end_stream:  # as send_end_stream does; SEND_DATA changes nothing here
+            machine.state = StreamState.CLOSED
+            machine.stream_closed_by = StreamClosedBy.SEND_END_STREAM
+    else:
+        conn.state_machine.process_input(ConnectionInputs.SEND_DATA)
+        machine.process_input(StreamInputs.SEND_DATA)
+        if end_stream:
+            machine.process_input(StreamInputs.SEND_END_STREAM)
     stream.outbound_flow_control_window -= size
     conn.outbound_flow_control_window -= size
     return size.to_bytes(3, "big") + (b"\x00\x01" if end_stream else b"\x00\x00") + stream_id.to_bytes(4, "big")
