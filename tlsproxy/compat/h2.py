@@ -130,12 +130,14 @@ def receive_request_headers(conn: H2Connection, stream_id: int, block: bytes, en
         stream.max_outbound_frame_size = conn.max_outbound_frame_size
         conn.streams[stream_id] = stream
         conn.highest_inbound_stream_id = stream_id
-        cookie = False
+        cookie = status = False
         for field in headers:
-            if field[0] == b"cookie":
+            name = field[0]
+            if name == b"cookie":
                 cookie = True
-                break
-        if is_informational_response(headers):  # h2's own receive_headers refuses it, as a connection error
+            elif name == b":status":
+                status = True
+        if status and is_informational_response(headers):  # h2's receive_headers refuses it: a connection error
             stream.receive_headers(headers, end_stream, None)
         machine = stream.state_machine
         machine.client = False

@@ -1050,10 +1050,12 @@ class H2ServerProtocol(Protocol):
     # -- outbound (called by exchanges) ---------------------------------------
 
     def window(self, stream_id: int) -> int:
-        try:
-            return min(self.conn.local_flow_control_window(stream_id), self.conn.max_outbound_frame_size)
-        except (StreamClosedError, ProtocolError, KeyError):
+        """What may go out on the stream now: h2's local_flow_control_window within a frame; 0 once h2 forgot it."""
+        conn = self.conn
+        stream = conn.streams.get(stream_id)
+        if stream is None:
             return 0
+        return min(conn.outbound_flow_control_window, stream.outbound_flow_control_window, conn.max_outbound_frame_size)
 
     def send_headers(self, stream_id: int, fields: Headers, end: bool) -> None:
         conn = self.conn
