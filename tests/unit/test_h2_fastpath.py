@@ -187,3 +187,57 @@ def test_fast_path_takes_requests_past_h2() -> None:
     assert len(fed) == 1, "only the preface, SETTINGS and the first request went through h2"
     assert [e[1] for e in handler.log if e[0] == "request"] == [1, 3, 5, 7, 9, 11]
     assert transport.value().count(b"hello") == 6
+
+
+def answers(first: bytes, data: bytes, fast: bool) -> tuple[list[Any], list[Any]]:
+    """The frames answering ``data`` (after ``first``) as (type, stream, error code), and what the app saw."""
+    from hyperframe.frame import Frame
+
+    handler = Recorder()
+    server = H2ServerProtocol(handler, Clock(), Limits())
+    server.fast_inbound = fast
+    transport = StringTransport()
+    server.makeConnection(transport)
+    server.dataReceived(first)
+    transport.clear()
+    handler.log.clear()
+    server.dataReceived(data)
+    out, raw = [], transport.value()
+    while raw:
+        f, length = Frame.parse_frame_header(memoryview(raw[:9]))
+        f.parse_body(memoryview(raw[9 : 9 + length]))
+        out.append((type(f).__name__, f.stream_id, getattr(f, "error_code", None)))
+        raw = raw[9 + length :]
+    return out, handler.log
+
+
+def test_floods_and_malformed_requests_on_the_fast_path() -> None:
+    """HPACK bombs, rapid resets, smuggling fields, bodies past Content-Length: h2's answers on the fast path too."""
+    from tlsproxy.http.h2 import RESET_BURST
+
+    bomb_block = Encoder().encode([(b"x-bomb", b"b" * 4000)], huffman=False) + b"\xbe" * 100  # 400 KB decoded
+    first, _ = client_bytes([])
+    cases = {
+        "bomb": (frame(1, 5, 3, bomb_block), ("GoAwayFrame", 0, 11)),
+        "rapid reset": (
+            b"".join(
+                frame(1, 4, 3 + 2 * i, b"\x82\x84\x87\x41\x08app.test") + frame(3, 0, 3 + 2 * i, b"\x00\x00\x00\x08")
+                for i in range(RESET_BURST + 5)
+            ),
+            ("GoAwayFrame", 0, 11),
+        ),
+        "connection field": (
+            frame(1, 5, 3, b"\x82\x84\x87\x41\x08app.test" + b"\x00\x0aconnection\x05close"),
+            ("RstStreamFrame", 3, 1),
+        ),
+        "body past content-length": (
+            frame(1, 4, 3, b"\x83\x84\x87\x41\x08app.test" + b"\x00\x0econtent-length\x011") + frame(0, 1, 3, b"ab"),
+            ("RstStreamFrame", 3, 1),
+        ),
+    }
+    for name, (data, expected) in cases.items():
+        fast, app = answers(first, data, True)
+        assert (fast, app) == answers(first, data, False), name
+        assert fast[-1] == expected, name
+        if name in ("bomb", "connection field"):
+            assert app == [], name
