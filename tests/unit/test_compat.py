@@ -558,6 +558,57 @@ class H2CanaryTests(SynchronousTestCase):
             self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
             self.assertIsNone(compat_h2.receive_request_headers(ours, 5, b"\x82", True), "the connection is closed")
 
+    def test_receive_data_frame_matches_h2s_own(self) -> None:
+        """receive_data_frame leaves h2's windows, body count and stream states as receive_data leaves them."""
+        from hpack import Encoder
+        from hyperframe.frame import DataFrame
+
+        def server() -> Any:
+            conn = compat_h2.StreamErrorConnection(H2Configuration(client_side=False, header_encoding=None))
+            conn.initiate_connection()
+            conn.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            return conn
+
+        def state(conn: Any) -> Any:
+            streams = {
+                i: (
+                    s.state_machine.state,
+                    s.state_machine.stream_closed_by,
+                    s.inbound_flow_control_window,
+                    s._actual_content_length,
+                )
+                for i, s in conn.streams.items()
+            }
+            return conn.state_machine.state, conn.inbound_flow_control_window, streams
+
+        encoder = Encoder()
+        post = [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"https"), (b":authority", b"a")]
+        heads = b"".join(
+            _headers(stream, encoder.encode(post + extra), False).serialize()
+            for stream, extra in ((1, []), (3, [(b"content-length", b"5")]), (5, []))
+        )
+        ours, theirs = server(), server()
+        for conn in (ours, theirs):
+            conn.receive_data(heads)
+            conn.send_headers(5, [(b":status", b"200")], end_stream=True)  # 5: HALF_CLOSED_LOCAL
+            conn.data_to_send()
+        frames = [(1, b"abc", False), (3, b"ab", False), (1, b"", True), (3, b"cde", True), (5, b"xy", True)]
+        for stream, data, end in frames:
+            self.assertTrue(compat_h2.receive_data_frame(ours, stream, len(data), end))
+            frame = DataFrame(stream, data=data)
+            if end:
+                frame.flags.add("END_STREAM")
+            theirs.receive_data(frame.serialize())
+            self.assertEqual(state(ours), state(theirs))
+        # Left to h2: a stream that has ended, one never opened, data past the Content-Length or a window.
+        seven = _headers(7, encoder.encode([*post, (b"content-length", b"2")]), False).serialize()
+        for conn in (ours, theirs):
+            conn.receive_data(seven)
+        before = state(ours)
+        for stream, length, end in ((1, 1, False), (9, 1, False), (7, 3, False), (7, 1, True), (7, 70_000, False)):
+            self.assertFalse(compat_h2.receive_data_frame(ours, stream, length, end))
+        self.assertEqual(state(ours), before)
+
     def test_inbound_ready_follows_h2s_buffer(self) -> None:
         """inbound_ready is false while h2 holds a partial frame, part of the preface or an open header block."""
         from hpack import Encoder

@@ -67,6 +67,7 @@ FIELDS = [
 item = st.one_of(
     st.tuples(st.just("request"), st.integers(0, len(FIELDS) - 1), st.booleans(), st.sampled_from([0, 0, 0, 8, 32])),
     st.tuples(st.just("data"), st.integers(-3, 0), st.binary(max_size=6), st.booleans()),
+    st.tuples(st.just("data"), st.just(-1), st.binary(max_size=6), st.booleans()),
     st.tuples(st.just("ping"), st.booleans()),
     st.tuples(st.just("window"), st.integers(-3, 0), st.sampled_from([1, 1000, 0, 2**31 - 1])),
     st.tuples(st.just("reset"), st.integers(-3, 0), st.sampled_from([0, 8])),
@@ -89,6 +90,7 @@ def client_bytes(items: list[Any]) -> tuple[bytes, bytes]:
     next_id = 3
 
     def pick(back: int) -> int:
+        """The stream opened ``-back`` requests ago (-1: the last), or, for 0, the first (long answered)."""
         return opened[back] if -back <= len(opened) else 1
 
     for it in items:
@@ -154,15 +156,19 @@ def serve(first: bytes, data: bytes, cuts: list[int], fast: bool) -> list[Any]:
         i: (s.state_machine.state, s.inbound_flow_control_window, s.outbound_flow_control_window)
         for i, s in conn.streams.items()
     }
-    seen.append((conn.state_machine.state, conn.highest_inbound_stream_id, streams, sorted(server.streams)))
+    seen.append((conn.state_machine.state, conn.highest_inbound_stream_id, conn.inbound_flow_control_window))
+    seen.append((streams, sorted(server.streams)))
     return seen
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(item, max_size=14), st.lists(st.integers(0, 300), max_size=6))
 @example([("request", 0, True, 0)] * 3, [])
-@example([("request", 2, False, 0), ("data", 0, b"abcd", True), ("request", 0, True, 0)], [10, 11, 30])
-@example([("request", 2, False, 0), ("data", 0, b"abcde", True), ("ping", False)], [])
+@example([("request", 2, False, 0), ("data", -1, b"abcd", True), ("request", 0, True, 0)], [10, 11, 30])
+@example([("request", 2, False, 0), ("data", -1, b"abcde", True), ("ping", False)], [])
+@example([("request", 2, False, 0), ("data", -1, b"ab", False), ("data", -1, b"cd", True)], [24])
+@example([("request", 1, False, 0), ("data", -1, b"ab", False), ("data", -1, b"", True), ("data", -1, b"", True)], [])
+@example([("request", 0, False, 0), ("data", -1, b"abc", True), ("data", -2, b"x", False)], [])
 @example([("request", 7, True, 0), ("request", 0, True, 0)], [])
 @example([("request", 0, True, 0), ("open block", True), ("request", 3, True, 0)], [20])
 @example([("request", 0, True, 0), ("garbage", 1, 4, 0, b""), ("request", 0, True, 0)], [])

@@ -152,6 +152,45 @@ def receive_request_headers(conn: H2Connection, stream_id: int, block: bytes, en
     return headers if type(headers) is list else list(headers)
 
 
+def receive_data_frame(conn: H2Connection, stream_id: int, length: int, end_stream: bool) -> bool:
+    """Move h2's state for an unpadded DATA frame of ``length`` bytes as its receive_data would; False where h2 must.
+
+    For a request stream h2 has open for reading (OPEN or HALF_CLOSED_LOCAL)
+    on a serving connection, and a frame within both receive windows and
+    the stream's Content-Length: both windows shrink, the body so far grows,
+    and END_STREAM moves the state as h2's machine does.  Anything else
+    (a closed or unknown stream, a window or Content-Length broken) changes
+    nothing and is h2's to refuse.
+    """
+    stream = conn.streams.get(stream_id)
+    if stream is None or conn.state_machine.state is not ConnectionState.SERVER_OPEN:
+        return False
+    machine = stream.state_machine
+    state = machine.state
+    if (state is not StreamState.OPEN and state is not StreamState.HALF_CLOSED_LOCAL) or not machine.headers_received:
+        return False
+    conn_window = conn._inbound_flow_control_window_manager
+    stream_window = stream._inbound_window_manager
+    actual = stream._actual_content_length + length
+    expected = stream._expected_content_length
+    if (
+        length > conn_window.current_window_size
+        or length > stream_window.current_window_size
+        or (expected is not None and (expected < actual or (end_stream and expected != actual)))
+    ):
+        return False
+    conn_window.current_window_size -= length
+    stream_window.current_window_size -= length
+    stream._actual_content_length = actual
+    if end_stream:
+        if state is StreamState.OPEN:
+            machine.state = StreamState.HALF_CLOSED_REMOTE
+        else:
+            machine.state = StreamState.CLOSED
+            machine.stream_closed_by = StreamClosedBy.RECV_END_STREAM
+    return True
+
+
 def answer_headers_frames(
     conn: H2Connection, stream_id: int, fields: Any, encoder: Any, end_stream: bool
 ) -> bytes | None:

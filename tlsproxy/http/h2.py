@@ -47,6 +47,7 @@ from tlsproxy.compat.h2 import (
     hpack_huffman,
     hpack_static_table,
     inbound_ready,
+    receive_data_frame,
     receive_request_headers,
     use_decoder,
 )
@@ -93,7 +94,8 @@ _DATA, _HEADERS, _PRIORITY, _SETTINGS, _PUSH_PROMISE, _PING, _CONTINUATION = 0x0
 _END_HEADERS = 0x4
 _ACK = _END_STREAM = 0x1
 # A HEADERS frame's END_HEADERS, PADDED and PRIORITY flags: the fast path takes END_HEADERS alone.
-_HEADERS_SHAPE = 0x4 | 0x8 | 0x20
+_PADDED = 0x8
+_HEADERS_SHAPE = _END_HEADERS | _PADDED | 0x20
 # Whether new connections take requests' HEADERS frames past h2's receive_data (H2ServerProtocol._split).
 FAST_INBOUND = True
 
@@ -917,7 +919,8 @@ class H2ServerProtocol(Protocol):
                 rest = False
                 break
             flags = data[pos + 4]
-            if data[pos + 3] == _HEADERS and flags & _HEADERS_SHAPE == _END_HEADERS:
+            kind = data[pos + 3]
+            if (kind == _HEADERS and flags & _HEADERS_SHAPE == _END_HEADERS) or (kind == _DATA and not flags & _PADDED):
                 if slow >= 0:
                     more = self._h2_receive(data[slow:pos])
                     if more is None:
@@ -928,15 +931,23 @@ class H2ServerProtocol(Protocol):
                         rest = False
                         break
                 stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                try:
-                    fields = receive_request_headers(conn, stream_id, data[pos + 9 : end], bool(flags & _END_STREAM))
-                except ProtocolError as e:
-                    self._protocol_error(e)
-                    return None
-                if fields is None:
-                    slow = pos
+                if kind == _DATA:
+                    if receive_data_frame(conn, stream_id, length, bool(flags & _END_STREAM)):
+                        events.append((stream_id, data[pos + 9 : end], flags & _END_STREAM))
+                    else:
+                        slow = pos
                 else:
-                    events.append((stream_id, fields, flags & _END_STREAM))
+                    try:
+                        fields = receive_request_headers(
+                            conn, stream_id, data[pos + 9 : end], bool(flags & _END_STREAM)
+                        )
+                    except ProtocolError as e:
+                        self._protocol_error(e)
+                        return None
+                    if fields is None:
+                        slow = pos
+                    else:
+                        events.append((stream_id, fields, flags & _END_STREAM))
             elif slow < 0:
                 slow = pos
             pos = end
@@ -958,7 +969,19 @@ class H2ServerProtocol(Protocol):
         """Act on a read's events, in order: h2's, and the requests the fast path took."""
         for event in events:
             if type(event) is tuple:
-                self._request(event[0], event[1], bool(event[2]))
+                stream_id, what, ended = event
+                if type(what) is bytes:  # a DATA frame: h2's DataReceived, then StreamEnded with END_STREAM
+                    exchange = self.streams.get(stream_id)
+                    if exchange is not None:
+                        exchange._body_data(what, len(what))
+                    else:
+                        self.conn.acknowledge_received_data(len(what), stream_id)
+                    if ended:
+                        exchange = self.streams.get(stream_id)
+                        if exchange is not None:
+                            exchange._body_end()
+                    continue
+                self._request(stream_id, what, bool(ended))
                 if self._closed:
                     return
             elif isinstance(event, RequestReceived):
