@@ -1008,10 +1008,11 @@ class H2ServerProtocol(Protocol):
                     else:
                         exchange._client_gone()
                         self._forget(exchange)
-                if event.remote_reset:
-                    self._count_reset()
-                    if self._closed:
-                        return
+                # The client's reset, or h2's for the client's error (a
+                # WINDOW_UPDATE overflow): both count (MadeYouReset).
+                self._count_reset()
+                if self._closed:
+                    return
             elif isinstance(event, WindowUpdated):
                 targets = list(self.streams.values()) if event.stream_id == 0 else [self.streams.get(event.stream_id)]
                 for exchange in targets:
@@ -1023,12 +1024,16 @@ class H2ServerProtocol(Protocol):
                 self._close()
                 return
         if self.conn.reset_here:
-            for stream_id in self.conn.reset_here:
+            reset_here = list(self.conn.reset_here)
+            self.conn.reset_here.clear()
+            for stream_id in reset_here:
                 exchange = self.streams.get(stream_id)
                 if exchange is not None:
                     exchange._client_gone()
                     self._forget(exchange)
-            self.conn.reset_here.clear()
+                self._count_reset()  # reset for the client's error, a body off its Content-Length
+                if self._closed:
+                    return
 
     def _request(self, stream_id: int, fields: Headers, ended: bool) -> None:
         if len(self.streams) >= MAX_STREAMS:
