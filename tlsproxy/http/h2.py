@@ -96,7 +96,7 @@ _ACK = _END_STREAM = 0x1
 # A HEADERS frame's END_HEADERS, PADDED and PRIORITY flags: the fast path takes END_HEADERS alone.
 _PADDED = 0x8
 _HEADERS_SHAPE = _END_HEADERS | _PADDED | 0x20
-# Whether new connections take requests' HEADERS frames past h2's receive_data (H2ServerProtocol._split).
+# Whether new connections take requests' HEADERS and DATA frames past h2's receive_data (H2ServerProtocol._split).
 FAST_INBOUND = True
 
 
@@ -743,7 +743,7 @@ class H2ServerProtocol(Protocol):
         self._streams_due_at: float | None = None
         self._frames = FrameWatch()
         self.fast_inbound = FAST_INBOUND
-        self._rest = b""  # a partial frame, held by the fast path for the next read
+        self._rest = b""  # part of a frame header, held by the fast path for the next read
         # While above zero, frames wait in h2's buffer for one TLS write (see hold).
         self._held = 0
         self._flush_queued = False  # a _batch_flush is queued for the end of this poll
@@ -885,20 +885,23 @@ class H2ServerProtocol(Protocol):
         self._error_close()
 
     def _split(self, data: bytes) -> list[Any] | None:
-        """The inbound fast path: a request's HEADERS frame taken past h2's receive_data, every other frame through it.
+        """The inbound fast path: requests' HEADERS and DATA frames taken past h2's receive_data, the rest through it.
 
         h2's frame objects, state machines and events were half the cost of
         an HTTP/2 request (bench/README.md).  A whole HEADERS frame that
         opens a new stream (END_HEADERS, no padding or priority) is decoded
-        and h2's state moved for it by ``receive_request_headers``; runs of
-        any other frames go to h2 as they came, in order.  As h2 does, every
+        and h2's state moved for it by ``receive_request_headers``; an
+        unpadded DATA frame within the windows and the Content-Length of an
+        open request by ``receive_data_frame``.  Runs of any other frames
+        (and of those two where h2 must decide) go to h2 as they came, in
+        order.  As h2 does, every
         frame of the read is taken before any event is handled, and a
         protocol error drops the read's events.  Part of a frame header at the
         end waits here for the next read; a frame whose header is whole but
         its payload not goes to h2, which checks the header at once and then
         takes the next read whole.
-        The events are h2's, and (stream id, fields, END_STREAM) for the
-        requests taken here.
+        The events are h2's, and (stream id, fields or body bytes,
+        END_STREAM) for the frames taken here.
         """
         conn = self.conn
         events: list[Any] = []
