@@ -18,6 +18,7 @@ GET = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"app.test"
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+    """One frame's bytes, however malformed: the server is under test, not this."""
     return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
 
 
