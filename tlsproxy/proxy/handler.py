@@ -135,6 +135,8 @@ class ProxyHandler:
         self.reactor = reactor
         self.server = server
         self.access_log = access_log
+        # The clock begin() reads for the log's duration; None without a log (a clock read saved per request).
+        self._log_clock = reactor if access_log is not None else None
         self.dev = dev
         self.metrics = metrics
         self.trusted_proxies = server.trusted_proxies
@@ -212,7 +214,7 @@ class ProxyHandler:
             # requests to the new configuration (an upstream taken out gets no new ones).
             self.successor.handle(exchange)
             return
-        begin(exchange, self.reactor, self.trusted_proxies)  # its request id and start time, for the log
+        begin(exchange, self._log_clock, self.trusted_proxies)  # its request id (and start time, for the log)
         raw_host = exchange.head.host
         served = getattr(exchange.transport, "served_names", None)
         if served is not None and not served.covers(raw_host):
@@ -241,7 +243,12 @@ class ProxyHandler:
     def dispatch(self, route: Route, exchange: Exchange) -> None:
         """A request the site's access rules let through: a static file, or on to the app."""
         if route.compress:
-            exchange = compress.wrap(exchange, self.reactor, self.server.send_timeout)  # proxy/compress.py
+            # Most requests that pass here send no Accept-Encoding (API clients, health checks, load
+            # tests): that is seen in the loop, before compress.wrap is called to find it again.
+            for name, _ in exchange.head.headers:
+                if name == b"accept-encoding":
+                    exchange = compress.wrap(exchange, self.reactor, self.server.send_timeout)  # proxy/compress.py
+                    break
         if route.site.static and static.serve(self, route, exchange):
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
         if route.paths:
@@ -446,10 +453,16 @@ class ProxiedRequest:
         self.stage = DIALLING
         member = self.member
         if member is None:
-            member = self.member = self.chosen = self.route.group.choose(self.tried)
-            if member is None:
-                self.no_upstream()
-                return
+            group = self.route.group
+            member = group.lone
+            # A lone upstream is never taken out passively: unless its health check failed
+            # (or a reload brought an old outage), it is the choice without asking the clock.
+            if member is None or member.check_failed or member.down_until or self.tried:
+                member = group.choose(self.tried)
+                if member is None:
+                    self.no_upstream()
+                    return
+            self.member = self.chosen = member
             member.load[0] += 1  # in_flight, without the property: every request passes here
         got = member.pool.acquire(fresh=fresh or self.upgrade)
         if isinstance(got, UpstreamConnection):
@@ -592,9 +605,14 @@ class ProxiedRequest:
         if self.stage >= APP_FINISHED:
             return
         self.stage = DONE
-        self.answered()
-        self.leave_upstream()
-        self.drop_body()
+        member = self.member  # answered() and leave_upstream(), inline: the commonest answer
+        if member is not None:
+            if member.failures or member.down_until:
+                self.route.group.succeeded(member)
+            self.member = None
+            member.load[0] -= 1
+        if self.body is not None or self.sink is not None:
+            self.drop_body()
         self.timer.clear()
         route = self.route
         if route.latency is not None:
@@ -849,7 +867,7 @@ class ProxiedRequest:
             self.route.name,
             status,
             self.sent_bytes if size is None else size,
-            self.upstream.url,  # the one last tried (balancer.py)
+            (chosen.upstream if (chosen := self.chosen) is not None else self.route.upstream).url,  # the one last tried
             self.received,
         )
 
