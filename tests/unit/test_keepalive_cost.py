@@ -34,7 +34,9 @@ def relay(reactor: MemoryReactorClock, handler: ProxyHandler, *headers: tuple[by
     exchange = FakeExchange(h)
     handler.handle(exchange)
     protocol = reactor.tcpClients[-1][2].buildProtocol(None)
-    protocol.makeConnection(StringTransport())
+    wire = StringTransport()
+    protocol.makeConnection(wire)
+    exchange.app_saw = wire.value()  # type: ignore[attr-defined]
     protocol.dataReceived(OK)
     return exchange
 
@@ -115,3 +117,15 @@ def test_request_ids_across_blocks_and_the_counter_wrap(monkeypatch: pytest.Monk
         "00000000",
         "00000001",
     ]
+
+
+def test_one_pass_still_replaces_a_client_request_id() -> None:
+    """With the handler's single pass over the headers, a client's X-Request-ID (any spelling) never reaches the app."""
+    reactor = MemoryReactorClock()
+    handler = make_handler(reactor, compress=True)
+    exchange = relay(reactor, handler, (b"accept-encoding", b"gzip"), (b"x_request-id", b"mine"))
+    sent = exchange.app_saw  # type: ignore[attr-defined]
+    assert b"mine" not in sent
+    assert re.findall(rb"x-request-id: ([0-9a-f]{24})\r\n", sent) == [exchange.request_id.encode()]
+    plain = relay(reactor, handler)
+    assert re.findall(rb"x-request-id: ([0-9a-f]{24})\r\n", plain.app_saw) == [plain.request_id.encode()]  # type: ignore[attr-defined]

@@ -58,19 +58,20 @@ _FORMAT = (
 log = Logger(namespace="tlsproxy.accesslog")
 
 
-_ID_NAMES = frozenset({b"x-request-id", b"x-request_id", b"x_request-id", b"x_request_id"})  # as _is_id_name
+ID_NAMES = frozenset({b"x-request-id", b"x-request_id", b"x_request-id", b"x_request_id"})  # as _is_id_name
 
 
-def begin(exchange: Exchange, clock: Any, trusted_proxies: Sequence[Network]) -> None:
+def begin(exchange: Exchange, clock: Any, trusted_proxies: Sequence[Network], sent_id: bool = True) -> None:
     """Give ``exchange`` a request id and send that to the app (X-Request-ID); start timing it.
 
     ``clock`` None: no access log, so nothing reads the start time and the clock is not read.
+    ``sent_id`` False: the caller's own pass over the headers found no name in :data:`ID_NAMES`.
     """
     if clock is not None:
         exchange.started = clock.seconds()
     headers = exchange.head.headers
-    for name, _ in headers:  # a plain loop and a set test: every request passes here
-        if name in _ID_NAMES:
+    for name, _ in headers if sent_id else ():  # a plain loop and a set test: every request passes here
+        if name in ID_NAMES:
             given = _client_id(exchange, headers, trusted_proxies)
             if given is not None:
                 exchange.request_id = given.decode("ascii")

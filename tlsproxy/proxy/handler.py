@@ -33,7 +33,7 @@ from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.wire import redirect_location, split_host_port
 from tlsproxy.proxy import compress, static
 from tlsproxy.proxy.access import AccessControl, literal_path
-from tlsproxy.proxy.accesslog import AccessLog, begin
+from tlsproxy.proxy.accesslog import ID_NAMES, AccessLog, begin
 from tlsproxy.proxy.balancer import IDEMPOTENT, Member, UpstreamGroup, may_retry
 from tlsproxy.proxy.errorpages import ErrorPages
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
@@ -50,6 +50,9 @@ from tlsproxy.proxy.respbuffer import BufferSpace, ResponseBuffer, accel_bufferi
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
 
 STREAM_ABOVE = 1024 * 1024  # with request_buffering = false, larger bodies of known length stream
+# The header names handle() looks for in its one pass: the request id's (accesslog.begin) and
+# Accept-Encoding (compression); most requests have none of them.
+_NOTED = ID_NAMES | {b"accept-encoding"}
 
 
 class Stage(IntEnum):
@@ -214,7 +217,14 @@ class ProxyHandler:
             # requests to the new configuration (an upstream taken out gets no new ones).
             self.successor.handle(exchange)
             return
-        begin(exchange, self._log_clock, self.trusted_proxies)  # its request id (and start time, for the log)
+        sent_id = accepts = False
+        for name, _ in exchange.head.headers:  # one pass for begin() and the compression check
+            if name in _NOTED:
+                if name == b"accept-encoding":
+                    accepts = True
+                else:
+                    sent_id = True
+        begin(exchange, self._log_clock, self.trusted_proxies, sent_id)  # its request id (and start time, for the log)
         raw_host = exchange.head.host
         served = getattr(exchange.transport, "served_names", None)
         if served is not None and not served.covers(raw_host):
@@ -235,20 +245,22 @@ class ProxyHandler:
         if self.canonical and self._redirect_to_canonical(route, exchange):
             return
         if route.gated and not self.access.admit(
-            route.site, exchange, partial(self.dispatch, route, exchange), partial(self.record, exchange, route.name)
+            route.site,
+            exchange,
+            partial(self.dispatch, route, exchange, accepts),
+            partial(self.record, exchange, route.name),
         ):
             return  # refused, in maintenance, or dispatched once the password is checked (proxy/access.py)
-        self.dispatch(route, exchange)
+        self.dispatch(route, exchange, accepts)
 
-    def dispatch(self, route: Route, exchange: Exchange) -> None:
-        """A request the site's access rules let through: a static file, or on to the app."""
-        if route.compress:
-            # Most requests that pass here send no Accept-Encoding (API clients, health checks, load
-            # tests): that is seen in the loop, before compress.wrap is called to find it again.
-            for name, _ in exchange.head.headers:
-                if name == b"accept-encoding":
-                    exchange = compress.wrap(exchange, self.reactor, self.server.send_timeout)  # proxy/compress.py
-                    break
+    def dispatch(self, route: Route, exchange: Exchange, accepts: bool = True) -> None:
+        """A request the site's access rules let through: a static file, or on to the app.
+
+        ``accepts`` False: the request has no Accept-Encoding (most API clients, health checks,
+        load tests), so compress.wrap, which would look for it again, is not called.
+        """
+        if route.compress and accepts:
+            exchange = compress.wrap(exchange, self.reactor, self.server.send_timeout)  # proxy/compress.py
         if route.site.static and static.serve(self, route, exchange):
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
         if route.paths:
