@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import zlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import brotli
@@ -301,6 +302,9 @@ class CompressingExchange:
     _done = False
     _client_paused = False
     _producer_paused = False
+    _coding = False  # this answer is coded (the head said so)
+    coded_bytes = 0  # coded bytes handed on: what the client receives of the body
+    _when_sent: Callable[[int], None] | None = None
 
     def __init__(self, inner: Exchange, coding: str | None, reactor: Any, send_timeout: float) -> None:
         self.inner = inner
@@ -350,6 +354,7 @@ class CompressingExchange:
             return
         assert self.coding is not None
         self._encoder = encoder(self.coding)
+        self._coding = True
         inner.register_producer(self)
 
     def respond(self, status: int, reason: bytes, headers: ResponseFields, body: bytes) -> None:
@@ -365,9 +370,12 @@ class CompressingExchange:
         assert self.coding is not None
         if len(body) <= SLICE:
             self._pass_through()
-            self.inner.respond(status, reason, headers, compress_whole(self.coding, body))
+            whole = compress_whole(self.coding, body)
+            self._coding, self._done, self.coded_bytes = True, True, len(whole)
+            self.inner.respond(status, reason, headers, whole)
             return
         self._encoder = encoder(self.coding)
+        self._coding = True
         self.inner.start_response(status, reason, headers, None)
         self.inner.register_producer(self)
         self.write(body)
@@ -398,7 +406,7 @@ class CompressingExchange:
             out = self._encoder.compress(data)
             self._dirty = True
             if out:
-                self.inner.write(out)
+                self._send(out)
         else:
             self._backlog.append(memoryview(data))
             self._waiting += len(data)
@@ -443,7 +451,7 @@ class CompressingExchange:
             out = self._encoder.compress(view)
             self._dirty = True
             if out:
-                self.inner.write(out)
+                self._send(out)
             if backlog:
                 self._schedule()
                 return
@@ -456,7 +464,7 @@ class CompressingExchange:
             self._dirty = False
             out = self._encoder.flush()
             if out:
-                self.inner.write(out)
+                self._send(out)
 
     def _end(self) -> None:
         assert self._encoder is not None
@@ -467,9 +475,34 @@ class CompressingExchange:
         out = self._encoder.finish()
         inner = self.inner
         if out:
-            inner.write(out)
+            self._send(out)
         inner.unregister_producer()
         inner.finish()
+        self._sent()
+
+    def _send(self, out: bytes) -> None:
+        self.coded_bytes += len(out)
+        self.inner.write(out)
+
+    def after_coding(self, report: Callable[[int], None]) -> bool:
+        """``report(coded_bytes)`` once the coded answer is out or cut (at once if it is); False when not coding.
+
+        The access log counts what the client received, as nginx's
+        $body_bytes_sent does, and a large answer is still being coded when
+        the handler is done with it.
+        """
+        if not self._coding:
+            return False
+        if self._done:
+            report(self.coded_bytes)
+        else:
+            self._when_sent = report
+        return True
+
+    def _sent(self) -> None:
+        report, self._when_sent = self._when_sent, None
+        if report is not None:
+            report(self.coded_bytes)
 
     def _stop(self) -> None:
         """Nothing more goes out: drop what waits, give back the coder."""
@@ -482,6 +515,7 @@ class CompressingExchange:
         if isinstance(self._encoder, ZstdEncoder):
             self._encoder.release()  # a context mid-frame is reset by its next compressobj()
         self._encoder = None
+        self._sent()
 
     def _too_slow(self) -> None:
         if not self._done:

@@ -295,8 +295,12 @@ class ProxyHandler:
         self, exchange: Exchange, site: str, status: int, size: int, upstream: str = "-", received: int = 0
     ) -> None:
         """One finished request: the access log line and the request counter."""
-        if self.access_log is not None:
-            self.access_log.log(exchange, status, size, site, upstream, received)
+        access_log = self.access_log
+        if access_log is not None:
+            if type(exchange) is not compress.CompressingExchange or not exchange.after_coding(
+                lambda coded: access_log.log(exchange, status, coded, site, upstream, received)
+            ):  # a compressed answer is logged with what the client got, once it is out
+                access_log.log(exchange, status, size, site, upstream, received)
         if self.metrics is not None:
             key = (site, status)
             counter = self._counters.get(key)
