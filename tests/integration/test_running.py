@@ -186,6 +186,8 @@ def test_dev_proxy_stays_local_says_what_django_needs_and_keeps_quiet(tmp_path: 
             f"::1:{port}",
         ]
         assert any('SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")' in line for line in dev.lines)
+        absent = dev.wait_for_line(f"nothing answers on 127.0.0.1:{app_port} yet", 10)
+        assert f"python manage.py runserver 127.0.0.1:{app_port}" in absent
         mark = len(dev.lines)
         # A client that does not trust the local CA yet: its failed handshake is no line at the default level.
         refused = subprocess.run(
