@@ -43,6 +43,10 @@ def _earliest(name: str) -> bool:
     return name.startswith("tlsproxy_certificate_") or name.endswith("_created")
 
 
+def _view(state: dict[str, Any]) -> str:
+    return "up" if state["up"] else "down" + (f" ({state['why']})" if state["why"] else "")
+
+
 def merge_upstreams(answers: Mapping[int, Any]) -> list[str]:
     """Each upstream's /readyz line over all workers (see the module docstring)."""
     seen: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
@@ -58,15 +62,7 @@ def merge_upstreams(answers: Mapping[int, Any]) -> list[str]:
         merged["failures"] = sum(state["failures"] for state in states)
         line = upstream_line(merged)
         if 0 < len(up) < len(states):
-            line += (
-                " ["
-                + ", ".join(
-                    f"worker {index}: "
-                    + ("up" if state["up"] else "down" + (f" ({state['why']})" if state["why"] else ""))
-                    for index, state in by_worker.items()
-                )
-                + "]"
-            )
+            line += " [" + ", ".join(f"worker {index}: {_view(state)}" for index, state in by_worker.items()) + "]"
         lines.append(line)
     return lines
 
