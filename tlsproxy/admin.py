@@ -14,6 +14,7 @@ connection closed then (the dial cannot be cancelled).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -91,16 +92,13 @@ class AdminHandler:
 
         return DeferredList(probes).addCallback(verdict)
 
+    def upstream_states(self) -> list[dict[str, Any]]:
+        """Each upstream's state as the balancer sees it, as plain values (workers send them on)."""
+        return [asdict(state) for group in self.service.generation.handler.groups for state in group.states()]
+
     def upstream_lines(self) -> list[str]:
-        """Each upstream's state as the balancer sees it: up or out, requests in flight, failures."""
-        lines = []
-        for group in self.service.generation.handler.groups:
-            for state in group.states():
-                where = f"site {state.site}" + (f" route {state.route}" if state.route else "")
-                line = f"upstream {state.url} ({where}): {'up' if state.up else 'down'}"
-                line += f", {state.in_flight} in flight, {state.failures} failures"
-                lines.append(line + (f" ({state.why})" if state.why else ""))
-        return lines
+        """Each upstream's state: up or out, requests in flight, failures."""
+        return [upstream_line(state) for state in self.upstream_states()]
 
     def _ready(self, exchange: Exchange, problems: list[str]) -> None:
         lines = "".join(f"{line}\n" for line in self.upstream_lines()).encode()
@@ -131,3 +129,14 @@ def store_notes(generation: Any) -> list[str]:
         if problem:
             notes.append(f"{problem}; serving the certificates we have, renewals wait")
     return notes
+
+
+def upstream_where(state: dict[str, Any]) -> str:
+    return f"upstream {state['url']} (site {state['site']}" + (f" route {state['route']})" if state["route"] else ")")
+
+
+def upstream_line(state: dict[str, Any]) -> str:
+    """One line of /readyz for one upstream (``state`` as :meth:`AdminHandler.upstream_states` gives it)."""
+    line = f"{upstream_where(state)}: {'up' if state['up'] else 'down'}"
+    line += f", {state['in_flight']} in flight, {state['failures']} failures"
+    return line + (f" ({state['why']})" if state["why"] else "")

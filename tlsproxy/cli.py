@@ -146,7 +146,7 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if config is None:
         return BAD_CONFIG
     try:
-        users = load_all(config.sites)  # the htpasswd files of basic_auth: bcrypt lines only
+        users = load_all(config.sites, config.source)  # the htpasswd files of basic_auth: bcrypt lines only
     except ConfigError as e:
         for problem in e.problems:
             print(f"tlsproxy: {problem}", file=err)

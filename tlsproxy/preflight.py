@@ -16,7 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from tlsproxy.certs.store_url import redact_url
-from tlsproxy.config import Config, Problem, Upstream, available_cpus, dev_app_hint
+from tlsproxy.config import Config, ConfigError, Problem, Upstream, available_cpus, dev_app_hint
+from tlsproxy.proxy.access import load_all
 
 
 def _user() -> str:
@@ -85,6 +86,10 @@ def problems(config: Config) -> list[Problem]:
         why = access_log_problem(config.server.access_log_file)
         if why:
             found.append(Problem(config.source, "server.access_log_file", why))
+    try:  # the htpasswd files of basic_auth, named with the keys that name them
+        load_all(config.sites, config.source)
+    except ConfigError as e:
+        found.extend(e.problems)
     return found
 
 

@@ -175,7 +175,7 @@ def test_check_warns_about_a_missing_app_socket(tmp_path: Path) -> None:
 
 
 def test_dev_proxy_stays_local_says_what_django_needs_and_keeps_quiet(tmp_path: Path) -> None:
-    """`tlsproxy dev --listen tcp:PORT` binds loopback only, names SECURE_PROXY_SSL_HEADER, hides chatter."""
+    """`tlsproxy dev --listen tcp:PORT`: loopback only, its IPs served, SECURE_PROXY_SSL_HEADER named, no chatter."""
     port, app_port = free_port(), free_port()
     argv = [str(BIN / "tlsproxy"), "dev", "--listen", f"tcp:{port}", "--upstream", f"http://127.0.0.1:{app_port}"]
     with running(argv, env={"TLSPROXY_CAROOT": str(tmp_path / "ca")}) as dev:
@@ -186,6 +186,8 @@ def test_dev_proxy_stays_local_says_what_django_needs_and_keeps_quiet(tmp_path: 
             f"::1:{port}",
         ]
         assert any('SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")' in line for line in dev.lines)
+        absent = dev.wait_for_line(f"nothing answers on 127.0.0.1:{app_port} yet", 10)
+        assert f"python manage.py runserver 127.0.0.1:{app_port}" in absent
         mark = len(dev.lines)
         # A client that does not trust the local CA yet: its failed handshake is no line at the default level.
         refused = subprocess.run(
@@ -197,6 +199,12 @@ def test_dev_proxy_stays_local_says_what_django_needs_and_keeps_quiet(tmp_path: 
         )
         assert f"python manage.py runserver 127.0.0.1:{app_port}" in page.stdout
         dev.wait_for_line('"GET / HTTP', start=mark)
+        # The addresses the certificate names are served too (the app's 502 page, not 421).
+        for address in ("127.0.0.1", "[::1]"):
+            for version in ("--http1.1", "--http2"):
+                curl = ["curl", "-sSk", version, "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}"]
+                code = subprocess.run([*curl, f"https://{address}:{port}/"], capture_output=True, text=True)
+                assert code.stdout == "502", (address, version, code.stdout, code.stderr)
     noise = [line for line in dev.lines if "log_legacy" in line or "#debug]" in line or "handshake" in line]
     assert noise == []
 

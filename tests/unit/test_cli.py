@@ -150,3 +150,26 @@ def test_check_warns_about_an_htpasswd_file_without_users(tmp_path: Path) -> Non
     assert status == 0 and "configuration OK" in out
     assert f"warning: {config}: basic_auth: {htpasswd} has no users, so every request it guards gets 401" in err
     assert f"tlsproxy passwd {htpasswd} USER" in err
+
+
+def test_check_names_the_config_key_of_a_non_bcrypt_htpasswd_file(tmp_path: Path) -> None:
+    """An MD5 htpasswd line is refused naming the config file and the keys that name the htpasswd file."""
+    md5, sha = tmp_path / "md5.htp", tmp_path / "sha.htp"
+    md5.write_text("bob:$apr1$Q1dXLZ2b$hVh7s3jmGfuR4Vtf4l1Ml/\n")
+    sha.write_text("# staff\nann:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
+    config = tmp_path / "auth.toml"
+    config.write_text(
+        '[[site]]\nhosts = ["localhost"]\ntls = "local"\nupstream = "unix:/nonexistent/app.sock"\n'
+        f'basic_auth = {{ realm = "staff", htpasswd = "{md5}" }}\n'
+        '[[site.access]]\nprefix = "/open/"\nallow = ["127.0.0.1"]\n'
+        f'[[site.access]]\nprefix = "/admin/"\nbasic_auth = {{ realm = "admin", htpasswd = "{sha}" }}\n'
+    )
+    status, out, err = run("check", "--config", str(config))
+    assert status == 2 and out == ""
+    assert (
+        f"tlsproxy: {config}: site[0].basic_auth.htpasswd: {md5}: line 1: bob: only bcrypt hashes are accepted"
+    ) in err
+    assert (
+        f'tlsproxy: {config}: site[0].access (prefix "/admin/").basic_auth.htpasswd: {sha}: line 2: ann: only bcrypt'
+    ) in err
+    assert "Traceback" not in err

@@ -123,14 +123,46 @@ def htpasswd_files(sites: Iterable[Site]) -> set[str]:
     return {rule.basic_auth.htpasswd for site in sites for rule in site.access if rule.basic_auth is not None}
 
 
-def load_all(sites: Iterable[Site]) -> dict[str, dict[str, bytes]]:
-    """Every htpasswd file the sites name; a ConfigError names each one that cannot be used."""
+def htpasswd_keys(sites: Iterable[Site]) -> dict[str, list[str]]:
+    """Each htpasswd file and the config keys that name it, as config errors name keys.
+
+    A ``[[site.access]]`` table is named by its prefix: the rules are kept longest
+    prefix first, not in the file's order.  A table that inherits the site's
+    ``basic_auth`` is the site's key.
+    """
+    keys: dict[str, list[str]] = {}
+    for index, site in enumerate(sites):
+        base = next((rule.basic_auth for rule in site.access if rule.prefix == "/"), None)
+        for rule in site.access:
+            if rule.basic_auth is None:
+                continue
+            if rule.prefix == "/" or rule.basic_auth is base:
+                key = f"site[{index}].basic_auth.htpasswd"
+            else:
+                key = f'site[{index}].access (prefix "{rule.prefix}").basic_auth.htpasswd'
+            named = keys.setdefault(rule.basic_auth.htpasswd, [])
+            if key not in named:
+                named.append(key)
+    return keys
+
+
+def load_all(sites: Iterable[Site], source: str = "") -> dict[str, dict[str, bytes]]:
+    """Every htpasswd file the sites name; a ConfigError names each one that cannot be used.
+
+    Given the config's ``source``, each problem says the file and keys that named
+    the htpasswd file, as every other config error does.
+    """
     users, problems = {}, []
-    for path in sorted(htpasswd_files(sites)):
+    keys = htpasswd_keys(sites)
+    for path in sorted(keys):
         try:
             users[path] = load_htpasswd(path)
         except HtpasswdError as e:
-            problems.append(Problem(e.path, f"line {e.line}" if e.line else "", e.reason))
+            if source:
+                where = f"{e.path}: line {e.line}: {e.reason}" if e.line else f"{e.path}: {e.reason}"
+                problems.append(Problem(source, ", ".join(keys[path]), where))
+            else:
+                problems.append(Problem(e.path, f"line {e.line}" if e.line else "", e.reason))
     if problems:
         raise ConfigError(problems)
     return users

@@ -28,7 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tlsproxy import preflight
-from tlsproxy.admin import AdminHandler
+from tlsproxy.admin import AdminHandler, store_notes
 from tlsproxy.config import Config, ConfigError, Problem
 from tlsproxy.eventloop import streamline, tune_collector
 from tlsproxy.listening import watch_refusals
@@ -285,8 +285,15 @@ class WorkerService(ProxyService):
             self.send("scraped", id=message.get("id"), text=self.metrics.render().decode("utf-8", "replace"))
         elif kind == "readiness":
             ident = message.get("id")
-            AdminHandler(self, self.metrics.render).readiness().addCallback(
-                lambda problems: self.send("readiness", id=ident, problems=problems)
+            admin = AdminHandler(self, self.metrics.render)
+            admin.readiness().addCallback(
+                lambda problems: self.send(
+                    "readiness",
+                    id=ident,
+                    problems=problems,
+                    upstreams=admin.upstream_states(),
+                    notes=store_notes(self.generation),
+                )
             )
         else:
             self.log.warn("unknown message from the supervisor: {kind}", kind=kind)
