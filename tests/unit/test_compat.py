@@ -433,6 +433,57 @@ class H2CanaryTests(SynchronousTestCase):
         with self.assertRaises(StreamClosedError):
             compat_h2.answer_headers_frames(ours, 1, fields[:1], Encoder(), True)
 
+    def test_answer_frames_match_h2s_own(self) -> None:
+        """answer_frames writes what h2's send_headers and send_data(end_stream) write, and leaves the same state."""
+        from hpack import Encoder
+
+        def server_with_request(client: Any) -> Any:
+            server = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+            server.initiate_connection()
+            server.receive_data(client)
+            server.data_to_send()
+            return server
+
+        def state(conn: Any, stream: int) -> Any:
+            s = conn.streams[stream]
+            m = s.state_machine
+            return (m.state, m.headers_sent, m.stream_closed_by, s.outbound_flow_control_window)
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        get = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")]
+        for stream in (1, 3, 5, 7):  # 1 still open (a body may follow), the rest ended by the client
+            client.send_headers(stream, get, end_stream=stream > 1)
+        request = client.data_to_send()
+        small = [(b":status", b"200"), (b"content-type", b"text/plain")]
+        big = [(b":status", b"200"), (b"x-big", b"v" * 40000)]  # over one frame: CONTINUATIONs too
+        ours, theirs = server_with_request(request), server_with_request(request)
+        theirs.encoder = Encoder()
+        encoder = Encoder()
+        for stream, fields, body in ((3, small, b"hello"), (5, big, b"b" * 16384), (7, small, b"x")):
+            frames = compat_h2.answer_frames(ours, stream, fields, encoder, body)
+            theirs.send_headers(stream, fields)
+            theirs.send_data(stream, body, end_stream=True)
+            self.assertEqual(frames, theirs.data_to_send())
+            self.assertEqual(state(ours, stream), state(theirs, stream))
+            self.assertEqual(ours.outbound_flow_control_window, theirs.outbound_flow_control_window)
+        self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
+        before = state(ours, 1)
+        for stream, body in ((1, b"x"), (3, b"x"), (99, b"x")):  # not ended, answered already, unknown
+            self.assertIsNone(compat_h2.answer_frames(ours, stream, small, encoder, body))
+        client.send_headers(9, get, end_stream=True)
+        client.send_headers(11, get, end_stream=True)
+        ours.receive_data(client.data_to_send())
+        nine = state(ours, 9)
+        self.assertIsNone(compat_h2.answer_frames(ours, 9, small, encoder, b""), "an empty body")
+        self.assertIsNone(compat_h2.answer_frames(ours, 9, small, encoder, b"x" * 16385), "past the frame size")
+        ours.outbound_flow_control_window = 10
+        self.assertIsNone(compat_h2.answer_frames(ours, 9, small, encoder, b"x" * 11), "past the window")
+        self.assertEqual(state(ours, 1), before)
+        self.assertEqual(state(ours, 9), nine)
+        ours.close_connection()
+        self.assertIsNone(compat_h2.answer_frames(ours, 11, small, encoder, b"x"), "a closed connection")
+
     def test_data_frame_header_matches_h2s_own(self) -> None:
         """data_frame_header gives h2's DATA frame bytes and leaves the same states and windows behind."""
         from hpack import Encoder

@@ -225,7 +225,11 @@ def answer_headers_frames(
         machine.process_input(StreamInputs.SEND_HEADERS)
         if end_stream:
             machine.process_input(StreamInputs.SEND_END_STREAM)
-    block = encoder.encode(fields)
+    return _headers_frames(conn, stream_id, encoder.encode(fields), end_stream)
+
+
+def _headers_frames(conn: H2Connection, stream_id: int, block: bytes, end_stream: bool) -> bytes:
+    """A header block as a HEADERS frame, with CONTINUATIONs past the peer's frame size, as h2 splits it."""
     size = conn.max_outbound_frame_size
     sid = stream_id.to_bytes(4, "big")
     first = _END_STREAM if end_stream else 0
@@ -271,6 +275,51 @@ def data_frame_header(conn: H2Connection, stream_id: int, data: bytes, end_strea
     stream.outbound_flow_control_window -= size
     conn.outbound_flow_control_window -= size
     return size.to_bytes(3, "big") + (b"\x00\x01" if end_stream else b"\x00\x00") + stream_id.to_bytes(4, "big")
+
+
+def answer_frames(conn: H2Connection, stream_id: int, fields: Any, encoder: Any, body: bytes) -> bytes | None:
+    """A whole answer to an ended request: HEADERS, then one DATA frame with ``body`` and END_STREAM, as bytes.
+
+    What h2's send_headers then send_data(end_stream=True) write and do to
+    its state, in one step: the stream's headers sent, its state CLOSED
+    (by SEND_END_STREAM), both send windows shrunk by the body.  An answer
+    of a few hundred bytes to a GET is the common case, and going through
+    the two functions (and the exchange's flow control between them) was
+    a third of an HTTP/2 request's cost.  None, with nothing changed, for
+    anything else (a stream not HALF_CLOSED_REMOTE with nothing sent yet,
+    the connection not serving, an empty body, a body past a window or
+    the frame size): the caller takes the step-by-step way.
+    """
+    stream = conn.streams.get(stream_id)
+    size = len(body)
+    if (
+        stream is None
+        or not size
+        or size > conn.outbound_flow_control_window
+        or size > stream.outbound_flow_control_window
+        or size > conn.max_outbound_frame_size
+        or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+    ):
+        return None
+    machine = stream.state_machine
+    if (
+        machine.state is not StreamState.HALF_CLOSED_REMOTE
+        or machine.headers_sent is not None
+        or machine.client is not False
+    ):
+        return None
+    block = encoder.encode(fields)  # first: an encoder error leaves the state as it was
+    machine.headers_sent = True
+    machine.state = StreamState.CLOSED
+    machine.stream_closed_by = StreamClosedBy.SEND_END_STREAM
+    stream.outbound_flow_control_window -= size
+    conn.outbound_flow_control_window -= size
+    sid = stream_id.to_bytes(4, "big")
+    if len(block) <= conn.max_outbound_frame_size:
+        head = len(block).to_bytes(3, "big") + _HEADERS + b"\x04" + sid + block
+    else:
+        head = _headers_frames(conn, stream_id, block, False)
+    return b"".join((head, size.to_bytes(3, "big"), b"\x00\x01", sid, body))
 
 
 def hpack_static_table() -> tuple[tuple[bytes, bytes], ...]:

@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 from tlsproxy.compat.h2 import (
     StreamErrorConnection,
+    answer_frames,
     answer_headers_frames,
     data_frame_header,
     hpack_huffman,
@@ -98,6 +99,8 @@ _PADDED = 0x8
 _HEADERS_SHAPE = _END_HEADERS | _PADDED | 0x20
 # Whether new connections take requests' HEADERS and DATA frames past h2's receive_data (H2ServerProtocol._split).
 FAST_INBOUND = True
+# A whole answer that fits the windows goes out as HEADERS and DATA bytes in one step (H2Exchange.respond).
+FAST_ANSWER = True
 
 
 class FrameWatch:
@@ -579,6 +582,15 @@ class H2Exchange:
             if observer is not None:
                 observer.client_gone()
             return
+        fields = self._fields(status, headers, content_length)
+        end = self.no_body or status in (204, 304)
+        self._proto.send_headers(self.stream_id, fields, end)
+        if end:
+            self._finished = True
+            self._proto.stream_done(self)
+
+    def _fields(self, status: int, headers: ResponseFields, content_length: int | None) -> Headers:
+        """The answer's HTTP/2 fields: what h2's outbound normalisation and checks would make of them."""
         fields: Headers = [(b":status", b"%d" % status)]
         if isinstance(headers, bytes):
             headers = split_fields(headers)
@@ -595,15 +607,25 @@ class H2Exchange:
                 fields.append((name, value))
         if content_length is not None and status not in (204, 304):
             fields.append((b"content-length", b"%d" % content_length))
-        end = self.no_body or status in (204, 304)
-        self._proto.send_headers(self.stream_id, fields, end)
-        if end:
-            self._finished = True
-            self._proto.stream_done(self)
+        return fields
 
     def respond(self, status: int, reason: bytes, headers: ResponseFields, body: bytes) -> None:
         """A whole answer: HEADERS and one DATA frame that ends the stream, in one write if the window allows."""
         proto = self._proto
+        if (
+            body
+            and not self._started
+            and not self._reset
+            and not self.no_body
+            and status >= 200
+            and status not in (204, 304)
+            and proto.fast_answer
+            and proto.answer(self.stream_id, self._fields(status, headers, len(body)), body)
+        ):
+            # The common case in one step: no flow control to wait for, nothing left to send.
+            self._started = self._finished = True
+            proto.stream_done(self)
+            return
         proto.hold()
         try:
             self.start_response(status, reason, headers, len(body))
@@ -743,6 +765,7 @@ class H2ServerProtocol(Protocol):
         self._streams_due_at: float | None = None
         self._frames = FrameWatch()
         self.fast_inbound = FAST_INBOUND
+        self.fast_answer = FAST_ANSWER
         self._rest = b""  # part of a frame header, held by the fast path for the next read
         # While above zero, frames wait in h2's buffer for one TLS write (see hold).
         self._held = 0
@@ -1105,6 +1128,20 @@ class H2ServerProtocol(Protocol):
             return
         if not self._held:
             self._flush_soon()
+
+    def answer(self, stream_id: int, fields: Headers, body: bytes) -> bool:
+        """Send a whole answer (HEADERS, then ``body`` with END_STREAM) if it fits the windows at once; False if not."""
+        conn = self.conn
+        frames = answer_frames(conn, stream_id, fields, self._encoder, body)
+        if frames is None:
+            return False
+        held = conn.data_to_send()  # before ours, in order
+        if held:
+            self._pending.append(held)
+        self._pending.append(frames)
+        if not self._held:
+            self._flush_soon()
+        return True
 
     def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
         conn = self.conn
