@@ -484,6 +484,47 @@ class H2CanaryTests(SynchronousTestCase):
         ours.close_connection()
         self.assertIsNone(compat_h2.answer_frames(ours, 11, small, encoder, b"x"), "a closed connection")
 
+    def test_receive_window_update_matches_h2s_own(self) -> None:
+        """receive_window_update widens the windows h2's receive_data widens, and leaves to h2 what it must refuse."""
+        from h2.events import WindowUpdated
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        get = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")]
+        for stream in (1, 3, 5):  # 1 open, 3 ended by the client, 5 answered and closed
+            client.send_headers(stream, get, end_stream=stream > 1)
+        request = client.data_to_send()
+        twins = []
+        for _ in range(2):
+            server = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+            server.initiate_connection()
+            server.receive_data(request)
+            server.send_headers(5, [(b":status", b"204")], end_stream=True)
+            server.data_to_send()
+            twins.append(server)
+        ours, theirs = twins
+
+        def windows(conn: Any) -> Any:
+            return conn.outbound_flow_control_window, {
+                i: s.outbound_flow_control_window for i, s in conn.streams.items()
+            }
+
+        for stream, increment in ((0, 1000), (1, 1), (3, 70000), (1, 2**31 - 65537)):
+            self.assertTrue(compat_h2.receive_window_update(ours, stream, increment))
+            events = theirs.receive_data(
+                b"\x00\x00\x04\x08\x00" + stream.to_bytes(4, "big") + increment.to_bytes(4, "big")
+            )
+            self.assertEqual([(type(e), e.stream_id, e.delta) for e in events], [(WindowUpdated, stream, increment)])
+            self.assertEqual(windows(ours), windows(theirs))
+            self.assertEqual(theirs.data_to_send(), b"")
+        before = windows(ours)
+        # A zero increment, overflows of the stream's and the connection's window, a closed and an unknown stream.
+        for stream, increment in ((3, 0), (1, 1), (0, 2**31 - 1), (5, 1), (7, 1)):
+            self.assertFalse(compat_h2.receive_window_update(ours, stream, increment))
+            self.assertEqual(windows(ours), before)
+        ours.close_connection()
+        self.assertFalse(compat_h2.receive_window_update(ours, 0, 1), "a closed connection")
+
     def test_data_frame_header_matches_h2s_own(self) -> None:
         """data_frame_header gives h2's DATA frame bytes and leaves the same states and windows behind."""
         from hpack import Encoder

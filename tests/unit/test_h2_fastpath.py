@@ -75,7 +75,8 @@ item = st.one_of(
     st.tuples(st.just("data"), st.integers(-3, 0), st.binary(max_size=6), st.booleans()),
     st.tuples(st.just("data"), st.just(-1), st.binary(max_size=6), st.booleans()),
     st.tuples(st.just("ping"), st.booleans()),
-    st.tuples(st.just("window"), st.integers(-3, 0), st.sampled_from([1, 1000, 0, 2**31 - 1])),
+    st.tuples(st.just("window"), st.integers(-3, 0), st.sampled_from([1, 1000, 0, 2**31 - 100, 2**31 - 1])),
+    st.tuples(st.just("window0"), st.sampled_from([1, 1000, 2**31 - 70000, 2**31 - 1])),
     st.tuples(st.just("reset"), st.integers(-3, 0), st.sampled_from([0, 8])),
     # INITIAL_WINDOW_SIZE 4096, or 3: too small for an answer's body
     st.tuples(st.just("settings"), st.sampled_from([b"", b"\x00\x04\x00\x00\x10\x00", SMALL_WINDOW, b"ack"])),
@@ -118,6 +119,8 @@ def client_bytes(items: list[Any]) -> tuple[bytes, bytes]:
             out.append(frame(6, 1 if it[1] else 0, 0, b"12345678"))
         elif kind == "window":
             out.append(frame(8, 0, pick(it[1]) if it[2] != 2**31 - 1 else 0, it[2].to_bytes(4, "big")))
+        elif kind == "window0":  # the connection's window
+            out.append(frame(8, 0, 0, it[1].to_bytes(4, "big")))
         elif kind == "reset":
             out.append(frame(3, 0, pick(it[1]), it[2].to_bytes(4, "big")))
         elif kind == "settings":
@@ -182,6 +185,9 @@ def serve(first: bytes, data: bytes, cuts: list[int], fast: bool) -> list[Any]:
 @example([("request", 0, True, 0), ("garbage", 1, 4, 0, b""), ("request", 0, True, 0)], [])
 @example([("settings", SMALL_WINDOW), ("request", 0, True, 0), ("window", -1, 1000)], [])
 @example([("request", 9, True, 0), ("request", 10, True, 0), ("request", 0, False, 0), ("data", -1, b"", True)], [])
+@example([("request", 1, True, 0), ("window", -1, 1000), ("window0", 1000), ("window0", 2**31 - 70000)], [])
+@example([("request", 1, True, 0), ("window", -1, 2**31 - 100), ("request", 1, True, 0)], [])
+@example([("settings", SMALL_WINDOW), ("request", 0, True, 0), ("window0", 1), ("window", -1, 1), ("ping", False)], [])
 def test_fast_path_and_h2_agree(items: list[Any], cuts: list[int]) -> None:
     """Any byte stream, cut anywhere: with and without the fast paths, the same bytes out and the same app view."""
     first, data = client_bytes(items)
@@ -206,6 +212,27 @@ def test_fast_path_takes_requests_past_h2() -> None:
     assert steps == [], "every answer went out in one step (H2ServerProtocol.answer)"
     assert [e[1] for e in handler.log if e[0] == "request"] == [1, 3, 5, 7, 9, 11]
     assert transport.value().count(b"hello") == 6
+
+
+def test_window_updates_pass_h2_and_release_a_waiting_answer() -> None:
+    """A WINDOW_UPDATE (the connection's or an open stream's) passes h2's receive_data, and the answer goes on."""
+    first, data = client_bytes([("settings", SMALL_WINDOW), ("request", 0, True, 0)])
+    handler = Recorder()
+    server = H2ServerProtocol(handler, Clock(), Limits())
+    transport = StringTransport()
+    server.makeConnection(transport)
+    server.dataReceived(first)
+    transport.clear()
+    server.dataReceived(data)
+    assert b"hel" in transport.value() and b"hello" not in transport.value(), "three bytes, the stream's window"
+    transport.clear()
+    fed: list[bytes] = []
+    receive = server.conn.receive_data
+    server.conn.receive_data = lambda chunk: fed.append(chunk) or receive(chunk)  # type: ignore[method-assign]
+    server.dataReceived(frame(8, 0, 0, (1000).to_bytes(4, "big")) + frame(8, 0, 3, (1000).to_bytes(4, "big")))
+    assert fed == []
+    assert transport.value() == frame(0, 1, 3, b"lo"), "the rest of the body, with END_STREAM"
+    assert 3 not in server.streams
 
 
 def answers(first: bytes, data: bytes, fast: bool) -> tuple[list[Any], list[Any]]:

@@ -21,6 +21,7 @@ from h2.stream import H2Stream, StreamClosedBy, StreamInputs, StreamState
 from h2.utilities import is_informational_response, normalize_inbound_headers
 
 _HEADERS, _CONTINUATION = b"\x01", b"\x09"
+_LARGEST_WINDOW = 2**31 - 1  # RFC 9113 6.9.1
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 
 
@@ -188,6 +189,33 @@ def receive_data_frame(conn: H2Connection, stream_id: int, length: int, end_stre
         else:
             machine.state = StreamState.CLOSED
             machine.stream_closed_by = StreamClosedBy.RECV_END_STREAM
+    return True
+
+
+def receive_window_update(conn: H2Connection, stream_id: int, increment: int) -> bool:
+    """Widen a send window by a WINDOW_UPDATE's ``increment`` as h2 would; False (nothing done) where h2 must.
+
+    Browsers and curl send one for every few DATA frames they take.  Taken
+    here: a connection's (stream 0) or an open stream's, with an increment
+    above 0 that keeps the window within 2**31-1.  Anything else (a zero
+    increment, an overflow, a closed or unknown stream) is h2's to answer:
+    a connection error, a stream reset, or nothing.
+    """
+    if not increment or conn.state_machine.state is not ConnectionState.SERVER_OPEN:
+        return False
+    if not stream_id:
+        window = conn.outbound_flow_control_window + increment
+        if window > _LARGEST_WINDOW:
+            return False
+        conn.outbound_flow_control_window = window
+        return True
+    stream = conn.streams.get(stream_id)
+    if stream is None or stream.state_machine.state not in _OPEN:
+        return False
+    window = stream.outbound_flow_control_window + increment
+    if window > _LARGEST_WINDOW:
+        return False
+    stream.outbound_flow_control_window = window
     return True
 
 

@@ -50,6 +50,7 @@ from tlsproxy.compat.h2 import (
     inbound_ready,
     receive_data_frame,
     receive_request_headers,
+    receive_window_update,
     use_decoder,
 )
 from tlsproxy.deadline import Deadline
@@ -92,6 +93,7 @@ _BLANK = (b" ", b"\t")
 
 
 _DATA, _HEADERS, _PRIORITY, _SETTINGS, _PUSH_PROMISE, _PING, _CONTINUATION = 0x0, 0x1, 0x2, 0x4, 0x5, 0x6, 0x9
+_WINDOW_UPDATE = 0x8
 _END_HEADERS = 0x4
 _ACK = _END_STREAM = 0x1
 # A HEADERS frame's END_HEADERS, PADDED and PRIORITY flags: the fast path takes END_HEADERS alone.
@@ -946,7 +948,11 @@ class H2ServerProtocol(Protocol):
                 break
             flags = data[pos + 4]
             kind = data[pos + 3]
-            if (kind == _HEADERS and flags & _HEADERS_SHAPE == _END_HEADERS) or (kind == _DATA and not flags & _PADDED):
+            if (
+                (kind == _HEADERS and flags & _HEADERS_SHAPE == _END_HEADERS)
+                or (kind == _DATA and not flags & _PADDED)
+                or (kind == _WINDOW_UPDATE and length == 4)
+            ):
                 if slow >= 0:
                     more = self._h2_receive(data[slow:pos])
                     if more is None:
@@ -957,7 +963,13 @@ class H2ServerProtocol(Protocol):
                         rest = False
                         break
                 stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                if kind == _DATA:
+                if kind == _WINDOW_UPDATE:
+                    increment = int.from_bytes(data[pos + 9 : end], "big")
+                    if receive_window_update(conn, stream_id, increment):
+                        events.append((stream_id, increment, 0))  # h2's WindowUpdated
+                    else:
+                        slow = pos
+                elif kind == _DATA:
                     if receive_data_frame(conn, stream_id, length, bool(flags & _END_STREAM)):
                         events.append((stream_id, data[pos + 9 : end], flags & _END_STREAM))
                     else:
@@ -1007,6 +1019,9 @@ class H2ServerProtocol(Protocol):
                         if exchange is not None:
                             exchange._body_end()
                     continue
+                if type(what) is int:  # a WINDOW_UPDATE: h2's WindowUpdated
+                    self._window_updated(stream_id)
+                    continue
                 self._request(stream_id, what, bool(ended))
                 if self._closed:
                     return
@@ -1040,10 +1055,7 @@ class H2ServerProtocol(Protocol):
                 if self._closed:
                     return
             elif isinstance(event, WindowUpdated):
-                targets = list(self.streams.values()) if event.stream_id == 0 else [self.streams.get(event.stream_id)]
-                for exchange in targets:
-                    if exchange is not None:
-                        exchange._flush()
+                self._window_updated(event.stream_id)
             elif isinstance(event, ConnectionTerminated):
                 self._closed = True
                 self._flush()
@@ -1060,6 +1072,16 @@ class H2ServerProtocol(Protocol):
                 self._count_reset()  # reset for the client's error, a body off its Content-Length
                 if self._closed:
                     return
+
+    def _window_updated(self, stream_id: int) -> None:
+        """A send window opened: the stream's answer (or, for the connection's, every answer) may go on."""
+        if stream_id:
+            exchange = self.streams.get(stream_id)
+            if exchange is not None:
+                exchange._flush()
+        else:
+            for exchange in list(self.streams.values()):
+                exchange._flush()
 
     def _request(self, stream_id: int, fields: Headers, ended: bool) -> None:
         if len(self.streams) >= MAX_STREAMS:
