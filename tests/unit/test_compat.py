@@ -484,6 +484,26 @@ class H2CanaryTests(SynchronousTestCase):
         ours.close_connection()
         self.assertIsNone(compat_h2.answer_frames(ours, 11, small, encoder, b"x"), "a closed connection")
 
+    def test_settings_in_force_as_h2_reads_them(self) -> None:
+        """receive_request_headers reads h2's settings in force (not an unacknowledged change) as its properties do."""
+        server = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        server.initiate_connection()
+        server.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1000, SettingCodes.MAX_CONCURRENT_STREAMS: 7})
+        server.remote_settings.update({SettingCodes.INITIAL_WINDOW_SIZE: 2000})
+        fresh = compat_h2.H2Connection(H2Configuration(client_side=False)).local_settings
+
+        def limit(settings: Any) -> Any:  # as receive_request_headers reads it
+            value = settings._settings.get(SettingCodes.MAX_CONCURRENT_STREAMS, compat_h2._UNSET)[0]
+            return compat_h2._NO_STREAM_LIMIT if value is None else value
+
+        for settings in (server.local_settings, server.remote_settings, fresh):
+            self.assertEqual(settings._settings[SettingCodes.INITIAL_WINDOW_SIZE][0], settings.initial_window_size)
+            self.assertEqual(limit(settings), settings.max_concurrent_streams)
+        self.assertEqual(server.local_settings.initial_window_size, 65535, "the change is not acknowledged yet")
+        server.local_settings.acknowledge()
+        self.assertEqual(server.local_settings._settings[SettingCodes.INITIAL_WINDOW_SIZE][0], 1000)
+        self.assertEqual(limit(server.local_settings), 7)
+
     def test_receive_window_update_matches_h2s_own(self) -> None:
         """receive_window_update widens the windows h2's receive_data widens, and leaves to h2 what it must refuse."""
         from h2.events import WindowUpdated

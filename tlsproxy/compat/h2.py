@@ -17,11 +17,14 @@ from typing import Any
 
 from h2.connection import ConnectionInputs, ConnectionState, H2Connection, _decode_headers
 from h2.exceptions import InvalidBodyLengthError, ProtocolError
+from h2.settings import SettingCodes
 from h2.stream import H2Stream, StreamClosedBy, StreamInputs, StreamState
 from h2.utilities import is_informational_response, normalize_inbound_headers
 
 _HEADERS, _CONTINUATION = b"\x01", b"\x09"
 _LARGEST_WINDOW = 2**31 - 1  # RFC 9113 6.9.1
+_UNSET = (None,)  # a setting never set, as h2's Settings holds one that is not in force yet
+_NO_STREAM_LIMIT = 2**32 + 1  # h2's MAX_CONCURRENT_STREAMS while none is set
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 
 
@@ -113,11 +116,14 @@ def receive_request_headers(conn: H2Connection, stream_id: int, block: bytes, en
     request that looks like an informational answer) leaves the
     connection as h2's receive_data leaves it: GOAWAY queued, then raised.
     """
+    # The settings in force, read as Settings' properties read them, without their two or three calls each.
+    local = conn.local_settings._settings
+    limit = local.get(SettingCodes.MAX_CONCURRENT_STREAMS, _UNSET)[0]
     if (
         conn.state_machine.state is not ConnectionState.SERVER_OPEN
         or not stream_id & 1
         or stream_id <= conn.highest_inbound_stream_id
-        or _open_inbound_streams(conn) >= conn.local_settings.max_concurrent_streams
+        or _open_inbound_streams(conn) >= (_NO_STREAM_LIMIT if limit is None else limit)
     ):
         return None
     try:
@@ -125,8 +131,8 @@ def receive_request_headers(conn: H2Connection, stream_id: int, block: bytes, en
         stream = H2Stream(
             stream_id,
             config=conn.config,
-            inbound_window_size=conn.local_settings.initial_window_size,
-            outbound_window_size=conn.remote_settings.initial_window_size,
+            inbound_window_size=local[SettingCodes.INITIAL_WINDOW_SIZE][0],
+            outbound_window_size=conn.remote_settings._settings[SettingCodes.INITIAL_WINDOW_SIZE][0],
         )
         stream.max_outbound_frame_size = conn.max_outbound_frame_size
         conn.streams[stream_id] = stream
