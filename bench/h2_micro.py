@@ -1,13 +1,15 @@
 """The HTTP/2 server path alone, in memory: no TLS, no sockets, no app.
 
-    python bench/h2_micro.py [--requests N] [--streams 1|10] [--body BYTES] [--profile] [--callgrind]
+    python bench/h2_micro.py [--requests N] [--streams 1|10] [--body BYTES] [--window-updates] [--profile] [--callgrind]
 
 bench/instructions.py counts the whole proxy (TLS, the event loop, the upstream); this counts
 only what H2ServerProtocol does with a client's frames and an immediate 100-byte answer, so a
 change to the h2 path shows without the rest's noise. The requests are what h2load sends
 (its seven fields, HPACK-coded by h2's client with a dynamic table), ``--streams`` HEADERS
 frames per read. ``--body`` makes them uploads: POSTs with a Content-Length and one DATA frame
-each, answered once the body has ended. ``--profile`` prints cProfile's functions by call count; ``--callgrind`` runs
+each, answered once the body has ended. ``--window-updates`` adds to each read a WINDOW_UPDATE
+for the connection, as a browser or curl gives back what our answers took. ``--profile`` prints
+cProfile's functions by call count; ``--callgrind`` runs
 this script under callgrind twice, serving the same N requests once and twice, and prints the
 difference per request: what the h2 path costs in instructions, whatever else runs on the machine
 (the client's encoding, the imports and the warm-up cancel out).
@@ -71,8 +73,11 @@ class Body:
         self.exchange.respond(200, b"OK", [(b"content-type", b"text/plain"), (b"server", b"bench")], BODY)
 
 
-def client_reads(requests: int, streams: int, body: int = 0) -> list[bytes]:
-    """What a client sends: preface and SETTINGS, then ``streams`` requests per read (uploads of ``body`` bytes)."""
+def client_reads(requests: int, streams: int, body: int = 0, window_updates: bool = False) -> list[bytes]:
+    """What a client sends: preface and SETTINGS, then ``streams`` requests per read (uploads of ``body`` bytes).
+
+    With ``window_updates``, each read also gives the connection's window back (WINDOW_UPDATE, stream 0).
+    """
     client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
     client.initiate_connection()
     client.increment_flow_control_window(2**31 - 1 - 65535)
@@ -85,7 +90,10 @@ def client_reads(requests: int, streams: int, body: int = 0) -> list[bytes]:
     )
     reads = [client.data_to_send()]
     upload = [(b":method", b"POST"), *H2LOAD_FIELDS[1:], (b"content-length", b"%d" % body)]
-    for _ in range(requests // streams):
+    # The connection's window given back for the previous read's answers, before this read's requests.
+    update = b"\x00\x00\x04\x08\x00\x00\x00\x00\x00" + (len(BODY) * streams).to_bytes(4, "big")
+    for i in range(requests // streams):
+        head = update if window_updates and i else b""
         for _ in range(streams):
             stream = client.get_next_available_stream_id()
             if body:
@@ -93,7 +101,7 @@ def client_reads(requests: int, streams: int, body: int = 0) -> list[bytes]:
                 client.send_data(stream, b"u" * body, end_stream=True)
             else:
                 client.send_headers(stream, H2LOAD_FIELDS, end_stream=True)
-        reads.append(client.data_to_send())
+        reads.append(head + client.data_to_send())
     return reads
 
 
@@ -110,12 +118,12 @@ def run(reads: list[bytes]) -> int:
     return out
 
 
-def instructions(requests: int, streams: int, repeat: int, body: int) -> int:
+def instructions(requests: int, streams: int, repeat: int, body: int, window_updates: bool) -> int:
     """callgrind's count of instructions for a run of this script serving ``requests`` requests ``repeat`` times."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         argv = [sys.executable, __file__, "--requests", str(requests), "--streams", str(streams)]
-        argv += ["--repeat", str(repeat), "--body", str(body)]
+        argv += ["--repeat", str(repeat), "--body", str(body)] + (["--window-updates"] if window_updates else [])
         valgrind = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
         subprocess.run([*valgrind, *argv], check=True, capture_output=True)
         annotated = subprocess.run(["callgrind_annotate", str(out)], capture_output=True, text=True, check=True).stdout
@@ -130,14 +138,15 @@ def main() -> int:
     ap.add_argument("--streams", type=int, default=1)
     ap.add_argument("--repeat", type=int, default=1, help="serve the requests this many times")
     ap.add_argument("--body", type=int, default=0, help="uploads: each request a POST with a body this long")
+    ap.add_argument("--window-updates", action="store_true", help="a connection WINDOW_UPDATE in every read")
     ap.add_argument("--profile", action="store_true", help="cProfile, functions by call count")
     ap.add_argument("--callgrind", action="store_true", help="instrument only the measured loop")
     args = ap.parse_args()
-    reads = client_reads(args.requests, args.streams, args.body)
-    run(client_reads(200, args.streams, args.body))  # warm: imports, caches
+    reads = client_reads(args.requests, args.streams, args.body, args.window_updates)
+    run(client_reads(200, args.streams, args.body, args.window_updates))  # warm: imports, caches
     n = (len(reads) - 1) * args.streams
     if args.callgrind:
-        twice, once = (instructions(args.requests, args.streams, r, args.body) for r in (2, 1))
+        twice, once = (instructions(args.requests, args.streams, r, args.body, args.window_updates) for r in (2, 1))
         print(f"{args.streams} per read: {(twice - once) / n:,.0f} instructions per request")
         return 0
     if args.profile:

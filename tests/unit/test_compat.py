@@ -433,6 +433,118 @@ class H2CanaryTests(SynchronousTestCase):
         with self.assertRaises(StreamClosedError):
             compat_h2.answer_headers_frames(ours, 1, fields[:1], Encoder(), True)
 
+    def test_answer_frames_match_h2s_own(self) -> None:
+        """answer_frames writes what h2's send_headers and send_data(end_stream) write, and leaves the same state."""
+        from hpack import Encoder
+
+        def server_with_request(client: Any) -> Any:
+            server = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+            server.initiate_connection()
+            server.receive_data(client)
+            server.data_to_send()
+            return server
+
+        def state(conn: Any, stream: int) -> Any:
+            s = conn.streams[stream]
+            m = s.state_machine
+            return (m.state, m.headers_sent, m.stream_closed_by, s.outbound_flow_control_window)
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        get = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")]
+        for stream in (1, 3, 5, 7):  # 1 still open (a body may follow), the rest ended by the client
+            client.send_headers(stream, get, end_stream=stream > 1)
+        request = client.data_to_send()
+        small = [(b":status", b"200"), (b"content-type", b"text/plain")]
+        big = [(b":status", b"200"), (b"x-big", b"v" * 40000)]  # over one frame: CONTINUATIONs too
+        ours, theirs = server_with_request(request), server_with_request(request)
+        theirs.encoder = Encoder()
+        encoder = Encoder()
+        for stream, fields, body in ((3, small, b"hello"), (5, big, b"b" * 16384), (7, small, b"x")):
+            frames = compat_h2.answer_frames(ours, stream, fields, encoder, body)
+            theirs.send_headers(stream, fields)
+            theirs.send_data(stream, body, end_stream=True)
+            self.assertEqual(frames, theirs.data_to_send())
+            self.assertEqual(state(ours, stream), state(theirs, stream))
+            self.assertEqual(ours.outbound_flow_control_window, theirs.outbound_flow_control_window)
+        self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
+        before = state(ours, 1)
+        for stream, body in ((1, b"x"), (3, b"x"), (99, b"x")):  # not ended, answered already, unknown
+            self.assertIsNone(compat_h2.answer_frames(ours, stream, small, encoder, body))
+        client.send_headers(9, get, end_stream=True)
+        client.send_headers(11, get, end_stream=True)
+        ours.receive_data(client.data_to_send())
+        nine = state(ours, 9)
+        self.assertIsNone(compat_h2.answer_frames(ours, 9, small, encoder, b""), "an empty body")
+        self.assertIsNone(compat_h2.answer_frames(ours, 9, small, encoder, b"x" * 16385), "past the frame size")
+        ours.outbound_flow_control_window = 10
+        self.assertIsNone(compat_h2.answer_frames(ours, 9, small, encoder, b"x" * 11), "past the window")
+        self.assertEqual(state(ours, 1), before)
+        self.assertEqual(state(ours, 9), nine)
+        ours.close_connection()
+        self.assertIsNone(compat_h2.answer_frames(ours, 11, small, encoder, b"x"), "a closed connection")
+
+    def test_settings_in_force_as_h2_reads_them(self) -> None:
+        """receive_request_headers reads h2's settings in force (not an unacknowledged change) as its properties do."""
+        server = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        server.initiate_connection()
+        server.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1000, SettingCodes.MAX_CONCURRENT_STREAMS: 7})
+        server.remote_settings.update({SettingCodes.INITIAL_WINDOW_SIZE: 2000})
+        fresh = compat_h2.H2Connection(H2Configuration(client_side=False)).local_settings
+
+        def limit(settings: Any) -> Any:  # as receive_request_headers reads it
+            value = settings._settings.get(SettingCodes.MAX_CONCURRENT_STREAMS, compat_h2._UNSET)[0]
+            return compat_h2._NO_STREAM_LIMIT if value is None else value
+
+        for settings in (server.local_settings, server.remote_settings, fresh):
+            self.assertEqual(settings._settings[SettingCodes.INITIAL_WINDOW_SIZE][0], settings.initial_window_size)
+            self.assertEqual(limit(settings), settings.max_concurrent_streams)
+        self.assertEqual(server.local_settings.initial_window_size, 65535, "the change is not acknowledged yet")
+        server.local_settings.acknowledge()
+        self.assertEqual(server.local_settings._settings[SettingCodes.INITIAL_WINDOW_SIZE][0], 1000)
+        self.assertEqual(limit(server.local_settings), 7)
+
+    def test_receive_window_update_matches_h2s_own(self) -> None:
+        """receive_window_update widens the windows h2's receive_data widens, and leaves to h2 what it must refuse."""
+        from h2.events import WindowUpdated
+
+        client = compat_h2.H2Connection(H2Configuration(client_side=True))
+        client.initiate_connection()
+        get = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")]
+        for stream in (1, 3, 5):  # 1 open, 3 ended by the client, 5 answered and closed
+            client.send_headers(stream, get, end_stream=stream > 1)
+        request = client.data_to_send()
+        twins = []
+        for _ in range(2):
+            server = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+            server.initiate_connection()
+            server.receive_data(request)
+            server.send_headers(5, [(b":status", b"204")], end_stream=True)
+            server.data_to_send()
+            twins.append(server)
+        ours, theirs = twins
+
+        def windows(conn: Any) -> Any:
+            return conn.outbound_flow_control_window, {
+                i: s.outbound_flow_control_window for i, s in conn.streams.items()
+            }
+
+        for stream, increment in ((0, 1000), (1, 1), (3, 70000), (1, 2**31 - 65537)):
+            self.assertTrue(compat_h2.receive_window_update(ours, stream, increment))
+            events = theirs.receive_data(
+                b"\x00\x00\x04\x08\x00" + stream.to_bytes(4, "big") + increment.to_bytes(4, "big")
+            )
+            self.assertEqual([(type(e), e.stream_id, e.delta) for e in events], [(WindowUpdated, stream, increment)])
+            self.assertEqual(windows(ours), windows(theirs))
+            self.assertEqual(theirs.data_to_send(), b"")
+        before = windows(ours)
+        # A zero increment, overflows of the stream's and the connection's window, a closed and an unknown stream.
+        for stream, increment in ((3, 0), (1, 1), (0, 2**31 - 1), (5, 1), (7, 1)):
+            self.assertFalse(compat_h2.receive_window_update(ours, stream, increment))
+            self.assertEqual(windows(ours), before)
+        ours.close_connection()
+        self.assertFalse(compat_h2.receive_window_update(ours, 0, 1), "a closed connection")
+
     def test_data_frame_header_matches_h2s_own(self) -> None:
         """data_frame_header gives h2's DATA frame bytes and leaves the same states and windows behind."""
         from hpack import Encoder

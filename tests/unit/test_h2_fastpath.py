@@ -1,4 +1,4 @@
-"""The inbound fast path (H2ServerProtocol._split) against h2's receive_data: the same bytes in, the same bytes out."""
+"""The fast paths (H2ServerProtocol._split, H2Exchange.respond's one step) against h2's: same bytes in, same out."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tlsproxy.http.h2 import H2ServerProtocol
 from tlsproxy.http.server import Limits
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+SMALL_WINDOW = b"\x00\x04\x00\x00\x00\x03"
 GET = [(b":method", b"GET"), (b":scheme", b"https"), (b":authority", b"app.test")]
 
 
@@ -23,7 +24,7 @@ def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
 
 
 class Recorder:
-    """Answers /a at once with a body, reads every request's body, and writes down all it saw."""
+    """Answers /a at once with a body (/e with none), reads every request's body, and writes down all it saw."""
 
     def __init__(self) -> None:
         self.log: list[Any] = []
@@ -44,6 +45,8 @@ class Recorder:
         exchange.set_body_consumer(Body())
         if head.target == b"/a":
             exchange.respond(200, b"OK", [(b"content-type", b"text/plain")], b"hello")
+        elif head.target == b"/e":
+            exchange.respond(200, b"OK", [], b"")
 
 
 # Request fields: plain, with a body, split cookies, and ones parse_request or h2 refuses.
@@ -63,6 +66,8 @@ FIELDS = [
     [(b":path", b"/b"), *GET, (b"content-length", b"x1")],
     [(b":status", b"100")],
     [(b":path", b"/a"), *GET, (b"te", b"gzip")],
+    [(b":path", b"/e"), *GET],
+    [(b":method", b"HEAD"), (b":path", b"/a"), (b":scheme", b"https"), (b":authority", b"app.test")],
 ]
 
 item = st.one_of(
@@ -70,9 +75,11 @@ item = st.one_of(
     st.tuples(st.just("data"), st.integers(-3, 0), st.binary(max_size=6), st.booleans()),
     st.tuples(st.just("data"), st.just(-1), st.binary(max_size=6), st.booleans()),
     st.tuples(st.just("ping"), st.booleans()),
-    st.tuples(st.just("window"), st.integers(-3, 0), st.sampled_from([1, 1000, 0, 2**31 - 1])),
+    st.tuples(st.just("window"), st.integers(-3, 0), st.sampled_from([1, 1000, 0, 2**31 - 100, 2**31 - 1])),
+    st.tuples(st.just("window0"), st.sampled_from([1, 1000, 2**31 - 70000, 2**31 - 1])),
     st.tuples(st.just("reset"), st.integers(-3, 0), st.sampled_from([0, 8])),
-    st.tuples(st.just("settings"), st.sampled_from([b"", b"\x00\x04\x00\x00\x10\x00", b"ack"])),
+    # INITIAL_WINDOW_SIZE 4096, or 3: too small for an answer's body
+    st.tuples(st.just("settings"), st.sampled_from([b"", b"\x00\x04\x00\x00\x10\x00", SMALL_WINDOW, b"ack"])),
     st.tuples(st.just("priority"), st.integers(-3, 0)),
     st.tuples(st.just("open block"), st.booleans()),
     st.tuples(st.just("stale"), st.integers(-3, 0)),
@@ -112,6 +119,8 @@ def client_bytes(items: list[Any]) -> tuple[bytes, bytes]:
             out.append(frame(6, 1 if it[1] else 0, 0, b"12345678"))
         elif kind == "window":
             out.append(frame(8, 0, pick(it[1]) if it[2] != 2**31 - 1 else 0, it[2].to_bytes(4, "big")))
+        elif kind == "window0":  # the connection's window
+            out.append(frame(8, 0, 0, it[1].to_bytes(4, "big")))
         elif kind == "reset":
             out.append(frame(3, 0, pick(it[1]), it[2].to_bytes(4, "big")))
         elif kind == "settings":
@@ -136,7 +145,7 @@ def serve(first: bytes, data: bytes, cuts: list[int], fast: bool) -> list[Any]:
     """What a server with or without the fast path does, read by read: ``first``, then ``data`` cut at ``cuts``."""
     handler = Recorder()
     server = H2ServerProtocol(handler, Clock(), Limits())
-    server.fast_inbound = fast
+    server.fast_inbound = server.fast_answer = fast
     transport = StringTransport()
     server.makeConnection(transport)
     server.dataReceived(first)
@@ -157,7 +166,8 @@ def serve(first: bytes, data: bytes, cuts: list[int], fast: bool) -> list[Any]:
         i: (s.state_machine.state, s.inbound_flow_control_window, s.outbound_flow_control_window)
         for i, s in conn.streams.items()
     }
-    seen.append((conn.state_machine.state, conn.highest_inbound_stream_id, conn.inbound_flow_control_window))
+    windows = (conn.inbound_flow_control_window, conn.outbound_flow_control_window)
+    seen.append((conn.state_machine.state, conn.highest_inbound_stream_id, windows))
     seen.append((streams, sorted(server.streams)))
     return seen
 
@@ -173,14 +183,19 @@ def serve(first: bytes, data: bytes, cuts: list[int], fast: bool) -> list[Any]:
 @example([("request", 7, True, 0), ("request", 0, True, 0)], [])
 @example([("request", 0, True, 0), ("open block", True), ("request", 3, True, 0)], [20])
 @example([("request", 0, True, 0), ("garbage", 1, 4, 0, b""), ("request", 0, True, 0)], [])
+@example([("settings", SMALL_WINDOW), ("request", 0, True, 0), ("window", -1, 1000)], [])
+@example([("request", 9, True, 0), ("request", 10, True, 0), ("request", 0, False, 0), ("data", -1, b"", True)], [])
+@example([("request", 1, True, 0), ("window", -1, 1000), ("window0", 1000), ("window0", 2**31 - 70000)], [])
+@example([("request", 1, True, 0), ("window", -1, 2**31 - 100), ("request", 1, True, 0)], [])
+@example([("settings", SMALL_WINDOW), ("request", 0, True, 0), ("window0", 1), ("window", -1, 1), ("ping", False)], [])
 def test_fast_path_and_h2_agree(items: list[Any], cuts: list[int]) -> None:
-    """Any byte stream, cut anywhere: with and without the fast path the same bytes go out and the app sees the same."""
+    """Any byte stream, cut anywhere: with and without the fast paths, the same bytes out and the same app view."""
     first, data = client_bytes(items)
     assert serve(first, data, cuts, True) == serve(first, data, cuts, False)
 
 
 def test_fast_path_takes_requests_past_h2() -> None:
-    """After the first request, a request's HEADERS frame never reaches h2's receive_data, and its answer comes."""
+    """After the first request, no request's HEADERS frame reaches h2's receive_data; its answer goes in one step."""
     first, data = client_bytes([("request", 0, True, 0)] * 5)
     handler = Recorder()
     server = H2ServerProtocol(handler, Clock(), Limits())
@@ -189,11 +204,35 @@ def test_fast_path_takes_requests_past_h2() -> None:
     fed: list[bytes] = []
     receive = server.conn.receive_data
     server.conn.receive_data = lambda chunk: fed.append(chunk) or receive(chunk)  # type: ignore[method-assign]
+    steps: list[int] = []
+    server.send_headers = server.send_data = lambda stream, *_: steps.append(stream)  # type: ignore[method-assign]
     server.dataReceived(first)
     server.dataReceived(data)
     assert len(fed) == 1, "only the preface, SETTINGS and the first request went through h2"
+    assert steps == [], "every answer went out in one step (H2ServerProtocol.answer)"
     assert [e[1] for e in handler.log if e[0] == "request"] == [1, 3, 5, 7, 9, 11]
     assert transport.value().count(b"hello") == 6
+
+
+def test_window_updates_pass_h2_and_release_a_waiting_answer() -> None:
+    """A WINDOW_UPDATE (the connection's or an open stream's) passes h2's receive_data, and the answer goes on."""
+    first, data = client_bytes([("settings", SMALL_WINDOW), ("request", 0, True, 0)])
+    handler = Recorder()
+    server = H2ServerProtocol(handler, Clock(), Limits())
+    transport = StringTransport()
+    server.makeConnection(transport)
+    server.dataReceived(first)
+    transport.clear()
+    server.dataReceived(data)
+    assert b"hel" in transport.value() and b"hello" not in transport.value(), "three bytes, the stream's window"
+    transport.clear()
+    fed: list[bytes] = []
+    receive = server.conn.receive_data
+    server.conn.receive_data = lambda chunk: fed.append(chunk) or receive(chunk)  # type: ignore[method-assign]
+    server.dataReceived(frame(8, 0, 0, (1000).to_bytes(4, "big")) + frame(8, 0, 3, (1000).to_bytes(4, "big")))
+    assert fed == []
+    assert transport.value() == frame(0, 1, 3, b"lo"), "the rest of the body, with END_STREAM"
+    assert 3 not in server.streams
 
 
 def answers(first: bytes, data: bytes, fast: bool) -> tuple[list[Any], list[Any]]:
@@ -202,7 +241,7 @@ def answers(first: bytes, data: bytes, fast: bool) -> tuple[list[Any], list[Any]
 
     handler = Recorder()
     server = H2ServerProtocol(handler, Clock(), Limits())
-    server.fast_inbound = fast
+    server.fast_inbound = server.fast_answer = fast
     transport = StringTransport()
     server.makeConnection(transport)
     server.dataReceived(first)

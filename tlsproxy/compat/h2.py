@@ -17,10 +17,14 @@ from typing import Any
 
 from h2.connection import ConnectionInputs, ConnectionState, H2Connection, _decode_headers
 from h2.exceptions import InvalidBodyLengthError, ProtocolError
+from h2.settings import SettingCodes
 from h2.stream import H2Stream, StreamClosedBy, StreamInputs, StreamState
 from h2.utilities import is_informational_response, normalize_inbound_headers
 
 _HEADERS, _CONTINUATION = b"\x01", b"\x09"
+_LARGEST_WINDOW = 2**31 - 1  # RFC 9113 6.9.1
+_UNSET = (None,)  # a setting never set, as h2's Settings holds one that is not in force yet
+_NO_STREAM_LIMIT = 2**32 + 1  # h2's MAX_CONCURRENT_STREAMS while none is set
 _END_STREAM, _END_HEADERS = 0x1, 0x4
 
 
@@ -112,11 +116,14 @@ def receive_request_headers(conn: H2Connection, stream_id: int, block: bytes, en
     request that looks like an informational answer) leaves the
     connection as h2's receive_data leaves it: GOAWAY queued, then raised.
     """
+    # The settings in force, read as Settings' properties read them, without their two or three calls each.
+    local = conn.local_settings._settings
+    limit = local.get(SettingCodes.MAX_CONCURRENT_STREAMS, _UNSET)[0]
     if (
         conn.state_machine.state is not ConnectionState.SERVER_OPEN
         or not stream_id & 1
         or stream_id <= conn.highest_inbound_stream_id
-        or _open_inbound_streams(conn) >= conn.local_settings.max_concurrent_streams
+        or _open_inbound_streams(conn) >= (_NO_STREAM_LIMIT if limit is None else limit)
     ):
         return None
     try:
@@ -124,8 +131,8 @@ def receive_request_headers(conn: H2Connection, stream_id: int, block: bytes, en
         stream = H2Stream(
             stream_id,
             config=conn.config,
-            inbound_window_size=conn.local_settings.initial_window_size,
-            outbound_window_size=conn.remote_settings.initial_window_size,
+            inbound_window_size=local[SettingCodes.INITIAL_WINDOW_SIZE][0],
+            outbound_window_size=conn.remote_settings._settings[SettingCodes.INITIAL_WINDOW_SIZE][0],
         )
         stream.max_outbound_frame_size = conn.max_outbound_frame_size
         conn.streams[stream_id] = stream
@@ -191,6 +198,33 @@ def receive_data_frame(conn: H2Connection, stream_id: int, length: int, end_stre
     return True
 
 
+def receive_window_update(conn: H2Connection, stream_id: int, increment: int) -> bool:
+    """Widen a send window by a WINDOW_UPDATE's ``increment`` as h2 would; False (nothing done) where h2 must.
+
+    Browsers and curl send one for every few DATA frames they take.  Taken
+    here: a connection's (stream 0) or an open stream's, with an increment
+    above 0 that keeps the window within 2**31-1.  Anything else (a zero
+    increment, an overflow, a closed or unknown stream) is h2's to answer:
+    a connection error, a stream reset, or nothing.
+    """
+    if not increment or conn.state_machine.state is not ConnectionState.SERVER_OPEN:
+        return False
+    if not stream_id:
+        window = conn.outbound_flow_control_window + increment
+        if window > _LARGEST_WINDOW:
+            return False
+        conn.outbound_flow_control_window = window
+        return True
+    stream = conn.streams.get(stream_id)
+    if stream is None or stream.state_machine.state not in _OPEN:
+        return False
+    window = stream.outbound_flow_control_window + increment
+    if window > _LARGEST_WINDOW:
+        return False
+    stream.outbound_flow_control_window = window
+    return True
+
+
 def answer_headers_frames(
     conn: H2Connection, stream_id: int, fields: Any, encoder: Any, end_stream: bool
 ) -> bytes | None:
@@ -225,7 +259,11 @@ def answer_headers_frames(
         machine.process_input(StreamInputs.SEND_HEADERS)
         if end_stream:
             machine.process_input(StreamInputs.SEND_END_STREAM)
-    block = encoder.encode(fields)
+    return _headers_frames(conn, stream_id, encoder.encode(fields), end_stream)
+
+
+def _headers_frames(conn: H2Connection, stream_id: int, block: bytes, end_stream: bool) -> bytes:
+    """A header block as a HEADERS frame, with CONTINUATIONs past the peer's frame size, as h2 splits it."""
     size = conn.max_outbound_frame_size
     sid = stream_id.to_bytes(4, "big")
     first = _END_STREAM if end_stream else 0
@@ -271,6 +309,51 @@ def data_frame_header(conn: H2Connection, stream_id: int, data: bytes, end_strea
     stream.outbound_flow_control_window -= size
     conn.outbound_flow_control_window -= size
     return size.to_bytes(3, "big") + (b"\x00\x01" if end_stream else b"\x00\x00") + stream_id.to_bytes(4, "big")
+
+
+def answer_frames(conn: H2Connection, stream_id: int, fields: Any, encoder: Any, body: bytes) -> bytes | None:
+    """A whole answer to an ended request: HEADERS, then one DATA frame with ``body`` and END_STREAM, as bytes.
+
+    What h2's send_headers then send_data(end_stream=True) write and do to
+    its state, in one step: the stream's headers sent, its state CLOSED
+    (by SEND_END_STREAM), both send windows shrunk by the body.  An answer
+    of a few hundred bytes to a GET is the common case, and going through
+    the two functions (and the exchange's flow control between them) was
+    a third of an HTTP/2 request's cost.  None, with nothing changed, for
+    anything else (a stream not HALF_CLOSED_REMOTE with nothing sent yet,
+    the connection not serving, an empty body, a body past a window or
+    the frame size): the caller takes the step-by-step way.
+    """
+    stream = conn.streams.get(stream_id)
+    size = len(body)
+    if (
+        stream is None
+        or not size
+        or size > conn.outbound_flow_control_window
+        or size > stream.outbound_flow_control_window
+        or size > conn.max_outbound_frame_size
+        or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+    ):
+        return None
+    machine = stream.state_machine
+    if (
+        machine.state is not StreamState.HALF_CLOSED_REMOTE
+        or machine.headers_sent is not None
+        or machine.client is not False
+    ):
+        return None
+    block = encoder.encode(fields)  # first: an encoder error leaves the state as it was
+    machine.headers_sent = True
+    machine.state = StreamState.CLOSED
+    machine.stream_closed_by = StreamClosedBy.SEND_END_STREAM
+    stream.outbound_flow_control_window -= size
+    conn.outbound_flow_control_window -= size
+    sid = stream_id.to_bytes(4, "big")
+    if len(block) <= conn.max_outbound_frame_size:
+        head = len(block).to_bytes(3, "big") + _HEADERS + b"\x04" + sid + block
+    else:
+        head = _headers_frames(conn, stream_id, block, False)
+    return b"".join((head, size.to_bytes(3, "big"), b"\x00\x01", sid, body))
 
 
 def hpack_static_table() -> tuple[tuple[bytes, bytes], ...]:

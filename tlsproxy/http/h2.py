@@ -42,6 +42,7 @@ from twisted.python.failure import Failure
 
 from tlsproxy.compat.h2 import (
     StreamErrorConnection,
+    answer_frames,
     answer_headers_frames,
     data_frame_header,
     hpack_huffman,
@@ -49,6 +50,7 @@ from tlsproxy.compat.h2 import (
     inbound_ready,
     receive_data_frame,
     receive_request_headers,
+    receive_window_update,
     use_decoder,
 )
 from tlsproxy.deadline import Deadline
@@ -91,6 +93,7 @@ _BLANK = (b" ", b"\t")
 
 
 _DATA, _HEADERS, _PRIORITY, _SETTINGS, _PUSH_PROMISE, _PING, _CONTINUATION = 0x0, 0x1, 0x2, 0x4, 0x5, 0x6, 0x9
+_WINDOW_UPDATE = 0x8
 _END_HEADERS = 0x4
 _ACK = _END_STREAM = 0x1
 # A HEADERS frame's END_HEADERS, PADDED and PRIORITY flags: the fast path takes END_HEADERS alone.
@@ -98,6 +101,8 @@ _PADDED = 0x8
 _HEADERS_SHAPE = _END_HEADERS | _PADDED | 0x20
 # Whether new connections take requests' HEADERS and DATA frames past h2's receive_data (H2ServerProtocol._split).
 FAST_INBOUND = True
+# A whole answer that fits the windows goes out as HEADERS and DATA bytes in one step (H2Exchange.respond).
+FAST_ANSWER = True
 
 
 class FrameWatch:
@@ -579,6 +584,15 @@ class H2Exchange:
             if observer is not None:
                 observer.client_gone()
             return
+        fields = self._fields(status, headers, content_length)
+        end = self.no_body or status in (204, 304)
+        self._proto.send_headers(self.stream_id, fields, end)
+        if end:
+            self._finished = True
+            self._proto.stream_done(self)
+
+    def _fields(self, status: int, headers: ResponseFields, content_length: int | None) -> Headers:
+        """The answer's HTTP/2 fields: what h2's outbound normalisation and checks would make of them."""
         fields: Headers = [(b":status", b"%d" % status)]
         if isinstance(headers, bytes):
             headers = split_fields(headers)
@@ -595,15 +609,25 @@ class H2Exchange:
                 fields.append((name, value))
         if content_length is not None and status not in (204, 304):
             fields.append((b"content-length", b"%d" % content_length))
-        end = self.no_body or status in (204, 304)
-        self._proto.send_headers(self.stream_id, fields, end)
-        if end:
-            self._finished = True
-            self._proto.stream_done(self)
+        return fields
 
     def respond(self, status: int, reason: bytes, headers: ResponseFields, body: bytes) -> None:
         """A whole answer: HEADERS and one DATA frame that ends the stream, in one write if the window allows."""
         proto = self._proto
+        if (
+            body
+            and not self._started
+            and not self._reset
+            and not self.no_body
+            and status >= 200
+            and status not in (204, 304)
+            and proto.fast_answer
+            and proto.answer(self.stream_id, self._fields(status, headers, len(body)), body)
+        ):
+            # The common case in one step: no flow control to wait for, nothing left to send.
+            self._started = self._finished = True
+            proto.stream_done(self)
+            return
         proto.hold()
         try:
             self.start_response(status, reason, headers, len(body))
@@ -743,6 +767,7 @@ class H2ServerProtocol(Protocol):
         self._streams_due_at: float | None = None
         self._frames = FrameWatch()
         self.fast_inbound = FAST_INBOUND
+        self.fast_answer = FAST_ANSWER
         self._rest = b""  # part of a frame header, held by the fast path for the next read
         # While above zero, frames wait in h2's buffer for one TLS write (see hold).
         self._held = 0
@@ -923,7 +948,11 @@ class H2ServerProtocol(Protocol):
                 break
             flags = data[pos + 4]
             kind = data[pos + 3]
-            if (kind == _HEADERS and flags & _HEADERS_SHAPE == _END_HEADERS) or (kind == _DATA and not flags & _PADDED):
+            if (
+                (kind == _HEADERS and flags & _HEADERS_SHAPE == _END_HEADERS)
+                or (kind == _DATA and not flags & _PADDED)
+                or (kind == _WINDOW_UPDATE and length == 4)
+            ):
                 if slow >= 0:
                     more = self._h2_receive(data[slow:pos])
                     if more is None:
@@ -934,7 +963,13 @@ class H2ServerProtocol(Protocol):
                         rest = False
                         break
                 stream_id = int.from_bytes(data[pos + 5 : pos + 9], "big") & 0x7FFFFFFF
-                if kind == _DATA:
+                if kind == _WINDOW_UPDATE:
+                    increment = int.from_bytes(data[pos + 9 : end], "big")
+                    if receive_window_update(conn, stream_id, increment):
+                        events.append((stream_id, increment, 0))  # h2's WindowUpdated
+                    else:
+                        slow = pos
+                elif kind == _DATA:
                     if receive_data_frame(conn, stream_id, length, bool(flags & _END_STREAM)):
                         events.append((stream_id, data[pos + 9 : end], flags & _END_STREAM))
                     else:
@@ -984,6 +1019,9 @@ class H2ServerProtocol(Protocol):
                         if exchange is not None:
                             exchange._body_end()
                     continue
+                if type(what) is int:  # a WINDOW_UPDATE: h2's WindowUpdated
+                    self._window_updated(stream_id)
+                    continue
                 self._request(stream_id, what, bool(ended))
                 if self._closed:
                     return
@@ -1017,10 +1055,7 @@ class H2ServerProtocol(Protocol):
                 if self._closed:
                     return
             elif isinstance(event, WindowUpdated):
-                targets = list(self.streams.values()) if event.stream_id == 0 else [self.streams.get(event.stream_id)]
-                for exchange in targets:
-                    if exchange is not None:
-                        exchange._flush()
+                self._window_updated(event.stream_id)
             elif isinstance(event, ConnectionTerminated):
                 self._closed = True
                 self._flush()
@@ -1037,6 +1072,16 @@ class H2ServerProtocol(Protocol):
                 self._count_reset()  # reset for the client's error, a body off its Content-Length
                 if self._closed:
                     return
+
+    def _window_updated(self, stream_id: int) -> None:
+        """A send window opened: the stream's answer (or, for the connection's, every answer) may go on."""
+        if stream_id:
+            exchange = self.streams.get(stream_id)
+            if exchange is not None:
+                exchange._flush()
+        else:
+            for exchange in list(self.streams.values()):
+                exchange._flush()
 
     def _request(self, stream_id: int, fields: Headers, ended: bool) -> None:
         if len(self.streams) >= MAX_STREAMS:
@@ -1105,6 +1150,20 @@ class H2ServerProtocol(Protocol):
             return
         if not self._held:
             self._flush_soon()
+
+    def answer(self, stream_id: int, fields: Headers, body: bytes) -> bool:
+        """Send a whole answer (HEADERS, then ``body`` with END_STREAM) if it fits the windows at once; False if not."""
+        conn = self.conn
+        frames = answer_frames(conn, stream_id, fields, self._encoder, body)
+        if frames is None:
+            return False
+        held = conn.data_to_send()  # before ours, in order
+        if held:
+            self._pending.append(held)
+        self._pending.append(frames)
+        if not self._held:
+            self._flush_soon()
+        return True
 
     def send_data(self, stream_id: int, data: bytes, end: bool = False) -> None:
         conn = self.conn
