@@ -230,7 +230,7 @@ class LineObserver:
             if self._timer.active():
                 self._timer.cancel()
             self._timer = None
-        if self.dropped:
+        if self.dropped and not self.held:  # once the backlog is out: one line with the whole count
             self.pending.append(self._dropped_line())
         if self.pending:
             self.held += "".join(self.pending).encode(self._encoding, self._errors)
@@ -242,7 +242,7 @@ class LineObserver:
         done = self._write(self.held, block=False)
         self.held = self.held[done:]
         self.pending_size = len(self.held)
-        if self.held and self.factory.clock is not None:
+        if (self.held or self.dropped) and self.factory.clock is not None:
             self._timer = self.factory.clock.callLater(FLUSH_SECONDS, self.flush)
 
     def _write(self, data: bytes, block: bool) -> int:
