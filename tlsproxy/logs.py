@@ -58,6 +58,7 @@ _SKIP = frozenset(
 
 FLUSH_SECONDS = 0.1
 FLUSH_BYTES = 64 * 1024
+BATCH_LINES = 256  # appended to an open batch as is: a few dozen KiB
 MAX_PENDING = 4 * 1024 * 1024
 # A write of at most this much to a pipe is atomic: lines of several workers on one pipe never mix.
 PIPE_BUF = select.PIPE_BUF
@@ -143,6 +144,9 @@ class LineObserver:
         self.dropped = 0
         self.closed = False
         self._timer: Any = None
+        # The batch waiting for the timer, while an access line may simply be appended to it
+        # (the access log does, up to BATCH_LINES lines): None when lines must go through put().
+        self.batch: list[str] | None = None
         self._fd: int | None = None
         self._poll: Any = None  # None: a regular file (or no descriptor), written whole
         try:
@@ -210,6 +214,8 @@ class LineObserver:
             self.flush()
         elif self._timer is None:
             self._timer = clock.callLater(FLUSH_SECONDS, self.flush)
+            if not urgent and not self.held:
+                self.batch = self.pending
 
     def _dropped_line(self) -> str:
         n, self.dropped = self.dropped, 0
@@ -226,6 +232,7 @@ class LineObserver:
 
     def flush(self) -> None:
         """Write what the output takes now without waiting; the rest waits for the timer."""
+        self.batch = None
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()
@@ -269,6 +276,7 @@ class LineObserver:
     def close(self) -> None:
         """At shutdown: write everything left, waiting if the output must; later lines go out one by one."""
         self.closed = True
+        self.batch = None
         if self._timer is not None:
             if self._timer.active():
                 self._timer.cancel()

@@ -371,7 +371,9 @@ def test_duration_is_written_as_round_writes_it(ms: float) -> None:
     exchange.started = 0.0
     clock.advance(100.0)
     exchange.started = 100.0 - ms / 1000
-    line = AccessLog(clock)._text_line(exchange, 200, 1, "s", "u")
+    out = io.StringIO()
+    AccessLog(clock, lines=LogOutput("text")(out)).log(exchange, 200, 1, "s", "u")
+    line = out.getvalue()
     assert f" duration_ms={round((100.0 - exchange.started) * 1000, 3)} " in line
 
 

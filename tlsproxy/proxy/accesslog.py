@@ -40,7 +40,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from tlsproxy.http.exchange import Exchange
-from tlsproxy.logs import LineObserver, installed_lines
+from tlsproxy.logs import BATCH_LINES, LineObserver, installed_lines
 from tlsproxy.proxy.headers import Network, is_trusted
 
 REQUEST_ID = b"x-request-id"
@@ -66,6 +66,7 @@ log = Logger(namespace="tlsproxy.accesslog")
 _METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")}
 _PROTOCOLS = {v: "HTTP/" + v.decode() for v in (b"1.0", b"1.1", b"2")}
 _HOSTS: dict[bytes, str] = {}
+_AGENTS: dict[bytes, str] = {}
 
 
 # A random prefix per process and a counter: unique across processes and restarts, and no
@@ -233,33 +234,26 @@ class AccessLog:
         lines = self.lines
         if lines is None and self.direct and self.stdout:
             lines = self.lines = installed_lines()  # there once twist began logging; it stays
-        if lines is not None and self.file is None and lines.factory.log_format != "json":
-            lines.access_text(self._text_line(exchange, status, size, site, upstream))
+        if lines is None or self.file is not None or lines.factory.log_format == "json":
+            self._log_record(lines, exchange, status, size, site, upstream, received)
             return
-        fields = self.record(exchange, status, size, site, upstream, received)
-        if lines is not None and self.stdout:
-            if lines.factory.log_format == "json":
-                lines.access_json(fields)
-            else:
-                lines.access_text(self.line(fields))
-        elif self.stdout:
-            self.logger.info(_FORMAT, **self._text_fields(fields))
-        if self.file is not None:
-            self.file.write(json.dumps(fields, separators=(",", ":")) + "\n")
-
-    def _text_line(self, exchange: Exchange, status: int, size: int, site: str, upstream: str) -> str:
-        """``line(record(...))`` without the record: the default log, and every request passes here."""
+        # The default: line(record(...)) without the record, inline, as every request passes here.
         now = self.clock.seconds()
         head = exchange.head
-        started = getattr(exchange, "started", 0.0) or now
+        try:
+            started = exchange.started or now
+            request_id = exchange.request_id or "-"
+        except AttributeError:  # not seen by begin()
+            started = getattr(exchange, "started", 0.0) or now
+            request_id = getattr(exchange, "request_id", "") or "-"
         value = head.get(b"user-agent")
-        agent = value.decode("latin-1") if value else "-"
-        if '"' in agent or "\\" in agent:
-            agent = _quote(agent)
+        agent: str | None = "-"
+        if value:
+            agent = _AGENTS.get(value)
+            if agent is None:
+                agent = _cached(_AGENTS, value, _quoted(value))
         value = head.get(b"referer")
-        referer = value.decode("latin-1") if value else "-"
-        if '"' in referer or "\\" in referer:
-            referer = _quote(referer)
+        referer = _quoted(value) if value else "-"
         method, target, version = head.method, head.target, head.version
         request = (
             f"{_METHODS.get(method) or (method.decode('latin-1') if method else '-')} "
@@ -271,18 +265,55 @@ class AccessLog:
         stamp = self._stamp if int(now) == self._second else self._clf_time(now)
         host = _HOSTS.get(head.host)
         if host is None:
-            host = head.host.decode("latin-1") if head.host else "-"
-            if len(_HOSTS) < 256:  # a site's few names; what clients make up is decoded each time
-                _HOSTS[head.host] = host
+            host = _cached(_HOSTS, head.host, head.host.decode("latin-1")) if head.host else "-"
         # What str(round(ms, 3)) writes, at a third of the cost: both round the exact value to 3 places.
         duration = f"{(now - started) * 1000:.3f}".rstrip("0")
         if duration[-1] == ".":
             duration += "0"
-        return (
+        line = (
             f'{exchange.client_address or "-"} - - [{stamp}] "{request}" {status} {size or "-"} "{referer}" '
-            f'"{agent}" host={host} site={site or "-"} '
-            f"upstream={upstream or '-'} duration_ms={duration} request_id={getattr(exchange, 'request_id', '') or '-'}"
+            f'"{agent}" host={host} site={site or "-"} upstream={upstream or "-"} duration_ms={duration} '
+            f"request_id={request_id}\n"
         )
+        batch = lines.batch
+        if batch is not None and len(batch) < BATCH_LINES:
+            batch.append(line)
+        else:
+            lines.access_text(line[:-1])
+
+    def _log_record(
+        self,
+        lines: LineObserver | None,
+        exchange: Exchange,
+        status: int,
+        size: int,
+        site: str,
+        upstream: str,
+        received: int,
+    ) -> None:
+        """The record's ways: JSON on stdout, the file, Twisted's publisher (no observer of ours)."""
+        fields = self.record(exchange, status, size, site, upstream, received)
+        if lines is not None:
+            if lines.factory.log_format == "json":
+                lines.access_json(fields)
+            else:
+                lines.access_text(self.line(fields))
+        elif self.stdout:
+            self.logger.info(_FORMAT, **self._text_fields(fields))
+        if self.file is not None:
+            self.file.write(json.dumps(fields, separators=(",", ":")) + "\n")
+
+
+def _quoted(value: bytes) -> str:
+    text = value.decode("latin-1")
+    return _quote(text) if '"' in text or "\\" in text else text
+
+
+def _cached(cache: dict[bytes, str], value: bytes, text: str) -> str:
+    """Remember ``text``, how ``value`` is written in the line, while the cache has room (hosts, user agents)."""
+    if len(cache) < 256:  # a site's few names, its clients' few agents; what else comes is decoded each time
+        cache[value] = text
+    return text
 
 
 RunInThread = Callable[..., "Deferred[Any]"]
