@@ -422,3 +422,24 @@ def test_the_installed_output_gets_the_lines_and_the_file_its_json(tmp_path: Pat
     first, second = out.getvalue().splitlines()
     assert '"GET /x HTTP/1.1" 200 5' in first and '"GET /x HTTP/1.1" 201 5' in second
     assert json.loads((tmp_path / "a.log").read_text())["status"] == 201
+
+
+def test_many_requests_reach_the_file_in_order_through_the_open_batch(tmp_path: Path, monkeypatch: Any) -> None:
+    """Lines appended to the open batch and those past BATCH_LINES all go out by the timer, in request order."""
+    monkeypatch.setattr(logs, "_installed", None)
+    reactor = MemoryReactorClock()
+    output = LogOutput("text")
+    output.install(reactor)
+    with open(tmp_path / "out", "w") as stream:
+        output(stream)
+        access = AccessLog(reactor)
+        for n in range(3 * logs.BATCH_LINES):
+            exchange = exchange_with()
+            exchange.head.target = b"/%d" % n
+            begin(exchange, reactor, ())
+            access.log(exchange, 200, n)
+        early = (tmp_path / "out").read_text().count("\n")  # at most what filled FLUSH_BYTES
+        assert early < 3 * logs.BATCH_LINES
+        reactor.advance(logs.FLUSH_SECONDS)
+        lines = (tmp_path / "out").read_text().splitlines()
+    assert [line.split('"')[1] for line in lines] == [f"GET /{n} HTTP/1.1" for n in range(3 * logs.BATCH_LINES)]
