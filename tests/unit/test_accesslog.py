@@ -363,18 +363,34 @@ def test_direct_text_line_is_byte_for_byte_the_formatted_one() -> None:
     )
 
 
-@given(st.floats(min_value=-10.0, max_value=1e9, allow_nan=False) | st.integers(0, 10**9).map(lambda n: n / 1000))
-def test_duration_is_written_as_round_writes_it(ms: float) -> None:
-    """duration_ms in the text line is str(round(ms, 3)), the record's value, for any duration."""
+def duration_written(ms: float) -> str:
     clock = Clock()
+    clock.advance(1e9)
     exchange = exchange_with()
-    exchange.started = 0.0
-    clock.advance(100.0)
-    exchange.started = 100.0 - ms / 1000
+    exchange.started = 1e9 - ms / 1000  # never 0.0, which means "not started"
     out = io.StringIO()
     AccessLog(clock, lines=LogOutput("text")(out)).log(exchange, 200, 1, "s", "u")
-    line = out.getvalue()
-    assert f" duration_ms={round((100.0 - exchange.started) * 1000, 3)} " in line
+    written = out.getvalue().split(" duration_ms=")[1].split()[0]
+    assert written == str(round((1e9 - exchange.started) * 1000, 3)), ms
+    return written
+
+
+def test_duration_near_ties_and_edges_is_what_round_writes() -> None:
+    """Halfway thousandths, tiny, negative and huge durations come out as str(round(ms, 3))."""
+    for ms in [0.0005, 0.0015, 1.0005, 2.675, 2.6745, 42.5, 999.9995, -0.0004, -3.25, 1e12 + 0.5, 0.1]:
+        duration_written(ms)
+    for n in range(1, 3_000_000, 37):
+        duration_written(n / 2000)  # ties and non-ties of the fourth decimal
+
+
+@given(
+    st.floats(min_value=-10.0, max_value=1e13, allow_nan=False)
+    | st.integers(0, 10**9).map(lambda n: n / 1000)
+    | st.integers(0, 10**9).map(lambda n: n / 10000)
+)
+def test_duration_is_written_as_round_writes_it(ms: float) -> None:
+    """duration_ms in the text line is str(round(ms, 3)), the record's value, for any duration."""
+    duration_written(ms)
 
 
 def test_direct_json_is_the_event_json_line() -> None:
