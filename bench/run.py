@@ -411,6 +411,9 @@ def wrk(url: str, seconds: int, conns: int = 32, pinned: bool = True, threads: i
     if not m:
         raise NA(f"no Requests/sec in wrk output: {out[-200:]}")
     res = {"rps": float(m.group(1)), "errors": 0.0}
+    m = re.search(r"(\d+) requests in ", out)
+    if m:
+        res["requests"] = float(m.group(1))
     m = re.search(r"Non-2xx or 3xx responses:\s*(\d+)", out)
     if m:
         res["errors"] += int(m.group(1))
@@ -832,13 +835,247 @@ def run_slow_clients(tmp: Path, cert: Path, key: Path, cafile: Path, logs: Path,
 # ---------------------------------------------------------------- workers
 
 WORKER_COUNTS = (1, 2)
+WORKER_CORES = 2  # the cores the --workers case shares between the proxy, wrk and the backend
+OTHERS_NOTED = 0.2  # cores used by processes outside the bench above which the table says so
+
+
+def session_cpu(sid: int) -> dict[int, float]:
+    """CPU-seconds of every live process in session ``sid``: a Proc's process and all it started.
+
+    A Proc starts a new session, and neither nginx's nor tlsproxy's workers leave it, so this
+    is the whole process tree (the supervisor or master is the process whose pid is ``sid``).
+    """
+    found: dict[int, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            if int(stat[stat.rindex(")") + 2 :].split()[3]) == sid:
+                found[int(entry.name)] = cpu_seconds(int(entry.name))
+        except (OSError, ValueError, IndexError):  # it went in the meantime
+            continue
+    return found
+
+
+def machine_times(stat: str | None = None) -> dict[str, float]:
+    """The machine's CPU-seconds so far, all cores, from /proc/stat's first line (or ``stat``'s).
+
+    ``idle`` counts iowait too; ``irq`` is irq + softirq time the kernel charged to no process
+    (some of loopback TCP's receive side); ``steal`` is what the VM's host took; ``total`` is
+    every field (guest time is inside user), i.e. cores x seconds.
+    """
+    line = (stat if stat is not None else Path("/proc/stat").read_text()).splitlines()[0]
+    fields = [int(x) for x in line.split()[1:9]]
+    idle, iowait, irq, softirq, steal = fields[3:8]
+    return {
+        "idle": (idle + iowait) / CLK_TCK,
+        "irq": (irq + softirq) / CLK_TCK,
+        "steal": steal / CLK_TCK,
+        "total": sum(fields) / CLK_TCK,
+    }
+
+
+def children_cpu() -> float:
+    """CPU-seconds of this process's waited-for children (wrk, once it has exited)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+@dataclass(frozen=True)
+class RunCost:
+    """Where the machine's CPU went during one keep-alive run of the --workers case (all in CPU-seconds)."""
+
+    rps: float
+    requests: int  # what wrk completed
+    proxy: float  # CPU-seconds of the proxy's processes (master/supervisor and workers)
+    wrk: float
+    backend: float
+    idle: float  # CPU-seconds no process used (all cores)
+    irq: float  # irq + softirq time charged to no process
+    steal: float  # taken by the VM's host
+    total: float  # cores x wall seconds
+    lead: float = 0.0  # the part of ``proxy`` the supervisor (or nginx's master) used; 0 for one process
+    workers: tuple[float, ...] = ()  # each worker's CPU-seconds, when there is a supervisor
+
+    @property
+    def p(self) -> float:
+        """The proxy's CPU-seconds per request."""
+        return self.proxy / self.requests
+
+    @property
+    def b(self) -> float:
+        """CPU-seconds per request of the rest of the bench: wrk, the backend, the kernel's uncharged irq time."""
+        return (self.wrk + self.backend + self.irq) / self.requests
+
+    @property
+    def wall(self) -> float:
+        return self.total / WORKER_CORES
+
+    def cores(self, cpu_seconds: float) -> float:
+        """``cpu_seconds`` of this run as a number of cores kept busy."""
+        return cpu_seconds / self.wall
+
+    @property
+    def others(self) -> float:
+        """CPU-seconds of everything else on the machine (other jobs, the bench's own python)."""
+        return max(0.0, self.total - self.idle - self.irq - self.steal - self.proxy - self.wrk - self.backend)
+
+
+def ratio_ceiling(p: float, b: float, cores: int = WORKER_CORES) -> float:
+    """The best x2 / x1 req/s ratio when the proxy (``p`` CPU-s a request) shares ``cores`` with the rest (``b``).
+
+    One worker is held to one core: R1 = 1/p. Two workers, the load generator and the backend
+    share every core: R2 = cores/(p + b). So x2/x1 = cores * p/(p + b): the cheaper the proxy is
+    next to what drives it, the less a second core can give it. Never below 1 (when b > p, one
+    worker is not the bottleneck either, and a second changes nothing).
+    """
+    if p <= 0:
+        raise ValueError("no proxy CPU recorded")
+    return max(1.0, cores * p / (p + b))
+
+
+def gap_factors(one: RunCost, two: RunCost) -> dict[str, float]:
+    """Why achieved x2/x1 differs from ``ratio_ceiling`` of x1's costs: three factors whose product it is.
+
+    achieved/ceiling = (1 / cores the proxy used in x1) x (share of the cores the proxy, wrk, the
+    backend and the kernel's irq time used in x2) x (x1's cost per request / x2's), when the
+    ceiling is not held at 1.
+    """
+    return {
+        "x1_proxy_cores": one.cores(one.proxy),
+        "x2_ours_share": (two.proxy + two.wrk + two.backend + two.irq) / two.total,
+        "cost_x1_over_x2": (one.p + one.b) / (two.p + two.b),
+    }
+
+
+def costed_wrk(url: str, seconds: int, proxy_sid: int, backend_sid: int) -> tuple[dict[str, float], RunCost]:
+    """One wrk -t2 -c32 run, unpinned, with the CPU each party used during it."""
+    proxy0, backend0, wrk0, m0 = session_cpu(proxy_sid), session_cpu(backend_sid), children_cpu(), machine_times()
+    r = wrk(url, seconds, pinned=False, threads=2)
+    proxy1, backend1, wrk1, m1 = session_cpu(proxy_sid), session_cpu(backend_sid), children_cpu(), machine_times()
+    if not r.get("requests"):
+        raise NA("wrk reported no completed requests")
+
+    def used(before: dict[int, float], after: dict[int, float], pids: list[int]) -> float:
+        return sum(after[pid] - before.get(pid, 0.0) for pid in pids)
+
+    workers = sorted(pid for pid in proxy1 if pid != proxy_sid)
+    cost = RunCost(
+        rps=r["rps"],
+        requests=int(r["requests"]),
+        proxy=used(proxy0, proxy1, list(proxy1)),
+        wrk=wrk1 - wrk0,
+        backend=used(backend0, backend1, list(backend1)),
+        idle=m1["idle"] - m0["idle"],
+        irq=m1["irq"] - m0["irq"],
+        steal=m1["steal"] - m0["steal"],
+        total=m1["total"] - m0["total"],
+        lead=used(proxy0, proxy1, [proxy_sid] if workers and proxy_sid in proxy1 else []),
+        workers=tuple(proxy1[pid] - proxy0.get(pid, 0.0) for pid in workers),
+    )
+    return r, cost
+
+
+def us(seconds: float) -> str:
+    return f"{seconds * 1e6:.1f}"
+
+
+def workers_table(results: dict[tuple[str, int], object]) -> list[str]:
+    """The req/s row, where the CPU went in each run, and each proxy's ceiling against what it achieved."""
+    runs = [(n, c) for n in ("nginx", "tlsproxy") for c in WORKER_COUNTS]
+    header = " | ".join(f"{n} x{c}" for n, c in runs)
+    costs = {k: v for k, v in results.items() if isinstance(v, RunCost)}
+
+    def rps(key: tuple[str, int]) -> float | None:
+        v = costs.get(key)
+        return v.rps if v else None
+
+    tp1, tp2, ng1, ng2 = rps(("tlsproxy", 1)), rps(("tlsproxy", 2)), rps(("nginx", 1)), rps(("nginx", 2))
+    cells = [cell(costs[k].rps if k in costs else results.get(k, NA("not run")), "{:,.0f}") for k in runs]
+    lines = [
+        f"| | {header} | tlsproxy x2 / x1 | nginx x2 / x1 | tlsproxy x2 / nginx x2 |",
+        "| --- | " + " | ".join("---:" for _ in range(len(runs) + 3)) + " |",
+        f"| keep-alive req/s | {' | '.join(cells)} | {ratio(tp2, tp1)} | {ratio(ng2, ng1)} | {ratio(tp2, ng2)} |",
+        "",
+        "Where the CPU went in each run (CPU-seconds per request in microseconds; cores = CPU-seconds per"
+        " wall second; the proxy's processes are its master or supervisor and its workers; p = the proxy's,"
+        " b = the rest: wrk's, the backend's and the kernel's irq/softirq time, which it charges to no process"
+        " and which on this machine is mostly loopback TCP):",
+        "",
+        f"| | {header} |",
+        "| --- | " + " | ".join("---:" for _ in runs) + " |",
+    ]
+    rows: list[tuple[str, Callable[[RunCost], str]]] = [
+        ("p: proxy CPU per request (us)", lambda c: us(c.p)),
+        ("  of which the master / supervisor (us)", lambda c: us(c.lead / c.requests)),
+        ("wrk CPU per request (us)", lambda c: us(c.wrk / c.requests)),
+        ("backend nginx CPU per request (us)", lambda c: us(c.backend / c.requests)),
+        ("kernel irq/softirq per request (us)", lambda c: us(c.irq / c.requests)),
+        ("b: wrk + backend + irq per request (us)", lambda c: us(c.b)),
+        ("b / p", lambda c: f"{c.b / c.p:.2f}"),
+        ("proxy cores busy", lambda c: f"{c.cores(c.proxy):.2f}"),
+        ("wrk + backend cores busy", lambda c: f"{c.cores(c.wrk + c.backend):.2f}"),
+        ("kernel irq/softirq cores (charged to no process)", lambda c: f"{c.cores(c.irq):.2f}"),
+        ("other processes' cores (not this bench)", lambda c: f"{c.cores(c.others):.2f}"),
+        ("idle cores", lambda c: f"{c.cores(c.idle):.2f}"),
+        ("stolen by the VM host (cores)", lambda c: f"{c.cores(c.steal):.2f}"),
+    ]
+    for label, show in rows:
+        shown = [show(costs[k]) if k in costs else "n/a" for k in runs]
+        lines.append(f"| {label} | {' | '.join(shown)} |")
+    busy = max((c.cores(c.others) for c in costs.values()), default=0.0)
+    if busy > OTHERS_NOTED:
+        lines += [
+            "",
+            f"Other processes kept up to {busy:.2f} cores busy during these runs: req/s are not quiet-machine"
+            " figures; CPU per request is the steadier measure.",
+        ]
+    lines += [
+        "",
+        f"Ceiling of x2 / x1 on {WORKER_CORES} shared cores: {WORKER_CORES}p / (p + b) with x1's p and b"
+        " (one worker holds one core; two share every core with wrk and the backend):",
+        "",
+    ]
+    for name in ("nginx", "tlsproxy"):
+        one, two = costs.get((name, 1)), costs.get((name, 2))
+        if one is None or two is None or one.requests == 0 or two.requests == 0:
+            lines.append(f"- {name}: n/a")
+            continue
+        top = ratio_ceiling(one.p, one.b)
+        achieved = two.rps / one.rps
+        g = gap_factors(one, two)
+        lines.append(
+            f"- {name}: ceiling {top:.2f}, achieved {achieved:.2f}, achieved / ceiling {achieved / top:.2f};"
+            f" p x2 / x1 {two.p / one.p:.2f}, b x2 / x1 {two.b / one.b:.2f};"
+            f" x1's proxy used {g['x1_proxy_cores']:.2f} cores, x2's proxy + wrk + backend + irq"
+            f" {g['x2_ours_share']:.0%} of the machine"
+        )
+        if two.workers:
+            lines.append(
+                f"  - {name} x2 per worker: "
+                + ", ".join(f"{two.cores(w):.2f} cores" for w in two.workers)
+                + f"; the {'supervisor' if name == 'tlsproxy' else 'master'} {two.cores(two.lead):.3f} cores"
+            )
+    lines += ["", "Targets:", ""]
+    for label, a, b, bound in (
+        ("tlsproxy workers = 2 >= 1.35x workers = 1", tp2, tp1, 1.35),
+        ("tlsproxy workers = 2 >= 0.40 of nginx worker_processes 2", tp2, ng2, 0.40),
+    ):
+        if a is None or not b:
+            lines.append(f"- {label}: n/a")
+        else:
+            met = a / b >= bound
+            shown = f"{a / b:.2f}" if met or f"{a / b:.2f}" != f"{bound:.2f}" else f"{a / b:.3f}"  # not "0.40 NOT MET"
+            lines.append(f"- {label}: {shown} -> {'MET' if met else 'NOT MET'}")
+    return lines
 
 
 def run_workers(tmp: Path, cert: Path, key: Path, logs: Path, plan: Plan, say: Callable[[str], None]) -> str:
     """Keep-alive req/s of tlsproxy `workers = 1` and 2 next to nginx `worker_processes 1` and 2, unpinned.
 
     Nothing is pinned: the proxy's processes, wrk (2 threads) and the backend nginx share every core,
-    as they would on a small server.
+    as they would on a small server. Each run also records the CPU each of them used.
     """
     big = tmp / "big.bin"
     big.write_bytes(b"")
@@ -880,40 +1117,30 @@ def run_workers(tmp: Path, cert: Path, key: Path, logs: Path, plan: Plan, say: C
                     url = f"https://localhost:{port}/small"
                     wrk(url, plan.warmup_s, pinned=False, threads=2)
                     runs = sorted(
-                        wrk(url, plan.keepalive_s, pinned=False, threads=2)["rps"]
-                        for _ in range(plan.keepalive_repeats)
+                        (
+                            costed_wrk(url, plan.keepalive_s, proc.pid, backend.pid)[1]
+                            for _ in range(plan.keepalive_repeats)
+                        ),
+                        key=lambda c: c.rps,
                     )
-                    results[(name, count)] = runs[len(runs) // 2]
-                    say(f"  {name} x{count}: {results[(name, count)]:,.0f} req/s")
+                    median = runs[len(runs) // 2]
+                    results[(name, count)] = median
+                    say(
+                        f"  {name} x{count}: {median.rps:,.0f} req/s; p {us(median.p)} us, b {us(median.b)} us"
+                        " per request"
+                    )
                 except NA as e:
                     results[(name, count)] = e
                 finally:
                     proc.stop()
     finally:
         backend.stop()
-    header = " | ".join(f"{n} x{c}" for n in ("nginx", "tlsproxy") for c in WORKER_COUNTS)
     lines = [
         "Worker processes: keep-alive requests/s (wrk -t2 -c32, 100 B body; median run), nothing pinned: the"
         " proxy's processes, wrk and the backend nginx share every core.",
         "",
-        f"| | {header} | tlsproxy x2 / x1 | nginx x2 / x1 | tlsproxy x2 / nginx x2 |",
-        "| --- | " + " | ".join("---:" for _ in range(2 * len(WORKER_COUNTS) + 3)) + " |",
+        *workers_table(results),
     ]
-    cells = [cell(results.get((n, c), NA("not run")), "{:,.0f}") for n in ("nginx", "tlsproxy") for c in WORKER_COUNTS]
-    tp1, tp2 = num(results.get(("tlsproxy", 1))), num(results.get(("tlsproxy", 2)))
-    ng1, ng2 = num(results.get(("nginx", 1))), num(results.get(("nginx", 2)))
-    lines.append(
-        f"| keep-alive req/s | {' | '.join(cells)} | {ratio(tp2, tp1)} | {ratio(ng2, ng1)} | {ratio(tp2, ng2)} |"
-    )
-    lines += ["", "Targets:", ""]
-    for label, a, b, bound in (
-        ("tlsproxy workers = 2 >= 1.35x workers = 1", tp2, tp1, 1.35),
-        ("tlsproxy workers = 2 >= 0.40 of nginx worker_processes 2", tp2, ng2, 0.40),
-    ):
-        if a is None or not b:
-            lines.append(f"- {label}: n/a")
-        else:
-            lines.append(f"- {label}: {a / b:.2f} -> {'MET' if a / b >= bound else 'NOT MET'}")
     return "\n".join(lines) + "\n"
 
 

@@ -14,17 +14,18 @@ connection closed then (the dial cannot be cancelled).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import asdict
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
-from tlsproxy.proxy.upstream import UpstreamError
+from tlsproxy.proxy.health import UpstreamProbe
 
 READINESS_TIMEOUT = 2.0
+USER_AGENT = "tlsproxy-readiness"
 
 
 class AdminHandler:
@@ -70,7 +71,20 @@ class AdminHandler:
     def _group_ready(self, group: Any) -> Deferred[str | None]:
         """A site (or route) is ready while one of its upstreams answers; why not, when none does."""
         host = group.site.removeprefix("*.") or "localhost"
-        probes = [_Probe(self.service.reactor, m.url, host).run(m.pool) for m in group.members]
+        reactor = self.service.reactor
+        probes = [
+            UpstreamProbe(
+                reactor,
+                m.pool,
+                host,
+                "/",
+                READINESS_TIMEOUT,
+                method="HEAD",
+                user_agent=USER_AGENT,
+                label=f"upstream {m.url}",
+            ).run()
+            for m in group.members
+        ]
 
         def verdict(results: list[tuple[bool, str | None]]) -> str | None:
             whys = [why for _, why in results]
@@ -78,16 +92,13 @@ class AdminHandler:
 
         return DeferredList(probes).addCallback(verdict)
 
+    def upstream_states(self) -> list[dict[str, Any]]:
+        """Each upstream's state as the balancer sees it, as plain values (workers send them on)."""
+        return [asdict(state) for group in self.service.generation.handler.groups for state in group.states()]
+
     def upstream_lines(self) -> list[str]:
-        """Each upstream's state as the balancer sees it: up or out, requests in flight, failures."""
-        lines = []
-        for group in self.service.generation.handler.groups:
-            for state in group.states():
-                where = f"site {state.site}" + (f" route {state.route}" if state.route else "")
-                line = f"upstream {state.url} ({where}): {'up' if state.up else 'down'}"
-                line += f", {state.in_flight} in flight, {state.failures} failures"
-                lines.append(line + (f" ({state.why})" if state.why else ""))
-        return lines
+        """Each upstream's state: up or out, requests in flight, failures."""
+        return [upstream_line(state) for state in self.upstream_states()]
 
     def _ready(self, exchange: Exchange, problems: list[str]) -> None:
         lines = "".join(f"{line}\n" for line in self.upstream_lines()).encode()
@@ -105,78 +116,6 @@ class AdminHandler:
         exchange.finish()
 
 
-class _Probe:
-    """One ``HEAD /`` to an app, with a deadline; fires with None (it answered) or why not.
-
-    Also the response sink of its request (see :class:`~tlsproxy.proxy.upstream.ResponseSink`).
-    """
-
-    def __init__(self, reactor: Any, url: str, host: str) -> None:
-        self.reactor = reactor
-        self.url = url
-        self.host = host
-        self.result: Deferred[str | None] = Deferred()
-        self.connection: Any = None
-        self._timer: Any = None
-
-    def run(self, pool: Any) -> Deferred[str | None]:
-        self._timer = self.reactor.callLater(READINESS_TIMEOUT, self._expired)
-        pool.connect().addCallbacks(self._connected, self._dial_failed)
-        return self.result
-
-    def _finish(self, why: str | None) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if self.connection is not None:
-            connection, self.connection = self.connection, None
-            connection.close()
-        if not self.result.called:
-            self.result.callback(why)
-
-    def _expired(self) -> None:
-        waited = "not connected" if self.connection is None else "no answer"
-        self._finish(f"upstream {self.url}: {waited} within {READINESS_TIMEOUT:g}s")
-
-    def _connected(self, connection: Any) -> None:
-        if self.result.called:  # the deadline passed while dialling: nobody wants this connection
-            connection.close()
-            return
-        self.connection = connection
-        head = (
-            f"HEAD / HTTP/1.1\r\nHost: {self.host}\r\nUser-Agent: tlsproxy-readiness\r\n"
-            "X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n"
-        ).encode("ascii", "replace")
-        # (request_complete stays False: this connection never goes back to the pool.)
-        connection.send(head, self, True)
-
-    def _dial_failed(self, failure: Failure) -> None:
-        self._finish(f"upstream {self.url}: {failure.getErrorMessage()}")
-
-    # -- ResponseSink ------------------------------------------------------------
-
-    def response_head(self, status: int, reason: bytes, fields: bytes, content_length: int | None) -> None:
-        self._finish(None)
-
-    def response_whole(self, status: int, reason: bytes, fields: bytes, body: bytes) -> None:
-        self._finish(None)
-
-    def response_data(self, data: bytes) -> None:
-        pass
-
-    def response_end(self) -> None:
-        pass
-
-    def response_failed(self, error: UpstreamError) -> None:
-        self.connection = None  # the connection reported its own end
-        self._finish(f"upstream {self.url}: {error.detail}")
-
-    def response_upgraded(self, connection: Any, rest: bytes) -> None:
-        connection.close()
-
-    def client_transport(self) -> Any:
-        return None
-
-
 def store_notes(generation: Any) -> list[str]:
     """A shared store that cannot be reached, said in /readyz's answer.
 
@@ -190,3 +129,14 @@ def store_notes(generation: Any) -> list[str]:
         if problem:
             notes.append(f"{problem}; serving the certificates we have, renewals wait")
     return notes
+
+
+def upstream_where(state: dict[str, Any]) -> str:
+    return f"upstream {state['url']} (site {state['site']}" + (f" route {state['route']})" if state["route"] else ")")
+
+
+def upstream_line(state: dict[str, Any]) -> str:
+    """One line of /readyz for one upstream (``state`` as :meth:`AdminHandler.upstream_states` gives it)."""
+    line = f"{upstream_where(state)}: {'up' if state['up'] else 'down'}"
+    line += f", {state['in_flight']} in flight, {state['failures']} failures"
+    return line + (f" ({state['why']})" if state["why"] else "")

@@ -114,7 +114,8 @@ def describe_gate(site: configuration.Site) -> list[str]:
         if rule.deny:
             parts.append("deny " + ", ".join(map(str, rule.deny)))
         if rule.basic_auth is not None:
-            parts.append(f"basic auth {rule.basic_auth.realm!r} ({rule.basic_auth.htpasswd})")
+            passed = ", Authorization passed to the app" if rule.pass_authorization else ""
+            parts.append(f"basic auth {rule.basic_auth.realm!r} ({rule.basic_auth.htpasswd}{passed})")
         lines.append(f"  access {rule.prefix}: {'; '.join(parts) or 'open'}")
     for status, path in site.error_pages:
         lines.append(f"  error page {status} = {path}")
@@ -145,14 +146,26 @@ def cmd_check(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if config is None:
         return BAD_CONFIG
     try:
-        load_all(config.sites)  # the htpasswd files of basic_auth: bcrypt lines only
+        users = load_all(config.sites, config.source)  # the htpasswd files of basic_auth: bcrypt lines only
     except ConfigError as e:
         for problem in e.problems:
             print(f"tlsproxy: {problem}", file=err)
         return BAD_CONFIG
+    store_problems, store_warnings = preflight.store_findings(config)
+    for problem in store_problems:
+        print(f"tlsproxy: {problem}", file=err)
+    if store_problems:
+        return BAD_CONFIG
     print(describe(config), file=out)
     tls_warnings = configuration_warnings(config, datetime.datetime.now(datetime.UTC))
-    for warning in [*preflight.warnings(config), *tls_warnings]:
+    app_warnings = preflight.upstream_warnings(config)
+    app_warnings += [
+        f"{config.source}: basic_auth: {path} has no users, so every request it guards gets 401:"
+        f" add one with tlsproxy passwd {path} USER"
+        for path, names in sorted(users.items())
+        if not names
+    ]
+    for warning in [*preflight.warnings(config), *app_warnings, *store_warnings, *tls_warnings]:
         print(f"tlsproxy: warning: {warning}", file=err)
     print("configuration OK", file=out)
     return OK
@@ -269,6 +282,7 @@ def cmd_ca(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 def cmd_passwd(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO | None = None) -> int:
     """Add or change a user's bcrypt line in an htpasswd file (for basic_auth)."""
     import getpass
+    import warnings
 
     from tlsproxy.passwd import PasswdError, set_password
 
@@ -276,10 +290,23 @@ def cmd_passwd(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: TextIO
         if args.stdin:
             password = (stdin or sys.stdin).readline().rstrip("\r\n")
         else:
-            password = getpass.getpass(f"password for {args.user}: ")
-            if getpass.getpass("again: ") != password:
-                print("tlsproxy: the passwords differ; nothing changed", file=err)
-                return BAD_CONFIG
+            with warnings.catch_warnings():  # no terminal: getpass would echo the password, then fail
+                warnings.simplefilter("error", getpass.GetPassWarning)
+                password = getpass.getpass(f"password for {args.user}: ")
+                if getpass.getpass("again: ") != password:
+                    print("tlsproxy: the passwords differ; nothing changed", file=err)
+                    return BAD_CONFIG
+    except getpass.GetPassWarning:
+        print(
+            f"tlsproxy: no terminal to ask the password on: pipe it in with --stdin"
+            f" (tlsproxy passwd {args.file} {args.user} --stdin); nothing changed",
+            file=err,
+        )
+        return BAD_CONFIG
+    except (EOFError, KeyboardInterrupt):
+        print("\ntlsproxy: no password given; nothing changed", file=err)
+        return BAD_CONFIG
+    try:
         existed = set_password(
             args.file, args.user, password.encode("utf-8"), args.cost, 0o640 if args.group_readable else 0o600
         )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import difflib
 import ipaddress
 import json
 import os
@@ -170,6 +171,9 @@ class AccessRule:
     allow: tuple[Network, ...] = ()
     deny: tuple[Network, ...] = ()
     basic_auth: BasicAuth | None = None
+    # Pass the client's Authorization header on to the app once basic auth let it in
+    # (off: the app never sees the password the proxy checked).
+    pass_authorization: bool = False
 
     @property
     def restricts(self) -> bool:
@@ -256,6 +260,10 @@ class Server:
     send_timeout: float = 60.0
     # Worker processes behind one supervisor (tlsproxy/workers.py); 1 = this process serves.
     workers: int = 1
+    # Wrong basic-auth passwords per client address (IPv6: per /64) and realm: after
+    # auth_fail_limit of them within auth_fail_window seconds, 429 until the window ends; 0: no limit.
+    auth_fail_limit: int = 10
+    auth_fail_window: float = 60.0
 
     @property
     def buffer_directory(self) -> str:
@@ -352,10 +360,23 @@ class _Reader:
         for key, value in raw.items():
             full = f"{section}.{key}" if section else key
             if key not in known:
-                self.fail(full, f"unknown key (known keys: {', '.join(sorted(known))})")
+                self.fail(full, f"unknown key{_did_you_mean(key, known)} (known keys: {', '.join(sorted(known))})")
             else:
                 values[key] = value
         return values
+
+
+def _did_you_mean(key: Any, known: Mapping[str, Any]) -> str:
+    """The known key a typo most likely meant, so the long list of known keys need not be read."""
+    close = difflib.get_close_matches(str(key).lower(), list(known), n=1, cutoff=0.75)
+    return f": did you mean {close[0]}?" if close else ""
+
+
+def _not_a_file(path: str) -> str:
+    """Why ``path`` is not a readable file: "no such file" would send a user looking for it."""
+    if os.path.isdir(path):
+        return f"{path} is a directory: name the file in it"
+    return f"no such file: {path}"
 
 
 def _describe(value: Any) -> str:
@@ -425,6 +446,9 @@ def check_host(host: str) -> str | None:
             written = ("*." if wildcard else "") + ascii_form
             return f"an internationalized name: write it as {written!r}, the form browsers send"
     if len(host) > 253 or not all(_HOST_LABEL.match(label) for label in host.split(".")):
+        name = urlsplit(host if "//" in host else "//" + host).hostname or ""
+        if name and name != host and check_host(name) is None:  # a URL, or a host with a port
+            return f"a host name alone, without scheme, port or path: write {name!r}"
         return "not a DNS name (letters, digits and '-' in dot-separated labels; IDNs in punycode)"
     return None
 
@@ -562,6 +586,8 @@ def _server(reader: _Reader, raw: Mapping[str, Any]) -> Server:
                 out[key] = size
         else:
             out[key] = _coerce(reader, f"server.{key}", value, known[key])
+    if "https" in out and not out["https"]:  # [] or an empty TLSPROXY_SERVER_HTTPS
+        reader.fail("server.https", 'no listener, so nothing would be served: give one, like ["tcp:443"]')
     for key in ("https", "http"):
         for description in out.get(key, ()):
             why = check_endpoint(description)
@@ -650,7 +676,7 @@ def _acme(reader: _Reader, raw: Mapping[str, Any]) -> ACME:
     if out.get("key_type", "ec256") not in KEY_TYPES:
         reader.fail("acme.key_type", f"expected one of {list(KEY_TYPES)}, found {out['key_type']!r}")
     if out.get("ca_bundle") and not os.path.isfile(out["ca_bundle"]):
-        reader.fail("acme.ca_bundle", f"no such file: {out['ca_bundle']}")
+        reader.fail("acme.ca_bundle", _not_a_file(out["ca_bundle"]))
     if bool(out.get("eab_kid")) != bool(out.get("eab_hmac_key")):
         reader.fail("acme.eab_kid", "eab_kid and eab_hmac_key go together")
     return ACME(**out)
@@ -727,6 +753,7 @@ SITE_DEFAULTS: Mapping[str, Any] = {
     "allow": (),
     "deny": (),
     "basic_auth": {},
+    "pass_authorization": False,
     "access": [],
     "error_pages": {},
     "maintenance_file": "",
@@ -858,7 +885,9 @@ def _basic_auth(reader: _Reader, key: str, value: Any) -> BasicAuth | None:
     if not htpasswd:
         reader.fail(f"{key}.htpasswd", f"basic_auth needs htpasswd = an absolute path, as in {example}")
         return None
-    if not os.path.isfile(htpasswd):
+    if os.path.isdir(htpasswd):
+        reader.fail(f"{key}.htpasswd", _not_a_file(htpasswd))
+    elif not os.path.isfile(htpasswd):
         reader.fail(f"{key}.htpasswd", f"no such file: {htpasswd} (create it with: tlsproxy passwd {htpasswd} USER)")
     return BasicAuth(realm=realm, htpasswd=htpasswd)
 
@@ -871,6 +900,9 @@ def _rule(reader: _Reader, key: str, raw: Mapping[str, Any], base: AccessRule, p
         basic_auth=_basic_auth(reader, f"{key}.basic_auth", raw["basic_auth"])
         if "basic_auth" in raw
         else base.basic_auth,
+        pass_authorization=_coerce(reader, f"{key}.pass_authorization", raw["pass_authorization"], False)
+        if "pass_authorization" in raw
+        else base.pass_authorization,
     )
 
 
@@ -887,7 +919,7 @@ def _access(reader: _Reader, site: str, values: Mapping[str, Any]) -> tuple[Acce
         if not isinstance(raw, Mapping):
             reader.fail(key, f"expected a table, found {_describe(raw)}")
             continue
-        known = {"prefix": "", "allow": (), "deny": (), "basic_auth": {}}
+        known = {"prefix": "", "allow": (), "deny": (), "basic_auth": {}, "pass_authorization": False}
         raw = reader.table(raw, key, known)
         prefix = raw.get("prefix", "")
         if not isinstance(prefix, str) or not _PREFIX.match(prefix) or prefix == "/":
@@ -915,7 +947,7 @@ def _error_pages(reader: _Reader, site: str, raw: Any) -> tuple[tuple[int, str],
             continue
         path = _absolute_path(reader, key, path)
         if path and not os.path.isfile(path):
-            reader.fail(key, f"no such file: {path}")
+            reader.fail(key, _not_a_file(path))
             continue
         if path:
             found.append((int(status), path))
@@ -1040,7 +1072,7 @@ def _check_files(reader: _Reader, prefix: str, cert: str, key: str, hosts: tuple
         if not path:
             reader.fail(f"{prefix}.{name}", f'tls = "files" needs {name} = "/path/to/{name}.pem"')
         elif not os.path.isfile(path):
-            reader.fail(f"{prefix}.{name}", f"no such file: {path}")
+            reader.fail(f"{prefix}.{name}", _not_a_file(path))
     if not (cert and key and os.path.isfile(cert) and os.path.isfile(key)):
         return
     try:
@@ -1108,11 +1140,13 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
     """Overlay ``TLSPROXY_<SECTION>_<KEY>`` and the one-site variables on ``raw``."""
     raw = {k: (dict(v) if isinstance(v, dict) else v) for k, v in raw.items()}
     env_site: dict[str, Any] = {}
+    site_names: list[str] = []  # the variables that make the one environment site, for messages
     for name, text in sorted(environ.items()):
         if not name.startswith(ENV_PREFIX) or name in PROCESS_ENV:
             continue
         if name in _SITE_ENV:
             env_site[_SITE_ENV[name]] = _env_value(text, SITE_DEFAULTS[_SITE_ENV[name]])
+            site_names.append(name)
             continue
         if name == "TLSPROXY_STATE_DIR":
             raw.setdefault("server", {})["state_dir"] = text
@@ -1121,6 +1155,7 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
         section, _, key = rest.partition("_")
         if section == "site" and key:
             env_site[key] = _env_value(text, SITE_DEFAULTS.get(key))
+            site_names.append(name)
         elif section in _SECTIONS and key:
             table = raw.setdefault(section, {})
             if not isinstance(table, dict):
@@ -1141,9 +1176,10 @@ def apply_environment(raw: dict[str, Any], environ: Mapping[str, str], problems:
         if raw.get("site"):
             problems.append(
                 Problem(
-                    "environment TLSPROXY_HOSTS",
+                    f"environment {', '.join(site_names)}",
                     "site",
-                    "the configuration file already has [[site]] tables; use one or the other",
+                    "the configuration file already has [[site]] tables, and these variables make a site of"
+                    " their own: set the key in the file's [[site]] instead, or unset the variables",
                 )
             )
         else:
@@ -1209,7 +1245,12 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
         return source
 
     reader = _Reader(where, problems)
-    reader.table(merged, "", {"server": 0, "tls": 0, "acme": 0, "store": 0, "site": 0})
+    sections = {"server": 0, "tls": 0, "acme": 0, "store": 0, "site": 0}
+    # [static] or upstream = ... above any [[site]] ("tls" is a section first)
+    misplaced = [key for key in merged if key in SITE_DEFAULTS and key not in sections]
+    for key in misplaced:
+        reader.fail(key, f"a key of a site: put it under a [[site]] table (as [site.{key}] for a table)")
+    reader.table({key: value for key, value in merged.items() if key not in misplaced}, "", sections)
 
     def section(name: str) -> Mapping[str, Any]:
         value = merged.get(name, {})
@@ -1224,10 +1265,15 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
     store = _store(reader, section("store"))
     raw_sites = merged.get("site", [])
     if not isinstance(raw_sites, list):
-        reader.fail("site", "expected [[site]] tables")
-        raw_sites = []
-    sites = [s for i, raw_site in enumerate(raw_sites) if (s := _site(reader, raw_site, i))]
-    if not raw_sites:
+        found = (
+            "a single [site] table: write [[site]] (double brackets), one per site"
+            if isinstance(raw_sites, Mapping)
+            else _describe(raw_sites)
+        )
+        reader.fail("site", f"expected [[site]] tables, found {found}")
+        raw_sites = None
+    sites = [s for i, raw_site in enumerate(raw_sites or []) if (s := _site(reader, raw_site, i))]
+    if raw_sites == []:
         reader.fail("site", "no [[site]] configured (or set TLSPROXY_HOSTS and TLSPROXY_UPSTREAM)")
     seen: dict[str, int] = {}
     for i, site in enumerate(sites):
@@ -1236,11 +1282,12 @@ def parse(raw: Mapping[str, Any], source: str, environ: Mapping[str, str] | None
                 reader.fail(f"site[{i}].hosts", f"{host!r} is already a host of site[{seen[host]}]")
             seen.setdefault(host, i)
     if any(s.tls == "acme" for s in sites):
-        if not acme.agree_tos:
+        mistyped = any(p.key == "acme.agree_tos" for p in problems)  # said already: one line is enough
+        if not acme.agree_tos and not mistyped:
+            how = "TLSPROXY_ACME_AGREE_TOS=true" if not raw else "agree_tos = true in [acme]"
             reader.fail(
                 "acme.agree_tos",
-                'a site uses tls = "acme": set agree_tos = true to accept the terms of service of '
-                + acme.directory_url,
+                f'a site uses tls = "acme": set {how} to accept the terms of service of {acme.directory_url}',
             )
         for i, site in enumerate(sites):
             wild = [h for h in site.hosts if h.startswith("*.")]

@@ -26,8 +26,10 @@ from twisted.internet.defer import Deferred, fail, gatherResults, maybeDeferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.error import ReactorNotRunning
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger, LogLevel
 from twisted.python import usage
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from tlsproxy import config as configuration
@@ -35,7 +37,7 @@ from tlsproxy import preflight
 from tlsproxy.admin import AdminHandler
 from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.certs.model import CertificateError, CertifiedKey, certificate_warnings
-from tlsproxy.config import Config, ConfigError
+from tlsproxy.config import Config, ConfigError, Upstream
 from tlsproxy.devca import CAError
 from tlsproxy.eventloop import streamline, tune_collector
 from tlsproxy.http.negotiate import NegotiatingFactory
@@ -244,9 +246,48 @@ def _add_certificate_services(
                 "tlsproxy dev: in Django's settings set SECURE_PROXY_SSL_HEADER = "
                 '("HTTP_X_FORWARDED_PROTO", "https"), or its CSRF check refuses forms ("Origin checking failed")'
             )
+            warn_if_no_app(reactor, local[0].upstream)
         else:
             log.info("local development CA: {root}", root=str(ca.root_pem_path))
         devca.LocalCertificateService(reactor, ca, sni, local).setServiceParent(parent)
+
+
+APP_DIAL_TIMEOUT = 2.0
+
+
+class _HangUp(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.loseConnection()  # type: ignore[union-attr]
+
+
+class _AppDial(ClientFactory):
+    """One connection attempt to the dev app: a warning if it fails, nothing said if it connects."""
+
+    protocol = _HangUp
+
+    def __init__(self, where: str, hint: str) -> None:
+        self.where = where
+        self.hint = hint
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        log.warn(
+            "tlsproxy dev: nothing answers on {where} yet: {hint} (until then every page is 502)",
+            where=self.where,
+            hint=self.hint,
+        )
+
+
+def warn_if_no_app(reactor: Any, upstream: Upstream) -> None:
+    """Say at start-up when the dev app is not running (otherwise only the 502 page says it).
+
+    One connection attempt through the reactor, never waited for: the proxy
+    starts either way and the app may come up later.
+    """
+    factory = _AppDial(upstream.url.removeprefix("http://"), configuration.dev_app_hint(upstream))
+    if upstream.is_unix:
+        reactor.connectUNIX(upstream.unix_path, factory, timeout=APP_DIAL_TIMEOUT)
+    else:
+        reactor.connectTCP(upstream.host, upstream.port, factory, timeout=APP_DIAL_TIMEOUT)
 
 
 @implementer(IOpenSSLServerConnectionCreator)

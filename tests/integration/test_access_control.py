@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import PKI, App, _toml, gunicorn, proxy_config
+from tests.integration.conftest import PKI, App, _toml, gunicorn, proxy_config, start_proxy
 from tests.integration.procs import BIN, Process, free_port, tlsproxy
 
 pytestmark = pytest.mark.integration
@@ -24,6 +25,7 @@ class Setup:
     pki: PKI
     app: App
     process: Process
+    htpasswd: Path | None = None
 
     def fetch(
         self, host: str, path: str, *, user: str = "", password: str = "", source: str = "127.0.0.1"
@@ -100,7 +102,7 @@ def setup(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]
         config = where / "tlsproxy.toml"
         config.write_text(text)
         with tlsproxy(config) as process:
-            yield Setup(https, http, pki, app, process)
+            yield Setup(https, http, pki, app, process, htpasswd)
 
 
 def test_whole_site_needs_a_password(setup: Setup) -> None:
@@ -115,6 +117,14 @@ def test_whole_site_needs_a_password(setup: Setup) -> None:
     status, _, body = setup.fetch("localhost", "/whoami?ann", user="ann", password="s3cret")
     assert status == 200 and b'"x_forwarded_for": "127.0.0.1"' in body
     assert setup.fetch("localhost", "/whoami?bob", user="bob", password="b0bpass")[0] == 200  # an htpasswd -B line
+
+
+def test_django_does_not_get_the_password(setup: Setup) -> None:
+    """By default the Authorization header the proxy checked never reaches Django's request.META."""
+    status, _, body = setup.fetch("localhost", "/whoami?nometa", user="ann", password="s3cret")
+    assert status == 200 and setup.reached_app("/whoami?nometa")
+    seen = json.loads(body)["meta"]
+    assert "HTTP_AUTHORIZATION" not in seen and seen["HTTP_X_FORWARDED_PROTO"] == "https"
 
 
 def test_denied_address_is_refused_even_with_the_password(setup: Setup) -> None:
@@ -188,3 +198,43 @@ def test_basic_auth_over_http2(setup: Setup) -> None:
         allowed = client.get("/whoami?h2", auth=("ann", "s3cret"))
         assert (allowed.http_version, allowed.status_code) == ("HTTP/2", 200)
         assert allowed.json()["x_forwarded_for"] == "127.0.0.1"
+        assert "HTTP_AUTHORIZATION" not in allowed.json()["meta"]
+
+
+@pytest.fixture(scope="module")
+def guarded(setup: Setup, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    """A second proxy before the same Django: pass_authorization = true, and 3 wrong passwords a minute."""
+    auth = {"realm": "guarded", "htpasswd": str(setup.htpasswd)}
+    server = {"auth_fail_limit": 3, "auth_fail_window": 60}
+    where = tmp_path_factory.mktemp("guarded")
+    with start_proxy(where, setup.app.url, setup.pki, server=server, basic_auth=auth, pass_authorization=True) as proxy:
+        yield Setup(proxy.port, 0, setup.pki, setup.app, proxy.process, setup.htpasswd)
+
+
+def test_pass_authorization_gives_django_the_header(guarded: Setup) -> None:
+    """pass_authorization = true: Django's request.META holds the client's Authorization as sent."""
+    status, _, body = guarded.fetch("localhost", "/whoami?passed", user="ann", password="s3cret")
+    assert status == 200
+    sent = "Basic " + base64.b64encode(b"ann:s3cret").decode()
+    assert json.loads(body)["meta"]["HTTP_AUTHORIZATION"] == sent
+
+
+def test_guessing_is_slowed_to_429(guarded: Setup) -> None:
+    """After 3 wrong passwords an address gets 429 with Retry-After, even with the right one; others do not."""
+    import httpx
+
+    with httpx.Client(
+        base_url=f"https://localhost:{guarded.https}", verify=guarded.pki.client_context(), trust_env=False
+    ) as client:
+        for n in range(3):
+            assert client.get(f"/whoami?guess{n}", auth=("ann", f"guess{n}")).status_code == 401
+        limited = client.get("/whoami?right-but-limited", auth=("ann", "s3cret"))
+        assert limited.status_code == 429
+        assert 55 <= int(limited.headers["retry-after"]) <= 60
+        assert "Too many wrong passwords" in limited.text
+        assert client.get("/whoami?guess-more", auth=("ann", "guess")).status_code == 429
+    assert not guarded.reached_app("/whoami?right-but-limited")
+    # Another address is counted apart: its right password passes.
+    assert guarded.fetch("localhost", "/whoami?other", user="ann", password="s3cret", source="127.0.0.2")[0] == 200
+    assert "Traceback" not in guarded.process.output
+    assert "wrong passwords for realm 'guarded'" in guarded.process.output

@@ -170,12 +170,12 @@ def test_check_warns_about_a_missing_app_socket(tmp_path: Path) -> None:
     config.write_text(f'[[site]]\nhosts = ["app.test"]\nupstream = "unix:{missing}"\ntls = "local"\n')
     done = run([str(BIN / "tlsproxy"), "check", "-c", str(config)])
     assert done.returncode == 0, done.stderr
-    assert f"warning: site[0].upstream: {missing} does not exist" in done.stderr
+    assert f"warning: {config}: site[0].upstream: {missing} does not exist" in done.stderr
     assert "configuration OK" in done.stdout
 
 
 def test_dev_proxy_stays_local_says_what_django_needs_and_keeps_quiet(tmp_path: Path) -> None:
-    """`tlsproxy dev --listen tcp:PORT` binds loopback only, names SECURE_PROXY_SSL_HEADER, hides chatter."""
+    """`tlsproxy dev --listen tcp:PORT`: loopback only, its IPs served, SECURE_PROXY_SSL_HEADER named, no chatter."""
     port, app_port = free_port(), free_port()
     argv = [str(BIN / "tlsproxy"), "dev", "--listen", f"tcp:{port}", "--upstream", f"http://127.0.0.1:{app_port}"]
     with running(argv, env={"TLSPROXY_CAROOT": str(tmp_path / "ca")}) as dev:
@@ -186,6 +186,8 @@ def test_dev_proxy_stays_local_says_what_django_needs_and_keeps_quiet(tmp_path: 
             f"::1:{port}",
         ]
         assert any('SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")' in line for line in dev.lines)
+        absent = dev.wait_for_line(f"nothing answers on 127.0.0.1:{app_port} yet", 10)
+        assert f"python manage.py runserver 127.0.0.1:{app_port}" in absent
         mark = len(dev.lines)
         # A client that does not trust the local CA yet: its failed handshake is no line at the default level.
         refused = subprocess.run(
@@ -197,6 +199,12 @@ def test_dev_proxy_stays_local_says_what_django_needs_and_keeps_quiet(tmp_path: 
         )
         assert f"python manage.py runserver 127.0.0.1:{app_port}" in page.stdout
         dev.wait_for_line('"GET / HTTP', start=mark)
+        # The addresses the certificate names are served too (the app's 502 page, not 421).
+        for address in ("127.0.0.1", "[::1]"):
+            for version in ("--http1.1", "--http2"):
+                curl = ["curl", "-sSk", version, "--noproxy", "*", "-o", "/dev/null", "-w", "%{http_code}"]
+                code = subprocess.run([*curl, f"https://{address}:{port}/"], capture_output=True, text=True)
+                assert code.stdout == "502", (address, version, code.stdout, code.stderr)
     noise = [line for line in dev.lines if "log_legacy" in line or "#debug]" in line or "handshake" in line]
     assert noise == []
 
@@ -237,3 +245,23 @@ def test_dev_proxy_debug_level_shows_refused_handshakes(tmp_path: Path) -> None:
         refused = subprocess.run(["curl", "-sS", "--noproxy", "*", f"https://localhost:{port}/"], capture_output=True)
         assert refused.returncode != 0
         assert "unknown ca" in dev.wait_for_line("TLS handshake with", 10, start=mark)
+
+
+def test_passwd_without_a_terminal_says_to_use_stdin(tmp_path: Path) -> None:
+    """`tlsproxy passwd` with no terminal (a script, docker exec without -t): exit 2, pointing at --stdin."""
+    htpasswd = tmp_path / "htpasswd"
+    done = subprocess.run(
+        [str(BIN / "tlsproxy"), "passwd", str(htpasswd), "ann"],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=CLEAN_ENV,
+        start_new_session=True,  # no controlling terminal: /dev/tty cannot be opened
+        timeout=60,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"tlsproxy: no terminal to ask the password on: pipe it in with --stdin"
+        f" (tlsproxy passwd {htpasswd} ann --stdin); nothing changed\n"
+    )
+    assert not htpasswd.exists()

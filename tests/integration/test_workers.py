@@ -230,7 +230,7 @@ def test_sessions_resume_on_any_worker(proxy: Running, version: str, tmp_path: P
 
 
 def test_metrics_count_every_worker(proxy: Running) -> None:
-    """/metrics on the supervisor counts the requests of all workers, and has one process series per worker."""
+    """Supervisor: /metrics sums requests, not upstream_up, keeps process series apart; /readyz lists upstreams."""
     before = counter(proxy.metrics(), "tlsproxy_requests_total")
     start = len(proxy.process.lines)
     served = requests_until_every_worker(proxy, at_least=20)
@@ -243,8 +243,12 @@ def test_metrics_count_every_worker(proxy: Running) -> None:
     assert counted == len(proxy.served_by(start))
     for index in range(WORKERS):
         assert f'process_resident_memory_bytes{{worker="{index}"}}' in text
+    where = f'route="",site="localhost",upstream="http://127.0.0.1:{proxy.upstream}"'
+    assert f"tlsproxy_upstream_up{{{where}}} 1.0" in text
     with urllib.request.urlopen(f"http://127.0.0.1:{proxy.admin}/readyz", timeout=10) as answer:
-        assert (answer.status, answer.read()) == (200, b"ready\n")
+        status, body = answer.status, answer.read().decode()
+    assert (status, body.splitlines()[0]) == (200, "ready")
+    assert f"upstream http://127.0.0.1:{proxy.upstream} (site localhost): up, " in body
 
 
 def test_sighup_reaches_every_worker_and_a_bad_config_none(proxy: Running) -> None:

@@ -14,17 +14,19 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_proxy_handler import FakeExchange, head
 from tlsproxy.config import AccessRule, BasicAuth, ConfigError, Server, Site, parse_upstream
 from tlsproxy.proxy import access
 from tlsproxy.proxy.access import (
+    GuessLimit,
     HtpasswdError,
     Verifier,
     address_allowed,
     basic_credentials,
+    client_key,
     load_all,
     parse_htpasswd,
     request_path,
@@ -244,8 +246,8 @@ class AdmitTests(SynchronousTestCase):
         self.threads = FakeThreads()
         self.patch(access, "load_all", lambda sites: {"/etc/htpasswd": {"ann": HASH}})
 
-    def handler(self, *sites: Site) -> ProxyHandler:
-        handler = ProxyHandler(self.reactor, list(sites), Server())
+    def handler(self, *sites: Site, server: Server | None = None) -> ProxyHandler:
+        handler = ProxyHandler(self.reactor, list(sites), server or Server())
         handler.access.verifier.run = self.threads
         return handler
 
@@ -345,6 +347,211 @@ class AdmitTests(SynchronousTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 1)
         for target in (b"/admin/", b"/%61dmin/users", b"/admin"):
             self.assertEqual(self.request(handler, target=target).status, 401, target)
+
+    def app_received(self, index: int = -1) -> bytes:
+        """Complete the dial at ``index``: the request head the app got."""
+        protocol = self.reactor.tcpClients[index][2].buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        return transport.value()
+
+    def test_authorization_is_not_passed_to_the_app(self) -> None:
+        """Once the password passed, the app gets the request without the Authorization header (both ways in)."""
+        handler = self.handler(site(basic_auth=BasicAuth("staging", "/etc/htpasswd")))
+        auth = b"Basic " + base64.b64encode(b"ann:s3cret")
+        self.request(handler, authorization=auth)
+        self.threads.run()
+        first = self.app_received()
+        self.assertTrue(first.startswith(b"GET /x HTTP/1.1\r\n"), first)
+        self.request(handler, authorization=auth)  # the remembered success
+        for sent in (first, self.app_received()):
+            self.assertNotIn(b"authorization", sent.lower())
+            self.assertNotIn(base64.b64encode(b"ann:s3cret"), sent)
+
+    def test_pass_authorization_keeps_the_header(self) -> None:
+        """pass_authorization = true: the app gets the client's Authorization as sent."""
+        handler = self.handler(site(basic_auth=BasicAuth("staging", "/etc/htpasswd"), pass_authorization=True))
+        auth = b"Basic " + base64.b64encode(b"ann:s3cret")
+        self.request(handler, authorization=auth)
+        self.threads.run()
+        self.assertIn(b"\r\nauthorization: " + auth + b"\r\n", self.app_received())
+
+    def test_authorization_of_a_rule_without_basic_auth_passes(self) -> None:
+        """A rule that checks no password leaves the client's Authorization (an API token) to the app."""
+        rules = (
+            AccessRule(prefix="/admin/", basic_auth=BasicAuth("admin", "/etc/htpasswd")),
+            AccessRule(prefix="/api/", allow=nets("203.0.113.0/24")),
+        )
+        handler = self.handler(
+            Site(hosts=("app.test",), upstream=parse_upstream("http://127.0.0.1:8000"), tls="files", access=rules)
+        )
+        self.request(handler, target=b"/api/items", authorization=b"Bearer t0ken")
+        self.assertIn(b"\r\nauthorization: Bearer t0ken\r\n", self.app_received())
+
+    def wrong(self, handler: ProxyHandler, client: str = "203.0.113.7", password: bytes = b"nope") -> FakeExchange:
+        """One request with ann's name and ``password``, its check run if one was queued."""
+        exchange = self.request(handler, client=client, authorization=b"Basic " + base64.b64encode(b"ann:" + password))
+        if self.threads.calls:
+            self.threads.run()
+        return exchange
+
+    def test_guessing_is_answered_429_without_a_check(self) -> None:
+        """After auth_fail_limit wrong passwords: 429 with Retry-After, no bcrypt even for the right one; then again."""
+        handler = self.handler(
+            site(basic_auth=BasicAuth("staging", "/etc/htpasswd")),
+            server=Server(auth_fail_limit=3, auth_fail_window=60.0),
+        )
+        for _ in range(3):
+            self.assertEqual(self.wrong(handler).status, 401)
+        self.reactor.advance(20)
+        limited = self.request(handler, authorization=b"Basic " + base64.b64encode(b"ann:s3cret"))
+        self.assertEqual((limited.status, self.threads.calls), (429, []))
+        self.assertIn((b"Retry-After", b"40"), limited.headers)
+        self.assertEqual(self.reactor.tcpClients, [])
+        self.assertEqual(self.wrong(handler, client="203.0.113.8").status, 401)  # another address: checked
+        self.reactor.advance(40)
+        self.assertEqual(self.wrong(handler, password=b"s3cret").status, None)  # the window passed: let in
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+
+    def test_a_burst_of_guesses_is_cut_at_the_limit(self) -> None:
+        """Guesses sent together count while their checks run: only auth_fail_limit of them cost bcrypt."""
+        handler = self.handler(
+            site(basic_auth=BasicAuth("staging", "/etc/htpasswd")),
+            server=Server(auth_fail_limit=3, auth_fail_window=60.0),
+        )
+        auth = b"Basic " + base64.b64encode(b"ann:nope")
+        burst = [self.request(handler, authorization=auth) for _ in range(8)]
+        self.assertEqual([e.status for e in burst], [None] * 3 + [429] * 5)
+        self.assertIn((b"Retry-After", b"1"), burst[-1].headers)
+        checks = len(self.threads.calls) + len(handler.access.verifier.queue)
+        self.assertEqual(checks, 3)
+
+    def test_no_limit_when_off(self) -> None:
+        """auth_fail_limit = 0: every wrong password is checked and answered 401."""
+        handler = self.handler(site(basic_auth=BasicAuth("staging", "/etc/htpasswd")), server=Server(auth_fail_limit=0))
+        self.assertEqual([self.wrong(handler).status for _ in range(15)], [401] * 15)
+
+    def test_counts_survive_a_reload(self) -> None:
+        """A reload (a new handler) keeps counting a guesser's failures."""
+        old = self.handler(
+            site(basic_auth=BasicAuth("staging", "/etc/htpasswd")),
+            server=Server(auth_fail_limit=2, auth_fail_window=60.0),
+        )
+        self.wrong(old)
+        self.wrong(old)
+        new = self.handler(
+            site(basic_auth=BasicAuth("staging", "/etc/htpasswd")),
+            server=Server(auth_fail_limit=2, auth_fail_window=60.0),
+        )
+        old.close(new)
+        self.assertEqual(self.wrong(new).status, 429)
+
+
+# -- the guess limit -------------------------------------------------------------
+
+STAGING = BasicAuth("staging", "/etc/htpasswd")
+ADMIN = BasicAuth("admin", "/etc/htpasswd")
+
+
+def fail_times(limit: GuessLimit, key: Any, count: int) -> None:
+    for _ in range(count):
+        assert limit.wait(key) == 0
+        limit.started(key)
+        limit.checked(key, False)
+
+
+def test_guess_limit_window() -> None:
+    """limit failures in the window make the client wait for the rest of it; then it starts afresh."""
+    clock = Clock()
+    limit = GuessLimit(clock, 3, 60.0)
+    key = ("192.0.2.1", STAGING)
+    fail_times(limit, key, 2)
+    clock.advance(10)
+    fail_times(limit, key, 1)
+    assert limit.wait(key) == 60.0 - 10
+    clock.advance(49.5)
+    assert limit.wait(key) == 0.5
+    clock.advance(0.5)
+    assert limit.wait(key) == 0
+    assert key not in limit.tallies  # an expired count is forgotten
+    fail_times(limit, key, 2)
+    assert limit.wait(key) == 0
+
+
+def test_guess_limit_says_so_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reaching the limit is one warning naming client and realm, outside the access log's namespace."""
+    from twisted.logger import Logger, formatEvent
+
+    events: list[dict[str, Any]] = []
+    monkeypatch.setattr(access, "log", Logger(namespace=access.log.namespace, observer=events.append))
+    limit = GuessLimit(Clock(), 2, 60.0)
+    fail_times(limit, ("192.0.2.1", STAGING), 2)
+    limit.started(("192.0.2.1", STAGING))
+    limit.checked(("192.0.2.1", STAGING), False)  # a check that was already running when the limit was hit
+    assert len(events) == 1
+    assert events[0]["log_namespace"] != "tlsproxy.access"
+    assert formatEvent(events[0]) == (
+        "192.0.2.1: 2 wrong passwords for realm 'staging' within 60s; answered 429 until the window ends"
+    )
+
+
+def test_guess_limit_is_per_client_and_realm() -> None:
+    """One client's failures hold neither other clients nor its other realms; a success resets nothing."""
+    clock = Clock()
+    limit = GuessLimit(clock, 2, 60.0)
+    fail_times(limit, ("192.0.2.1", STAGING), 2)
+    assert limit.wait(("192.0.2.1", STAGING)) > 0
+    assert limit.wait(("192.0.2.2", STAGING)) == 0
+    assert limit.wait(("192.0.2.1", ADMIN)) == 0
+    fail_times(limit, ("192.0.2.3", STAGING), 1)
+    limit.started(("192.0.2.3", STAGING))
+    limit.checked(("192.0.2.3", STAGING), True)  # its own success does not wipe its failure...
+    fail_times(limit, ("192.0.2.3", STAGING), 1)
+    assert limit.wait(("192.0.2.3", STAGING)) > 0  # ... so two failures still limit it
+    limit.started(("192.0.2.2", STAGING))
+    limit.checked(("192.0.2.2", STAGING), True)
+    assert limit.wait(("192.0.2.1", STAGING)) > 0  # nor does anyone else's
+
+
+def test_guess_limit_counts_running_checks() -> None:
+    """Checks still running count toward the limit; the wait is then a second (their answer is near)."""
+    limit = GuessLimit(Clock(), 3, 60.0)
+    key = ("192.0.2.1", STAGING)
+    for _ in range(3):
+        limit.started(key)
+    assert limit.wait(key) == 1.0
+    limit.checked(key, True)
+    assert limit.wait(key) == 0
+
+
+def test_guess_limit_memory_is_bounded() -> None:
+    """At most max_clients are tracked; the least recently seen is forgotten first."""
+    clock = Clock()
+    limit = GuessLimit(clock, 1, 60.0, max_clients=3)
+    for n in range(3):
+        fail_times(limit, (f"192.0.2.{n}", STAGING), 1)
+    limit.started(("192.0.2.0", STAGING))  # seen again: now the most recent
+    limit.checked(("192.0.2.0", STAGING), False)
+    fail_times(limit, ("192.0.2.9", STAGING), 1)
+    assert len(limit.tallies) == 3
+    assert limit.wait(("192.0.2.1", STAGING)) == 0  # the oldest, forgotten
+    assert limit.wait(("192.0.2.0", STAGING)) > 0 and limit.wait(("192.0.2.2", STAGING)) > 0
+
+
+@pytest.mark.parametrize(
+    ("address", "key"),
+    [
+        ("192.0.2.7", "192.0.2.7"),
+        ("::ffff:192.0.2.7", "192.0.2.7"),
+        ("2001:db8:1:2:aaaa::1", "2001:db8:1:2::/64"),
+        ("2001:db8:1:2:bbbb::9", "2001:db8:1:2::/64"),
+        ("", ""),
+        ("unix-peer", "unix-peer"),
+    ],
+)
+def test_client_key(address: str, key: str) -> None:
+    """An IPv6 client is counted by its /64 (one host holds all of it); IPv4 by address, mapped or not."""
+    assert client_key(address) == key
 
 
 def test_sites_without_rules_never_touch_the_verifier() -> None:

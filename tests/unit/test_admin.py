@@ -48,6 +48,7 @@ class ReadinessTests(SynchronousTestCase):
         sent = transport.value()
         self.assertTrue(sent.startswith(b"HEAD / HTTP/1.1\r\n"))
         self.assertIn(b"\r\nHost: shop.example\r\n", sent)
+        self.assertIn(b"\r\nUser-Agent: tlsproxy-readiness\r\n", sent)
         protocol.dataReceived(b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\n")
         self.assertEqual(self.successResultOf(result), [])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
@@ -69,7 +70,7 @@ class ReadinessTests(SynchronousTestCase):
         self.reactor.advance(READINESS_TIMEOUT)
         problems = self.successResultOf(result)
         self.assertEqual(len(problems), 1)
-        self.assertIn("not connected within", problems[0])
+        self.assertEqual(problems[0], "upstream http://app.internal:8000: not connected within 2s")
         protocol, transport = self._accept()
         self.assertTrue(transport.disconnecting)
         self.assertEqual(transport.value(), b"")
@@ -85,6 +86,7 @@ class ReadinessTests(SynchronousTestCase):
         problems = self.successResultOf(result)
         self.assertEqual(len(problems), 1)
         self.assertIn("without answering", problems[0])
+        self.assertTrue(problems[0].startswith("upstream http://app.internal:8000: "), problems[0])
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 

@@ -85,3 +85,91 @@ def test_check_refuses_bad_worker_counts_and_shows_good_ones(tmp_path: Path, mon
     status, out, _ = run("check", "-c", config)
     assert status == 0
     assert "workers = 3 (a supervisor and its workers)" in out
+
+
+def _store_config(tmp_path: Path, url: str) -> str:
+    config = tmp_path / "fleet.toml"
+    config.write_text(
+        f'[server]\nstate_dir = "{tmp_path / "state"}"\n[store]\nurl = "{url}"\n'
+        '[[site]]\nhosts = ["localhost"]\ntls = "local"\nupstream = "http://127.0.0.1:8000"\n'
+    )
+    return str(config)
+
+
+def test_check_refuses_a_store_password_redis_refuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """check asks the fleet's Redis: refused credentials are exit 2 naming the file and store.url."""
+    import redis
+
+    class Refusing:
+        def ping(self) -> None:
+            raise redis.exceptions.AuthenticationError("invalid username-password pair")
+
+    monkeypatch.setattr(redis.Redis, "from_url", staticmethod(lambda *a, **kw: Refusing()))
+    status, out, err = run("check", "--config", _store_config(tmp_path, "redis://:wrong@127.0.0.1:6379/0"))
+    assert status == 2 and "configuration OK" not in out
+    assert f"{tmp_path / 'fleet.toml'}: store.url: redis://:***@127.0.0.1:6379/0 refuses our credentials" in err
+    assert "wrong" not in err
+
+
+def test_check_warns_about_an_unreachable_store(tmp_path: Path) -> None:
+    """A Redis nobody listens for is a warning from check (exit 0): a fleet runs without it."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connecting is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    status, out, err = run("check", "--config", _store_config(tmp_path, f"redis://127.0.0.1:{port}/0"))
+    assert status == 0 and "configuration OK" in out
+    assert f"warning: {tmp_path / 'fleet.toml'}: store.url: redis://127.0.0.1:{port}/0 is unreachable from here" in err
+
+
+def test_check_warns_about_an_app_that_is_not_running(tmp_path: Path) -> None:
+    """check (exit 0) says which upstream refuses connections, before a request gets a 502."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connecting is refused at once
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = tmp_path / "app.toml"
+    config.write_text(f'[[site]]\nhosts = ["localhost"]\ntls = "local"\nupstream = "http://127.0.0.1:{port}"\n')
+    status, out, err = run("check", "--config", str(config))
+    assert status == 0 and "configuration OK" in out
+    assert f"warning: {config}: site[0].upstream: http://127.0.0.1:{port} takes no connection now (" in err
+
+
+def test_check_warns_about_an_htpasswd_file_without_users(tmp_path: Path) -> None:
+    """An empty htpasswd file passes check (exit 0) with a warning that every guarded request gets 401."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("# nobody yet\n")
+    config = tmp_path / "auth.toml"
+    config.write_text(
+        '[[site]]\nhosts = ["localhost"]\ntls = "local"\nupstream = "unix:/nonexistent/app.sock"\n'
+        f'basic_auth = {{ realm = "staff", htpasswd = "{htpasswd}" }}\n'
+    )
+    status, out, err = run("check", "--config", str(config))
+    assert status == 0 and "configuration OK" in out
+    assert f"warning: {config}: basic_auth: {htpasswd} has no users, so every request it guards gets 401" in err
+    assert f"tlsproxy passwd {htpasswd} USER" in err
+
+
+def test_check_names_the_config_key_of_a_non_bcrypt_htpasswd_file(tmp_path: Path) -> None:
+    """An MD5 htpasswd line is refused naming the config file and the keys that name the htpasswd file."""
+    md5, sha = tmp_path / "md5.htp", tmp_path / "sha.htp"
+    md5.write_text("bob:$apr1$Q1dXLZ2b$hVh7s3jmGfuR4Vtf4l1Ml/\n")
+    sha.write_text("# staff\nann:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n")
+    config = tmp_path / "auth.toml"
+    config.write_text(
+        '[[site]]\nhosts = ["localhost"]\ntls = "local"\nupstream = "unix:/nonexistent/app.sock"\n'
+        f'basic_auth = {{ realm = "staff", htpasswd = "{md5}" }}\n'
+        '[[site.access]]\nprefix = "/open/"\nallow = ["127.0.0.1"]\n'
+        f'[[site.access]]\nprefix = "/admin/"\nbasic_auth = {{ realm = "admin", htpasswd = "{sha}" }}\n'
+    )
+    status, out, err = run("check", "--config", str(config))
+    assert status == 2 and out == ""
+    assert (
+        f"tlsproxy: {config}: site[0].basic_auth.htpasswd: {md5}: line 1: bob: only bcrypt hashes are accepted"
+    ) in err
+    assert (
+        f'tlsproxy: {config}: site[0].access (prefix "/admin/").basic_auth.htpasswd: {sha}: line 2: ann: only bcrypt'
+    ) in err
+    assert "Traceback" not in err

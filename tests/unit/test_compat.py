@@ -322,6 +322,17 @@ class TwistedCanaryTests(SynchronousTestCase):
         self.assertRegex(inspect.getsource(base.BaseConnector.connect), r"self\.transport\b[^=\n]*= ")
 
 
+def _headers(stream: int, block: bytes, end: bool) -> Any:
+    """A HEADERS frame carrying ``block`` whole."""
+    from hyperframe.frame import HeadersFrame
+
+    frame = HeadersFrame(stream, data=block)
+    frame.flags.add("END_HEADERS")
+    if end:
+        frame.flags.add("END_STREAM")
+    return frame
+
+
 class H2CanaryTests(SynchronousTestCase):
     """h2: see tlsproxy/compat/h2.py if this fails."""
 
@@ -393,23 +404,30 @@ class H2CanaryTests(SynchronousTestCase):
             server.data_to_send()
             return server
 
+        def machine(conn: Any, stream: int) -> Any:
+            m = conn.streams[stream].state_machine
+            return (m.state, m.headers_sent, m.trailers_sent, m.stream_closed_by)
+
         client = compat_h2.H2Connection(H2Configuration(client_side=True))
         client.initiate_connection()
-        for stream in (1, 3):
-            client.send_headers(stream, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        # Streams 1 and 3 still open (a body may follow), 5 and 7 ended by the client.
+        for stream in (1, 3, 5, 7):
+            get = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")]
+            client.send_headers(stream, get, end_stream=stream > 3)
         request = client.data_to_send()
         fields = [(b":status", b"200"), (b"x-big", b"v" * 40000)]  # over one frame: CONTINUATIONs too
         for end in (True, False):
             ours, theirs = server_with_request(request), server_with_request(request)
-            for stream, extra in ((1, []), (3, fields[1:])):
+            for stream, extra in ((1, []), (3, fields[1:]), (5, []), (7, fields[1:])):
                 frames = compat_h2.answer_headers_frames(ours, stream, fields[:1] + extra, Encoder(), end)
                 theirs.encoder = Encoder()
                 theirs.send_headers(stream, fields[:1] + extra, end_stream=end)
                 self.assertEqual(frames, theirs.data_to_send())
-                self.assertEqual(ours.streams[stream].state_machine.state, theirs.streams[stream].state_machine.state)
+                self.assertEqual(machine(ours, stream), machine(theirs, stream))
             self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
             if not end:
                 ours.send_data(1, b"body", end_stream=True)  # h2 takes the stream's DATA after our HEADERS
+                ours.send_data(5, b"body", end_stream=True)
         self.assertIsNone(compat_h2.answer_headers_frames(ours, 99, fields[:1], Encoder(), True))
         ours.streams[1].state_machine.process_input(compat_h2.StreamInputs.SEND_RST_STREAM)
         with self.assertRaises(StreamClosedError):
@@ -421,7 +439,9 @@ class H2CanaryTests(SynchronousTestCase):
 
         client = compat_h2.H2Connection(H2Configuration(client_side=True))
         client.initiate_connection()
-        client.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        for stream in (1, 3):  # 1 still open (a body may follow), 3 ended by the client
+            get = [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")]
+            client.send_headers(stream, get, end_stream=stream == 3)
         request = client.data_to_send()
         twins = []
         for _ in range(2):
@@ -430,23 +450,192 @@ class H2CanaryTests(SynchronousTestCase):
             server.receive_data(request)
             server.encoder = Encoder()
             server.send_headers(1, [(b":status", b"200")])
+            server.send_headers(3, [(b":status", b"200")])
             server.data_to_send()
             twins.append(server)
         ours, theirs = twins
-        for data, end in ((b"a" * 1000, False), (b"", False), (b"b" * 500, True)):
-            header = compat_h2.data_frame_header(ours, 1, data, end)
-            theirs.send_data(1, data, end_stream=end)
-            self.assertEqual(header + data if header is not None else None, theirs.data_to_send())
-            self.assertEqual(ours.streams[1].state_machine.state, theirs.streams[1].state_machine.state)
-            self.assertEqual(ours.outbound_flow_control_window, theirs.outbound_flow_control_window)
-            self.assertEqual(
-                ours.streams[1].outbound_flow_control_window, theirs.streams[1].outbound_flow_control_window
-            )
+        for stream in (1, 3):
+            for data, end in ((b"a" * 1000, False), (b"", False), (b"b" * 500, True)):
+                header = compat_h2.data_frame_header(ours, stream, data, end)
+                theirs.send_data(stream, data, end_stream=end)
+                self.assertEqual(header + data if header is not None else None, theirs.data_to_send())
+                mine, h2s = ours.streams[stream].state_machine, theirs.streams[stream].state_machine
+                self.assertEqual((mine.state, mine.stream_closed_by), (h2s.state, h2s.stream_closed_by))
+                self.assertEqual(ours.outbound_flow_control_window, theirs.outbound_flow_control_window)
+                self.assertEqual(
+                    ours.streams[stream].outbound_flow_control_window,
+                    theirs.streams[stream].outbound_flow_control_window,
+                )
         self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
         self.assertIsNone(compat_h2.data_frame_header(ours, 99, b"x", False))
-        client.send_headers(3, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
+        client.send_headers(5, [(":method", "GET"), (":path", "/"), (":scheme", "https"), (":authority", "a")])
         ours.receive_data(client.data_to_send())
-        self.assertIsNone(compat_h2.data_frame_header(ours, 3, b"x" * 70000, False), "past the 64 KiB window")
+        self.assertIsNone(compat_h2.data_frame_header(ours, 5, b"x" * 70000, False), "past the 64 KiB window")
+
+    def test_receive_request_headers_matches_h2s_own(self) -> None:
+        """receive_request_headers gives h2's RequestReceived fields and leaves h2's state as receive_data does."""
+        from h2.exceptions import ProtocolError
+        from hpack import Encoder
+
+        def server() -> Any:
+            conn = compat_h2.StreamErrorConnection(
+                H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=False)
+            )
+            conn.initiate_connection()
+            conn.increment_flow_control_window(100_000)
+            conn.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 200_000, SettingCodes.MAX_CONCURRENT_STREAMS: 4})
+            conn.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x01\x00\x00\x00\x00")
+            return conn
+
+        def state(conn: Any) -> Any:
+            streams = {
+                i: (
+                    s.state_machine.state,
+                    s.state_machine.client,
+                    s.state_machine.headers_received,
+                    s.state_machine.stream_closed_by,
+                    s.inbound_flow_control_window,
+                    s.outbound_flow_control_window,
+                    s.max_outbound_frame_size,
+                    s._expected_content_length,
+                )
+                for i, s in conn.streams.items()
+            }
+            return (conn.state_machine.state, conn.highest_inbound_stream_id, streams, dict(conn._closed_streams))
+
+        encoder = Encoder()
+        get = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https"), (b":authority", b"a")]
+        post = [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"https"), (b"content-length", b"3")]
+        cookies = [*get, (b"cookie", b"a=1"), (b"x", b"y"), (b"cookie", b"b=2")]
+        ours, theirs = server(), server()
+        self.assertFalse(compat_h2.inbound_ready(ours), "no request yet: h2 is not serving")
+        first = _headers(1, encoder.encode(get), True).serialize()
+        for conn in (ours, theirs):  # the first request, through h2: its state machine is then SERVER_OPEN
+            conn.receive_data(first)
+        self.assertTrue(compat_h2.inbound_ready(ours))
+        for stream, fields, end in ((3, get, True), (5, post, False), (9, cookies, True)):
+            block = encoder.encode(fields)  # the same bytes to both: their decoders stay in step
+            got = compat_h2.receive_request_headers(ours, stream, block, end)
+            events = theirs.receive_data(_headers(stream, block, end).serialize())
+            self.assertEqual(got, next(e for e in events if isinstance(e, RequestReceived)).headers)
+            self.assertEqual(state(ours), state(theirs))
+            self.assertEqual(ours.data_to_send(), theirs.data_to_send())
+        # The Content-Length h2 checks DATA against is in place: three bytes end stream 5, four break it.
+        for conn in (ours, theirs):
+            self.assertEqual(conn._receive_data_frame(DataFrame(5, data=b"ab"))[1][0].data, b"ab")
+            with self.assertRaises(NotImplementedError):  # StreamErrorConnection's hook: the body-length error
+                conn._receive_data_frame(DataFrame(5, data=b"cd"))
+        # Left to h2: an even or a stale stream id, a fifth open stream (the limit is 4: 1, 3, 5, 9).
+        for stream in (10, 7, 11):
+            self.assertIsNone(compat_h2.receive_request_headers(ours, stream, b"\x82", True))
+        self.assertEqual(state(ours), state(theirs))
+        # Once one has closed there is room, and the closed stream moves out of h2's table as h2 moves it.
+        for conn in (ours, theirs):
+            conn.reset_stream(1)
+        block = encoder.encode(get)
+        got = compat_h2.receive_request_headers(ours, 11, block, True)
+        events = theirs.receive_data(_headers(11, block, True).serialize())
+        self.assertEqual(got, next(e for e in events if isinstance(e, RequestReceived)).headers)
+        self.assertEqual(state(ours), state(theirs))
+        self.assertNotIn(1, ours.streams)
+        # Errors leave h2's GOAWAY queued and raise, as receive_data does: a bad block, a bad
+        # Content-Length, a request shaped as an informational answer.
+        cases: list[Any] = [b"\xff\xff\xff", [*post[:3], (b"content-length", b"x")], [(b":status", b"100")]]
+        for case in cases:
+            ours, theirs = server(), server()
+            fresh = Encoder()
+            first = _headers(1, fresh.encode(get), True).serialize()
+            for conn in (ours, theirs):
+                conn.receive_data(first)
+                conn.data_to_send()
+            block = case if isinstance(case, bytes) else fresh.encode(case)
+            with self.assertRaises(ProtocolError) as mine:
+                compat_h2.receive_request_headers(ours, 3, block, True)
+            with self.assertRaises(ProtocolError) as h2s:
+                theirs.receive_data(_headers(3, block, True).serialize())
+            self.assertEqual(type(mine.exception), type(h2s.exception))
+            self.assertEqual(ours.data_to_send(), theirs.data_to_send())
+            self.assertEqual(ours.state_machine.state, theirs.state_machine.state)
+            self.assertIsNone(compat_h2.receive_request_headers(ours, 5, b"\x82", True), "the connection is closed")
+
+    def test_receive_data_frame_matches_h2s_own(self) -> None:
+        """receive_data_frame leaves h2's windows, body count and stream states as receive_data leaves them."""
+        from hpack import Encoder
+        from hyperframe.frame import DataFrame
+
+        def server() -> Any:
+            conn = compat_h2.StreamErrorConnection(H2Configuration(client_side=False, header_encoding=None))
+            conn.initiate_connection()
+            conn.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+            return conn
+
+        def state(conn: Any) -> Any:
+            streams = {
+                i: (
+                    s.state_machine.state,
+                    s.state_machine.stream_closed_by,
+                    s.inbound_flow_control_window,
+                    s._actual_content_length,
+                )
+                for i, s in conn.streams.items()
+            }
+            return conn.state_machine.state, conn.inbound_flow_control_window, streams
+
+        encoder = Encoder()
+        post = [(b":method", b"POST"), (b":path", b"/"), (b":scheme", b"https"), (b":authority", b"a")]
+        heads = b"".join(
+            _headers(stream, encoder.encode(post + extra), False).serialize()
+            for stream, extra in ((1, []), (3, [(b"content-length", b"5")]), (5, []))
+        )
+        ours, theirs = server(), server()
+        for conn in (ours, theirs):
+            conn.receive_data(heads)
+            conn.send_headers(5, [(b":status", b"200")], end_stream=True)  # 5: HALF_CLOSED_LOCAL
+            conn.data_to_send()
+        frames = [(1, b"abc", False), (3, b"ab", False), (1, b"", True), (3, b"cde", True), (5, b"xy", True)]
+        for stream, data, end in frames:
+            self.assertTrue(compat_h2.receive_data_frame(ours, stream, len(data), end))
+            frame = DataFrame(stream, data=data)
+            if end:
+                frame.flags.add("END_STREAM")
+            theirs.receive_data(frame.serialize())
+            self.assertEqual(state(ours), state(theirs))
+        # Left to h2: a stream that has ended, one never opened, data past the Content-Length or a window.
+        seven = _headers(7, encoder.encode([*post, (b"content-length", b"2")]), False).serialize()
+        for conn in (ours, theirs):
+            conn.receive_data(seven)
+        before = state(ours)
+        for stream, length, end in ((1, 1, False), (9, 1, False), (7, 3, False), (7, 1, True), (7, 70_000, False)):
+            self.assertFalse(compat_h2.receive_data_frame(ours, stream, length, end))
+        self.assertEqual(state(ours), before)
+
+    def test_inbound_ready_follows_h2s_buffer(self) -> None:
+        """inbound_ready is false while h2 holds a partial frame, part of the preface or an open header block."""
+        from hpack import Encoder
+
+        conn = compat_h2.H2Connection(H2Configuration(client_side=False, header_encoding=None))
+        conn.initiate_connection()
+        conn.receive_data(b"PRI * HTTP/2.0\r\n\r\nSM")
+        self.assertFalse(compat_h2.inbound_ready(conn))
+        conn.receive_data(b"\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        self.assertFalse(compat_h2.inbound_ready(conn), "not serving before the first request")
+        encoder = Encoder()
+        get = [(b":method", b"GET"), (b":path", b"/"), (b":scheme", b"https"), (b":authority", b"a")]
+        conn.receive_data(_headers(1, encoder.encode(get), True).serialize())
+        self.assertTrue(compat_h2.inbound_ready(conn))
+        ping = b"\x00\x00\x08\x06\x00\x00\x00\x00\x00" + b"12345678"
+        conn.receive_data(ping[:12])
+        self.assertFalse(compat_h2.inbound_ready(conn), "part of a frame")
+        conn.receive_data(ping[12:])
+        self.assertTrue(compat_h2.inbound_ready(conn))
+        open_block = _headers(3, encoder.encode(get), True)
+        open_block.flags.discard("END_HEADERS")
+        conn.receive_data(open_block.serialize())
+        self.assertFalse(compat_h2.inbound_ready(conn), "an open header block")
+        conn.receive_data(b"\x00\x00\x00\x09\x04\x00\x00\x00\x03")
+        self.assertTrue(compat_h2.inbound_ready(conn))
+        conn.close_connection()
+        self.assertFalse(compat_h2.inbound_ready(conn), "closed")
 
     def test_hpack_tables(self) -> None:
         """hpack's static table and Huffman coder are RFC 7541's (Appendix A; the example in C.4.1)."""

@@ -771,3 +771,57 @@ def test_http11_sliced_answer_frames_and_pipelines() -> None:
     assert rest.startswith(b"HTTP/1.1 200")  # the second answer, after the first ended
     second_head, _, second = rest.partition(b"\r\n\r\n")
     assert gzip.decompress(dechunk(second)[0]) == body
+
+
+class Logged:
+    """An access log that keeps (status, bytes_out) of each record."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[int, int]] = []
+
+    def log(self, exchange: Any, status: int, size: int, *rest: Any) -> None:
+        self.records.append((status, size))
+
+
+def proxied(reactor: MemoryReactorClock, answer: bytes) -> tuple[FakeExchange, Logged]:
+    """A gzip client's GET through a compressing site, the app's bytes so far ``answer``."""
+    FakeExchange.clock = reactor
+    request = RequestHead(b"GET", b"/", b"1.1", b"app.test", [(b"host", b"app.test"), (b"accept-encoding", b"gzip")])
+    client = FakeExchange(request)
+    handler = handler_for(True, reactor)
+    handler.access_log = logged = Logged()  # type: ignore[assignment]
+    handler.handle(client)
+    app = reactor.tcpClients[-1][2].buildProtocol(None)
+    app.makeConnection(StringTransport())
+    app.dataReceived(answer)
+    return client, logged
+
+
+@pytest.mark.parametrize("size", [2_000, 3 * SLICE])
+def test_access_log_counts_the_coded_bytes(size: int) -> None:
+    """bytes_out is what the client received, logged once the last coded byte is out, small or large."""
+    reactor = MemoryReactorClock()
+    body = big_json(size)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    client, logged = proxied(reactor, head + body)
+    for _ in range(size // SLICE + 3):
+        reactor.advance(0)
+    assert client.finished
+    assert gzip.decompress(client.body) == body
+    assert logged.records == [(200, len(client.body))]
+    assert len(client.body) < len(body) // 4
+
+
+def test_access_log_counts_what_went_out_before_the_client_left() -> None:
+    """A client gone mid-answer: one record, with the coded bytes it was sent."""
+    reactor = MemoryReactorClock()
+    body = big_json(8 * SLICE)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+    client, logged = proxied(reactor, head + body[: SLICE // 2])
+    reactor.advance(0)  # the turn's flush: the first coded bytes go out
+    sent = len(client.body)
+    assert 0 < sent and not client.finished and not logged.records
+    client.observer.client_gone()
+    reactor.advance(0)
+    assert len(logged.records) == 1
+    assert logged.records[0][1] == sent

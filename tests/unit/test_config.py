@@ -421,3 +421,109 @@ def test_workers_from_the_environment() -> None:
     assert parse({"acme": ACME, "site": [SITE]}, "s", {"TLSPROXY_SERVER_WORKERS": "auto"}).server.workers >= 1
     (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_WORKERS": "0"})
     assert "server.workers" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "key", "meant"),
+    [
+        ({"server": {"workres": 2}}, "server.workres", "workers"),
+        ({"sever": {"workers": 2}}, "sever", "server"),
+        ({"site": [{**SITE, "upstrem": "http://127.0.0.1:8000"}]}, "site[0].upstrem", "upstream"),
+        ({"site": [{**SITE, "Compress": False}]}, "site[0].Compress", "compress"),
+    ],
+)
+def test_unknown_key_suggests_the_close_one(raw: dict, key: str, meant: str) -> None:
+    """A typo in a key names the key it most likely meant, before the list of every known key."""
+    found = problems({"acme": ACME, "site": [SITE], **raw})
+    (message,) = [m for m in found if f": {key}: unknown key" in m]
+    assert f"unknown key: did you mean {meant}? (known keys: " in message
+
+
+def test_unknown_key_far_from_any_suggests_nothing() -> None:
+    """A key like no known one gets the list alone, not a wild guess."""
+    (message,) = problems({"acme": ACME, "site": [SITE], "server": {"colour": "red"}})
+    assert "did you mean" not in message and "server.colour: unknown key (known keys: " in message
+
+
+def test_unknown_environment_key_suggests_the_close_one() -> None:
+    """TLSPROXY_SERVER_WORKRS is named as set and points at workers."""
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_WORKRS": "2"})
+    assert message.startswith("environment TLSPROXY_SERVER_WORKRS: server.workrs: unknown key: did you mean workers?")
+
+
+@pytest.mark.parametrize("name", ["TLSPROXY_SITE_COMPRESS", "TLSPROXY_UPSTREAM"])
+def test_site_variable_beside_file_sites_names_that_variable(name: str) -> None:
+    """A one-site variable next to a file's [[site]] is blamed by its own name, not TLSPROXY_HOSTS."""
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {name: "false"})
+    assert message.startswith(f"environment {name}: site: the configuration file already has [[site]] tables")
+    assert "TLSPROXY_HOSTS" not in message and "set the key in the file's [[site]]" in message
+
+
+def test_no_https_listener_refused() -> None:
+    """https = [] would run a proxy that serves nothing: refused, naming the key."""
+    (message,) = problems({"acme": ACME, "site": [SITE], "server": {"https": []}})
+    assert message.startswith("site.toml: server.https: no listener") and '["tcp:443"]' in message
+
+
+def test_empty_https_variable_refused() -> None:
+    """An empty TLSPROXY_SERVER_HTTPS is blamed on the variable, not silently no listener."""
+    (message,) = problems({"acme": ACME, "site": [SITE]}, {"TLSPROXY_SERVER_HTTPS": ""})
+    assert message.startswith("environment TLSPROXY_SERVER_HTTPS: server.https: no listener")
+
+
+def test_directory_where_a_file_is_wanted(tmp_path: Path) -> None:
+    """A directory given for htpasswd, a cert, an error page or ca_bundle is called a directory, not missing."""
+    folder = str(tmp_path)
+    site = {
+        **SITE,
+        "tls": "files",
+        "cert": folder,
+        "key": folder,
+        "basic_auth": {"realm": "x", "htpasswd": folder},
+        "error_pages": {"502": folder},
+    }
+    found = problems({"acme": {**ACME, "ca_bundle": folder}, "site": [site]})
+    for key in ("site[0].cert", "site[0].key", "site[0].basic_auth.htpasswd", "site[0].error_pages.502"):
+        assert f"site.toml: {key}: {folder} is a directory: name the file in it" in found, key
+    assert f"site.toml: acme.ca_bundle: {folder} is a directory: name the file in it" in found
+    assert not any("no such file" in m or "tlsproxy passwd" in m for m in found)
+
+
+def test_single_site_table_says_double_brackets() -> None:
+    """[site] instead of [[site]] is one message saying to double the brackets, not "no [[site]] configured"."""
+    (message,) = problems({"acme": ACME, "site": dict(SITE)})
+    assert message == (
+        "site.toml: site: expected [[site]] tables, found a single [site] table:"
+        " write [[site]] (double brackets), one per site"
+    )
+
+
+@pytest.mark.parametrize("key", ["static", "upstream"])
+def test_site_key_at_the_top_says_where_it_belongs(key: str) -> None:
+    """A site's key written above every [[site]] (or as [static]) says to put it under a [[site]] table."""
+    (message,) = problems({"acme": ACME, "site": [SITE], key: {"/static/": "/srv"}})
+    assert message == f"site.toml: {key}: a key of a site: put it under a [[site]] table (as [site.{key}] for a table)"
+
+
+def test_agree_tos_missing_in_environment_only_setup_names_the_variable() -> None:
+    """With no file, the terms are accepted by a variable: the message names TLSPROXY_ACME_AGREE_TOS=true."""
+    environ = {"TLSPROXY_HOSTS": "example.com", "TLSPROXY_UPSTREAM": "http://127.0.0.1:8000"}
+    (message,) = problems({}, environ)
+    assert message.startswith('site.toml: acme.agree_tos: a site uses tls = "acme": set TLSPROXY_ACME_AGREE_TOS=true')
+
+
+def test_agree_tos_of_the_wrong_type_is_said_once() -> None:
+    """agree_tos = "maybe" gets its type error alone, not a second line asking to agree."""
+    environ = {"TLSPROXY_ACME_AGREE_TOS": "maybe"}
+    (message,) = problems({"site": [SITE]}, environ)
+    assert message == "environment TLSPROXY_ACME_AGREE_TOS: acme.agree_tos: expected true or false, found str 'maybe'"
+
+
+@pytest.mark.parametrize(
+    ("written", "meant"), [("https://example.com/", "example.com"), ("example.com:443", "example.com")]
+)
+def test_host_written_as_url_says_the_name(written: str, meant: str) -> None:
+    """A host given as a URL or with a port is answered with the bare name to write."""
+    (message,) = problems({"acme": ACME, "site": [{**SITE, "hosts": [written]}]})
+    assert message.startswith(f"site.toml: site[0].hosts: {written!r}: a host name alone, without scheme, port")
+    assert message.endswith(f"or path: write {meant!r}")

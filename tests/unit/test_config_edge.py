@@ -108,3 +108,39 @@ def test_access_log_file_key() -> None:
     cfg = parse({"acme": ACME, "site": [SITE], "server": {"access_log_file": "/var/log/a.log"}}, "s.toml", {})
     assert cfg.server.access_log_file == "/var/log/a.log"
     assert parse({"acme": ACME, "site": [SITE]}, "s.toml", {}).server.access_log_file == ""
+
+
+def test_pass_authorization_is_off_and_inherited(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """pass_authorization is false unless set; a site's value is its rules' default, a rule's own wins."""
+    htpasswd = tmp_path / "htpasswd"
+    htpasswd.write_text("")
+    auth = {"realm": "staging", "htpasswd": str(htpasswd)}
+    (site,) = parse({"acme": ACME, "site": [{**SITE, "basic_auth": auth}]}, "site.toml", {}).sites
+    assert site.access[0].pass_authorization is False
+    raw_site = {
+        **SITE,
+        "basic_auth": auth,
+        "pass_authorization": True,
+        "access": [{"prefix": "/admin/", "pass_authorization": False}, {"prefix": "/api/", "allow": []}],
+    }
+    (site,) = parse({"acme": ACME, "site": [raw_site]}, "site.toml", {}).sites
+    by_prefix = {rule.prefix: rule.pass_authorization for rule in site.access}
+    assert by_prefix == {"/": True, "/admin/": False, "/api/": True}
+
+
+def test_auth_fail_limit_keys() -> None:
+    """[server] auth_fail_limit (10, 0 turns it off) and auth_fail_window (60 s); bad values are named."""
+    server = parse({"acme": ACME, "site": [SITE]}, "s.toml", {}).server
+    assert (server.auth_fail_limit, server.auth_fail_window) == (10, 60.0)
+    raw = {"acme": ACME, "site": [SITE], "server": {"auth_fail_limit": 0, "auth_fail_window": 300}}
+    server = parse(raw, "s.toml", {}).server
+    assert (server.auth_fail_limit, server.auth_fail_window) == (0, 300.0)
+    found = problems(
+        {
+            "acme": ACME,
+            "site": [{**SITE, "pass_authorization": "yes"}],
+            "server": {"auth_fail_limit": -1, "auth_fail_window": 0},
+        }
+    )
+    for needle in ("server.auth_fail_limit", "server.auth_fail_window", "site[0].pass_authorization"):
+        assert any(needle in message for message in found), (needle, found)

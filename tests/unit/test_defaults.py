@@ -43,3 +43,12 @@ def test_example_shows_the_defaults() -> None:
     assert dataclasses.replace(loaded.acme, agree_tos=False) == config.ACME()
     (site,) = loaded.sites
     assert site == config.Site(hosts=site.hosts, upstream=site.upstream)
+
+
+def test_example_and_readme_name_every_process_variable() -> None:
+    """Every TLSPROXY_ variable that is not configuration is named in the example and the README."""
+    readme = (EXAMPLE.parent / "README.md").read_text()
+    example = EXAMPLE.read_text()
+    for name in config.PROCESS_ENV:
+        assert name in example, name
+        assert name in readme, name

@@ -23,7 +23,7 @@ from tlsproxy.certs.challenges import HTTP01Answers, TLSALPN01Answers
 from tlsproxy.certs.model import CertifiedKey
 from tlsproxy.certs.redis_store import RedisStore
 from tlsproxy.certs.store import SiteMeta
-from tlsproxy.config import ACME, Config, Server, Site, Upstream
+from tlsproxy.config import ACME, Config, Server, Site, Store, Upstream
 from tlsproxy.tls.policy import TLSPolicy
 from tlsproxy.tls.sni import SniMap, SniServer
 
@@ -422,3 +422,47 @@ def test_fleet_order_does_not_wait_for_an_instance_that_died() -> None:
     time_.during = lambda now: acks.live.discard("c") if now >= 1 else None
     responder.ready()
     assert time_.now == pytest.approx(1, abs=0.15)
+
+
+@pytest.mark.parametrize("from_environment", [False, True])
+def test_refused_password_says_where_the_url_is_and_hides_it(tmp_path: Path, from_environment: bool) -> None:
+    """A wrong store password logs once: [store] url of the file (or TLSPROXY_STORE_URL), `tlsproxy check`, ***."""
+    with running_redis(password="right-one") as server:
+        url = server.url.replace(":right-one@", ":wrong-one@")
+        assert "wrong-one" in url
+        config = Config(
+            server=Server(state_dir=str(tmp_path)),
+            acme=ACME(agree_tos=True),
+            store=Store(url=url),
+            sites=(Site(hosts=("example.com",), upstream=Upstream(url="http://127.0.0.1:8000", host="x", port=8000)),),
+            source="/etc/tlsproxy/proxy.toml",
+        )
+        environ = {"TLSPROXY_STORE_URL": url} if from_environment else {}
+        clock = Clock()
+        clock.advance(START)
+        service = CertificateService(
+            clock,
+            config,
+            SniServer(TLSPolicy(), SniMap([("example.com", ("example.com",))])),
+            HTTP01Answers(),
+            TLSALPN01Answers(),
+            run_in_thread=lambda f, *a, **kw: maybeDeferred(f, *a, **kw),
+            ca_factory=lambda config, store: FakeCA(),
+            store=RedisStore(url, tmp_path / "cache", connect_timeout=1, timeout=2),
+            environ=environ,
+        )
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        try:
+            service.startService()
+            for _ in range(2):
+                clock.advance(service.poll_interval)
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+            service.stopService()
+    said = [e["problem"] for e in events if e.get("log_level") == LogLevel.error and "problem" in e]
+    assert len(said) == 1, said
+    where = "the environment's TLSPROXY_STORE_URL" if from_environment else "[store] url of /etc/tlsproxy/proxy.toml"
+    assert "refuses our credentials" in said[0]
+    assert f"fix the password (or user) in {where} (`tlsproxy check` tries it)" in said[0]
+    assert ":***@" in said[0] and "wrong-one" not in said[0]

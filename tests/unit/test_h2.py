@@ -154,6 +154,8 @@ class H2Tests(SynchronousTestCase):
             self.client.send_data(stream, b"x" * 16000, end_stream=True)
             self.pump()
             bad.append(stream)
+            if len(bad) % 100 == 0:  # each reset counts (MadeYouReset): a new budget, this is about the window
+                self.clock.advance(RESET_WINDOW)
         resets = [(e.stream_id, e.error_code) for e in self.events if isinstance(e, StreamReset)]
         self.assertEqual(resets, [(stream, 1) for stream in bad])  # 1: PROTOCOL_ERROR
         self.assertFalse(self.transport.disconnecting)
@@ -333,6 +335,25 @@ class H2Tests(SynchronousTestCase):
         self.assertEqual([e.error_code for e in self.events if isinstance(e, ConnectionTerminated)], [11])
         self.assert_closes_once_quiet()
         self.assertEqual(self.handler.exchanges, [])
+
+    def test_resets_provoked_by_bad_frames_count_too(self) -> None:
+        """Streams we reset for a WINDOW_UPDATE overflow or a body off its Content-Length count too (MadeYouReset)."""
+        from h2.events import ConnectionTerminated
+
+        fields = [(b":method", b"POST"), (b":path", b"/x"), (b":scheme", b"https"), (b":authority", b"app.test")]
+        for provoke in ("window", "length"):
+            self.setUp()
+            for _ in range(RESET_BURST + 50):
+                stream = self.send_fields([*fields, (b"content-length", b"1")], end=False)
+                if provoke == "window":  # an increment past 2**31 - 1 on the stream: we reset it
+                    self.server.dataReceived(b"\x00\x00\x04\x08\x00" + stream.to_bytes(4, "big") + b"\x7f\xff\xff\xff")
+                else:  # two bytes where one was announced: we reset it
+                    self.server.dataReceived(b"\x00\x00\x02\x00\x01" + stream.to_bytes(4, "big") + b"ab")
+                self.pump()
+                if self.goaway_received() is not None:
+                    break
+            codes = [e.error_code for e in self.events if isinstance(e, ConnectionTerminated)]
+            self.assertEqual(codes, [11], provoke)
 
     def test_ping_flood_gets_goaway(self) -> None:
         """More PINGs in a window than any client needs (a flood from one that reads) end in ENHANCE_YOUR_CALM."""

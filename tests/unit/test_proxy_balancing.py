@@ -286,7 +286,9 @@ class HealthCheckTests(ProxyCase):
         app2, _ = self.accept(1)
         app2.dataReceived(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
         self.assertTrue(wire1.disconnecting)
+        self.assertIn(b"\r\nUser-Agent: tlsproxy-health-check\r\n", wire1.value())
         self.assertEqual([s.up for s in handler.groups[0].states()], [False, True])
+        self.assertIn("GET /health answered 500", handler.groups[0].states()[0].why)
         for _ in range(2):
             self.request(handler=handler)
         self.assertEqual(self.dialled()[2:], [8002, 8002])

@@ -97,6 +97,9 @@ def test_plain_and_encoded_names_resolve() -> None:
         (b"gzip;q=nonsense, br", ["br"]),
         (b"GZIP ; Q=0.3", ["gzip"]),
         (b"x-gzip", ["gzip"]),
+        (b"br;q=0, br", []),  # named twice: the refusal holds, as for compressed answers
+        (b"gzip, x-gzip;q=0", []),
+        (b"gzip;q=0.5, br;q=0.9, br;q=0.1", ["gzip", "br"]),
     ],
 )
 def test_accept_encoding_ranks_by_q_then_ours(header: bytes | None, expected: list[str]) -> None:
@@ -290,6 +293,14 @@ class ServeTests(SynchronousTestCase):
         plain = self.get(target, accept_encoding=b"zstd")  # no .zst sibling: coded on the fly (compress.py)
         self.assertEqual(zstandard.ZstdDecompressor().decompress(plain.body), self.css)
         self.assertNotEqual(self.field(plain, b"etag"), self.field(got, b"etag"))
+
+    def test_every_accept_encoding_line_counts(self) -> None:
+        """A coding refused in a second Accept-Encoding line is not sent (RFC 9110 5.3), as compress.py reads it."""
+        headers = [(b"host", b"app.test"), (b"accept-encoding", b"br"), (b"accept-encoding", b"br;q=0, gzip")]
+        target = b"/static/admin/css/base.3f1c2a9b7d0e.css"
+        exchange = FakeExchange(RequestHead(b"GET", target, b"2", b"app.test", headers))
+        self.handler.handle(exchange)
+        self.assertEqual((exchange.body, self.field(exchange, b"content-encoding")), (b"GZ" + self.css[:10], b"gzip"))
 
     def test_refusals_never_reach_the_app_or_the_disk_outside(self) -> None:
         """Traversals, dotfiles, directories, symlinks out of the root and missing files are 404/400 from us."""

@@ -1,16 +1,22 @@
-"""What `twist tlsproxy` says when a listener cannot bind, and what a reload hands the listeners."""
+"""What `twist tlsproxy` says when a listener cannot bind or the dev app is not up; what a reload hands listeners."""
 
 from __future__ import annotations
 
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
+import pytest
 import trustme
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 
 from tlsproxy import config as configuration
+from tlsproxy import tap
+from tlsproxy.config import parse_upstream
 from tlsproxy.tap import ProxyService, cannot_listen
 
 
@@ -67,3 +73,49 @@ def test_reload_hands_the_tls_listener_its_new_handshake_timeout(tmp_path: Path)
     service.reload()
     assert service.https_factory.handshake_timeout == 3
     assert service.https_app.limits.handshake_timeout == 3
+
+
+@pytest.mark.parametrize(
+    ("url", "where", "hint"),
+    [
+        ("http://127.0.0.1:8000", "127.0.0.1:8000", "start your app (for Django: python manage.py runserver)"),
+        ("http://127.0.0.1:9001", "127.0.0.1:9001", "python manage.py runserver 127.0.0.1:9001"),
+    ],
+)
+def test_dev_start_warns_once_when_no_app_answers(url: str, where: str, hint: str) -> None:
+    """tlsproxy dev dials its app through the reactor at start; a refused dial is one warning naming the fix."""
+    upstream = parse_upstream(url)
+    assert not isinstance(upstream, str)
+    reactor = MemoryReactorClock()
+    said: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        tap.warn_if_no_app(reactor, upstream)
+        assert said == []  # nothing waited for, nothing said yet
+        ((host, port, factory, timeout, _),) = reactor.tcpClients
+        assert (host, port, timeout) == (upstream.host, upstream.port, tap.APP_DIAL_TIMEOUT)
+        factory.clientConnectionFailed(None, Failure(ConnectionRefusedError()))
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+    warnings = [formatEvent(e) for e in said if e.get("log_level") == LogLevel.warn]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"tlsproxy dev: nothing answers on {where} yet: ") and hint in warnings[0]
+
+
+def test_dev_start_says_nothing_when_the_app_answers() -> None:
+    """A dial that connects is hung up at once and logs nothing."""
+    upstream = parse_upstream("http://127.0.0.1:8000")
+    assert not isinstance(upstream, str)
+    reactor = MemoryReactorClock()
+    said: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(said.append)
+    try:
+        tap.warn_if_no_app(reactor, upstream)
+        factory = reactor.tcpClients[0][2]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+    finally:
+        globalLogPublisher.removeObserver(said.append)
+    assert transport.disconnecting
+    assert [e for e in said if e.get("log_level") == LogLevel.warn] == []

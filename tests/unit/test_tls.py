@@ -10,7 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from tests.tlsutil import Outcome, certified, client_context, handshake
 from tlsproxy.certs.challenges import TLSALPN01Answers
-from tlsproxy.tls.policy import TLSPolicy, cipher_names, supported_groups
+from tlsproxy.tls.policy import TLSPolicy, cipher_names, served_names, supported_groups
 from tlsproxy.tls.sni import NoChallengePending, SniMap, SniServer
 
 
@@ -246,3 +246,15 @@ class GroupTests(SynchronousTestCase):
     def test_unknown_group_left_out(self) -> None:
         """A group this OpenSSL does not know is dropped rather than failing every context."""
         self.assertEqual(supported_groups(("NoSuchGroup", "X25519")), "X25519")
+
+
+class ServedAddressTests(SynchronousTestCase):
+    def test_certificate_ip_addresses_are_served(self) -> None:
+        """A certificate naming 127.0.0.1 and ::1 serves requests whose Host is either address, port or not."""
+        ctx = TLSPolicy().context_for(certified(trustme.CA(), "localhost", "127.0.0.1", "::1"))
+        served = served_names(ctx)
+        assert served is not None
+        for host in (b"localhost:8443", b"127.0.0.1", b"127.0.0.1:8443", b"[::1]", b"[::1]:8443"):
+            self.assertTrue(served.covers(host), host)
+        for host in (b"127.0.0.2:8443", b"[::2]:8443", b"example.com"):
+            self.assertFalse(served.covers(host), host)

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import select
 import signal
+import socket
+import struct
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from twisted.internet import tcp
 from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import globalLogPublisher
 from twisted.python.failure import Failure
@@ -522,3 +530,146 @@ def test_an_issuer_announcement_fires_on_its_confirmation_or_when_the_supervisor
     assert second.called and not first.called
     WorkerService.supervisor_gone(worker)  # type: ignore[arg-type]
     assert first.called and worker._confirming == {}
+
+
+def accept_queue(listening: socket.socket) -> int:
+    """Connections waiting in a listening socket's accept queue (Linux: tcp_info's unacked field)."""
+    return int(struct.unpack_from("I", listening.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104), 24)[0])
+
+
+class _Accepted(Factory):
+    """Records the transport of every connection a port accepts."""
+
+    def __init__(self) -> None:
+        self.transports: list[Any] = []
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        protocol = Protocol()
+        protocol.makeConnection = self.transports.append  # type: ignore[method-assign]
+        return protocol
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the accept queue with TCP_INFO")
+def test_a_worker_accepts_one_connection_per_wake_up() -> None:
+    """A worker's shared listener takes one queued connection per readable event, leaving the rest to the others."""
+    from tlsproxy.workers.worker import AdoptedListener
+
+    reactor = MemoryReactorClock()
+    factory = _Accepted()
+    port = tcp.Port(0, factory, interface="127.0.0.1", reactor=reactor)
+    port.startListening()
+    clients: list[socket.socket] = []
+    try:
+        listener = AdoptedListener(reactor, port.fileno(), "tcp:0", factory, "https", None)
+        listener._listening(port)
+        clients = [socket.create_connection(("127.0.0.1", port.getHost().port)) for _ in range(5)]
+        deadline = time.monotonic() + 5
+        while accept_queue(port.socket) < 5 and time.monotonic() < deadline:
+            select.select([], [], [], 0.01)  # the kernel finishes the last handshakes
+        assert accept_queue(port.socket) == 5
+        for taken in range(1, 6):
+            port.doRead()  # what the reactor calls each time the listening socket is readable
+            assert len(factory.transports) == taken
+        port.doRead()  # an empty queue: nothing, and no error
+        assert len(factory.transports) == 5
+    finally:
+        for transport in factory.transports:
+            transport.socket.close()
+        for client in clients:
+            client.close()
+        port.socket.close()
+
+
+def _upstream(up: bool, in_flight: int = 0, failures: int = 0, why: str = "") -> dict[str, Any]:
+    return {
+        "site": "example.com",
+        "route": "",
+        "url": "http://127.0.0.1:8000",
+        "up": up,
+        "in_flight": in_flight,
+        "failures": failures,
+        "why": why,
+    }
+
+
+class _Exchange:
+    """The part of an Exchange the admin endpoint answers through."""
+
+    def __init__(self, target: bytes) -> None:
+        self.head = SimpleNamespace(method=b"GET", target=target)
+        self.status = 0
+        self.body = b""
+
+    def start_response(self, status: int, reason: bytes, headers: Any, length: int) -> None:
+        self.status = status
+
+    def write(self, data: bytes) -> None:
+        self.body += data
+
+    def finish(self) -> None:
+        pass
+
+
+def _readyz(tmp_path: Path, answers: dict[int, dict[str, Any]]) -> _Exchange:
+    service, _, spawner, _ = supervisor(tmp_path)
+    exchange = _Exchange(b"/readyz")
+    service.admin.handle(exchange)  # type: ignore[arg-type]
+    for index, fields in answers.items():
+        (ident,) = [m["id"] for m in spawner.latest(index)[1].messages() if m["type"] == "readiness"]
+        spawner.latest(index)[0].childDataReceived(CONTROL_OUT, encode("readiness", id=ident, **fields))
+    return exchange
+
+
+def test_readyz_with_workers_lists_each_upstream_once(tmp_path: Path) -> None:
+    """/readyz of a supervisor names every upstream's state, in flight and failures summed over workers."""
+    answer = {"problems": [], "upstreams": [_upstream(True, 1, 2)], "notes": ["store redis x: unreachable"]}
+    exchange = _readyz(tmp_path, {0: answer, 1: answer})
+    assert exchange.status == 200
+    assert exchange.body == (
+        b"ready\nnote: store redis x: unreachable\n"
+        b"upstream http://127.0.0.1:8000 (site example.com): up, 2 in flight, 4 failures\n"
+    )
+
+
+def test_readyz_with_workers_up_when_any_worker_has_it_up(tmp_path: Path) -> None:
+    """An upstream one worker has out and another up is up, and each worker's view is said."""
+    exchange = _readyz(
+        tmp_path,
+        {
+            0: {"problems": [], "upstreams": [_upstream(False, failures=3, why="connection refused")]},
+            1: {"problems": [], "upstreams": [_upstream(True)]},
+        },
+    )
+    assert exchange.body.splitlines()[-1] == (
+        b"upstream http://127.0.0.1:8000 (site example.com): up, 0 in flight, 3 failures"
+        b" [worker 0: down (connection refused), worker 1: up]"
+    )
+
+
+def test_readyz_with_workers_not_ready_still_lists_upstreams(tmp_path: Path) -> None:
+    """A 503 from the supervisor names the worker's problem and each upstream, down with its reason."""
+    down = {"problems": ["upstream http://127.0.0.1:8000: refused"], "upstreams": [_upstream(False, why="refused")]}
+    exchange = _readyz(tmp_path, {0: down, 1: down})
+    assert exchange.status == 503
+    assert exchange.body.splitlines() == [
+        b"worker 0: upstream http://127.0.0.1:8000: refused",
+        b"worker 1: upstream http://127.0.0.1:8000: refused",
+        b"upstream http://127.0.0.1:8000 (site example.com): down, 0 in flight, 0 failures (refused)",
+    ]
+
+
+def test_merged_gauges_are_not_summed() -> None:
+    """tlsproxy_upstream_up stays 1 or 0 over workers (1 when any has it up); counts of things add up."""
+    texts = {}
+    for index, up in enumerate((True, True)):
+        metrics = Metrics()
+        metrics.watch_upstreams(lambda up=up, index=index: [SimpleNamespace(**_upstream(up, in_flight=index + 1))])
+        metrics.open_connections.labels("https").inc(2)
+        texts[index] = metrics.render().decode()
+    merged = merge_metrics(texts).decode()
+    labels = 'route="",site="example.com",upstream="http://127.0.0.1:8000"'
+    assert f"tlsproxy_upstream_up{{{labels}}} 1.0" in merged
+    assert f"tlsproxy_upstream_in_flight{{{labels}}} 3.0" in merged
+    assert 'tlsproxy_open_connections{listener="https"} 4.0' in merged
+    texts[0] = texts[0].replace(f"tlsproxy_upstream_up{{{labels}}} 1.0", f"tlsproxy_upstream_up{{{labels}}} 0.0")
+    assert f"tlsproxy_upstream_up{{{labels}}} 1.0" in merge_metrics(texts).decode()

@@ -28,9 +28,10 @@ serving.  Open connections keep the context they started with.
 from __future__ import annotations
 
 import datetime
+import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -164,7 +165,9 @@ class CertificateService(Service):
         store: Store | None = None,
         fleet_settle: float | None = None,
         role: str = "alone",
+        environ: Mapping[str, str] | None = None,
     ) -> None:
+        self._environ = environ  # where the store URL may have come from (os.environ when None)
         # "alone": the only process; with [server] workers, "issuer" (worker 0) orders
         # and publishes its challenges in the store too, and a "watcher" only watches.
         self.role = role
@@ -359,10 +362,20 @@ class CertificateService(Service):
         if problem == self.store_problem:
             return
         if problem:
-            self.log.error("{problem}; serving the certificates we have, renewals wait for the store", problem=problem)
+            said = problem
+            if getattr(self.store, "credentials_refused", False):
+                said += f": fix the password (or user) in {self._store_url_origin()} (`tlsproxy check` tries it)"
+            self.log.error("{problem}; serving the certificates we have, renewals wait for the store", problem=said)
         else:
             self.log.info("store {store} reachable again", store=self.store.describe())
         self.store_problem = problem
+
+    def _store_url_origin(self) -> str:
+        """Where the store URL was written: the environment variable, or the key of the config file."""
+        environ = os.environ if self._environ is None else self._environ
+        if environ.get("TLSPROXY_STORE_URL") == self.config.store.url:
+            return "the environment's TLSPROXY_STORE_URL"
+        return f"[store] url of {self.config.source}"
 
     def _wanted(self) -> tuple[dict[str, FileSignature], dict[str, tuple[str, str, FileSignature]]]:
         """What a scan compares against: the signatures last seen (plain values, safe to hand to a thread)."""

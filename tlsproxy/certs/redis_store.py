@@ -145,6 +145,8 @@ class RedisStore:
         self._extend_script = self._redis.register_script(_EXTEND)
         self._release_script = self._redis.register_script(_RELEASE)
         self._problem: str | None = None
+        # Redis said no to the URL's password or user (not merely unreachable): the log names the fix.
+        self.credentials_refused = False
         self._cache_lock = threading.Lock()
         # This process's name in the fleet's live:/acks: keys (a reload's new store gets a new one).
         self.instance = secrets.token_hex(6)
@@ -169,12 +171,14 @@ class RedisStore:
             # A refused password is a ConnectionError to redis-py: unusable all the same, but say which.
             wrong = isinstance(e, redis.exceptions.AuthenticationError)
             reason = f"refuses our credentials ({e})" if wrong else f"unreachable ({e})"
+            self.credentials_refused = wrong
             self._problem = f"store {self.describe()}: {reason}"
             raise StoreUnavailable(self.describe(), reason, action) from None
         except redis.exceptions.RedisError as e:
             self._problem = f"store {self.describe()}: {e}"
             raise StoreError(self.describe(), str(e), action) from None
         self._problem = None
+        self.credentials_refused = False
 
     def _seal(self, data: bytes) -> bytes:
         return SEALED + self._fernet.encrypt(data) if self._fernet is not None else data

@@ -28,6 +28,7 @@ REASONS: dict[int, bytes] = {
     413: b"Content Too Large",
     414: b"URI Too Long",
     421: b"Misdirected Request",
+    429: b"Too Many Requests",
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     501: b"Not Implemented",

@@ -23,6 +23,22 @@ is the thin part the proxy calls once per request of a restricted site.
   :data:`CACHE_SECONDS` under a SHA-256 of user, hash and password (the
   password itself is never kept), so a browser's every request does not
   cost a thread.
+- Once basic auth let a request in, its ``Authorization`` header is taken
+  off before the app sees it (the app has no use for the proxy's password,
+  and its logs or error reports should never hold it), unless the rule says
+  ``pass_authorization = true``.  Other rules' Authorization (an API's
+  bearer token on a rule without basic auth) passes untouched.
+- Password guessing is slowed per client address (an IPv6 client per /64,
+  the block one host usually holds) and realm: after ``auth_fail_limit``
+  wrong passwords within ``auth_fail_window`` seconds, :class:`GuessLimit`
+  answers 429 with Retry-After until that window ends, before any bcrypt
+  check and whatever the password (a limited client costs no thread, and
+  learns nothing, not even from the success cache).  Checks still running
+  count against the limit, so a burst of parallel guesses is cut at the
+  limit too.  A success resets no counter (a client with one account of its
+  own could otherwise guess the others' between its logins); failures simply
+  age out.  At most :data:`GUESS_CLIENTS` clients are tracked, the least
+  recently seen forgotten first.
 """
 
 from __future__ import annotations
@@ -31,7 +47,8 @@ import base64
 import binascii
 import hashlib
 import ipaddress
-from collections import deque
+import math
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +58,7 @@ import bcrypt
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from tlsproxy.config import AccessRule, BasicAuth, ConfigError, Network, Problem, Site
+from tlsproxy.config import AccessRule, BasicAuth, ConfigError, Network, Problem, Server, Site
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.proxy.errorpages import ErrorPages
@@ -51,6 +68,7 @@ MAX_RUNNING = 2
 MAX_QUEUED = 64
 CACHE_SECONDS = 60.0
 CACHE_ENTRIES = 4096
+GUESS_CLIENTS = 10000
 BCRYPT_PREFIXES = (b"$2y$", b"$2b$", b"$2a$")
 # bcrypt reads at most 72 bytes of a password; htpasswd -B cuts it there, so do we.
 BCRYPT_MAX = 72
@@ -58,7 +76,8 @@ BCRYPT_MAX = 72
 # that the answer takes as long as a wrong password's).
 _DUMMY_HASH = b"$2b$05$fANfyjDUELMU6.6xf9WpiOsQNPfeOEc8Aco9pDBLVBURiwnL6UaSK"
 
-log = Logger(namespace="tlsproxy.access")
+# Not "tlsproxy.access": that namespace is the access log's records (tlsproxy/logs.py).
+log = Logger(namespace="tlsproxy.auth")
 
 
 class HtpasswdError(Exception):
@@ -104,14 +123,46 @@ def htpasswd_files(sites: Iterable[Site]) -> set[str]:
     return {rule.basic_auth.htpasswd for site in sites for rule in site.access if rule.basic_auth is not None}
 
 
-def load_all(sites: Iterable[Site]) -> dict[str, dict[str, bytes]]:
-    """Every htpasswd file the sites name; a ConfigError names each one that cannot be used."""
+def htpasswd_keys(sites: Iterable[Site]) -> dict[str, list[str]]:
+    """Each htpasswd file and the config keys that name it, as config errors name keys.
+
+    A ``[[site.access]]`` table is named by its prefix: the rules are kept longest
+    prefix first, not in the file's order.  A table that inherits the site's
+    ``basic_auth`` is the site's key.
+    """
+    keys: dict[str, list[str]] = {}
+    for index, site in enumerate(sites):
+        base = next((rule.basic_auth for rule in site.access if rule.prefix == "/"), None)
+        for rule in site.access:
+            if rule.basic_auth is None:
+                continue
+            if rule.prefix == "/" or rule.basic_auth is base:
+                key = f"site[{index}].basic_auth.htpasswd"
+            else:
+                key = f'site[{index}].access (prefix "{rule.prefix}").basic_auth.htpasswd'
+            named = keys.setdefault(rule.basic_auth.htpasswd, [])
+            if key not in named:
+                named.append(key)
+    return keys
+
+
+def load_all(sites: Iterable[Site], source: str = "") -> dict[str, dict[str, bytes]]:
+    """Every htpasswd file the sites name; a ConfigError names each one that cannot be used.
+
+    Given the config's ``source``, each problem says the file and keys that named
+    the htpasswd file, as every other config error does.
+    """
     users, problems = {}, []
-    for path in sorted(htpasswd_files(sites)):
+    keys = htpasswd_keys(sites)
+    for path in sorted(keys):
         try:
             users[path] = load_htpasswd(path)
         except HtpasswdError as e:
-            problems.append(Problem(e.path, f"line {e.line}" if e.line else "", e.reason))
+            if source:
+                where = f"{e.path}: line {e.line}: {e.reason}" if e.line else f"{e.path}: {e.reason}"
+                problems.append(Problem(source, ", ".join(keys[path]), where))
+            else:
+                problems.append(Problem(e.path, f"line {e.line}" if e.line else "", e.reason))
     if problems:
         raise ConfigError(problems)
     return users
@@ -297,6 +348,106 @@ class Verifier:
         done.callback(ok)
 
 
+# -- slowing down guesses --------------------------------------------------------
+
+
+def client_key(address: str) -> str:
+    """Whose guesses these are: an IPv4 address, an IPv6 client's /64, or the peer as given (a unix socket)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+GuessKey = tuple[str, BasicAuth]  # client_key, and the realm (with its htpasswd file) guessed at
+
+
+@dataclass(slots=True)
+class _Tally:
+    """One client's wrong passwords in its current window, and its checks still running."""
+
+    start: float
+    failures: int = 0
+    running: int = 0
+
+
+class GuessLimit:
+    """At most ``limit`` wrong passwords per client and realm in ``window`` seconds; then wait till it ends.
+
+    Fixed windows, opened by a client's first failure: two numbers per
+    client whatever the limit, at worst twice the limit across a window's edge.
+    """
+
+    def __init__(self, clock: Any, limit: int, window: float, max_clients: int = GUESS_CLIENTS) -> None:
+        self.clock = clock
+        self.limit = limit
+        self.window = window
+        self.max_clients = max_clients
+        self.tallies: OrderedDict[GuessKey, _Tally] = OrderedDict()
+
+    def wait(self, key: GuessKey) -> float:
+        """Seconds ``key`` must wait before its next check; 0: check now."""
+        tally = self.tallies.get(key)
+        if tally is None:
+            return 0.0
+        now = self.clock.seconds()
+        if tally.failures and not tally.start <= now < tally.start + self.window:
+            tally.failures = 0  # the window has passed (or the clock went back)
+        if tally.failures >= self.limit:
+            return tally.start + self.window - now
+        if tally.failures + tally.running >= self.limit:
+            return 1.0  # checks already running may use up the window: known within a second
+        if not tally.failures and not tally.running:
+            del self.tallies[key]
+        return 0.0
+
+    def started(self, key: GuessKey) -> None:
+        """A check for ``key`` is on its way to a thread."""
+        tally = self._tally(key)
+        tally.running += 1
+
+    def checked(self, key: GuessKey, ok: bool) -> None:
+        """A check for ``key`` came back: a failure counts in the window."""
+        tally = self.tallies.get(key)
+        if tally is None:  # forgotten meanwhile (many clients): a failure still counts
+            if ok:
+                return
+            tally = self._tally(key)
+        else:
+            self.tallies.move_to_end(key)
+        tally.running = max(tally.running - 1, 0)
+        if ok:
+            return
+        now = self.clock.seconds()
+        if not tally.failures or not tally.start <= now < tally.start + self.window:
+            tally.start, tally.failures = now, 0
+        tally.failures += 1
+        if tally.failures == self.limit:
+            log.warn(
+                "{client}: {count} wrong passwords for realm {realm!r} within {window:g}s; "
+                "answered 429 until the window ends",
+                client=key[0],
+                count=tally.failures,
+                realm=key[1].realm,
+                window=self.window,
+            )
+
+    def _tally(self, key: GuessKey) -> _Tally:
+        tally = self.tallies.get(key)
+        if tally is None:
+            tally = self.tallies[key] = _Tally(self.clock.seconds())
+            while len(self.tallies) > self.max_clients:
+                self.tallies.popitem(last=False)
+        else:
+            self.tallies.move_to_end(key)
+        return tally
+
+
 @dataclass
 class _Waiting:
     """A request whose password is being checked: its client may leave meanwhile."""
@@ -310,11 +461,27 @@ class _Waiting:
 class AccessControl:
     """Applies a site's access rules to each request before it is dispatched."""
 
-    def __init__(self, sites: Iterable[Site], clock: Any, run: RunInThread, pages: ErrorPages | None = None) -> None:
+    def __init__(
+        self,
+        sites: Iterable[Site],
+        clock: Any,
+        run: RunInThread,
+        pages: ErrorPages | None = None,
+        server: Server | None = None,
+    ) -> None:
         # Read at start and reload (small files), never per request.
         self.users = load_all(sites)
         self.verifier = Verifier(clock, run)
         self.pages = pages
+        server = server or Server()
+        self.guesses: GuessLimit | None = None
+        if server.auth_fail_limit:
+            self.guesses = GuessLimit(clock, server.auth_fail_limit, server.auth_fail_window)
+
+    def adopt(self, old: AccessControl) -> None:
+        """Keep counting the guesses ``old`` counted (a reload must not wipe a guesser's slate)."""
+        if self.guesses is not None and old.guesses is not None:
+            self.guesses.tallies = old.guesses.tallies
 
     def admit(self, site: Site, exchange: Exchange, proceed: Callable[[], None], record: Record) -> bool:
         """True: go on now.  False: answered here (403, 401, 503), or ``proceed`` is called once checked."""
@@ -345,23 +512,50 @@ class AccessControl:
         if credentials is None:
             self._unauthorized(exchange, auth, record)
             return False
+        guesses = self.guesses
+        key: GuessKey | None = None
+        if guesses is not None:
+            key = (client_key(exchange.client_address), auth)
+            wait = guesses.wait(key)
+            if wait > 0:
+                slow = "Too many wrong passwords from your address. Please wait before you try again."
+                retry = b"%d" % max(math.ceil(wait), 1)
+                record(429, pages.send(exchange, 429, slow, [(b"Retry-After", retry)]))
+                return False
         user, password = credentials
         result = self.verifier.verify(user, password, self.users.get(auth.htpasswd, {}))
         if result is True:
+            self._let_in(exchange, rule)
             return True
         if result is None:
             busy = "Too many password checks are waiting. Please try again."
             record(503, pages.send(exchange, 503, busy, [(b"Retry-After", b"1")]))
             return False
+        if guesses is not None and key is not None:
+            guesses.started(key)
+            result.addCallback(self._counted, guesses, key)
         waiting = _Waiting()
         exchange.set_observer(waiting)
-        result.addCallback(self._checked, exchange, auth, waiting, proceed, record)
+        result.addCallback(self._checked, exchange, rule, auth, waiting, proceed, record)
         return False
+
+    @staticmethod
+    def _counted(ok: bool, guesses: GuessLimit, key: GuessKey) -> bool:
+        guesses.checked(key, ok)
+        return ok
+
+    @staticmethod
+    def _let_in(exchange: Exchange, rule: AccessRule) -> None:
+        """The password was right: the app gets the request, without it unless the rule passes it on."""
+        if not rule.pass_authorization:
+            head = exchange.head
+            head.headers = [field for field in head.headers if field[0] != b"authorization"]
 
     def _checked(
         self,
         ok: bool,
         exchange: Exchange,
+        rule: AccessRule,
         auth: BasicAuth,
         waiting: _Waiting,
         proceed: Callable[[], None],
@@ -371,6 +565,7 @@ class AccessControl:
             record(499, 0)
             return
         if ok:
+            self._let_in(exchange, rule)
             proceed()
         else:
             self._unauthorized(exchange, auth, record)

@@ -28,7 +28,6 @@ logrotate) between two batches.
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import re
@@ -42,6 +41,8 @@ from twisted.logger import Logger
 from tlsproxy.http.exchange import Exchange
 from tlsproxy.logs import BATCH_LINES, LineObserver, installed_lines
 from tlsproxy.proxy.headers import Network, is_trusted
+from tlsproxy.proxy.requestid import new_request_id as new_request_id  # its home before requestid.py
+from tlsproxy.proxy.requestid import raws, refill, texts
 
 REQUEST_ID = b"x-request-id"
 
@@ -69,51 +70,47 @@ _HOSTS: dict[bytes, str] = {}
 _AGENTS: dict[bytes, str] = {}
 
 
-# A random prefix per process and a counter: unique across processes and restarts, and no
-# system call per request.  24 hex digits, as 12 random bytes would give.
-_ID_PREFIX = os.urandom(8).hex()
-_id_counter = itertools.count(1)
+ID_NAMES = frozenset({b"x-request-id", b"x-request_id", b"x_request-id", b"x_request_id"})  # as _is_id_name
 
 
-def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
+def begin(exchange: Exchange, clock: Any, trusted_proxies: Sequence[Network], sent_id: bool = True) -> None:
+    """Give ``exchange`` a request id and send that to the app (X-Request-ID); start timing it.
 
-
-def _new_prefix() -> None:
-    """A forked worker must not count on from its parent's prefix."""
-    global _ID_PREFIX
-    _ID_PREFIX = os.urandom(8).hex()
-
-
-os.register_at_fork(after_in_child=_new_prefix)
-
-
-def begin(exchange: Exchange, clock: Any, trusted_proxies: Sequence[Network]) -> None:
-    """Start timing ``exchange``; give it a request id and send that to the app (X-Request-ID)."""
-    exchange.started = clock.seconds()
+    ``clock`` None: no access log, so nothing reads the start time and the clock is not read.
+    ``sent_id`` False: the caller's own pass over the headers found no name in :data:`ID_NAMES`.
+    """
+    if clock is not None:
+        exchange.started = clock.seconds()
     headers = exchange.head.headers
-    given: bytes | None = None
-    sent_id = False
-    for name, _ in headers:  # a plain loop, not any(genexpr): this runs for every request
-        if len(name) == 12 and _is_id_name(name):
-            sent_id = True
+    for name, _ in headers if sent_id else ():  # a plain loop and a set test: every request passes here
+        if name in ID_NAMES:
+            given = _client_id(exchange, headers, trusted_proxies)
+            if given is not None:
+                exchange.request_id = given.decode("ascii")
+                headers.append((REQUEST_ID, given))
+                return
             break
-    if sent_id:
-        for name, value in headers:
-            if name == REQUEST_ID and given is None:
-                given = value.strip()
-        # A client's copy (or any underscore spelling a WSGI server could map onto it) never reaches the app.
-        headers[:] = [(name, value) for name, value in headers if not _is_id_name(name)]
-        if given is not None and not (
-            _VALID_ID.match(given) and trusted_proxies and is_trusted(exchange.client_address, trusted_proxies)
-        ):
-            given = None
-    if given is not None:
-        request_id = given.decode("ascii")
-    else:  # new_request_id(), inline: every request passes here
-        request_id = f"{_ID_PREFIX}{next(_id_counter) & 0xFFFFFFFF:08x}"
-    exchange.request_id = request_id
-    headers.append((REQUEST_ID, request_id.encode("ascii")))
+    if not texts:  # new_request_id(), inline
+        refill()
+    exchange.request_id = texts.pop()
+    headers.append((REQUEST_ID, raws.pop()))
+
+
+def _client_id(
+    exchange: Exchange, headers: list[tuple[bytes, bytes]], trusted_proxies: Sequence[Network]
+) -> bytes | None:
+    """Drop the client's X-Request-ID (any spelling); its value if a trusted proxy sent a valid one."""
+    given: bytes | None = None
+    for name, value in headers:
+        if name == REQUEST_ID and given is None:
+            given = value.strip()
+    # A client's copy (or any underscore spelling a WSGI server could map onto it) never reaches the app.
+    headers[:] = [(name, value) for name, value in headers if not _is_id_name(name)]
+    if given is not None and not (
+        _VALID_ID.match(given) and trusted_proxies and is_trusted(exchange.client_address, trusted_proxies)
+    ):
+        return None
+    return given
 
 
 def _text(value: bytes | None) -> str:

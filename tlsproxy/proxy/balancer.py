@@ -110,6 +110,9 @@ class UpstreamGroup:
         self.site = site
         self.route = route
         self._next = 0  # where the rotation continues
+        # The member of a one-member group (the common case), read per request
+        # so that it skips choose(); None for a group of several.
+        self.lone: Member | None = self.members[0] if len(self.members) == 1 else None
         # Members a reload removed, shown while requests they took before it run on.
         self.draining: list[Member] = []
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import zlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import brotli
@@ -26,6 +27,7 @@ import zstandard
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
+from tlsproxy.http.accept_encoding import accept_encoding_of, parse_accept_encoding
 from tlsproxy.http.exchange import Exchange, ExchangeObserver, Headers, ResponseFields
 from tlsproxy.http.wire import split_fields
 
@@ -70,38 +72,12 @@ _TYPES = frozenset(
 def choose_coding(accept_encoding: bytes | None, offered: tuple[str, ...] = CODINGS) -> str | None:
     """The coding of ``offered`` the client prefers by its q-values (ties: ours in order); None: identity.
 
-    A name the client lists counts with its own q (``gzip;q=0`` refuses gzip
-    even after ``*``); others take ``*``'s.  ``identity;q=0`` with nothing of
-    ours accepted still gets identity: an answer beats a 406.
+    ``identity;q=0`` with nothing of ours accepted still gets identity: an
+    answer beats a 406.  How the header is read: tlsproxy.http.accept_encoding.
     """
     if not accept_encoding:
         return None
-    weights: dict[str, float] = {}
-    for item in accept_encoding.decode("latin-1").split(","):
-        name, _, params = item.partition(";")
-        name = name.strip().lower()
-        if not name:
-            continue
-        q = 1.0
-        for param in params.split(";"):
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value.strip())
-                except ValueError:
-                    q = 0.0
-                if not 0.0 <= q <= 1.0:
-                    q = 0.0
-        if name == "x-gzip":
-            name = "gzip"  # RFC 9110 8.4.1.3: the same coding
-        weights[name] = min(q, weights.get(name, q))
-    star = weights.get("*", 0.0)
-    best: tuple[float, int, str] | None = None
-    for order, coding in enumerate(offered):
-        q = weights.get(coding, star)
-        if q > 0 and (best is None or (-q, order) < best[:2]):
-            best = (-q, order, coding)
-    return None if best is None else best[2]
+    return parse_accept_encoding(accept_encoding).preferred(offered)
 
 
 def compressible(content_type: bytes) -> bool:
@@ -293,13 +269,9 @@ _choices: dict[bytes, str | None] = {}  # Accept-Encoding as sent -> our coding 
 
 def wrap(exchange: Exchange, reactor: Any, send_timeout: float) -> Exchange:
     """``exchange``, compressing the answers that qualify; as it is for a client that sent no Accept-Encoding."""
-    values = []
-    for name, value in exchange.head.headers:  # a plain loop, not a comprehension: every request
-        if name == b"accept-encoding":
-            values.append(value)
-    if not values:
+    accept = accept_encoding_of(exchange.head.headers)
+    if accept is None:
         return exchange  # nothing to choose, and caches see Vary on every coded answer
-    accept = values[0] if len(values) == 1 else b", ".join(values)
     coding = _choices.get(accept, "")
     if coding == "":
         coding = choose_coding(accept)
@@ -330,6 +302,9 @@ class CompressingExchange:
     _done = False
     _client_paused = False
     _producer_paused = False
+    _coding = False  # this answer is coded (the head said so)
+    coded_bytes = 0  # coded bytes handed on: what the client receives of the body
+    _when_sent: Callable[[int], None] | None = None
 
     def __init__(self, inner: Exchange, coding: str | None, reactor: Any, send_timeout: float) -> None:
         self.inner = inner
@@ -379,6 +354,7 @@ class CompressingExchange:
             return
         assert self.coding is not None
         self._encoder = encoder(self.coding)
+        self._coding = True
         inner.register_producer(self)
 
     def respond(self, status: int, reason: bytes, headers: ResponseFields, body: bytes) -> None:
@@ -394,9 +370,12 @@ class CompressingExchange:
         assert self.coding is not None
         if len(body) <= SLICE:
             self._pass_through()
-            self.inner.respond(status, reason, headers, compress_whole(self.coding, body))
+            whole = compress_whole(self.coding, body)
+            self._coding, self._done, self.coded_bytes = True, True, len(whole)
+            self.inner.respond(status, reason, headers, whole)
             return
         self._encoder = encoder(self.coding)
+        self._coding = True
         self.inner.start_response(status, reason, headers, None)
         self.inner.register_producer(self)
         self.write(body)
@@ -427,7 +406,7 @@ class CompressingExchange:
             out = self._encoder.compress(data)
             self._dirty = True
             if out:
-                self.inner.write(out)
+                self._send(out)
         else:
             self._backlog.append(memoryview(data))
             self._waiting += len(data)
@@ -472,7 +451,7 @@ class CompressingExchange:
             out = self._encoder.compress(view)
             self._dirty = True
             if out:
-                self.inner.write(out)
+                self._send(out)
             if backlog:
                 self._schedule()
                 return
@@ -485,7 +464,7 @@ class CompressingExchange:
             self._dirty = False
             out = self._encoder.flush()
             if out:
-                self.inner.write(out)
+                self._send(out)
 
     def _end(self) -> None:
         assert self._encoder is not None
@@ -496,9 +475,34 @@ class CompressingExchange:
         out = self._encoder.finish()
         inner = self.inner
         if out:
-            inner.write(out)
+            self._send(out)
         inner.unregister_producer()
         inner.finish()
+        self._sent()
+
+    def _send(self, out: bytes) -> None:
+        self.coded_bytes += len(out)
+        self.inner.write(out)
+
+    def after_coding(self, report: Callable[[int], None]) -> bool:
+        """``report(coded_bytes)`` once the coded answer is out or cut (at once if it is); False when not coding.
+
+        The access log counts what the client received, as nginx's
+        $body_bytes_sent does, and a large answer is still being coded when
+        the handler is done with it.
+        """
+        if not self._coding:
+            return False
+        if self._done:
+            report(self.coded_bytes)
+        else:
+            self._when_sent = report
+        return True
+
+    def _sent(self) -> None:
+        report, self._when_sent = self._when_sent, None
+        if report is not None:
+            report(self.coded_bytes)
 
     def _stop(self) -> None:
         """Nothing more goes out: drop what waits, give back the coder."""
@@ -511,6 +515,7 @@ class CompressingExchange:
         if isinstance(self._encoder, ZstdEncoder):
             self._encoder.release()  # a context mid-frame is reset by its next compressobj()
         self._encoder = None
+        self._sent()
 
     def _too_slow(self) -> None:
         if not self._done:

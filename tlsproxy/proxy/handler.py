@@ -33,7 +33,7 @@ from tlsproxy.http.exchange import Exchange
 from tlsproxy.http.wire import redirect_location, split_host_port
 from tlsproxy.proxy import compress, static
 from tlsproxy.proxy.access import AccessControl, literal_path
-from tlsproxy.proxy.accesslog import AccessLog, begin
+from tlsproxy.proxy.accesslog import ID_NAMES, AccessLog, begin
 from tlsproxy.proxy.balancer import IDEMPOTENT, Member, UpstreamGroup, may_retry
 from tlsproxy.proxy.errorpages import ErrorPages
 from tlsproxy.proxy.headers import is_trusted, response_block, upstream_request_head
@@ -50,6 +50,9 @@ from tlsproxy.proxy.respbuffer import BufferSpace, ResponseBuffer, accel_bufferi
 from tlsproxy.proxy.upstream import UpstreamConnection, UpstreamError, UpstreamPool, describe_connect_failure
 
 STREAM_ABOVE = 1024 * 1024  # with request_buffering = false, larger bodies of known length stream
+# The header names handle() looks for in its one pass: the request id's (accesslog.begin) and
+# Accept-Encoding (compression); most requests have none of them.
+_NOTED = ID_NAMES | {b"accept-encoding"}
 
 
 class Stage(IntEnum):
@@ -135,6 +138,8 @@ class ProxyHandler:
         self.reactor = reactor
         self.server = server
         self.access_log = access_log
+        # The clock begin() reads for the log's duration; None without a log (a clock read saved per request).
+        self._log_clock = reactor if access_log is not None else None
         self.dev = dev
         self.metrics = metrics
         self.trusted_proxies = server.trusted_proxies
@@ -195,7 +200,7 @@ class ProxyHandler:
         )
         self.response_buffers = BufferSpace(reactor, server.buffer_directory, server.max_response_buffer)
         self.error_pages = ErrorPages(sites, threaded(reactor))
-        self.access = AccessControl(sites, reactor, threaded(reactor), self.error_pages)
+        self.access = AccessControl(sites, reactor, threaded(reactor), self.error_pages, server)
 
     def route_for(self, host: str) -> Route | None:
         route = self._exact.get(host)
@@ -212,7 +217,14 @@ class ProxyHandler:
             # requests to the new configuration (an upstream taken out gets no new ones).
             self.successor.handle(exchange)
             return
-        begin(exchange, self.reactor, self.trusted_proxies)  # its request id and start time, for the log
+        sent_id = accepts = False
+        for name, _ in exchange.head.headers:  # one pass for begin() and the compression check
+            if name in _NOTED:
+                if name == b"accept-encoding":
+                    accepts = True
+                else:
+                    sent_id = True
+        begin(exchange, self._log_clock, self.trusted_proxies, sent_id)  # its request id (and start time, for the log)
         raw_host = exchange.head.host
         served = getattr(exchange.transport, "served_names", None)
         if served is not None and not served.covers(raw_host):
@@ -233,14 +245,21 @@ class ProxyHandler:
         if self.canonical and self._redirect_to_canonical(route, exchange):
             return
         if route.gated and not self.access.admit(
-            route.site, exchange, partial(self.dispatch, route, exchange), partial(self.record, exchange, route.name)
+            route.site,
+            exchange,
+            partial(self.dispatch, route, exchange, accepts),
+            partial(self.record, exchange, route.name),
         ):
             return  # refused, in maintenance, or dispatched once the password is checked (proxy/access.py)
-        self.dispatch(route, exchange)
+        self.dispatch(route, exchange, accepts)
 
-    def dispatch(self, route: Route, exchange: Exchange) -> None:
-        """A request the site's access rules let through: a static file, or on to the app."""
-        if route.compress:
+    def dispatch(self, route: Route, exchange: Exchange, accepts: bool = True) -> None:
+        """A request the site's access rules let through: a static file, or on to the app.
+
+        ``accepts`` False: the request has no Accept-Encoding (most API clients, health checks,
+        load tests), so compress.wrap, which would look for it again, is not called.
+        """
+        if route.compress and accepts:
             exchange = compress.wrap(exchange, self.reactor, self.server.send_timeout)  # proxy/compress.py
         if route.site.static and static.serve(self, route, exchange):
             return  # a file under one of the site's [site.static] prefixes: ours, not the app's
@@ -276,8 +295,12 @@ class ProxyHandler:
         self, exchange: Exchange, site: str, status: int, size: int, upstream: str = "-", received: int = 0
     ) -> None:
         """One finished request: the access log line and the request counter."""
-        if self.access_log is not None:
-            self.access_log.log(exchange, status, size, site, upstream, received)
+        access_log = self.access_log
+        if access_log is not None:
+            if type(exchange) is not compress.CompressingExchange or not exchange.after_coding(
+                lambda coded: access_log.log(exchange, status, coded, site, upstream, received)
+            ):  # a compressed answer is logged with what the client got, once it is out
+                access_log.log(exchange, status, size, site, upstream, received)
         if self.metrics is not None:
             key = (site, status)
             counter = self._counters.get(key)
@@ -289,6 +312,7 @@ class ProxyHandler:
         """Let the pools go (busy connections end with their requests); ``successor`` takes new requests."""
         if successor is not None:
             self.successor = successor
+            successor.access.adopt(self.access)  # guess counters outlive a reload (proxy/access.py)
             known = {(g.site, g.route): g for g in self.groups}
             for group in successor.groups:
                 old = known.get((group.site, group.route))
@@ -445,10 +469,16 @@ class ProxiedRequest:
         self.stage = DIALLING
         member = self.member
         if member is None:
-            member = self.member = self.chosen = self.route.group.choose(self.tried)
-            if member is None:
-                self.no_upstream()
-                return
+            group = self.route.group
+            member = group.lone
+            # A lone upstream is never taken out passively: unless its health check failed
+            # (or a reload brought an old outage), it is the choice without asking the clock.
+            if member is None or member.check_failed or member.down_until or self.tried:
+                member = group.choose(self.tried)
+                if member is None:
+                    self.no_upstream()
+                    return
+            self.member = self.chosen = member
             member.load[0] += 1  # in_flight, without the property: every request passes here
         got = member.pool.acquire(fresh=fresh or self.upgrade)
         if isinstance(got, UpstreamConnection):
@@ -591,9 +621,14 @@ class ProxiedRequest:
         if self.stage >= APP_FINISHED:
             return
         self.stage = DONE
-        self.answered()
-        self.leave_upstream()
-        self.drop_body()
+        member = self.member  # answered() and leave_upstream(), inline: the commonest answer
+        if member is not None:
+            if member.failures or member.down_until:
+                self.route.group.succeeded(member)
+            self.member = None
+            member.load[0] -= 1
+        if self.body is not None or self.sink is not None:
+            self.drop_body()
         self.timer.clear()
         route = self.route
         if route.latency is not None:
@@ -848,7 +883,7 @@ class ProxiedRequest:
             self.route.name,
             status,
             self.sent_bytes if size is None else size,
-            self.upstream.url,  # the one last tried (balancer.py)
+            (chosen.upstream if (chosen := self.chosen) is not None else self.route.upstream).url,  # the one last tried
             self.received,
         )
 

@@ -161,7 +161,7 @@ def serialize_fields(headers: Headers) -> bytes:
 #
 # Each is the list-based rules above, from bytes to bytes; tlsproxy._speedups
 # holds a C version of each that gives the same result for every input (the
-# tests compare them), used unless TLSPROXY_PURE_PYTHON is set.
+# tests compare them), used unless TLSPROXY_PURE_PYTHON=1 turns it off.
 
 
 def upstream_request_head(

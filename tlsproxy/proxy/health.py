@@ -21,9 +21,17 @@ from tlsproxy.proxy.balancer import Member, UpstreamGroup
 from tlsproxy.proxy.upstream import UpstreamError
 
 
-class HealthProbe:
-    """One request to an app with a deadline; fires with None (healthy) or why not.
+def any_status(status: int) -> bool:
+    """An answer of any status: the app is up, whatever it thinks of the path."""
+    return True
 
+
+class UpstreamProbe:
+    """One request to an app on a fresh connection, with a deadline; fires with None (it passed) or why not.
+
+    The active health checks below ask ``GET health_path`` and want one of
+    ``health_status``; the admin's /readyz asks ``HEAD /`` and takes any
+    answer.  ``label`` goes before every reason (/readyz names the upstream).
     Also the response sink of its request (see :class:`~tlsproxy.proxy.upstream.ResponseSink`).
     """
 
@@ -34,8 +42,10 @@ class HealthProbe:
         host: str,
         path: str,
         timeout: float,
-        healthy: Callable[[int], bool],
+        healthy: Callable[[int], bool] = any_status,
         method: str = "GET",
+        user_agent: str = "tlsproxy-health-check",
+        label: str = "",
     ) -> None:
         self.reactor = reactor
         self.pool = pool
@@ -44,6 +54,8 @@ class HealthProbe:
         self.method = method
         self.timeout = timeout
         self.healthy = healthy
+        self.user_agent = user_agent
+        self.label = label
         self.result: Deferred[str | None] = Deferred()
         self.connection: Any = None
         self._timer: Any = None
@@ -60,19 +72,19 @@ class HealthProbe:
             connection, self.connection = self.connection, None
             connection.close()
         if not self.result.called:
-            self.result.callback(why)
+            self.result.callback(f"{self.label}: {why}" if why is not None and self.label else why)
 
     def _expired(self) -> None:
         waited = "not connected" if self.connection is None else "no answer"
         self._finish(f"{waited} within {self.timeout:g}s")
 
     def _connected(self, connection: Any) -> None:
-        if self.result.called:  # the deadline passed while dialling
+        if self.result.called:  # the deadline passed while dialling: nobody wants this connection
             connection.close()
             return
         self.connection = connection
         head = (
-            f"{self.method} {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUser-Agent: tlsproxy-health-check\r\n"
+            f"{self.method} {self.path} HTTP/1.1\r\nHost: {self.host}\r\nUser-Agent: {self.user_agent}\r\n"
             "X-Forwarded-Proto: https\r\nConnection: close\r\n\r\n"
         ).encode("ascii", "replace")
         # (request_complete stays False: this connection never goes back to the pool.)
@@ -139,7 +151,7 @@ class HealthChecks(Service):
     def check(self, group: UpstreamGroup, member: Member) -> Deferred[None]:
         """One check of ``member``; the loop waits for it before the next."""
         balancing = group.balancing
-        probe = HealthProbe(
+        probe = UpstreamProbe(
             self.reactor,
             member.pool,
             group.site.removeprefix("*.") or "localhost",

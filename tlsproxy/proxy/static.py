@@ -27,6 +27,7 @@ from zope.interface import implementer
 
 from tlsproxy.config import StaticDir
 from tlsproxy.http import pages
+from tlsproxy.http.accept_encoding import accept_encoding_of, parse_accept_encoding
 from tlsproxy.http.exchange import Exchange, Headers
 from tlsproxy.proxy.reqbuffer import threaded
 
@@ -92,6 +93,7 @@ ACTIVE = re.compile(
 HASHED = re.compile(r"\.[0-9a-f]{12}\.[A-Za-z0-9]+\Z")
 # Ours, best first when the client likes them equally.
 CODINGS = (("br", ".br"), ("zstd", ".zst"), ("gzip", ".gz"))
+_OURS = tuple(coding for coding, _ in CODINGS)
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
@@ -173,30 +175,7 @@ def accepted_codings(accept_encoding: bytes | None) -> list[str]:
     """Our codings the client accepts, best first (by its q-values, then by our order)."""
     if not accept_encoding:
         return []
-    weights: dict[str, float] = {}
-    for item in accept_encoding.decode("latin-1").split(","):
-        name, _, params = item.partition(";")
-        name = name.strip().lower()
-        if not name:
-            continue
-        q = 1.0
-        for param in params.split(";"):
-            key, _, value = param.partition("=")
-            if key.strip().lower() == "q":
-                try:
-                    q = float(value.strip())
-                except ValueError:
-                    q = 0.0
-                if not 0.0 <= q <= 1.0:
-                    q = 0.0
-        weights[name] = q
-    star = weights.get("*", 0.0)
-    ranked = []
-    for order, (coding, _) in enumerate(CODINGS):
-        q = weights.get(coding, weights.get("x-gzip", star) if coding == "gzip" else star)
-        if q > 0:
-            ranked.append((-q, order, coding))
-    return [coding for _, _, coding in sorted(ranked)]
+    return parse_accept_encoding(accept_encoding).ranked(_OURS)
 
 
 @dataclass(frozen=True)
@@ -471,7 +450,7 @@ class StaticRequest:
         if head.method not in (b"GET", b"HEAD"):
             self.error(405, [(b"allow", b"GET, HEAD")])
             return
-        accept = head.get(b"accept-encoding")
+        accept = accept_encoding_of(head.headers)  # every line of it, as compress.py reads it
         key = (self.mount, self.route.site.static_max_age, self.rest, accept)
         now = self.handler.reactor.seconds()
         hit = cache.get(key, now)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from cryptography import x509
 from OpenSSL import SSL
 
 from tlsproxy.certs.model import CertifiedKey, ServedNames
@@ -166,7 +167,7 @@ class TLSPolicy:
         ctx.check_privatekey()
         # Sessions resume only on contexts of the same names (see sni.py).
         ctx.set_session_id(hashlib.sha256("\n".join(sorted(certified.dns_names)).encode()).digest())
-        _served[ctx] = ServedNames(certified.dns_names)
+        _served[ctx] = ServedNames(certificate_hosts(certified))
         return ctx
 
     def choose_protocol(self, offered: Sequence[bytes]) -> bytes | object:
@@ -176,3 +177,17 @@ class TLSPolicy:
             if wire in offered:
                 return wire
         return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+def certificate_hosts(certified: CertifiedKey) -> tuple[str, ...]:
+    """The hosts a request on this certificate's connection may name: its DNS names and IP addresses.
+
+    An address is given as the Host header carries it once its port and
+    brackets are dropped (``127.0.0.1``, ``::1``): the dev certificate names
+    the loopback addresses, and a browser at https://[::1]:8443/ must not get 421.
+    """
+    try:
+        san = certified.leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return certified.dns_names
+    return (*certified.dns_names, *(str(address) for address in san.value.get_values_for_type(x509.IPAddress)))

@@ -1,12 +1,18 @@
 """One admin endpoint for all the workers, served by the supervisor.
 
-/metrics asks every worker for its figures over the control pipe and adds
-them up: a counter, a histogram or a gauge of open connections is the sum
-over workers; a certificate's expiry is the earliest any worker serves (one
-that did not swap yet shows); the ``process_*`` figures keep one series per
-worker, with a ``worker`` label.  /readyz is ready when every worker is and
-says why not otherwise.  A worker that does not answer within
-:data:`ASK_TIMEOUT` is left out (and named by /readyz).
+/metrics asks every worker for its figures over the control pipe and merges
+them: a counter, a histogram, the open connections and the requests in flight
+are the sum over workers; any other gauge is a state each worker sees
+(``tlsproxy_upstream_up``: 1 when any worker has the upstream up, as a client
+reaches whichever worker takes it); a certificate's expiry is the earliest any
+worker serves (one that did not swap yet shows); the ``process_*`` figures keep
+one series per worker, with a ``worker`` label.
+
+/readyz is ready when every worker is and says why not otherwise; it lists
+each upstream once, up when any worker has it up, its requests in flight and
+failures summed, with each worker's view in brackets when they disagree.  A
+worker that does not answer within :data:`ASK_TIMEOUT` is left out (and named
+by /readyz).
 """
 
 from __future__ import annotations
@@ -21,16 +27,44 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
+from tlsproxy.admin import upstream_line
 from tlsproxy.http import pages
 from tlsproxy.http.exchange import Exchange
 
 ASK_TIMEOUT = 2.0
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 TEXT = b"text/plain; charset=utf-8"
+# Gauges that count things each worker has (the proxy has their sum); any other gauge is a
+# state every worker sees alike (``tlsproxy_upstream_up``): the proxy's is the highest.
+ADDED_GAUGES = frozenset({"tlsproxy_open_connections", "tlsproxy_upstream_in_flight"})
 
 
 def _earliest(name: str) -> bool:
     return name.startswith("tlsproxy_certificate_") or name.endswith("_created")
+
+
+def _view(state: dict[str, Any]) -> str:
+    return "up" if state["up"] else "down" + (f" ({state['why']})" if state["why"] else "")
+
+
+def merge_upstreams(answers: Mapping[int, Any]) -> list[str]:
+    """Each upstream's /readyz line over all workers (see the module docstring)."""
+    seen: dict[tuple[str, str, str], dict[int, dict[str, Any]]] = {}
+    for index in sorted(answers):
+        for state in answers[index].get("upstreams") or []:
+            seen.setdefault((state["site"], state["route"], state["url"]), {})[index] = state
+    lines = []
+    for by_worker in seen.values():
+        states = list(by_worker.values())
+        up = [state for state in states if state["up"]]
+        merged = dict(states[0], up=bool(up), why="" if up else states[0]["why"])
+        merged["in_flight"] = sum(state["in_flight"] for state in states)
+        merged["failures"] = sum(state["failures"] for state in states)
+        line = upstream_line(merged)
+        if 0 < len(up) < len(states):
+            line += " [" + ", ".join(f"worker {index}: {_view(state)}" for index, state in by_worker.items()) + "]"
+        lines.append(line)
+    return lines
 
 
 def merge_metrics(texts: Mapping[int, str]) -> bytes:
@@ -54,6 +88,8 @@ def merge_metrics(texts: Mapping[int, str]) -> bytes:
                     table[key] = sample.value
                 elif _earliest(sample.name):
                     table[key] = min(table[key], sample.value)
+                elif family.type == "gauge" and family.name not in ADDED_GAUGES:
+                    table[key] = max(table[key], sample.value)
                 else:
                     table[key] += sample.value
     for name, merged in families.items():
@@ -150,10 +186,13 @@ class SupervisorAdmin:
             for problem in answers[slot.index].get("problems") or []:
                 line = f"worker {slot.index}: {problem}"
                 problems.append(line)
+        lines = "".join(f"{line}\n" for line in merge_upstreams(answers)).encode()
         if problems:
-            self._send(exchange, 503, ("\n".join(problems) + "\n").encode())
+            self._send(exchange, 503, ("\n".join(problems) + "\n").encode() + lines)
         else:
-            self._send(exchange, 200, b"ready\n")
+            notes = dict.fromkeys(note for index in sorted(answers) for note in answers[index].get("notes") or [])
+            said = "".join(f"note: {note}\n" for note in notes).encode()
+            self._send(exchange, 200, b"ready\n" + said + lines)
 
     def _send(self, exchange: Exchange, status: int, body: bytes, content_type: bytes = TEXT) -> None:
         exchange.start_response(status, pages.REASONS.get(status, b""), [(b"Content-Type", content_type)], len(body))

@@ -28,7 +28,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from tlsproxy import preflight
-from tlsproxy.admin import AdminHandler
+from tlsproxy.admin import AdminHandler, store_notes
 from tlsproxy.config import Config, ConfigError, Problem
 from tlsproxy.eventloop import streamline, tune_collector
 from tlsproxy.listening import watch_refusals
@@ -68,6 +68,22 @@ def die_with_parent() -> None:
         pass
 
 
+def accept_one_at_a_time(port: Any) -> None:
+    """Take one connection from the shared queue per wake-up, as nginx does without multi_accept.
+
+    Twisted's port accepts in a loop while the socket is readable, so the first worker awake
+    took a whole burst (wrk's 32 keep-alive connections sat on one of two workers in half the
+    runs; bench/README.md). One accept a turn leaves the next connections to an idle worker.
+    """
+    accept = port.doRead
+
+    def doRead() -> Any:
+        port.numberAccepts = 1  # Twisted's doRead reads it first, then grows it for next time
+        return accept()
+
+    port.doRead = doRead
+
+
 class AdoptedListener(Listener):
     """Accept on a listening socket the supervisor bound (descriptor ``fd`` here)."""
 
@@ -90,6 +106,7 @@ class AdoptedListener(Listener):
 
     def _listening(self, port: Any) -> Any:
         self.port = port
+        accept_one_at_a_time(port)
         watch_refusals(port, self.reactor, self.label, self.refused)
         return port
 
@@ -268,8 +285,15 @@ class WorkerService(ProxyService):
             self.send("scraped", id=message.get("id"), text=self.metrics.render().decode("utf-8", "replace"))
         elif kind == "readiness":
             ident = message.get("id")
-            AdminHandler(self, self.metrics.render).readiness().addCallback(
-                lambda problems: self.send("readiness", id=ident, problems=problems)
+            admin = AdminHandler(self, self.metrics.render)
+            admin.readiness().addCallback(
+                lambda problems: self.send(
+                    "readiness",
+                    id=ident,
+                    problems=problems,
+                    upstreams=admin.upstream_states(),
+                    notes=store_notes(self.generation),
+                )
             )
         else:
             self.log.warn("unknown message from the supervisor: {kind}", kind=kind)
