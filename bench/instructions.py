@@ -1,6 +1,6 @@
 """Instructions per proxied request and per new connection, counted by callgrind.
 
-    python bench/instructions.py [--only tlsproxy|nginx] [--requests N] [--connections N] [--h2]
+    python bench/instructions.py [--only tlsproxy|nginx] [--requests N] [--connections N] [--h2] [--access-log]
 
 Timings on a shared VM swing by a fifth between runs; instruction counts do not, so a change to
 the hot path can be judged by them. Each proxy runs under `valgrind --tool=callgrind` with
@@ -39,7 +39,9 @@ def total_instructions(path: Path) -> int:
     return int(m.group(1).replace(",", ""))
 
 
-def count(name: str, tmp: Path, backend: int, cert: Path, key: str, load: list[str], n: int) -> float:
+def count(
+    name: str, tmp: Path, backend: int, cert: Path, key: str, load: list[str], n: int, access_log: bool = False
+) -> float:
     """Instructions per request while ``load`` (an h2load command without the URL) runs.
 
     The same load runs once first, uncounted, so that code paths, caches and the pool are warm.
@@ -57,7 +59,10 @@ def count(name: str, tmp: Path, backend: int, cert: Path, key: str, load: list[s
         proc.wait_ready(None, port, 300)
     else:
         conf = tmp / "tlsproxy.toml"
-        conf.write_text(bench.tlsproxy_conf(port, backend, cert, Path(key), True))
+        text = bench.tlsproxy_conf(port, backend, cert, Path(key), True)
+        if access_log:  # the default users run: one line per request on stdout (bench/README.md, "Access log cost")
+            text = text.replace("access_log = false", "access_log = true")
+        conf.write_text(text)
         argv = [bench.twist_path(), "tlsproxy", "--config", str(conf)]
         proc = bench.Proc(name, valgrind + argv, bench.PROXY_CPU, logs, env={"PYTHONUNBUFFERED": "1"})
         proc.wait_ready("tlsproxy: ready", port, 300)
@@ -81,6 +86,7 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=3000, help="keep-alive requests (default 3000)")
     ap.add_argument("--connections", type=int, default=200, help="new connections (default 200)")
     ap.add_argument("--h2", action="store_true", help="HTTP/2 requests, 1 and 10 streams per connection")
+    ap.add_argument("--access-log", action="store_true", help="tlsproxy with its access log on (the default)")
     args = ap.parse_args()
     for tool in ("valgrind", "callgrind_annotate", "callgrind_control", "h2load", bench.NGINX):
         if not bench.shutil.which(tool):
@@ -103,14 +109,14 @@ def main() -> int:
                 print("| proxy | instructions per keep-alive request | per new connection (handshake + 1 request) |")
             print("|---|---:|---:|")
             for name in names:
-                r, c = args.requests, args.connections
+                r, c, a = args.requests, args.connections, args.access_log
                 if args.h2:
-                    one = count(name, tmp, port, cert, str(key), ["h2load", "-n", str(r), "-c", "10", "-m", "1"], r)
-                    ten = count(name, tmp, port, cert, str(key), ["h2load", "-n", str(r), "-c", "10", "-m", "10"], r)
+                    one = count(name, tmp, port, cert, str(key), ["h2load", "-n", str(r), "-c", "10", "-m", "1"], r, a)
+                    ten = count(name, tmp, port, cert, str(key), ["h2load", "-n", str(r), "-c", "10", "-m", "10"], r, a)
                     print(f"| {name} | {one:,.0f} | {ten:,.0f} |", flush=True)
                     continue
-                keep_alive = count(name, tmp, port, cert, str(key), ["h2load", "--h1", "-n", str(r), "-c", "8"], r)
-                fresh = count(name, tmp, port, cert, str(key), ["h2load", "--h1", "-n", str(c), "-c", str(c)], c)
+                keep_alive = count(name, tmp, port, cert, str(key), ["h2load", "--h1", "-n", str(r), "-c", "8"], r, a)
+                fresh = count(name, tmp, port, cert, str(key), ["h2load", "--h1", "-n", str(c), "-c", str(c)], c, a)
                 print(f"| {name} | {keep_alive:,.0f} | {fresh:,.0f} |", flush=True)
         finally:
             backend.stop()

@@ -209,7 +209,9 @@ def run_dev(
     from tlsproxy import tap
     from tlsproxy.logs import LogOutput
 
-    log_beginner.beginLoggingTo([LogOutput("text", level)(out)], redirectStandardIO=False)
+    output = LogOutput("text", level)
+    output.install(reactor)  # access lines go straight to it, batched (tlsproxy/logs.py)
+    log_beginner.beginLoggingTo([output(out)], redirectStandardIO=False)
     try:
         service = tap.prepare_service(reactor, config, load_config=load_config)
     except tap.CANNOT_RUN as e:

@@ -698,6 +698,7 @@ def makeService(options: Options, build: Build | None = None) -> Any:
             output = LogOutput(config.server.log_format, twist_options.get("logLevel") or LogLevel.info)
             twist_options["fileLogObserverFactory"] = output
             twist_options["logFormat"] = config.server.log_format
+            output.install(reactor)  # access lines go straight to it, batched (tlsproxy/logs.py)
         if build is None:
             service = prepare_service(reactor, config, options["config"])
         else:

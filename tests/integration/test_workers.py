@@ -235,9 +235,12 @@ def test_metrics_count_every_worker(proxy: Running) -> None:
     start = len(proxy.process.lines)
     served = requests_until_every_worker(proxy, at_least=20)
     assert served == set(range(WORKERS))
-    made = len(proxy.served_by(start))
     text = proxy.metrics()
-    assert counter(text, "tlsproxy_requests_total") - before == made
+    counted = counter(text, "tlsproxy_requests_total") - before
+    deadline = time.monotonic() + 5
+    while len(proxy.served_by(start)) < counted and time.monotonic() < deadline:
+        time.sleep(0.05)  # access lines go out in batches, every 0.1 s (tlsproxy/logs.py)
+    assert counted == len(proxy.served_by(start))
     for index in range(WORKERS):
         assert f'process_resident_memory_bytes{{worker="{index}"}}' in text
     where = f'route="",site="localhost",upstream="http://127.0.0.1:{proxy.upstream}"'

@@ -9,13 +9,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.trial.unittest import SynchronousTestCase
 
 from tests.unit.test_proxy_handler import FakeExchange, head
+from tlsproxy import logs
 from tlsproxy.config import Server, Site, parse_upstream
 from tlsproxy.logs import LogOutput
 from tlsproxy.proxy import accesslog
@@ -307,3 +310,152 @@ def test_request_ids_differ_across_a_fork() -> None:
     os.close(read)
     os.close(write)
     assert child[:16] != first[:16]
+
+
+# -- the stdout line, straight to the line observer ---------------------------------
+
+
+def odd_exchange(clock: Clock) -> FakeExchange:
+    """A request whose line needs every escape: quotes, backslashes, Latin-1 bytes, HTTP/2, no size."""
+    FakeExchange.clock = clock
+    h = head(method=b"PROPFIND", target=b'/a"b\\c/\xe9t\xe9')
+    h.version = b"2"
+    h.headers += [(b"referer", b'https://x/"q"'), (b"user-agent", b"curl\\8"), (b"user-agent", b"second")]
+    exchange = FakeExchange(h)
+    begin(exchange, clock, ())
+    return exchange
+
+
+def both_ways(log_format: str, clock: Clock, exchange: FakeExchange, *args: Any, worker: int | None = None) -> tuple:
+    """The stdout line as Twisted's formatter made it, and as the direct path makes it."""
+    old, logger = capture(log_format)
+    if worker is not None:
+        logger.observer.factory.worker, logger.observer.factory.pid = worker, 77
+    AccessLog(clock, logger).log(exchange, *args)
+    output = LogOutput(log_format)
+    output.worker, output.pid = worker, 77
+    new = io.StringIO()
+    AccessLog(clock, lines=output(new)).log(exchange, *args)
+    return old.getvalue(), new.getvalue()
+
+
+def test_direct_text_line_is_byte_for_byte_the_formatted_one() -> None:
+    """The f-string line is what Twisted's formatter wrote from _FORMAT, whatever the escapes and sizes."""
+    clock = Clock()
+    clock.advance(1_700_000_000.25)
+    for exchange, args in [
+        (odd_exchange(clock), (404, 0, "", "", 3)),
+        (exchange_with((b"user-agent", b"h2load nghttp2/1.59.0")), (200, 100, "app.test", "http://127.0.0.1:8000", 0)),
+    ]:
+        begin(exchange, clock, ())
+        clock.advance(0.0123456)
+        old, new = both_ways("text", clock, exchange, *args)
+        assert new == old and new.count("\n") == 1
+    clock = Clock()
+    clock.advance(1_700_000_000.25)
+    exchange = odd_exchange(clock)
+    clock.advance(0.0425)
+    AccessLog(clock, lines=LogOutput("text")(out := io.StringIO())).log(exchange, 404, 0, "", "", 3)
+    assert out.getvalue() == (
+        '203.0.113.7 - - [14/Nov/2023:22:13:20 +0000] "PROPFIND /a\\"b\\\\c/\xe9t\xe9 HTTP/2" 404 - '
+        '"https://x/\\"q\\"" "curl\\\\8" host=app.test site=- upstream=- duration_ms=42.5 '
+        f"request_id={exchange.request_id}\n"
+    )
+
+
+def duration_written(ms: float) -> str:
+    clock = Clock()
+    clock.advance(1e9)
+    exchange = exchange_with()
+    exchange.started = 1e9 - ms / 1000  # never 0.0, which means "not started"
+    out = io.StringIO()
+    AccessLog(clock, lines=LogOutput("text")(out)).log(exchange, 200, 1, "s", "u")
+    written = out.getvalue().split(" duration_ms=")[1].split()[0]
+    assert written == str(round((1e9 - exchange.started) * 1000, 3)), ms
+    return written
+
+
+def test_duration_near_ties_and_edges_is_what_round_writes() -> None:
+    """Halfway thousandths, tiny, negative and huge durations come out as str(round(ms, 3))."""
+    for ms in [0.0005, 0.0015, 1.0005, 2.675, 2.6745, 42.5, 999.9995, -0.0004, -3.25, 1e12 + 0.5, 0.1]:
+        duration_written(ms)
+    for n in range(1, 3_000_000, 37):
+        duration_written(n / 2000)  # ties and non-ties of the fourth decimal
+
+
+@given(
+    st.floats(min_value=-10.0, max_value=1e13, allow_nan=False)
+    | st.integers(0, 10**9).map(lambda n: n / 1000)
+    | st.integers(0, 10**9).map(lambda n: n / 10000)
+)
+def test_duration_is_written_as_round_writes_it(ms: float) -> None:
+    """duration_ms in the text line is str(round(ms, 3)), the record's value, for any duration."""
+    duration_written(ms)
+
+
+def test_direct_json_is_the_event_json_line() -> None:
+    """In JSON format the direct record has json_line's keys in json_line's order and values, worker included."""
+    clock = Clock()
+    clock.advance(1_700_000_000.25)
+    exchange = odd_exchange(clock)
+    for worker in (None, 3):
+        old, new = both_ways("json", clock, exchange, 502, 7, "app.test", "unix:/run/app.sock", 9, worker=worker)
+        old_record, new_record = json.loads(old), json.loads(new)
+        assert list(old_record) == list(new_record)
+        assert {**old_record, "time": ""} == {**new_record, "time": ""}
+    assert new_record["time"] == "2023-11-14T22:13:20.250Z" and new_record["worker"] == 3
+    assert new == (
+        '{"time":"2023-11-14T22:13:20.250Z","level":"info","logger":"tlsproxy.access","client":"203.0.113.7",'
+        '"method":"PROPFIND","target":"/a\\"b\\\\c/\\u00e9t\\u00e9","protocol":"HTTP/2","status":502,"bytes_in":9,'
+        '"bytes_out":7,"duration_ms":0.0,"host":"app.test","site":"app.test","upstream":"unix:/run/app.sock",'
+        f'"request_id":"{exchange.request_id}","referer":"https://x/\\"q\\"","user_agent":"curl\\\\8",'
+        '"worker":3,"pid":77}\n'
+    )
+
+
+def test_a_level_above_info_hides_access_lines_as_before() -> None:
+    """--log-level warn showed no access lines through Twisted's filter; the direct path shows none either."""
+    for log_format in ("text", "json"):
+        out = io.StringIO()
+        AccessLog(Clock(), lines=LogOutput(log_format, LogLevel.warn)(out)).log(exchange_with(), 200, 1)
+        assert out.getvalue() == ""
+
+
+def test_the_installed_output_gets_the_lines_and_the_file_its_json(tmp_path: Path, monkeypatch: Any) -> None:
+    """Without a logger of its own the access log writes through the process's installed output, file or not."""
+    monkeypatch.setattr(logs, "_installed", None)  # restored after the test: other tests log as before
+    reactor = MemoryReactorClock()
+    output = LogOutput("text")
+    output.install(reactor)
+    out = io.StringIO()
+    output(out)
+    file = AccessLogFile(str(tmp_path / "a.log"), reactor, Threads(eager=True))
+    exchange = exchange_with()
+    begin(exchange, reactor, ())
+    AccessLog(reactor).log(exchange, 200, 5, "app.test")
+    AccessLog(reactor, file=file).log(exchange, 201, 5, "app.test")
+    file.flush()
+    first, second = out.getvalue().splitlines()
+    assert '"GET /x HTTP/1.1" 200 5' in first and '"GET /x HTTP/1.1" 201 5' in second
+    assert json.loads((tmp_path / "a.log").read_text())["status"] == 201
+
+
+def test_many_requests_reach_the_file_in_order_through_the_open_batch(tmp_path: Path, monkeypatch: Any) -> None:
+    """Lines appended to the open batch and those past BATCH_LINES all go out by the timer, in request order."""
+    monkeypatch.setattr(logs, "_installed", None)
+    reactor = MemoryReactorClock()
+    output = LogOutput("text")
+    output.install(reactor)
+    with open(tmp_path / "out", "w") as stream:
+        output(stream)
+        access = AccessLog(reactor)
+        for n in range(3 * logs.BATCH_LINES):
+            exchange = exchange_with()
+            exchange.head.target = b"/%d" % n
+            begin(exchange, reactor, ())
+            access.log(exchange, 200, n)
+        early = (tmp_path / "out").read_text().count("\n")  # at most what filled FLUSH_BYTES
+        assert early < 3 * logs.BATCH_LINES
+        reactor.advance(logs.FLUSH_SECONDS)
+        lines = (tmp_path / "out").read_text().splitlines()
+    assert [line.split('"')[1] for line in lines] == [f"GET /{n} HTTP/1.1" for n in range(3 * logs.BATCH_LINES)]

@@ -27,6 +27,8 @@ LAYERS: dict[str, int] = {
     "listening": 1,
     # PROXY protocol headers, read before TLS or HTTP on a haproxy: listener.
     "proxyprotocol": 1,
+    # The process's log lines on stdout: the access log hands its lines straight to them.
+    "logs": 1,
     # Certificates as values, their store on disk, and the challenge tables
     # through which the issuer (acme) hands answers to the listeners (tls, http).
     "certs": 2,
@@ -47,7 +49,6 @@ LAYERS: dict[str, int] = {
     "audit": 8,
     "cli": 8,
     "devca": 8,
-    "logs": 8,
     "metrics": 8,
     "preflight": 8,
     "passwd": 8,

@@ -12,6 +12,12 @@ upstream, request_id, referer, user_agent).  The stdout line is the combined
 format with host, site, upstream, duration and id after it; in JSON log
 format the fields are the record and the line is not repeated.
 
+Every request passes here, so the stdout line is one f-string handed straight
+to the process's line observer (tlsproxy/logs.py: ``installed_lines``), which
+batches it; Twisted's publisher and its ``{field}`` formatter are used only
+when no such observer writes this process's log (``twist --log-format``, or a
+caller's own logger).  The text line alone needs no record dict at all.
+
 The file is written by :class:`AccessLogFile`: lines gather in memory and go
 to the file in one write per batch, in the reactor's thread pool (one batch
 at a time), every second or per 64 KiB; a disk that stalls never stalls the
@@ -33,6 +39,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
 from tlsproxy.http.exchange import Exchange
+from tlsproxy.logs import BATCH_LINES, LineObserver, installed_lines
 from tlsproxy.proxy.headers import Network, is_trusted
 from tlsproxy.proxy.requestid import new_request_id as new_request_id  # its home before requestid.py
 from tlsproxy.proxy.requestid import raws, refill, texts
@@ -56,6 +63,11 @@ _FORMAT = (
 )
 
 log = Logger(namespace="tlsproxy.accesslog")
+# The usual ones, decoded once.
+_METHODS = {m: m.decode() for m in (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH")}
+_PROTOCOLS = {v: "HTTP/" + v.decode() for v in (b"1.0", b"1.1", b"2")}
+_HOSTS: dict[bytes, str] = {}
+_AGENTS: dict[bytes, str] = {}
 
 
 ID_NAMES = frozenset({b"x-request-id", b"x-request_id", b"x_request-id", b"x_request_id"})  # as _is_id_name
@@ -116,17 +128,28 @@ def iso_ms(seconds: float) -> str:
 
 
 class AccessLog:
-    """Writes each request's record to stdout (through twisted.logger) and to the file, if any."""
+    """Writes each request's record to stdout (the process's line observer) and to the file, if any."""
 
     def __init__(
-        self, clock: Any, logger: Logger | None = None, file: AccessLogFile | None = None, stdout: bool = True
+        self,
+        clock: Any,
+        logger: Logger | None = None,
+        file: AccessLogFile | None = None,
+        stdout: bool = True,
+        lines: LineObserver | None = None,
     ) -> None:
         self.clock = clock
+        # A caller's own logger (tests, tools) gets Twisted events; otherwise ``lines``, or the
+        # process's installed observer, gets finished lines, and the global publisher only without one.
         self.logger = logger or Logger(namespace="tlsproxy.access")
+        self.direct = logger is None
+        self.lines = lines
         self.file = file
         self.stdout = stdout
         self._second = -1
         self._stamp = ""
+        self._iso_second = -1
+        self._iso_prefix = ""
 
     def _clf_time(self, now: float) -> str:
         second = int(now)
@@ -135,6 +158,14 @@ class AccessLog:
             self._stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(second))
         return self._stamp
 
+    def _iso_ms(self, now: float) -> str:
+        """iso_ms(now), with the part before the milliseconds made once a second."""
+        whole = int(now)
+        if whole != self._iso_second:
+            self._iso_second = whole
+            self._iso_prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        return f"{self._iso_prefix}.{int((now - whole) * 1000):03d}Z"
+
     def record(
         self, exchange: Exchange, status: int, size: int, site: str = "-", upstream: str = "-", received: int = 0
     ) -> dict[str, Any]:
@@ -142,29 +173,47 @@ class AccessLog:
         now = self.clock.seconds()
         head = exchange.head
         started = getattr(exchange, "started", 0.0) or now
+        referer = agent = None
+        for name, value in head.headers:  # head.get twice, in one pass
+            if name == b"user-agent":
+                if agent is None:
+                    agent = value
+            elif name == b"referer" and referer is None:
+                referer = value
         return {
-            "time": iso_ms(now),
+            "time": self._iso_ms(now),
             "client": exchange.client_address or "-",
-            "method": _text(head.method),
-            "target": _text(head.target),
+            "method": head.method.decode("latin-1") if head.method else "-",
+            "target": head.target.decode("latin-1") if head.target else "-",
             "protocol": "HTTP/" + head.version.decode("ascii", "replace"),
             "status": status,
             "bytes_in": received,
             "bytes_out": size,
             "duration_ms": round((now - started) * 1000, 3),
-            "host": _text(head.host),
+            "host": head.host.decode("latin-1") if head.host else "-",
             "site": site or "-",
             "upstream": upstream or "-",
             "request_id": getattr(exchange, "request_id", "") or "-",
-            "referer": _text(head.get(b"referer")),
-            "user_agent": _text(head.get(b"user-agent")),
+            "referer": referer.decode("latin-1") if referer else "-",
+            "user_agent": agent.decode("latin-1") if agent else "-",
         }
 
     def line(self, fields: dict[str, Any]) -> str:
         """The stdout line of a record (combined format, then the extra fields)."""
-        from twisted.logger import formatEvent
-
-        return formatEvent({"log_format": _FORMAT, **self._text_fields(fields)})
+        request = f"{fields['method']} {fields['target']} {fields['protocol']}"
+        referer = fields["referer"]
+        agent = fields["user_agent"]
+        if '"' in request or "\\" in request:
+            request = _quote(request)
+        if '"' in referer or "\\" in referer:
+            referer = _quote(referer)
+        if '"' in agent or "\\" in agent:
+            agent = _quote(agent)
+        return (
+            f'{fields["client"]} - - [{self._clf_time(self.clock.seconds())}] "{request}" {fields["status"]} '
+            f'{fields["bytes_out"] or "-"} "{referer}" "{agent}" host={fields["host"]} site={fields["site"]} '
+            f"upstream={fields['upstream']} duration_ms={fields['duration_ms']} request_id={fields['request_id']}"
+        )
 
     def _text_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -179,11 +228,89 @@ class AccessLog:
     def log(
         self, exchange: Exchange, status: int, size: int, site: str = "-", upstream: str = "-", received: int = 0
     ) -> None:
+        lines = self.lines
+        if lines is None and self.direct and self.stdout:
+            lines = self.lines = installed_lines()  # there once twist began logging; it stays
+        if lines is None or self.file is not None or lines.factory.log_format == "json":
+            self._log_record(lines, exchange, status, size, site, upstream, received)
+            return
+        # The default: line(record(...)) without the record, inline, as every request passes here.
+        now = self.clock.seconds()
+        head = exchange.head
+        try:
+            started = exchange.started or now
+            request_id = exchange.request_id or "-"
+        except AttributeError:  # not seen by begin()
+            started = getattr(exchange, "started", 0.0) or now
+            request_id = getattr(exchange, "request_id", "") or "-"
+        value = head.get(b"user-agent")
+        agent: str | None = "-"
+        if value:
+            agent = _AGENTS.get(value)
+            if agent is None:
+                agent = _cached(_AGENTS, value, _quoted(value))
+        value = head.get(b"referer")
+        referer = _quoted(value) if value else "-"
+        method, target, version = head.method, head.target, head.version
+        request = (
+            f"{_METHODS.get(method) or (method.decode('latin-1') if method else '-')} "
+            f"{target.decode('latin-1') if target else '-'} "
+            f"{_PROTOCOLS.get(version) or 'HTTP/' + version.decode('ascii', 'replace')}"
+        )
+        if '"' in request or "\\" in request:
+            request = _quote(request)
+        stamp = self._stamp if int(now) == self._second else self._clf_time(now)
+        host = _HOSTS.get(head.host)
+        if host is None:
+            host = _cached(_HOSTS, head.host, head.host.decode("latin-1")) if head.host else "-"
+        # What str(round(ms, 3)) writes, at a third of the cost: both round the exact value to 3 places.
+        duration = f"{(now - started) * 1000:.3f}".rstrip("0")
+        if duration[-1] == ".":
+            duration += "0"
+        line = (
+            f'{exchange.client_address or "-"} - - [{stamp}] "{request}" {status} {size or "-"} "{referer}" '
+            f'"{agent}" host={host} site={site or "-"} upstream={upstream or "-"} duration_ms={duration} '
+            f"request_id={request_id}\n"
+        )
+        batch = lines.batch
+        if batch is not None and len(batch) < BATCH_LINES:
+            batch.append(line)
+        else:
+            lines.access_text(line[:-1])
+
+    def _log_record(
+        self,
+        lines: LineObserver | None,
+        exchange: Exchange,
+        status: int,
+        size: int,
+        site: str,
+        upstream: str,
+        received: int,
+    ) -> None:
+        """The record's ways: JSON on stdout, the file, Twisted's publisher (no observer of ours)."""
         fields = self.record(exchange, status, size, site, upstream, received)
-        if self.stdout:
+        if lines is not None:
+            if lines.factory.log_format == "json":
+                lines.access_json(fields)
+            else:
+                lines.access_text(self.line(fields))
+        elif self.stdout:
             self.logger.info(_FORMAT, **self._text_fields(fields))
         if self.file is not None:
             self.file.write(json.dumps(fields, separators=(",", ":")) + "\n")
+
+
+def _quoted(value: bytes) -> str:
+    text = value.decode("latin-1")
+    return _quote(text) if '"' in text or "\\" in text else text
+
+
+def _cached(cache: dict[bytes, str], value: bytes, text: str) -> str:
+    """Remember ``text``, how ``value`` is written in the line, while the cache has room (hosts, user agents)."""
+    if len(cache) < 256:  # a site's few names, its clients' few agents; what else comes is decoded each time
+        cache[value] = text
+    return text
 
 
 RunInThread = Callable[..., "Deferred[Any]"]
