@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +25,19 @@ from cryptography import x509
 from tests.integration import test_acme_e2e as e2e
 from tests.integration.pebble import Pebble, pebble, requires_pebble  # noqa: F401 (pebble is a fixture)
 from tests.integration.procs import BIN, Process, free_port, running, tlsproxy
+from tlsproxy.logs import FLUSH_SECONDS
 
 pytestmark = pytest.mark.integration
 BACKEND = str(Path(__file__).with_name("backend.py"))
 WORKERS = 2
+
+
+def wait_for(predicate: Callable[[], object], deadline: float, what: str) -> None:
+    end = time.monotonic() + deadline
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError(f"{what}: not within {deadline}s")
+        time.sleep(0.05)
 
 
 def write_leaf(ca: trustme.CA, where: Path, name: str) -> int:
@@ -219,11 +228,16 @@ def test_sessions_resume_on_any_worker(proxy: Running, version: str, tmp_path: P
 
     first = s_client("-sess_out", str(session))
     assert "New, TLS" in first and "HTTP/1.1 200" in first, first
+    # Access lines go out in batches (logs.FLUSH_SECONDS): let the earlier ones out first,
+    # so the lines counted from here are the reconnects' and only theirs.
+    wait_for(lambda: bool(proxy.served_by(0)), 5, "the first request's access line")
+    time.sleep(3 * FLUSH_SECONDS)
     start = len(proxy.process.lines)
     reused = sum("Reused, TLS" in s_client("-sess_in", str(session)) for _ in range(16))
     assert reused == 16
-    time.sleep(0.1)
+    wait_for(lambda: len(proxy.served_by(start)) >= 16, 5, "the reconnects' access lines")
     # Whichever worker accepted a reconnect, the one that made the session served it...
+    assert len(proxy.served_by(start)) == 16
     assert len(set(proxy.served_by(start))) == 1
     # ...and some reconnects were accepted by another worker, which passed them on.
     assert counter(proxy.metrics(), "tlsproxy_tls_handed_off_total") > moved_before
