@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,14 +30,6 @@ from tlsproxy.logs import FLUSH_SECONDS
 pytestmark = pytest.mark.integration
 BACKEND = str(Path(__file__).with_name("backend.py"))
 WORKERS = 2
-
-
-def wait_for(predicate: Callable[[], object], deadline: float, what: str) -> None:
-    end = time.monotonic() + deadline
-    while not predicate():
-        if time.monotonic() > end:
-            raise TimeoutError(f"{what}: not within {deadline}s")
-        time.sleep(0.05)
 
 
 def write_leaf(ca: trustme.CA, where: Path, name: str) -> int:
@@ -230,12 +222,12 @@ def test_sessions_resume_on_any_worker(proxy: Running, version: str, tmp_path: P
     assert "New, TLS" in first and "HTTP/1.1 200" in first, first
     # Access lines go out in batches (logs.FLUSH_SECONDS): let the earlier ones out first,
     # so the lines counted from here are the reconnects' and only theirs.
-    wait_for(lambda: bool(proxy.served_by(0)), 5, "the first request's access line")
+    e2e.wait_until(lambda: bool(proxy.served_by(0)), 5, "the first request's access line")
     time.sleep(3 * FLUSH_SECONDS)
     start = len(proxy.process.lines)
     reused = sum("Reused, TLS" in s_client("-sess_in", str(session)) for _ in range(16))
     assert reused == 16
-    wait_for(lambda: len(proxy.served_by(start)) >= 16, 5, "the reconnects' access lines")
+    e2e.wait_until(lambda: len(proxy.served_by(start)) >= 16, 5, "the reconnects' access lines")
     # Whichever worker accepted a reconnect, the one that made the session served it...
     assert len(proxy.served_by(start)) == 16
     assert len(set(proxy.served_by(start))) == 1
